@@ -1,0 +1,38 @@
+"""tunelab: fine-tune small language models locally, privately and fast.
+
+    import tunelab
+    run = tunelab.finetune("data.jsonl")          # LoRA on smollm2-135m by default
+    run.evaluate()                                 # base vs tuned on the held-out split
+    run.generate("Extract the booking ...")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tunelab.run import Run
+
+__version__ = "0.1.0"
+__all__ = ["finetune", "load"]
+
+
+def finetune(data: str | Path, out: str | Path | None = None, overwrite: bool = False, **options: Any) -> Run:
+    """Fine-tune on `data` (JSONL, CSV or Parquet); `options` are TrainConfig fields
+    (base, method, epochs, lr, ...). Returns the finished run."""
+    from tunelab.config import TrainConfig
+    from tunelab.run import Run
+    from tunelab.train import default_out, train
+
+    config = TrainConfig.build(**options)
+    out = Path(out) if out else default_out(Path(data))
+    train(config, Path(data), out, overwrite=overwrite)
+    return Run(out)
+
+
+def load(path: str | Path) -> Run:
+    """Open a finished run folder."""
+    from tunelab.run import Run
+
+    return Run(path)

@@ -1,0 +1,198 @@
+"""The `tunelab` command: one sub-command per pipeline stage.
+
+Heavy libraries are imported inside the functions that need them, so `--help` is instant.
+A UserError (bad data, path or flag) prints one line per problem and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+from tunelab.config import TrainConfig
+from tunelab.errors import UserError
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from tunelab.demo import run_demo
+
+    run_demo(Path(args.out), examples=args.examples, method=args.method, eval_limit=args.eval_limit)
+
+
+def cmd_data_check(args: argparse.Namespace) -> None:
+    from tunelab.datacheck import check
+
+    check(Path(args.data), args)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from tunelab.train import default_out, train
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    config = TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig.build(**overrides)
+    out = Path(args.out) if args.out else default_out(Path(args.data))
+    train(config, Path(args.data), out, overwrite=args.overwrite)
+    print(f"Run saved in {out}. Next: tunelab eval {out}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from tunelab.evaluate import format_samples, format_table
+    from tunelab.run import Run
+
+    run = Run(args.run)
+    results = run.evaluate(limit=args.limit, include_base=not args.no_base, max_new_tokens=args.max_new_tokens)
+    print(format_table(results))
+    print(format_samples(results))
+    print(f"Results saved in {run.files.eval}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from tunelab.run import Run
+
+    if (args.prompt is None) == (args.input is None):
+        raise UserError("tunelab generate: pass exactly one of --prompt TEXT or --input FILE")
+    if args.input is not None:
+        from tunelab.data import load_examples
+
+        examples = load_examples(Path(args.input), require_answer=False)
+    run = Run(args.run)
+    if args.prompt is not None:
+        print(run.generate(args.prompt, max_new_tokens=args.max_new_tokens))
+        return
+    answers = run.generate_batch([e.prompt_messages() for e in examples], max_new_tokens=args.max_new_tokens)
+    out = open(args.output, "w", encoding="utf-8") if args.output else contextlib.nullcontext(sys.stdout)
+    with out:
+        for example, answer in zip(examples, answers):
+            out.write(json.dumps({"line": example.line, "answer": answer}, ensure_ascii=False) + "\n")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from tunelab.generate import stream_reply
+    from tunelab.run import Run
+
+    run = Run(args.run)
+    model = run.model()
+    conversation = [{"role": "system", "content": args.system}] if args.system else []
+    print("Chatting with the fine-tuned model. Empty line or Ctrl-D to leave.", file=sys.stderr)
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        conversation.append({"role": "user", "content": text})
+        print("model> ", end="", flush=True)
+        reply = ""
+        for piece in stream_reply(model, run.template, conversation, args.max_new_tokens):
+            reply += piece
+            print(piece, end="", flush=True)
+        print()
+        conversation.append({"role": "assistant", "content": reply.strip()})
+
+
+def cmd_not_yet(args: argparse.Namespace) -> None:
+    raise UserError(f"tunelab {args.command}: not available yet; use `tunelab generate` or the Python API for now")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag for every TrainConfig field (`max_steps` -> `--max-steps`). Defaults are left
+    out of the namespace, so a flag overrides the YAML config only when it is given."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        kind = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata["help"]}
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if typing.get_origin(kind) is typing.Literal:
+            kwargs["choices"] = typing.get_args(kind)
+        else:
+            args = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
+            kwargs["type"] = args[0]
+        kwargs["help"] += f" (default: {f.default})"
+        parser.add_argument(flag, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunelab", description="Fine-tune small language models locally.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="fine-tune smollm2-135m on the bundled example task and compare")
+    demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    demo.add_argument("--examples", type=int, default=1200, help="examples to generate (default: 1200)")
+    demo.add_argument("--method", choices=("lora", "full"), default="full", help="fine-tuning method (default: full)")
+    demo.add_argument("--eval-limit", type=int, default=100, help="held-out examples to evaluate (default: 100)")
+    demo.set_defaults(func=cmd_demo)
+
+    data = commands.add_parser("data", help="check a data file before training")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    check = data_commands.add_parser("check", help="validate every line and report sizes and token counts")
+    check.add_argument("data", help="JSONL, CSV or Parquet file")
+    check.add_argument("--base", default=None, help="also tokenize with this base model's tokenizer and template")
+    check.add_argument("--format", default="auto", choices=("auto", "messages", "prompt_completion", "alpaca"))
+    check.add_argument("--template", default="auto")
+    check.add_argument("--test-size", type=float, default=0.1)
+    check.add_argument("--max-length", type=int, default=1024)
+    check.add_argument("--seed", type=int, default=0)
+    check.set_defaults(func=cmd_data_check)
+
+    train = commands.add_parser("train", help="fine-tune a base model on a data file",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train.add_argument("data", help="JSONL, CSV or Parquet file of examples")
+    train.add_argument("--out", default=None, help="run folder (default: runs/<data>-<time>)")
+    train.add_argument("--config", default=None, help="YAML file of the options below; flags override it")
+    train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    add_config_flags(train)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="compare base and fine-tuned models on the held-out split")
+    evaluate.add_argument("run", help="run folder")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N held-out examples")
+    evaluate.add_argument("--no-base", action="store_true", help="skip the base model")
+    evaluate.add_argument("--max-new-tokens", type=int, default=None)
+    evaluate.set_defaults(func=cmd_eval)
+
+    generate = commands.add_parser("generate", help="answer a prompt or a file of prompts with the fine-tuned model")
+    generate.add_argument("run", help="run folder")
+    generate.add_argument("--prompt", default=None, help="one prompt")
+    generate.add_argument("--input", default=None, help="JSONL, CSV or Parquet file of prompts (any accepted shape)")
+    generate.add_argument("--output", default=None, help="write JSON lines here instead of standard output")
+    generate.add_argument("--max-new-tokens", type=int, default=256)
+    generate.set_defaults(func=cmd_generate)
+
+    chat = commands.add_parser("chat", help="talk to the fine-tuned model, streaming")
+    chat.add_argument("run", help="run folder")
+    chat.add_argument("--system", default=None, help="system message")
+    chat.add_argument("--max-new-tokens", type=int, default=512)
+    chat.set_defaults(func=cmd_chat)
+
+    for name, text in (("serve", "OpenAI-compatible server (not available yet)"),
+                       ("export", "merged weights and GGUF (not available yet)")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("run", nargs="?")
+        sub.set_defaults(func=cmd_not_yet)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        for line in e.lines():
+            print(f"tunelab: error: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

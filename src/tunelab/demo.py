@@ -1,0 +1,52 @@
+"""`tunelab demo`: the whole pipeline on the bundled booking-extraction task.
+
+Generate the examples, fine-tune smollm2-135m, evaluate base vs tuned on held-out examples,
+and print the table, the wall time and the peak memory.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+from tunelab.config import TrainConfig
+from tunelab.evaluate import format_samples, format_table
+from tunelab.examples import bookings
+
+
+def write_dataset(path: Path, n: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in bookings.make_examples(n):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def peak_memory_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
+
+
+def run_demo(out: Path, examples: int = 1200, method: str = "full", eval_limit: int = 100) -> dict:
+    from tunelab.run import Run
+    from tunelab.train import train
+
+    started = time.perf_counter()
+    print(bookings.describe(), "\n")
+    data = write_dataset(out.parent / f"{out.name}-data" / "bookings.jsonl", examples)
+    print(f"Wrote {examples} examples to {data}")
+    config = TrainConfig(method=method, epochs=1, batch_size=8, test_size=0.1, max_length=256)
+    train(config, data, out, overwrite=True)
+    run = Run(out)
+    print(f"Evaluating base and fine-tuned models on {eval_limit} held-out examples...")
+    results = run.evaluate(limit=eval_limit)
+    minutes = (time.perf_counter() - started) / 60
+    print()
+    print(format_table(results))
+    print()
+    print(format_samples(results))
+    print()
+    print(f"Wall time {minutes:.1f} min, peak memory {peak_memory_gb():.2f} GB")
+    print(f"Run folder: {out}  (try: tunelab chat {out})")
+    return results

@@ -1,0 +1,136 @@
+"""The one prompt template: training, evaluation, generation, chat and serving all render
+and tokenize conversations through a `Template`, and the run folder keeps its source so every
+later command uses exactly the same one.
+
+A template is a Jinja chat template (the Hugging Face format). By default it is the base
+model's own; named templates exist for base models that ship none.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunelab.errors import UserError
+
+IGNORE = -100
+"""Label of a token that is not trained (the cross-entropy ignore index)."""
+
+_ALPACA = (
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}"
+    "{% else %}{{ 'Below is an instruction that describes a task. '"
+    " + 'Write a response that appropriately completes the request.\\n\\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n### Response:\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token + '\\n\\n' }}{% endif %}"
+    "{% endfor %}"
+)
+_PLAIN = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{{ message['content'] + eos_token + '\\n' }}"
+    "{% else %}{{ message['content'] + '\\n' }}{% endif %}"
+    "{% endfor %}"
+)
+_CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+NAMED = {"alpaca": _ALPACA, "plain": _PLAIN, "chatml": _CHATML}
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def trainable(self) -> int:
+        return sum(label != IGNORE for label in self.labels)
+
+
+class Template:
+    def __init__(self, tokenizer, name: str, source: str):
+        self.tokenizer = tokenizer
+        self.name = name
+        self.source = source
+        self.stop_token_ids = self._find_stop_tokens()
+
+    @classmethod
+    def for_model(cls, tokenizer, name: str = "auto") -> Template:
+        if name == "auto":
+            if tokenizer.chat_template:
+                return cls(tokenizer, "model", tokenizer.chat_template)
+            name = "alpaca"
+        if name not in NAMED:
+            raise UserError(f"unknown template '{name}'; choose auto, {', '.join(NAMED)}")
+        source = NAMED[name]
+        if _adds_bos(tokenizer):
+            source = "{{ bos_token }}" + source
+        return cls(tokenizer, name, source)
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.source, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def encode(self, messages: list[dict[str, str]], train_on_prompt: bool = False) -> Encoded:
+        """Token ids of the whole conversation, with labels on every assistant turn
+        (its end-of-turn token included) and IGNORE on everything else."""
+        text = self.render(messages)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self.render(messages[:i], add_generation_prompt=True)
+            through = self.render(messages[: i + 1])
+            if not (through.startswith(before) and text.startswith(through)):
+                raise UserError(
+                    f"template '{self.name}' renders earlier turns differently as a conversation grows; "
+                    "pick another with --template"
+                )
+            spans.append((len(before), len(through)))
+        tokens = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        labels = []
+        for token_id, (start, _end) in zip(tokens["input_ids"], tokens["offset_mapping"]):
+            trained = train_on_prompt or any(lo <= start < hi for lo, hi in spans)
+            labels.append(token_id if trained else IGNORE)
+        return Encoded(list(tokens["input_ids"]), labels)
+
+    def encode_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids that ask the model for the next assistant turn."""
+        text = self.render(messages, add_generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _find_stop_tokens(self) -> list[int]:
+        """EOS plus the token the template closes an assistant turn with (e.g. <|im_end|>)."""
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        try:
+            before = self.render(probe[:1], add_generation_prompt=True)
+            through = self.render(probe)
+        except Exception as e:  # a Jinja error in a user's template
+            raise UserError(f"template '{self.name}' does not render: {e}") from None
+        closing = through[len(before) + len("Hello"):]
+        ids = self.tokenizer(closing, add_special_tokens=False)["input_ids"] if closing else []
+        special = set(self.tokenizer.all_special_ids) | set(self.tokenizer.added_tokens_decoder)
+        stops = [ids[0]] if ids and ids[0] in special else []
+        if not stops:
+            raise UserError(
+                f"template '{self.name}' does not end an assistant turn with a special token, "
+                "so a model would never learn to stop; pick another with --template"
+            )
+        eos = self.tokenizer.eos_token_id
+        return stops + ([eos] if eos is not None and eos not in stops else [])
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps({"name": self.name, "source": self.source}, indent=2))
+
+    @classmethod
+    def load(cls, path: Path, tokenizer) -> Template:
+        data = json.loads(Path(path).read_text())
+        return cls(tokenizer, data["name"], data["source"])
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
