@@ -21,7 +21,8 @@ from tunelab.errors import UserError
 def cmd_demo(args: argparse.Namespace) -> None:
     from tunelab.demo import run_demo
 
-    run_demo(Path(args.out), examples=args.examples, method=args.method, eval_limit=args.eval_limit)
+    run_demo(Path(args.out), examples=args.examples, method=args.method, max_steps=args.max_steps,
+             eval_limit=args.eval_limit)
 
 
 def cmd_data_check(args: argparse.Namespace) -> None:
@@ -128,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     demo.add_argument("--examples", type=int, default=1200, help="examples to generate (default: 1200)")
     demo.add_argument("--method", choices=("lora", "full"), default="full", help="fine-tuning method (default: full)")
+    demo.add_argument("--max-steps", type=int, default=60,
+                      help="optimizer steps of 8 examples (default: 60, about 5 minutes on 2 CPU cores)")
     demo.add_argument("--eval-limit", type=int, default=100, help="held-out examples to evaluate (default: 100)")
     demo.set_defaults(func=cmd_demo)
 

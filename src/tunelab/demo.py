@@ -28,7 +28,8 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
 
 
-def run_demo(out: Path, examples: int = 1200, method: str = "full", eval_limit: int = 100) -> dict:
+def run_demo(out: Path, examples: int = 1200, method: str = "full", max_steps: int | None = 60,
+             eval_limit: int = 100) -> dict:
     from tunelab.run import Run
     from tunelab.train import train
 
@@ -36,7 +37,7 @@ def run_demo(out: Path, examples: int = 1200, method: str = "full", eval_limit: 
     print(bookings.describe(), "\n")
     data = write_dataset(out.parent / f"{out.name}-data" / "bookings.jsonl", examples)
     print(f"Wrote {examples} examples to {data}")
-    config = TrainConfig(method=method, epochs=1, batch_size=8, test_size=0.1, max_length=256)
+    config = TrainConfig(method=method, max_steps=max_steps, batch_size=8, test_size=0.1, max_length=256)
     train(config, data, out, overwrite=True)
     run = Run(out)
     print(f"Evaluating base and fine-tuned models on {eval_limit} held-out examples...")

@@ -1,0 +1,38 @@
+"""The real bundled base model: converts from GGUF, answers, and takes a LoRA step."""
+
+import json
+
+import pytest
+
+from tunelab.cli import main
+from tunelab.generate import generate_batch
+from tunelab.models import load_model, load_tokenizer, resolve_base
+from tunelab.template import Template
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    path = resolve_base("smollm2-135m")
+    assert (path / "model.safetensors").exists() and resolve_base("smollm2-135m") == path
+    return path
+
+
+def test_answers_the_capital_of_france(smollm2):
+    tokenizer = load_tokenizer(smollm2)
+    model = load_model(smollm2).eval()
+    template = Template.for_model(tokenizer)
+    assert template.stop_token_ids == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    [answer] = generate_batch(model, template, [[{"role": "user", "content": "What is the capital of France?"}]], 24)
+    assert "Paris" in answer
+
+
+def test_one_lora_step(smollm2, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {w}", "completion": w}) + "\n" for w in ["yes", "no", "ok"] * 4))
+    out = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(out), "--max-steps", "1", "--batch-size", "4", "--test-size", "2"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1]
+    assert (out / "adapter" / "adapter_model.safetensors").exists()

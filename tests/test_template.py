@@ -1,0 +1,74 @@
+import pytest
+
+from tunelab.errors import UserError
+from tunelab.template import IGNORE, NAMED, Template
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And 3+3?"},
+    {"role": "assistant", "content": "6"},
+]
+
+
+def trained_text(template, encoded):
+    return template.tokenizer.decode([t for t in encoded.labels if t != IGNORE])
+
+
+def test_model_template_is_the_tokenizers_own(tokenizer):
+    template = Template.for_model(tokenizer)
+    assert template.name == "model"
+    expected = tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
+    assert template.encode(CONVERSATION).input_ids == list(expected)
+
+
+def test_only_assistant_turns_and_their_end_token_are_trained(tokenizer):
+    template = Template.for_model(tokenizer)
+    encoded = template.encode(CONVERSATION)
+    assert trained_text(template, encoded) == "4<|im_end|>\n6<|im_end|>\n"
+    assert encoded.labels.count(tokenizer.eos_token_id) == 2  # pad == eos here, and EOS is still trained
+    everything = template.encode(CONVERSATION, train_on_prompt=True)
+    assert everything.labels == everything.input_ids
+
+
+def test_prompt_encoding_is_a_prefix_of_training_encoding(tokenizer):
+    for name in ("auto", *NAMED):
+        template = Template.for_model(tokenizer, name)
+        full = template.encode(CONVERSATION[:3]).input_ids
+        prompt = template.encode_prompt(CONVERSATION[:2])
+        assert full[: len(prompt)] == prompt, name
+        assert full[len(prompt)] == tokenizer("4", add_special_tokens=False)["input_ids"][0]
+
+
+@pytest.mark.parametrize("name", ["alpaca", "plain", "chatml"])
+def test_named_templates_train_the_answer_and_eos(tokenizer, name):
+    template = Template.for_model(tokenizer, name)
+    encoded = template.encode(CONVERSATION)
+    text = trained_text(template, encoded)
+    assert text.startswith("4<|im_end|>") and "6<|im_end|>" in text
+    assert "2+2" not in text and "Be brief" not in text
+    assert template.stop_token_ids[0] == tokenizer.eos_token_id
+
+
+def test_alpaca_rendering(tokenizer):
+    text = Template.for_model(tokenizer, "alpaca").render(CONVERSATION[1:3])
+    assert text == ("Below is an instruction that describes a task. Write a response that appropriately "
+                    "completes the request.\n\n### Instruction:\nWhat is 2+2?\n\n### Response:\n4<|im_end|>\n\n")
+
+
+def test_save_and_load(tokenizer, tmp_path):
+    template = Template.for_model(tokenizer, "alpaca")
+    template.save(tmp_path / "t.json")
+    loaded = Template.load(tmp_path / "t.json", tokenizer)
+    assert (loaded.name, loaded.source) == (template.name, template.source)
+    assert loaded.encode(CONVERSATION).input_ids == template.encode(CONVERSATION).input_ids
+
+
+def test_bad_templates_are_user_errors(tokenizer):
+    with pytest.raises(UserError, match="unknown template 'nope'"):
+        Template.for_model(tokenizer, "nope")
+    with pytest.raises(UserError, match="never learn to stop"):
+        Template(tokenizer, "custom", "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(UserError, match="does not render"):
+        Template(tokenizer, "custom", "{% for m in messages %}")
