@@ -113,10 +113,10 @@ def test_python_api_lora(tiny_model_dir, pairs_file, tmp_path):
 
 
 BAD_INPUTS = [
-    ("empty", [], [], "empty.jsonl: no examples found"),
-    ("shape", [{"question": "q", "answer": "a"}], [], "shape.jsonl:1: unknown shape"),
-    ("missing", [{"prompt": "p", "completion": "c"}, {"prompt": "p"}], [], "missing.jsonl:2: unknown shape"),
-    ("fields", [{"messages": [{"role": "user"}]}], [], "fields.jsonl:1: message 0 needs 'role' and 'content'"),
+    ("empty", [], [], "empty.jsonl: E_EMPTY no examples found"),
+    ("shape", [{"question": "q", "answer": "a"}], [], "shape.jsonl:1: E_SHAPE unknown shape"),
+    ("missing", [{"prompt": "p", "completion": "c"}, {"prompt": "p"}], [], "missing.jsonl:2: E_SHAPE unknown shape"),
+    ("fields", [{"messages": [{"role": "user"}]}], [], "fields.jsonl:1: E_CONTENT_MISSING message 0 needs 'role' and 'content'"),
     ("model", [{"prompt": "p", "completion": "c"}] * 3, ["--base", "/no/such/model"], "base model '/no/such/model' not found"),
     ("flag", [{"prompt": "p", "completion": "c"}] * 3, ["--method", "magic"], "invalid choice: 'magic'"),
     ("value", [{"prompt": "p", "completion": "c"}] * 3, ["--batch-size", "0"], "--batch-size must be positive"),
@@ -130,7 +130,11 @@ def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, name, rows, flags, mes
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "run").exists()
+    if name in ("empty", "shape", "missing", "fields"):  # bad data: nothing written but the data check's report
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["data_check.json", "length_histogram.txt"]
+        assert json.loads((tmp_path / "run" / "data_check.json").read_text())["error_counts"]
+    else:
+        assert not (tmp_path / "run").exists()
 
 
 def test_missing_run_folder_and_help(tmp_path):

@@ -44,10 +44,10 @@ def test_csv_and_parquet(tmp_path):
 
 def test_forced_format_and_unknown_shape(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
-    with pytest.raises(UserError, match=r"d.jsonl:1: unknown shape .*--format"):
+    with pytest.raises(UserError, match=r"d.jsonl:1: E_SHAPE unknown shape .*--format"):
         data.load_examples(path)
     path = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "p", "completion": "c"}])
-    with pytest.raises(UserError, match=r"e.jsonl:1: missing field 'instruction'"):
+    with pytest.raises(UserError, match=r"e.jsonl:1: E_UNKNOWN_KEY unknown field\(s\) 'completion', 'prompt' for shape alpaca"):
         data.load_examples(path, "alpaca")
 
 
@@ -66,13 +66,13 @@ def test_every_bad_line_is_listed(tmp_path):
         data.load_examples(write_jsonl(tmp_path / "d.jsonl", rows))
     lines = caught.value.lines()
     assert len(lines) == 7
-    assert lines[0].endswith("d.jsonl:2: not valid JSON (Expecting property name enclosed in double quotes at column 2)")
-    assert "d.jsonl:3: expected a JSON object, got list" in lines[1]
-    assert "d.jsonl:4: unknown shape" in lines[2]
-    assert "d.jsonl:5: field 'completion' is empty" in lines[3]
-    assert "d.jsonl:6: no assistant message" in lines[4]
-    assert "d.jsonl:7: message 0 has unknown role 'robot'" in lines[5]
-    assert "d.jsonl:8: field 'prompt' must be a string, got int" in lines[6]
+    assert lines[0].endswith("d.jsonl:2: E_JSON not valid JSON (Expecting property name enclosed in double quotes at column 2)")
+    assert "d.jsonl:3: E_NOT_OBJECT expected a JSON object, got list" in lines[1]
+    assert "d.jsonl:4: E_SHAPE unknown shape" in lines[2]
+    assert "d.jsonl:5: E_EMPTY_CONTENT field 'completion' is empty" in lines[3]
+    assert "d.jsonl:6: E_NO_ASSISTANT no assistant message" in lines[4]
+    assert "d.jsonl:7: E_UNKNOWN_ROLE message 0 has unknown role 'robot'" in lines[5]
+    assert "d.jsonl:8: E_TYPE field 'prompt' must be a string, got int" in lines[6]
 
 
 def test_empty_and_missing_files(tmp_path):

@@ -4,11 +4,17 @@ later command uses exactly the same one.
 
 A template is a Jinja chat template (the Hugging Face format). By default it is the base
 model's own; named templates exist for base models that ship none.
+
+Control tokens written as text inside a message (a user pasting `<|im_end|>`) are tokenized
+as the plain characters they are, never as the control token, here and so in training,
+evaluation, generation and chat alike: otherwise one message could end a turn, or forge
+another role's turn, in the middle of a conversation.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +43,11 @@ _CHATML = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 NAMED = {"alpaca": _ALPACA, "plain": _PLAIN, "chatml": _CHATML}
+
+# Stand-ins for control-token text inside messages while a conversation is tokenized
+# (Unicode private-use characters, which no template or tokenizer gives a meaning).
+_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
+_MARKER = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
 
 
 @dataclass
@@ -90,17 +101,87 @@ class Template:
                     "pick another with --template"
                 )
             spans.append((len(before), len(through)))
-        tokens = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids, offsets = self._tokenize(messages, text)
         labels = []
-        for token_id, (start, _end) in zip(tokens["input_ids"], tokens["offset_mapping"]):
+        for token_id, (start, _end) in zip(input_ids, offsets):
             trained = train_on_prompt or any(lo <= start < hi for lo, hi in spans)
             labels.append(token_id if trained else IGNORE)
-        return Encoded(list(tokens["input_ids"]), labels)
+        return Encoded(input_ids, labels)
 
     def encode_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids that ask the model for the next assistant turn."""
         text = self.render(messages, add_generation_prompt=True)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._tokenize(messages, text, add_generation_prompt=True)[0]
+
+    def encode_text(self, text: str) -> Encoded:
+        """A raw-text document for continued pretraining: the tokenizer's own BOS if it adds
+        one, the text (control tokens in it as plain text), EOS; every token trained."""
+        ids = list(self.tokenizer(text, split_special_tokens=True)["input_ids"])
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and ids[-1:] != [eos]:
+            ids.append(eos)
+        return Encoded(ids, list(ids))
+
+    def control_tokens_in(self, text: str) -> list[str]:
+        """The special-token strings written inside `text` (tokenized as plain text)."""
+        return self._special_pattern.findall(text) if self._special_pattern else []
+
+    def _tokenize(
+        self, messages: list[dict[str, str]], text: str, add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and character offsets of `text`, the rendering of `messages`.
+
+        Ordinary conversations are tokenized in one call, exactly as `apply_chat_template`
+        does. When a message holds a control token's text, the conversation is rendered again
+        with those strings hidden behind markers, so every special token left in the rendering
+        is the template's own; the text between them is tokenized with special tokens split,
+        as the tokenizer itself tokenizes the text between special tokens.
+        """
+        hidden: list[str] = []
+        if self._special_pattern is not None:
+            def hide(match: re.Match) -> str:
+                hidden.append(match.group(0))
+                return f"{_MARK_OPEN}{len(hidden) - 1}{_MARK_CLOSE}"
+
+            masked = [{**m, "content": self._special_pattern.sub(hide, m["content"])} for m in messages]
+        if not hidden:
+            tokens = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            return list(tokens["input_ids"]), [tuple(o) for o in tokens["offset_mapping"]]
+
+        def restore(piece: str) -> str:
+            return _MARKER.sub(lambda m: hidden[int(m.group(1))], piece)
+
+        rendered = self.render(masked, add_generation_prompt=add_generation_prompt)
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        parts: list[str] = []
+        position = 0
+        for k, piece in enumerate(self._special_pattern.split(rendered)):
+            if k % 2:  # the template's own control token
+                ids.append(self.tokenizer.convert_tokens_to_ids(piece))
+                offsets.append((position, position + len(piece)))
+            else:
+                piece = restore(piece)
+                if piece:
+                    tokens = self.tokenizer(piece, add_special_tokens=False, split_special_tokens=True,
+                                            return_offsets_mapping=True)
+                    ids += tokens["input_ids"]
+                    offsets += [(position + a, position + b) for a, b in tokens["offset_mapping"]]
+            parts.append(piece)
+            position += len(piece)
+        if "".join(parts) != text:  # the template altered the content around a marker
+            raise UserError(f"template '{self.name}' changes message text that holds control tokens; "
+                            "remove them from the data or pick another template with --template")
+        return ids, offsets
+
+    @property
+    def _special_pattern(self) -> re.Pattern | None:
+        if not hasattr(self, "_special_regex"):
+            special = sorted({t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
+                             | set(self.tokenizer.all_special_tokens), key=len, reverse=True)
+            special = [t for t in special if t]
+            self._special_regex = re.compile("(" + "|".join(map(re.escape, special)) + ")") if special else None
+        return self._special_regex
 
     def _find_stop_tokens(self) -> list[int]:
         """EOS plus the token the template closes an assistant turn with (e.g. <|im_end|>)."""
