@@ -81,27 +81,26 @@ class Template:
         return cls(tokenizer, name, source)
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.source, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, chat_template=self.source, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except TemplateError as e:  # e.g. a template that allows no system message, or needs alternation
+            raise UserError(f"template '{self.name}' cannot render this conversation: {e}") from None
 
     def encode(self, messages: list[dict[str, str]], train_on_prompt: bool = False) -> Encoded:
         """Token ids of the whole conversation, with labels on every assistant turn
         (its end-of-turn token included) and IGNORE on everything else."""
         text = self.render(messages)
-        spans = []
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            before = self.render(messages[:i], add_generation_prompt=True)
-            through = self.render(messages[: i + 1])
-            if not (through.startswith(before) and text.startswith(through)):
-                raise UserError(
-                    f"template '{self.name}' renders earlier turns differently as a conversation grows; "
-                    "pick another with --template"
-                )
-            spans.append((len(before), len(through)))
-        input_ids, offsets = self._tokenize(messages, text)
+        spans = self._assistant_spans(messages, text)
+        if spans is None:
+            raise UserError(
+                f"template '{self.name}' renders earlier turns differently as a conversation grows; "
+                "pick another with --template"
+            )
+        input_ids, offsets = self._tokenize(messages, text, cuts=[lo for lo, _ in spans])
         labels = []
         for token_id, (start, _end) in zip(input_ids, offsets):
             trained = train_on_prompt or any(lo <= start < hi for lo, hi in spans)
@@ -109,9 +108,26 @@ class Template:
         return Encoded(input_ids, labels)
 
     def encode_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids that ask the model for the next assistant turn."""
+        """Token ids that ask the model for the next assistant turn: exactly the tokens that
+        precede that turn in `encode` of the conversation once it is answered."""
         text = self.render(messages, add_generation_prompt=True)
-        return self._tokenize(messages, text, add_generation_prompt=True)[0]
+        spans = self._assistant_spans(messages, text) or []
+        return self._tokenize(messages, text, add_generation_prompt=True, cuts=[lo for lo, _ in spans])[0]
+
+    def _assistant_spans(self, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]] | None:
+        """Character spans of the assistant turns in `text` (from the end of the generation
+        prompt through the end-of-turn), or None if the template renders a turn differently
+        once the conversation goes on (so no prompt would match what was trained)."""
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self.render(messages[:i], add_generation_prompt=True)
+            through = self.render(messages[: i + 1])
+            if not (through.startswith(before) and text.startswith(through)):
+                return None
+            spans.append((len(before), len(through)))
+        return spans
 
     def encode_text(self, text: str) -> Encoded:
         """A raw-text document for continued pretraining: the tokenizer's own BOS if it adds
@@ -127,15 +143,20 @@ class Template:
         return self._special_pattern.findall(text) if self._special_pattern else []
 
     def _tokenize(
-        self, messages: list[dict[str, str]], text: str, add_generation_prompt: bool = False
+        self, messages: list[dict[str, str]], text: str, add_generation_prompt: bool = False, cuts: list[int] = ()
     ) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and character offsets of `text`, the rendering of `messages`.
 
-        Ordinary conversations are tokenized in one call, exactly as `apply_chat_template`
-        does. When a message holds a control token's text, the conversation is rendered again
-        with those strings hidden behind markers, so every special token left in the rendering
-        is the template's own; the text between them is tokenized with special tokens split,
-        as the tokenizer itself tokenizes the text between special tokens.
+        The text is tokenized in pieces cut where each assistant turn starts, so the tokens
+        before a turn are exactly those of the generation prompt that asks for it: a tokenizer
+        could otherwise merge the prompt's last characters with the answer's first ones, and
+        train on a prompt that inference never sends. Where no merge happens (the usual case,
+        a template's own tokenizer), this is token for token `apply_chat_template`.
+
+        When a message holds a control token's text, the conversation is rendered again with
+        those strings hidden behind markers, so every special token left in the rendering is
+        the template's own; the text between them is tokenized with special tokens split, as
+        the tokenizer itself tokenizes the text between special tokens.
         """
         hidden: list[str] = []
         if self._special_pattern is not None:
@@ -144,34 +165,33 @@ class Template:
                 return f"{_MARK_OPEN}{len(hidden) - 1}{_MARK_CLOSE}"
 
             masked = [{**m, "content": self._special_pattern.sub(hide, m["content"])} for m in messages]
-        if not hidden:
-            tokens = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            return list(tokens["input_ids"]), [tuple(o) for o in tokens["offset_mapping"]]
-
-        def restore(piece: str) -> str:
-            return _MARKER.sub(lambda m: hidden[int(m.group(1))], piece)
-
-        rendered = self.render(masked, add_generation_prompt=add_generation_prompt)
+        if hidden:
+            rendered = self.render(masked, add_generation_prompt=add_generation_prompt)
+            pieces = [(piece if k % 2 else _MARKER.sub(lambda m: hidden[int(m.group(1))], piece), bool(k % 2))
+                      for k, piece in enumerate(self._special_pattern.split(rendered))]
+            if "".join(piece for piece, _ in pieces) != text:  # the template altered the text around a marker
+                raise UserError(f"template '{self.name}' changes message text that holds control tokens; "
+                                "remove them from the data or pick another template with --template")
+        else:
+            pieces = [(text, False)]
         ids: list[int] = []
         offsets: list[tuple[int, int]] = []
-        parts: list[str] = []
         position = 0
-        for k, piece in enumerate(self._special_pattern.split(rendered)):
-            if k % 2:  # the template's own control token
+        for piece, control in pieces:
+            end = position + len(piece)
+            if control:  # the template's own control token
                 ids.append(self.tokenizer.convert_tokens_to_ids(piece))
-                offsets.append((position, position + len(piece)))
+                offsets.append((position, end))
             else:
-                piece = restore(piece)
-                if piece:
-                    tokens = self.tokenizer(piece, add_special_tokens=False, split_special_tokens=True,
+                bounds = [position, *(c for c in cuts if position < c < end), end]
+                for lo, hi in zip(bounds, bounds[1:]):
+                    if lo == hi:
+                        continue
+                    tokens = self.tokenizer(text[lo:hi], add_special_tokens=False, split_special_tokens=bool(hidden),
                                             return_offsets_mapping=True)
                     ids += tokens["input_ids"]
-                    offsets += [(position + a, position + b) for a, b in tokens["offset_mapping"]]
-            parts.append(piece)
-            position += len(piece)
-        if "".join(parts) != text:  # the template altered the content around a marker
-            raise UserError(f"template '{self.name}' changes message text that holds control tokens; "
-                            "remove them from the data or pick another template with --template")
+                    offsets += [(lo + a, lo + b) for a, b in tokens["offset_mapping"]]
+            position = end
         return ids, offsets
 
     @property
@@ -189,8 +209,8 @@ class Template:
         try:
             before = self.render(probe[:1], add_generation_prompt=True)
             through = self.render(probe)
-        except Exception as e:  # a Jinja error in a user's template
-            raise UserError(f"template '{self.name}' does not render: {e}") from None
+        except UserError as e:  # a Jinja error in a user's template
+            raise UserError(f"template '{self.name}' does not render: {str(e).split(': ', 1)[-1]}") from None
         closing = through[len(before) + len("Hello"):]
         ids = self.tokenizer(closing, add_special_tokens=False)["input_ids"] if closing else []
         special = set(self.tokenizer.all_special_ids) | set(self.tokenizer.added_tokens_decoder)
