@@ -174,6 +174,7 @@ class Report:
         if self.trainable:
             rows.append(("trained tokens", f"min {self.trainable['min']}, median {self.trainable['median']}, "
                                            f"total {self.trainable['total']} (template '{self.template}')"))
+        if self.template:
             rows.append((f"--truncation {self.options.truncation}",
                          ", ".join(f"{k} {self.outcomes[k]}" for k in self.outcomes) +
                          f" (--max-length {self.options.max_length})"))
@@ -218,6 +219,10 @@ def check(path: Path, options: CheckOptions, template=None) -> Report:
             length, trained = _check_tokens(item, template, options, report)
             lengths.append(length)
             trainable.append(trained)
+    trained = sum(report.outcomes[k] for k in ("kept", "truncated", "chunked"))
+    if template is not None and lines and not trained:
+        report.error(Problem(0, "E_ALL_DROPPED", f"every example is longer than --max-length {options.max_length}; "
+                             "raise it"))
     if not lines and not report.error_counts:
         report.error(Problem(0, "E_EMPTY", "no examples found; the file is empty"))
     if not lines:
@@ -304,7 +309,7 @@ def _check_tokens(example: Example, template, options: CheckOptions, report: Rep
         if closed < turns:
             report.error(Problem(line, "E_NO_EOS", f"{turns - closed} of {turns} assistant turns have no trained "
                                  "end-of-turn token, so the model would not learn to stop; fix the template"))
-    return tokens, trained
+    return tokens, trained if pieces else -1  # -1: not trained at all (dropped or refused)
 
 
 def _split(report: Report, line_of, ranks, is_copy, near_first, near_later) -> None:
@@ -368,7 +373,7 @@ def _length_stats(report: Report, lengths, trainable) -> None:
 
     report.lengths = stats(lengths)
     if trainable is not None:
-        report.trainable = stats(trainable)
+        report.trainable = stats(trainable[trainable >= 0])
     report.histogram = histogram(lengths, report.limit)
 
 
