@@ -1,6 +1,7 @@
 """End to end: the real `tunelab` CLI on a tiny model."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -143,3 +144,24 @@ def test_missing_run_folder_and_help(tmp_path):
     result = cli("--help")
     for command in ("demo", "data", "train", "eval", "generate", "chat", "serve", "export"):
         assert command in result.stdout
+
+
+def test_raw_text_trains_end_to_end_after_the_data_check(tiny_model_dir, tmp_path, capsys):
+    documents = [{"text": f"Document {i}. " + "The cat sat on the mat and looked around. " * (1 + i % 5)}
+                 for i in range(12)]
+    data = write_jsonl(tmp_path / "raw.jsonl", documents + documents[:1])
+    out = tmp_path / "raw-run"
+    assert main(["train", str(data), "--base", str(tiny_model_dir), "--max-steps", "2", "--max-length", "32",
+                 "--test-size", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Data check of" in printed and "W_DUPLICATE" in printed
+    report = json.loads((out / "data_check.json").read_text())
+    assert report["shapes"] == {"text": 13} and report["truncation"]["chunked"] > 0
+    assert report["split"]["train"] == 10 and report["split"]["test"] == 2
+    assert all("text" in json.loads(line) for line in (out / "train.jsonl").read_text().splitlines())
+    losses = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in losses if "loss" in r] == [1, 2]
+    assert all(math.isfinite(r.get("loss", r.get("eval_loss"))) for r in losses)
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert main(["eval", str(out)]) == 2
+    assert "a raw-text run has no answers to compare" in capsys.readouterr().err

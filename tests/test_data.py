@@ -122,3 +122,28 @@ def test_jsonl_round_trip(tmp_path):
     data.write_jsonl(tmp_path / "s.jsonl", examples)
     assert data.read_jsonl(tmp_path / "s.jsonl") == examples
     assert json.loads((tmp_path / "s.jsonl").read_text().splitlines()[0])["line"] == 1
+
+
+def test_raw_text_shape_and_metadata_keys(tmp_path):
+    rows = [{"text": "A document.", "id": 7}, {"prompt": "p", "completion": "c", "metadata": {"source": "x"}},
+            {"text": "Forced.", "title": "not a key of this shape"}]
+    with pytest.raises(UserError) as caught:
+        data.load_examples(write_jsonl(tmp_path / "d.jsonl", rows))
+    assert caught.value.lines() == [f"{tmp_path / 'd.jsonl'}:3: E_UNKNOWN_KEY unknown field(s) 'title' for shape "
+                                    "text; allowed: 'text', 'id', 'metadata'"]
+    examples = data.load_examples(write_jsonl(tmp_path / "e.jsonl", rows[:2]))
+    assert examples[0].is_raw and examples[0].text == "A document." and examples[0].messages == []
+    assert not examples[1].is_raw and examples[1].reference == "c"
+    data.write_jsonl(tmp_path / "s.jsonl", examples)
+    assert data.read_jsonl(tmp_path / "s.jsonl") == examples
+    assert data.load_examples(write_jsonl(tmp_path / "f.jsonl", [{"text": "t"}]), "text")[0].text == "t"
+
+
+def test_split_keeps_groups_on_one_side():
+    examples = _examples(60)
+    groups = {line: 1 for line in range(2, 11)}  # lines 1-10 are one group of near duplicates
+    for seed in range(5):
+        train, test = data.split(examples, 0.5, seed, groups=groups)
+        sides = {e.line in {t.line for t in test} for e in examples[:10]}
+        assert len(sides) == 1 and len(train) + len(test) == 60
+    assert data.split(examples, 0.1, 0, groups={})[1] == data.split(examples, 0.1, 0)[1]
