@@ -326,7 +326,7 @@ def _split(report: Report, line_of, ranks, is_copy, near_first, near_later) -> N
     sizes = np.bincount(group, minlength=len(line_of))
     # A group larger than a tenth of the test split would unbalance it; its rows are then
     # split one by one and the report shows the pairs that end up on both sides.
-    too_big = sizes[group] > max(2, n_test // 10)
+    too_big = (sizes[group] > max(2, n_test // 10)) & (n_test > 0)
     for g in np.unique(group[too_big])[:SHOWN]:
         report.warn(Problem(int(line_of[g]), "W_LARGE_GROUP",
                             f"starts a group of {int(sizes[g])} near duplicates, too many to keep on one side "

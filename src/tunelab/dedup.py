@@ -61,9 +61,17 @@ class NearDuplicates:
     def signatures(self) -> np.ndarray:
         """(rows, PERMUTATIONS) uint16 MinHash signatures of everything added."""
         self._flush()
-        if len(self._signatures) > 1:
-            self._signatures = [np.concatenate(self._signatures)]
-        return self._signatures[0] if self._signatures else np.zeros((0, PERMUTATIONS), np.uint16)
+        if len(self._signatures) != 1:
+            # Batch by batch into one array, each batch freed once copied: never two copies of all.
+            joined = np.empty((sum(map(len, self._signatures)), PERMUTATIONS), np.uint16)
+            position = 0
+            self._signatures.reverse()
+            while self._signatures:
+                batch = self._signatures.pop()
+                joined[position : position + len(batch)] = batch
+                position += len(batch)
+            self._signatures = [joined]
+        return self._signatures[0]
 
     def pairs(self, skip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Near-duplicate pairs (first index, later index, estimated similarity), sorted;
