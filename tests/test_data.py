@@ -47,7 +47,7 @@ def test_forced_format_and_unknown_shape(tmp_path):
     with pytest.raises(UserError, match=r"d.jsonl:1: E_SHAPE unknown shape .*--format"):
         data.load_examples(path)
     path = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "p", "completion": "c"}])
-    with pytest.raises(UserError, match=r"e.jsonl:1: E_UNKNOWN_KEY unknown field\(s\) 'completion', 'prompt' for shape alpaca"):
+    with pytest.raises(UserError, match=r"e.jsonl:1: E_MISSING_FIELD missing field 'instruction'"):
         data.load_examples(path, "alpaca")
 
 

@@ -151,13 +151,18 @@ def unknown_keys(row: dict[str, Any], shape: str) -> list[str]:
 
 def to_messages(row: dict[str, Any], shape: str) -> list[dict[str, str]]:
     """Convert one row to chat messages; raise RowError naming what is wrong."""
+    messages = _convert(row, shape)
     extra = unknown_keys(row, shape)
-    if extra:
+    if extra:  # a typo ('completoin') or a field the template would silently never see ('system')
         if "None" in extra and None in row:  # csv.DictReader files surplus cells under None
             raise RowError("E_UNKNOWN_KEY", "more cells than header columns")
         known = ", ".join(f"'{k}'" for k in (*SHAPE_KEYS[shape], *METADATA_KEYS))
         raise RowError("E_UNKNOWN_KEY", f"unknown field(s) {', '.join(map(repr, extra))} for shape {shape}; "
                        f"allowed: {known}")
+    return messages
+
+
+def _convert(row: dict[str, Any], shape: str) -> list[dict[str, str]]:
     if shape == "text":
         _text(row.get("text"), "text")
         return []
