@@ -61,3 +61,15 @@ def test_truncation_policies(tokenizer):
     prompt_only = len(template.encode_prompt(examples[0].prompt_messages()))
     with pytest.raises(UserError, match="no response tokens left to train"):
         encode_examples(examples[:1], template, prompt_only, truncation="truncate")
+
+
+def test_raw_documents_are_chunked_with_every_token_trained(tokenizer):
+    template = Template.for_model(tokenizer)
+    documents = [Example([], 1, text="word " * 50), Example([], 2, text="short")]
+    encoded, stats = encode_examples(documents, template, max_length=16, truncation="error")
+    whole = template.encode_text("word " * 50).input_ids
+    assert len(whole) % 16 > 1 and stats.kept == 2 and stats.chunks == len(whole) // 16 + 2
+    assert [len(e.input_ids) for e in encoded[:-1]] == [16] * (len(whole) // 16) + [len(whole) % 16]
+    assert [t for e in encoded[:-1] for t in e.input_ids] == whole  # chunks in order, nothing lost
+    assert all(e.labels == e.input_ids for e in encoded)
+    assert encoded[-1].input_ids == template.encode_text("short").input_ids

@@ -1,6 +1,7 @@
 """End to end: the real `tunelab` CLI on a tiny model."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -113,10 +114,10 @@ def test_python_api_lora(tiny_model_dir, pairs_file, tmp_path):
 
 
 BAD_INPUTS = [
-    ("empty", [], [], "empty.jsonl: no examples found"),
-    ("shape", [{"question": "q", "answer": "a"}], [], "shape.jsonl:1: unknown shape"),
-    ("missing", [{"prompt": "p", "completion": "c"}, {"prompt": "p"}], [], "missing.jsonl:2: unknown shape"),
-    ("fields", [{"messages": [{"role": "user"}]}], [], "fields.jsonl:1: message 0 needs 'role' and 'content'"),
+    ("empty", [], [], "empty.jsonl: E_EMPTY no examples found"),
+    ("shape", [{"question": "q", "answer": "a"}], [], "shape.jsonl:1: E_SHAPE unknown shape"),
+    ("missing", [{"prompt": "p", "completion": "c"}, {"prompt": "p"}], [], "missing.jsonl:2: E_SHAPE unknown shape"),
+    ("fields", [{"messages": [{"role": "user"}]}], [], "fields.jsonl:1: E_CONTENT_MISSING message 0 needs 'role' and 'content'"),
     ("model", [{"prompt": "p", "completion": "c"}] * 3, ["--base", "/no/such/model"], "base model '/no/such/model' not found"),
     ("flag", [{"prompt": "p", "completion": "c"}] * 3, ["--method", "magic"], "invalid choice: 'magic'"),
     ("value", [{"prompt": "p", "completion": "c"}] * 3, ["--batch-size", "0"], "--batch-size must be positive"),
@@ -130,7 +131,11 @@ def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, name, rows, flags, mes
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "run").exists()
+    if name in ("empty", "shape", "missing", "fields"):  # bad data: nothing written but the data check's report
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["data_check.json", "length_histogram.txt"]
+        assert json.loads((tmp_path / "run" / "data_check.json").read_text())["error_counts"]
+    else:
+        assert not (tmp_path / "run").exists()
 
 
 def test_missing_run_folder_and_help(tmp_path):
@@ -139,3 +144,24 @@ def test_missing_run_folder_and_help(tmp_path):
     result = cli("--help")
     for command in ("demo", "data", "train", "eval", "generate", "chat", "serve", "export"):
         assert command in result.stdout
+
+
+def test_raw_text_trains_end_to_end_after_the_data_check(tiny_model_dir, tmp_path, capsys):
+    documents = [{"text": f"Document {i}. " + "The cat sat on the mat and looked around. " * (1 + i % 5)}
+                 for i in range(12)]
+    data = write_jsonl(tmp_path / "raw.jsonl", documents + documents[:1])
+    out = tmp_path / "raw-run"
+    assert main(["train", str(data), "--base", str(tiny_model_dir), "--max-steps", "2", "--max-length", "32",
+                 "--test-size", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Data check of" in printed and "W_DUPLICATE" in printed
+    report = json.loads((out / "data_check.json").read_text())
+    assert report["shapes"] == {"text": 13} and report["truncation"]["chunked"] > 0
+    assert report["split"]["train"] == 10 and report["split"]["test"] == 2
+    assert all("text" in json.loads(line) for line in (out / "train.jsonl").read_text().splitlines())
+    losses = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in losses if "loss" in r] == [1, 2]
+    assert all(math.isfinite(r.get("loss", r.get("eval_loss"))) for r in losses)
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert main(["eval", str(out)]) == 2
+    assert "a raw-text run has no answers to compare" in capsys.readouterr().err

@@ -44,10 +44,10 @@ def test_csv_and_parquet(tmp_path):
 
 def test_forced_format_and_unknown_shape(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
-    with pytest.raises(UserError, match=r"d.jsonl:1: unknown shape .*--format"):
+    with pytest.raises(UserError, match=r"d.jsonl:1: E_SHAPE unknown shape .*--format"):
         data.load_examples(path)
     path = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "p", "completion": "c"}])
-    with pytest.raises(UserError, match=r"e.jsonl:1: missing field 'instruction'"):
+    with pytest.raises(UserError, match=r"e.jsonl:1: E_MISSING_FIELD missing field 'instruction'"):
         data.load_examples(path, "alpaca")
 
 
@@ -66,13 +66,13 @@ def test_every_bad_line_is_listed(tmp_path):
         data.load_examples(write_jsonl(tmp_path / "d.jsonl", rows))
     lines = caught.value.lines()
     assert len(lines) == 7
-    assert lines[0].endswith("d.jsonl:2: not valid JSON (Expecting property name enclosed in double quotes at column 2)")
-    assert "d.jsonl:3: expected a JSON object, got list" in lines[1]
-    assert "d.jsonl:4: unknown shape" in lines[2]
-    assert "d.jsonl:5: field 'completion' is empty" in lines[3]
-    assert "d.jsonl:6: no assistant message" in lines[4]
-    assert "d.jsonl:7: message 0 has unknown role 'robot'" in lines[5]
-    assert "d.jsonl:8: field 'prompt' must be a string, got int" in lines[6]
+    assert lines[0].endswith("d.jsonl:2: E_JSON not valid JSON (Expecting property name enclosed in double quotes at column 2)")
+    assert "d.jsonl:3: E_NOT_OBJECT expected a JSON object, got list" in lines[1]
+    assert "d.jsonl:4: E_SHAPE unknown shape" in lines[2]
+    assert "d.jsonl:5: E_EMPTY_CONTENT field 'completion' is empty" in lines[3]
+    assert "d.jsonl:6: E_NO_ASSISTANT no assistant message" in lines[4]
+    assert "d.jsonl:7: E_UNKNOWN_ROLE message 0 has unknown role 'robot'" in lines[5]
+    assert "d.jsonl:8: E_TYPE field 'prompt' must be a string, got int" in lines[6]
 
 
 def test_empty_and_missing_files(tmp_path):
@@ -122,3 +122,28 @@ def test_jsonl_round_trip(tmp_path):
     data.write_jsonl(tmp_path / "s.jsonl", examples)
     assert data.read_jsonl(tmp_path / "s.jsonl") == examples
     assert json.loads((tmp_path / "s.jsonl").read_text().splitlines()[0])["line"] == 1
+
+
+def test_raw_text_shape_and_metadata_keys(tmp_path):
+    rows = [{"text": "A document.", "id": 7}, {"prompt": "p", "completion": "c", "metadata": {"source": "x"}},
+            {"text": "Forced.", "title": "not a key of this shape"}]
+    with pytest.raises(UserError) as caught:
+        data.load_examples(write_jsonl(tmp_path / "d.jsonl", rows))
+    assert caught.value.lines() == [f"{tmp_path / 'd.jsonl'}:3: E_UNKNOWN_KEY unknown field(s) 'title' for shape "
+                                    "text; allowed: 'text', 'id', 'metadata'"]
+    examples = data.load_examples(write_jsonl(tmp_path / "e.jsonl", rows[:2]))
+    assert examples[0].is_raw and examples[0].text == "A document." and examples[0].messages == []
+    assert not examples[1].is_raw and examples[1].reference == "c"
+    data.write_jsonl(tmp_path / "s.jsonl", examples)
+    assert data.read_jsonl(tmp_path / "s.jsonl") == examples
+    assert data.load_examples(write_jsonl(tmp_path / "f.jsonl", [{"text": "t"}]), "text")[0].text == "t"
+
+
+def test_split_keeps_groups_on_one_side():
+    examples = _examples(60)
+    groups = {line: 1 for line in range(2, 11)}  # lines 1-10 are one group of near duplicates
+    for seed in range(5):
+        train, test = data.split(examples, 0.5, seed, groups=groups)
+        sides = {e.line in {t.line for t in test} for e in examples[:10]}
+        assert len(sides) == 1 and len(train) + len(test) == 60
+    assert data.split(examples, 0.1, 0, groups={})[1] == data.split(examples, 0.1, 0)[1]

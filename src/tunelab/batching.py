@@ -23,6 +23,37 @@ class EncodeStats:
     truncated: int = 0
     dropped: list[int] = field(default_factory=list)
     """Source line numbers of examples dropped for being longer than --max-length."""
+    chunks: int = 0
+    """Pieces of --max-length tokens that raw-text documents were cut into."""
+
+
+OUTCOMES = ("kept", "truncated", "dropped", "chunked", "too_long", "no_trainable")
+"""What `encode_one` did with an example: kept whole, cut to --max-length, dropped, a raw
+document cut into chunks; or a problem: over --max-length under --truncation error, or no
+trained token left after truncation."""
+
+
+def encode_one(
+    example: Example, template: Template, max_length: int, truncation: str = "drop", train_on_prompt: bool = False
+) -> tuple[Encoded, list[Encoded], str]:
+    """Encode one example under the truncation policy: (full encoding, pieces to train on,
+    outcome). A raw-text document is chunked to `max_length`, every token trained, so it is
+    never truncated nor dropped."""
+    if example.is_raw:
+        item = template.encode_text(example.text)
+        # A one-token tail predicts nothing (targets are shifted), so it is left out.
+        pieces = [Encoded(item.input_ids[i : i + max_length], item.labels[i : i + max_length])
+                  for i in range(0, len(item.input_ids), max_length) if len(item.input_ids) - i > 1]
+        return item, pieces, "chunked" if len(pieces) > 1 else "kept"
+    item = template.encode(example.messages, train_on_prompt=train_on_prompt)
+    if len(item.input_ids) <= max_length:
+        return item, [item], "kept" if item.trainable else "no_trainable"
+    if truncation == "error":
+        return item, [], "too_long"
+    if truncation == "drop":
+        return item, [], "dropped"
+    cut = Encoded(item.input_ids[:max_length], item.labels[:max_length])
+    return item, [cut], "truncated" if cut.trainable else "no_trainable"
 
 
 def encode_examples(
@@ -35,24 +66,23 @@ def encode_examples(
 ) -> tuple[list[Encoded], EncodeStats]:
     encoded, stats = [], EncodeStats()
     for example in examples:
-        item = template.encode(example.messages, train_on_prompt=train_on_prompt)
-        if len(item.input_ids) > max_length:
-            if truncation == "error":
-                raise UserError(
-                    f"{source}:{example.line}: example has {len(item.input_ids)} tokens, over --max-length "
-                    f"{max_length}; raise --max-length or pass --truncation drop/truncate"
-                )
-            if truncation == "drop":
-                stats.dropped.append(example.line)
-                continue
-            item = Encoded(item.input_ids[:max_length], item.labels[:max_length])
-            stats.truncated += 1
-        if item.trainable == 0:
+        item, pieces, outcome = encode_one(example, template, max_length, truncation, train_on_prompt)
+        if outcome == "too_long":
+            raise UserError(
+                f"{source}:{example.line}: example has {len(item.input_ids)} tokens, over --max-length "
+                f"{max_length}; raise --max-length or pass --truncation drop/truncate"
+            )
+        if outcome == "dropped":
+            stats.dropped.append(example.line)
+            continue
+        if outcome == "no_trainable":
             raise UserError(
                 f"{source}:{example.line}: no response tokens left to train after truncation to "
                 f"{max_length} tokens; raise --max-length or shorten the prompt"
             )
-        encoded.append(item)
+        stats.truncated += outcome == "truncated"
+        stats.chunks += len(pieces) if example.is_raw else 0
+        encoded += pieces
         stats.kept += 1
     if not encoded:
         raise UserError(f"{source}: every example is longer than --max-length {max_length}; raise it")

@@ -26,9 +26,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_data_check(args: argparse.Namespace) -> None:
-    from tunelab.datacheck import check
+    from tunelab.datacheck import cli_check
 
-    check(Path(args.data), args)
+    cli_check(Path(args.data), args)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -136,14 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="check a data file before training")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    check = data_commands.add_parser("check", help="validate every line and report sizes and token counts")
+    check = data_commands.add_parser(
+        "check", help="find format errors, token-level problems, duplicates and leakage before training",
+        description="Check a data file as `tunelab train` would, print a summary and list every problem. "
+                    "Exit code 2 if there is an error.")
     check.add_argument("data", help="JSONL, CSV or Parquet file")
-    check.add_argument("--base", default=None, help="also tokenize with this base model's tokenizer and template")
-    check.add_argument("--format", default="auto", choices=("auto", "messages", "prompt_completion", "alpaca"))
-    check.add_argument("--template", default="auto")
-    check.add_argument("--test-size", type=float, default=0.1)
-    check.add_argument("--max-length", type=int, default=1024)
-    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--base", default=None,
+                       help="also run the token-level checks with this base model's tokenizer and template")
+    check.add_argument("--format", default="auto", choices=typing.get_args(typing.get_type_hints(TrainConfig)["format"]),
+                       help="shape of the rows (default: auto)")
+    check.add_argument("--template", default="auto", help="prompt template, as for train (default: auto)")
+    check.add_argument("--test-size", type=float, default=0.1, help="held-out fraction or count (default: 0.1)")
+    check.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
+    check.add_argument("--max-length", type=int, default=1024, help="longest example in tokens (default: 1024)")
+    check.add_argument("--truncation", choices=("drop", "truncate", "error"), default="drop",
+                       help="what train does with longer examples (default: drop)")
+    check.add_argument("--train-on-prompt", action="store_true", help="prompt tokens are trained too")
+    check.add_argument("--out", default=None,
+                       help="save the report here (data_check.json, length histogram)")
     check.set_defaults(func=cmd_data_check)
 
     train = commands.add_parser("train", help="fine-tune a base model on a data file",

@@ -24,8 +24,8 @@ def _opt(default: Any, help: str, **kwargs: Any) -> Any:
 class TrainConfig:
     base: str = _opt("smollm2-135m", "Base model: 'smollm2-135m', a local Hugging Face folder or a .gguf file.")
     method: Literal["lora", "full"] = _opt("lora", "Fine-tune LoRA adapters or all weights.")
-    format: Literal["auto", "messages", "prompt_completion", "alpaca"] = _opt(
-        "auto", "Shape of the data rows; 'auto' detects it from the keys."
+    format: Literal["auto", "messages", "prompt_completion", "alpaca", "text"] = _opt(
+        "auto", "Shape of the data rows; 'auto' detects it from the keys ('text': raw documents)."
     )
     template: str = _opt("auto", "Prompt template: 'auto' (the model's own chat template), 'chatml', 'alpaca' or 'plain'.")
     epochs: float = _opt(1.0, "Passes over the training split (ignored when --max-steps is set).")
@@ -63,8 +63,8 @@ class TrainConfig:
             (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
             (self.method in ("lora", "full"), "--method must be 'lora' or 'full'"),
             (self.truncation in ("drop", "truncate", "error"), "--truncation must be drop, truncate or error"),
-            (self.format in ("auto", "messages", "prompt_completion", "alpaca"),
-             "--format must be auto, messages, prompt_completion or alpaca"),
+            (self.format in ("auto", "messages", "prompt_completion", "alpaca", "text"),
+             "--format must be auto, messages, prompt_completion, alpaca or text"),
         ]
         for ok, message in checks:
             if not ok:

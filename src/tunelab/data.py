@@ -4,6 +4,11 @@ Every accepted shape becomes a list of chat messages, so one template renders th
 - messages:          {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
 - prompt_completion: {"prompt": ..., "completion": ...}
 - alpaca:            {"instruction": ..., "input": ... (optional), "output": ...}
+and one shape stays plain text, for continued pretraining on a corpus of documents:
+- text:              {"text": ...}   (Example.text; every token is trained)
+
+Each bad row is a `Problem` with its line (JSONL) or row (CSV, Parquet) number and a short
+code such as E_JSON or E_UNKNOWN_ROLE, so a long list of them can be scanned and counted.
 """
 
 from __future__ import annotations
@@ -18,9 +23,18 @@ from typing import Any
 
 from tunelab.errors import UserError
 
-SHAPES = ("messages", "prompt_completion", "alpaca")
+SHAPES = ("messages", "prompt_completion", "alpaca", "text")
 ROLES = ("system", "user", "assistant")
 MAX_LISTED_PROBLEMS = 20
+METADATA_KEYS = ("id", "metadata")
+"""Keys any row may carry for the user's own bookkeeping; they are ignored."""
+SHAPE_KEYS = {
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "input", "output"),
+    "text": ("text",),
+}
+MESSAGE_KEYS = ("role", "content")
 
 
 @dataclass
@@ -28,12 +42,18 @@ class Example:
     messages: list[dict[str, str]]
     line: int
     """Line (JSONL) or row (CSV, Parquet) number in the source file, 1-based."""
+    text: str | None = None
+    """The document of a raw-text row (then `messages` is empty)."""
 
     @property
     def key(self) -> str:
         """A content hash: identical examples share it wherever they appear in the file."""
-        text = json.dumps(self.messages, sort_keys=True, ensure_ascii=False)
-        return hashlib.sha256(text.encode()).hexdigest()
+        content = self.text if self.text is not None else json.dumps(self.messages, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(content.encode()).hexdigest()
+
+    @property
+    def is_raw(self) -> bool:
+        return self.text is not None
 
     def prompt_messages(self) -> list[dict[str, str]]:
         """The conversation up to its last assistant turn: what a model is asked at inference."""
@@ -43,6 +63,30 @@ class Example:
     @property
     def reference(self) -> str:
         return [m for m in self.messages if m["role"] == "assistant"][-1]["content"]
+
+
+@dataclass
+class Problem:
+    """One bad row: where it is, a short code to count and grep, and what to fix."""
+
+    line: int
+    code: str
+    message: str
+
+    def format(self, path: Path | str) -> str:
+        where = f"{path}:{self.line}" if self.line else str(path)  # line 0: the file as a whole
+        return f"{where}: {self.code} {self.message}"
+
+
+class RowError(ValueError):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def is_tabular(path: Path) -> bool:
+    """CSV and Parquet rows have columns where JSON lines have fields."""
+    return Path(path).suffix.lower() in (".csv", ".parquet")
 
 
 def read_rows(path: Path) -> Iterator[tuple[int, Any]]:
@@ -71,11 +115,14 @@ def read_rows(path: Path) -> Iterator[tuple[int, Any]]:
         import pyarrow.parquet as pq
 
         try:
-            table = pq.read_table(path)
+            parquet = pq.ParquetFile(path)
         except Exception as e:  # pyarrow raises several types for a damaged file
             raise UserError(f"{path}: cannot read Parquet file ({e})") from None
-        for number, row in enumerate(table.to_pylist(), start=1):
-            yield number, row
+        number = 0
+        for batch in parquet.iter_batches(batch_size=4096):  # streamed: a large file never sits in memory
+            for row in batch.to_pylist():
+                number += 1
+                yield number, row
     else:
         raise UserError(f"{path}: unknown file type '{suffix}'; use .jsonl, .csv or .parquet")
 
@@ -86,6 +133,8 @@ class _Invalid:
 
 
 def detect_shape(row: dict[str, Any]) -> str | None:
+    if "text" in row and not {"messages", "prompt", "instruction"} & set(row):
+        return "text"
     if "messages" in row:
         return "messages"
     if "prompt" in row and "completion" in row:
@@ -95,49 +144,111 @@ def detect_shape(row: dict[str, Any]) -> str | None:
     return None
 
 
+def unknown_keys(row: dict[str, Any], shape: str) -> list[str]:
+    allowed = set(SHAPE_KEYS[shape]) | set(METADATA_KEYS)
+    return sorted(str(k) for k in row if k not in allowed)
+
+
 def to_messages(row: dict[str, Any], shape: str) -> list[dict[str, str]]:
-    """Convert one row to chat messages; raise ValueError naming what is wrong."""
+    """Convert one row to chat messages; raise RowError naming what is wrong."""
+    messages = _convert(row, shape)
+    extra = unknown_keys(row, shape)
+    if extra:  # a typo ('completoin') or a field the template would silently never see ('system')
+        if "None" in extra and None in row:  # csv.DictReader files surplus cells under None
+            raise RowError("E_UNKNOWN_KEY", "more cells than header columns")
+        known = ", ".join(f"'{k}'" for k in (*SHAPE_KEYS[shape], *METADATA_KEYS))
+        raise RowError("E_UNKNOWN_KEY", f"unknown field(s) {', '.join(map(repr, extra))} for shape {shape}; "
+                       f"allowed: {known}")
+    return messages
+
+
+def _convert(row: dict[str, Any], shape: str) -> list[dict[str, str]]:
+    if shape == "text":
+        _text(row.get("text"), "text")
+        return []
     if shape == "prompt_completion":
         return [_message("user", row.get("prompt"), "prompt"), _message("assistant", row.get("completion"), "completion")]
     if shape == "alpaca":
         instruction = _text(row.get("instruction"), "instruction")
-        extra = row.get("input")
-        if extra is not None and not isinstance(extra, str):
-            raise ValueError("field 'input' must be a string")
-        user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+        extra_input = row.get("input")
+        if extra_input is not None and not isinstance(extra_input, str):
+            raise RowError("E_TYPE", f"field 'input' must be a string, got {type(extra_input).__name__}")
+        user = f"{instruction}\n\n{extra_input}" if extra_input and extra_input.strip() else instruction
         return [{"role": "user", "content": user}, _message("assistant", row.get("output"), "output")]
     messages = row.get("messages")
     if isinstance(messages, str):  # CSV and some Parquet exports hold the list as JSON text
         try:
             messages = json.loads(messages)
         except json.JSONDecodeError:
-            raise ValueError("field 'messages' is not a JSON list") from None
+            raise RowError("E_MESSAGES", "field 'messages' is not a JSON list") from None
     if not isinstance(messages, list) or not messages:
-        raise ValueError("field 'messages' must be a non-empty list")
+        raise RowError("E_MESSAGES", "field 'messages' must be a non-empty list")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"message {i} needs 'role' and 'content'")
+        if not isinstance(m, dict):
+            raise RowError("E_TYPE", f"message {i} must be an object with 'role' and 'content', got {type(m).__name__}")
+        if "role" not in m or "content" not in m:
+            code = "E_ROLE_MISSING" if "role" not in m else "E_CONTENT_MISSING"
+            raise RowError(code, f"message {i} needs 'role' and 'content'")
+        extra = sorted(str(k) for k in m if k not in MESSAGE_KEYS)
+        if extra:
+            raise RowError("E_UNKNOWN_KEY", f"message {i} has unknown field(s) {', '.join(map(repr, extra))}; "
+                           "allowed: 'role', 'content'")
         if m["role"] not in ROLES:
-            raise ValueError(f"message {i} has unknown role {m['role']!r}; use system, user or assistant")
+            raise RowError("E_UNKNOWN_ROLE", f"message {i} has unknown role {m['role']!r}; use system, user or assistant")
         out.append(_message(m["role"], m["content"], f"message {i} content"))
     if not any(m["role"] == "assistant" for m in out):
-        raise ValueError("no assistant message to learn from")
+        raise RowError("E_NO_ASSISTANT", "no assistant message to learn from")
     return out
 
 
 def _text(value: Any, name: str) -> str:
     if value is None:
-        raise ValueError(f"missing field '{name}'")
+        raise RowError("E_MISSING_FIELD", f"missing field '{name}'")
     if not isinstance(value, str):
-        raise ValueError(f"field '{name}' must be a string, got {type(value).__name__}")
+        raise RowError("E_TYPE", f"field '{name}' must be a string, got {type(value).__name__}")
     if not value.strip():
-        raise ValueError(f"field '{name}' is empty")
+        raise RowError("E_EMPTY_CONTENT", f"field '{name}' is empty")
     return value
 
 
 def _message(role: str, value: Any, name: str) -> dict[str, str]:
     return {"role": role, "content": _text(value, name)}
+
+
+def iter_examples(path: Path, shape: str = "auto", require_answer: bool = True) -> Iterator[Example | Problem]:
+    """Stream the file: one Example per good row, one Problem per bad row, in file order."""
+    path = Path(path)
+    tabular = is_tabular(path)
+    for number, row in read_rows(path):
+        if isinstance(row, _Invalid):
+            yield Problem(number, "E_JSON", row.reason)
+            continue
+        if not isinstance(row, dict):
+            yield Problem(number, "E_NOT_OBJECT", f"expected a JSON object, got {type(row).__name__}")
+            continue
+        row_shape = detect_shape(row) if shape == "auto" else shape
+        if row_shape is None and not require_answer:
+            row_shape = _prompt_only_shape(row)
+        if row_shape is None:
+            yield Problem(number, "E_SHAPE",
+                          f"unknown shape with keys {sorted(map(str, row))}; expected 'messages', "
+                          "'prompt'+'completion', 'instruction'+'output' or 'text' (or pass --format)")
+            continue
+        if not require_answer:
+            if row_shape == "text":
+                yield Problem(number, "E_SHAPE", "a raw 'text' row asks nothing; give prompts as 'prompt' or 'messages'")
+                continue
+            row = _with_placeholder_answer(row, row_shape)
+        try:
+            messages = to_messages(row, row_shape)
+        except RowError as e:
+            message = str(e)
+            if tabular:  # a spreadsheet user looks for a column, not a field
+                message = message.replace("field '", "column '").replace("field(s) '", "column(s) '")
+            yield Problem(number, e.code, message)
+            continue
+        yield Example(messages, number, row["text"] if row_shape == "text" else None)
 
 
 def load_examples(path: Path, shape: str = "auto", require_answer: bool = True) -> list[Example]:
@@ -148,29 +259,11 @@ def load_examples(path: Path, shape: str = "auto", require_answer: bool = True) 
     path = Path(path)
     examples: list[Example] = []
     problems: list[str] = []
-    for number, row in read_rows(path):
-        where = f"{path}:{number}"
-        if isinstance(row, _Invalid):
-            problems.append(f"{where}: {row.reason}")
-            continue
-        if not isinstance(row, dict):
-            problems.append(f"{where}: expected a JSON object, got {type(row).__name__}")
-            continue
-        row_shape = detect_shape(row) if shape == "auto" else shape
-        if row_shape is None and not require_answer:
-            row_shape = _prompt_only_shape(row)
-        if row_shape is None:
-            problems.append(
-                f"{where}: unknown shape with keys {sorted(row)}; expected 'messages', "
-                "'prompt'+'completion' or 'instruction'+'output' (or pass --format)"
-            )
-            continue
-        if not require_answer:
-            row = _with_placeholder_answer(row, row_shape)
-        try:
-            examples.append(Example(to_messages(row, row_shape), number))
-        except ValueError as e:
-            problems.append(f"{where}: {e}")
+    for item in iter_examples(path, shape, require_answer):
+        if isinstance(item, Problem):
+            problems.append(item.format(path))
+        else:
+            examples.append(item)
     if problems:
         shown = problems[:MAX_LISTED_PROBLEMS]
         more = len(problems) - len(shown)
@@ -202,29 +295,46 @@ def _with_placeholder_answer(row: dict[str, Any], shape: str) -> dict[str, Any]:
     return row
 
 
-def split(examples: list[Example], test_size: float, seed: int) -> tuple[list[Example], list[Example]]:
+def split(
+    examples: list[Example], test_size: float, seed: int, groups: dict[int, int] | None = None
+) -> tuple[list[Example], list[Example]]:
     """Split by content hash: reproducible, independent of row order, and identical
-    examples always land on the same side, so duplicates cannot leak into the test split."""
+    examples always land on the same side, so duplicates cannot leak into the test split.
+
+    `groups` maps a line to the first line of its near-duplicate group (from the data check):
+    the whole group then takes that line's place in the ranking, so near duplicates too land
+    on one side.
+    """
     n_test = round(len(examples) * test_size) if test_size < 1 else int(test_size)
     if n_test >= len(examples):
         raise UserError(f"--test-size {test_size} leaves no training examples out of {len(examples)}")
+    groups = groups or {}
+    key_of_line = {e.line: e.key for e in examples}
 
     def rank(example: Example) -> str:
-        return hashlib.sha256(f"{seed}:{example.key}".encode()).hexdigest()
+        key = key_of_line.get(groups.get(example.line, example.line), example.key)
+        return split_rank(key, seed)
 
-    ranked = sorted(examples, key=rank)
-    test_keys = {e.key for e in ranked[:n_test]}
-    train = [e for e in examples if e.key not in test_keys]
-    test = [e for e in examples if e.key in test_keys]
+    ranks = {e.line: rank(e) for e in examples}
+    ranked = sorted(examples, key=lambda e: ranks[e.line])
+    test_ranks = {ranks[e.line] for e in ranked[:n_test]}
+    train = [e for e in examples if ranks[e.line] not in test_ranks]
+    test = [e for e in examples if ranks[e.line] in test_ranks]
     return train, test
+
+
+def split_rank(key: str, seed: int) -> str:
+    """Where an example with content hash `key` falls in the split order (lowest go to test)."""
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
 
 
 def write_jsonl(path: Path, examples: list[Example]) -> None:
     with Path(path).open("w", encoding="utf-8") as f:
         for e in examples:
-            f.write(json.dumps({"messages": e.messages, "line": e.line}, ensure_ascii=False) + "\n")
+            row = {"text": e.text} if e.is_raw else {"messages": e.messages}
+            f.write(json.dumps({**row, "line": e.line}, ensure_ascii=False) + "\n")
 
 
 def read_jsonl(path: Path) -> list[Example]:
     with Path(path).open(encoding="utf-8") as f:
-        return [Example(row["messages"], row["line"]) for row in map(json.loads, f)]
+        return [Example(row.get("messages", []), row["line"], row.get("text")) for row in map(json.loads, f)]

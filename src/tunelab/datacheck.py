@@ -1,32 +1,441 @@
-"""`tunelab data check`: validate a data file and report what training would see."""
+"""`tunelab data check`, also run at the start of `tunelab train`: find what would silently
+spoil a run before it starts, and show the evidence.
+
+One streaming pass over the file keeps a few numbers per row (hashes, lengths, a MinHash
+signature), never the rows themselves, so a file of millions of lines is checked in bounded
+memory. It finds:
+- format errors, every one with its line and a code (see `data.Problem`);
+- with a tokenizer and template, token-level problems: examples with nothing left to train
+  after truncation, assistant turns whose end-of-turn token is not trained (the model would
+  never learn to stop), a doubled BOS, prompts longer than --max-length, control tokens written
+  as text in messages, and what the --truncation policy did to each example;
+- exact duplicates (dropped before the split, first copy kept), near duplicates (see dedup.py;
+  kept, but each group of them on one side of the split), and any near-duplicate pair that
+  still straddles the train/test split.
+Errors (codes E_...) stop training; warnings (W_...) are printed and saved.
+"""
 
 from __future__ import annotations
 
-import argparse
-import statistics
+import json
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunelab import data as data_mod
+from tunelab.data import Example, Problem
+from tunelab.errors import UserError
+
+REPORT_FILE = "data_check.json"
+HISTOGRAM_FILE = "length_histogram.txt"
+HISTOGRAM_PLOT = "length_histogram.png"
+MAX_SAVED = 10_000
+"""Errors, warnings and pairs kept for the report (all are counted)."""
+SHOWN = 20
+"""Errors printed; for warnings and pairs, a few examples of each kind."""
 
 
-def check(path: Path, args: argparse.Namespace) -> None:
-    examples = data_mod.load_examples(path, args.format)
-    train, test = data_mod.split(examples, args.test_size, args.seed)
-    turns = [sum(m["role"] == "assistant" for m in e.messages) for e in examples]
-    print(f"{path}: {len(examples)} valid examples, {len(train)} train / {len(test)} test "
-          f"(--test-size {args.test_size}, seed {args.seed}); {sum(turns)} assistant turns")
-    if args.base is None:
-        return
-    from tunelab.batching import encode_examples
-    from tunelab.models import load_tokenizer, resolve_base
-    from tunelab.template import Template
+@dataclass
+class CheckOptions:
+    format: str = "auto"
+    """Shape of the rows, or 'auto' to detect it per row."""
+    test_size: float = 0.1
+    """Held-out fraction (0-1) or count (>=1)."""
+    seed: int = 0
+    """Seed of the split."""
+    max_length: int = 1024
+    """Longest example in tokens."""
+    truncation: str = "drop"
+    """What training does with longer examples: drop, truncate or error."""
+    train_on_prompt: bool = False
+    """Whether prompt tokens are trained too."""
 
-    template = Template.for_model(load_tokenizer(resolve_base(args.base)), args.template)
-    encoded, stats = encode_examples(examples, template, args.max_length, truncation="drop", source=str(path))
-    lengths = [len(e.input_ids) for e in encoded]
-    trained = [e.trainable for e in encoded]
-    print(f"template '{template.name}': tokens per example min {min(lengths)}, median {statistics.median(lengths):.0f}, "
-          f"max {max(lengths)}; trained tokens per example median {statistics.median(trained):.0f}")
-    if stats.dropped:
-        print(f"{len(stats.dropped)} example(s) longer than --max-length {args.max_length} would be dropped: "
-              f"lines {', '.join(map(str, stats.dropped[:10]))}")
+    @classmethod
+    def from_config(cls, config) -> CheckOptions:
+        return cls(config.format, config.test_size, config.seed, config.max_length, config.truncation,
+                   config.train_on_prompt)
+
+
+@dataclass
+class Report:
+    path: Path
+    options: CheckOptions
+    template: str | None = None
+    """Name of the template used for the token checks (None: no tokenizer given)."""
+    rows: int = 0
+    shapes: Counter = field(default_factory=Counter)
+    errors: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+    error_counts: Counter = field(default_factory=Counter)
+    warning_counts: Counter = field(default_factory=Counter)
+    exact_pairs: list[tuple[int, int]] = field(default_factory=list)
+    """(line kept, line of a dropped copy)."""
+    exact_count: int = 0
+    near_pairs: list[tuple[int, int, float]] = field(default_factory=list)
+    """(line, later line, estimated similarity)."""
+    near_count: int = 0
+    leaked_pairs: list[tuple[int, int]] = field(default_factory=list)
+    """Near-duplicate pairs with one line in train and the other in test."""
+    leaked_count: int = 0
+    train_count: int = 0
+    test_count: int = 0
+    lengths: dict = field(default_factory=dict)
+    trainable: dict = field(default_factory=dict)
+    outcomes: Counter = field(default_factory=Counter)
+    histogram: list[tuple[int, int, int]] = field(default_factory=list)
+    """(from, to, rows) bins of example length, in tokens with a tokenizer, else characters."""
+    duplicate_lines: set[int] = field(default_factory=set)
+    """Lines dropped as exact copies of an earlier line."""
+    groups: dict[int, int] = field(default_factory=dict)
+    """Line -> first line of its near-duplicate group, for `data.split`."""
+
+    @property
+    def valid(self) -> int:
+        return sum(self.shapes.values())
+
+    @property
+    def unit(self) -> str:
+        return "tokens" if self.template else "characters"
+
+    def error(self, problem: Problem) -> None:
+        self.error_counts[problem.code] += 1
+        if len(self.errors) < MAX_SAVED:
+            self.errors.append(problem)
+
+    def warn(self, problem: Problem) -> None:
+        self.warning_counts[problem.code] += 1
+        if len(self.warnings) < MAX_SAVED:
+            self.warnings.append(problem)
+
+    def raise_for_errors(self, saved_in: Path | None = None) -> None:
+        if not self.error_counts:
+            return
+        total = sum(self.error_counts.values())
+        lines = [p.format(self.path) for p in self.errors[:SHOWN]]
+        if total > len(lines):
+            lines.append(f"... and {total - len(lines)} more" + (f"; all are listed in {saved_in}" if saved_in else ""))
+        elif saved_in:
+            lines.append(f"report saved in {saved_in}")
+        raise UserError(lines[0], lines[1:])
+
+    def to_dict(self) -> dict:
+        def problems(items: list[Problem]) -> list[dict]:
+            return [{"line": p.line, "code": p.code, "message": p.message} for p in items]
+
+        return {
+            "file": str(self.path), "options": vars(self.options), "template": self.template,
+            "rows": self.rows, "valid": self.valid, "shapes": dict(self.shapes),
+            "error_counts": dict(self.error_counts), "warning_counts": dict(self.warning_counts),
+            "errors": problems(self.errors), "warnings": problems(self.warnings),
+            "duplicates": {
+                "exact": {"count": self.exact_count, "pairs": self.exact_pairs,
+                          "note": "later copies are dropped before the split"},
+                "near": {"count": self.near_count, "pairs": self.near_pairs, "method": near_method(),
+                         "note": "kept; each group of near duplicates goes to one side of the split"},
+            },
+            "split": {"train": self.train_count, "test": self.test_count, "test_size": self.options.test_size,
+                      "seed": self.options.seed, "leaked_count": self.leaked_count,
+                      "leaked_pairs": self.leaked_pairs},
+            "lengths": {"unit": self.unit, **self.lengths, "histogram": self.histogram},
+            "trainable_tokens": self.trainable, "truncation": {"policy": self.options.truncation, **self.outcomes},
+        }
+
+    def save(self, folder: Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / REPORT_FILE).write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False))
+        (folder / HISTOGRAM_FILE).write_text(histogram_text(self.histogram, self.unit, self.limit) + "\n")
+        plot_histogram(self.histogram, self.unit, folder / HISTOGRAM_PLOT)
+        return folder / REPORT_FILE
+
+    @property
+    def limit(self) -> int | None:
+        return self.options.max_length if self.template else None
+
+    def table(self) -> str:
+        """The short summary printed by `tunelab data check` and `tunelab train`."""
+        def counts(counter: Counter) -> str:
+            return ", ".join(f"{code} {n}" for code, n in sorted(counter.items()))
+
+        rows = [
+            ("rows", f"{self.rows} read, {self.valid} valid ({counts(self.shapes) or 'none'})"),
+            ("errors", f"{sum(self.error_counts.values())}  {counts(self.error_counts)}".rstrip()),
+            ("warnings", f"{sum(self.warning_counts.values())}  {counts(self.warning_counts)}".rstrip()),
+            ("exact duplicates", f"{self.exact_count} (dropped before the split)"),
+            ("near duplicates", f"{self.near_count} pairs ({near_method()})"),
+            ("split", f"train {self.train_count} / test {self.test_count}, "
+                      f"{self.leaked_count} near-duplicate pairs across it"),
+        ]
+        if self.lengths:
+            lengths = self.lengths
+            rows.append((f"length ({self.unit})", f"min {lengths['min']}, median {lengths['median']}, "
+                                                  f"p95 {lengths['p95']}, max {lengths['max']}"))
+        if self.trainable:
+            rows.append(("trained tokens", f"min {self.trainable['min']}, median {self.trainable['median']}, "
+                                           f"total {self.trainable['total']} (template '{self.template}')"))
+        if self.template:
+            rows.append((f"--truncation {self.options.truncation}",
+                         ", ".join(f"{k} {self.outcomes[k]}" for k in self.outcomes) +
+                         f" (--max-length {self.options.max_length})"))
+        lines = [f"Data check of {self.path}"] + [f"  {name:<20} {value}" for name, value in rows]
+        for code in sorted(self.warning_counts):
+            examples = [p for p in self.warnings if p.code == code][:3]
+            lines += [f"  {p.format(self.path)}" for p in examples]
+        return "\n".join(lines)
+
+
+def near_method() -> str:
+    from tunelab import dedup
+
+    return (f"estimated Jaccard >= {dedup.THRESHOLD} of character {dedup.SHINGLE}-grams of normalised text, "
+            f"MinHash {dedup.PERMUTATIONS} x LSH bands of {dedup.BAND_ROWS}")
+
+
+def check(path: Path, options: CheckOptions, template=None) -> Report:
+    """Check every row of `path`; with a Template, also the token-level checks."""
+    import numpy as np
+
+    from tunelab import dedup
+
+    path = Path(path)
+    report = Report(path, options, template.name if template else None)
+    near = dedup.NearDuplicates(seed=options.seed)
+    lines, keys, ranks, lengths, trainable = array("q"), array("Q"), array("Q"), array("q"), array("q")
+    for item in data_mod.iter_examples(path, options.format):
+        report.rows += 1
+        if isinstance(item, Problem):
+            report.error(item)
+            continue
+        report.shapes["text" if item.is_raw else "chat"] += 1
+        key = item.key
+        lines.append(item.line)
+        keys.append(int(key[:16], 16))
+        ranks.append(int(data_mod.split_rank(key, options.seed)[:16], 16))
+        near.add(_visible_text(item))
+        if template is None:
+            lengths.append(len(item.text) if item.is_raw else sum(len(m["content"]) for m in item.messages))
+        else:
+            length, trained = _check_tokens(item, template, options, report)
+            lengths.append(length)
+            trainable.append(trained)
+    trained = sum(report.outcomes[k] for k in ("kept", "truncated", "chunked"))
+    if template is not None and lines and not trained:
+        report.error(Problem(0, "E_ALL_DROPPED", f"every example is longer than --max-length {options.max_length}; "
+                             "raise it"))
+    if not lines and not report.error_counts:
+        report.error(Problem(0, "E_EMPTY", "no examples found; the file is empty"))
+    if not lines:
+        return report
+
+    line_of = np.frombuffer(lines, np.int64)
+    first, copy = dedup.exact_duplicates(np.frombuffer(keys, np.uint64))
+    report.exact_count = len(copy)
+    report.exact_pairs = [(int(line_of[a]), int(line_of[b])) for a, b in zip(first[:MAX_SAVED], copy[:MAX_SAVED])]
+    report.duplicate_lines = {int(x) for x in line_of[copy]}
+    _warn_pairs(report, "W_DUPLICATE", report.exact_count,
+                [(b, f"same example as line {a}; dropped") for a, b in report.exact_pairs])
+    is_copy = np.zeros(len(line_of), bool)
+    is_copy[copy] = True
+    near_first, near_later, similarity = near.pairs(skip=is_copy)
+    report.near_count = len(near_first)
+    report.near_pairs = [(int(line_of[a]), int(line_of[b]), round(float(s), 3))
+                         for a, b, s in zip(near_first[:MAX_SAVED], near_later[:MAX_SAVED], similarity[:MAX_SAVED])]
+    _warn_pairs(report, "W_NEAR_DUPLICATE", report.near_count,
+                [(b, f"near duplicate of line {a} (similarity {sim:.2f})") for a, b, sim in report.near_pairs])
+    _split(report, line_of, np.frombuffer(ranks, np.uint64), is_copy, near_first, near_later)
+    _length_stats(report, np.frombuffer(lengths, np.int64)[~is_copy],
+                  np.frombuffer(trainable, np.int64)[~is_copy] if template else None)
+    return report
+
+
+def _visible_text(example: Example) -> str:
+    """What near duplicates are judged on: the text, or the user and assistant turns (a system
+    prompt shared by every row would make them all look alike)."""
+    if example.is_raw:
+        return example.text
+    return "\n".join(m["content"] for m in example.messages if m["role"] != "system")
+
+
+def _check_tokens(example: Example, template, options: CheckOptions, report: Report) -> tuple[int, int]:
+    """Encode one example as training will; record problems; return (tokens, trained tokens)."""
+    from tunelab.batching import encode_one
+    from tunelab.template import IGNORE
+
+    line, limit = example.line, options.max_length
+    for i, message in enumerate(example.messages):
+        found = template.control_tokens_in(message["content"])
+        if found:
+            report.warn(Problem(line, "W_CONTROL_TEXT", f"message {i} contains {', '.join(sorted(set(found)))} "
+                                "as text; it is trained and served as plain text, not as the control token"))
+    if example.is_raw:
+        found = template.control_tokens_in(example.text)
+        if found:
+            report.warn(Problem(line, "W_CONTROL_TEXT", f"text contains {', '.join(sorted(set(found)))}; "
+                                "it is trained as plain text, not as the control token"))
+    try:
+        full, pieces, outcome = encode_one(example, template, limit, options.truncation, options.train_on_prompt)
+    except UserError as e:
+        report.error(Problem(line, "E_TEMPLATE", str(e)))
+        return 0, 0
+    report.outcomes[outcome] += 1
+    tokens = len(full.input_ids)
+    trained = sum(p.trainable for p in pieces)
+    prompt = next((i for i, label in enumerate(full.labels) if label != IGNORE), tokens)
+    if prompt >= limit and not example.is_raw:
+        report.outcomes["prompt_over_max_length"] += 1
+    if outcome == "too_long":
+        report.error(Problem(line, "E_TOO_LONG", f"{tokens} tokens, over --max-length {limit} "
+                             "(--truncation error); raise --max-length or pass --truncation drop/truncate"))
+    elif outcome == "no_trainable":
+        why = (f"the prompt alone is {prompt} tokens, --max-length {limit}" if prompt >= limit
+               else "the template trains no token of it")
+        report.error(Problem(line, "E_NO_TRAINABLE", f"no token left to train ({why}); raise --max-length "
+                             "or shorten the prompt"))
+    elif outcome == "dropped":
+        report.warn(Problem(line, "W_DROPPED", f"{tokens} tokens, over --max-length {limit}; dropped"
+                            + (f" (the prompt alone is {prompt})" if prompt >= limit else "")))
+    elif outcome == "truncated":
+        report.warn(Problem(line, "W_TRUNCATED", f"{tokens} tokens cut to --max-length {limit}; "
+                            f"{trained} trained tokens left, the end of the answer and its end-of-turn token lost"))
+    bos = template.tokenizer.bos_token_id
+    if bos is not None and full.input_ids[:2] == [bos, bos]:
+        report.warn(Problem(line, "W_DOUBLE_BOS", "starts with two BOS tokens; the template adds one "
+                            "and so does something else (a BOS written in the text or the template)"))
+    if outcome == "kept" and not example.is_raw:
+        stops = set(template.stop_token_ids)
+        closed = sum(label in stops for label in full.labels)
+        turns = sum(m["role"] == "assistant" for m in example.messages)
+        if closed < turns:
+            report.error(Problem(line, "E_NO_EOS", f"{turns - closed} of {turns} assistant turns have no trained "
+                                 "end-of-turn token, so the model would not learn to stop; fix the template"))
+    return tokens, trained if pieces else -1  # -1: not trained at all (dropped or refused)
+
+
+def _split(report: Report, line_of, ranks, is_copy, near_first, near_later) -> None:
+    """The split `data.split` makes after dropping copies (same ranks, same groups), and the
+    near-duplicate pairs that straddle it."""
+    import numpy as np
+
+    from tunelab import dedup
+
+    kept = np.flatnonzero(~is_copy)
+    options = report.options
+    n_test = round(len(kept) * options.test_size) if options.test_size < 1 else int(options.test_size)
+    group = dedup.components(len(line_of), near_first, near_later)
+    sizes = np.bincount(group, minlength=len(line_of))
+    # A group larger than a tenth of the test split would unbalance it; its rows are then
+    # split one by one and the report shows the pairs that end up on both sides.
+    too_big = (sizes[group] > max(2, n_test // 10)) & (n_test > 0)
+    for g in np.unique(group[too_big])[:SHOWN]:
+        report.warn(Problem(int(line_of[g]), "W_LARGE_GROUP",
+                            f"starts a group of {int(sizes[g])} near duplicates, too many to keep on one side "
+                            "of the split; they are split one by one"))
+    group = np.where(too_big, np.arange(len(line_of)), group)
+    report.groups = {int(line_of[i]): int(line_of[group[i]]) for i in np.flatnonzero(group != np.arange(len(group)))}
+    group_rank = ranks[group]
+    kept_ranks = group_rank[kept]
+    in_test = np.zeros(len(line_of), bool)
+    if n_test > 0:
+        if n_test >= len(kept):
+            report.error(Problem(0, "E_SPLIT", f"--test-size {options.test_size} leaves no training examples "
+                                 f"out of {len(kept)}"))
+            return
+        test_ranks = np.unique(np.sort(kept_ranks)[:n_test])
+        in_test[kept] = np.isin(kept_ranks, test_ranks)
+    report.test_count = int(in_test.sum())
+    report.train_count = len(kept) - report.test_count
+    crossing = in_test[near_first] != in_test[near_later]
+    report.leaked_count = int(crossing.sum())
+    report.leaked_pairs = [(int(line_of[a]), int(line_of[b]))
+                           for a, b in zip(near_first[crossing][:MAX_SAVED], near_later[crossing][:MAX_SAVED])]
+    _warn_pairs(report, "W_LEAK", report.leaked_count,
+                [(b, f"near duplicate of line {a}, on the other side of the train/test split")
+                 for a, b in report.leaked_pairs])
+
+
+def _warn_pairs(report: Report, code: str, total: int, items: list[tuple[int, str]]) -> None:
+    for line, message in items:
+        report.warn(Problem(line, code, message))
+    if total:
+        report.warning_counts[code] = total
+
+
+def _length_stats(report: Report, lengths, trainable) -> None:
+    import numpy as np
+
+    def stats(values) -> dict:
+        if not len(values):
+            return {}
+        return {"min": int(values.min()), "median": float(np.median(values)),
+                "mean": round(float(values.mean()), 1), "p95": float(np.percentile(values, 95)),
+                "max": int(values.max()), "total": int(values.sum())}
+
+    report.lengths = stats(lengths)
+    if trainable is not None:
+        report.trainable = stats(trainable[trainable >= 0])
+    report.histogram = histogram(lengths, report.limit)
+
+
+def histogram(values, limit: int | None = None, bins: int = 16) -> list[tuple[int, int, int]]:
+    """Equal-width bins from 0 to the longest value (and past `limit`, so its line shows)."""
+    import numpy as np
+
+    top = max(int(values.max()) if len(values) else 1, limit or 0, 1)
+    width = max(1, -(-(top + 1) // bins))
+    counts = np.bincount(np.asarray(values) // width, minlength=bins)
+    return [(i * width, (i + 1) * width - 1, int(c)) for i, c in enumerate(counts)]
+
+
+def histogram_text(bins: list[tuple[int, int, int]], unit: str, limit: int | None = None, width: int = 50) -> str:
+    most = max((c for _, _, c in bins), default=0) or 1
+    lines = [f"Example length in {unit}" + (f" (--max-length {limit})" if limit else "")]
+    for lo, hi, count in bins:
+        bar = "#" * round(width * count / most) or ("." if count else "")
+        mark = "  <- --max-length" if limit is not None and lo <= limit <= hi else ""
+        lines.append(f"{lo:>8}-{hi:<8} {count:>9} {bar}{mark}")
+    return "\n".join(lines)
+
+
+def plot_histogram(bins: list[tuple[int, int, int]], unit: str, path: Path) -> bool:
+    """A PNG when matplotlib is installed (it is not a dependency); the text histogram always."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar([lo for lo, _, _ in bins], [c for _, _, c in bins], width=[hi - lo + 1 for lo, hi, _ in bins], align="edge")
+    ax.set_xlabel(f"example length ({unit})")
+    ax.set_ylabel("examples")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def run_check(path: Path, options: CheckOptions, template=None, out: Path | None = None) -> Report:
+    """Check, print the table, save the report in `out` if given, raise on errors."""
+    report = check(path, options, template)
+    print(report.table())
+    saved = report.save(out) if out is not None else None
+    if saved:
+        print(f"Report saved in {saved}")
+    report.raise_for_errors(saved)
+    return report
+
+
+def cli_check(path: Path, args) -> Report:
+    """`tunelab data check DATA [--base MODEL] ...`"""
+    template = None
+    if args.base is not None:
+        from tunelab.models import load_tokenizer, resolve_base
+        from tunelab.template import Template
+
+        template = Template.for_model(load_tokenizer(resolve_base(args.base)), args.template)
+    options = CheckOptions(args.format, args.test_size, args.seed, args.max_length, args.truncation,
+                           args.train_on_prompt)
+    return run_check(path, options, template, Path(args.out) if args.out else None)
+

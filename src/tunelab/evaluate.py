@@ -53,11 +53,14 @@ def score(model, template, examples, encoded, max_new_tokens: int, batch_size: i
 
 def evaluate(run, limit: int | None = None, batch_size: int = 16, max_new_tokens: int | None = None,
              include_base: bool = True) -> dict:
+    from tunelab.errors import UserError
+
     examples = read_jsonl(run.files.test)[:limit]
     if not examples:
-        from tunelab.errors import UserError
-
         raise UserError(f"{run.path}: the run has no held-out examples; train with --test-size above 0")
+    if any(e.is_raw for e in examples):
+        raise UserError(f"{run.path}: a raw-text run has no answers to compare; its held-out loss is in "
+                        f"{run.files.metrics}")
     encoded, _ = encode_examples(examples, run.template, max_length=run.config.max_length, truncation="truncate")
     tokenizer = run.tokenizer
     if max_new_tokens is None:

@@ -1,5 +1,6 @@
 """The run folder: what training writes and what every later command reads.
 
+    RUN/data_check.json  the data check's report (see datacheck.py), with length_histogram.txt
     RUN/config.yaml      the TrainConfig used
     RUN/run.json         base model location, data file, sizes
     RUN/template.json    the prompt template (name and Jinja source)

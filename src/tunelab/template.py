@@ -4,11 +4,17 @@ later command uses exactly the same one.
 
 A template is a Jinja chat template (the Hugging Face format). By default it is the base
 model's own; named templates exist for base models that ship none.
+
+Control tokens written as text inside a message (a user pasting `<|im_end|>`) are tokenized
+as the plain characters they are, never as the control token, here and so in training,
+evaluation, generation and chat alike: otherwise one message could end a turn, or forge
+another role's turn, in the middle of a conversation.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +43,11 @@ _CHATML = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 NAMED = {"alpaca": _ALPACA, "plain": _PLAIN, "chatml": _CHATML}
+
+# Stand-ins for control-token text inside messages while a conversation is tokenized
+# (Unicode private-use characters, which no template or tokenizer gives a meaning).
+_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
+_MARKER = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
 
 
 @dataclass
@@ -70,14 +81,43 @@ class Template:
         return cls(tokenizer, name, source)
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.source, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, chat_template=self.source, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except TemplateError as e:  # e.g. a template that allows no system message, or needs alternation
+            raise UserError(f"template '{self.name}' cannot render this conversation: {e}") from None
 
     def encode(self, messages: list[dict[str, str]], train_on_prompt: bool = False) -> Encoded:
         """Token ids of the whole conversation, with labels on every assistant turn
         (its end-of-turn token included) and IGNORE on everything else."""
         text = self.render(messages)
+        spans = self._assistant_spans(messages, text)
+        if spans is None:
+            raise UserError(
+                f"template '{self.name}' renders earlier turns differently as a conversation grows; "
+                "pick another with --template"
+            )
+        input_ids, offsets = self._tokenize(messages, text, cuts=[lo for lo, _ in spans])
+        labels = []
+        for token_id, (start, _end) in zip(input_ids, offsets):
+            trained = train_on_prompt or any(lo <= start < hi for lo, hi in spans)
+            labels.append(token_id if trained else IGNORE)
+        return Encoded(input_ids, labels)
+
+    def encode_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids that ask the model for the next assistant turn: exactly the tokens that
+        precede that turn in `encode` of the conversation once it is answered."""
+        text = self.render(messages, add_generation_prompt=True)
+        spans = self._assistant_spans(messages, text) or []
+        return self._tokenize(messages, text, add_generation_prompt=True, cuts=[lo for lo, _ in spans])[0]
+
+    def _assistant_spans(self, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]] | None:
+        """Character spans of the assistant turns in `text` (from the end of the generation
+        prompt through the end-of-turn), or None if the template renders a turn differently
+        once the conversation goes on (so no prompt would match what was trained)."""
         spans = []
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
@@ -85,22 +125,83 @@ class Template:
             before = self.render(messages[:i], add_generation_prompt=True)
             through = self.render(messages[: i + 1])
             if not (through.startswith(before) and text.startswith(through)):
-                raise UserError(
-                    f"template '{self.name}' renders earlier turns differently as a conversation grows; "
-                    "pick another with --template"
-                )
+                return None
             spans.append((len(before), len(through)))
-        tokens = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        labels = []
-        for token_id, (start, _end) in zip(tokens["input_ids"], tokens["offset_mapping"]):
-            trained = train_on_prompt or any(lo <= start < hi for lo, hi in spans)
-            labels.append(token_id if trained else IGNORE)
-        return Encoded(list(tokens["input_ids"]), labels)
+        return spans
 
-    def encode_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids that ask the model for the next assistant turn."""
-        text = self.render(messages, add_generation_prompt=True)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def encode_text(self, text: str) -> Encoded:
+        """A raw-text document for continued pretraining: the tokenizer's own BOS if it adds
+        one, the text (control tokens in it as plain text), EOS; every token trained."""
+        ids = list(self.tokenizer(text, split_special_tokens=True)["input_ids"])
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and ids[-1:] != [eos]:
+            ids.append(eos)
+        return Encoded(ids, list(ids))
+
+    def control_tokens_in(self, text: str) -> list[str]:
+        """The special-token strings written inside `text` (tokenized as plain text)."""
+        return self._special_pattern.findall(text) if self._special_pattern else []
+
+    def _tokenize(
+        self, messages: list[dict[str, str]], text: str, add_generation_prompt: bool = False, cuts: list[int] = ()
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and character offsets of `text`, the rendering of `messages`.
+
+        The text is tokenized in pieces cut where each assistant turn starts, so the tokens
+        before a turn are exactly those of the generation prompt that asks for it: a tokenizer
+        could otherwise merge the prompt's last characters with the answer's first ones, and
+        train on a prompt that inference never sends. Where no merge happens (the usual case,
+        a template's own tokenizer), this is token for token `apply_chat_template`.
+
+        When a message holds a control token's text, the conversation is rendered again with
+        those strings hidden behind markers, so every special token left in the rendering is
+        the template's own; the text between them is tokenized with special tokens split, as
+        the tokenizer itself tokenizes the text between special tokens.
+        """
+        hidden: list[str] = []
+        if self._special_pattern is not None:
+            def hide(match: re.Match) -> str:
+                hidden.append(match.group(0))
+                return f"{_MARK_OPEN}{len(hidden) - 1}{_MARK_CLOSE}"
+
+            masked = [{**m, "content": self._special_pattern.sub(hide, m["content"])} for m in messages]
+        if hidden:
+            rendered = self.render(masked, add_generation_prompt=add_generation_prompt)
+            pieces = [(piece if k % 2 else _MARKER.sub(lambda m: hidden[int(m.group(1))], piece), bool(k % 2))
+                      for k, piece in enumerate(self._special_pattern.split(rendered))]
+            if "".join(piece for piece, _ in pieces) != text:  # the template altered the text around a marker
+                raise UserError(f"template '{self.name}' changes message text that holds control tokens; "
+                                "remove them from the data or pick another template with --template")
+        else:
+            pieces = [(text, False)]
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        position = 0
+        for piece, control in pieces:
+            end = position + len(piece)
+            if control:  # the template's own control token
+                ids.append(self.tokenizer.convert_tokens_to_ids(piece))
+                offsets.append((position, end))
+            else:
+                bounds = [position, *(c for c in cuts if position < c < end), end]
+                for lo, hi in zip(bounds, bounds[1:]):
+                    if lo == hi:
+                        continue
+                    tokens = self.tokenizer(text[lo:hi], add_special_tokens=False, split_special_tokens=bool(hidden),
+                                            return_offsets_mapping=True)
+                    ids += tokens["input_ids"]
+                    offsets += [(lo + a, lo + b) for a, b in tokens["offset_mapping"]]
+            position = end
+        return ids, offsets
+
+    @property
+    def _special_pattern(self) -> re.Pattern | None:
+        if not hasattr(self, "_special_regex"):
+            special = sorted({t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
+                             | set(self.tokenizer.all_special_tokens), key=len, reverse=True)
+            special = [t for t in special if t]
+            self._special_regex = re.compile("(" + "|".join(map(re.escape, special)) + ")") if special else None
+        return self._special_regex
 
     def _find_stop_tokens(self) -> list[int]:
         """EOS plus the token the template closes an assistant turn with (e.g. <|im_end|>)."""
@@ -108,8 +209,8 @@ class Template:
         try:
             before = self.render(probe[:1], add_generation_prompt=True)
             through = self.render(probe)
-        except Exception as e:  # a Jinja error in a user's template
-            raise UserError(f"template '{self.name}' does not render: {e}") from None
+        except UserError as e:  # a Jinja error in a user's template
+            raise UserError(f"template '{self.name}' does not render: {str(e).split(': ', 1)[-1]}") from None
         closing = through[len(before) + len("Hello"):]
         ids = self.tokenizer(closing, add_special_tokens=False)["input_ids"] if closing else []
         special = set(self.tokenizer.all_special_ids) | set(self.tokenizer.added_tokens_decoder)

@@ -35,14 +35,20 @@ class Prepared:
     test: list[data_mod.Example]
     train_encoded: list
     test_encoded: list
+    report: object = None
+    """The data check's Report, saved in the run folder."""
 
 
-def prepare(config: TrainConfig, data_path: Path) -> Prepared:
-    examples = data_mod.load_examples(data_path, config.format)
-    train, test = data_mod.split(examples, config.test_size, config.seed)
+def prepare(config: TrainConfig, data_path: Path, out: Path | None = None) -> Prepared:
+    """Check the data (errors stop here, with the report saved in `out`), then split and encode."""
+    from tunelab.datacheck import CheckOptions, run_check
+
     base_path = resolve_base(config.base)
     tokenizer = load_tokenizer(base_path)
     template = Template.for_model(tokenizer, config.template)
+    report = run_check(data_path, CheckOptions.from_config(config), template, out)
+    examples = [e for e in data_mod.load_examples(data_path, config.format) if e.line not in report.duplicate_lines]
+    train, test = data_mod.split(examples, config.test_size, config.seed, groups=report.groups)
     encode = dict(max_length=config.max_length, truncation=config.truncation,
                   train_on_prompt=config.train_on_prompt, source=str(data_path))
     train_encoded, stats = encode_examples(train, template, **encode)
@@ -51,7 +57,7 @@ def prepare(config: TrainConfig, data_path: Path) -> Prepared:
               f"(lines {', '.join(map(str, stats.dropped[:10]))}{'...' if len(stats.dropped) > 10 else ''}), "
               f"{stats.truncated} truncated")
     test_encoded = encode_examples(test, template, **encode)[0] if test else []
-    return Prepared(base_path, tokenizer, template, train, test, train_encoded, test_encoded)
+    return Prepared(base_path, tokenizer, template, train, test, train_encoded, test_encoded, report)
 
 
 def build_model(config: TrainConfig, base_path: Path):
@@ -83,7 +89,7 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
     files = RunFiles(out)
     if files.config.exists() and not overwrite:
         raise UserError(f"{out}: already holds a run; choose another --out or pass --overwrite")
-    prepared = prepare(config, data_path)
+    prepared = prepare(config, data_path, out if not files.config.exists() else None)
 
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum)
     set_seed(config.seed)
@@ -107,6 +113,7 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
         if out.exists() and overwrite:
             shutil.rmtree(out)
         files.create(config, prepared)
+        prepared.report.save(out)
     metrics = files.metrics_writer() if accelerator.is_main_process else None
 
     def evaluate(step: int) -> None:

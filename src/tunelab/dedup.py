@@ -1,0 +1,157 @@
+"""Exact and near duplicates among millions of rows, in memory that holds no text.
+
+Exact duplicates share a content hash; 8 bytes of it per row are kept and sorted once.
+
+Near duplicates are pairs whose normalised texts (case-folded, punctuation and spacing
+removed) have a Jaccard similarity of at least THRESHOLD over their sets of character
+5-grams: one changed word in a sentence of twenty still counts, a different sentence on the
+same pattern does not. The similarity is estimated with MinHash (PERMUTATIONS hash functions,
+16 bits kept of each, 128 bytes per row) and candidate pairs come from LSH banding (bands of
+BAND_ROWS values): pairs at 0.8 share a band with probability above 0.9999, so the search is
+about one sort per band instead of comparing every pair. Candidates are then confirmed on
+their whole signatures. Both steps are estimates: a pair near the threshold can fall on either
+side of it (the estimate's standard error is about 0.05).
+
+The signatures are computed with numpy over batches of rows: a Python loop over the 5-grams
+of a million rows would take tens of minutes. (datasketch offers the same method, one Python
+object per row and an index of Python dicts, which is what this module avoids at this scale.)
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+THRESHOLD = 0.8
+"""Estimated Jaccard similarity of character 5-grams at or above which two rows are near duplicates."""
+SHINGLE = 5
+PERMUTATIONS = 64
+BAND_ROWS = 4
+_BATCH_BYTES = 1 << 20
+_VERIFY_CHUNK = 1 << 17
+_WORDS = re.compile(r"\w+")
+
+
+def normalise(text: str) -> str:
+    return " ".join(_WORDS.findall(text.casefold()))
+
+
+class NearDuplicates:
+    """Add texts in order, then ask for the near-duplicate pairs among them (by index)."""
+
+    def __init__(self, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        # Multiply-shift hashing: odd 64-bit multipliers, the top 32 bits of the product.
+        self._multipliers = rng.integers(1, 2**63, PERMUTATIONS, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        self._offsets = rng.integers(0, 2**63, PERMUTATIONS, dtype=np.uint64)
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._signatures: list[np.ndarray] = []
+        self.count = 0
+
+    def add(self, text: str) -> None:
+        data = normalise(text).encode()
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        self.count += 1
+        if self._pending_bytes >= _BATCH_BYTES:
+            self._flush()
+
+    def signatures(self) -> np.ndarray:
+        """(rows, PERMUTATIONS) uint16 MinHash signatures of everything added."""
+        self._flush()
+        if len(self._signatures) != 1:
+            # Batch by batch into one array, each batch freed once copied: never two copies of all.
+            joined = np.empty((sum(map(len, self._signatures)), PERMUTATIONS), np.uint16)
+            position = 0
+            self._signatures.reverse()
+            while self._signatures:
+                batch = self._signatures.pop()
+                joined[position : position + len(batch)] = batch
+                position += len(batch)
+            self._signatures = [joined]
+        return self._signatures[0]
+
+    def pairs(self, skip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Near-duplicate pairs (first index, later index, estimated similarity), sorted;
+        rows where `skip` is true (e.g. exact copies) take no part."""
+        signatures = self.signatures()
+        index = np.arange(len(signatures)) if skip is None else np.flatnonzero(~skip)
+        found_first, found_later = [], []
+        for band in range(PERMUTATIONS // BAND_ROWS):
+            # BAND_ROWS values of 16 bits are one 64-bit key: equal keys, equal band.
+            keys = np.ascontiguousarray(signatures[index, band * BAND_ROWS : (band + 1) * BAND_ROWS])
+            keys = keys.view(np.uint64).ravel()
+            order = np.argsort(keys, kind="stable")  # stable: within a bucket, rows stay in file order
+            sorted_keys = keys[order]
+            starts = np.ones(len(order), bool)
+            starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+            # Each row is compared with the first row of its bucket, not with every other row:
+            # linear in the rows however large a bucket of look-alike rows grows.
+            head = np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))
+            first, later = index[order[head[~starts]]], index[order[~starts]]
+            for lo in range(0, len(first), _VERIFY_CHUNK):
+                a, b = first[lo : lo + _VERIFY_CHUNK], later[lo : lo + _VERIFY_CHUNK]
+                similar = _similarity(signatures, a, b) >= THRESHOLD
+                found_first.append(a[similar])
+                found_later.append(b[similar])
+        if not found_first:
+            empty = np.zeros(0, np.int64)
+            return empty, empty, np.zeros(0)
+        pair_ids = np.unique(np.concatenate(found_first) * len(signatures) + np.concatenate(found_later))
+        first, later = pair_ids // len(signatures), pair_ids % len(signatures)
+        return first, later, _similarity(signatures, first, later)
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._signatures.append(self._minhash(self._pending))
+            self._pending, self._pending_bytes = [], 0
+
+    def _minhash(self, docs: list[bytes]) -> np.ndarray:
+        # A text shorter than one 5-gram is padded to one, so it still has a signature.
+        docs = [d if len(d) >= SHINGLE else d.ljust(SHINGLE, b"\0") for d in docs]
+        lengths = np.fromiter(map(len, docs), np.int64, len(docs))
+        data = np.frombuffer(b"".join(docs), np.uint8).astype(np.uint64)
+        n = len(data) - SHINGLE + 1
+        grams = np.zeros(n, np.uint64)
+        for k in range(SHINGLE):  # 5 bytes fit in 40 bits: each 5-gram is its own number
+            grams |= data[k : k + n] << np.uint64(8 * k)
+        counts = lengths - SHINGLE + 1
+        starts = np.cumsum(lengths) - lengths
+        firsts = np.cumsum(counts) - counts
+        # Keep only the 5-grams inside one document (not across the join of two).
+        grams = grams[np.repeat(starts - firsts, counts) + np.arange(counts.sum())]
+        signature = np.empty((len(docs), PERMUTATIONS), np.uint16)
+        for p in range(PERMUTATIONS):
+            hashed = (grams * self._multipliers[p] + self._offsets[p]) >> np.uint64(32)
+            signature[:, p] = np.minimum.reduceat(hashed, firsts).astype(np.uint16)
+        return signature
+
+
+def _similarity(signatures: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (signatures[a] == signatures[b]).mean(axis=1)
+
+
+def exact_duplicates(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(index of the first occurrence, index of a later copy) for every repeated key."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    starts = np.ones(len(order), bool)
+    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    head = np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))
+    first, copy = order[head[~starts]], order[~starts]
+    by_copy = np.argsort(copy)
+    return first[by_copy], copy[by_copy]
+
+
+def components(n: int, first: np.ndarray, later: np.ndarray) -> np.ndarray:
+    """For each of n rows, the smallest row index connected to it through the pairs."""
+    label = np.arange(n)
+    while True:
+        previous = label.copy()
+        np.minimum.at(label, later, label[first])
+        np.minimum.at(label, first, label[later])
+        label = label[label]  # pointer jumping: follow each label to its own label
+        if np.array_equal(label, previous):
+            return label

@@ -1,0 +1,51 @@
+import random
+
+import numpy as np
+
+from tunelab import dedup
+
+
+def jaccard(a: str, b: str) -> float:
+    a, b = dedup.normalise(a).encode(), dedup.normalise(b).encode()
+    grams = [{s[i : i + dedup.SHINGLE] for i in range(len(s) - dedup.SHINGLE + 1)} for s in (a, b)]
+    return len(grams[0] & grams[1]) / len(grams[0] | grams[1])
+
+
+def test_near_duplicates_match_exact_jaccard_on_planted_pairs():
+    rng = random.Random(0)
+    vocabulary = [f"{rng.choice('bcdfgklmnprst')}{rng.choice('aeiou')}{rng.choice('nrst')}{i}" for i in range(3000)]
+    texts = [" ".join(rng.choice(vocabulary) for _ in range(60)) for _ in range(400)]
+    for i in range(0, 240, 4):  # plant copies of earlier texts with 0 to 19 words changed
+        words = texts[i].split()
+        for k in rng.sample(range(60), i // 4 % 20):
+            words[k] = rng.choice(vocabulary)
+        texts.append(" ".join(words).upper() + " !!")  # case and punctuation do not count
+    finder = dedup.NearDuplicates()
+    for text in texts:
+        finder.add(text)
+    first, later, similarity = finder.pairs()
+    found = {(int(a), int(b)): s for a, b, s in zip(first, later, similarity)}
+    planted = {(i, 400 + k): jaccard(texts[i], texts[400 + k]) for k, i in enumerate(range(0, 240, 4))}
+    # The estimate's standard error is about 0.05 (64 hash functions): far enough from 0.8, a pair is sure.
+    clearly_near = {pair for pair, j in planted.items() if j >= 0.95}
+    assert len(clearly_near) >= 6 and clearly_near <= set(found)
+    assert not {pair for pair, j in planted.items() if j < 0.65} & set(found)
+    for (a, b), estimate in found.items():  # nothing else: every pair found is similar indeed
+        assert jaccard(texts[a], texts[b]) >= 0.65 and abs(estimate - jaccard(texts[a], texts[b])) < 0.2
+
+
+def test_short_and_empty_texts_and_skipped_rows():
+    finder = dedup.NearDuplicates()
+    for text in ["hi", "Hi!", "", "?", "a longer text that is different"]:
+        finder.add(text)
+    first, later, _ = finder.pairs()
+    assert list(zip(first.tolist(), later.tolist())) == [(0, 1), (2, 3)]  # "" and "?" normalise alike
+    first, later, _ = finder.pairs(skip=np.array([False, True, False, False, False]))
+    assert list(zip(first.tolist(), later.tolist())) == [(2, 3)]
+
+
+def test_exact_duplicates_and_components():
+    first, copy = dedup.exact_duplicates(np.array([5, 3, 5, 3, 5, 9], np.uint64))
+    assert list(zip(first.tolist(), copy.tolist())) == [(0, 2), (1, 3), (0, 4)]  # in order of the copies
+    labels = dedup.components(7, np.array([0, 3, 1, 5]), np.array([4, 4, 3, 6]))
+    assert labels.tolist() == [0, 0, 2, 0, 0, 5, 5]
