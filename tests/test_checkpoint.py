@@ -110,23 +110,28 @@ def data(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", rows)
 
 
+def reference(folder: Path, data: Path, flags: list[str]) -> Path:
+    """A run never interrupted, trained in this process: the resumed ones run in others."""
+    assert main(["train", str(data), "--out", str(folder / "run"), *flags]) == 0
+    return folder / "run"
+
+
 @pytest.fixture(scope="module")
 def full_reference(tmp_path_factory, tiny_model_dir, data) -> Path:
-    out = tmp_path_factory.mktemp("reference") / "full"
-    finish(start(data, out, full_flags(tiny_model_dir)))
-    return out
+    return reference(tmp_path_factory.mktemp("full"), data, full_flags(tiny_model_dir))
 
 
-def test_killed_at_any_moment_resumes_to_identical_weights(tmp_path, tiny_model_dir, data, full_reference):
+@pytest.fixture(scope="module")
+def lora_reference(tmp_path_factory, tiny_model_dir, data) -> Path:
+    return reference(tmp_path_factory.mktemp("lora"), data, lora_flags(tiny_model_dir))
+
+
+def test_killed_between_and_during_saves_resumes_to_identical_weights(tmp_path, tiny_model_dir, data,
+                                                                      full_reference):
     out, flags = tmp_path / "run", full_flags(tiny_model_dir)
-    # During the very first save: nothing to resume from, so the resumed run starts again.
-    kill_when(start(data, out, flags, pause="2:600"), half_saved(out, 2))
-    assert not complete(out, 2)()
-    # Between saves, right after the first checkpoint appeared.
-    resumed = start(data, out, flags, "--resume", pause="6:600")
-    kill_when(resumed, complete(out, 2))
-    assert "no complete checkpoint to resume from" in output(resumed)
-    # During a later save, with an earlier checkpoint in place.
+    # Right after the first checkpoint appeared, in the middle of the next interval.
+    kill_when(start(data, out, flags, pause="6:600"), complete(out, 2))
+    # During a later save, every file written but not yet renamed into place.
     kill_when(start(data, out, flags, "--resume", pause="4:600"), half_saved(out, 4))
     log = finish(start(data, out, flags, "--resume"))
     assert "left by an interrupted save; ignored and removed" in log
@@ -136,25 +141,26 @@ def test_killed_at_any_moment_resumes_to_identical_weights(tmp_path, tiny_model_
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000004", "step-000006"]
 
 
-def test_lora_with_dropout_and_accumulation_resumes_mid_epoch(tmp_path, tiny_model_dir, data):
-    reference, out, flags = tmp_path / "reference", tmp_path / "run", lora_flags(tiny_model_dir)
-    finish(start(data, reference, flags))
-    kill_when(start(data, out, flags, pause="6:600"), complete(out, 4))
+def test_lora_with_dropout_and_accumulation_resumes_mid_epoch(tmp_path, tiny_model_dir, data, lora_reference):
+    out, flags = tmp_path / "run", lora_flags(tiny_model_dir)
+    # During the very first save: nothing to resume from, so the resumed run starts again.
+    kill_when(start(data, out, flags, pause="2:600"), half_saved(out, 2))
+    assert not complete(out, 2)()
+    resumed = start(data, out, flags, "--resume", pause="6:600")
+    kill_when(resumed, complete(out, 4))  # step 4 is 3 micro-batches into the second epoch
+    assert "no complete checkpoint to resume from" in output(resumed)
     log = finish(start(data, out, flags, "--resume"))
     assert "step-000004 (step 4)" in log
     saved = json.loads((out / "checkpoints" / "step-000006" / "checkpoint.json").read_text())
     assert saved["position"]["epoch"] == 1 and saved["position"]["batch"] == 8  # the short last step
-    assert_same_run(out, reference)
+    assert_same_run(out, lora_reference)
 
 
-def test_same_seed_same_weights_other_seed_other_weights(tmp_path, tiny_model_dir, data):
-    import tunelab
-
-    options = dict(base=str(tiny_model_dir), method="lora", lora_dropout=0.1, max_steps=3, batch_size=4,
-                   test_size=8)
-    runs = [tunelab.finetune(data, out=tmp_path / name, seed=seed, **options).path
-            for name, seed in (("a", 1), ("b", 1), ("c", 2))]
-    a, b, c = (weights(run) for run in runs)
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path, tiny_model_dir, data, lora_reference):
+    flags = lora_flags(tiny_model_dir)
+    same = reference(tmp_path / "same", data, flags)
+    other = reference(tmp_path / "other", data, [*flags, "--seed", "1"])
+    a, b, c = weights(lora_reference), weights(same), weights(other)
     assert all(torch.equal(a[name], b[name]) for name in a)
     assert not all(torch.equal(a[name], c[name]) for name in a)
 
@@ -209,7 +215,8 @@ def test_a_crafted_pickle_is_refused(tmp_path, data, full_reference, capsys):
     state, marker = out / "checkpoints" / "step-000006" / "state.pt", tmp_path / "code-ran"
     torch.save({"optimizer": Payload(marker)}, state)
     assert main(["train", str(data), "--out", str(out), "--resume"]) == 2
-    assert f"{state}: refused" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert f"{state}: refused" in error and "system" in error
     assert not marker.exists()
     with pytest.raises(pickle.UnpicklingError):
         torch.load(state, weights_only=True)

@@ -178,12 +178,17 @@ class Checkpoints:
             os.replace(staging, target)
             _sync_folder(self.root)
         except (OSError, RuntimeError, SafetensorError) as e:
-            # Disk full, quota, permissions: libraries report them as OSError, RuntimeError (torch)
-            # or SafetensorError, so the free space is shown to tell the user which.
+            # Disk full, quota, permissions. torch reports a full disk as an obscure RuntimeError,
+            # so the free space, measured before the partial files go, tells it apart.
             free = shutil.disk_usage(self.root if self.root.exists() else self.root.parent).free / 2**20
             if staging:
                 shutil.rmtree(staging, ignore_errors=True)
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            if isinstance(e, OSError) and e.strerror:
+                reason = e.strerror
+            elif free < 64:
+                reason = "the disk is full"
+            else:
+                reason = str(e).splitlines()[0]
             previous = self.complete()
             intact = f"{previous[-1].path} is intact" if previous else "no earlier checkpoint exists"
             raise UserError(
@@ -213,10 +218,12 @@ class Checkpoints:
         try:
             state = torch.load(checkpoint.path / STATE, weights_only=True)
         except pickle.UnpicklingError as e:
+            # torch's message is a paragraph; the line that names what was refused is the useful one.
+            lines = [line for line in str(e).splitlines() if "GLOBAL" in line] or str(e).splitlines()[:1]
             raise UserError(
                 f"{checkpoint.path / STATE}: refused, it holds more than tensors and plain values and could "
-                f"run code when read ({str(e).splitlines()[0][:80]}...); remove this checkpoint folder "
-                "to resume from an earlier one"
+                f"run code when read ({lines[0].strip()}); remove this checkpoint folder to resume from an "
+                "earlier one"
             ) from None
         load_weights(model, method, checkpoint.path)
         optimizer.load_state_dict(state["optimizer"])

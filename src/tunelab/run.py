@@ -8,6 +8,7 @@
     RUN/train.jsonl, RUN/test.jsonl   the examples of each split, as chat messages
     RUN/adapter/ or RUN/model/        LoRA adapter or full weights (safetensors)
     RUN/metrics.jsonl    training and held-out loss per step
+    RUN/checkpoints/     step-000010/ ... with --save-every (see checkpoint.py)
     RUN/eval.json        results of `tunelab eval`
 """
 
