@@ -52,7 +52,10 @@ def start(data: Path, out: Path, flags: list[str], *extra: str, pause: str | Non
 
 
 def finish(process: subprocess.Popen) -> str:
-    assert process.wait(timeout=300) == 0, output(process)
+    try:
+        assert process.wait(timeout=300) == 0, output(process)
+    finally:
+        process.kill()
     return output(process)
 
 
@@ -63,11 +66,13 @@ def output(process: subprocess.Popen) -> str:
 
 def kill_when(process: subprocess.Popen, condition, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None, f"finished before the kill:\n{output(process)}"
-        assert time.monotonic() < deadline, output(process)
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
+    try:
+        while not condition():
+            assert process.poll() is None, f"finished before the kill:\n{output(process)}"
+            assert time.monotonic() < deadline, output(process)
+            time.sleep(0.01)
+    finally:
+        process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
 
 
@@ -106,7 +111,8 @@ def assert_same_run(run: Path, reference: Path) -> None:
 def data(tmp_path_factory) -> Path:
     cities = [("Paris", "France"), ("Berlin", "Germany"), ("Madrid", "Spain"), ("Rome", "Italy"),
               ("Lisbon", "Portugal"), ("Vienna", "Austria"), ("Oslo", "Norway"), ("Warsaw", "Poland")]
-    rows = [{"prompt": f"Country of {city}? ({i})", "completion": country} for i in range(5) for city, country in cities]
+    rows = [{"prompt": f"Country of {city}? ({i})", "completion": country}
+            for i in range(5) for city, country in cities]
     return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", rows)
 
 

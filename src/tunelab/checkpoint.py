@@ -252,7 +252,8 @@ def load_weights(model, method: str, folder: Path) -> None:
     loaded = {params[name].data_ptr() for name in state if name in params}
     untied = [name for name in missing if params[name].data_ptr() not in loaded]
     if unexpected or untied:
-        raise RuntimeError(f"{folder}: weights do not match the model (missing {untied[:5]}, unexpected {unexpected[:5]})")
+        raise RuntimeError(f"{folder}: weights do not match the model (missing {untied[:5]}, "
+                           f"unexpected {unexpected[:5]})")
 
 
 def rng_states() -> dict:

@@ -7,6 +7,7 @@ Each field's `help` is what `tunelab train --help` prints.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -82,7 +83,10 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        # Written beside and renamed: `tunelab train --resume` reads it back after a crash.
+        staging = path.with_name(f".{path.name}.tmp")
+        staging.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        os.replace(staging, path)
 
     @classmethod
     def from_yaml(cls, path: Path, **overrides: Any) -> TrainConfig:

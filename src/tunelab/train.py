@@ -80,7 +80,8 @@ def check_out(files: RunFiles, overwrite: bool, resume: bool, force: bool) -> No
     if resume and not files.config.exists():
         raise UserError(f"{out}: no run to resume (no config.yaml); drop --resume to start one")
     if files.config.exists() and not (overwrite or resume):
-        raise UserError(f"{out}: already holds a run; choose another --out, pass --overwrite, or --resume to continue it")
+        raise UserError(f"{out}: already holds a run; choose another --out, pass --overwrite, "
+                        "or --resume to continue it")
 
 
 def default_out(data_path: Path) -> Path:
