@@ -18,16 +18,18 @@ __version__ = "0.1.0"
 __all__ = ["finetune", "load"]
 
 
-def finetune(data: str | Path, out: str | Path | None = None, overwrite: bool = False, **options: Any) -> Run:
+def finetune(data: str | Path, out: str | Path | None = None, overwrite: bool = False, resume: bool = False,
+             **options: Any) -> Run:
     """Fine-tune on `data` (JSONL, CSV or Parquet); `options` are TrainConfig fields
-    (base, method, epochs, lr, ...). Returns the finished run."""
+    (base, method, epochs, lr, save_every, ...). `resume` continues the run in `out` from its
+    newest checkpoint, with the same options. Returns the finished run."""
     from tunelab.config import TrainConfig
     from tunelab.run import Run
     from tunelab.train import default_out, train
 
     config = TrainConfig.build(**options)
     out = Path(out) if out else default_out(Path(data))
-    train(config, Path(data), out, overwrite=overwrite)
+    train(config, Path(data), out, overwrite=overwrite, resume=resume)
     return Run(out)
 
 

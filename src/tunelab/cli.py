@@ -35,9 +35,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     from tunelab.train import default_out, train
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    config = TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig.build(**overrides)
+    if args.resume and not args.out:
+        raise UserError("--resume needs --out RUN, the run folder to continue")
     out = Path(args.out) if args.out else default_out(Path(args.data))
-    train(config, Path(args.data), out, overwrite=args.overwrite)
+    # A resumed run starts from its own options; flags given now override them (and are checked).
+    saved = out / "config.yaml" if args.resume and (out / "config.yaml").exists() else None
+    config_file = args.config or saved
+    config = TrainConfig.from_yaml(config_file, **overrides) if config_file else TrainConfig.build(**overrides)
+    train(config, Path(args.data), out, overwrite=args.overwrite, resume=args.resume, force=args.force)
     print(f"Run saved in {out}. Next: tunelab eval {out}")
 
 
@@ -162,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, help="run folder (default: runs/<data>-<time>)")
     train.add_argument("--config", default=None, help="YAML file of the options below; flags override it")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its newest complete checkpoint (see --save-every); "
+                            "options not given are those of the run")
+    train.add_argument("--force", action="store_true",
+                       help="with --resume: continue even though the data or options changed since the checkpoint")
     add_config_flags(train)
     train.set_defaults(func=cmd_train)
 

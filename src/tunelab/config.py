@@ -7,6 +7,7 @@ Each field's `help` is what `tunelab train --help` prints.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +50,8 @@ class TrainConfig:
     eval_every: int | None = _opt(None, "Held-out loss every N optimizer steps (default: 4 times a run).")
     eval_examples: int = _opt(64, "Held-out examples used for the loss during training.")
     train_on_prompt: bool = _opt(False, "Also train on prompt tokens (default: response tokens only).")
+    save_every: int | None = _opt(None, "Save a checkpoint (RUN/checkpoints) every N optimizer steps; see --resume.")
+    keep: int = _opt(2, "Checkpoints kept: the last N, plus the one with the lowest held-out loss.")
 
     def __post_init__(self) -> None:
         checks = [
@@ -60,6 +63,8 @@ class TrainConfig:
             (self.max_length >= 8, "--max-length must be at least 8"),
             (self.test_size >= 0, "--test-size must be a fraction in [0, 1) or a count"),
             (self.lora_rank > 0, "--lora-rank must be positive"),
+            (self.save_every is None or self.save_every > 0, "--save-every must be positive"),
+            (self.keep > 0, "--keep must be at least 1"),
             (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
             (self.method in ("lora", "full"), "--method must be 'lora' or 'full'"),
             (self.truncation in ("drop", "truncate", "error"), "--truncation must be drop, truncate or error"),
@@ -78,7 +83,10 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        # Written beside and renamed: `tunelab train --resume` reads it back after a crash.
+        staging = path.with_name(f".{path.name}.tmp")
+        staging.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        os.replace(staging, path)
 
     @classmethod
     def from_yaml(cls, path: Path, **overrides: Any) -> TrainConfig:

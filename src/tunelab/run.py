@@ -9,6 +9,7 @@
     RUN/train.jsonl, RUN/test.jsonl   the examples of each split, as chat messages
     RUN/adapter/ or RUN/model/        LoRA adapter or full weights (safetensors)
     RUN/metrics.jsonl    training and held-out loss per step
+    RUN/checkpoints/     step-000010/ ... with --save-every (see checkpoint.py)
     RUN/eval.json        results of `tunelab eval`
 """
 
@@ -64,7 +65,9 @@ class RunFiles:
         if not self.config.exists() or not self.template.exists():
             raise UserError(f"{self.root}: not a tunelab run folder (no config.yaml); train one with `tunelab train`")
         if not (self.adapter.exists() or self.model.exists()):
-            raise UserError(f"{self.root}: the run has no trained weights yet (training did not finish)")
+            resumable = (self.root / "checkpoints").exists()
+            hint = "; continue it with `tunelab train DATA --out RUN --resume`" if resumable else ""
+            raise UserError(f"{self.root}: the run has no trained weights yet (training did not finish{hint})")
 
 
 class MetricsWriter:

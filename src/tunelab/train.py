@@ -6,6 +6,7 @@ held-out loss at intervals) -> save (config, template, split, weights or adapter
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -17,6 +18,7 @@ import torch
 
 from tunelab import data as data_mod
 from tunelab.batching import encode_examples, heldout_loss, pack, token_loss
+from tunelab.checkpoint import Checkpoints, Position, trim_metrics
 from tunelab.config import TrainConfig
 from tunelab.errors import UserError
 from tunelab.models import load_model, load_tokenizer, resolve_base
@@ -75,11 +77,27 @@ def build_model(config: TrainConfig, base_path: Path):
     return model
 
 
+def check_out(files: RunFiles, overwrite: bool, resume: bool, force: bool) -> None:
+    out = files.root
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
+    if force and not resume:
+        raise UserError("--force only applies with --resume")
+    if resume and not files.config.exists():
+        raise UserError(f"{out}: no run to resume (no config.yaml); drop --resume to start one")
+    if files.config.exists() and not (overwrite or resume):
+        raise UserError(f"{out}: already holds a run; choose another --out, pass --overwrite, "
+                        "or --resume to continue it")
+
+
 def default_out(data_path: Path) -> Path:
     return Path("runs") / f"{data_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = False, quiet: bool = False) -> Path:
+def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = False, quiet: bool = False,
+          resume: bool = False, force: bool = False) -> Path:
+    """Train and save a run in `out`. `resume` continues the run there from its newest complete
+    checkpoint; `force` lets it continue although the data or options changed."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -87,9 +105,11 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
 
     out = Path(out)
     files = RunFiles(out)
-    if files.config.exists() and not overwrite:
-        raise UserError(f"{out}: already holds a run; choose another --out or pass --overwrite")
+    check_out(files, overwrite, resume, force)
+    # The data check's report goes into --out only where it cannot mix with an earlier run's files.
     prepared = prepare(config, data_path, out if not files.config.exists() else None)
+    checkpoints = Checkpoints(out, config, data_path)
+    start = checkpoints.resume_point(force) if resume else None
 
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum)
     set_seed(config.seed)
@@ -98,9 +118,9 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
 
+    generator = torch.Generator().manual_seed(config.seed)
     loader = torch.utils.data.DataLoader(
-        prepared.train_encoded, batch_size=config.batch_size, shuffle=True, collate_fn=pack,
-        generator=torch.Generator().manual_seed(config.seed),
+        prepared.train_encoded, batch_size=config.batch_size, shuffle=True, collate_fn=pack, generator=generator,
     )
     steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
     total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
@@ -110,27 +130,40 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
     eval_set = prepared.test_encoded[: config.eval_examples]
 
     if accelerator.is_main_process:
-        if out.exists() and overwrite:
+        if overwrite and files.config.exists():  # only ever delete what is known to be a run
             shutil.rmtree(out)
         files.create(config, prepared)
         prepared.report.save(out)
+        if resume:
+            trim_metrics(files.metrics, start.step if start else -1)
     metrics = files.metrics_writer() if accelerator.is_main_process else None
 
-    def evaluate(step: int) -> None:
+    def evaluate(step: int) -> float | None:
         if not eval_set:
-            return
+            return None
         model.eval()
         loss = heldout_loss(accelerator.unwrap_model(model), eval_set, config.batch_size)
         model.train()
         if metrics:
             metrics.write({"step": step, "eval_loss": round(loss, 5)})
         bar.write(f"step {step}: held-out loss {loss:.4f}")
+        return loss
 
-    bar = tqdm(total=total_steps, desc="training", disable=quiet or not accelerator.is_main_process, unit="step")
-    step, tokens, started = 0, 0, time.perf_counter()
-    evaluate(0)
+    position = Position()
+    if start:
+        position = checkpoints.load(start, accelerator.unwrap_model(model), config.method, optimizer, scheduler,
+                                    generator)
+    step, tokens, started = position.step, position.tokens, time.perf_counter() - position.elapsed_s
+    epoch, consumed = position.epoch, position.batch
+    bar = tqdm(total=total_steps, initial=step, desc="training", disable=quiet or not accelerator.is_main_process,
+               unit="step")
+    if not start:
+        evaluate(0)
     while step < total_steps:
-        for batch in loader:
+        epoch_rng = generator.get_state()  # this epoch's data order is drawn from here
+        # On resume, skip the micro-batches of this epoch that the checkpoint had consumed.
+        for batch in itertools.islice(loader, consumed, None):
+            consumed += 1
             with accelerator.accumulate(model):
                 loss = token_loss(model, batch)
                 accelerator.backward(loss)
@@ -151,10 +184,16 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
                 metrics.write({"step": step, "loss": round(loss_value, 5), "lr": scheduler.get_last_lr()[0],
                                "tokens": tokens, "tokens_per_s": round(tokens / elapsed, 1),
                                "elapsed_s": round(elapsed, 2)})
-            if step % eval_every == 0 or step == total_steps:
-                evaluate(step)
+            saving = checkpoints.due(step)
+            eval_loss = None
+            if step % eval_every == 0 or step == total_steps or saving:
+                eval_loss = evaluate(step)
+            if saving and accelerator.is_main_process:
+                checkpoints.save(Position(step, epoch, consumed, tokens, elapsed), eval_loss,
+                                 accelerator.unwrap_model(model), config.method, optimizer, scheduler, epoch_rng)
             if step >= total_steps:
                 break
+        epoch, consumed = epoch + 1, 0
     bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
