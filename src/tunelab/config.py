@@ -49,6 +49,10 @@ class TrainConfig:
     eval_every: int | None = _opt(None, "Held-out loss every N optimizer steps (default: 4 times a run).")
     eval_examples: int = _opt(64, "Held-out examples used for the loss during training.")
     train_on_prompt: bool = _opt(False, "Also train on prompt tokens (default: response tokens only).")
+    gradient_checkpointing: bool = _opt(
+        False, "Recompute activations in the backward pass: less memory for long examples, about 1/3 more compute."
+    )
+    compile: bool = _opt(False, "torch.compile the model: slow first steps, then faster on GPUs (not on CPU).")
 
     def __post_init__(self) -> None:
         checks = [
