@@ -14,7 +14,7 @@ import pytest
 import tunelab
 from tunelab.cli import main
 
-ARGS = ["--method", "full", "--lr", "0.003", "--epochs", "2", "--test-size", "8", "--eval-every", "100",
+ARGS = ["--method", "full", "--lr", "0.003", "--epochs", "2", "--test-size", "8", "--eval-every", "100", "--precision", "fp32",
         "--seed", "3"]
 
 

@@ -52,6 +52,10 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt(
         False, "Recompute activations in the backward pass: less memory for long examples, about 1/3 more compute."
     )
+    precision: Literal["auto", "fp32", "bf16"] = _opt(
+        "auto", "Matmul precision: bf16 autocast (weights and optimizer stay fp32) or fp32; 'auto' picks bf16 "
+        "where the hardware computes it natively (recent NVIDIA GPUs, CPUs with AVX512-BF16 or AMX), else fp32."
+    )
     compile: bool = _opt(False, "torch.compile the model: slow first steps, then faster on GPUs (not on CPU).")
 
     def __post_init__(self) -> None:
@@ -66,6 +70,7 @@ class TrainConfig:
             (self.lora_rank > 0, "--lora-rank must be positive"),
             (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
             (self.method in ("lora", "full"), "--method must be 'lora' or 'full'"),
+            (self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16"),
             (self.truncation in ("drop", "truncate", "error"), "--truncation must be drop, truncate or error"),
             (self.format in ("auto", "messages", "prompt_completion", "alpaca"),
              "--format must be auto, messages, prompt_completion or alpaca"),

@@ -75,7 +75,6 @@ def default_out(data_path: Path) -> Path:
 
 
 def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = False, quiet: bool = False) -> Path:
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
@@ -87,7 +86,7 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
     prepared = prepare(config, data_path)
 
     speed.configure_threads()
-    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, **speed.accelerator_options())
+    accelerator = speed.make_accelerator(config.grad_accum, config.precision)
     set_seed(config.seed)
     model = build_model(config, prepared.base_path)
     model = speed.prepare_model(model, config.gradient_checkpointing, config.compile)
@@ -156,7 +155,8 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
                 break
     bar.close()
     accelerator.wait_for_everyone()
+    state = accelerator.get_state_dict(model)  # gathers FSDP/DeepSpeed shards: every process takes part
     if accelerator.is_main_process:
-        files.save_weights(accelerator.unwrap_model(model), config.method)
+        files.save_weights(accelerator.unwrap_model(model), config.method, state)
         metrics.close()
     return out
