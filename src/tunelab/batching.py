@@ -95,27 +95,38 @@ def shifted_targets(labels: list[int]) -> list[int]:
 
 
 def pack(items: list[Encoded]) -> dict[str, torch.Tensor]:
-    """One padding-free row: input_ids, position_ids and targets of shape (1, total tokens)."""
-    input_ids, positions, targets = [], [], []
+    """One padding-free row: input_ids, position_ids and targets of shape (1, total tokens), and
+    cu_seq_lens_q, where each example starts (and the row ends), for per-example attention."""
+    input_ids, positions, targets, starts = [], [], [], [0]
     for item in items:
         input_ids += item.input_ids
         positions += range(len(item.input_ids))
         targets += shifted_targets(item.labels)
+        starts.append(len(input_ids))
     return {
         "input_ids": torch.tensor([input_ids]),
         "position_ids": torch.tensor([positions]),
         "targets": torch.tensor([targets]),
+        "cu_seq_lens_q": torch.tensor(starts, dtype=torch.int32),
     }
 
 
 def token_loss(model, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy over trained tokens only. The output projection runs only where a target
-    exists, so the vocabulary-sized logits of prompt tokens are never built."""
+    exists, so the vocabulary-sized logits of prompt tokens are never built; past LOSS_CHUNK
+    trained tokens it runs in chunks, so those of a long batch never fill memory either."""
+    from tunelab.speed import LOSS_CHUNK, chunked_token_loss
+
     targets = batch["targets"][0]
     keep = (targets != IGNORE).nonzero().squeeze(-1)
-    logits = model(
-        input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=keep, use_cache=False
-    ).logits[0]
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    if "cu_seq_lens_q" in batch:
+        inputs["cu_seq_lens_q"] = batch["cu_seq_lens_q"]
+    if len(keep) > LOSS_CHUNK:
+        total = chunked_token_loss(model, inputs, keep, targets[keep])
+        if total is not None:
+            return total / len(keep) if reduction == "mean" else total
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits[0]
     return torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction=reduction)
 
 

@@ -52,6 +52,14 @@ class TrainConfig:
     train_on_prompt: bool = _opt(False, "Also train on prompt tokens (default: response tokens only).")
     save_every: int | None = _opt(None, "Save a checkpoint (RUN/checkpoints) every N optimizer steps; see --resume.")
     keep: int = _opt(2, "Checkpoints kept: the last N, plus the one with the lowest held-out loss.")
+    gradient_checkpointing: bool = _opt(
+        False, "Recompute activations in the backward pass: less memory for long examples, about 1/3 more compute."
+    )
+    precision: Literal["auto", "fp32", "bf16"] = _opt(
+        "auto", "Matmul precision: bf16 autocast (weights and optimizer stay fp32) or fp32; 'auto' picks bf16 "
+        "where the hardware computes it natively (recent NVIDIA GPUs, CPUs with AVX512-BF16 or AMX), else fp32."
+    )
+    compile: bool = _opt(False, "torch.compile the model: slow first steps, then faster on GPUs (not on CPU).")
 
     def __post_init__(self) -> None:
         checks = [
@@ -67,6 +75,7 @@ class TrainConfig:
             (self.keep > 0, "--keep must be at least 1"),
             (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
             (self.method in ("lora", "full"), "--method must be 'lora' or 'full'"),
+            (self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16"),
             (self.truncation in ("drop", "truncate", "error"), "--truncation must be drop, truncate or error"),
             (self.format in ("auto", "messages", "prompt_completion", "alpaca", "text"),
              "--format must be auto, messages, prompt_completion, alpaca or text"),

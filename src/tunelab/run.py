@@ -57,9 +57,9 @@ class RunFiles:
     def metrics_writer(self) -> MetricsWriter:
         return MetricsWriter(self.metrics)
 
-    def save_weights(self, model, method: str) -> None:
+    def save_weights(self, model, method: str, state_dict: dict | None = None) -> None:
         target = self.adapter if method == "lora" else self.model
-        model.save_pretrained(target, safe_serialization=True)
+        model.save_pretrained(target, safe_serialization=True, state_dict=state_dict)
 
     def check(self) -> None:
         if not self.config.exists() or not self.template.exists():

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from tunelab import data as data_mod
-from tunelab.batching import encode_examples, heldout_loss, pack, token_loss
+from tunelab import speed
+from tunelab.batching import encode_examples, heldout_loss, pack
 from tunelab.checkpoint import Checkpoints, Position, trim_metrics
 from tunelab.config import TrainConfig
 from tunelab.errors import UserError
@@ -98,7 +99,6 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
           resume: bool = False, force: bool = False) -> Path:
     """Train and save a run in `out`. `resume` continues the run there from its newest complete
     checkpoint; `force` lets it continue although the data or options changed."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
@@ -111,20 +111,25 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
     checkpoints = Checkpoints(out, config, data_path)
     start = checkpoints.resume_point(force) if resume else None
 
-    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum)
+    speed.configure_threads()
+    accelerator = speed.make_accelerator(config.grad_accum, config.precision)
     set_seed(config.seed)
     model = build_model(config, prepared.base_path)
+    model = speed.prepare_model(model, config.gradient_checkpointing, config.compile)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = speed.make_optimizer(trainable, config.learning_rate, config.weight_decay, accelerator.device)
 
     generator = torch.Generator().manual_seed(config.seed)
     loader = torch.utils.data.DataLoader(
         prepared.train_encoded, batch_size=config.batch_size, shuffle=True, collate_fn=pack, generator=generator,
     )
-    steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
+    # Under `accelerate launch` each process takes every n-th micro-batch (one global batch is n
+    # micro-batches side by side), and accelerate steps a prepared scheduler n times per step.
+    n = accelerator.num_processes
+    steps_per_epoch = math.ceil(math.ceil(len(loader) / n) / config.grad_accum)
     total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, round(total_steps * config.warmup_ratio), total_steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, round(total_steps * config.warmup_ratio) * n, total_steps * n)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     eval_every = config.eval_every or max(1, total_steps // 4)
     eval_set = prepared.test_encoded[: config.eval_examples]
@@ -165,9 +170,9 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
         for batch in itertools.islice(loader, consumed, None):
             consumed += 1
             with accelerator.accumulate(model):
-                loss = token_loss(model, batch)
+                loss, reported, batch_tokens = speed.global_token_loss(accelerator, model, batch)
                 accelerator.backward(loss)
-                tokens += batch["input_ids"].numel()
+                tokens += batch_tokens
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
                 optimizer.step()
@@ -177,7 +182,7 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
                 continue
             step += 1
             elapsed = time.perf_counter() - started
-            loss_value = loss.item()
+            loss_value = reported.item()
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens / elapsed:.0f}")
             bar.update()
             if metrics:
@@ -196,7 +201,8 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
         epoch, consumed = epoch + 1, 0
     bar.close()
     accelerator.wait_for_everyone()
+    state = accelerator.get_state_dict(model)  # gathers FSDP/DeepSpeed shards: every process takes part
     if accelerator.is_main_process:
-        files.save_weights(accelerator.unwrap_model(model), config.method)
+        files.save_weights(accelerator.unwrap_model(model), config.method, state)
         metrics.close()
     return out

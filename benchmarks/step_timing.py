@@ -1,0 +1,106 @@
+"""Seconds per training step of SmolLM2-135M on the demo batch, one speed option at a time.
+
+    PYTHONPATH=src python benchmarks/step_timing.py            # every variant, each in a fresh process
+    PYTHONPATH=src python benchmarks/step_timing.py --variant packed,bf16 --steps 8
+
+A step is tunelab's: 8 booking examples packed into one row (~880 tokens), loss on the
+completions, backward, clipping, AdamW. The first step (allocation, compilation) is left out of
+the summary; on a shared machine the minimum is the steadiest number. This is how the options in
+src/tunelab/speed.py were chosen; docs/BENCHMARKS.md has the results.
+
+Variant words (joined with commas): `packed` (per-example attention instead of transformers'
+dense block-diagonal mask), `threads` (tunelab's thread settings), `bf16` (autocast), `fused`
+(fused AdamW), `compile` (torch.compile), `gc` (gradient checkpointing), `lora`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+VARIANTS = ["sdpa", "packed", "packed,threads", "packed,threads,fused", "packed,threads,bf16",
+            "packed,threads,bf16,compile", "packed,threads,bf16,gc", "packed,threads,bf16,lora"]
+
+
+def run(variant: str, steps: int) -> dict:
+    import torch
+
+    words = set(variant.split(","))
+    if "threads" in words:
+        from tunelab.speed import configure_threads
+
+        configure_threads()
+    from tunelab import speed
+    from tunelab.batching import encode_examples, pack, token_loss
+    from tunelab.config import TrainConfig
+    from tunelab.data import Example
+    from tunelab.examples import bookings
+    from tunelab.models import load_tokenizer, resolve_base
+    from tunelab.template import Template
+    from tunelab.train import build_model
+
+    base = resolve_base("smollm2-135m")
+    template = Template.for_model(load_tokenizer(base))
+    rows = bookings.make_examples(8 * steps)
+    examples = [Example([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}], i)
+                for i, r in enumerate(rows)]
+    encoded = encode_examples(examples, template, 1024)[0]
+    torch.manual_seed(0)
+    model = build_model(TrainConfig(method="lora" if "lora" in words else "full"), base)
+    model = speed.prepare_model(model, "gc" in words, "compile" in words) if "packed" in words else model
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True if "fused" in words else None)
+    times, losses = [], []
+    for step in range(steps):
+        batch = pack(encoded[step * 8:(step + 1) * 8])
+        started = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled="bf16" in words):
+            loss = token_loss(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - started)
+        losses.append(round(loss.item(), 4))
+    steady = sorted(times[1:])
+    return {"variant": variant, "first_s": times[0], "min_s": steady[0], "median_s": steady[len(steady) // 2],
+            "losses": losses, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+            "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", default=None, help="one variant, e.g. packed,bf16 (default: all, in turn)")
+    parser.add_argument("--steps", type=int, default=6)
+    args = parser.parse_args()
+    if args.variant:
+        import json
+
+        print(json.dumps(run(args.variant, args.steps)))
+        return
+    import json
+    import os
+
+    print("| variant | first step s | min step s | median step s | losses | peak RSS GB | load |")
+    print("|---|---|---|---|---|---|---|")
+    for variant in VARIANTS:
+        load = os.getloadavg()[0]
+        done = subprocess.run([sys.executable, __file__, "--variant", variant, "--steps", str(args.steps)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            print(done.stderr[-3000:])
+            continue
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"| {variant} | {r['first_s']:.1f} | {r['min_s']:.2f} | {r['median_s']:.2f} | "
+              f"{' '.join(map(str, r['losses'][:4]))} | {r['peak_rss_gb']:.2f} | {load:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Device and speed helpers for the training loop: threads, packed attention, chunked loss,
+optimizer and precision choices. Each was measured with benchmarks/train_throughput.py and
+kept because it paid (numbers in docs/BENCHMARKS.md).
+
+Packed attention. A micro-batch is one row of examples back to back. transformers turns the
+restarting position ids into a dense block-diagonal mask over the whole row, so attention costs
+grow with the square of the row length although only the blocks on the diagonal are useful
+(on the demo batch of 8 examples that is ~25% of a training step on CPU). `packed_sdpa` runs
+scaled-dot-product attention example by example instead, causal within each, from the
+boundaries that `batching.pack` puts in the batch (`cu_seq_lens_q`). A model already on
+FlashAttention (GPU, flash-attn installed) keeps it: it finds the same boundaries from the
+position ids and runs variable-length attention itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+PACKED_ATTENTION = "tunelab_packed_sdpa"
+LOSS_CHUNK = 1024
+"""Trained positions per chunk of output projection + cross-entropy (49k-vocabulary logits of
+1024 positions are 200 MB in fp32)."""
+
+
+def configure_threads() -> None:
+    """Intra-op threads = the cores this process may use (not the host's count, which is wrong
+    in containers), and one inter-op thread: the training step has no independent ops worth
+    running side by side, and a second pool only competes for the same cores. Respects an
+    explicit OMP_NUM_THREADS, and divides the cores between processes under `accelerate launch`."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, cores // local))
+    with contextlib.suppress(RuntimeError):  # only settable before the first parallel op
+        torch.set_num_interop_threads(1)
+
+
+def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                cu_seq_lens_q=None, **kwargs):
+    """Attention over a packed row, one example at a time. Falls back to transformers' SDPA
+    (with the mask it built) for anything that is not one packed row, e.g. generation."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None or query.shape[0] != 1 or kwargs.get("past_key_values") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    bounds = cu_seq_lens_q.tolist()
+    gqa = query.shape[1] != key.shape[1]
+    dropout = dropout if module.training else 0.0
+    outputs = [
+        torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+            is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa,
+        )
+        for start, end in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def use_packed_attention(model) -> None:
+    """Switch a transformers model (or a peft model around one) to `packed_sdpa`, keeping
+    FlashAttention where it is already chosen. Models that cannot switch keep their own."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa)
+    # The mask is still built as for SDPA, so the fallback path stays correct.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    current = inner.config._attn_implementation or ""
+    if current.startswith("flash_attention") or not inner._can_set_attn_implementation():
+        return
+    inner.set_attn_implementation(PACKED_ATTENTION)
+
+
+@contextlib.contextmanager
+def _hidden_instead_of_logits(head):
+    """Make the output projection return its input, so the model hands back final hidden states."""
+    head.forward = lambda hidden: hidden
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def _sharded(weight: torch.Tensor) -> bool:
+    """FSDP and DeepSpeed ZeRO-3 hold a layer's full weight only inside its own forward."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(weight, DTensor) or hasattr(weight, "ds_id") or weight.dim() != 2 or weight.numel() == 0
+
+
+def _chunk_loss(hidden, weight, bias, targets):
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def chunked_token_loss(model, inputs: dict, keep: torch.Tensor, targets: torch.Tensor,
+                       chunk: int = LOSS_CHUNK) -> torch.Tensor | None:
+    """Summed cross-entropy of the trained positions `keep`, the output projection and loss done
+    `chunk` positions at a time and recomputed in backward, so at most one chunk of logits is in
+    memory. None when the model's output layer is not a plain Linear (e.g. LoRA on lm_head) or is
+    sharded (FSDP, ZeRO-3): the caller then computes the logits of all trained positions at once."""
+    from torch.utils.checkpoint import checkpoint
+
+    unwrapped = model.module if hasattr(model, "module") else model
+    head = unwrapped.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or _sharded(head.weight):
+        return None
+    with _hidden_instead_of_logits(head):
+        hidden = model(**inputs, logits_to_keep=keep, use_cache=False).logits[0]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(keep), chunk):
+        total = total + checkpoint(_chunk_loss, hidden[start:start + chunk], head.weight, head.bias,
+                                   targets[start:start + chunk], use_reentrant=False)
+    return total
+
+
+def make_optimizer(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; the fused kernel on GPUs, where it saves a launch per parameter tensor."""
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def native_bf16() -> bool:
+    """Whether bf16 matmuls run natively: fast on GPUs with bf16 and CPUs with AVX512-BF16 or
+    AMX (measured 1.35x faster training steps than fp32 on such a 2-core CPU), emulated and
+    slower elsewhere."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def make_accelerator(grad_accum: int, precision: str = "auto"):
+    """An Accelerator for one run. accelerate keeps its settings process-wide, so a second run in
+    the same process (the Python API, tests) with another precision starts from a clean state;
+    the distributed set-up itself (PartialState) is kept."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    return Accelerator(gradient_accumulation_steps=grad_accum, **accelerator_options(precision))
+
+
+def accelerator_options(precision: str = "auto") -> dict:
+    """Accelerator arguments: mixed precision from --precision (an `accelerate launch` config's
+    own choice wins over 'auto'), and CPU processes with gloo when launched as several processes
+    on a machine without a GPU (accelerate otherwise expects mpirun there)."""
+    if precision == "auto":
+        chosen = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        mixed = chosen if chosen != "no" else ("bf16" if native_bf16() else "no")
+    else:
+        mixed = "bf16" if precision == "bf16" else "no"
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return {"mixed_precision": mixed, "cpu": several and not torch.cuda.is_available()}
+
+
+def prepare_model(model, gradient_checkpointing: bool = False, compile: bool = False):
+    """Packed attention, then the optional trade-offs: recompute activations in backward (less
+    memory, ~1/3 more compute) and torch.compile (slow first steps, faster later ones on GPU)."""
+    use_packed_attention(model)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return torch.compile(model, dynamic=True) if compile else model
+
+
+def global_token_loss(accelerator, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(loss to back-propagate, mean token loss to report, tokens in the step), averaged over
+    the trained tokens of all processes together. Each process holds a different number of
+    trained tokens, so averaging the processes' own means (what gradient all-reduce does) would
+    weight tokens unequally; scaling each local sum by processes / global count makes the
+    all-reduced gradient that of the global token mean, as one process with the whole batch."""
+    from tunelab.batching import token_loss
+    from tunelab.template import IGNORE
+
+    tokens = batch["input_ids"].numel()
+    if accelerator.num_processes == 1:
+        loss = token_loss(model, batch)
+        return loss, loss.detach(), tokens
+    local = token_loss(model, batch, reduction="sum")
+    counts = torch.stack([local.detach().float(), (batch["targets"] != IGNORE).sum().float(),
+                          torch.tensor(float(tokens), device=local.device)])
+    total, trained, tokens = accelerator.reduce(counts, reduction="sum")
+    return local * accelerator.num_processes / trained, total / trained, int(tokens)
