@@ -127,7 +127,8 @@ def run_trl(variant: str, method: str, work: Path, out: Path) -> dict:
     args = SFTConfig(
         output_dir=str(out), num_train_epochs=1, learning_rate=learning_rate(method),
         lr_scheduler_type="cosine", warmup_steps=warmup, weight_decay=0.0, max_grad_norm=1.0,
-        **{"max_length": MAX_LENGTH, **overrides}, seed=SEED, save_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True,
+        **{"max_length": MAX_LENGTH, **overrides}, seed=SEED, save_strategy="no", report_to="none",
+        logging_steps=1, disable_tqdm=True,
         # SFTConfig defaults to bf16, which on a machine without a GPU stops with "You need to
         # assign use_cpu if you want to train the model on CPU"; this is that fix.
         use_cpu=not torch.cuda.is_available(),

@@ -1,12 +1,12 @@
 """Device and speed helpers for the training loop: threads, packed attention, chunked loss,
-optimizer and precision choices. Each was measured with benchmarks/train_throughput.py and
-kept because it paid (numbers in docs/BENCHMARKS.md).
+optimizer and precision choices. Each was measured with benchmarks/step_timing.py and
+benchmarks/train_throughput.py and kept because it paid (numbers in docs/BENCHMARKS.md).
 
 Packed attention. A micro-batch is one row of examples back to back. transformers turns the
 restarting position ids into a dense block-diagonal mask over the whole row, so attention costs
-grow with the square of the row length although only the blocks on the diagonal are useful
-(on the demo batch of 8 examples that is ~25% of a training step on CPU). `packed_sdpa` runs
-scaled-dot-product attention example by example instead, causal within each, from the
+grow with the square of the row length although only the blocks on the diagonal are useful (on
+the demo batch of 8 examples, ~1.2 s of a 5-6 s training step on 2 CPU cores). `packed_sdpa`
+runs scaled-dot-product attention example by example instead, causal within each, from the
 boundaries that `batching.pack` puts in the batch (`cu_seq_lens_q`). A model already on
 FlashAttention (GPU, flash-attn installed) keeps it: it finds the same boundaries from the
 position ids and runs variable-length attention itself.
@@ -128,7 +128,7 @@ def make_optimizer(params, lr: float, weight_decay: float, device: torch.device)
 
 def native_bf16() -> bool:
     """Whether bf16 matmuls run natively: fast on GPUs with bf16 and CPUs with AVX512-BF16 or
-    AMX (measured 1.35x faster training steps than fp32 on such a 2-core CPU), emulated and
+    AMX (training steps 1.3-1.5x faster than fp32 on such a 2-core CPU), emulated and
     slower elsewhere."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
