@@ -48,3 +48,13 @@ def test_a_local_gguf_file_is_converted_once(smollm2, tmp_path, monkeypatch):
     assert path.parent == tmp_path / "cache" / "models" and (path / "model.safetensors").exists()
     assert resolve_base(gguf) == path
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no staging folder left behind
+
+
+def test_demo_runs_end_to_end(smollm2, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--examples", "40", "--max-steps", "1", "--eval-limit", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "exact match" in printed and "Wall time" in printed and "peak memory" in printed
+    results = json.loads((out / "eval.json").read_text())
+    assert results["examples_evaluated"] == 2 and {"base", "tuned"} <= set(results)
+    assert len((tmp_path / "demo-data" / "bookings.jsonl").read_text().splitlines()) == 40

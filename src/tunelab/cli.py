@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     demo.add_argument("--examples", type=int, default=1200, help="examples to generate (default: 1200)")
     demo.add_argument("--method", choices=("lora", "full"), default="full", help="fine-tuning method (default: full)")
-    demo.add_argument("--max-steps", type=int, default=60,
-                      help="optimizer steps of 8 examples (default: 60, about 5 minutes on 2 CPU cores)")
+    demo.add_argument("--max-steps", type=int, default=100,
+                      help="optimizer steps of 8 examples (default: 100, about 6 minutes on 2 CPU cores)")
     demo.add_argument("--eval-limit", type=int, default=100, help="held-out examples to evaluate (default: 100)")
     demo.set_defaults(func=cmd_demo)
 

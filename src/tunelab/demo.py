@@ -24,11 +24,11 @@ def write_dataset(path: Path, n: int) -> Path:
     return path
 
 
-def peak_memory_gb() -> float:
+def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
 
 
-def run_demo(out: Path, examples: int = 1200, method: str = "full", max_steps: int | None = 60,
+def run_demo(out: Path, examples: int = 1200, method: str = "full", max_steps: int | None = 100,
              eval_limit: int = 100) -> dict:
     from tunelab.run import Run
     from tunelab.train import train
@@ -48,6 +48,6 @@ def run_demo(out: Path, examples: int = 1200, method: str = "full", max_steps: i
     print()
     print(format_samples(results))
     print()
-    print(f"Wall time {minutes:.1f} min, peak memory {peak_memory_gb():.2f} GB")
+    print(f"Wall time {minutes:.1f} min, peak memory {peak_memory_gib():.2f} GiB")
     print(f"Run folder: {out}  (try: tunelab chat {out})")
     return results
