@@ -10,7 +10,8 @@ src/tunelab/speed.py were chosen; docs/BENCHMARKS.md has the results.
 
 Variant words (joined with commas): `packed` (per-example attention instead of transformers'
 dense block-diagonal mask), `threads` (tunelab's thread settings), `bf16` (autocast), `fused`
-(fused AdamW), `compile` (torch.compile), `gc` (gradient checkpointing), `lora`.
+(fused AdamW), `compile` (torch.compile), `gc` (gradient checkpointing), `lora`, `alloc` (glibc
+malloc keeps freed memory for reuse instead of returning large blocks to the system).
 """
 
 from __future__ import annotations
@@ -25,13 +26,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 VARIANTS = ["sdpa", "packed", "packed,threads", "packed,threads,fused", "packed,threads,bf16",
-            "packed,threads,bf16,compile", "packed,threads,bf16,gc", "packed,threads,bf16,lora"]
+            "packed,threads,bf16,alloc", "packed,threads,bf16,alloc,compile", "packed,threads,bf16,alloc,gc",
+            "packed,threads,bf16,alloc,lora"]
 
 
 def run(variant: str, steps: int) -> dict:
     import torch
 
     words = set(variant.split(","))
+    if "alloc" in words:
+        from tunelab.speed import configure_allocator
+
+        configure_allocator()
     if "threads" in words:
         from tunelab.speed import configure_threads
 
@@ -58,6 +64,7 @@ def run(variant: str, steps: int) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True if "fused" in words else None)
     times, losses = [], []
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     for step in range(steps):
         batch = pack(encoded[step * 8:(step + 1) * 8])
         started = time.perf_counter()
@@ -70,14 +77,18 @@ def run(variant: str, steps: int) -> dict:
         times.append(time.perf_counter() - started)
         losses.append(round(loss.item(), 4))
     steady = sorted(times[1:])
+    after = resource.getrusage(resource.RUSAGE_SELF)
     return {"variant": variant, "first_s": times[0], "min_s": steady[0], "median_s": steady[len(steady) // 2],
-            "losses": losses, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+            "losses": losses, "system_s_per_step": (after.ru_stime - usage.ru_stime) / steps,
+            "page_faults_per_step": (after.ru_minflt - usage.ru_minflt) / steps, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
             "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default=None, help="one variant, e.g. packed,bf16 (default: all, in turn)")
+    parser.add_argument("--variants", default=None, help="comma-separated list of variants joined by '+' "
+                        "(e.g. packed,threads,bf16+packed,threads,bf16,alloc); default: the standard list")
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()
     if args.variant:
@@ -88,9 +99,10 @@ def main() -> None:
     import json
     import os
 
-    print("| variant | first step s | min step s | median step s | losses | peak RSS GB | load |")
-    print("|---|---|---|---|---|---|---|")
-    for variant in VARIANTS:
+    print("| variant | first step s | min step s | median step s | losses, first 4 steps | system s/step | "
+          "page faults/step | peak RSS GB | load |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for variant in args.variants.split("+") if args.variants else VARIANTS:
         load = os.getloadavg()[0]
         done = subprocess.run([sys.executable, __file__, "--variant", variant, "--steps", str(args.steps)],
                               capture_output=True, text=True)
@@ -99,7 +111,8 @@ def main() -> None:
             continue
         r = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"| {variant} | {r['first_s']:.1f} | {r['min_s']:.2f} | {r['median_s']:.2f} | "
-              f"{' '.join(map(str, r['losses'][:4]))} | {r['peak_rss_gb']:.2f} | {load:.1f} |", flush=True)
+              f"{' '.join(map(str, r['losses'][:4]))} | {r['system_s_per_step']:.2f} | {r['page_faults_per_step']:.0f} | "
+              f"{r['peak_rss_gb']:.2f} | {load:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -64,34 +64,33 @@ def learning_rate(method: str) -> float:
     return TrainConfig(method=method).learning_rate
 
 
-def prepare_data(work: Path, examples: int, write: bool = True):
-    """The data file, tunelab's split of it, and the split encoded by the model's template."""
-    from tunelab import data as data_mod
-    from tunelab.batching import encode_examples
+def prepare_data(work: Path, examples: int):
+    """Generate the examples and split them once, as `tunelab train` does (its data check, duplicates
+    removed, hash split with SEED). The training split goes to train.jsonl, which every setting and
+    seed trains on, so a seed only changes data order and initialisation, never the held-out set.
+    Returns the train and held-out examples encoded by the model's template."""
+    from tunelab.config import TrainConfig
     from tunelab.examples import bookings
-    from tunelab.models import load_tokenizer, resolve_base
-    from tunelab.template import Template
+    from tunelab.train import prepare
 
     path = work / "bookings.jsonl"
-    if write:
-        path.write_text("".join(json.dumps(row) + "\n" for row in bookings.make_examples(examples)))
-    train, test = data_mod.split(data_mod.load_examples(path), TEST_SIZE, SEED)
-    template = Template.for_model(load_tokenizer(resolve_base("smollm2-135m")))
-    train_encoded = encode_examples(train, template, MAX_LENGTH)[0]
-    test_encoded = encode_examples(test, template, MAX_LENGTH)[0]
-    return path, train, train_encoded, test_encoded
+    path.write_text("".join(json.dumps(row) + "\n" for row in bookings.make_examples(examples)))
+    prepared = prepare(TrainConfig(max_length=MAX_LENGTH, test_size=TEST_SIZE, seed=SEED), path)
+    (work / "train.jsonl").write_text("".join(json.dumps({"messages": e.messages}) + "\n" for e in prepared.train))
+    return prepared.train_encoded, prepared.test_encoded
 
 
 # ---- one setting, in its own process ----
 
-def run_tunelab(method: str, work: Path, data: Path, out: Path) -> dict:
+def run_tunelab(method: str, seed: int, work: Path, out: Path) -> dict:
     from tunelab.config import TrainConfig
     from tunelab.train import train
 
+    # The training split only (test_size 0): the held-out examples were set apart by prepare_data.
     # No held-out loss during training (TRL does none either); it is measured afterwards for all.
-    config = TrainConfig(method=method, batch_size=BATCH, epochs=1, max_length=MAX_LENGTH, test_size=TEST_SIZE,
-                         seed=SEED, warmup_ratio=WARMUP, eval_examples=0)
-    train(config, data, out, overwrite=True, quiet=True)
+    config = TrainConfig(method=method, batch_size=BATCH, epochs=1, max_length=MAX_LENGTH, test_size=0,
+                         seed=seed, warmup_ratio=WARMUP, eval_examples=0)
+    train(config, work / "train.jsonl", out, overwrite=True, quiet=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if "loss" in r][-1]
     from tunelab.speed import accelerator_options
@@ -101,7 +100,7 @@ def run_tunelab(method: str, work: Path, data: Path, out: Path) -> dict:
             "final_train_loss": last["loss"], "weights": str(out / ("adapter" if method == "lora" else "model"))}
 
 
-def run_trl(variant: str, method: str, work: Path, out: Path) -> dict:
+def run_trl(variant: str, method: str, seed: int, work: Path, out: Path) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -110,14 +109,14 @@ def run_trl(variant: str, method: str, work: Path, out: Path) -> dict:
     from tunelab import data as data_mod
     from tunelab.models import load_model, load_tokenizer, resolve_base
 
-    train, _ = data_mod.split(data_mod.load_examples(work / "bookings.jsonl"), TEST_SIZE, SEED)
+    train = data_mod.load_examples(work / "train.jsonl")
     # Conversational prompt/completion rows: TRL renders them with the tokenizer's chat template
     # (the one tunelab uses) and trains on the completion only.
     rows = [{"prompt": e.prompt_messages(), "completion": [e.messages[-1]]} for e in train]
     overrides = dict(TRL_VARIANTS[variant])
     if overrides.get("per_device_train_batch_size") == 1:  # rows of BATCH examples of average length
-        _, _, train_encoded, _ = prepare_data(work, 0, write=False)
-        overrides["max_length"] = round(BATCH * sum(len(e.input_ids) for e in train_encoded) / len(train_encoded))
+        lengths = json.loads((work / "lengths.json").read_text())
+        overrides["max_length"] = round(BATCH * sum(lengths) / len(lengths))
     steps = math.ceil(len(rows) / BATCH)
     # Without packing (or packing ~8 examples a row) TRL takes tunelab's number of steps: round the
     # warmup as tunelab does. Packing 8 rows of 1024 tokens a step: pass the ratio.
@@ -127,7 +126,7 @@ def run_trl(variant: str, method: str, work: Path, out: Path) -> dict:
     args = SFTConfig(
         output_dir=str(out), num_train_epochs=1, learning_rate=learning_rate(method),
         lr_scheduler_type="cosine", warmup_steps=warmup, weight_decay=0.0, max_grad_norm=1.0,
-        **{"max_length": MAX_LENGTH, **overrides}, seed=SEED, save_strategy="no", report_to="none",
+        **{"max_length": MAX_LENGTH, **overrides}, seed=seed, save_strategy="no", report_to="none",
         logging_steps=1, disable_tqdm=True,
         # SFTConfig defaults to bf16, which on a machine without a GPU stops with "You need to
         # assign use_cpu if you want to train the model on CPU"; this is that fix.
@@ -163,16 +162,17 @@ def run_trl(variant: str, method: str, work: Path, out: Path) -> dict:
             "weights": str(out / "weights")}
 
 
-def child(setting: str, work: Path) -> None:
+def child(run: str, work: Path) -> None:
+    setting, seed = run.rsplit("@", 1)
     tool, method = split_setting(setting)
-    out = work / setting
+    out = work / f"{setting}-seed{seed}"
     if tool == "tunelab":
-        result = run_tunelab(method, work, work / "bookings.jsonl", out)
+        result = run_tunelab(method, int(seed), work, out)
     else:
-        result = run_trl(tool, method, work, out)
+        result = run_trl(tool, method, int(seed), work, out)
     result["wall_s"] = time.perf_counter() - STARTED
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
-    (work / f"{setting}.json").write_text(json.dumps(result, indent=2, default=str))
+    (work / f"{setting}-seed{seed}.json").write_text(json.dumps(result, indent=2, default=str))
 
 
 # ---- the parent: data, peak, children, held-out loss, table ----
@@ -232,12 +232,28 @@ def lora_parameter_count() -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def mean(values) -> float:
+    return sum(values) / len(values)
+
+
+def spread(values) -> str:
+    """'mean' for one value, else 'mean ± sample sd'."""
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    m = mean(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    return f"{m:.4f} ± {sd:.4f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=240,
                         help="booking examples generated (90%% trained for one epoch; the full set is 1200)")
     parser.add_argument("--settings", default=",".join(DEFAULT_SETTINGS),
                         help="comma-separated, from {tunelab,trl,trl-packing,trl-tuned}-{full,lora}")
+    parser.add_argument("--seeds", default=str(SEED),
+                        help="comma-separated training seeds (data order, initialisation), each setting run once per "
+                             "seed on the same split; times and losses are averaged, losses also get their spread")
     parser.add_argument("--out", default="runs/bench-throughput", help="work folder")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -255,39 +271,55 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work.mkdir(parents=True, exist_ok=True)
     settings = args.settings.split(",")
+    seeds = [int(seed) for seed in args.seeds.split(",")]
     for setting in settings:
         split_setting(setting)
-    _, _, train_encoded, test_encoded = prepare_data(work, args.examples)
+    train_encoded, test_encoded = prepare_data(work, args.examples)
+    (work / "lengths.json").write_text(json.dumps([len(e.input_ids) for e in train_encoded]))
     peak, peak_bf16 = matmul_peak_gflops("float32"), matmul_peak_gflops("bfloat16")
     print(f"{args.examples} examples: {len(train_encoded)} trained for one epoch, {len(test_encoded)} held out; "
           f"torch.mm peak {peak:.1f} GFLOP/s fp32, {peak_bf16:.1f} GFLOP/s bf16, on {torch.get_num_threads()} threads",
           flush=True)
 
-    results = {}
-    for setting in settings:
-        print(f"running {setting}...", flush=True)
-        load_before = os.getloadavg()[0]
-        done = subprocess.run([sys.executable, __file__, "--out", str(work), "--child", setting],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            print(done.stdout[-2000:], done.stderr[-5000:], sep="\n")
-            raise SystemExit(f"{setting} failed")
-        results[setting] = json.loads((work / f"{setting}.json").read_text())
-        # Other work on a shared machine shows here: a 1-minute load above the cores in use skews times.
-        results[setting]["load_avg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-        print(f"  {results[setting]['wall_s']:.0f} s, load average {load_before:.2f} -> {os.getloadavg()[0]:.2f}", flush=True)
+    runs = {}  # (setting, seed) -> result; seeds outermost, so a slow hour of the machine hits every setting
+    for seed in seeds:
+        for setting in settings:
+            print(f"running {setting} seed {seed}...", flush=True)
+            load_before = os.getloadavg()[0]
+            done = subprocess.run([sys.executable, __file__, "--out", str(work), "--child", f"{setting}@{seed}"],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                print(done.stdout[-2000:], done.stderr[-5000:], sep="\n")
+                raise SystemExit(f"{setting} seed {seed} failed")
+            r = runs[setting, seed] = json.loads((work / f"{setting}-seed{seed}.json").read_text())
+            # Other work on a shared machine shows here: a 1-minute load above the cores in use skews times.
+            r["load_avg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+            print(f"  {r['wall_s']:.0f} s, load average {load_before:.2f} -> {os.getloadavg()[0]:.2f}", flush=True)
 
     base_path = resolve_base("smollm2-135m")
     config = AutoConfig.from_pretrained(base_path)
     base_loss = heldout_loss(load_model(base_path).eval(), test_encoded, BATCH)
     lora_params = lora_parameter_count()
     useful = sum(len(e.input_ids) for e in train_encoded)
-    for setting, r in results.items():
-        _, method = split_setting(setting)
+    for (setting, _), r in runs.items():
         r["heldout_loss"] = heldout(setting, r["weights"], test_encoded)
-        r["useful_tokens_per_s"] = useful / r["train_s"]
-        flops_per_s = model_flops(method, train_encoded, config, lora_params if method == "lora" else 0) / r["train_s"]
-        r["mfu"], r["mfu_bf16_peak"] = flops_per_s / (peak * 1e9), flops_per_s / (peak_bf16 * 1e9)
+
+    # One row per setting: times averaged over seeds, held-out loss as mean ± sd.
+    results = {}
+    for setting in settings:
+        _, method = split_setting(setting)
+        mine = [runs[setting, seed] for seed in seeds]
+        train_s = mean([r["train_s"] for r in mine])
+        flops_per_s = model_flops(method, train_encoded, config, lora_params if method == "lora" else 0) / train_s
+        results[setting] = {
+            "steps": mine[0]["steps"], "train_s": train_s, "wall_s": mean([r["wall_s"] for r in mine]),
+            "useful_tokens_per_s": useful / train_s, "peak_rss_gb": max(r["peak_rss_gb"] for r in mine),
+            "heldout_losses": [r["heldout_loss"] for r in mine],
+            "heldout_loss": mean([r["heldout_loss"] for r in mine]),
+            "mfu": flops_per_s / (peak * 1e9), "mfu_bf16_peak": flops_per_s / (peak_bf16 * 1e9),
+            "load_avg_1min": [min(r["load_avg_1min"][0] for r in mine), max(r["load_avg_1min"][1] for r in mine)],
+            "runs": {seed: runs[setting, seed] for seed in seeds},
+        }
     for setting, r in results.items():
         _, method = split_setting(setting)
         trl = [o["wall_s"] for s, o in results.items() if split_setting(s) in (("trl", method), ("trl-packing", method))]
@@ -295,7 +327,8 @@ def main() -> None:
         r["faster_trl_wall_over_this"] = min(trl) / r["wall_s"] if trl else None
         r["trl_tuned_wall_over_this"] = tuned[0] / r["wall_s"] if tuned else None
 
-    print(f"\nbase model held-out loss {base_loss:.4f}; {useful} useful tokens per epoch\n")
+    print(f"\nbase model held-out loss {base_loss:.4f}; {useful} useful tokens per epoch; "
+          f"{len(seeds)} seed(s): {', '.join(map(str, seeds))}\n")
     print("| setting | steps | useful tok/s | train loop s | whole run s | faster TRL / this | trl-tuned / this | peak RSS GB | "
           "held-out loss | MFU (fp32 peak) | MFU (bf16 peak) | load before, after |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -303,17 +336,24 @@ def main() -> None:
         ratio = f"{r['faster_trl_wall_over_this']:.2f}x" if r["faster_trl_wall_over_this"] else "-"
         tuned = f"{r['trl_tuned_wall_over_this']:.2f}x" if r["trl_tuned_wall_over_this"] else "-"
         print(f"| {setting} | {r['steps']} | {r['useful_tokens_per_s']:.0f} | {r['train_s']:.0f} | {r['wall_s']:.0f} | "
-              f"{ratio} | {tuned} | {r['peak_rss_gb']:.2f} | {r['heldout_loss']:.4f} | {r['mfu']:.1%} | {r['mfu_bf16_peak']:.1%} | "
-              f"{r['load_avg_1min'][0]:.1f}, {r['load_avg_1min'][1]:.1f} |")
-    for setting, r in results.items():
+              f"{ratio} | {tuned} | {r['peak_rss_gb']:.2f} | {spread(r['heldout_losses'])} | {r['mfu']:.1%} | "
+              f"{r['mfu_bf16_peak']:.1%} | {r['load_avg_1min'][0]:.1f}, {r['load_avg_1min'][1]:.1f} |")
+    if len(seeds) > 1:
+        print("\n| setting | " + " | ".join(f"seed {seed}: held-out loss, whole run s" for seed in seeds) + " |")
+        print("|---|" + "---|" * len(seeds))
+        for setting in settings:
+            cells = [f"{runs[setting, seed]['heldout_loss']:.4f}, {runs[setting, seed]['wall_s']:.0f}" for seed in seeds]
+            print(f"| {setting} | " + " | ".join(cells) + " |")
+    for setting in settings:
+        r = runs[setting, seeds[0]]
         if "trl_settings" in r:
             print(f"\n{setting}: {json.dumps(r['trl_settings'])}; rows {r['rows']}, tokens {r['tokens_seen']}, "
                   f"trained tokens {r['trained_tokens']}")
     tunelab_trained = sum(e.trainable for e in train_encoded)
     print(f"\ntunelab: {len(train_encoded)} rows, tokens {useful}, trained tokens {tunelab_trained}")
-    summary = {"examples": args.examples, "train_examples": len(train_encoded), "test_examples": len(test_encoded),
-               "useful_tokens": useful, "trained_tokens": tunelab_trained, "matmul_peak_gflops": peak,
-               "matmul_peak_gflops_bf16": peak_bf16,
+    summary = {"examples": args.examples, "seeds": seeds, "train_examples": len(train_encoded),
+               "test_examples": len(test_encoded), "useful_tokens": useful, "trained_tokens": tunelab_trained,
+               "matmul_peak_gflops": peak, "matmul_peak_gflops_bf16": peak_bf16,
                "threads": torch.get_num_threads(), "base_heldout_loss": base_loss, "results": results}
     (work / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"\nwall time of the benchmark {time.perf_counter() - STARTED:.0f} s; results in {work / 'results.json'}")

@@ -39,6 +39,27 @@ def configure_threads() -> None:
         torch.set_num_interop_threads(1)
 
 
+def configure_allocator() -> None:
+    """Let glibc malloc keep freed memory for reuse. By default it hands every block over 32 MiB
+    straight back to the system when freed, so each training step maps, zero-fills (one page fault
+    per 4 KiB page) and unmaps the same large activation buffers again. With mmap off and trimming
+    above 1 GiB, the step reuses them. Linux with glibc only; elsewhere nothing changes."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    mallopt(m_mmap_max, 0)
+    mallopt(m_trim_threshold, 1 << 30)
+
+
 def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                 cu_seq_lens_q=None, **kwargs):
     """Attention over a packed row, one example at a time. Falls back to transformers' SDPA
@@ -168,21 +189,31 @@ def prepare_model(model, gradient_checkpointing: bool = False, compile: bool = F
     return torch.compile(model, dynamic=True) if compile else model
 
 
-def global_token_loss(accelerator, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(loss to back-propagate, mean token loss to report, tokens in the step), averaged over
-    the trained tokens of all processes together. Each process holds a different number of
-    trained tokens, so averaging the processes' own means (what gradient all-reduce does) would
-    weight tokens unequally; scaling each local sum by processes / global count makes the
-    all-reduced gradient that of the global token mean, as one process with the whole batch."""
+def backward_step(accelerator, model, micro_batches: list[dict]) -> tuple[torch.Tensor, int]:
+    """Forward and backward over the micro-batches of one optimizer step, on every process: the
+    gradient is that of the mean cross-entropy over all their trained tokens together, as if one
+    process had run the whole global batch at once. Returns (that mean loss, tokens in the step).
+
+    Micro-batches and processes hold different numbers of trained tokens, so averaging their own
+    means (what plain accumulation and the gradient all-reduce do) would give the tokens of short
+    micro-batches more weight. Instead each summed loss is divided by the step's global count of
+    trained tokens. `accelerator.backward` divides by the accumulation steps and the all-reduce by
+    the processes, so the scale undoes both. Gradients are synchronised on the last micro-batch only."""
     from tunelab.batching import token_loss
     from tunelab.template import IGNORE
 
-    tokens = batch["input_ids"].numel()
-    if accelerator.num_processes == 1:
-        loss = token_loss(model, batch)
-        return loss, loss.detach(), tokens
-    local = token_loss(model, batch, reduction="sum")
-    counts = torch.stack([local.detach().float(), (batch["targets"] != IGNORE).sum().float(),
-                          torch.tensor(float(tokens), device=local.device)])
-    total, trained, tokens = accelerator.reduce(counts, reduction="sum")
-    return local * accelerator.num_processes / trained, total / trained, int(tokens)
+    n = accelerator.num_processes
+    counts = torch.tensor([float(sum(int((b["targets"] != IGNORE).sum()) for b in micro_batches)),
+                           float(sum(b["input_ids"].numel() for b in micro_batches))], device=accelerator.device)
+    trained, tokens = accelerator.reduce(counts, reduction="sum") if n > 1 else counts
+    scale = accelerator.gradient_accumulation_steps * n / trained
+    total = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            loss = token_loss(model, batch, reduction="sum")
+            accelerator.backward(loss * scale)
+        total += loss.detach().float()
+    if n > 1:
+        total = accelerator.reduce(total, reduction="sum")
+    return total / trained, int(tokens)

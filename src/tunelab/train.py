@@ -91,6 +91,12 @@ def check_out(files: RunFiles, overwrite: bool, resume: bool, force: bool) -> No
                         "or --resume to continue it")
 
 
+def step_groups(micro_batches, size: int):
+    """The micro-batches of each optimizer step, `size` at a time (the last of an epoch may be short)."""
+    while group := list(itertools.islice(micro_batches, size)):
+        yield group
+
+
 def default_out(data_path: Path) -> Path:
     return Path("runs") / f"{data_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -112,6 +118,7 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
     start = checkpoints.resume_point(force) if resume else None
 
     speed.configure_threads()
+    speed.configure_allocator()
     accelerator = speed.make_accelerator(config.grad_accum, config.precision)
     set_seed(config.seed)
     model = build_model(config, prepared.base_path)
@@ -168,22 +175,18 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
     while step < total_steps:
         epoch_rng = generator.get_state()  # this epoch's data order is drawn from here
         # On resume, skip the micro-batches of this epoch that the checkpoint had consumed.
-        for batch in itertools.islice(loader, consumed, None):
-            consumed += 1
-            with accelerator.accumulate(model):
-                loss, reported, batch_tokens = speed.global_token_loss(accelerator, model, batch)
-                accelerator.backward(loss)
-                tokens += batch_tokens
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
+        for micro_batches in step_groups(itertools.islice(loader, consumed, None), config.grad_accum):
+            consumed += len(micro_batches)
+            loss, step_tokens = speed.backward_step(accelerator, model, micro_batches)
+            tokens += step_tokens
+            if config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
             step += 1
             elapsed = time.perf_counter() - started
-            loss_value = reported.item()
+            loss_value = loss.item()
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens / elapsed:.0f}")
             bar.update()
             if metrics:
