@@ -26,8 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 VARIANTS = ["sdpa", "packed", "packed,threads", "packed,threads,fused", "packed,threads,bf16",
-            "packed,threads,bf16,alloc", "packed,threads,bf16,alloc,compile", "packed,threads,bf16,alloc,gc",
-            "packed,threads,bf16,alloc,lora"]
+            "packed,threads,bf16,compile", "packed,threads,bf16,gc", "packed,threads,bf16,lora",
+            "packed,threads,bf16,alloc", "packed,threads,bf16,alloc,lora"]
 
 
 def run(variant: str, steps: int) -> dict:
