@@ -35,9 +35,9 @@ def run(variant: str, steps: int) -> dict:
 
     words = set(variant.split(","))
     if "alloc" in words:
-        from tunelab.speed import configure_allocator
+        from tunelab.speed import reuse_freed_memory
 
-        configure_allocator()
+        reuse_freed_memory().__enter__()  # for the life of this process
     if "threads" in words:
         from tunelab.speed import configure_threads
 

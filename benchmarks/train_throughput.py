@@ -76,6 +76,7 @@ def prepare_data(work: Path, examples: int):
     path = work / "bookings.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in bookings.make_examples(examples)))
     prepared = prepare(TrainConfig(max_length=MAX_LENGTH, test_size=TEST_SIZE, seed=SEED), path)
+    assert len(prepared.train_encoded) == len(prepared.train), "an example is over MAX_LENGTH: TRL would truncate it"
     (work / "train.jsonl").write_text("".join(json.dumps({"messages": e.messages}) + "\n" for e in prepared.train))
     return prepared.train_encoded, prepared.test_encoded
 
@@ -271,7 +272,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work.mkdir(parents=True, exist_ok=True)
     settings = args.settings.split(",")
-    seeds = [int(seed) for seed in args.seeds.split(",")]
+    seeds = list(dict.fromkeys(int(seed) for seed in args.seeds.split(",")))
     for setting in settings:
         split_setting(setting)
     train_encoded, test_encoded = prepare_data(work, args.examples)

@@ -84,3 +84,52 @@ def test_chunked_loss_declines_a_wrapped_head(tiny_model_dir, encoded):
     keep = (batch["targets"][0] != IGNORE).nonzero().squeeze(-1)
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     assert speed.chunked_token_loss(model, inputs, keep, batch["targets"][0][keep]) is None
+
+
+def test_large_blocks_come_from_the_heap_while_training():
+    import ctypes
+
+    libc = speed._glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        pytest.skip("needs glibc 2.33 or later")
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc.mallinfo2.restype = Mallinfo2
+
+    def mmapped_by(allocate) -> int:
+        before = libc.mallinfo2().hblkhd  # bytes malloc holds in separate mmaps
+        block = allocate()
+        grown = libc.mallinfo2().hblkhd - before
+        del block
+        return grown
+
+    size = 64 << 20  # over glibc's largest automatic mmap threshold (32 MiB)
+    assert mmapped_by(lambda: torch.empty(size, dtype=torch.uint8)) >= size
+    with speed.reuse_freed_memory():
+        assert mmapped_by(lambda: torch.empty(size, dtype=torch.uint8)) == 0
+    assert mmapped_by(lambda: torch.empty(size, dtype=torch.uint8)) >= size  # defaults back
+
+
+@pytest.mark.parametrize("grad_accum", [1, 3])
+def test_backward_step_gradient_is_the_mean_over_all_trained_tokens(tiny_model_dir, encoded, grad_accum):
+    """Micro-batches of very different sizes, accumulated: the gradient equals that of the mean
+    token loss of all their examples in one batch (no factor of the accumulation steps left over)."""
+    model = load_model(tiny_model_dir)
+    reference = token_loss(model, pack(encoded))
+    reference.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+
+    accelerator = speed.make_accelerator(grad_accum, "fp32")
+    micro_batches = [pack(encoded[:1]), pack(encoded[1:2]), pack(encoded[2:])]
+    trained = [int((b["targets"] != IGNORE).sum()) for b in micro_batches]
+    assert max(trained) > 2 * min(trained)  # a plain mean of micro-batch means would be off
+    loss, tokens = speed.backward_step(accelerator, model, micro_batches)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert tokens == sum(len(e.input_ids) for e in encoded)
+    assert accelerator.sync_gradients  # the optimizer steps after the last micro-batch
+    for name, p in model.named_parameters():
+        assert (p.grad - expected[name]).norm() <= 1e-5 * expected[name].norm(), name

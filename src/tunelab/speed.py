@@ -39,25 +39,40 @@ def configure_threads() -> None:
         torch.set_num_interop_threads(1)
 
 
-def configure_allocator() -> None:
-    """Let glibc malloc keep freed memory for reuse. By default it hands every block over 32 MiB
-    straight back to the system when freed, so each training step maps, zero-fills (one page fault
-    per 4 KiB page) and unmaps the same large activation buffers again. With mmap off and trimming
-    above 1 GiB, the step reuses them. Linux with glibc only; elsewhere nothing changes."""
+@contextlib.contextmanager
+def reuse_freed_memory(enabled: bool = True):
+    """While training, let glibc malloc keep freed memory for reuse. By default it hands every
+    block over 32 MiB straight back to the system when freed, so each training step maps,
+    zero-fills (one page fault per 4 KiB page) and unmaps the same large activation buffers
+    again: ~15% of a step on 2 CPU cores (benchmarks/step_timing.py, variant `alloc`). Inside,
+    large blocks come from the heap and stay there; on the way out glibc's defaults come back and
+    the unused heap is returned to the system. Linux with glibc only; elsewhere nothing changes."""
+    libc = _glibc() if enabled else None
+    if libc is None:
+        yield
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 1 << 30)
+    try:
+        yield
+    finally:
+        libc.mallopt(m_mmap_max, 65536)  # glibc's defaults
+        libc.mallopt(m_trim_threshold, 128 * 1024)
+        libc.malloc_trim(0)
+
+
+def _glibc():
     import ctypes
-    import ctypes.util
     import sys
 
     if not sys.platform.startswith("linux"):
-        return
+        return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc
-        return
-    m_trim_threshold, m_mmap_max = -1, -4
-    mallopt(m_mmap_max, 0)
-    mallopt(m_trim_threshold, 1 << 30)
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -203,17 +218,22 @@ def backward_step(accelerator, model, micro_batches: list[dict]) -> tuple[torch.
     from tunelab.template import IGNORE
 
     n = accelerator.num_processes
-    counts = torch.tensor([float(sum(int((b["targets"] != IGNORE).sum()) for b in micro_batches)),
-                           float(sum(b["input_ids"].numel() for b in micro_batches))], device=accelerator.device)
+    counts = torch.tensor([sum(int((b["targets"] != IGNORE).sum()) for b in micro_batches),
+                           sum(b["input_ids"].numel() for b in micro_batches)], dtype=torch.float64,
+                          device=accelerator.device)
     trained, tokens = accelerator.reduce(counts, reduction="sum") if n > 1 else counts
-    scale = accelerator.gradient_accumulation_steps * n / trained
+    scale = accelerator.gradient_accumulation_steps * n / trained.clamp(min=1)
     total = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
+        # What `accelerator.accumulate` does, from the step's own micro-batches rather than a
+        # count of calls: DeepSpeed steps its engine on this flag, DDP and FSDP synchronise
+        # gradients on the last micro-batch only.
+        accelerator.gradient_state._set_sync_gradients(last)
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             loss = token_loss(model, batch, reduction="sum")
             accelerator.backward(loss * scale)
         total += loss.detach().float()
     if n > 1:
         total = accelerator.reduce(total, reduction="sum")
-    return total / trained, int(tokens)
+    return total / trained.clamp(min=1), int(tokens)

@@ -105,7 +105,7 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
           resume: bool = False, force: bool = False) -> Path:
     """Train and save a run in `out`. `resume` continues the run there from its newest complete
     checkpoint; `force` lets it continue although the data or options changed."""
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
@@ -118,7 +118,6 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
     start = checkpoints.resume_point(force) if resume else None
 
     speed.configure_threads()
-    speed.configure_allocator()
     accelerator = speed.make_accelerator(config.grad_accum, config.precision)
     set_seed(config.seed)
     model = build_model(config, prepared.base_path)
@@ -137,8 +136,11 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
     steps_per_epoch = math.ceil(math.ceil(len(loader) / n) / config.grad_accum)
     total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
     warmup = round(total_steps * config.warmup_ratio)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup * n, total_steps * n)
+    # accelerate steps a scheduler once per process at each step; DeepSpeed's engine steps it once.
+    per_step = 1 if accelerator.distributed_type == DistributedType.DEEPSPEED else n
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup * per_step, total_steps * per_step)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP swaps in sharded ones
     eval_every = config.eval_every or max(1, total_steps // 4)
     eval_set = prepared.test_encoded[: config.eval_examples]
 
@@ -172,37 +174,38 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
                unit="step")
     if not start:
         evaluate(0)
-    while step < total_steps:
-        epoch_rng = generator.get_state()  # this epoch's data order is drawn from here
-        # On resume, skip the micro-batches of this epoch that the checkpoint had consumed.
-        for micro_batches in step_groups(itertools.islice(loader, consumed, None), config.grad_accum):
-            consumed += len(micro_batches)
-            loss, step_tokens = speed.backward_step(accelerator, model, micro_batches)
-            tokens += step_tokens
-            if config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            step += 1
-            elapsed = time.perf_counter() - started
-            loss_value = loss.item()
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens / elapsed:.0f}")
-            bar.update()
-            if metrics:
-                metrics.write({"step": step, "loss": round(loss_value, 5), "lr": scheduler.get_last_lr()[0],
-                               "tokens": tokens, "tokens_per_s": round(tokens / elapsed, 1),
-                               "elapsed_s": round(elapsed, 2)})
-            saving = checkpoints.due(step)
-            eval_loss = None
-            if step % eval_every == 0 or step == total_steps or saving:
-                eval_loss = evaluate(step)
-            if saving and accelerator.is_main_process:
-                checkpoints.save(Position(step, epoch, consumed, tokens, elapsed), eval_loss,
-                                 accelerator.unwrap_model(model), config.method, optimizer, scheduler, epoch_rng)
-            if step >= total_steps:
-                break
-        epoch, consumed = epoch + 1, 0
+    with speed.reuse_freed_memory(enabled=accelerator.device.type == "cpu"):
+        while step < total_steps:
+            epoch_rng = generator.get_state()  # this epoch's data order is drawn from here
+            # On resume, skip the micro-batches of this epoch that the checkpoint had consumed.
+            for micro_batches in step_groups(itertools.islice(loader, consumed, None), config.grad_accum):
+                consumed += len(micro_batches)
+                loss, step_tokens = speed.backward_step(accelerator, model, micro_batches)
+                tokens += step_tokens
+                if config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                step += 1
+                elapsed = time.perf_counter() - started
+                loss_value = loss.item()
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens / elapsed:.0f}")
+                bar.update()
+                if metrics:
+                    metrics.write({"step": step, "loss": round(loss_value, 5), "lr": scheduler.get_last_lr()[0],
+                                   "tokens": tokens, "tokens_per_s": round(tokens / elapsed, 1),
+                                   "elapsed_s": round(elapsed, 2)})
+                saving = checkpoints.due(step)
+                eval_loss = None
+                if step % eval_every == 0 or step == total_steps or saving:
+                    eval_loss = evaluate(step)
+                if saving and accelerator.is_main_process:
+                    checkpoints.save(Position(step, epoch, consumed, tokens, elapsed), eval_loss,
+                                     accelerator.unwrap_model(model), config.method, optimizer, scheduler, epoch_rng)
+                if step >= total_steps:
+                    break
+            epoch, consumed = epoch + 1, 0
     bar.close()
     accelerator.wait_for_everyone()
     state = accelerator.get_state_dict(model)  # gathers FSDP/DeepSpeed shards: every process takes part
