@@ -256,6 +256,9 @@ def main() -> None:
                         help="comma-separated training seeds (data order, initialisation), each setting run once per "
                              "seed on the same split; times and losses are averaged, losses also get their spread")
     parser.add_argument("--out", default="runs/bench-throughput", help="work folder")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take a setting and seed already measured in --out (same --examples) instead of running "
+                             "it again, e.g. to add a setting to a finished run")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = Path(args.out).resolve()
@@ -285,6 +288,12 @@ def main() -> None:
     runs = {}  # (setting, seed) -> result; seeds outermost, so a slow hour of the machine hits every setting
     for seed in seeds:
         for setting in settings:
+            measured = work / f"{setting}-seed{seed}.json"
+            if args.reuse and measured.exists():
+                runs[setting, seed] = json.loads(measured.read_text())
+                runs[setting, seed].setdefault("load_avg_1min", [math.nan, math.nan])
+                print(f"reusing {setting} seed {seed}: {runs[setting, seed]['wall_s']:.0f} s", flush=True)
+                continue
             print(f"running {setting} seed {seed}...", flush=True)
             load_before = os.getloadavg()[0]
             done = subprocess.run([sys.executable, __file__, "--out", str(work), "--child", f"{setting}@{seed}"],
@@ -292,9 +301,10 @@ def main() -> None:
             if done.returncode != 0:
                 print(done.stdout[-2000:], done.stderr[-5000:], sep="\n")
                 raise SystemExit(f"{setting} seed {seed} failed")
-            r = runs[setting, seed] = json.loads((work / f"{setting}-seed{seed}.json").read_text())
+            r = runs[setting, seed] = json.loads(measured.read_text())
             # Other work on a shared machine shows here: a 1-minute load above the cores in use skews times.
             r["load_avg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+            measured.write_text(json.dumps(r, indent=2, default=str))
             print(f"  {r['wall_s']:.0f} s, load average {load_before:.2f} -> {os.getloadavg()[0]:.2f}", flush=True)
 
     base_path = resolve_base("smollm2-135m")
