@@ -328,7 +328,8 @@ def main() -> None:
             "heldout_losses": [r["heldout_loss"] for r in mine],
             "heldout_loss": mean([r["heldout_loss"] for r in mine]),
             "mfu": flops_per_s / (peak * 1e9), "mfu_bf16_peak": flops_per_s / (peak_bf16 * 1e9),
-            "load_avg_1min": [min(r["load_avg_1min"][0] for r in mine), max(r["load_avg_1min"][1] for r in mine)],
+            "load_avg_1min": [min((r["load_avg_1min"][0] for r in mine), key=lambda v: (math.isnan(v), v)),
+                              max((r["load_avg_1min"][1] for r in mine), key=lambda v: (not math.isnan(v), v))],
             "runs": {seed: runs[setting, seed] for seed in seeds},
         }
     for setting, r in results.items():

@@ -1,5 +1,5 @@
-"""Device and speed helpers for the training loop: threads, packed attention, chunked loss,
-optimizer and precision choices. Each was measured with benchmarks/step_timing.py and
+"""Device and speed helpers for the training loop: threads, the allocator, packed attention,
+chunked loss, gradient accumulation, optimizer and precision choices. Each was measured with benchmarks/step_timing.py and
 benchmarks/train_throughput.py and kept because it paid (numbers in docs/BENCHMARKS.md).
 
 Packed attention. A micro-batch is one row of examples back to back. transformers turns the
