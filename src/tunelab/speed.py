@@ -1,6 +1,7 @@
 """Device and speed helpers for the training loop: threads, the allocator, packed attention,
-chunked loss, gradient accumulation, optimizer and precision choices. Each was measured with benchmarks/step_timing.py and
-benchmarks/train_throughput.py and kept because it paid (numbers in docs/BENCHMARKS.md).
+chunked loss, token-weighted gradient accumulation, optimizer and precision choices. Each speed
+option was measured with benchmarks/step_timing.py and benchmarks/train_throughput.py and kept
+because it paid (numbers in docs/BENCHMARKS.md).
 
 Packed attention. A micro-batch is one row of examples back to back. transformers turns the
 restarting position ids into a dense block-diagonal mask over the whole row, so attention costs
