@@ -86,31 +86,53 @@ def test_chunked_loss_declines_a_wrapped_head(tiny_model_dir, encoded):
     assert speed.chunked_token_loss(model, inputs, keep, batch["targets"][0][keep]) is None
 
 
+HEAP_PROBE = """
+import ctypes
+import torch
+from tunelab import speed
+
+libc = speed._glibc()
+if libc is None or not hasattr(libc, "mallinfo2"):
+    raise SystemExit(3)
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc.mallinfo2.restype = Mallinfo2
+
+def mmapped() -> int:
+    before = libc.mallinfo2().hblkhd  # bytes malloc holds in separate mmaps
+    block = torch.empty(64 << 20, dtype=torch.uint8)  # over glibc's largest automatic threshold, 32 MiB
+    grown = libc.mallinfo2().hblkhd - before
+    del block
+    return grown
+
+outside = mmapped()
+with speed.reuse_freed_memory():
+    inside = mmapped()
+print(outside, inside, mmapped())
+"""
+
+
 def test_large_blocks_come_from_the_heap_while_training():
-    import ctypes
+    """In a fresh process: a heap that earlier tests left with large free chunks would serve the
+    block without mmap either way."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    libc = speed._glibc()
-    if libc is None or not hasattr(libc, "mallinfo2"):
+    import tunelab
+
+    env = {**os.environ, "PYTHONPATH": str(Path(tunelab.__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", HEAP_PROBE], capture_output=True, text=True, env=env, timeout=120)
+    if done.returncode == 3:
         pytest.skip("needs glibc 2.33 or later")
-
-    class Mallinfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-    libc.mallinfo2.restype = Mallinfo2
-
-    def mmapped_by(allocate) -> int:
-        before = libc.mallinfo2().hblkhd  # bytes malloc holds in separate mmaps
-        block = allocate()
-        grown = libc.mallinfo2().hblkhd - before
-        del block
-        return grown
-
-    size = 64 << 20  # over glibc's largest automatic mmap threshold (32 MiB)
-    assert mmapped_by(lambda: torch.empty(size, dtype=torch.uint8)) >= size
-    with speed.reuse_freed_memory():
-        assert mmapped_by(lambda: torch.empty(size, dtype=torch.uint8)) == 0
-    assert mmapped_by(lambda: torch.empty(size, dtype=torch.uint8)) >= size  # defaults back
+    assert done.returncode == 0, done.stderr[-2000:]
+    outside, inside, after = map(int, done.stdout.split())
+    size = 64 << 20
+    assert outside >= size and inside == 0 and after >= size  # glibc's defaults are back afterwards
 
 
 @pytest.mark.parametrize("grad_accum", [1, 3])
