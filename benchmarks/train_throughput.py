@@ -33,6 +33,7 @@ import resource
 import subprocess
 import sys
 import time
+from statistics import mean, stdev
 from pathlib import Path
 
 STARTED = time.perf_counter()
@@ -233,17 +234,11 @@ def lora_parameter_count() -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def mean(values) -> float:
-    return sum(values) / len(values)
-
-
 def spread(values) -> str:
     """'mean' for one value, else 'mean ± sample sd'."""
     if len(values) == 1:
         return f"{values[0]:.4f}"
-    m = mean(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-    return f"{m:.4f} ± {sd:.4f}"
+    return f"{mean(values):.4f} ± {stdev(values):.4f}"
 
 
 def main() -> None:
