@@ -21,7 +21,7 @@ from tunelab import speed
 from tunelab.batching import encode_examples, heldout_loss, pack
 from tunelab.checkpoint import Checkpoints, Position, trim_metrics
 from tunelab.config import TrainConfig
-from tunelab.errors import UserError
+from tunelab.errors import UserError, check_output_folder
 from tunelab.models import load_model, load_tokenizer, resolve_base
 from tunelab.run import RunFiles
 from tunelab.template import Template
@@ -80,6 +80,7 @@ def build_model(config: TrainConfig, base_path: Path):
 
 def check_out(files: RunFiles, overwrite: bool, resume: bool, force: bool) -> None:
     out = files.root
+    check_output_folder(out, "--out")
     if resume and overwrite:
         raise UserError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
     if force and not resume:
