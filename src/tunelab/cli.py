@@ -147,6 +147,14 @@ def cmd_chat(args: argparse.Namespace) -> None:
             conversation.pop()
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from tunelab.serve import ServeOptions, serve
+
+    serve(ServeOptions(runs=[Path(r) for r in args.runs], host=args.host, port=args.port, api_key=args.api_key,
+                       max_queue=args.max_queue, batch_size=args.batch_size,
+                       rules=Path(args.rules) if args.rules else None))
+
+
 def cmd_not_yet(args: argparse.Namespace) -> None:
     raise UserError(f"tunelab {args.command}: not available yet; use `tunelab generate` or the Python API for now")
 
@@ -259,8 +267,21 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=positive_int, default=512)
     chat.set_defaults(func=cmd_chat)
 
-    for name, text in (("serve", "OpenAI-compatible server (not available yet)"),
-                       ("export", "merged weights and GGUF (not available yet)")):
+    serve = commands.add_parser("serve", help="OpenAI-compatible server and chat page for one or more runs")
+    serve.add_argument("runs", nargs="+", metavar="RUN", help="run folders; each is served as the model named "
+                                                              "by its folder")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; any other "
+                                                           "needs --api-key)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    serve.add_argument("--api-key", default=None, help="key clients send as `Authorization: Bearer KEY`")
+    serve.add_argument("--max-queue", type=positive_int, default=32,
+                       help="requests waiting or answered at once; more get 429 (default: 32)")
+    serve.add_argument("--batch-size", type=positive_int, default=8,
+                       help="most requests answered by one batched generation (default: 8)")
+    serve.add_argument("--rules", default=None, help="YAML moderation rules: input/output words and patterns")
+    serve.set_defaults(func=cmd_serve)
+
+    for name, text in (("export", "merged weights and GGUF (not available yet)"),):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("run", nargs="?")
         sub.set_defaults(func=cmd_not_yet)
