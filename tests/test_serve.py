@@ -90,14 +90,15 @@ class ServerProcess:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
-    """Two LoRA runs on the tiny base, trained a few steps each."""
+    """Two LoRA runs on the tiny base. alpha learns to answer countries (and never to stop, so
+    long requests stay long); beta is trained two steps."""
     folder = tmp_path_factory.mktemp("serve")
     data = write_jsonl(folder / "pairs.jsonl", [{"prompt": f"Country of {c}? ({i})", "completion": k}
                                                  for i in range(6) for c, k in CITIES])
     found = {}
-    for name, lr in (("alpha", 1e-3), ("beta", 3e-2)):
-        tunelab.finetune(data, out=folder / name, base=str(tiny_model_dir), method="lora", max_steps=2,
-                         batch_size=4, test_size=4, lr=lr)
+    for name, steps in (("alpha", 20), ("beta", 2)):
+        tunelab.finetune(data, out=folder / name, base=str(tiny_model_dir), method="lora", max_steps=steps,
+                         batch_size=4, test_size=4, lr=1e-2)
         found[name] = folder / name
     return found
 
@@ -299,14 +300,17 @@ class Chromium:
     def __init__(self, exe: str, profile: Path):
         import fcntl
 
-        to_browser_r, self.to_browser = os.pipe()
-        self.from_browser, from_browser_w = os.pipe()
-        # Above the descriptors the shell rewires, so `3<&` and `4>&` cannot clobber each other.
-        to_browser_r = fcntl.fcntl(to_browser_r, fcntl.F_DUPFD, 10)
-        from_browser_w = fcntl.fcntl(from_browser_w, fcntl.F_DUPFD, 10)
+        # Chromium reads the protocol on descriptor 3 and writes on 4; the pipe's ends are moved
+        # above 9 first, so that bash's `3<&` and `4>&` cannot clobber each other.
+        reading, self.to_browser = os.pipe()
+        self.from_browser, writing = os.pipe()
+        to_browser_r = fcntl.fcntl(reading, fcntl.F_DUPFD, 10)
+        from_browser_w = fcntl.fcntl(writing, fcntl.F_DUPFD, 10)
+        os.close(reading)
+        os.close(writing)
         args = ["--headless=new", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
                 f"--user-data-dir={profile}", "--window-size=900,600", "about:blank"]
-        self.proc = subprocess.Popen(["sh", "-c", f'exec "$0" "$@" 3<&{to_browser_r} 4>&{from_browser_w}', exe, *args],
+        self.proc = subprocess.Popen(["bash", "-c", f'exec "$0" "$@" 3<&{to_browser_r} 4>&{from_browser_w}', exe, *args],
                                      pass_fds=(to_browser_r, from_browser_w), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         os.close(to_browser_r)
@@ -362,10 +366,14 @@ def test_chat_page_in_headless_chromium(server, tmp_path):
     browser = Chromium(exe, tmp_path / "profile")
     try:
         browser.open(server.url + "/")
-        browser.wait_for("document.readyState === 'complete'")
-        browser.evaluate(f"const k = document.getElementById('key'); k.value = '{KEY}';"
+        # The page asks the server for its models at once; this server wants a key first.
+        assert "API key" in browser.wait_for("document.getElementById('status').textContent")
+        browser.evaluate("document.getElementById('status').textContent = '';"
+                         f"const k = document.getElementById('key'); k.value = '{KEY}';"
                          "k.dispatchEvent(new Event('change')); true")
-        assert browser.wait_for("document.getElementById('model').options.length") == 2
+        models = browser.wait_for("document.getElementById('model').options.length || "
+                                  "document.getElementById('status').textContent")
+        assert models == 2, models
         browser.evaluate("document.getElementById('message').focus(); true")
         browser.call("Input.insertText", text="Country of Paris? (0)")
         for kind in ("keyDown", "keyUp"):
