@@ -45,10 +45,11 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 class ServerProcess:
     """`tunelab serve ...` in a child process, ready once it prints where it serves."""
 
-    def __init__(self, *args: str):
+    def __init__(self, runs: list[Path], *flags: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "serve", *args, "--port", str(self.port)],
+        command = ["serve", *map(str, runs), "--port", str(self.port), *flags]
+        self.proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", *command],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if not line.startswith("Serving"):
@@ -105,16 +106,16 @@ def runs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(runs):
-    # The README's form: tunelab serve RUN RUN --port PORT --api-key KEY
-    process = ServerProcess(str(runs["alpha"]), str(runs["beta"]), "--api-key", KEY)
+    # The README's form: tunelab serve runs/bookings runs/support --port 8000 --api-key sk-local-123
+    process = ServerProcess([runs["alpha"], runs["beta"]], "--api-key", KEY)
     yield process
     process.stop()
 
 
 @pytest.fixture(scope="module")
 def busy_server(runs):
-    # The README's form: tunelab serve RUN --port PORT --max-queue 1
-    process = ServerProcess(str(runs["alpha"]), "--max-queue", "1")
+    # The README's form: tunelab serve runs/bookings --port 8000 --max-queue 1
+    process = ServerProcess([runs["alpha"]], "--max-queue", "1")
     yield process
     process.stop()
 
@@ -257,8 +258,8 @@ def test_rules_refuse_input_and_output(runs, tmp_path, server):
     assert chat(server.client(), "alpha", "Country of Rome? (0)", max_tokens=8).choices[0].message.content.strip()
     rules = tmp_path / "rules.yaml"
     rules.write_text("input:\n  words: [forbidden]\n  patterns: ['\\d{4}-\\d{4}']\noutput:\n  patterns: ['\\S']\n")
-    # The README's form: tunelab serve RUN --port PORT --rules rules.yaml
-    process = ServerProcess(str(runs["alpha"]), "--rules", str(rules))
+    # The README's form: tunelab serve runs/bookings --port 8000 --rules rules.yaml
+    process = ServerProcess([runs["alpha"]], "--rules", str(rules))
     try:
         client = process.client()
         for text in ("this is FORBIDDEN here", "card 1234-5678"):
@@ -399,4 +400,5 @@ def test_sigterm_finishes_requests_in_flight(busy_server):
     busy_server.proc.send_signal(signal.SIGTERM)
     chunks += list(stream)
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
-    assert busy_server.proc.wait(timeout=60) == 0
+    # uvicorn raises the signal again once the requests are done, so the exit reads as SIGTERM's.
+    assert busy_server.proc.wait(timeout=60) in (0, -signal.SIGTERM)

@@ -25,7 +25,6 @@ import ipaddress
 import json
 import re
 import socket
-import sys
 import threading
 import time
 import traceback
@@ -659,4 +658,3 @@ def serve(options: ServeOptions) -> None:
           "Ctrl-C stops", flush=True)
     config = uvicorn.Config(server.app(), log_level="warning", timeout_graceful_shutdown=None)
     uvicorn.Server(config).run(sockets=[sock])
-    print("Server stopped", file=sys.stderr)
