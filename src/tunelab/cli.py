@@ -49,11 +49,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from tunelab.evaluate import format_samples, format_table
     from tunelab.run import Run
 
     run = Run(args.run)
     check_output_file(run.files.eval, "the results file")  # written at the end: check before the work
+    from tunelab.evaluate import format_samples, format_table
+
     results = run.evaluate(limit=args.limit, include_base=not args.no_base, max_new_tokens=args.max_new_tokens)
     print(format_table(results))
     print(format_samples(results))
@@ -63,7 +64,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     """Answers go out one JSON line each, in input order, as soon as they are made, so an
     interrupted run keeps every answer written; every path is checked before the model loads."""
-    from tunelab.run import Run
+    from tunelab.data import load_examples
+    from tunelab.run import Run, RunFiles
 
     if (args.prompt is None) == (args.input is None):
         raise UserError("tunelab generate: pass exactly one of --prompt TEXT or --input FILE")
@@ -73,20 +75,26 @@ def cmd_generate(args: argparse.Namespace) -> None:
         check_output_file(Path(args.output), "--output")
         if Path(args.output).resolve() == Path(args.input).resolve():
             raise UserError(f"--output {args.output}: is the --input file; choose another --output")
+    RunFiles(Path(args.run)).check()
+    examples = load_examples(Path(args.input), require_answer=False) if args.input is not None else []
     run = Run(args.run)
     if args.prompt is not None:
         print(run.generate(args.prompt, max_new_tokens=args.max_new_tokens))
         return
-    from tqdm.auto import tqdm
-
-    from tunelab.data import load_examples
     from tunelab.generate import generate_answers
 
-    examples = load_examples(Path(args.input), require_answer=False)
     answers = generate_answers(run.model(), run.template, (e.prompt_messages() for e in examples),
                                max_new_tokens=args.max_new_tokens)
-    where = args.output or "standard output"
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    write_answers(examples, answers, Path(args.output) if args.output else None)
+
+
+def write_answers(examples: list, answers, output: Path | None) -> None:
+    """Write each answer as one JSON line as soon as it comes, with a progress bar on standard
+    error; on Ctrl-C, say how far it got."""
+    from tqdm.auto import tqdm
+
+    where = str(output) if output else "standard output"
+    out = output.open("w", encoding="utf-8") if output else sys.stdout
     bar = tqdm(total=len(examples), desc="generating", unit="answer", file=sys.stderr)
     written = 0
     try:
@@ -102,8 +110,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     except KeyboardInterrupt:
         bar.close()
         last = f" (input lines up to {examples[written - 1].line})" if written else ""
-        print(f"tunelab: interrupted: {written} of {len(examples)} answers written to {where}{last}",
-              file=sys.stderr)
+        print(f"tunelab: interrupted: {written} of {len(examples)} answers written to {where}{last}", file=sys.stderr)
         raise
     finally:
         bar.close()

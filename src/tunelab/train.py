@@ -46,6 +46,7 @@ def prepare(config: TrainConfig, data_path: Path, out: Path | None = None) -> Pr
     """Check the data (errors stop here, with the report saved in `out`), then split and encode."""
     from tunelab.datacheck import CheckOptions, run_check
 
+    data_mod.check_data_file(data_path)  # before the base model is converted or loaded
     base_path = resolve_base(config.base)
     tokenizer = load_tokenizer(base_path)
     template = Template.for_model(tokenizer, config.template)
