@@ -47,10 +47,15 @@ def test_the_guard_blocks_and_logs_outside_connections(offline_env):
             "    try:\n"
             "        socket.create_connection((host, 443), timeout=1)\n"
             "    except OSError as e:\n"
-            "        print(type(e).__name__)\n")
+            "        print(type(e).__name__)\n"
+            "try:\n"
+            "    socket.getaddrinfo('example.org', 443)\n"
+            "except OSError as e:\n"
+            "    print(type(e).__name__)\n")
     result = run(["-c", code], offline_env)
-    assert result.stdout.split() == ["NetworkBlocked", "NetworkBlocked"], result.stderr
-    assert blocked(offline_env) == ["getaddrinfo 'example.com'", "create_connection '93.184.216.34'"]
+    assert result.stdout.split() == ["NetworkBlocked"] * 3, result.stderr
+    assert blocked(offline_env) == ["create_connection 'example.com'", "create_connection '93.184.216.34'",
+                                    "getaddrinfo 'example.org'"]
 
 
 def test_importing_tunelab_sets_the_offline_switches(offline_env):

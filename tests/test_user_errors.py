@@ -121,7 +121,8 @@ CASES = {
     "data-empty": (lambda s: ["data", "check", s.write("empty.jsonl", "")], ["empty.jsonl", "no examples"]),
     "data-missing": (lambda s: ["train", s.tmp / "nope.jsonl", "--out", s.tmp / "out"], ["nope.jsonl: file not found"]),
     "data-folder": (lambda s: ["data", "check", s.folder("d.jsonl")], ["d.jsonl: is a folder"]),
-    "data-unknown-type": (lambda s: ["data", "check", s.write("d.txt", "hello")], ["d.txt", ".jsonl, .csv or .parquet"]),
+    "data-unknown-type": (lambda s: ["data", "check", s.write("d.txt", "hello")],
+                          ["d.txt", ".jsonl, .csv or .parquet"]),
     "data-check-out-is-file": (lambda s: ["data", "check", s.good_data(), "--out", s.write("report", "mine")],
                                ["--out", "report: is a file"]),
     # where training writes
@@ -141,7 +142,7 @@ CASES = {
     "base-not-a-model": (lambda s: ["train", s.good_data(), "--base", s.write("notes.txt", "hi").parent,
                                     "--out", s.tmp / "out"], ["a folder without config.json"]),
     "base-no-weights": (lambda s: ["train", s.good_data(), "--base", _no_weights_base(s), "--out", s.tmp / "out"],
-                        ["no-weights: cannot load the model"]),
+                        ["no-weights: the folder has config.json but no weights"]),
     "base-gguf-truncated-header": (lambda s: ["train", s.good_data(), "--base", s.gguf("cut.gguf", 40),
                                               "--out", s.tmp / "out"], ["cut.gguf", "truncated or damaged"]),
     "base-gguf-truncated-data": (lambda s: ["train", s.good_data(), "--base", s.gguf("cut.gguf", None),
@@ -166,7 +167,8 @@ CASES = {
     "chat-no-weights": (lambda s: ["chat", s.run_without("adapter")], ["has no trained weights"]),
     # generate's input and output
     "generate-output-folder-missing": (lambda s: ["generate", s.run, "--input", s.good_data(), "--output",
-                                                  s.tmp / "answers" / "out.jsonl"], ["answers does not exist", "mkdir"]),
+                                                  s.tmp / "answers" / "out.jsonl"],
+                                       ["answers does not exist", "mkdir"]),
     "generate-output-read-only": (lambda s: ["generate", s.run, "--input", s.good_data(), "--output",
                                              s.read_only() / "out.jsonl"], ["--output", "cannot write in"]),
     "generate-output-is-folder": (lambda s: ["generate", s.run, "--input", s.good_data(), "--output",

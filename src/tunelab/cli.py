@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--method", choices=("lora", "full"), default="full", help="fine-tuning method (default: full)")
     demo.add_argument("--max-steps", type=positive_int, default=100,
                       help="optimizer steps of 8 examples (default: 100, about 6 minutes on 2 CPU cores)")
-    demo.add_argument("--eval-limit", type=positive_int, default=100, help="held-out examples to evaluate (default: 100)")
+    demo.add_argument("--eval-limit", type=positive_int, default=100,
+                      help="held-out examples to evaluate (default: 100)")
     demo.set_defaults(func=cmd_demo)
 
     data = commands.add_parser("data", help="check a data file before training")
@@ -247,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="compare base and fine-tuned models on the held-out split")
     evaluate.add_argument("run", help="run folder")
-    evaluate.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N held-out examples")
+    evaluate.add_argument("--limit", type=positive_int, default=None,
+                          help="evaluate only the first N held-out examples")
     evaluate.add_argument("--no-base", action="store_true", help="skip the base model")
     evaluate.add_argument("--max-new-tokens", type=positive_int, default=None)
     evaluate.set_defaults(func=cmd_eval)
