@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import typing
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -56,7 +57,8 @@ class DataOptions(BaseModel):
     @classmethod
     def _no_bool_for_numbers(cls, value: Any, info) -> Any:
         # pydantic would read `epochs: true` as 1; a yes/no where a number belongs is a mistake.
-        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation is not bool:
+        kind = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and {int, float} & {kind, *typing.get_args(kind)}:
             raise ValueError("must be a number, not true or false")
         return value
 
@@ -93,13 +95,14 @@ class DataOptions(BaseModel):
         elif error["type"] in ("float_parsing", "float_type"):
             allowed = "must be a number"
         elif error["type"] in ("bool_type", "bool_parsing"):
-            allowed = "must be true or false (in YAML without quotes; as a flag --name or --no-name)"
+            allowed = "must be true or false (without quotes)"
         else:
             allowed = error["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
         if key in flags:
             return f"--{key.replace('_', '-')} {value}: {allowed}"
         if source:
-            return f"{source}: {key}: {value!r} {allowed}"
+            shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
+            return f"{source}: {key}: {shown} {allowed}"
         return f"{key}={value!r}: {allowed}"
 
     def to_dict(self) -> dict[str, Any]:
