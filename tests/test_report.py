@@ -205,6 +205,8 @@ def test_rich_eval_json_shows_intervals_buckets_cost_differences_and_forgetting(
     assert sections(html) == ["Loss", "Metrics", "Differences: tuned against each contender", "Answer buckets",
                               "Cost per request", "Assertions", "Forgetting check", "Answers side by side",
                               "Data check", "Settings"]
+    assert ("On exact match, the tuned model beats zero-shot (+60.0 points); cannot be told apart from few-shot "
+            "(+20.0 points), retrieval (+20.0 points)") in html
     metrics = html[html.index("<h2>Metrics"):html.index("<h2>Differences")]
     header = re.search(r"<tr><th></th>(.*?)</tr>", metrics).group(1)
     assert re.findall(r"<th>(.*?)</th>", header) == ["zero-shot", "few-shot", "retrieval", "tuned"]
@@ -278,18 +280,37 @@ def test_comparison_puts_runs_side_by_side_and_highlights_the_winner(tmp_path):
     assert_offline(html)
 
 
+def test_comparison_names_runs_of_the_same_name_by_their_path(tmp_path):
+    runs = [make_run(tmp_path / "a" / "run", SIMPLE_EVAL), make_run(tmp_path / "b" / "run", SIMPLE_EVAL)]
+    html = write_comparison(runs, tmp_path / "cmp.html").read_text()
+    assert re.findall(r"<th><a href='([^']*)'>([^<]*)</a>", html) == [
+        ("a/run/report.html", str(runs[0])), ("b/run/report.html", str(runs[1]))]
+    assert "<tr class=setting>" not in html  # same settings: no row of differences
+    assert "class=best" not in html  # equal results: nothing wins
+
+
+def readme_commands() -> list[str]:
+    """The `tunelab report` command lines of the README, without `tunelab` and comments."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    return [line.split("#")[0].strip().removeprefix("tunelab ") for line in readme.splitlines()
+            if line.strip().startswith("tunelab report")]
+
+
 def test_cli_report_one_run_and_several(tmp_path):
     run = make_run(tmp_path / "runs" / "mine", SIMPLE_EVAL)
     other = make_run(tmp_path / "runs" / "other", None, config=CONFIG.replace("epochs: 2.0", "epochs: 3.0"))
     (run / "report.html").unlink(missing_ok=True)
 
-    # The command forms the README documents, run exactly so.
-    result = cli("report", "runs/mine", cwd=tmp_path)
+    # The command forms the README documents, run exactly as written there.
+    one, several, several_out = readme_commands()
+    assert (one, several, several_out) == ("report runs/mine", "report runs/mine runs/other",
+                                           "report runs/mine runs/other --out runs/compare.html")
+    result = cli(*one.split(), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "Report written to runs/mine/report.html"
     assert "<h2>Metrics</h2>" in (run / "report.html").read_text()
 
-    result = cli("report", "runs/mine", "runs/other", cwd=tmp_path)
+    result = cli(*several.split(), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "Report written to comparison.html"
     assert "2 runs compared" in (tmp_path / "comparison.html").read_text()
@@ -297,7 +318,7 @@ def test_cli_report_one_run_and_several(tmp_path):
                                      "data only; run `tunelab eval runs/other` for the rest")
     assert (other / "report.html").exists()
 
-    result = cli("report", "runs/mine", "runs/other", "--out", "runs/compare.html", cwd=tmp_path)
+    result = cli(*several_out.split(), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "<th>epochs</th><td>2.0</td><td>3.0</td>" in (tmp_path / "runs" / "compare.html").read_text()
 

@@ -209,6 +209,8 @@ def render_run(run: RunData) -> str:
     method = run.info.get("method") or run.config.get("method", "?")
     body = [f"<h1>tunelab run <code>{escape(run.name)}</code></h1>",
             f"<p class=sub>{escape(str(run.path.resolve()))} · base {escape(str(base))} · {escape(str(method))}</p>"]
+    if run.eval:
+        body.append(verdict(run.eval))
     body.append(section_curves(run))
     if run.eval:
         body += [section(run.eval) for section in (section_metrics, section_differences, section_buckets,
@@ -220,6 +222,24 @@ def render_run(run: RunData) -> str:
                     "request and side-by-side answers, then <code>tunelab report</code> again.</p>")
     body += [section_data_check(run.data_check), section_settings(run)]
     return page(f"tunelab report: {run.name}", "\n".join(part for part in body if part))
+
+
+def verdict(results: dict) -> str:
+    """One sentence on exact match: which contenders the tuned model beats, loses to, or cannot be
+    told apart from at the 95% level."""
+    beats, loses, ties = [], [], []
+    for d in results.get("differences") or []:
+        if not isinstance(d, dict) or d.get("metric") != "exact_match" or not is_number(d.get("difference")):
+            continue
+        low, high = d.get("low"), d.get("high")
+        text = f"{d.get('contender')} ({signed(d['difference'])} points)"
+        (beats if is_number(low) and low > 0 else loses if is_number(high) and high < 0 else ties).append(text)
+    if not beats and not loses and not ties:
+        return ""
+    parts = [f"beats {', '.join(beats)}" if beats else "", f"loses to {', '.join(loses)}" if loses else "",
+             f"cannot be told apart from {', '.join(ties)}" if ties else ""]
+    return (f"<p class=verdict>On exact match, the tuned model {escape('; '.join(p for p in parts if p))} "
+            "(95% bootstrap intervals, details below).</p>")
 
 
 def section_curves(run: RunData) -> str:
@@ -575,8 +595,10 @@ def yaml_value(value) -> str:
 # ---- several runs side by side ------------------------------------------------------------------
 
 def render_comparison(runs: list[RunData], out: Path) -> str:
-    head = "".join(f"<th><a href='{escape(relative_link(run.path / REPORT_FILE, out))}'>{escape(run.name)}</a></th>"
-                   for run in runs)
+    # Runs named alike (a/run, b/run) are shown by the path given.
+    labels = [run.name if [r.name for r in runs].count(run.name) == 1 else str(run.path) for run in runs]
+    head = "".join(f"<th><a href='{escape(relative_link(run.path / REPORT_FILE, out))}'>{escape(label)}</a></th>"
+                   for run, label in zip(runs, labels))
     rows = []
     keys = ordered_keys([run.config for run in runs])
     differing = [k for k in keys if len({yaml_value(run.config.get(k)) for run in runs}) > 1]
@@ -601,11 +623,11 @@ def render_comparison(runs: list[RunData], out: Path) -> str:
         rows.append(f"<tr><th>{escape(label)}</th>{cells}</tr>")
     same = [k for k in keys if k not in differing]
     same_rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape(yaml_value(runs[0].config.get(k)))}</td></tr>" for k in same)
-    unevaluated = [run.name for run in runs if not run.eval]
+    unevaluated = [label for run, label in zip(runs, labels) if not run.eval]
     note = (f"<p class=note>Not evaluated yet: {escape(', '.join(unevaluated))} (run <code>tunelab eval RUN</code>)."
             "</p>") if unevaluated else ""
-    curves = [(run.name, run.curve("eval_loss") or run.curve("loss"), SERIES_COLOURS[i % len(SERIES_COLOURS)], False)
-              for i, run in enumerate(runs)]
+    curves = [(label, run.curve("eval_loss"), SERIES_COLOURS[i % len(SERIES_COLOURS)], False)
+              for i, (run, label) in enumerate(zip(runs, labels))]
     body = (f"<h1>tunelab: {len(runs)} runs compared</h1>"
             "<p class=sub>Settings that differ between the runs, then each run's held-out loss and its tuned "
             "model's metrics; the best of each row in green. Each run's name opens its own report.</p>"
@@ -719,6 +741,7 @@ body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: 
 h1 { font-size: 22px; margin-bottom: 2px; } h2 { font-size: 18px; margin-top: 32px; border-bottom: 1px solid #ddd; }
 h4 { margin: 0 0 4px; font-size: 13px; color: #555; }
 .sub, .note, .legend { color: #666; font-size: 13px; }
+.verdict { background: #eef4fb; border-left: 4px solid #1f6fb4; padding: 8px 12px; }
 table { border-collapse: collapse; margin: 8px 0; font-size: 14px; }
 th, td { border: 1px solid #ddd; padding: 4px 10px; text-align: left; vertical-align: top; }
 table.metrics td, table.buckets td { text-align: right; font-variant-numeric: tabular-nums; }
