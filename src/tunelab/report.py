@@ -682,7 +682,7 @@ def line_chart(series: list[tuple[str, list[tuple[float, float]], str, bool]], x
     if not xs or not ys:
         return ""
     left, right, top, bottom = 56, 16, 12, 40
-    x_ticks, y_ticks = ticks(min(xs), max(xs)), ticks(min(ys), max(ys))
+    x_ticks, y_ticks = ticks(min(xs), max(xs), whole=True), ticks(min(ys), max(ys))
     x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
 
     def sx(x: float) -> float:
@@ -703,29 +703,29 @@ def line_chart(series: list[tuple[str, list[tuple[float, float]], str, bool]], x
                  f"<text x='{(left + width - right) / 2}' y='{height - 4}' text-anchor='middle'>{escape(x_label)}</text>"
                  f"<text transform='translate(14 {(top + height - bottom) / 2}) rotate(-90)' text-anchor='middle'>"
                  f"{escape(y_label)}</text>")
-    legend_x = width - right - 8
-    for i, (label, points, colour, markers) in enumerate(series):
+    for label, points, colour, markers in series:
         points = [(x, y) for x, y in points if math.isfinite(y)]
         path = " ".join(f"{'M' if j == 0 else 'L'}{sx(x):.1f},{sy(y):.1f}" for j, (x, y) in enumerate(points))
         parts.append(f"<path d='{path}' fill='none' stroke='{colour}' stroke-width='2' />")
         if markers or len(points) == 1:
             parts += [f"<circle cx='{sx(x):.1f}' cy='{sy(y):.1f}' r='3' fill='{colour}' />" for x, y in points]
-        y = top + 10 + 18 * i
-        parts.append(f"<line x1='{legend_x - 22}' x2='{legend_x - 4}' y1='{y}' y2='{y}' stroke='{colour}' "
-                     f"stroke-width='3' /><text x='{legend_x - 28}' y='{y + 4}' text-anchor='end' "
-                     f"style='fill:{colour}' class=legend>{escape(label)}</text>")
     parts.append("</svg>")
-    return "<figure>" + "".join(parts) + "</figure>"
+    # The legend sits under the plot, in HTML, so it can never hide a line.
+    legend = "".join(f"<span class=key><i style='background:{colour}'></i>{escape(label)}</span>"
+                     for label, _, colour, _ in series)
+    return "<figure>" + "".join(parts) + f"<figcaption class=legend>{legend}</figcaption></figure>"
 
 
-def ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """Round tick values that cover [low, high]."""
+def ticks(low: float, high: float, count: int = 5, whole: bool = False) -> list[float]:
+    """Round tick values that cover [low, high]; with `whole`, whole numbers only (steps)."""
     if high <= low:
         low, high = low - 1, high + 1
     raw = (high - low) / count
     magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-    start, values = math.floor(low / step) * step, []
+    steps = [m * magnitude for m in ((1, 2, 5, 10) if whole else (1, 2, 2.5, 5, 10))]
+    step = next(m for m in steps if m >= raw)
+    step = max(step, 1) if whole else step
+    start, values = math.floor(round(low / step, 9)) * step, []
     while not values or values[-1] < high - 1e-12:
         values.append(round(start + step * len(values), 10))
     return values
@@ -756,7 +756,7 @@ td.up { background: #d9f2d9; } td.down { background: #f8dada; }
        margin-right: 4px; }
 .columns { display: flex; gap: 24px; flex-wrap: wrap; align-items: flex-start; }
 figure { margin: 8px 0; } figcaption { color: #666; font-size: 12px; }
-svg text { font-size: 12px; fill: #444; } svg text.legend { font-weight: 600; }
+svg text { font-size: 12px; fill: #444; }
 svg line.grid { stroke: #e6e6e6; } svg line.axis { stroke: #888; } svg rect { fill-opacity: .85; }
 .sample { border: 1px solid #ddd; border-radius: 4px; margin: 12px 0; padding: 8px 10px; }
 .prompt { white-space: pre-wrap; max-height: 9em; overflow: auto; font-size: 13px; color: #333; margin-bottom: 6px; }
