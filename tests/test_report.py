@@ -119,7 +119,8 @@ def rich_eval() -> dict:
     results["assertions"] = {"file": "rules.yaml", "results": {name: {
         "rules": {"valid JSON": 3 if i else 0, f"no {HOSTILE}": 3}, "answers": 3, "all_passed": 3 if i else 0}
         for i, name in enumerate(names)}}
-    results["judge"] = None
+    results["judge"] = {"url": "http://127.0.0.1:8000/v1", "model": "grader", "ungraded": {n: 0 for n in names}}
+    results["metrics"]["tuned"]["judge"] = metric(0.8, 0.6, 1.0)
     results["forgetting"] = {"file": "general_knowledge.jsonl", "questions": 40, "results": {
         "zero-shot": {"accuracy": 0.45, "accuracy_per_token": 0.5}, "tuned": {"accuracy": 0.425, "accuracy_per_token": 0.5}}}
     results["samples"] = [
@@ -212,6 +213,8 @@ def test_rich_eval_json_shows_intervals_buckets_cost_differences_and_forgetting(
     assert re.findall(r"<th>(.*?)</th>", header) == ["zero-shot", "few-shot", "retrieval", "tuned"]
     assert "<span class=ci>[36.7%, 96.7%]</span>" in metrics  # tuned exact match 66.7% with its interval
     assert "95% bootstrap confidence interval" in metrics
+    assert "judge: grader at http://127.0.0.1:8000/v1" in metrics  # a URL as plain text, not a link
+    assert "<tr><th>judge&#x27;s grade</th><td class=na>–</td>" in metrics
     # Lower is better for hallucinated values and loss: the tuned model's 15% and 0.520 win their rows.
     row = re.search(r"<tr><th>hallucinated values</th>(.*?)</tr>", metrics).group(1)
     assert row.count("class=best") == 1 and re.search(r"class=best>15\.0%", row)
@@ -240,6 +243,15 @@ def test_rich_eval_json_shows_intervals_buckets_cost_differences_and_forgetting(
     assert answers.index("line 15") < answers.index("line 3")  # the tuned model's mistake first
     assert answers.count("<div class=cell>") == 3 * 5  # the reference and four contenders per example
     assert "<mark>sunday</mark><del>Saturday</del>" in answers and "fails: valid JSON" in answers
+    assert_offline(html)
+
+
+def test_contender_names_from_the_user_are_escaped(tmp_path):
+    """An endpoint contender is named on the command line (`--contender NAME=URL`)."""
+    hostile = json.loads(json.dumps(rich_eval()).replace('"few-shot', json.dumps(HOSTILE)[:-1]))
+    assert HOSTILE in hostile["metrics"]
+    html = write_report(make_run(tmp_path / "run", hostile)).read_text()
+    assert "<script>" not in html and html.count("&lt;script&gt;alert") > 10
     assert_offline(html)
 
 
