@@ -69,6 +69,7 @@ def build_model(config: TrainConfig, base_path: Path):
         from peft import LoraConfig, get_peft_model
 
         targets = config.lora_targets if config.lora_targets == "all-linear" else config.lora_targets.split(",")
+        _refuse_tied_targets(model, targets, base_path)
         lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=targets, task_type="CAUSAL_LM")
         try:
@@ -76,6 +77,22 @@ def build_model(config: TrainConfig, base_path: Path):
         except ValueError as e:
             raise UserError(f"--lora-targets {config.lora_targets}: {str(e).splitlines()[0]}") from None
     return model
+
+
+def _refuse_tied_targets(model, targets: str | list[str], base_path: Path) -> None:
+    """A model that ties its output layer to its input embeddings (SmolLM2 does) has one weight
+    in two places. peft adapts each place on its own, and merging the adapter (what `tunelab eval`,
+    `generate` and export do) adds the update to that one weight twice (peft 0.21), so the merged
+    model no longer computes what was trained. 'all-linear' leaves the output layer out."""
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if targets == "all-linear" or head is None or head.weight is not embeddings.weight:
+        return
+    tied = [name for name, module in model.named_modules() if module is head or module is embeddings]
+    named = [t for t in targets if any(name == t or name.endswith("." + t) for name in tied)]
+    if named:
+        raise UserError(f"--lora-targets {','.join(named)}: {base_path} ties its output layer to its input "
+                        "embeddings, and a LoRA adapter on a tied layer does not merge into the model; leave "
+                        f"{'it' if len(named) == 1 else 'them'} out (the default all-linear does) or use --method full")
 
 
 def check_out(files: RunFiles, overwrite: bool, resume: bool, force: bool) -> None:
