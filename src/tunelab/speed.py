@@ -153,7 +153,8 @@ def one_example_batches(micro_batches: list[dict]) -> list[dict]:
     for batch in micro_batches:
         bounds = batch["cu_seq_lens_q"].tolist()
         for start, end in zip(bounds[:-1], bounds[1:]):
-            rows.append({"input_ids": batch["input_ids"][:, start:end], "position_ids": batch["position_ids"][:, start:end],
+            rows.append({"input_ids": batch["input_ids"][:, start:end],
+                         "position_ids": batch["position_ids"][:, start:end],
                          "targets": batch["targets"][:, start:end],
                          "cu_seq_lens_q": torch.tensor([0, end - start], dtype=batch["cu_seq_lens_q"].dtype)})
     return rows
@@ -186,12 +187,12 @@ def chunked_token_loss(model, inputs: dict, keep: torch.Tensor, targets: torch.T
     """Summed cross-entropy of the trained positions `keep`, the output projection and loss done
     `chunk` positions at a time and recomputed in backward, so at most one chunk of logits is in
     memory. None when the model's output layer is not a plain Linear (e.g. LoRA on lm_head), is
-    sharded (FSDP, ZeRO-3) or is followed by a logit soft-cap: the caller then computes the logits of all trained positions at once."""
+    sharded (FSDP, ZeRO-3) or is followed by a logit soft-cap (Gemma 2): the caller then computes
+    the logits of all trained positions at once."""
     from torch.utils.checkpoint import checkpoint
 
     unwrapped = model.module if hasattr(model, "module") else model
     head = unwrapped.get_output_embeddings()
-    # Gemma 2 soft-caps its logits after the projection, which the chunks would leave out.
     capped = getattr(unwrapped.config, "final_logit_softcapping", None)
     if type(head) is not torch.nn.Linear or _sharded(head.weight) or capped:
         return None

@@ -80,10 +80,11 @@ def build_model(config: TrainConfig, base_path: Path):
 
 
 def _refuse_tied_targets(model, targets: str | list[str], base_path: Path) -> None:
-    """A model that ties its output layer to its input embeddings (SmolLM2 does) has one weight
-    in two places. peft adapts each place on its own, and merging the adapter (what `tunelab eval`,
-    `generate` and export do) adds the update to that one weight twice (peft 0.21), so the merged
-    model no longer computes what was trained. 'all-linear' leaves the output layer out."""
+    """A model that ties its output layer to its input embeddings (SmolLM2 does) has one weight in
+    two places, and merging an adapter on either (what `tunelab eval`, `generate` and export do)
+    breaks what was trained (peft 0.21): an adapter on the output layer alone, once merged, changes
+    the input embeddings too; with peft's `ensure_weight_tying`, one adapter serves both places but
+    is added to the shared weight twice. 'all-linear' leaves the output layer out."""
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     if targets == "all-linear" or head is None or head.weight is not embeddings.weight:
         return
