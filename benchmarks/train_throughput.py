@@ -18,7 +18,7 @@ auto: bf16 autocast where the CPU or GPU computes bf16 natively).
 Printed per setting: useful (non-padding) tokens/s over the training loop, whole-run wall time
 (process start to saved weights: imports, model load, tokenization, training, saving), peak
 memory, the wall-time ratio to the faster TRL setting of the same method, the held-out loss
-(every trained model loaded from disk and scored by tunelab.batching.heldout_loss on the same
+(every trained model loaded from disk and scored by tunelab.loss.heldout_loss on the same
 encoded held-out examples), and model FLOPs utilisation against the fp32 matmul peak measured
 here with torch.mm. Results also go to OUT/results.json.
 """
@@ -223,7 +223,7 @@ def model_flops(method: str, encoded, config, lora_params: int) -> float:
 
 
 def heldout(setting: str, weights: str, test_encoded) -> float:
-    from tunelab.batching import heldout_loss
+    from tunelab.loss import heldout_loss
     from tunelab.models import load_model, resolve_base
 
     _, method = split_setting(setting)
@@ -285,7 +285,7 @@ def main() -> None:
     import torch
     from transformers import AutoConfig
 
-    from tunelab.batching import heldout_loss
+    from tunelab.loss import heldout_loss
     from tunelab.models import load_model, resolve_base
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

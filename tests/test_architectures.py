@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 
 from conftest import write_jsonl
 from tunelab import speed
-from tunelab.batching import encode_examples, heldout_loss, pack, token_loss
+from tunelab.batching import encode_examples, pack
 from tunelab.cli import main
 from tunelab.data import Example
+from tunelab.loss import backward_step, chunked_token_loss, heldout_loss, token_loss
 from tunelab.models import load_model
 from tunelab.run import Run
 from tunelab.template import IGNORE, Template
@@ -147,7 +148,7 @@ def test_the_training_step_gives_each_example_its_own_loss(family, tokenizer, ca
     assert packed == (name != "gemma2"), name
     assert ("cannot use packed per-example attention" in note) == (not packed)
     accelerator = speed.make_accelerator(1, "fp32")
-    loss, _ = speed.backward_step(accelerator, model, [pack(encoded)])
+    loss, _ = backward_step(accelerator, model, [pack(encoded)])
     assert loss.item() == pytest.approx(total / count, abs=1e-5), name
     assert all(p.grad is not None for p in model.parameters())
     # The held-out loss packs its batches too, whichever attention the model runs.
@@ -161,7 +162,7 @@ def test_chunked_loss_declines_a_soft_capped_output(tokenizer, tmp_path):
     targets = batch["targets"][0]
     keep = (targets != IGNORE).nonzero().squeeze(-1)
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-    assert speed.chunked_token_loss(model, inputs, keep, targets[keep], chunk=5) is None
+    assert chunked_token_loss(model, inputs, keep, targets[keep], chunk=5) is None
     assert torch.isfinite(token_loss(model, batch))
 
 
