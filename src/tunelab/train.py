@@ -45,12 +45,12 @@ class Prepared:
 
 def prepare(config: TrainConfig, data_path: Path, out: Path | None = None) -> Prepared:
     """Check the data (errors stop here, with the report saved in `out`), then split and encode."""
-    from tunelab.datacheck import CheckOptions, run_check
+    from tunelab.datacheck import run_check
 
     base_path = resolve_base(config.base)
     tokenizer = load_tokenizer(base_path)
     template = Template.for_model(tokenizer, config.template)
-    report = run_check(data_path, CheckOptions.from_config(config), template, out)
+    report = run_check(data_path, config, template, out)
     examples = [e for e in data_mod.load_examples(data_path, config.format) if e.line not in report.duplicate_lines]
     train, test = data_mod.split(examples, config.test_size, config.seed, groups=report.groups)
     encode = dict(max_length=config.max_length, truncation=config.truncation,
