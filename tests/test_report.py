@@ -126,7 +126,7 @@ def rich_eval() -> dict:
     results["samples"] = [
         {"index": k, **sample, "answers": {n: {"text": answers[n][k], "bucket": buckets[n][k], "stopped": True,
                                                 "assertions_failed": [] if n != "zero-shot" else ["valid JSON"],
-                                                "judge": None} for n in names}}
+                                                "judge": 0.75 if n == "tuned" else None} for n in names}}
         for k, sample in enumerate(SAMPLES)]
     return results
 
@@ -243,6 +243,7 @@ def test_rich_eval_json_shows_intervals_buckets_cost_differences_and_forgetting(
     assert answers.index("line 15") < answers.index("line 3")  # the tuned model's mistake first
     assert answers.count("<div class=cell>") == 3 * 5  # the reference and four contenders per example
     assert "<mark>sunday</mark><del>Saturday</del>" in answers and "fails: valid JSON" in answers
+    assert answers.count("<span class=ci>judge 0.75</span>") == 3
     assert_offline(html)
 
 

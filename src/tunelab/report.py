@@ -488,6 +488,8 @@ def section_answers(results: dict) -> str:
         for name, answer in (sample.get("answers") or {}).items():
             label = bucket(sample, name)
             badge = f" <span class=badge style='background:{bucket_colour(label)}'>{escape(label)}</span>" if label else ""
+            grade = answer.get("judge") if isinstance(answer, dict) else None
+            badge += f" <span class=ci>judge {number(grade, 'cost')}</span>" if is_number(grade) else ""
             failed = answer.get("assertions_failed") if isinstance(answer, dict) else None
             failed_html = (f"<div class=failed>fails: {escape(', '.join(map(str, failed)))}</div>"
                            if isinstance(failed, list) and failed else "")
