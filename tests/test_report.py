@@ -264,7 +264,8 @@ def test_run_without_eval_json_shows_training_and_data_and_says_what_to_run(tmp_
 
 
 def test_word_diff_marks_extra_words_and_strikes_missing_ones():
-    assert word_diff('{"day": "Sat"}', '{"day": "Saturday"}') == '{&quot;day&quot;: &quot;<mark>Sat</mark><del>Saturday</del>&quot;}'
+    assert (word_diff('{"day": "Sat"}', '{"day": "Saturday"}')
+            == '{&quot;day&quot;: &quot;<mark>Sat</mark><del>Saturday</del>&quot;}')
     assert word_diff("for 4 people", "for 4 people") == "for 4 people"
     assert word_diff("a b c", "a c") == "a <mark>b</mark> c"
     assert word_diff("a c", "a b c") == "a<del> b</del> c"
@@ -337,7 +338,8 @@ def test_cli_report_one_run_and_several(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["report", "{tmp}/nowhere"], "{tmp}/nowhere: not a tunelab run folder (no config.yaml); train one with `tunelab train`"),
+    (["report", "{tmp}/nowhere"],
+     "{tmp}/nowhere: not a tunelab run folder (no config.yaml); train one with `tunelab train`"),
     (["report", "{tmp}/run", "--out", "{tmp}/missing/r.html"],
      "--out {tmp}/missing/r.html: the folder {tmp}/missing does not exist; create it or choose another path"),
     (["report", "{tmp}/run", "{tmp}/nowhere"], "{tmp}/nowhere: not a tunelab run folder"),

@@ -1,15 +1,18 @@
 """`tunelab report`: one self-contained HTML page per run, and a page that compares runs.
 
     RUN/report.html   written by `tunelab eval` (through `write_report`) and by `tunelab report RUN`
-    comparison.html   `tunelab report RUN1 RUN2 ... [--out FILE]`: the runs side by side
+    comparison.html   `tunelab report RUN1 RUN2 ...`: the runs side by side, in the current folder
+                      (or `--out FILE`); each run's own report.html is rebuilt too, and linked
 
 A run's page shows what the run folder holds, each section only when its file is there: the
 training and held-out loss curves (metrics.jsonl), the evaluation (eval.json: metrics with their
 confidence intervals, differences between contenders, answer buckets, cost per request, the
 forgetting check, and side-by-side answers with their differences from the reference), the data
-check (data_check.json) and the settings (config.yaml, run.json). Everything is inline: CSS in a
-<style> tag, plots as SVG drawn here, no script and nothing fetched from the network, so the file
-can be mailed or opened offline. Only the standard library and PyYAML are imported: the command
+check (data_check.json) and the settings (config.yaml, run.json). eval.json is read in the shape
+evaluate.py describes (schema 2) or in the first, simpler one (base and tuned only).
+
+Everything is inline: CSS in a <style> tag, plots as SVG drawn here, no script and nothing fetched
+from the network, so the file can be mailed or opened offline. Only the standard library and PyYAML are imported: the command
 starts at once, without torch.
 """
 
@@ -20,7 +23,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 
