@@ -430,21 +430,25 @@ def section_cost(results: dict) -> str:
 
 
 def section_assertions(results: dict) -> str:
+    """Per rule of the user's assertions file, how many answers of each contender pass it."""
     checked = (results.get("assertions") or {}).get("results") or {}
     checked = {name: table for name, table in checked.items() if isinstance(table, dict)}
     if not checked:
         return ""
     rules = ordered_keys([table.get("rules") or {} for table in checked.values()])
     rows = []
-    for rule, key in [(r, None) for r in rules] + [("every rule", "all_passed")]:
-        values = {name: (t.get(key) if key else (t.get("rules") or {}).get(rule)) for name, t in checked.items()}
-        shares = {name: v / t["answers"] for name, v in values.items()
-                  if is_number(v) and is_number((t := checked[name]).get("answers")) and t["answers"]}
+    for rule in [*rules, None]:  # None: the answers that pass every rule
+        passed, shares = {}, {}
+        for name, table in checked.items():
+            count = table.get("all_passed") if rule is None else (table.get("rules") or {}).get(rule)
+            answers = table.get("answers")
+            if is_number(count) and is_number(answers) and answers:
+                passed[name], shares[name] = count, count / answers
         winners = best_of(shares, True)
-        cells = "".join(f"<td{' class=best' if name in winners else ''}>{values[name]} "
-                        f"<span class=ci>{number(shares[name], 'percent')}</span></td>" if name in shares else
+        cells = "".join(f"<td{' class=best' if name in winners else ''}>{passed[name]} "
+                        f"<span class=ci>{number(shares[name], 'percent')}</span></td>" if name in passed else
                         "<td class=na>–</td>" for name in checked)
-        rows.append(f"<tr><th>{escape(str(rule))}</th>{cells}</tr>")
+        rows.append(f"<tr><th>{escape('every rule' if rule is None else str(rule))}</th>{cells}</tr>")
     head = "".join(f"<th>{escape(name)}</th>" for name in checked)
     source = escape(str(results["assertions"].get("file", "")))
     return (f"<h2>Assertions</h2><table class=metrics><tr><th></th>{head}</tr>{''.join(rows)}</table>"
