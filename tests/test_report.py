@@ -269,6 +269,7 @@ def test_word_diff_marks_extra_words_and_strikes_missing_ones():
     assert word_diff("for 4 people", "for 4 people") == "for 4 people"
     assert word_diff("a b c", "a c") == "a <mark>b</mark> c"
     assert word_diff("a c", "a b c") == "a<del> b</del> c"
+    assert word_diff(" \n", "a") == "<span class=empty>(empty)</span>"
 
 
 def test_comparison_puts_runs_side_by_side_and_highlights_the_winner(tmp_path):

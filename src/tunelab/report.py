@@ -528,7 +528,7 @@ def word_diff(answer: str, reference: str) -> str:
             out.append(f"<del>{escape(''.join(s + t for s, t in theirs[b1:b2]))}</del>")
         if op == "equal":
             out.append(escape("".join(s + t for s, t in ours[a1:a2])))
-    return "".join(out) if answer else "<span class=empty>(empty)</span>"
+    return "".join(out) if answer.strip() else "<span class=empty>(empty)</span>"
 
 
 def tokens(text: str) -> list[tuple[str, str]]:
