@@ -13,6 +13,11 @@ FlashAttention (GPU, flash-attn installed) keeps it: it finds the same boundarie
 position ids and runs variable-length attention itself. A model whose attention SDPA cannot
 compute (Gemma 2 soft-caps its attention scores) keeps its own, and each example of a
 micro-batch runs as its own forward pass instead.
+
+On a GPU the loop over examples costs more than it saves: each example is a few small kernel
+launches per layer and the boundaries are read back to the host at every layer, so a step of
+32 examples of SmolLM2-135M took 2.0 s on an H200 against 0.19 s with transformers' own SDPA
+and its block-diagonal mask (docs/BENCHMARKS.md). There the model keeps SDPA.
 """
 
 from __future__ import annotations
@@ -105,9 +110,10 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
-def use_packed_attention(model) -> bool:
+def use_packed_attention(model, per_example: bool = True) -> bool:
     """Switch a transformers model (or a peft model around one) to `packed_sdpa`, keeping
-    FlashAttention where it is already chosen. Returns whether the model attends within each
+    FlashAttention where it is already chosen, and SDPA when `per_example` is False (on a GPU,
+    where one kernel over the row's block-diagonal mask is faster than a loop). Returns whether the model attends within each
     example of a packed row by itself; where it cannot (its attention is not SDPA, e.g. Gemma 2's
     soft-capped scores), it keeps its own attention, says so on stderr, and `loss.backward_step` runs
     each example of a micro-batch as its own forward pass (`one_example_batches`)."""
@@ -120,7 +126,7 @@ def use_packed_attention(model) -> bool:
     # The mask is still built as for SDPA, so the fallback path stays correct.
     ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if runs_packed(inner):
+    if runs_packed(inner) and (inner.config._attn_implementation != "sdpa" or not per_example):
         return True
     try:
         inner.set_attn_implementation(PACKED_ATTENTION)
@@ -135,11 +141,11 @@ def use_packed_attention(model) -> bool:
 
 
 def runs_packed(model) -> bool:
-    """Whether `model` keeps the examples of a packed row apart in attention without a dense
-    mask over the whole row: tunelab's packed attention, or FlashAttention's variable-length
-    kernels (which find the examples from the position ids)."""
+    """Whether `model` keeps the examples of a packed row apart in attention by itself:
+    tunelab's packed attention, FlashAttention's variable-length kernels, or SDPA over the
+    block-diagonal mask that transformers builds from the restarting position ids."""
     implementation = model.config._attn_implementation or ""
-    return implementation == PACKED_ATTENTION or implementation.startswith("flash_attention")
+    return implementation in (PACKED_ATTENTION, "sdpa") or implementation.startswith("flash_attention")
 
 
 def one_example_batches(micro_batches: list[dict]) -> list[dict]:
@@ -196,10 +202,12 @@ def accelerator_options(precision: str = "auto") -> dict:
     return {"mixed_precision": mixed, "cpu": several and not torch.cuda.is_available()}
 
 
-def prepare_model(model, gradient_checkpointing: bool = False, compile: bool = False):
-    """Packed attention, then the optional trade-offs: recompute activations in backward (less
-    memory, ~1/3 more compute) and torch.compile (slow first steps, faster later ones on GPU)."""
-    use_packed_attention(model)
+def prepare_model(model, gradient_checkpointing: bool = False, compile: bool = False,
+                  device: torch.device | None = None):
+    """Packed attention (per example except on GPUs), then the optional trade-offs: recompute
+    activations in backward (less memory, ~1/3 more compute) and torch.compile (slow first
+    steps, faster later ones on GPU)."""
+    use_packed_attention(model, per_example=device is None or device.type != "cuda")
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return torch.compile(model, dynamic=True) if compile else model

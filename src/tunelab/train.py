@@ -140,7 +140,7 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
     accelerator = speed.make_accelerator(config.grad_accum, config.precision)
     set_seed(config.seed)
     model = build_model(config, prepared.base_path)
-    model = speed.prepare_model(model, config.gradient_checkpointing, config.compile)
+    model = speed.prepare_model(model, config.gradient_checkpointing, config.compile, accelerator.device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = speed.make_optimizer(trainable, config.learning_rate, config.weight_decay, accelerator.device)
