@@ -286,6 +286,12 @@ def test_comparison_puts_runs_side_by_side_and_highlights_the_winner(tmp_path):
     # Only the setting that differs is a row; the others are folded away.
     assert "<tr class=setting><th>lr</th><td>null</td><td>0.0003</td><td>0.01</td></tr>" in html
     assert "<tr class=setting><th>lora_rank" not in html and "Settings shared by all runs" in html
+    assert "evaluated on" not in html  # both on runs/mine/test.jsonl
+    worse["data"] = "hard.jsonl"
+    (runs[0] / "eval.json").write_text(json.dumps(worse))
+    html = write_comparison(runs, tmp_path / "cmp.html").read_text()
+    assert ("<tr class=setting><th>evaluated on</th><td>hard.jsonl</td><td>runs/mine/test.jsonl</td><td>–</td></tr>"
+            in html)
     row = re.search(r"<tr><th>held-out loss \(end of training\)</th>(.*?)</tr>", html).group(1)
     assert re.findall(r"<td(?: class=(\w+))?>", row) == ["", "best", ""]
     row = re.search(r"<tr><th>tuned: exact match</th>(.*?)</tr>", html).group(1)

@@ -614,6 +614,10 @@ def render_comparison(runs: list[RunData], out: Path) -> str:
     for key in differing:
         cells = "".join(f"<td>{escape(yaml_value(run.config.get(key)))}</td>" for run in runs)
         rows.append(f"<tr class=setting><th>{escape(key)}</th>{cells}</tr>")
+    evaluated_on = [str(run.eval.get("data", "")) if run.eval else "" for run in runs]
+    if len(set(evaluated_on) - {""}) > 1:  # metrics on different files do not compare
+        cells = "".join(f"<td>{escape(data) or '–'}</td>" for data in evaluated_on)
+        rows.append(f"<tr class=setting><th>evaluated on</th>{cells}</tr>")
     numeric: list[tuple[str, str, bool, list[float | None]]] = []
     numeric.append(("held-out loss (end of training)", "number", False,
                     [run.curve("eval_loss")[-1][1] if run.curve("eval_loss") else None for run in runs]))
