@@ -274,7 +274,9 @@ def test_word_diff_marks_extra_words_and_strikes_missing_ones():
 
 def test_comparison_puts_runs_side_by_side_and_highlights_the_winner(tmp_path):
     better = rich_eval()
+    better["data"] = str(tmp_path / "lr-3e-4" / "test.jsonl")
     worse = json.loads(json.dumps(better))
+    worse["data"] = str(tmp_path / "lr-1e-3" / "test.jsonl")
     worse["metrics"]["tuned"]["exact_match"]["value"] = 0.25
     runs = [make_run(tmp_path / "lr-1e-3", worse, final_loss=0.6),
             make_run(tmp_path / "lr-3e-4", better, config=CONFIG.replace("lr: null", "lr: 0.0003"), final_loss=0.3),
@@ -286,12 +288,11 @@ def test_comparison_puts_runs_side_by_side_and_highlights_the_winner(tmp_path):
     # Only the setting that differs is a row; the others are folded away.
     assert "<tr class=setting><th>lr</th><td>null</td><td>0.0003</td><td>0.01</td></tr>" in html
     assert "<tr class=setting><th>lora_rank" not in html and "Settings shared by all runs" in html
-    assert "evaluated on" not in html  # both on runs/mine/test.jsonl
+    assert "evaluated on" not in html  # each on its own held-out split
     worse["data"] = "hard.jsonl"
     (runs[0] / "eval.json").write_text(json.dumps(worse))
     html = write_comparison(runs, tmp_path / "cmp.html").read_text()
-    assert ("<tr class=setting><th>evaluated on</th><td>hard.jsonl</td><td>runs/mine/test.jsonl</td><td>–</td></tr>"
-            in html)
+    assert "<tr class=setting><th>evaluated on</th><td>hard.jsonl</td><td>held-out split</td><td>–</td></tr>" in html
     row = re.search(r"<tr><th>held-out loss \(end of training\)</th>(.*?)</tr>", html).group(1)
     assert re.findall(r"<td(?: class=(\w+))?>", row) == ["", "best", ""]
     row = re.search(r"<tr><th>tuned: exact match</th>(.*?)</tr>", html).group(1)

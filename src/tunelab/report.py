@@ -614,7 +614,7 @@ def render_comparison(runs: list[RunData], out: Path) -> str:
     for key in differing:
         cells = "".join(f"<td>{escape(yaml_value(run.config.get(key)))}</td>" for run in runs)
         rows.append(f"<tr class=setting><th>{escape(key)}</th>{cells}</tr>")
-    evaluated_on = [str(run.eval.get("data", "")) if run.eval else "" for run in runs]
+    evaluated_on = [evaluated_file(run) for run in runs]
     if len(set(evaluated_on) - {""}) > 1:  # metrics on different files do not compare
         cells = "".join(f"<td>{escape(data) or '–'}</td>" for data in evaluated_on)
         rows.append(f"<tr class=setting><th>evaluated on</th>{cells}</tr>")
@@ -650,6 +650,14 @@ def render_comparison(runs: list[RunData], out: Path) -> str:
             + ("<h2>Held-out loss</h2>" + line_chart([c for c in curves if c[1]], "step", "held-out loss")
                if any(c[1] for c in curves) else ""))
     return page(f"tunelab: {len(runs)} runs compared", body)
+
+
+def evaluated_file(run: RunData) -> str:
+    """The file eval.json was measured on: "held-out split" for the run's own test.jsonl."""
+    data = str(run.eval.get("data") or "") if run.eval else ""
+    if not data or Path(data).name == "test.jsonl" and Path(data).resolve().parent == run.path.resolve():
+        return "held-out split" if run.eval else ""
+    return data
 
 
 def relative_link(target: Path, page_path: Path) -> str:
