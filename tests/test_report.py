@@ -274,9 +274,9 @@ def test_word_diff_marks_extra_words_and_strikes_missing_ones():
 
 def test_comparison_puts_runs_side_by_side_and_highlights_the_winner(tmp_path):
     better = rich_eval()
-    better["data"] = str(tmp_path / "lr-3e-4" / "test.jsonl")
+    better["run"], better["data"] = "runs/lr-3e-4", "runs/lr-3e-4/test.jsonl"  # relative, as given to eval
     worse = json.loads(json.dumps(better))
-    worse["data"] = str(tmp_path / "lr-1e-3" / "test.jsonl")
+    worse["data"] = str(tmp_path / "lr-1e-3" / "test.jsonl")  # absolute
     worse["metrics"]["tuned"]["exact_match"]["value"] = 0.25
     runs = [make_run(tmp_path / "lr-1e-3", worse, final_loss=0.6),
             make_run(tmp_path / "lr-3e-4", better, config=CONFIG.replace("lr: null", "lr: 0.0003"), final_loss=0.3),

@@ -654,10 +654,12 @@ def render_comparison(runs: list[RunData], out: Path) -> str:
 
 def evaluated_file(run: RunData) -> str:
     """The file eval.json was measured on: "held-out split" for the run's own test.jsonl."""
-    data = str(run.eval.get("data") or "") if run.eval else ""
-    if not data or Path(data).name == "test.jsonl" and Path(data).resolve().parent == run.path.resolve():
-        return "held-out split" if run.eval else ""
-    return data
+    if not run.eval:
+        return ""
+    data = str(run.eval.get("data") or "")
+    # eval.json names the run folder as it was given then, and its split inside it.
+    own = [str(Path(str(run.eval.get("run", run.path))) / "test.jsonl"), str((run.path / "test.jsonl").resolve())]
+    return "held-out split" if not data or data in own else data
 
 
 def relative_link(target: Path, page_path: Path) -> str:
