@@ -156,7 +156,7 @@ CASES = {
     "flag-zero": (lambda s: ["eval", s.run, "--limit", "0"], ["--limit", "'0' is not a whole number of at least 1"]),
     "flag-missing-argument": (lambda s: ["generate"], ["tunelab generate", "required"]),
     "yaml-epochs-two": (lambda s: ["train", s.good_data(), "--base", s.model, "--out", s.tmp / "out", "--config",
-                                   s.write("c.yaml", "epochs: two\n")], ["epochs", "two"]),
+                                   s.write("c.yaml", "epochs: two\n")], ["c.yaml", "epochs", "'two'"]),
     # the run folder
     "eval-not-a-run": (lambda s: ["eval", s.folder("some-folder")], ["some-folder: not a tunelab run folder"]),
     "eval-no-such-run": (lambda s: ["eval", s.tmp / "no-run"], ["no-run: no such run folder"]),
@@ -189,16 +189,7 @@ CASES = {
     "demo-out-read-only": (lambda s: ["demo", "--out", s.read_only() / "demo"], ["--out", "cannot write in"]),
     "demo-zero-examples": (lambda s: ["demo", "--examples", "0"], ["--examples"]),
 }
-XFAIL = {"yaml-epochs-two": "typed YAML config validation is a separate change"}
-
-
-def _params():
-    for name in CASES:
-        marks = [pytest.mark.xfail(reason=XFAIL[name], strict=False)] if name in XFAIL else []
-        yield pytest.param(name, id=name, marks=marks)
-
-
-@pytest.mark.parametrize("name", _params())
+@pytest.mark.parametrize("name", list(CASES))
 def test_mistake_is_one_line_and_exit_2(name, tmp_path, tiny_model_dir, tiny_run):
     build, expected = CASES[name]
     setting = Setting(tmp_path, tiny_model_dir, tiny_run)
