@@ -150,7 +150,7 @@ CASES = {
     "base-gguf-not-gguf": (lambda s: ["data", "check", s.good_data(), "--base", s.write("model.gguf", "x" * 100)],
                            ["model.gguf", "truncated or damaged"]),
     # flags and options
-    "flag-bad-choice": (lambda s: ["train", s.good_data(), "--method", "magic"], ["--method", "invalid choice"]),
+    "flag-bad-choice": (lambda s: ["train", s.good_data(), "--method", "magic"], ["--method magic", "'lora' or 'full'"]),
     "flag-not-a-number": (lambda s: ["generate", s.run, "--prompt", "hi", "--max-new-tokens", "many"],
                           ["--max-new-tokens", "'many' is not a whole number"]),
     "flag-zero": (lambda s: ["eval", s.run, "--limit", "0"], ["--limit", "'0' is not a whole number of at least 1"]),
@@ -159,7 +159,7 @@ CASES = {
                                    s.write("c.yaml", "epochs: two\n")], ["c.yaml", "epochs", "'two'"]),
     # the run folder
     "eval-not-a-run": (lambda s: ["eval", s.folder("some-folder")], ["some-folder: not a tunelab run folder"]),
-    "eval-no-such-run": (lambda s: ["eval", s.tmp / "no-run"], ["no-run: no such run folder"]),
+    "eval-no-such-run": (lambda s: ["eval", s.tmp / "no-run"], ["no-run: not a tunelab run folder"]),
     "eval-no-weights": (lambda s: ["eval", s.run_without("adapter")], ["has no trained weights"]),
     "generate-no-tokenizer": (lambda s: ["generate", s.run_without("tokenizer"), "--prompt", "hi"],
                               ["incomplete run folder (no tokenizer)"]),
