@@ -150,7 +150,8 @@ CASES = {
     "base-gguf-not-gguf": (lambda s: ["data", "check", s.good_data(), "--base", s.write("model.gguf", "x" * 100)],
                            ["model.gguf", "truncated or damaged"]),
     # flags and options
-    "flag-bad-choice": (lambda s: ["train", s.good_data(), "--method", "magic"], ["--method magic", "'lora' or 'full'"]),
+    "flag-bad-choice": (lambda s: ["train", s.good_data(), "--method", "magic"],
+                        ["--method magic", "'lora' or 'full'"]),
     "flag-not-a-number": (lambda s: ["generate", s.run, "--prompt", "hi", "--max-new-tokens", "many"],
                           ["--max-new-tokens", "'many' is not a whole number"]),
     "flag-zero": (lambda s: ["eval", s.run, "--limit", "0"], ["--limit", "'0' is not a whole number of at least 1"]),

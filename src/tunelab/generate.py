@@ -1,7 +1,7 @@
 """Greedy generation through the run's template: answers in input order, and streaming for chat.
 
-`generate_answers` is the one generation loop: batch generation, evaluation and chat's
-one-off replies all go through it (chat streams through `stream_reply`).
+`generate_answers` is the one generation loop: `tunelab generate`, evaluation and the Python
+API's `Run.generate` go through it; chat streams its replies through `stream_reply`.
 """
 
 from __future__ import annotations
