@@ -109,7 +109,8 @@ class TeacherServer:
             return self.reply(handler, entry, 200, completion('{"label": 3}'))
         if "BADJSON" in question and not last.startswith("That answer does not match"):
             return self.reply(handler, entry, 200, completion("label: positive"))
-        return self.reply(handler, entry, 200, completion("```json\n" + json.dumps({"label": f"for {question}"}) + "\n```"))
+        fenced = "```json\n" + json.dumps({"label": f"for {question}"}) + "\n```"
+        return self.reply(handler, entry, 200, completion(fenced))
 
     def synth_answer(self, key: str, prompt: str) -> str:
         rng = random.Random(key)
@@ -248,7 +249,8 @@ def test_json_schema_fallback_reask_and_rejects(tmp_path):
     assert result.returncode == 0, result.stderr
     labelled = rows(out)
     assert [user_text(r) for r in labelled] == ["fine 1", "BADJSON 2", "fine 4"]
-    assert [json.loads(answer(r)) for r in labelled] == [{"label": f"for {t}"} for t in ("fine 1", "BADJSON 2", "fine 4")]
+    expected = [{"label": f"for {t}"} for t in ("fine 1", "BADJSON 2", "fine 4")]
+    assert [json.loads(answer(r)) for r in labelled] == expected
     rejects = rows(tmp_path / "fields.rejects.jsonl")
     assert [(r["line"], r["reason"], r["answer"]) for r in rejects] == [(3, "schema", '{"label": 3}')]
     assert "label" in rejects[0]["detail"] and "1 inputs failed (schema 1)" in result.stderr
@@ -301,7 +303,8 @@ def test_user_errors_are_one_line(tmp_path, server, capsys):
         "cannot reach": [*base, "--teacher", closed, *out],
         "404": [*base, "--teacher", server.url.replace("/v1", "/wrong"), *out],
         "bad.jsonl:2": [*base, "--teacher", server.url, "--examples", str(tmp_path / "bad.jsonl"), *out],
-        "not a valid JSON schema": [*base, "--teacher", server.url, "--json-schema", str(tmp_path / "bad_schema.json"), *out],
+        "not a valid JSON schema": [*base, "--teacher", server.url, "--json-schema", str(tmp_path / "bad_schema.json"),
+                                    *out],
         "already exists": [*base, "--teacher", server.url, "--out", str(tmp_path / "exists.jsonl")],
         "not an http(s) URL": [*base, "--teacher", "127.0.0.1:8080", *out],
     }
@@ -315,7 +318,8 @@ def test_minimal_schema_check():
     assert minimal_errors({"label": "x"}, SCHEMA) == []
     assert minimal_errors({"label": 3}, SCHEMA) == ["/label: 3 is not of type string"]
     assert minimal_errors({}, SCHEMA) == ["the answer: 'label' is a required property"]
-    assert minimal_errors([1, True], {"type": "array", "items": {"type": "integer"}}) == ["/1: true is not of type integer"]
+    integers = {"type": "array", "items": {"type": "integer"}}
+    assert minimal_errors([1, True], integers) == ["/1: true is not of type integer"]
 
 
 def labelled_file(path: Path, n: int) -> None:
@@ -340,7 +344,7 @@ def test_review_accepts_edits_rejects_and_resumes(tmp_path):
         ("question 0", "old answer 0", "accepted"), ("question 2", "new answer\non two lines", "edited"),
         ("question 3", "old answer 3", "accepted")]
     assert reviewed[0]["metadata"]["teacher"] == "t"
-    assert "3 rows" in second.stdout or "rows" in second.stdout  # the data check's table
+    assert "Data check of reviewed.jsonl" in second.stdout and "3 read, 3 valid" in second.stdout
 
 
 def test_review_edits_with_editor(tmp_path):
@@ -370,6 +374,6 @@ def test_readme_commands(tmp_path, server):
         stdin = "a\n" * 2000 if argv[1] == "review" else ""
         result = cli(*argv, cwd=tmp_path, stdin=stdin)
         assert result.returncode == 0, (command, result.stderr)
-    assert len(rows(tmp_path / "labels.jsonl")) == 6
+    assert len(rows(tmp_path / "labels.jsonl")) == 6 and (tmp_path / "labels.cache" / "answers.jsonl").exists()
     assert len(rows(tmp_path / "synth.jsonl")) == 1000
     assert len(rows(tmp_path / "reviewed.jsonl")) == 6

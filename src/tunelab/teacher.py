@@ -182,7 +182,8 @@ class Cache:
 
 
 def request_key(url: str, body: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps({"url": url, "body": body}, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    request = json.dumps({"url": url, "body": body}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(request.encode()).hexdigest()
 
 
 class Client:
@@ -195,7 +196,10 @@ class Client:
         self.url = endpoint(teacher.url)
         self.cache = cache
         self.asked = 0
+        """Requests sent to the teacher, retries included."""
         self.cached = 0
+        """Answers taken from the cache."""
+        self._count_lock = threading.Lock()
         self._http = httpx2.Client(timeout=teacher.timeout)
         self._errors = httpx2
         self._refused_key = "response_format refused by " + self.url
@@ -219,7 +223,8 @@ class Client:
         key = request_key(self.url, body)
         record = self.cache.get(key)
         if record is not None:
-            self.cached += 1
+            with self._count_lock:
+                self.cached += 1
             return record["answer"], record["time"]
         answer = self._post(body)
         received = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -230,7 +235,8 @@ class Client:
         errors = self._errors
         for attempt in range(self.teacher.retries + 1):
             wait = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt) * random.random()
-            self.asked += 1
+            with self._count_lock:
+                self.asked += 1
             try:
                 response = self._http.post(self.url, json=body)
             except errors.TimeoutException:
@@ -494,6 +500,11 @@ def label(inputs: list[tuple[int, list[dict[str, str]]]], client: Client, paths:
         answer, received = result
         rows.append({"messages": [*conversation, {"role": "assistant", "content": answer}],
                      "metadata": {**provenance, "time": received, "line": line}})
+    if not rows:
+        write_jsonl_atomic(paths.rejects, rejects)
+        counts = ", ".join(f"{reason} {count}" for reason, count in failures.most_common())
+        raise UserError(f"--teacher {teacher.url}: no input got a usable answer ({counts}); "
+                        f"the reasons are listed in {paths.rejects}")
     write_jsonl_atomic(paths.out, rows)
     if rejects:
         write_jsonl_atomic(paths.rejects, rejects)
