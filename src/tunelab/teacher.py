@@ -26,7 +26,6 @@ import random
 import socket
 import sys
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -200,6 +199,8 @@ class Client:
         self.cached = 0
         """Answers taken from the cache."""
         self._count_lock = threading.Lock()
+        self.stopping = threading.Event()
+        """Set when the run stops (a fatal answer, Ctrl-C): requests in flight end, no retry starts."""
         self._http = httpx2.Client(timeout=teacher.timeout)
         self._errors = httpx2
         self._refused_key = "response_format refused by " + self.url
@@ -215,8 +216,11 @@ class Client:
             except Failure as e:
                 if e.reason != "http_400":
                     raise
-                # The endpoint does not take structured output: ask in plain words, and remember it.
+                # Ask without structured output; if that is taken, the endpoint refuses response_format
+                # (not this input): remember it, so no later request is refused for it again.
+                answer = self._ask(body)
                 self.cache.put({"key": self._refused_key, "detail": e.detail})
+                return answer
         return self._ask(body)
 
     def _ask(self, body: dict[str, Any]) -> tuple[str, str]:
@@ -234,6 +238,8 @@ class Client:
     def _post(self, body: dict[str, Any]) -> str:
         errors = self._errors
         for attempt in range(self.teacher.retries + 1):
+            if self.stopping.is_set():
+                raise Failure("stopped", "the run was stopped")
             wait = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt) * random.random()
             with self._count_lock:
                 self.asked += 1
@@ -256,7 +262,7 @@ class Client:
                 wait = max(wait, _retry_after(response.headers.get("retry-after")))
             if attempt == self.teacher.retries:
                 raise problem
-            time.sleep(wait)
+            self.stopping.wait(wait)
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -443,6 +449,7 @@ def run_pool(client: Client, items: list, work: Callable) -> list:
         for future in futures:
             future.result()
     except BaseException:
+        client.stopping.set()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
