@@ -202,15 +202,15 @@ class Client:
         self.stopping = threading.Event()
         """Set when the run stops (a fatal answer, Ctrl-C): requests in flight end, no retry starts."""
         self._http = httpx2.Client(timeout=teacher.timeout)
-        self._errors = httpx2
         self._refused_key = "response_format refused by " + self.url
 
     def ask(self, messages: list[dict[str, str]], temperature: float, structured: bool = False) -> tuple[str, str]:
         """(answer, time it was received), from the cache when this exact request was answered before."""
         body: dict[str, Any] = {"model": self.teacher.model, "messages": messages, "temperature": temperature}
         if structured and self.teacher.schema is not None and self.cache.get(self._refused_key) is None:
+            # Not "strict": OpenAI's strict mode refuses schemas without additionalProperties: false.
             with_format = {**body, "response_format": {"type": "json_schema", "json_schema": {
-                "name": "answer", "schema": self.teacher.schema, "strict": True}}}
+                "name": "answer", "schema": self.teacher.schema}}}
             try:
                 return self._ask(with_format)
             except Failure as e:
@@ -236,7 +236,7 @@ class Client:
         return answer, received
 
     def _post(self, body: dict[str, Any]) -> str:
-        errors = self._errors
+        import httpx2
         for attempt in range(self.teacher.retries + 1):
             if self.stopping.is_set():
                 raise Failure("stopped", "the run was stopped")
@@ -245,9 +245,9 @@ class Client:
                 self.asked += 1
             try:
                 response = self._http.post(self.url, json=body)
-            except errors.TimeoutException:
+            except httpx2.TimeoutException:
                 problem = Failure("timeout", f"no answer within {self.teacher.timeout:g} s")
-            except errors.TransportError as e:
+            except httpx2.TransportError as e:
                 problem = Failure("connection", f"{type(e).__name__}: {e}")
             else:
                 status = response.status_code
