@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from tunelab.cli import main
-from tunelab.teacher import check_private, minimal_errors
+from tunelab.teacher import Cache, check_private, minimal_errors
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SCHEMA = {"type": "object", "required": ["label"], "properties": {"label": {"type": "string"}}}
@@ -312,6 +312,16 @@ def test_user_errors_are_one_line(tmp_path, server, capsys):
         code = main(argv)
         error = capsys.readouterr().err
         assert code == 2 and len(error.splitlines()) == 1 and expected in error, (expected, error)
+
+
+def test_cache_cuts_off_a_line_a_kill_left_half_written(tmp_path):
+    folder = tmp_path / "labels.cache"
+    folder.mkdir()
+    (folder / "answers.jsonl").write_text('{"key": "a", "answer": "x", "time": "t"}\n{"key": "b", "ans')
+    cache = Cache(folder)
+    cache.put({"key": "c", "answer": "z", "time": "t"})
+    cache.close()
+    assert sorted(Cache(folder).records) == ["a", "c"]
 
 
 def test_minimal_schema_check():
