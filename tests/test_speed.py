@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from test_batching import conversations
-from tunelab import speed
-from tunelab.batching import encode_examples, pack, token_loss
+from tunelab import loss, speed
+from tunelab.batching import encode_examples, pack
+from tunelab.loss import token_loss
 from tunelab.models import load_model
 from tunelab.template import IGNORE, Template
 
@@ -55,7 +56,7 @@ def test_chunked_loss_equals_whole_loss_and_gradients(tiny_model_dir, encoded):
     expected = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-    chunked = speed.chunked_token_loss(model, inputs, keep, targets[keep], chunk=7)
+    chunked = loss.chunked_token_loss(model, inputs, keep, targets[keep], chunk=7)
     chunked.backward()
     assert chunked.item() == pytest.approx(whole.item(), rel=1e-5)
     for name, p in model.named_parameters():  # sums of many terms: compare relative to their size
@@ -68,10 +69,10 @@ def test_token_loss_chunks_long_batches(tiny_model_dir, encoded, monkeypatch):
     batch = pack(encoded)
     with torch.no_grad():
         whole = token_loss(model, batch).item()
-        monkeypatch.setattr(speed, "LOSS_CHUNK", 5)
+        monkeypatch.setattr(loss, "LOSS_CHUNK", 5)
         calls = []
-        original = speed.chunked_token_loss
-        monkeypatch.setattr(speed, "chunked_token_loss", lambda *a, **k: calls.append(1) or original(*a, chunk=5))
+        original = loss.chunked_token_loss
+        monkeypatch.setattr(loss, "chunked_token_loss", lambda *a, **k: calls.append(1) or original(*a, chunk=5))
         assert token_loss(model, batch).item() == pytest.approx(whole, rel=1e-5)
     assert calls
 
@@ -83,7 +84,7 @@ def test_chunked_loss_declines_a_wrapped_head(tiny_model_dir, encoded):
     batch = pack(encoded[:2])
     keep = (batch["targets"][0] != IGNORE).nonzero().squeeze(-1)
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-    assert speed.chunked_token_loss(model, inputs, keep, batch["targets"][0][keep]) is None
+    assert loss.chunked_token_loss(model, inputs, keep, batch["targets"][0][keep]) is None
 
 
 HEAP_PROBE = """
@@ -149,8 +150,8 @@ def test_backward_step_gradient_is_the_mean_over_all_trained_tokens(tiny_model_d
     micro_batches = [pack(encoded[:1]), pack(encoded[1:2]), pack(encoded[2:])]
     trained = [int((b["targets"] != IGNORE).sum()) for b in micro_batches]
     assert max(trained) > 2 * min(trained)  # a plain mean of micro-batch means would be off
-    loss, tokens = speed.backward_step(accelerator, model, micro_batches)
-    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    mean, tokens = loss.backward_step(accelerator, model, micro_batches)
+    assert mean.item() == pytest.approx(reference.item(), rel=1e-5)
     assert tokens == sum(len(e.input_ids) for e in encoded)
     assert accelerator.sync_gradients  # the optimizer steps after the last micro-batch
     for name, p in model.named_parameters():

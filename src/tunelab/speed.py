@@ -1,7 +1,7 @@
-"""Device and speed helpers for the training loop: threads, the allocator, packed attention,
-chunked loss, token-weighted gradient accumulation, optimizer and precision choices. Each speed
-option was measured with benchmarks/step_timing.py and benchmarks/train_throughput.py and kept
-because it paid (numbers in docs/BENCHMARKS.md).
+"""Device set-up for the training loop: the accelerator and its precision, threads, the
+allocator, packed attention and the optimizer (the loss and the training step are in loss.py).
+Each speed option was measured with benchmarks/step_timing.py and benchmarks/train_throughput.py
+and kept because it paid (numbers in docs/BENCHMARKS.md).
 
 Packed attention. A micro-batch is one row of examples back to back. transformers turns the
 restarting position ids into a dense block-diagonal mask over the whole row, so attention costs
@@ -21,9 +21,6 @@ import os
 import torch
 
 PACKED_ATTENTION = "tunelab_packed_sdpa"
-LOSS_CHUNK = 1024
-"""Trained positions per chunk of output projection + cross-entropy (49k-vocabulary logits of
-1024 positions are 200 MB in fp32)."""
 
 
 def configure_threads() -> None:
@@ -114,49 +111,6 @@ def use_packed_attention(model) -> None:
     inner.set_attn_implementation(PACKED_ATTENTION)
 
 
-@contextlib.contextmanager
-def _hidden_instead_of_logits(head):
-    """Make the output projection return its input, so the model hands back final hidden states."""
-    head.forward = lambda hidden: hidden
-    try:
-        yield
-    finally:
-        del head.forward
-
-
-def _sharded(weight: torch.Tensor) -> bool:
-    """FSDP and DeepSpeed ZeRO-3 hold a layer's full weight only inside its own forward."""
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(weight, DTensor) or hasattr(weight, "ds_id") or weight.dim() != 2 or weight.numel() == 0
-
-
-def _chunk_loss(hidden, weight, bias, targets):
-    logits = torch.nn.functional.linear(hidden, weight, bias)
-    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
-
-
-def chunked_token_loss(model, inputs: dict, keep: torch.Tensor, targets: torch.Tensor,
-                       chunk: int = LOSS_CHUNK) -> torch.Tensor | None:
-    """Summed cross-entropy of the trained positions `keep`, the output projection and loss done
-    `chunk` positions at a time and recomputed in backward, so at most one chunk of logits is in
-    memory. None when the model's output layer is not a plain Linear (e.g. LoRA on lm_head) or is
-    sharded (FSDP, ZeRO-3): the caller then computes the logits of all trained positions at once."""
-    from torch.utils.checkpoint import checkpoint
-
-    unwrapped = model.module if hasattr(model, "module") else model
-    head = unwrapped.get_output_embeddings()
-    if type(head) is not torch.nn.Linear or _sharded(head.weight):
-        return None
-    with _hidden_instead_of_logits(head):
-        hidden = model(**inputs, logits_to_keep=keep, use_cache=False).logits[0]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, len(keep), chunk):
-        total = total + checkpoint(_chunk_loss, hidden[start:start + chunk], head.weight, head.bias,
-                                   targets[start:start + chunk], use_reentrant=False)
-    return total
-
-
 def make_optimizer(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
     """AdamW; the fused kernel on GPUs, where it saves a launch per parameter tensor."""
     fused = device.type == "cuda"
@@ -203,38 +157,3 @@ def prepare_model(model, gradient_checkpointing: bool = False, compile: bool = F
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return torch.compile(model, dynamic=True) if compile else model
-
-
-def backward_step(accelerator, model, micro_batches: list[dict]) -> tuple[torch.Tensor, int]:
-    """Forward and backward over the micro-batches of one optimizer step, on every process: the
-    gradient is that of the mean cross-entropy over all their trained tokens together, as if one
-    process had run the whole global batch at once. Returns (that mean loss, tokens in the step).
-
-    Micro-batches and processes hold different numbers of trained tokens, so averaging their own
-    means (what plain accumulation and the gradient all-reduce do) would give the tokens of short
-    micro-batches more weight. Instead each summed loss is divided by the step's global count of
-    trained tokens. `accelerator.backward` divides by the accumulation steps and the all-reduce by
-    the processes, so the scale undoes both. Gradients are synchronised on the last micro-batch only."""
-    from tunelab.batching import token_loss
-    from tunelab.template import IGNORE
-
-    n = accelerator.num_processes
-    counts = torch.tensor([sum(int((b["targets"] != IGNORE).sum()) for b in micro_batches),
-                           sum(b["input_ids"].numel() for b in micro_batches)], dtype=torch.float64,
-                          device=accelerator.device)
-    trained, tokens = accelerator.reduce(counts, reduction="sum") if n > 1 else counts
-    scale = accelerator.gradient_accumulation_steps * n / trained.clamp(min=1)
-    total = torch.zeros((), device=accelerator.device)
-    for i, batch in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        # What `accelerator.accumulate` does, from the step's own micro-batches rather than a
-        # count of calls: DeepSpeed steps its engine on this flag, DDP and FSDP synchronise
-        # gradients on the last micro-batch only.
-        accelerator.gradient_state._set_sync_gradients(last)
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            loss = token_loss(model, batch, reduction="sum")
-            accelerator.backward(loss * scale)
-        total += loss.detach().float()
-    if n > 1:
-        total = accelerator.reduce(total, reduction="sum")
-    return total / trained.clamp(min=1), int(tokens)

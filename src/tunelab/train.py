@@ -18,12 +18,13 @@ import torch
 
 from tunelab import data as data_mod
 from tunelab import speed
-from tunelab.batching import encode_examples, heldout_loss, pack
+from tunelab.batching import encode_examples, pack
 from tunelab.checkpoint import Checkpoints, Position, trim_metrics
 from tunelab.config import TrainConfig
 from tunelab.errors import UserError
+from tunelab.loss import backward_step, heldout_loss
 from tunelab.models import load_model, load_tokenizer, resolve_base
-from tunelab.run import RunFiles
+from tunelab.runfolder import RunFiles
 from tunelab.template import Template
 
 
@@ -44,12 +45,12 @@ class Prepared:
 
 def prepare(config: TrainConfig, data_path: Path, out: Path | None = None) -> Prepared:
     """Check the data (errors stop here, with the report saved in `out`), then split and encode."""
-    from tunelab.datacheck import CheckOptions, run_check
+    from tunelab.datacheck import run_check
 
     base_path = resolve_base(config.base)
     tokenizer = load_tokenizer(base_path)
     template = Template.for_model(tokenizer, config.template)
-    report = run_check(data_path, CheckOptions.from_config(config), template, out)
+    report = run_check(data_path, config, template, out)
     examples = [e for e in data_mod.load_examples(data_path, config.format) if e.line not in report.duplicate_lines]
     train, test = data_mod.split(examples, config.test_size, config.seed, groups=report.groups)
     encode = dict(max_length=config.max_length, truncation=config.truncation,
@@ -147,7 +148,8 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
     if accelerator.is_main_process:
         if overwrite and files.config.exists():  # only ever delete what is known to be a run
             shutil.rmtree(out)
-        files.create(config, prepared)
+        files.create(config, prepared.template, prepared.train, prepared.test, prepared.base_path,
+                     len(prepared.train_encoded))
         prepared.report.save(out)
         if resume:
             trim_metrics(files.metrics, start.step if start else -1)
@@ -180,7 +182,7 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
             # On resume, skip the micro-batches of this epoch that the checkpoint had consumed.
             for micro_batches in step_groups(itertools.islice(loader, consumed, None), config.grad_accum):
                 consumed += len(micro_batches)
-                loss, step_tokens = speed.backward_step(accelerator, model, micro_batches)
+                loss, step_tokens = backward_step(accelerator, model, micro_batches)
                 tokens += step_tokens
                 if config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
