@@ -61,6 +61,7 @@ def test_merged_lora_is_a_transformers_folder_with_the_run_template(runs, tmp_pa
     out = tmp_path / "merged"
     assert main(["export", str(runs["lora"]), "--format", "merged", "--out", str(out)]) == 0
     assert str(out / "README.md") in capsys.readouterr().out
+    assert out.stat().st_mode & 0o777 == 0o755
     run = Run(runs["lora"])
     model = AutoModelForCausalLM.from_pretrained(out)
     ids = sample_ids(run)
@@ -301,8 +302,13 @@ def test_modelfile_refuses_a_template_that_merges_the_system_prompt_into_a_turn(
         ollama_modelfile(Template(tokenizer, "llama2-like", llama2))
 
 
+# Llama 3's split, as its tokenizer.json writes it.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
 def test_pre_tokenizer_names_and_refusal(tiny_model_dir, tokenizer):
-    from tokenizers import pre_tokenizers
+    from tokenizers import Regex, pre_tokenizers
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(tiny_model_dir)
@@ -311,6 +317,11 @@ def test_pre_tokenizer_names_and_refusal(tiny_model_dir, tokenizer):
     smollm.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     assert check_gguf_supported(config, smollm) == "smollm"
+    llama3 = copy.deepcopy(tokenizer)
+    llama3.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    assert check_gguf_supported(config, llama3) == "llama-bpe"
     words = copy.deepcopy(tokenizer)
     words.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     with pytest.raises(UserError, match="byte-level BPE"):

@@ -66,6 +66,7 @@ def export(run_path: Path | str, format: str, out: Path | str, dtype: str | None
         if modelfile is not None:
             (staging / "Modelfile").write_text(modelfile)
         (staging / "README.md").write_text(model_card(run, format, dtype, out))
+        staging.chmod(0o755)  # mkdtemp's folder is private; an export is read by other programs and users
         staging.rename(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
