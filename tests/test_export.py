@@ -83,6 +83,7 @@ def test_merged_lora_is_a_transformers_folder_with_the_run_template(runs, tmp_pa
     card = (out / "README.md").read_text()
     assert str(run.info["base"]) in card and "LoRA (rank 16" in card
     assert "16 training and 4 held-out examples" in card and "20 rows, 20 valid" in card
+    assert "3 steps of 4 examples, peak learning rate 0.01" in card
     assert "on 2 held-out examples" in card and "exact match" in card  # from eval.json
     assert run.template.source in card
     # The card's own Python snippet runs and answers as `tunelab generate` does (shortened: the

@@ -414,8 +414,8 @@ def model_card(run, format: str, dtype: str, out: Path) -> str:
 
 def _schedule(config) -> str:
     length = f"{config.max_steps} steps" if config.max_steps else f"{config.epochs:g} epochs"
-    lr = f"learning rate {config.lr:g}" if config.lr else "the method's default learning rate"
-    return f"{length} of {config.batch_size * config.grad_accum} examples, {lr}, up to {config.max_length} tokens"
+    return (f"{length} of {config.batch_size * config.grad_accum} examples, peak learning rate "
+            f"{config.learning_rate:g}, up to {config.max_length} tokens")
 
 
 def _data_summary(run) -> str:
