@@ -163,6 +163,15 @@ def cmd_chat(args: argparse.Namespace) -> None:
         conversation.append({"role": "assistant", "content": reply.strip()})
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from tunelab.export import export, ollama_name
+
+    out = export(args.run, args.format, args.out, dtype=args.dtype)
+    print(f"Exported {args.run} as {args.format} to {out}; see {out / 'README.md'}")
+    if args.format == "ollama":
+        print(f"Import it: ollama create {ollama_name(out)} -f {out / 'Modelfile'}")
+
+
 def cmd_not_yet(args: argparse.Namespace) -> None:
     raise UserError(f"tunelab {args.command}: not available yet; use `tunelab generate` or the Python API for now")
 
@@ -293,8 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=512)
     chat.set_defaults(func=cmd_chat)
 
-    for name, text in (("serve", "OpenAI-compatible server (not available yet)"),
-                       ("export", "merged weights and GGUF (not available yet)")):
+    export = commands.add_parser("export", help="write the fine-tuned model for transformers, llama.cpp or Ollama")
+    export.add_argument("run", help="run folder")
+    export.add_argument("--format", required=True, metavar="{merged,gguf,ollama}",
+                        help="merged: Hugging Face folder; gguf: llama.cpp file; ollama: GGUF and Modelfile")
+    export.add_argument("--out", required=True, help="new folder to write (refused if it exists)")
+    export.add_argument("--dtype", metavar="{f32,f16,q8_0}", default=None,
+                        help="weights (default: f32 for merged, f16 for gguf and ollama; q8_0 is GGUF only)")
+    export.set_defaults(func=cmd_export)
+
+    for name, text in (("serve", "OpenAI-compatible server (not available yet)"),):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("run", nargs="?")
         sub.set_defaults(func=cmd_not_yet)
