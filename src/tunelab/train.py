@@ -214,9 +214,8 @@ def open_run_folder(files: RunFiles, config: TrainConfig, prepared: Prepared, ov
     """Lay out the run folder (main process only) and open its metrics for appending."""
     if overwrite and files.config.exists():  # only ever delete what is known to be a run
         shutil.rmtree(files.root)
-    dropped = set(prepared.dropped)
-    files.create(config, prepared.template, [e for e in prepared.train if e.line not in dropped], prepared.test,
-                 prepared.base_path, len(prepared.train_encoded))
+    files.create(config, prepared.template, prepared.base_path, prepared.train, prepared.test, prepared.dropped,
+                 len(prepared.train_encoded))
     prepared.report.save(files.root)
     if resume:
         trim_metrics(files.metrics, start.step if start else -1)
