@@ -14,7 +14,8 @@ PACKAGE = Path(tunelab.__file__).parent
 
 LAYERS = [
     {"errors"},
-    {"config", "data", "dedup", "template", "models", "examples", "examples.bookings"},
+    {"data", "dedup", "template", "models", "examples", "examples.bookings"},
+    {"config"},
     {"batching", "speed", "runfolder"},
     {"loss", "checkpoint", "datacheck", "generate"},
     {"evaluate", "train"},

@@ -30,7 +30,7 @@ from tunelab.batching import EncodedExample, collect_encoded, encode_one, pack
 from tunelab.checkpoint import Checkpoint, Checkpoints, Position, process_rng_states, trim_metrics
 from tunelab.config import TrainConfig
 from tunelab.data import Example
-from tunelab.datacheck import CheckOptions, Report, run_check
+from tunelab.datacheck import Report, run_check
 from tunelab.errors import UserError
 from tunelab.loss import backward_step, heldout_loss
 from tunelab.models import load_model, load_tokenizer, resolve_base
@@ -78,7 +78,7 @@ def prepare(config: TrainConfig, data_path: Path, out: Path | None = None) -> Pr
     template = Template.for_model(load_tokenizer(base_path), config.template)
     data_path = Path(data_path)
     in_memory = data_path.is_file() and data_path.stat().st_size <= IN_MEMORY_BYTES
-    report = run_check(data_path, CheckOptions.from_config(config), template, out, keep_examples=in_memory)
+    report = run_check(data_path, config, template, out, keep_examples=in_memory)
     checked = {item.example.line: item for item in report.examples or []}
     if in_memory:
         examples = [item.example for item in report.examples if item.example.line not in report.duplicate_lines]
