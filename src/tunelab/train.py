@@ -97,6 +97,7 @@ def prepare(config: TrainConfig, data_path: Path, out: Path | None = None) -> Pr
               f"(lines {', '.join(map(str, stats.dropped[:10]))}{'...' if len(stats.dropped) > 10 else ''}), "
               f"{stats.truncated} truncated")
     test_encoded = collect_encoded(encoded(test), config.max_length, str(data_path))[0] if test else []
+    report.examples = None  # what training needs is taken; the rest (copies, cut-off originals) goes
     return Prepared(base_path, template, train, test, train_encoded, test_encoded, stats.dropped, report)
 
 
