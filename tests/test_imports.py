@@ -17,7 +17,7 @@ LAYERS = [
     {"data", "dedup", "template", "models", "examples", "examples.bookings"},
     {"config"},
     {"batching", "speed", "runfolder"},
-    {"loss", "checkpoint", "datacheck", "generate"},
+    {"loss", "checkpoint", "datacheck", "generate", "report"},
     {"evaluate", "train"},
     {"run"},
     {"demo"},

@@ -60,6 +60,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"Results saved in {run.files.eval}")
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from tunelab.report import COMPARISON_FILE, write_comparison, write_report
+
+    runs, out = [Path(run) for run in args.runs], Path(args.out) if args.out else None
+    path = write_report(runs[0], out) if len(runs) == 1 else write_comparison(runs, out or Path(COMPARISON_FILE))
+    for run in runs:
+        if not (run / "eval.json").exists():
+            print(f"tunelab: note: {run} has no eval.json, so its report shows training and data only; "
+                  f"run `tunelab eval {run}` for the rest", file=sys.stderr)
+    print(f"Report written to {path}")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from tunelab.run import Run
 
@@ -182,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-base", action="store_true", help="skip the base model")
     evaluate.add_argument("--max-new-tokens", type=int, default=None)
     evaluate.set_defaults(func=cmd_eval)
+
+    report = commands.add_parser("report", help="write a run's HTML report, or compare several runs side by side")
+    report.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s)")
+    report.add_argument("--out", default=None,
+                        help="HTML file to write (default: RUN/report.html for one run; for several, "
+                             "comparison.html in the current folder, each run's report.html rebuilt too)")
+    report.set_defaults(func=cmd_report)
 
     generate = commands.add_parser("generate", help="answer a prompt or a file of prompts with the fine-tuned model")
     generate.add_argument("run", help="run folder")

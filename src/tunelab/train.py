@@ -107,6 +107,7 @@ def build_model(config: TrainConfig, base_path: Path):
         from peft import LoraConfig, get_peft_model
 
         targets = config.lora_targets if config.lora_targets == "all-linear" else config.lora_targets.split(",")
+        _refuse_tied_targets(model, targets, base_path)
         lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=targets, task_type="CAUSAL_LM")
         try:
@@ -114,6 +115,23 @@ def build_model(config: TrainConfig, base_path: Path):
         except ValueError as e:
             raise UserError(f"--lora-targets {config.lora_targets}: {str(e).splitlines()[0]}") from None
     return model
+
+
+def _refuse_tied_targets(model, targets: str | list[str], base_path: Path) -> None:
+    """A model that ties its output layer to its input embeddings (SmolLM2 does) has one weight in
+    two places, and merging an adapter on either (what `tunelab eval`, `generate` and export do)
+    breaks what was trained (peft 0.21): an adapter on the output layer alone, once merged, changes
+    the input embeddings too; with peft's `ensure_weight_tying`, one adapter serves both places but
+    is added to the shared weight twice. 'all-linear' leaves the output layer out."""
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if targets == "all-linear" or head is None or head.weight is not embeddings.weight:
+        return
+    tied = [name for name, module in model.named_modules() if module is head or module is embeddings]
+    named = [t for t in targets if any(name == t or name.endswith("." + t) for name in tied)]
+    if named:
+        raise UserError(f"--lora-targets {','.join(named)}: {base_path} ties its output layer to its input "
+                        "embeddings, and a LoRA adapter on a tied layer does not merge into the model; leave "
+                        f"{'it' if len(named) == 1 else 'them'} out (the default all-linear does) or use --method full")
 
 
 def check_out(files: RunFiles, overwrite: bool, resume: bool, force: bool) -> None:
@@ -185,7 +203,7 @@ def set_up(config: TrainConfig, prepared: Prepared, resuming: bool) -> Training:
     refuse_sharded_checkpoints(accelerator.distributed_type, config, resuming)
     set_seed(config.seed)
     model = build_model(config, prepared.base_path)
-    model = speed.prepare_model(model, config.gradient_checkpointing, config.compile)
+    model = speed.prepare_model(model, config.gradient_checkpointing, config.compile, accelerator.device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = speed.make_optimizer(trainable, config.learning_rate, config.weight_decay, accelerator.device)
