@@ -3,8 +3,8 @@ release that removes or changes one fails here, loudly, rather than somewhere in
 
 - accelerate: `AcceleratorState._reset_state()` (speed.make_accelerator). accelerate 1.15 has
   no public way to let a second Accelerator in the same process take another precision.
-- transformers: `config._attn_implementation` and `PreTrainedModel._can_set_attn_implementation()`
-  (speed.use_packed_attention), read to keep FlashAttention and skip models that cannot switch.
+- transformers: `config._attn_implementation` (speed.use_packed_attention, speed.runs_packed),
+  read to keep FlashAttention or SDPA and to tell which models cannot switch.
 - torch: `torch.ops.mkldnn._is_mkldnn_bf16_supported` (speed.native_bf16), the only probe of
   native bf16 matmuls on a CPU.
 """
@@ -36,18 +36,14 @@ def test_accelerate_public_sync_gradients_setter():
 
 
 def test_transformers_attention_hooks(tiny_model_dir):
-    from transformers import PreTrainedModel
-
     from tunelab.models import load_model
 
-    assert callable(getattr(PreTrainedModel, "_can_set_attn_implementation", None)), \
-        "transformers removed PreTrainedModel._can_set_attn_implementation, used by speed.use_packed_attention"
     model = load_model(tiny_model_dir)
     assert hasattr(model.config, "_attn_implementation"), \
-        "transformers removed config._attn_implementation, read by speed.use_packed_attention"
-    assert model._can_set_attn_implementation() in (True, False)
-    speed.use_packed_attention(model)
-    assert model.config._attn_implementation == speed.PACKED_ATTENTION
+        "transformers removed config._attn_implementation, read by speed.use_packed_attention and speed.runs_packed"
+    assert model.config._attn_implementation == "sdpa"
+    assert speed.use_packed_attention(model)
+    assert model.config._attn_implementation == speed.PACKED_ATTENTION  # it follows set_attn_implementation
 
 
 def test_torch_mkldnn_bf16_probe():
