@@ -14,12 +14,13 @@ PACKAGE = Path(tunelab.__file__).parent
 
 LAYERS = [
     {"errors"},
-    {"config", "data", "dedup", "template", "models", "examples", "examples.bookings"},
+    {"data", "dedup", "template", "models", "examples", "examples.bookings"},
+    {"config"},
     {"batching", "speed", "runfolder"},
-    {"loss", "checkpoint", "datacheck", "generate"},
-    {"evaluate", "train"},
+    {"loss", "checkpoint", "datacheck", "generate", "report", "teacher"},
+    {"evaluate", "train", "review"},
     {"run"},
-    {"demo"},
+    {"demo", "export"},
     {"cli", "__init__"},
 ]
 """From the bottom up: a module may import from the layers below its own, never from its own or

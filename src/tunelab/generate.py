@@ -1,9 +1,9 @@
 """Generation through the run's template: answers in input order, and streaming for chat.
 
-`generate_rows` is the one generation loop: batch generation, evaluation and chat's one-off
-replies go through it by way of `generate_answers`, and the server (serve.py) calls it
-directly for its batches (chat streams through `stream_reply`). Generation is greedy unless
-a temperature is given.
+`generate_rows` is the one generation loop: `tunelab generate`, evaluation and the Python API's
+`Run.generate` go through it by way of `generate_answers`, and the server (serve.py) calls it
+directly for its batches; chat streams its replies through `stream_reply`. Generation is greedy
+unless a temperature is given.
 """
 
 from __future__ import annotations
