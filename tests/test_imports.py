@@ -20,7 +20,7 @@ LAYERS = [
     {"loss", "checkpoint", "datacheck", "generate", "report", "teacher"},
     {"evaluate", "train", "review"},
     {"run"},
-    {"demo", "export"},
+    {"demo", "export", "serve"},
     {"cli", "__init__"},
 ]
 """From the bottom up: a module may import from the layers below its own, never from its own or
