@@ -326,12 +326,12 @@ class Sampling(BaseModel):
         if self.n != 1:
             raise Refused(f"n={self.n}: this server returns one choice per request; send n=1 (or leave it out)",
                           param="n")
-        for name in ("response_format",):
-            value = (self.model_extra or {}).get(name)
-            if value is not None and value.get("type", "text") != "text":
-                raise Refused(f"response_format {value.get('type')!r} is not supported: this server does not "
-                              "constrain generation to JSON; leave response_format out and validate the answer",
-                              param="response_format")
+        response_format = (self.model_extra or {}).get("response_format")
+        kind = response_format.get("type", "text") if isinstance(response_format, dict) else response_format
+        if response_format is not None and kind != "text":
+            raise Refused(f"response_format {kind!r} is not supported: this server does not constrain "
+                          "generation to JSON; leave response_format out and validate the answer",
+                          param="response_format")
         for name in ("tools", "functions", "logprobs", "logit_bias", "echo", "suffix", "best_of"):
             value = (self.model_extra or {}).get(name)
             if value not in (None, False, [], {}, 1):
