@@ -122,6 +122,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = os.path.basename(os.path.normpath(args.run))
+    load_before = os.getloadavg()[0]  # other work on the machine skews every number below
     results = []
     proc, url = start([sys.executable, "-m", "tunelab.cli", "serve", args.run, "--port", "0",
                        "--max-queue", str(args.max_queue), "--batch-size", str(args.batch_size)],
@@ -150,7 +151,7 @@ def main() -> None:
             finally:
                 proc.terminate()
                 proc.wait()
-    print(f"{os.cpu_count()} CPU cores; load average before: {os.getloadavg()[0]:.1f}")
+    print(f"{os.cpu_count()} CPU cores; load average before: {load_before:.1f}")
     for row in results:
         print(json.dumps(row))
 
