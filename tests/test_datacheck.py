@@ -150,6 +150,8 @@ def test_duplicates_are_dropped_near_duplicates_kept_together(tmp_path):
     # The split train makes from the same groups agrees with the report and keeps each pair together.
     examples = [e for e in data.load_examples(path) if e.line not in report.duplicate_lines]
     train, test = data.split(examples, options.test_size, options.seed, groups=report.groups)
+    assert [e.line for e in train] == report.train_lines.tolist()
+    assert [e.line for e in test] == report.test_lines.tolist()
     assert (len(train), len(test)) == (report.train_count, report.test_count)
     test_lines = {e.line for e in test}
     assert all((a in test_lines) == (b in test_lines) for a, b, _ in report.near_pairs)
@@ -195,3 +197,32 @@ def test_the_command_prints_a_summary_and_saves_the_report(tmp_path, tiny_model_
     assert "E_ALL_DROPPED every example is longer than --max-length 8" in capsys.readouterr().err
     histogram = (out / "length_histogram.txt").read_text()
     assert histogram.startswith("Example length in tokens (--max-length 64)") and "<- --max-length" in histogram
+
+
+def test_training_splits_exactly_as_the_report_says(tmp_path, tiny_model_dir):
+    """RUN/split.json holds the lines of the report's split, and every W_LEAK pair straddles it."""
+    rows = [chat(f"Question {sentence(i)}", f"Answer {i}") for i in range(40)]
+    rows += [rows[3], rows[5]]  # lines 41-42: exact copies, in neither split
+    rows += [chat(f"Question {sentence(i)} please", f"Answer {i}") for i in range(10, 20)]  # lines 43-52: pairs
+    rows += [chat(f"Question {sentence(7)} version {i}", "Answer 7") for i in range(20)]  # lines 53-72: a large group
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "run"
+    assert main(["train", str(path), "--base", str(tiny_model_dir), "--out", str(out), "--max-steps", "1",
+                 "--test-size", "0.2", "--seed", "3"]) == 0
+    split = json.loads((out / "split.json").read_text())
+    report = check(path, CheckOptions(test_size=0.2, seed=3))
+    assert split["train_lines"] == report.train_lines.tolist()
+    assert split["test_lines"] == report.test_lines.tolist()
+    for name in ("train", "test"):
+        written = [json.loads(line)["line"] for line in (out / f"{name}.jsonl").read_text().splitlines()]
+        assert written == split[f"{name}_lines"]
+    saved = json.loads((out / "data_check.json").read_text())
+    assert (saved["split"]["train"], saved["split"]["test"]) == (len(split["train_lines"]), len(split["test_lines"]))
+    train, test = set(split["train_lines"]), set(split["test_lines"])
+    assert not train & test and not {41, 42} & (train | test) and len(train | test) == len(rows) - 2
+    leaked = [tuple(pair) for pair in saved["split"]["leaked_pairs"]]
+    assert leaked and saved["warning_counts"]["W_LEAK"] == len(leaked) == saved["split"]["leaked_count"]
+    assert all((a in train and b in test) or (a in test and b in train) for a, b in leaked)
+    near = [(a, b) for a, b, _ in saved["duplicates"]["near"]["pairs"]]
+    assert set(leaked) < set(near)
+    assert all((a in test) == (b in test) for a, b in near if (a, b) not in leaked)  # the rest: one side
