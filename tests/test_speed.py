@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from test_batching import conversations
 from tunelab import speed
 from tunelab.batching import encode_examples, pack, token_loss
 from tunelab.models import load_model
@@ -9,7 +8,7 @@ from tunelab.template import IGNORE, Template
 
 
 @pytest.fixture(scope="module")
-def encoded(tokenizer):
+def encoded(tokenizer, conversations):
     return encode_examples(conversations(6), Template.for_model(tokenizer), max_length=512)[0]
 
 
