@@ -43,10 +43,11 @@ def run(variant: str, steps: int) -> dict:
 
         configure_threads()
     from tunelab import speed
-    from tunelab.batching import encode_examples, pack, token_loss
+    from tunelab.batching import encode_examples, pack
     from tunelab.config import TrainConfig
     from tunelab.data import Example
     from tunelab.examples import bookings
+    from tunelab.loss import token_loss
     from tunelab.models import load_tokenizer, resolve_base
     from tunelab.template import Template
     from tunelab.train import build_model

@@ -18,7 +18,7 @@ auto: bf16 autocast where the CPU or GPU computes bf16 natively).
 Printed per setting: useful (non-padding) tokens/s over the training loop, whole-run wall time
 (process start to saved weights: imports, model load, tokenization, training, saving), peak
 memory, the wall-time ratio to the faster TRL setting of the same method, the held-out loss
-(every trained model loaded from disk and scored by tunelab.batching.heldout_loss on the same
+(every trained model loaded from disk and scored by tunelab.loss.heldout_loss on the same
 encoded held-out examples), and model FLOPs utilisation against the fp32 matmul peak measured
 here with torch.mm. Results also go to OUT/results.json.
 """
@@ -49,6 +49,8 @@ TRL_VARIANTS = {
 }
 DEFAULT_SETTINGS = [f"{tool}-{method}" for method in METHODS for tool in ("tunelab", "trl", "trl-packing", "trl-tuned")]
 BATCH, MAX_LENGTH, TEST_SIZE, SEED, WARMUP = 8, 1024, 0.1, 0, 0.05
+BASE = "smollm2-135m"
+"""Base model (--base): the bundled name or a local folder; BATCH is set by --batch."""
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
 
@@ -76,7 +78,7 @@ def prepare_data(work: Path, examples: int):
 
     path = work / "bookings.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in bookings.make_examples(examples)))
-    prepared = prepare(TrainConfig(max_length=MAX_LENGTH, test_size=TEST_SIZE, seed=SEED), path)
+    prepared = prepare(TrainConfig(base=BASE, max_length=MAX_LENGTH, test_size=TEST_SIZE, seed=SEED), path)
     assert len(prepared.train_encoded) == len(prepared.train), "an example is over MAX_LENGTH: TRL would truncate it"
     (work / "train.jsonl").write_text("".join(json.dumps({"messages": e.messages}) + "\n" for e in prepared.train))
     return prepared.train_encoded, prepared.test_encoded
@@ -90,7 +92,7 @@ def run_tunelab(method: str, seed: int, work: Path, out: Path) -> dict:
 
     # The training split only (test_size 0): the held-out examples were set apart by prepare_data.
     # No held-out loss during training (TRL does none either); it is measured afterwards for all.
-    config = TrainConfig(method=method, batch_size=BATCH, epochs=1, max_length=MAX_LENGTH, test_size=0,
+    config = TrainConfig(base=BASE, method=method, batch_size=BATCH, epochs=1, max_length=MAX_LENGTH, test_size=0,
                          seed=seed, warmup_ratio=WARMUP, eval_examples=0)
     train(config, work / "train.jsonl", out, overwrite=True, quiet=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -134,7 +136,7 @@ def run_trl(variant: str, method: str, seed: int, work: Path, out: Path) -> dict
         # assign use_cpu if you want to train the model on CPU"; this is that fix.
         use_cpu=not torch.cuda.is_available(),
     )
-    base = resolve_base("smollm2-135m")
+    base = resolve_base(BASE)
     tokenizer = load_tokenizer(base)
     trainer = SFTTrainer(
         model=load_model(base), args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
@@ -174,6 +176,10 @@ def child(run: str, work: Path) -> None:
         result = run_trl(tool, method, int(seed), work, out)
     result["wall_s"] = time.perf_counter() - STARTED
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+    import torch
+
+    if torch.cuda.is_available():
+        result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1024**3
     (work / f"{setting}-seed{seed}.json").write_text(json.dumps(result, indent=2, default=str))
 
 
@@ -183,12 +189,17 @@ def matmul_peak_gflops(dtype_name: str = "float32", n: int = 4096, repeats: int 
     import torch
 
     dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n = 8192 if device == "cuda" else n
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     torch.mm(a, b)
+    sync()
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
         torch.mm(a, b)
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
 
@@ -212,17 +223,23 @@ def model_flops(method: str, encoded, config, lora_params: int) -> float:
 
 
 def heldout(setting: str, weights: str, test_encoded) -> float:
-    from tunelab.batching import heldout_loss
+    from tunelab.loss import heldout_loss
     from tunelab.models import load_model, resolve_base
 
     _, method = split_setting(setting)
     if method == "lora":
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(load_model(resolve_base("smollm2-135m")), weights).merge_and_unload()
+        model = PeftModel.from_pretrained(load_model(resolve_base(BASE)), weights).merge_and_unload()
     else:
         model = load_model(Path(weights))
-    return heldout_loss(model.eval(), test_encoded, BATCH)
+    return heldout_loss(model.to(device()).eval(), test_encoded, BATCH)
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def lora_parameter_count() -> int:
@@ -230,7 +247,7 @@ def lora_parameter_count() -> int:
 
     from tunelab.models import load_model, resolve_base
 
-    model = get_peft_model(load_model(resolve_base("smollm2-135m")), LoraConfig(task_type="CAUSAL_LM", **LORA))
+    model = get_peft_model(load_model(resolve_base(BASE)), LoraConfig(task_type="CAUSAL_LM", **LORA))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -242,6 +259,7 @@ def spread(values) -> str:
 
 
 def main() -> None:
+    global BASE, BATCH
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=240,
                         help="booking examples generated (90%% trained for one epoch; the full set is 1200)")
@@ -254,8 +272,11 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true",
                         help="take a setting and seed already measured in --out (same --examples) instead of running "
                              "it again, e.g. to add a setting to a finished run")
+    parser.add_argument("--base", default=BASE, help="base model: smollm2-135m or a local Hugging Face folder")
+    parser.add_argument("--batch", type=int, default=BATCH, help="examples per step (default: %(default)s)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    BASE, BATCH = args.base, args.batch
     work = Path(args.out).resolve()
     if args.child:
         child(args.child, work)
@@ -264,7 +285,7 @@ def main() -> None:
     import torch
     from transformers import AutoConfig
 
-    from tunelab.batching import heldout_loss
+    from tunelab.loss import heldout_loss
     from tunelab.models import load_model, resolve_base
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -291,7 +312,8 @@ def main() -> None:
                 continue
             print(f"running {setting} seed {seed}...", flush=True)
             load_before = os.getloadavg()[0]
-            done = subprocess.run([sys.executable, __file__, "--out", str(work), "--child", f"{setting}@{seed}"],
+            done = subprocess.run([sys.executable, __file__, "--out", str(work), "--base", BASE, "--batch", str(BATCH),
+                                   "--child", f"{setting}@{seed}"],
                                   capture_output=True, text=True)
             if done.returncode != 0:
                 print(done.stdout[-2000:], done.stderr[-5000:], sep="\n")
@@ -302,9 +324,9 @@ def main() -> None:
             measured.write_text(json.dumps(r, indent=2, default=str))
             print(f"  {r['wall_s']:.0f} s, load average {load_before:.2f} -> {os.getloadavg()[0]:.2f}", flush=True)
 
-    base_path = resolve_base("smollm2-135m")
+    base_path = resolve_base(BASE)
     config = AutoConfig.from_pretrained(base_path)
-    base_loss = heldout_loss(load_model(base_path).eval(), test_encoded, BATCH)
+    base_loss = heldout_loss(load_model(base_path).to(device()).eval(), test_encoded, BATCH)
     lora_params = lora_parameter_count()
     useful = sum(len(e.input_ids) for e in train_encoded)
     for (setting, _), r in runs.items():
@@ -320,6 +342,7 @@ def main() -> None:
         results[setting] = {
             "steps": mine[0]["steps"], "train_s": train_s, "wall_s": mean([r["wall_s"] for r in mine]),
             "useful_tokens_per_s": useful / train_s, "peak_rss_gb": max(r["peak_rss_gb"] for r in mine),
+            "peak_gpu_gb": max(r.get("peak_gpu_gb", 0.0) for r in mine),
             "heldout_losses": [r["heldout_loss"] for r in mine],
             "heldout_loss": mean([r["heldout_loss"] for r in mine]),
             "mfu": flops_per_s / (peak * 1e9), "mfu_bf16_peak": flops_per_s / (peak_bf16 * 1e9),
@@ -356,6 +379,9 @@ def main() -> None:
         if "trl_settings" in r:
             print(f"\n{setting}: {json.dumps(r['trl_settings'])}; rows {r['rows']}, tokens {r['tokens_seen']}, "
                   f"trained tokens {r['trained_tokens']}")
+    if torch.cuda.is_available():
+        print(f"\n{torch.cuda.get_device_name()}: peak GPU memory allocated " +
+              ", ".join(f"{setting} {r['peak_gpu_gb']:.1f} GiB" for setting, r in results.items()))
     tunelab_trained = sum(e.trainable for e in train_encoded)
     print(f"\ntunelab: {len(train_encoded)} rows, tokens {useful}, trained tokens {tunelab_trained}")
     summary = {"examples": args.examples, "seeds": seeds, "train_examples": len(train_encoded),

@@ -99,6 +99,12 @@ def crashed_run(workdir: Path) -> None:
     shutil.rmtree(workdir / "runs" / "crashed" / "checkpoints" / "step-000003")
 
 
+def other_run(workdir: Path) -> None:
+    """runs/other: a second run, with other settings, to compare with runs/mine."""
+    line = "tunelab train data.jsonl --out runs/other --max-steps 2 --lr 0.01 --overwrite"
+    assert_worked(run_line(workdir, line), line, TRAIN_DONE)
+
+
 FORMS: dict[str, Form | None] = {
     # README, the first three lines
     README_TRAIN: Form(),  # run once by the fixture readme_run
@@ -131,6 +137,14 @@ FORMS: dict[str, Form | None] = {
     "tunelab train DATA --out RUN --resume": Form(
         ["tunelab train data.jsonl --out runs/crashed --resume"], needs_run=False, expect=TRAIN_DONE,
         setup=crashed_run),
+    # the report paragraph
+    "tunelab report runs/mine": Form(["tunelab report runs/mine"], twice=True,
+                                     expect="Report written to runs/mine/report.html"),
+    "tunelab report runs/mine runs/other": Form(["tunelab report runs/mine runs/other"], twice=True,
+                                                expect="Report written to comparison.html", setup=other_run),
+    "tunelab report runs/mine runs/other --out runs/compare.html": Form(
+        ["tunelab report runs/mine runs/other --out runs/compare.html"], twice=True,
+        expect="Report written to runs/compare.html", setup=other_run),
     # docs/DEMO.md: a second demo into the same folder, as a user re-runs it with more steps
     "tunelab demo --max-steps 135": Form([f"tunelab demo {SMALL_DEMO} --max-steps 3"], needs_run=False,
                                          expect="Wall time"),
@@ -149,6 +163,7 @@ FORMS: dict[str, Form | None] = {
         needs_run=False, expect=TRAIN_DONE),
     # Names of commands in running text, not command lines: each must be a command that exists.
     "tunelab train": None,
+    "tunelab eval": None,
     "tunelab data check": None,
     "tunelab eval/generate/chat": None,
 }

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from tunelab import speed
-from tunelab.batching import encode_examples, pack, token_loss
+from tunelab import loss, speed
+from tunelab.batching import encode_examples, pack
+from tunelab.loss import token_loss
 from tunelab.models import load_model
 from tunelab.template import IGNORE, Template
 
@@ -31,6 +32,18 @@ def test_packed_attention_equals_transformers(models, encoded):
     assert token_loss(packed, batch).item() == pytest.approx(token_loss(reference, batch).item(), abs=1e-5)
 
 
+def test_gpu_keeps_sdpa_over_the_block_mask(tiny_model_dir, encoded):
+    """On a GPU the model keeps SDPA (one kernel over transformers' block-diagonal mask), which
+    keeps the examples of a packed row apart: no per-example fallback, the same loss."""
+    model = load_model(tiny_model_dir).eval()
+    speed.prepare_model(model, device=torch.device("cuda"))
+    assert model.config._attn_implementation == "sdpa" and speed.runs_packed(model)
+    separate = sum(token_loss(model, pack([item]), reduction="sum").item() for item in encoded)
+    assert token_loss(model, pack(encoded), reduction="sum").item() == pytest.approx(separate, rel=1e-5)
+    speed.prepare_model(model, device=torch.device("cpu"))
+    assert model.config._attn_implementation == speed.PACKED_ATTENTION
+
+
 def test_packed_attention_falls_back_without_boundaries(models, encoded):
     """Generation-style calls (padded batches, no cu_seq_lens) still use the mask."""
     reference, packed = models
@@ -54,7 +67,7 @@ def test_chunked_loss_equals_whole_loss_and_gradients(tiny_model_dir, encoded):
     expected = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-    chunked = speed.chunked_token_loss(model, inputs, keep, targets[keep], chunk=7)
+    chunked = loss.chunked_token_loss(model, inputs, keep, targets[keep], chunk=7)
     chunked.backward()
     assert chunked.item() == pytest.approx(whole.item(), rel=1e-5)
     for name, p in model.named_parameters():  # sums of many terms: compare relative to their size
@@ -67,10 +80,10 @@ def test_token_loss_chunks_long_batches(tiny_model_dir, encoded, monkeypatch):
     batch = pack(encoded)
     with torch.no_grad():
         whole = token_loss(model, batch).item()
-        monkeypatch.setattr(speed, "LOSS_CHUNK", 5)
+        monkeypatch.setattr(loss, "LOSS_CHUNK", 5)
         calls = []
-        original = speed.chunked_token_loss
-        monkeypatch.setattr(speed, "chunked_token_loss", lambda *a, **k: calls.append(1) or original(*a, chunk=5))
+        original = loss.chunked_token_loss
+        monkeypatch.setattr(loss, "chunked_token_loss", lambda *a, **k: calls.append(1) or original(*a, chunk=5))
         assert token_loss(model, batch).item() == pytest.approx(whole, rel=1e-5)
     assert calls
 
@@ -82,7 +95,7 @@ def test_chunked_loss_declines_a_wrapped_head(tiny_model_dir, encoded):
     batch = pack(encoded[:2])
     keep = (batch["targets"][0] != IGNORE).nonzero().squeeze(-1)
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-    assert speed.chunked_token_loss(model, inputs, keep, batch["targets"][0][keep]) is None
+    assert loss.chunked_token_loss(model, inputs, keep, batch["targets"][0][keep]) is None
 
 
 HEAP_PROBE = """
@@ -148,8 +161,8 @@ def test_backward_step_gradient_is_the_mean_over_all_trained_tokens(tiny_model_d
     micro_batches = [pack(encoded[:1]), pack(encoded[1:2]), pack(encoded[2:])]
     trained = [int((b["targets"] != IGNORE).sum()) for b in micro_batches]
     assert max(trained) > 2 * min(trained)  # a plain mean of micro-batch means would be off
-    loss, tokens = speed.backward_step(accelerator, model, micro_batches)
-    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    mean, tokens = loss.backward_step(accelerator, model, micro_batches)
+    assert mean.item() == pytest.approx(reference.item(), rel=1e-5)
     assert tokens == sum(len(e.input_ids) for e in encoded)
     assert accelerator.sync_gradients  # the optimizer steps after the last micro-batch
     for name, p in model.named_parameters():

@@ -109,34 +109,3 @@ def pack(items: list[Encoded]) -> dict[str, torch.Tensor]:
         "targets": torch.tensor([targets]),
         "cu_seq_lens_q": torch.tensor(starts, dtype=torch.int32),
     }
-
-
-def token_loss(model, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy over trained tokens only. The output projection runs only where a target
-    exists, so the vocabulary-sized logits of prompt tokens are never built; past LOSS_CHUNK
-    trained tokens it runs in chunks, so those of a long batch never fill memory either."""
-    from tunelab.speed import LOSS_CHUNK, chunked_token_loss
-
-    targets = batch["targets"][0]
-    keep = (targets != IGNORE).nonzero().squeeze(-1)
-    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-    if "cu_seq_lens_q" in batch:
-        inputs["cu_seq_lens_q"] = batch["cu_seq_lens_q"]
-    if len(keep) > LOSS_CHUNK:
-        total = chunked_token_loss(model, inputs, keep, targets[keep])
-        if total is not None:
-            return total / len(keep) if reduction == "mean" else total
-    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits[0]
-    return torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction=reduction)
-
-
-@torch.no_grad()
-def heldout_loss(model, encoded: list[Encoded], batch_size: int = 8) -> float:
-    """Mean token cross-entropy over every trained token of `encoded`."""
-    total, count = 0.0, 0
-    for start in range(0, len(encoded), batch_size):
-        batch = pack(encoded[start : start + batch_size])
-        batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
-        total += token_loss(model, batch, reduction="sum").item()
-        count += int((batch["targets"] != IGNORE).sum())
-    return total / max(count, 1)

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tunelab.errors import UserError
+from tunelab.runfolder import RunFiles
 
 # Options that may change when a run is resumed: they decide what is saved and measured, never
 # the weights. Any other change needs --force, max_steps and epochs included, because they shape
@@ -155,8 +156,6 @@ class Checkpoints:
         loader generator's state at the start of the current epoch."""
         import torch
         from safetensors import SafetensorError
-
-        from tunelab.run import RunFiles
 
         target = self.root / f"step-{position.step:06d}"
         info = {"position": asdict(position), "eval_loss": eval_loss, "fingerprint": self.fingerprint,

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import sys
 import typing
+from collections.abc import Collection
 from pathlib import Path
 
-from tunelab.config import TrainConfig
+from tunelab.config import DataOptions, TrainConfig
 from tunelab.errors import UserError
 
 
@@ -28,20 +28,23 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_data_check(args: argparse.Namespace) -> None:
     from tunelab.datacheck import cli_check
 
-    cli_check(Path(args.data), args)
+    flags = config_flags(args, DataOptions)
+    options = DataOptions.build(flags=flags, **flags)
+    cli_check(Path(args.data), options, args.base, Path(args.out) if args.out else None)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from tunelab.train import default_out, train
-
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    flags = config_flags(args, TrainConfig)
     if args.resume and not args.out:
         raise UserError("--resume needs --out RUN, the run folder to continue")
-    out = Path(args.out) if args.out else default_out(Path(args.data))
     # A resumed run starts from its own options; flags given now override them (and are checked).
-    saved = out / "config.yaml" if args.resume and (out / "config.yaml").exists() else None
-    config_file = args.config or saved
-    config = TrainConfig.from_yaml(config_file, **overrides) if config_file else TrainConfig.build(**overrides)
+    saved = Path(args.out) / "config.yaml" if args.resume else None
+    config_file = args.config or (saved if saved and saved.exists() else None)
+    # Checked before training's heavy imports, so a mistyped option fails at once.
+    config = TrainConfig.from_yaml(config_file, **flags) if config_file else TrainConfig.build(flags=flags, **flags)
+    from tunelab.train import default_out, train
+
+    out = Path(args.out) if args.out else default_out(Path(args.data))
     train(config, Path(args.data), out, overwrite=args.overwrite, resume=args.resume, force=args.force)
     print(f"Run saved in {out}. Next: tunelab eval {out}")
 
@@ -55,6 +58,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(format_table(results))
     print(format_samples(results))
     print(f"Results saved in {run.files.eval}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from tunelab.report import COMPARISON_FILE, write_comparison, write_report
+
+    runs, out = [Path(run) for run in args.runs], Path(args.out) if args.out else None
+    path = write_report(runs[0], out) if len(runs) == 1 else write_comparison(runs, out or Path(COMPARISON_FILE))
+    for run in runs:
+        if not (run / "eval.json").exists():
+            print(f"tunelab: note: {run} has no eval.json, so its report shows training and data only; "
+                  f"run `tunelab eval {run}` for the rest", file=sys.stderr)
+    print(f"Report written to {path}")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -106,24 +121,30 @@ def cmd_not_yet(args: argparse.Namespace) -> None:
     raise UserError(f"tunelab {args.command}: not available yet; use `tunelab generate` or the Python API for now")
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """A flag for every TrainConfig field (`max_steps` -> `--max-steps`). Defaults are left
-    out of the namespace, so a flag overrides the YAML config only when it is given."""
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        kind = hints[f.name]
-        flag = "--" + f.name.replace("_", "-")
-        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata["help"]}
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+def add_config_flags(parser, model: type[DataOptions], exclude: Collection[str] = ()) -> None:
+    """A flag for every field of `model` (`max_steps` -> `--max-steps`), its help the field's
+    docstring and its choices the field's. Values stay strings for the model to validate (one
+    kind of error message for YAML and flags alike); defaults are left out of the namespace, so
+    a flag overrides the YAML config only when it is given."""
+    for name, field in model.model_fields.items():
+        if name in exclude:
             continue
-        if typing.get_origin(kind) is typing.Literal:
-            kwargs["choices"] = typing.get_args(kind)
-        else:
-            args = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
-            kwargs["type"] = args[0]
-        kwargs["help"] += f" (default: {f.default})"
-        parser.add_argument(flag, **kwargs)
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, action=argparse.BooleanOptionalAction,
+                                help=f"{field.description} (default: {'on' if field.default else 'off'})")
+            continue
+        choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else ()
+        metavar = "{" + ",".join(choices) + "}" if choices else name.upper()
+        # A default of None is explained in the description ("default 1e-3 for LoRA ...").
+        default = f" (default: {field.default})" if field.default is not None else ""
+        parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar=metavar,
+                            help=field.description + default)
+
+
+def config_flags(args: argparse.Namespace, model: type[DataOptions]) -> dict[str, typing.Any]:
+    """The fields of `model` given as flags."""
+    return {name: getattr(args, name) for name in model.model_fields if hasattr(args, name)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,21 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("data", help="JSONL, CSV or Parquet file")
     check.add_argument("--base", default=None,
                        help="also run the token-level checks with this base model's tokenizer and template")
-    check.add_argument("--format", default="auto", choices=typing.get_args(typing.get_type_hints(TrainConfig)["format"]),
-                       help="shape of the rows (default: auto)")
-    check.add_argument("--template", default="auto", help="prompt template, as for train (default: auto)")
-    check.add_argument("--test-size", type=float, default=0.1, help="held-out fraction or count (default: 0.1)")
-    check.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
-    check.add_argument("--max-length", type=int, default=1024, help="longest example in tokens (default: 1024)")
-    check.add_argument("--truncation", choices=("drop", "truncate", "error"), default="drop",
-                       help="what train does with longer examples (default: drop)")
-    check.add_argument("--train-on-prompt", action="store_true", help="prompt tokens are trained too")
+    add_config_flags(check, DataOptions)
     check.add_argument("--out", default=None,
                        help="save the report here (data_check.json, length histogram)")
     check.set_defaults(func=cmd_data_check)
 
-    train = commands.add_parser("train", help="fine-tune a base model on a data file",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train = commands.add_parser("train", help="fine-tune a base model on a data file")
     train.add_argument("data", help="JSONL, CSV or Parquet file of examples")
     train.add_argument("--out", default=None, help="run folder (default: runs/<data>-<time>)")
     train.add_argument("--config", default=None, help="YAML file of the options below; flags override it")
@@ -172,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "options not given are those of the run")
     train.add_argument("--force", action="store_true",
                        help="with --resume: continue even though the data or options changed since the checkpoint")
-    add_config_flags(train)
+    add_config_flags(train.add_argument_group("data options (as for `tunelab data check`)"), DataOptions)
+    add_config_flags(train.add_argument_group("training options"), TrainConfig, exclude=DataOptions.model_fields)
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("eval", help="compare base and fine-tuned models on the held-out split")
@@ -181,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-base", action="store_true", help="skip the base model")
     evaluate.add_argument("--max-new-tokens", type=int, default=None)
     evaluate.set_defaults(func=cmd_eval)
+
+    report = commands.add_parser("report", help="write a run's HTML report, or compare several runs side by side")
+    report.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s)")
+    report.add_argument("--out", default=None,
+                        help="HTML file to write (default: RUN/report.html for one run; for several, "
+                             "comparison.html in the current folder, each run's report.html rebuilt too)")
+    report.set_defaults(func=cmd_report)
 
     generate = commands.add_parser("generate", help="answer a prompt or a file of prompts with the fine-tuned model")
     generate.add_argument("run", help="run folder")

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunelab import data as data_mod
+from tunelab.config import DataOptions
 from tunelab.data import Example, Problem
 from tunelab.errors import UserError
 
@@ -37,30 +38,10 @@ SHOWN = 20
 
 
 @dataclass
-class CheckOptions:
-    format: str = "auto"
-    """Shape of the rows, or 'auto' to detect it per row."""
-    test_size: float = 0.1
-    """Held-out fraction (0-1) or count (>=1)."""
-    seed: int = 0
-    """Seed of the split."""
-    max_length: int = 1024
-    """Longest example in tokens."""
-    truncation: str = "drop"
-    """What training does with longer examples: drop, truncate or error."""
-    train_on_prompt: bool = False
-    """Whether prompt tokens are trained too."""
-
-    @classmethod
-    def from_config(cls, config) -> CheckOptions:
-        return cls(config.format, config.test_size, config.seed, config.max_length, config.truncation,
-                   config.train_on_prompt)
-
-
-@dataclass
 class Report:
     path: Path
-    options: CheckOptions
+    options: DataOptions
+    """A TrainConfig when training runs the check; the report keeps only the data options."""
     template: str | None = None
     """Name of the template used for the token checks (None: no tokenizer given)."""
     rows: int = 0
@@ -128,7 +109,8 @@ class Report:
             return [{"line": p.line, "code": p.code, "message": p.message} for p in items]
 
         return {
-            "file": str(self.path), "options": vars(self.options), "template": self.template,
+            "file": str(self.path), "options": self.options.model_dump(include=set(DataOptions.model_fields)),
+            "template": self.template,
             "rows": self.rows, "valid": self.valid, "shapes": dict(self.shapes),
             "error_counts": dict(self.error_counts), "warning_counts": dict(self.warning_counts),
             "errors": problems(self.errors), "warnings": problems(self.warnings),
@@ -196,7 +178,7 @@ def near_method() -> str:
             f"MinHash {dedup.PERMUTATIONS} x LSH bands of {dedup.BAND_ROWS}")
 
 
-def check(path: Path, options: CheckOptions, template=None) -> Report:
+def check(path: Path, options: DataOptions, template=None) -> Report:
     """Check every row of `path`; with a Template, also the token-level checks."""
     import numpy as np
 
@@ -261,7 +243,7 @@ def _visible_text(example: Example) -> str:
     return "\n".join(m["content"] for m in example.messages if m["role"] != "system")
 
 
-def _check_tokens(example: Example, template, options: CheckOptions, report: Report) -> tuple[int, int]:
+def _check_tokens(example: Example, template, options: DataOptions, report: Report) -> tuple[int, int]:
     """Encode one example as training will; record problems; return (tokens, trained tokens)."""
     from tunelab.batching import encode_one
     from tunelab.template import IGNORE
@@ -421,7 +403,7 @@ def plot_histogram(bins: list[tuple[int, int, int]], unit: str, path: Path) -> b
     return True
 
 
-def run_check(path: Path, options: CheckOptions, template=None, out: Path | None = None) -> Report:
+def run_check(path: Path, options: DataOptions, template=None, out: Path | None = None) -> Report:
     """Check, print the table, save the report in `out` if given, raise on errors."""
     report = check(path, options, template)
     print(report.table())
@@ -432,15 +414,12 @@ def run_check(path: Path, options: CheckOptions, template=None, out: Path | None
     return report
 
 
-def cli_check(path: Path, args) -> Report:
+def cli_check(path: Path, options: DataOptions, base: str | None = None, out: Path | None = None) -> Report:
     """`tunelab data check DATA [--base MODEL] ...`"""
     template = None
-    if args.base is not None:
+    if base is not None:
         from tunelab.models import load_tokenizer, resolve_base
         from tunelab.template import Template
 
-        template = Template.for_model(load_tokenizer(resolve_base(args.base)), args.template)
-    options = CheckOptions(args.format, args.test_size, args.seed, args.max_length, args.truncation,
-                           args.train_on_prompt)
-    return run_check(path, options, template, Path(args.out) if args.out else None)
-
+        template = Template.for_model(load_tokenizer(resolve_base(base)), options.template)
+    return run_check(path, options, template, out)

@@ -12,9 +12,10 @@ import re
 import time
 from collections import Counter
 
-from tunelab.batching import encode_examples, heldout_loss
+from tunelab.batching import encode_examples
 from tunelab.data import read_jsonl
 from tunelab.generate import generate_batch
+from tunelab.loss import heldout_loss
 
 
 def normalise(text: str) -> str:

@@ -1,85 +1,12 @@
-"""The run folder: what training writes and what every later command reads.
-
-    RUN/data_check.json  the data check's report (see datacheck.py), with length_histogram.txt
-    RUN/config.yaml      the TrainConfig used
-    RUN/run.json         base model location, data file, sizes
-    RUN/template.json    the prompt template (name and Jinja source)
-    RUN/tokenizer/       the tokenizer
-    RUN/split.json       which source lines went to train and test
-    RUN/train.jsonl, RUN/test.jsonl   the examples of each split, as chat messages
-    RUN/adapter/ or RUN/model/        LoRA adapter or full weights (safetensors)
-    RUN/metrics.jsonl    training and held-out loss per step
-    RUN/checkpoints/     step-000010/ ... with --save-every (see checkpoint.py)
-    RUN/eval.json        results of `tunelab eval`
-"""
+"""`Run`: a finished training run as the Python API, evaluation and generation use it. Its
+folder's layout is in runfolder.py."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from tunelab import data as data_mod
-from tunelab.errors import UserError
-
-
-class RunFiles:
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self.config = self.root / "config.yaml"
-        self.info = self.root / "run.json"
-        self.template = self.root / "template.json"
-        self.tokenizer = self.root / "tokenizer"
-        self.split = self.root / "split.json"
-        self.train = self.root / "train.jsonl"
-        self.test = self.root / "test.jsonl"
-        self.adapter = self.root / "adapter"
-        self.model = self.root / "model"
-        self.metrics = self.root / "metrics.jsonl"
-        self.eval = self.root / "eval.json"
-
-    def create(self, config, prepared) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        config.save(self.config)
-        prepared.template.save(self.template)
-        prepared.tokenizer.save_pretrained(self.tokenizer)
-        data_mod.write_jsonl(self.train, prepared.train)
-        data_mod.write_jsonl(self.test, prepared.test)
-        self.split.write_text(json.dumps({
-            "test_size": config.test_size, "seed": config.seed,
-            "train_lines": [e.line for e in prepared.train], "test_lines": [e.line for e in prepared.test],
-        }))
-        self.info.write_text(json.dumps({
-            "base": config.base, "base_path": str(Path(prepared.base_path).resolve()),
-            "method": config.method, "train_examples": len(prepared.train_encoded),
-            "test_examples": len(prepared.test),
-        }, indent=2))
-
-    def metrics_writer(self) -> MetricsWriter:
-        return MetricsWriter(self.metrics)
-
-    def save_weights(self, model, method: str, state_dict: dict | None = None) -> None:
-        target = self.adapter if method == "lora" else self.model
-        model.save_pretrained(target, safe_serialization=True, state_dict=state_dict)
-
-    def check(self) -> None:
-        if not self.config.exists() or not self.template.exists():
-            raise UserError(f"{self.root}: not a tunelab run folder (no config.yaml); train one with `tunelab train`")
-        if not (self.adapter.exists() or self.model.exists()):
-            resumable = (self.root / "checkpoints").exists()
-            hint = "; continue it with `tunelab train DATA --out RUN --resume`" if resumable else ""
-            raise UserError(f"{self.root}: the run has no trained weights yet (training did not finish{hint})")
-
-
-class MetricsWriter:
-    def __init__(self, path: Path):
-        self.file = Path(path).open("a", encoding="utf-8")
-
-    def write(self, row: dict) -> None:
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
+from tunelab.runfolder import RunFiles
 
 
 class Run:
@@ -96,9 +23,7 @@ class Run:
 
         self.files = RunFiles(Path(path))
         self.files.check()
-        import yaml
-
-        self.config = TrainConfig.build(**yaml.safe_load(self.files.config.read_text()), source=str(self.files.config))
+        self.config = TrainConfig.from_yaml(self.files.config)
         self.info = json.loads(self.files.info.read_text())
         self.tokenizer = load_tokenizer(self.files.tokenizer)
         self.template = Template.load(self.files.template, self.tokenizer)

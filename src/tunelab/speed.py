@@ -1,7 +1,7 @@
-"""Device and speed helpers for the training loop: threads, the allocator, packed attention,
-chunked loss, token-weighted gradient accumulation, optimizer and precision choices. Each speed
-option was measured with benchmarks/step_timing.py and benchmarks/train_throughput.py and kept
-because it paid (numbers in docs/BENCHMARKS.md).
+"""Device set-up for the training loop: the accelerator and its precision, threads, the
+allocator, packed attention and the optimizer (the loss and the training step are in loss.py).
+Each speed option was measured with benchmarks/step_timing.py and benchmarks/train_throughput.py
+and kept because it paid (numbers in docs/BENCHMARKS.md).
 
 Packed attention. A micro-batch is one row of examples back to back. transformers turns the
 restarting position ids into a dense block-diagonal mask over the whole row, so attention costs
@@ -10,7 +10,14 @@ the demo batch of 8 examples, ~1.2 s of a 5-6 s training step on 2 CPU cores). `
 runs scaled-dot-product attention example by example instead, causal within each, from the
 boundaries that `batching.pack` puts in the batch (`cu_seq_lens_q`). A model already on
 FlashAttention (GPU, flash-attn installed) keeps it: it finds the same boundaries from the
-position ids and runs variable-length attention itself.
+position ids and runs variable-length attention itself. A model whose attention SDPA cannot
+compute (Gemma 2 soft-caps its attention scores) keeps its own, and each example of a
+micro-batch runs as its own forward pass instead.
+
+On a GPU the loop over examples costs more than it saves: each example is a few small kernel
+launches per layer and the boundaries are read back to the host at every layer, so a step of
+32 examples of SmolLM2-135M took 2.0 s on an H200 against 0.19 s with transformers' own SDPA
+and its block-diagonal mask (docs/BENCHMARKS.md). There the model keeps SDPA.
 """
 
 from __future__ import annotations
@@ -21,9 +28,6 @@ import os
 import torch
 
 PACKED_ATTENTION = "tunelab_packed_sdpa"
-LOSS_CHUNK = 1024
-"""Trained positions per chunk of output projection + cross-entropy (49k-vocabulary logits of
-1024 positions are 200 MB in fp32)."""
 
 
 def configure_threads() -> None:
@@ -77,30 +81,44 @@ def _glibc():
 
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                cu_seq_lens_q=None, **kwargs):
-    """Attention over a packed row, one example at a time. Falls back to transformers' SDPA
-    (with the mask it built) for anything that is not one packed row, e.g. generation."""
+                cu_seq_lens_q=None, sliding_window=None, **kwargs):
+    """Attention over a packed row, one example at a time: causal within each example, and
+    within the layer's sliding window where it has one and the example is longer than it. Falls
+    back to transformers' SDPA (with the mask it built) for anything that is not one packed row,
+    e.g. generation."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if cu_seq_lens_q is None or query.shape[0] != 1 or kwargs.get("past_key_values") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+                                      scaling=scaling, sliding_window=sliding_window, **kwargs)
     bounds = cu_seq_lens_q.tolist()
     gqa = query.shape[1] != key.shape[1]
     dropout = dropout if module.training else 0.0
-    outputs = [
-        torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-            is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa,
-        )
-        for start, end in zip(bounds[:-1], bounds[1:])
-    ]
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
+        if sliding_window and end - start > sliding_window:
+            # transformers' sliding window: a token sees itself and the window - 1 tokens before it.
+            i = torch.arange(end - start, device=query.device)
+            band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < sliding_window)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=band, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+        outputs.append(out)
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
-def use_packed_attention(model) -> None:
+def use_packed_attention(model, per_example: bool = True) -> bool:
     """Switch a transformers model (or a peft model around one) to `packed_sdpa`, keeping
-    FlashAttention where it is already chosen. Models that cannot switch keep their own."""
+    FlashAttention where it is already chosen, and SDPA when `per_example` is False (on a GPU,
+    where one kernel over the row's block-diagonal mask is faster than a loop). Returns whether the model attends within each
+    example of a packed row by itself; where it cannot (its attention is not SDPA, e.g. Gemma 2's
+    soft-capped scores), it keeps its own attention, says so on stderr, and `loss.backward_step` runs
+    each example of a micro-batch as its own forward pass (`one_example_batches`)."""
+    import sys
+
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -108,53 +126,41 @@ def use_packed_attention(model) -> None:
     # The mask is still built as for SDPA, so the fallback path stays correct.
     ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    current = inner.config._attn_implementation or ""
-    if current.startswith("flash_attention") or not inner._can_set_attn_implementation():
-        return
-    inner.set_attn_implementation(PACKED_ATTENTION)
-
-
-@contextlib.contextmanager
-def _hidden_instead_of_logits(head):
-    """Make the output projection return its input, so the model hands back final hidden states."""
-    head.forward = lambda hidden: hidden
+    if runs_packed(inner) and (inner.config._attn_implementation != "sdpa" or not per_example):
+        return True
     try:
-        yield
-    finally:
-        del head.forward
+        inner.set_attn_implementation(PACKED_ATTENTION)
+    except ValueError:  # transformers refuses SDPA-based attention for this architecture
+        pass
+    if runs_packed(inner):
+        return True
+    print(f"tunelab: note: {type(inner).__name__} cannot use packed per-example attention (its attention "
+          f"'{inner.config._attn_implementation}' is not SDPA); each example of a micro-batch runs as its own "
+          "forward pass: same loss, slower", file=sys.stderr)
+    return False
 
 
-def _sharded(weight: torch.Tensor) -> bool:
-    """FSDP and DeepSpeed ZeRO-3 hold a layer's full weight only inside its own forward."""
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(weight, DTensor) or hasattr(weight, "ds_id") or weight.dim() != 2 or weight.numel() == 0
-
-
-def _chunk_loss(hidden, weight, bias, targets):
-    logits = torch.nn.functional.linear(hidden, weight, bias)
-    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+def runs_packed(model) -> bool:
+    """Whether `model` keeps the examples of a packed row apart in attention by itself:
+    tunelab's packed attention, FlashAttention's variable-length kernels, or SDPA over the
+    block-diagonal mask that transformers builds from the restarting position ids."""
+    implementation = model.config._attn_implementation or ""
+    return implementation in (PACKED_ATTENTION, "sdpa") or implementation.startswith("flash_attention")
 
 
-def chunked_token_loss(model, inputs: dict, keep: torch.Tensor, targets: torch.Tensor,
-                       chunk: int = LOSS_CHUNK) -> torch.Tensor | None:
-    """Summed cross-entropy of the trained positions `keep`, the output projection and loss done
-    `chunk` positions at a time and recomputed in backward, so at most one chunk of logits is in
-    memory. None when the model's output layer is not a plain Linear (e.g. LoRA on lm_head) or is
-    sharded (FSDP, ZeRO-3): the caller then computes the logits of all trained positions at once."""
-    from torch.utils.checkpoint import checkpoint
-
-    unwrapped = model.module if hasattr(model, "module") else model
-    head = unwrapped.get_output_embeddings()
-    if type(head) is not torch.nn.Linear or _sharded(head.weight):
-        return None
-    with _hidden_instead_of_logits(head):
-        hidden = model(**inputs, logits_to_keep=keep, use_cache=False).logits[0]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, len(keep), chunk):
-        total = total + checkpoint(_chunk_loss, hidden[start:start + chunk], head.weight, head.bias,
-                                   targets[start:start + chunk], use_reentrant=False)
-    return total
+def one_example_batches(micro_batches: list[dict]) -> list[dict]:
+    """Each packed micro-batch cut into one packed row per example, for models that cannot run
+    packed attention: their own attention then needs no mask across examples, and the memory
+    of one forward is that of one example. The trained tokens, so the loss, are the same."""
+    rows = []
+    for batch in micro_batches:
+        bounds = batch["cu_seq_lens_q"].tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            rows.append({"input_ids": batch["input_ids"][:, start:end],
+                         "position_ids": batch["position_ids"][:, start:end],
+                         "targets": batch["targets"][:, start:end],
+                         "cu_seq_lens_q": torch.tensor([0, end - start], dtype=batch["cu_seq_lens_q"].dtype)})
+    return rows
 
 
 def make_optimizer(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
@@ -196,45 +202,12 @@ def accelerator_options(precision: str = "auto") -> dict:
     return {"mixed_precision": mixed, "cpu": several and not torch.cuda.is_available()}
 
 
-def prepare_model(model, gradient_checkpointing: bool = False, compile: bool = False):
-    """Packed attention, then the optional trade-offs: recompute activations in backward (less
-    memory, ~1/3 more compute) and torch.compile (slow first steps, faster later ones on GPU)."""
-    use_packed_attention(model)
+def prepare_model(model, gradient_checkpointing: bool = False, compile: bool = False,
+                  device: torch.device | None = None):
+    """Packed attention (per example except on GPUs), then the optional trade-offs: recompute
+    activations in backward (less memory, ~1/3 more compute) and torch.compile (slow first
+    steps, faster later ones on GPU)."""
+    use_packed_attention(model, per_example=device is None or device.type != "cuda")
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return torch.compile(model, dynamic=True) if compile else model
-
-
-def backward_step(accelerator, model, micro_batches: list[dict]) -> tuple[torch.Tensor, int]:
-    """Forward and backward over the micro-batches of one optimizer step, on every process: the
-    gradient is that of the mean cross-entropy over all their trained tokens together, as if one
-    process had run the whole global batch at once. Returns (that mean loss, tokens in the step).
-
-    Micro-batches and processes hold different numbers of trained tokens, so averaging their own
-    means (what plain accumulation and the gradient all-reduce do) would give the tokens of short
-    micro-batches more weight. Instead each summed loss is divided by the step's global count of
-    trained tokens. `accelerator.backward` divides by the accumulation steps and the all-reduce by
-    the processes, so the scale undoes both. Gradients are synchronised on the last micro-batch only."""
-    from tunelab.batching import token_loss
-    from tunelab.template import IGNORE
-
-    n = accelerator.num_processes
-    counts = torch.tensor([sum(int((b["targets"] != IGNORE).sum()) for b in micro_batches),
-                           sum(b["input_ids"].numel() for b in micro_batches)], dtype=torch.float64,
-                          device=accelerator.device)
-    trained, tokens = accelerator.reduce(counts, reduction="sum") if n > 1 else counts
-    scale = accelerator.gradient_accumulation_steps * n / trained.clamp(min=1)
-    total = torch.zeros((), device=accelerator.device)
-    for i, batch in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        # What `accelerator.accumulate` does, from the step's own micro-batches rather than a
-        # count of calls: DeepSpeed steps its engine on this flag, DDP and FSDP synchronise
-        # gradients on the last micro-batch only.
-        accelerator.gradient_state._set_sync_gradients(last)
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            loss = token_loss(model, batch, reduction="sum")
-            accelerator.backward(loss * scale)
-        total += loss.detach().float()
-    if n > 1:
-        total = accelerator.reduce(total, reduction="sum")
-    return total / trained.clamp(min=1), int(tokens)

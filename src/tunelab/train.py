@@ -18,12 +18,13 @@ import torch
 
 from tunelab import data as data_mod
 from tunelab import speed
-from tunelab.batching import encode_examples, heldout_loss, pack
+from tunelab.batching import encode_examples, pack
 from tunelab.checkpoint import Checkpoints, Position, trim_metrics
 from tunelab.config import TrainConfig
 from tunelab.errors import UserError
+from tunelab.loss import backward_step, heldout_loss
 from tunelab.models import load_model, load_tokenizer, resolve_base
-from tunelab.run import RunFiles
+from tunelab.runfolder import RunFiles
 from tunelab.template import Template
 
 
@@ -44,12 +45,12 @@ class Prepared:
 
 def prepare(config: TrainConfig, data_path: Path, out: Path | None = None) -> Prepared:
     """Check the data (errors stop here, with the report saved in `out`), then split and encode."""
-    from tunelab.datacheck import CheckOptions, run_check
+    from tunelab.datacheck import run_check
 
     base_path = resolve_base(config.base)
     tokenizer = load_tokenizer(base_path)
     template = Template.for_model(tokenizer, config.template)
-    report = run_check(data_path, CheckOptions.from_config(config), template, out)
+    report = run_check(data_path, config, template, out)
     examples = [e for e in data_mod.load_examples(data_path, config.format) if e.line not in report.duplicate_lines]
     train, test = data_mod.split(examples, config.test_size, config.seed, groups=report.groups)
     encode = dict(max_length=config.max_length, truncation=config.truncation,
@@ -69,6 +70,7 @@ def build_model(config: TrainConfig, base_path: Path):
         from peft import LoraConfig, get_peft_model
 
         targets = config.lora_targets if config.lora_targets == "all-linear" else config.lora_targets.split(",")
+        _refuse_tied_targets(model, targets, base_path)
         lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=targets, task_type="CAUSAL_LM")
         try:
@@ -76,6 +78,23 @@ def build_model(config: TrainConfig, base_path: Path):
         except ValueError as e:
             raise UserError(f"--lora-targets {config.lora_targets}: {str(e).splitlines()[0]}") from None
     return model
+
+
+def _refuse_tied_targets(model, targets: str | list[str], base_path: Path) -> None:
+    """A model that ties its output layer to its input embeddings (SmolLM2 does) has one weight in
+    two places, and merging an adapter on either (what `tunelab eval`, `generate` and export do)
+    breaks what was trained (peft 0.21): an adapter on the output layer alone, once merged, changes
+    the input embeddings too; with peft's `ensure_weight_tying`, one adapter serves both places but
+    is added to the shared weight twice. 'all-linear' leaves the output layer out."""
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if targets == "all-linear" or head is None or head.weight is not embeddings.weight:
+        return
+    tied = [name for name, module in model.named_modules() if module is head or module is embeddings]
+    named = [t for t in targets if any(name == t or name.endswith("." + t) for name in tied)]
+    if named:
+        raise UserError(f"--lora-targets {','.join(named)}: {base_path} ties its output layer to its input "
+                        "embeddings, and a LoRA adapter on a tied layer does not merge into the model; leave "
+                        f"{'it' if len(named) == 1 else 'them'} out (the default all-linear does) or use --method full")
 
 
 def check_out(files: RunFiles, overwrite: bool, resume: bool, force: bool) -> None:
@@ -121,7 +140,7 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
     accelerator = speed.make_accelerator(config.grad_accum, config.precision)
     set_seed(config.seed)
     model = build_model(config, prepared.base_path)
-    model = speed.prepare_model(model, config.gradient_checkpointing, config.compile)
+    model = speed.prepare_model(model, config.gradient_checkpointing, config.compile, accelerator.device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = speed.make_optimizer(trainable, config.learning_rate, config.weight_decay, accelerator.device)
@@ -147,7 +166,8 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
     if accelerator.is_main_process:
         if overwrite and files.config.exists():  # only ever delete what is known to be a run
             shutil.rmtree(out)
-        files.create(config, prepared)
+        files.create(config, prepared.template, prepared.train, prepared.test, prepared.base_path,
+                     len(prepared.train_encoded))
         prepared.report.save(out)
         if resume:
             trim_metrics(files.metrics, start.step if start else -1)
@@ -180,7 +200,7 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
             # On resume, skip the micro-batches of this epoch that the checkpoint had consumed.
             for micro_batches in step_groups(itertools.islice(loader, consumed, None), config.grad_accum):
                 consumed += len(micro_batches)
-                loss, step_tokens = speed.backward_step(accelerator, model, micro_batches)
+                loss, step_tokens = backward_step(accelerator, model, micro_batches)
                 tokens += step_tokens
                 if config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(trainable, config.max_grad_norm)

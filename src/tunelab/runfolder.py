@@ -1,0 +1,143 @@
+"""The run folder: what training writes and what every later command reads.
+
+    RUN/data_check.json  the data check's report (see datacheck.py), with length_histogram.txt
+    RUN/config.yaml      the TrainConfig used
+    RUN/run.json         base model location, data file, sizes
+    RUN/template.json    the prompt template (name and Jinja source)
+    RUN/tokenizer/       the tokenizer
+    RUN/split.json       which source lines went to train and test
+    RUN/train.jsonl, RUN/test.jsonl   the examples of each split, as chat messages
+    RUN/adapter/ or RUN/model/        LoRA adapter or full weights (safetensors)
+    RUN/metrics.jsonl    training and held-out loss per step
+    RUN/checkpoints/     step-000010/ ... with --save-every (see checkpoint.py)
+    RUN/eval.json        results of `tunelab eval`
+
+This module knows the layout only; training (train.py), checkpoints (checkpoint.py) and the
+`Run` facade (run.py) build on it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from tunelab import data as data_mod
+from tunelab.config import TrainConfig
+from tunelab.data import Example
+from tunelab.errors import UserError
+from tunelab.template import Template
+
+
+@dataclass
+class RunFiles:
+    """The paths of one run folder, and the writes that lay it out."""
+
+    root: Path
+    """The run folder itself (`--out`)."""
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def info(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def template(self) -> Path:
+        return self.root / "template.json"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def split(self) -> Path:
+        return self.root / "split.json"
+
+    @property
+    def train(self) -> Path:
+        return self.root / "train.jsonl"
+
+    @property
+    def test(self) -> Path:
+        return self.root / "test.jsonl"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval.json"
+
+    def create(self, config: TrainConfig, template: Template, train: list[Example], test: list[Example],
+               base_path: Path, trained_pieces: int) -> None:
+        """Write what a run starts with: config, template, tokenizer, the split and its examples.
+        `train` holds the examples that are trained (none dropped for length); `trained_pieces`
+        counts what they became after encoding (raw documents may be cut into several)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        config.save(self.config)
+        template.save(self.template)
+        template.tokenizer.save_pretrained(self.tokenizer)
+        data_mod.write_jsonl(self.train, train)
+        data_mod.write_jsonl(self.test, test)
+        self.split.write_text(json.dumps({
+            "test_size": config.test_size, "seed": config.seed,
+            "train_lines": [e.line for e in train], "test_lines": [e.line for e in test],
+        }))
+        self.info.write_text(json.dumps({
+            "base": config.base, "base_path": str(Path(base_path).resolve()),
+            "method": config.method, "train_examples": trained_pieces, "test_examples": len(test),
+        }, indent=2))
+
+    def metrics_writer(self) -> MetricsWriter:
+        return MetricsWriter(self.metrics)
+
+    def save_weights(self, model, method: str, state_dict: dict | None = None) -> None:
+        target = self.adapter if method == "lora" else self.model
+        model.save_pretrained(target, safe_serialization=True, state_dict=state_dict)
+
+    def check(self) -> None:
+        if not self.config.exists() or not self.template.exists():
+            raise UserError(f"{self.root}: not a tunelab run folder (no config.yaml); train one with `tunelab train`")
+        if not (self.adapter.exists() or self.model.exists()):
+            resumable = self.checkpoints.exists()
+            hint = "; continue it with `tunelab train DATA --out RUN --resume`" if resumable else ""
+            raise UserError(f"{self.root}: the run has no trained weights yet (training did not finish{hint})")
+
+
+@dataclass
+class MetricsWriter:
+    """Appends one JSON row per line to metrics.jsonl, flushed at once so a killed run keeps them."""
+
+    path: Path
+    file: TextIO = field(init=False)
+    """The open metrics file, appended to."""
+
+    def __post_init__(self) -> None:
+        self.file = Path(self.path).open("a", encoding="utf-8")
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
