@@ -83,6 +83,8 @@ class Form:
     xfail: str | None = None
     gpus: int = 0
     """GPUs the command needs; skipped where there are fewer."""
+    skip: str | None = None
+    """Why the test cannot run it."""
 
 
 README_TRAIN = "tunelab train data.jsonl --out runs/mine"
@@ -145,6 +147,31 @@ FORMS: dict[str, Form | None] = {
     "tunelab report runs/mine runs/other --out runs/compare.html": Form(
         ["tunelab report runs/mine runs/other --out runs/compare.html"], twice=True,
         expect="Report written to runs/compare.html", setup=other_run),
+    # export: the table's form (every format and dtype), then each example line; an existing --out is
+    # refused, so none is run twice
+    "tunelab export RUN --format merged\\|gguf\\|ollama --out DIR [--dtype f32\\|f16\\|q8_0]": Form(
+        ["tunelab export runs/mine --format merged --out exports/merged",
+         "tunelab export runs/mine --format ollama --out exports/ollama"]
+        + [f"tunelab export runs/mine --format gguf --out exports/gguf-{d} --dtype {d}"
+           for d in ("f32", "f16", "q8_0")]),
+    "tunelab export RUN --format merged --out DIR": Form(
+        ["tunelab export runs/mine --format merged --out exports/merged"]),
+    "tunelab export RUN --format merged --out DIR --dtype f16": Form(
+        ["tunelab export runs/mine --format merged --out exports/merged-f16 --dtype f16"]),
+    "tunelab export RUN --format ollama --out DIR": Form(
+        ["tunelab export runs/mine --format ollama --out exports/ollama"]),
+    **{f"tunelab export RUN --format gguf --out DIR --dtype {d}": Form(
+        [f"tunelab export runs/mine --format gguf --out exports/gguf-{d} --dtype {d}"])
+       for d in ("f16", "f32", "q8_0")},
+    # labelling and synthetic data: they call a teacher model's server
+    **{form: Form(skip="needs an OpenAI-compatible teacher server at 127.0.0.1:8080") for form in (
+        "tunelab data label tickets.txt --teacher http://127.0.0.1:8080/v1 --model qwen2.5-7b-instruct "
+        "--json-schema schema.json --concurrency 8 --out fields.jsonl",
+        "tunelab data label tickets.txt --teacher http://127.0.0.1:8080/v1 --model qwen2.5-7b-instruct "
+        "--system 'Summarise the ticket in one sentence.' --examples shots.jsonl --out labels.jsonl",
+        "tunelab data synth --examples shots.jsonl --n 1000 --teacher http://127.0.0.1:8080/v1 "
+        "--model qwen2.5-7b-instruct --out synth.jsonl",
+        "tunelab data review labels.jsonl --out reviewed.jsonl")},
     # docs/DEMO.md: a second demo into the same folder, as a user re-runs it with more steps
     "tunelab demo --max-steps 135": Form([f"tunelab demo {SMALL_DEMO} --max-steps 3"], needs_run=False,
                                          expect="Wall time"),
@@ -164,6 +191,10 @@ FORMS: dict[str, Form | None] = {
     # Names of commands in running text, not command lines: each must be a command that exists.
     "tunelab train": None,
     "tunelab eval": None,
+    "tunelab generate": None,
+    "tunelab data label": None,
+    "tunelab data review": None,
+    "tunelab data synth": None,
     "tunelab data check": None,
     "tunelab eval/generate/chat": None,
 }
@@ -249,6 +280,8 @@ RUNNABLE = [pytest.param(form, marks=pytest.mark.xfail(reason=how.xfail, strict=
 @pytest.mark.parametrize("form", RUNNABLE)
 def test_a_documented_command_runs(form, workdir, ran, request):
     how = FORMS[form]
+    if how.skip:
+        pytest.skip(how.skip)
     if how.gpus:
         import torch
 

@@ -17,10 +17,10 @@ LAYERS = [
     {"data", "dedup", "template", "models", "examples", "examples.bookings"},
     {"config"},
     {"batching", "speed", "runfolder"},
-    {"loss", "checkpoint", "datacheck", "generate", "report"},
-    {"evaluate", "train"},
+    {"loss", "checkpoint", "datacheck", "generate", "report", "teacher"},
+    {"evaluate", "train", "review"},
     {"run"},
-    {"demo"},
+    {"demo", "export"},
     {"cli", "__init__"},
 ]
 """From the bottom up: a module may import from the layers below its own, never from its own or

@@ -33,6 +33,52 @@ def cmd_data_check(args: argparse.Namespace) -> None:
     cli_check(Path(args.data), options, args.base, Path(args.out) if args.out else None)
 
 
+def teacher_from_args(args: argparse.Namespace, shots: str | None):
+    from tunelab.teacher import Teacher, read_schema, read_shots
+
+    return Teacher(url=args.teacher, model=args.model, system=args.system,
+                   shots=read_shots(Path(shots)) if shots else [],
+                   schema=read_schema(Path(args.json_schema)) if args.json_schema else None,
+                   concurrency=args.concurrency, timeout=args.timeout, retries=args.retries)
+
+
+def cmd_data_label(args: argparse.Namespace) -> None:
+    from tunelab.teacher import cli_label
+
+    cli_label(Path(args.inputs), teacher_from_args(args, args.examples), Path(args.out), args.allow_remote)
+
+
+def cmd_data_synth(args: argparse.Namespace) -> None:
+    from tunelab.teacher import cli_synth
+
+    # synth's --examples are inputs; cli_synth makes their answers, if they have any, few-shot examples.
+    cli_synth(Path(args.examples), args.n, teacher_from_args(args, None), Path(args.out), args.allow_remote, args.seed)
+
+
+def cmd_data_review(args: argparse.Namespace) -> None:
+    from tunelab.review import cli_review
+
+    cli_review(Path(args.file), Path(args.out))
+
+
+def add_teacher_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher", required=True, metavar="URL",
+                        help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1 (loopback or private "
+                             "addresses only, unless --allow-remote)")
+    parser.add_argument("--model", required=True, metavar="NAME", help="model name sent to the teacher")
+    parser.add_argument("--system", default=None, metavar="TEXT", help="system prompt for the teacher")
+    parser.add_argument("--json-schema", default=None, metavar="FILE",
+                        help="JSON schema every answer must match (asked as structured output, checked locally)")
+    parser.add_argument("--concurrency", type=int, default=4, metavar="N", help="requests in flight (default: 4)")
+    parser.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="seconds to wait for one answer before retrying (default: 120)")
+    parser.add_argument("--retries", type=int, default=5, metavar="N",
+                        help="retries of a request on 429, 5xx, timeouts (default: 5)")
+    parser.add_argument("--allow-remote", action="store_true",
+                        help="allow a teacher outside this machine and its private network (your data leaves home)")
+    parser.add_argument("--out", required=True, metavar="FILE", help="training file to write (.jsonl)")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     flags = config_flags(args, TrainConfig)
     if args.resume and not args.out:
@@ -117,6 +163,15 @@ def cmd_chat(args: argparse.Namespace) -> None:
         conversation.append({"role": "assistant", "content": reply.strip()})
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from tunelab.export import export, ollama_name
+
+    out = export(args.run, args.format, args.out, dtype=args.dtype)
+    print(f"Exported {args.run} as {args.format} to {out}; see {out / 'README.md'}")
+    if args.format == "ollama":
+        print(f"Import it: ollama create {ollama_name(out)} -f {out / 'Modelfile'}")
+
+
 def cmd_not_yet(args: argparse.Namespace) -> None:
     raise UserError(f"tunelab {args.command}: not available yet; use `tunelab generate` or the Python API for now")
 
@@ -160,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--eval-limit", type=int, default=100, help="held-out examples to evaluate (default: 100)")
     demo.set_defaults(func=cmd_demo)
 
-    data = commands.add_parser("data", help="check a data file before training")
+    data = commands.add_parser("data", help="check a data file before training; label, grow and review data")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     check = data_commands.add_parser(
         "check", help="find format errors, token-level problems, duplicates and leakage before training",
@@ -173,6 +228,37 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--out", default=None,
                        help="save the report here (data_check.json, length histogram)")
     check.set_defaults(func=cmd_data_check)
+
+    label = data_commands.add_parser(
+        "label", help="answer inputs with a bigger model (the teacher) and write a training file",
+        description="Send each input to an OpenAI-compatible endpoint with your system prompt and few-shot "
+                    "examples; write the answers as a chat training file in input order. Answers are cached "
+                    "beside --out, so a run stopped at any point and started again asks nothing twice.")
+    label.add_argument("inputs", help="a .txt file (one input per line), or JSONL, CSV or Parquet rows in any "
+                                      "accepted shape (answers not needed)")
+    label.add_argument("--examples", default=None, metavar="FILE", help="few-shot examples: rows with answers")
+    add_teacher_flags(label)
+    label.set_defaults(func=cmd_data_label)
+
+    synth = data_commands.add_parser(
+        "synth", help="grow a handful of example inputs into N new ones with the teacher, then label them",
+        description="Ask the teacher for new inputs in the style of the examples, drop near duplicates (as the "
+                    "data check finds them), then label the first N as `tunelab data label` does.")
+    synth.add_argument("--examples", required=True, metavar="FILE",
+                       help="example inputs (.txt, one per line, or data rows; rows with answers also serve "
+                            "as few-shot examples for labelling)")
+    synth.add_argument("--n", type=int, required=True, help="number of new inputs to write and label")
+    synth.add_argument("--seed", type=int, default=0, help="seed for the examples shown in each request (default: 0)")
+    add_teacher_flags(synth)
+    synth.set_defaults(func=cmd_data_synth)
+
+    review = data_commands.add_parser(
+        "review", help="accept, edit or reject each pair in the terminal, then check the reviewed file",
+        description="Show each pair; [a]ccept, [e]dit ($EDITOR, or type the answer), [r]eject or [q]uit. "
+                    "Decisions are saved as you go: run the same command again to continue.")
+    review.add_argument("file", help="data file of pairs (e.g. the output of `tunelab data label`)")
+    review.add_argument("--out", required=True, metavar="FILE", help="reviewed training file to write (.jsonl)")
+    review.set_defaults(func=cmd_data_review)
 
     train = commands.add_parser("train", help="fine-tune a base model on a data file")
     train.add_argument("data", help="JSONL, CSV or Parquet file of examples")
@@ -216,8 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=512)
     chat.set_defaults(func=cmd_chat)
 
-    for name, text in (("serve", "OpenAI-compatible server (not available yet)"),
-                       ("export", "merged weights and GGUF (not available yet)")):
+    export = commands.add_parser("export", help="write the fine-tuned model for transformers, llama.cpp or Ollama")
+    export.add_argument("run", help="run folder")
+    export.add_argument("--format", required=True, metavar="{merged,gguf,ollama}",
+                        help="merged: Hugging Face folder; gguf: llama.cpp file; ollama: GGUF and Modelfile")
+    export.add_argument("--out", required=True, help="new folder to write (refused if it exists)")
+    export.add_argument("--dtype", metavar="{f32,f16,q8_0}", default=None,
+                        help="weights (default: f32 for merged, f16 for gguf and ollama; q8_0 is GGUF only)")
+    export.set_defaults(func=cmd_export)
+
+    for name, text in (("serve", "OpenAI-compatible server (not available yet)"),):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("run", nargs="?")
         sub.set_defaults(func=cmd_not_yet)

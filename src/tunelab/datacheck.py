@@ -22,11 +22,15 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tunelab import data as data_mod
 from tunelab.config import DataOptions
 from tunelab.data import Example, Problem
 from tunelab.errors import UserError
+
+if TYPE_CHECKING:
+    from tunelab.batching import EncodedExample
 
 REPORT_FILE = "data_check.json"
 HISTOGRAM_FILE = "length_histogram.txt"
@@ -74,6 +78,9 @@ class Report:
     """Lines of the training split, in file order (an int64 array once checked)."""
     test_lines: list[int] = field(default_factory=list)
     """Lines of the test split, in file order (an int64 array once checked)."""
+    examples: list[EncodedExample] | None = None
+    """Every valid example with its encoding, in file order, when the caller keeps them
+    (training, on a file that fits in memory, so that it is read and encoded once); else None."""
 
     @property
     def valid(self) -> int:
@@ -178,14 +185,16 @@ def near_method() -> str:
             f"MinHash {dedup.PERMUTATIONS} x LSH bands of {dedup.BAND_ROWS}")
 
 
-def check(path: Path, options: DataOptions, template=None) -> Report:
-    """Check every row of `path`; with a Template, also the token-level checks."""
+def check(path: Path, options: DataOptions, template=None, keep_examples: bool = False) -> Report:
+    """Check every row of `path`; with a Template, also the token-level checks (and with
+    `keep_examples`, the examples and their encodings in `report.examples`)."""
     import numpy as np
 
     from tunelab import dedup
 
     path = Path(path)
     report = Report(path, options, template.name if template else None)
+    report.examples = [] if keep_examples and template is not None else None
     near = dedup.NearDuplicates(seed=options.seed)
     lines, keys, ranks, lengths, trainable = array("q"), array("Q"), array("Q"), array("q"), array("q")
     for item in data_mod.iter_examples(path, options.format):
@@ -245,7 +254,7 @@ def _visible_text(example: Example) -> str:
 
 def _check_tokens(example: Example, template, options: DataOptions, report: Report) -> tuple[int, int]:
     """Encode one example as training will; record problems; return (tokens, trained tokens)."""
-    from tunelab.batching import encode_one
+    from tunelab.batching import EncodedExample, encode_one
     from tunelab.template import IGNORE
 
     line, limit = example.line, options.max_length
@@ -265,6 +274,8 @@ def _check_tokens(example: Example, template, options: DataOptions, report: Repo
         report.error(Problem(line, "E_TEMPLATE", str(e)))
         return 0, 0
     report.outcomes[outcome] += 1
+    if report.examples is not None:
+        report.examples.append(EncodedExample(example, full, pieces, outcome))
     tokens = len(full.input_ids)
     trained = sum(p.trainable for p in pieces)
     prompt = next((i for i, label in enumerate(full.labels) if label != IGNORE), tokens)
@@ -403,9 +414,10 @@ def plot_histogram(bins: list[tuple[int, int, int]], unit: str, path: Path) -> b
     return True
 
 
-def run_check(path: Path, options: DataOptions, template=None, out: Path | None = None) -> Report:
+def run_check(path: Path, options: DataOptions, template=None, out: Path | None = None,
+              keep_examples: bool = False) -> Report:
     """Check, print the table, save the report in `out` if given, raise on errors."""
-    report = check(path, options, template)
+    report = check(path, options, template, keep_examples)
     print(report.table())
     saved = report.save(out) if out is not None else None
     if saved:

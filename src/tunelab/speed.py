@@ -175,6 +175,7 @@ def native_bf16() -> bool:
     slower elsewhere."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
+    # A private probe, the only one torch has: tests/test_private_hooks.py fails if it goes.
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
@@ -185,6 +186,7 @@ def make_accelerator(grad_accum: int, precision: str = "auto"):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    # Private, and the only way in accelerate 1.15: tests/test_private_hooks.py fails if it goes.
     AcceleratorState._reset_state()
     return Accelerator(gradient_accumulation_steps=grad_accum, **accelerator_options(precision))
 
