@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import tunelab
-from conftest import write_jsonl
 from tunelab.cli import main
 from tunelab.errors import UserError
 from tunelab.export import check_gguf_supported, ollama_modelfile
@@ -27,7 +26,7 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model_dir):
+def runs(tmp_path_factory, tiny_model_dir, write_jsonl):
     """A LoRA run (model template, evaluated) and a full run (alpaca template) on the tiny Llama."""
     folder = tmp_path_factory.mktemp("export-runs")
     cities = [("Paris", "France"), ("Berlin", "Germany"), ("Madrid", "Spain"), ("Rome", "Italy")]

@@ -13,7 +13,6 @@ import time
 import pytest
 import torch
 
-from conftest import write_jsonl
 from tunelab.generate import StopWhenSet, generate_answers, generate_batch
 
 
@@ -45,7 +44,7 @@ def tiny(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def to_standard_output(tiny_run, tmp_path_factory):
+def to_standard_output(tiny_run, tmp_path_factory, write_jsonl):
     """`tunelab generate RUN --input FILE`, the README's form, once for the tests below."""
     folder = tmp_path_factory.mktemp("generate")
     rows = [{"prompt": "Country of Paris?", "completion": "not used"}, {"instruction": "Country of Rome?"},
@@ -133,7 +132,7 @@ def _start(args: list, stdin: bool = False) -> tuple[subprocess.Popen, list[str]
     return process, output
 
 
-def test_interrupted_generate_keeps_every_answer_written_and_says_how_far(tiny_run, tmp_path):
+def test_interrupted_generate_keeps_every_answer_written_and_says_how_far(tiny_run, tmp_path, write_jsonl):
     rows = [{"prompt": f"Question {i}"} for i in range(64)]  # one window: the first batch leaves first
     inputs = write_jsonl(tmp_path / "prompts.jsonl", rows)
     process, output = _start(["generate", tiny_run, "--input", inputs, "--max-new-tokens", "300"])

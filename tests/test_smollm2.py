@@ -28,7 +28,7 @@ def test_answers_the_capital_of_france(smollm2):
     assert "Paris" in answer
 
 
-def test_one_lora_step(smollm2, tmp_path):
+def test_one_lora_step(smollm2, tmp_path, assert_trained):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Say {w}", "completion": w}) + "\n" for w in ["yes", "no", "ok"] * 4))
     out = tmp_path / "run"
@@ -36,6 +36,7 @@ def test_one_lora_step(smollm2, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1]
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert_trained(out)
 
 
 def test_a_local_gguf_file_is_converted_once(smollm2, tmp_path, monkeypatch):
