@@ -127,6 +127,9 @@ FORMS: dict[str, Form | None] = {
     "tunelab generate RUN --input FILE": Form(
         ["tunelab generate runs/mine --input prompts.jsonl"], twice=True, expect='"answer"'),
     "tunelab chat RUN": Form(["tunelab chat runs/mine"], stdin=CHAT_INPUT, expect="model> "),
+    # the paragraph on using a run
+    "tunelab generate RUN --input FILE [--output FILE]": Form(
+        ["tunelab generate runs/mine --input prompts.jsonl --output answers.jsonl"]),
     # the data check paragraph
     "tunelab data check DATA [--base MODEL] [--test-size F] [--max-length N] [--truncation drop|truncate|error] "
     "[--out DIR]": Form(
@@ -171,6 +174,11 @@ FORMS: dict[str, Form | None] = {
         "tunelab data synth --examples shots.jsonl --n 1000 --teacher http://127.0.0.1:8080/v1 "
         "--model qwen2.5-7b-instruct --out synth.jsonl",
         "tunelab data review labels.jsonl --out reviewed.jsonl")},
+    # serve: a server runs until stopped; tests/test_serve.py starts each of these forms and talks to it
+    **{form: Form(skip="a server that runs until stopped: tests/test_serve.py runs this form") for form in (
+        "tunelab serve runs/bookings runs/support --port 8000 --api-key sk-local-123",
+        "tunelab serve runs/bookings --port 8000 --max-queue 1",
+        "tunelab serve runs/bookings --port 8000 --rules rules.yaml")},
     # docs/DEMO.md: a second demo into the same folder, as a user re-runs it with more steps
     "tunelab demo --max-steps 135": Form([f"tunelab demo {SMALL_DEMO} --max-steps 3"], needs_run=False,
                                          expect="Wall time"),
@@ -196,6 +204,7 @@ FORMS: dict[str, Form | None] = {
     "tunelab data synth": None,
     "tunelab data check": None,
     "tunelab eval/generate/chat": None,
+    "tunelab serve": None,
 }
 
 

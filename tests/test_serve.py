@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 
 import tunelab
-from conftest import write_jsonl
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
@@ -90,7 +89,7 @@ class ServerProcess:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+def runs(tmp_path_factory, tiny_model_dir, write_jsonl) -> dict[str, Path]:
     """Two LoRA runs on the tiny base. alpha learns to answer countries (and never to stop, so
     long requests stay long); beta is trained two steps."""
     folder = tmp_path_factory.mktemp("serve")
