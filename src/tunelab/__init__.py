@@ -8,6 +8,22 @@
 
 from __future__ import annotations
 
+import os
+
+# Private by construction: the libraries tunelab builds on look models up on their hub and send
+# telemetry unless told not to, and read these variables when they are first imported. Setting
+# them here, before any of them is imported, covers the CLI and the Python API alike; a value
+# the user set stays.
+OFFLINE_ENVIRONMENT = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+}
+for _name, _value in OFFLINE_ENVIRONMENT.items():
+    os.environ.setdefault(_name, _value)
+
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 

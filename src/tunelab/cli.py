@@ -7,15 +7,15 @@ A UserError (bad data, path or flag) prints one line per problem and exits with 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import sys
 import typing
+import warnings
 from pathlib import Path
 
 from tunelab.config import TrainConfig
-from tunelab.errors import UserError
+from tunelab.errors import UserError, check_output_file, check_output_folder
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -28,6 +28,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_data_check(args: argparse.Namespace) -> None:
     from tunelab.datacheck import cli_check
 
+    if args.out:
+        check_output_folder(Path(args.out), "--out")
     cli_check(Path(args.data), args)
 
 
@@ -51,6 +53,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from tunelab.run import Run
 
     run = Run(args.run)
+    check_output_file(run.files.eval, "the results file")  # written at the end: check before the work
     results = run.evaluate(limit=args.limit, include_base=not args.no_base, max_new_tokens=args.max_new_tokens)
     print(format_table(results))
     print(format_samples(results))
@@ -58,23 +61,55 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    """Answers go out one JSON line each, in input order, as soon as they are made, so an
+    interrupted run keeps every answer written; every path is checked before the model loads."""
     from tunelab.run import Run
 
     if (args.prompt is None) == (args.input is None):
         raise UserError("tunelab generate: pass exactly one of --prompt TEXT or --input FILE")
-    if args.input is not None:
-        from tunelab.data import load_examples
-
-        examples = load_examples(Path(args.input), require_answer=False)
+    if args.output is not None:
+        if args.input is None:
+            raise UserError("--output goes with --input FILE; the answer to --prompt is printed")
+        check_output_file(Path(args.output), "--output")
+        if Path(args.output).resolve() == Path(args.input).resolve():
+            raise UserError(f"--output {args.output}: is the --input file; choose another --output")
     run = Run(args.run)
     if args.prompt is not None:
         print(run.generate(args.prompt, max_new_tokens=args.max_new_tokens))
         return
-    answers = run.generate_batch([e.prompt_messages() for e in examples], max_new_tokens=args.max_new_tokens)
-    out = open(args.output, "w", encoding="utf-8") if args.output else contextlib.nullcontext(sys.stdout)
-    with out:
+    from tqdm.auto import tqdm
+
+    from tunelab.data import load_examples
+    from tunelab.generate import generate_answers
+
+    examples = load_examples(Path(args.input), require_answer=False)
+    answers = generate_answers(run.model(), run.template, (e.prompt_messages() for e in examples),
+                               max_new_tokens=args.max_new_tokens)
+    where = args.output or "standard output"
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    bar = tqdm(total=len(examples), desc="generating", unit="answer", file=sys.stderr)
+    written = 0
+    try:
         for example, answer in zip(examples, answers):
-            out.write(json.dumps({"line": example.line, "answer": answer}, ensure_ascii=False) + "\n")
+            line = json.dumps({"line": example.line, "answer": answer}, ensure_ascii=False)
+            if out is sys.stdout:
+                bar.write(line, file=sys.stdout)  # clears the progress bar first when both go to a terminal
+            else:
+                out.write(line + "\n")
+            out.flush()
+            written += 1
+            bar.update()
+    except KeyboardInterrupt:
+        bar.close()
+        last = f" (input lines up to {examples[written - 1].line})" if written else ""
+        print(f"tunelab: interrupted: {written} of {len(examples)} answers written to {where}{last}",
+              file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+        if out is not sys.stdout:
+            out.close()
+    print(f"{written} answers written to {where}", file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -84,22 +119,32 @@ def cmd_chat(args: argparse.Namespace) -> None:
     run = Run(args.run)
     model = run.model()
     conversation = [{"role": "system", "content": args.system}] if args.system else []
-    print("Chatting with the fine-tuned model. Empty line or Ctrl-D to leave.", file=sys.stderr)
+    print("Chatting with the fine-tuned model. Ctrl-C stops a reply; an empty line, Ctrl-D or Ctrl-C "
+          "at the prompt leaves.", file=sys.stderr)
     while True:
         try:
             text = input("you> ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
             break
         if not text:
             break
         conversation.append({"role": "user", "content": text})
         print("model> ", end="", flush=True)
         reply = ""
-        for piece in stream_reply(model, run.template, conversation, args.max_new_tokens):
-            reply += piece
-            print(piece, end="", flush=True)
-        print()
-        conversation.append({"role": "assistant", "content": reply.strip()})
+        try:
+            for piece in stream_reply(model, run.template, conversation, args.max_new_tokens):
+                reply += piece
+                print(piece, end="", flush=True)
+            print()
+        except KeyboardInterrupt:
+            print(" [stopped]", flush=True)
+        # The conversation goes on from what the screen shows: a stopped reply is kept as far
+        # as it got; one stopped before its first word is dropped with its question.
+        if reply.strip():
+            conversation.append({"role": "assistant", "content": reply.strip()})
+        else:
+            conversation.pop()
 
 
 def cmd_not_yet(args: argparse.Namespace) -> None:
@@ -126,17 +171,35 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, **kwargs)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """A flag mistake is one line like any other user error (sub-commands inherit this class)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"tunelab: error: {self.prog}: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tunelab", description="Fine-tune small language models locally.")
+    parser = Parser(prog="tunelab", description="Fine-tune small language models locally.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="fine-tune smollm2-135m on the bundled example task and compare")
     demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
-    demo.add_argument("--examples", type=int, default=1200, help="examples to generate (default: 1200)")
+    demo.add_argument("--examples", type=positive_int, default=1200, help="examples to generate (default: 1200)")
     demo.add_argument("--method", choices=("lora", "full"), default="full", help="fine-tuning method (default: full)")
-    demo.add_argument("--max-steps", type=int, default=100,
+    demo.add_argument("--max-steps", type=positive_int, default=100,
                       help="optimizer steps of 8 examples (default: 100, about 6 minutes on 2 CPU cores)")
-    demo.add_argument("--eval-limit", type=int, default=100, help="held-out examples to evaluate (default: 100)")
+    demo.add_argument("--eval-limit", type=positive_int, default=100, help="held-out examples to evaluate (default: 100)")
     demo.set_defaults(func=cmd_demo)
 
     data = commands.add_parser("data", help="check a data file before training")
@@ -177,9 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="compare base and fine-tuned models on the held-out split")
     evaluate.add_argument("run", help="run folder")
-    evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N held-out examples")
+    evaluate.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N held-out examples")
     evaluate.add_argument("--no-base", action="store_true", help="skip the base model")
-    evaluate.add_argument("--max-new-tokens", type=int, default=None)
+    evaluate.add_argument("--max-new-tokens", type=positive_int, default=None)
     evaluate.set_defaults(func=cmd_eval)
 
     generate = commands.add_parser("generate", help="answer a prompt or a file of prompts with the fine-tuned model")
@@ -187,13 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", default=None, help="one prompt")
     generate.add_argument("--input", default=None, help="JSONL, CSV or Parquet file of prompts (any accepted shape)")
     generate.add_argument("--output", default=None, help="write JSON lines here instead of standard output")
-    generate.add_argument("--max-new-tokens", type=int, default=256)
+    generate.add_argument("--max-new-tokens", type=positive_int, default=256)
     generate.set_defaults(func=cmd_generate)
 
     chat = commands.add_parser("chat", help="talk to the fine-tuned model, streaming")
     chat.add_argument("run", help="run folder")
     chat.add_argument("--system", default=None, help="system message")
-    chat.add_argument("--max-new-tokens", type=int, default=512)
+    chat.add_argument("--max-new-tokens", type=positive_int, default=512)
     chat.set_defaults(func=cmd_chat)
 
     for name, text in (("serve", "OpenAI-compatible server (not available yet)"),
@@ -204,7 +267,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+KNOWN_HARMLESS_WARNINGS = [
+    # peft asks each model whether gradient checkpointing is on through the property name that
+    # transformers 5 deprecated; nothing for a tunelab user to change.
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated", r"transformers\.modeling_utils"),
+]
+"""(category, message regex, module regex) of library warnings that the CLI does not show."""
+
+
+def hide_known_warnings() -> None:
+    for category, message, module in KNOWN_HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
 def main(argv: list[str] | None = None) -> int:
+    hide_known_warnings()
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

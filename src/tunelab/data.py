@@ -14,6 +14,7 @@ code such as E_JSON or E_UNKNOWN_ROLE, so a long list of them can be scanned and
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
 import json
 from collections.abc import Iterator
@@ -90,7 +91,11 @@ def is_tabular(path: Path) -> bool:
 
 
 def read_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line or row number, parsed row) from a JSONL, CSV or Parquet file."""
+    """Yield (line or row number, parsed row) from a JSONL, CSV or Parquet file.
+
+    Text files must be UTF-8; a leading byte-order mark (as Excel and Notepad write it) is
+    skipped. Problems with the file as a whole (not UTF-8, a JSON array, a CSV header that fits
+    no shape) are one UserError, not one problem per row."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: file not found")
@@ -98,19 +103,9 @@ def read_rows(path: Path) -> Iterator[tuple[int, Any]]:
         raise UserError(f"{path}: is a folder; pass a .jsonl, .csv or .parquet file")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield number, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield number, _Invalid(f"not valid JSON ({e.msg} at column {e.colno})")
+        yield from _read_jsonl_rows(path)
     elif suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            # Row 1 is the header, so data rows are numbered from 2 as a spreadsheet shows them.
-            for number, row in enumerate(csv.DictReader(f), start=2):
-                yield number, row
+        yield from _read_csv_rows(path)
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -125,6 +120,82 @@ def read_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 yield number, row
     else:
         raise UserError(f"{path}: unknown file type '{suffix}'; use .jsonl, .csv or .parquet")
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line, decoded one line at a time so that a byte that is not
+    UTF-8 is reported with its line, not as a position in some buffer."""
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the file ({e.strerror or e}); check its permissions") from None
+    with f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                how = " (in Excel: Save As > CSV UTF-8)" if path.suffix.lower() == ".csv" else ""
+                raise UserError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                f"save the file as UTF-8{how}") from None
+            yield number, line
+
+
+def _read_jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    first = True
+    for number, line in _text_lines(path):
+        if not line.strip():
+            continue
+        if first and line.lstrip().startswith("[") and not _is_json(line):
+            raise UserError(f"{path}:{number}: looks like one JSON array over several lines; tunelab reads JSON Lines, "
+                            f"one object per line (convert it with: jq -c '.[]' {path} > {path.stem}-lines.jsonl)")
+        first = False
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as e:
+            yield number, _Invalid(f"not valid JSON ({e.msg} at column {e.colno})")
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def _read_csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    lines = (line for _, line in _text_lines(path))
+    reader = csv.DictReader(lines)
+    header = reader.fieldnames
+    if header is None:
+        return  # an empty file: the caller reports that there are no examples
+    _check_csv_header(path, header)
+    # Row 1 is the header, so data rows are numbered from 2 as a spreadsheet shows them.
+    for number, row in enumerate(reader, start=2):
+        yield number, row
+
+
+def _check_csv_header(path: Path, header: list[str]) -> None:
+    """A header that fits no shape makes every row wrong: say so once, naming the column.
+    (A header that fits a shape but has an extra column is reported row by row, as in JSONL.)"""
+    expected = "expected the columns prompt,completion or instruction,input,output or messages or text"
+    blank = [i + 1 for i, name in enumerate(header) if not name.strip()]
+    if blank:
+        raise UserError(f"{path}:1: column {blank[0]} of the header has no name; {expected}")
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise UserError(f"{path}:1: column '{repeated[0]}' appears twice in the header; {expected}")
+    columns = dict.fromkeys(header, "")
+    if detect_shape(columns) or _prompt_only_shape(columns):
+        return
+    known = [k for keys in SHAPE_KEYS.values() for k in keys]
+    for name in header:
+        close = difflib.get_close_matches(name.strip().lower(), known, n=1)
+        if close and name not in known:
+            raise UserError(f"{path}:1: unknown column '{name}' in the header; did you mean '{close[0]}'? "
+                            f"({expected})")
+    raise UserError(f"{path}:1: the header ({','.join(header)}) fits no shape; {expected}, "
+                    "with the header on the first line")
 
 
 @dataclass

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from tunelab.config import TrainConfig
+from tunelab.errors import check_output_folder
 from tunelab.evaluate import format_samples, format_table
 from tunelab.examples import bookings
 
@@ -33,6 +34,8 @@ def run_demo(out: Path, examples: int = 1200, method: str = "full", max_steps: i
     from tunelab.run import Run
     from tunelab.train import train
 
+    check_output_folder(out, "--out")
+    check_output_folder(out.parent, "--out")  # the generated data goes beside the run
     started = time.perf_counter()
     print(bookings.describe(), "\n")
     data = write_dataset(out.parent / f"{out.name}-data" / "bookings.jsonl", examples)

