@@ -14,9 +14,10 @@ PACKAGE = Path(tunelab.__file__).parent
 
 LAYERS = [
     {"errors"},
-    {"config", "data", "dedup", "template", "models", "examples", "examples.bookings"},
-    {"batching", "speed", "runfolder"},
+    {"config", "data", "dedup", "template", "models", "examples", "examples.bookings", "metrics"},
+    {"batching", "speed", "runfolder", "baselines", "assertions"},
     {"loss", "checkpoint", "datacheck", "generate"},
+    {"forgetting", "endpoint"},
     {"evaluate", "train"},
     {"run"},
     {"demo"},

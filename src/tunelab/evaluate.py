@@ -145,8 +145,10 @@ def evaluate(run, limit: int | None = None, batch_size: int = 16, max_new_tokens
     for endpoint in endpoints:  # first: an unreachable URL fails before any local work
         contender = Contender(endpoint.name, "endpoint", endpoint.model, "endpoint")
         started = time.perf_counter()
+        first = endpoint.answer(prompts[0], max_new_tokens)  # a bad URL fails here, before any progress bar
         with _progress(len(prompts), endpoint.name, progress) as bar:
-            contender.answers = endpoint.answers(prompts, max_new_tokens, progress=bar)
+            bar.update()
+            contender.answers = [first, *endpoint.answers(prompts[1:], max_new_tokens, progress=bar)]
         contender.seconds = time.perf_counter() - started
         contenders.append(contender)
 
