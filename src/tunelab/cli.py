@@ -59,6 +59,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     taken = [n for n in names if names.count(n) > 1 or n in ("zero-shot", "few-shot", "retrieval", "tuned")]
     if taken:
         raise UserError(f"--contender {taken[0]}=...: the name is already taken; choose another NAME")
+    if args.judge and not args.judge.startswith(("http://", "https://")):
+        raise UserError(f"--judge {args.judge}: expected URL[#MODEL], e.g. http://localhost:8000/v1#judge-model")
     judge = Endpoint.parse(f"judge={args.judge}", args.judge_model) if args.judge else None
     run = Run(args.run)
     check_output_file(run.files.eval, "the results file")  # written at the end: check before the work
@@ -265,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="compare the fine-tuned model with prompting the base model, and other models",
         description="Answer the held-out examples (or --data) with the base model zero-shot, few-shot and with "
                     "retrieved examples, the fine-tuned model and any --contender; print and save the metrics "
-                    "with 95%% intervals, error buckets, cost per request and a forgetting check.")
+                    "with 95% intervals, error buckets, cost per request and a forgetting check.")
     evaluate.add_argument("run", help="run folder")
     evaluate.add_argument("--data", default=None, help="evaluate this labelled file (any accepted shape) "
                                                        "instead of the run's held-out split")
