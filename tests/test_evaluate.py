@@ -46,6 +46,8 @@ class FakeModel(BaseHTTPRequestHandler):
         text = body["messages"][-1]["content"]
         if text.startswith("You grade an answer"):
             reply = "CORRECT"
+        elif text == "Reply with the word OK.":
+            reply = "OK"
         else:
             reply = COUNTRIES[re.search(r"Country of (\w+)", text).group(1)]
         payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply},
@@ -145,8 +147,8 @@ def test_endpoint_contender_and_judge_on_a_loopback_server(trained_run, server, 
     asked = [r for r in server.requests if r["model"] == "big-model"]
     judged = [r for r in server.requests if r["model"] == "judge-model"]
     assert len(asked) == 8 and all(r["temperature"] == 0 for r in asked)
-    assert len(judged) == 16  # every answer of both contenders
-    assert all("Reference answer:" in r["messages"][0]["content"] for r in judged)
+    assert len(judged) == 1 + 16  # reached once before the models run, then every answer of both contenders
+    assert all("Reference answer:" in r["messages"][0]["content"] for r in judged[1:])
     assert results["metrics"]["big"]["judge"]["value"] == 1.0 and results["metrics"]["tuned"]["judge"]["value"] == 1.0
     assert results["judge"]["model"] == "judge-model"
     assert "big" in capsys.readouterr().out
@@ -193,6 +195,9 @@ def test_unreachable_contender(run_copy, capsys):
     assert not (run_copy / "eval.json").exists()
     err = run_bad(capsys, str(run_copy), "--contender", "no-url")
     assert "expected NAME=URL" in err
+    err = run_bad(capsys, str(run_copy), "--judge", "http://127.0.0.1:9/v1")
+    assert "judge (http://127.0.0.1:9/v1/chat/completions)" in err
+    assert not (run_copy / "eval.json").exists()
 
 
 @pytest.mark.parametrize("name,text,message", [

@@ -141,6 +141,8 @@ def evaluate(run, limit: int | None = None, batch_size: int = 16, max_new_tokens
         max_new_tokens = min(512, int(longest * 1.5) + 16)
 
     prompts = [e.prompt_messages() for e in examples]
+    if judge:  # reached once now, so an unreachable judge fails before the models run, not after
+        judge.complete([{"role": "user", "content": "Reply with the word OK."}], max_tokens=2)
     contenders: list[Contender] = []
     for endpoint in endpoints:  # first: an unreachable URL fails before any local work
         contender = Contender(endpoint.name, "endpoint", endpoint.model, "endpoint")
