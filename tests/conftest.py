@@ -68,3 +68,17 @@ def pairs_file(tmp_path) -> Path:
     rows = [{"prompt": f"Country of {city}? ({i})", "completion": country}
             for i in range(5) for city, country in cities]
     return write_jsonl(tmp_path / "pairs.jsonl", rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A finished LoRA run of the tiny model (two steps), for commands that need a run folder."""
+    import tunelab
+
+    folder = tmp_path_factory.mktemp("tiny-run")
+    cities = [("Paris", "France"), ("Berlin", "Germany"), ("Madrid", "Spain"), ("Rome", "Italy")]
+    data = write_jsonl(folder / "pairs.jsonl", [{"prompt": f"Country of {city}? ({i})", "completion": country}
+                                                for i in range(3) for city, country in cities])
+    tunelab.finetune(data, out=folder / "run", base=str(tiny_model_dir), method="lora", max_steps=2, batch_size=4,
+                     test_size=2)
+    return folder / "run"

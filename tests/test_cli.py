@@ -121,8 +121,8 @@ BAD_INPUTS = [
     ("missing", [{"prompt": "p", "completion": "c"}, {"prompt": "p"}], [], "missing.jsonl:2: E_SHAPE unknown shape"),
     ("fields", [{"messages": [{"role": "user"}]}], [], "fields.jsonl:1: E_CONTENT_MISSING message 0 needs 'role' and 'content'"),
     ("model", [{"prompt": "p", "completion": "c"}] * 3, ["--base", "/no/such/model"], "base model '/no/such/model' not found"),
-    ("flag", [{"prompt": "p", "completion": "c"}] * 3, ["--method", "magic"], "invalid choice: 'magic'"),
-    ("value", [{"prompt": "p", "completion": "c"}] * 3, ["--batch-size", "0"], "--batch-size must be positive"),
+    ("flag", [{"prompt": "p", "completion": "c"}] * 3, ["--method", "magic"], "--method magic: must be 'lora' or 'full'"),
+    ("value", [{"prompt": "p", "completion": "c"}] * 3, ["--batch-size", "0"], "--batch-size 0: must be greater than 0"),
 ]
 
 

@@ -6,7 +6,8 @@ import pytest
 from conftest import write_jsonl
 from tunelab import data
 from tunelab.cli import main
-from tunelab.datacheck import CheckOptions, check
+from tunelab.config import DataOptions
+from tunelab.datacheck import check
 from tunelab.template import NAMED, Template
 
 TEMPLATES = Path(__file__).parent / "data" / "templates"
@@ -38,7 +39,7 @@ BAD_ROWS = [
 def test_every_format_error_is_listed_with_its_line_and_code(tmp_path, capsys):
     rows = [chat("fine", "fine")] + [row for row, _ in BAD_ROWS] + ["{broken"] * 25
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    report = check(path, CheckOptions())
+    report = check(path, DataOptions())
     expected = [(i + 2, code) for i, (_, code) in enumerate(BAD_ROWS)] + [(len(BAD_ROWS) + 2 + i, "E_JSON")
                                                                           for i in range(25)]
     assert [(p.line, p.code) for p in report.errors] == expected
@@ -68,7 +69,7 @@ def test_csv_and_parquet_problems_name_row_and_column(tmp_path):
     (tmp_path / "d.csv").write_text("prompt,completion\nhello,world\nq,\n")
     (tmp_path / "e.csv").write_text("prompt,completion,notes\nhello,world,mine\n")
     pq.write_table(pa.table({"prompt": ["a", "b"], "completion": ["c", None]}), tmp_path / "d.parquet")
-    problems = [p.format(f) for f in ("d.csv", "e.csv", "d.parquet") for p in check(tmp_path / f, CheckOptions()).errors]
+    problems = [p.format(f) for f in ("d.csv", "e.csv", "d.parquet") for p in check(tmp_path / f, DataOptions()).errors]
     assert problems == [
         "d.csv:3: E_EMPTY_CONTENT column 'completion' is empty",
         "e.csv:2: E_UNKNOWN_KEY unknown column(s) 'notes' for shape prompt_completion; "
@@ -88,7 +89,7 @@ def test_token_checks_and_truncation_policy_counts(tmp_path, tokenizer):
     assert len(template.encode_prompt(rows[7]["messages"][:1])) > limit
 
     def run(policy):
-        return check(path, CheckOptions(max_length=limit, truncation=policy), template)
+        return check(path, DataOptions(max_length=limit, truncation=policy), template)
 
     drop = run("drop")
     assert dict(drop.outcomes) == {"kept": 6, "dropped": 2, "prompt_over_max_length": 1}
@@ -111,7 +112,7 @@ def test_a_template_that_drops_the_end_of_turn_is_an_error(tmp_path, tokenizer):
               "{% endfor %}")
     template = Template(tokenizer, "custom", source)
     path = write_jsonl(tmp_path / "d.jsonl", [chat("q", "short"), chat("q2", "a much longer answer than that")])
-    report = check(path, CheckOptions(), template)
+    report = check(path, DataOptions(), template)
     assert [(p.line, p.code) for p in report.errors] == [(2, "E_NO_EOS")]
 
 
@@ -120,11 +121,11 @@ def test_double_bos_control_text_and_template_rejections_are_reported(tmp_path, 
             {"messages": [{"role": "system", "content": "s"}, *chat("q", "a")["messages"]]}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     doubled = Template(tokenizer, "doubled", "{{ bos_token }}" + NAMED["chatml"])  # <|im_start|> is this BOS
-    report = check(path, CheckOptions(), doubled)
+    report = check(path, DataOptions(), doubled)
     assert report.warning_counts["W_DOUBLE_BOS"] == 3
     assert [(p.line, p.code) for p in report.warnings if p.code == "W_CONTROL_TEXT"] == [(1, "W_CONTROL_TEXT")]
     mistral = Template(tokenizer, "mistral", (TEMPLATES / "mistral.jinja").read_text())
-    report = check(path, CheckOptions(), mistral)
+    report = check(path, DataOptions(), mistral)
     assert [(p.line, p.code) for p in report.errors] == [(3, "E_TEMPLATE")]
     assert "cannot render this conversation: Conversation roles must alternate" in report.errors[0].message
 
@@ -141,7 +142,7 @@ def test_duplicates_are_dropped_near_duplicates_kept_together(tmp_path):
     near = [chat(f"Question {sentence(i)} please", f"Answer {i}") for i in range(10, 20)]  # lines 44-53
     rows += near
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    options = CheckOptions(test_size=0.5, seed=3)
+    options = DataOptions(test_size=0.5, seed=3)
     report = check(path, options)
     assert report.exact_pairs == [(4, 41), (6, 42), (4, 43)] and report.duplicate_lines == {41, 42, 43}
     assert [(a, b) for a, b, _ in report.near_pairs] == [(11 + i, 44 + i) for i in range(10)]
@@ -163,7 +164,7 @@ def test_a_group_too_large_for_one_side_is_split_and_the_leaks_listed(tmp_path):
     rows = [chat(f"Question {sentence(i)}", f"Answer {i}") for i in range(40)]
     rows += [chat(f"Question {sentence(7)} version {i}", "Answer 7") for i in range(20)]  # lines 41-60 + line 8
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    report = check(path, CheckOptions(test_size=0.2))
+    report = check(path, DataOptions(test_size=0.2))
     assert report.warning_counts["W_LARGE_GROUP"] == 1
     assert report.leaked_count > 0 and report.warning_counts["W_LEAK"] == report.leaked_count
     assert all(b > 40 or b == 8 for _, b in report.leaked_pairs)
@@ -173,7 +174,7 @@ def test_a_group_too_large_for_one_side_is_split_and_the_leaks_listed(tmp_path):
 def test_raw_text_rows_are_chunked(tmp_path, tokenizer):
     template = Template.for_model(tokenizer)
     rows = [{"text": "Tiny document."}, {"text": "A longer document with many words. " * 20}]
-    report = check(write_jsonl(tmp_path / "raw.jsonl", rows), CheckOptions(max_length=32), template)
+    report = check(write_jsonl(tmp_path / "raw.jsonl", rows), DataOptions(max_length=32), template)
     assert dict(report.shapes) == {"text": 2} and not report.errors
     assert dict(report.outcomes) == {"kept": 1, "chunked": 1}
     assert report.trainable["max"] == report.lengths["max"]  # every token of a document is trained

@@ -1,41 +1,203 @@
-"""The batched generation loop gives the answers of one-by-one `model.generate` calls."""
+"""Generation: answers in input order as soon as they are made, on standard output or in a file;
+Ctrl-C says how far it got, and stops a chat reply at once."""
 
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
 import torch
 
-from tunelab.generate import generate_detailed
-from tunelab.models import load_model
-from tunelab.template import Template
+from conftest import write_jsonl
+from tunelab.generate import StopWhenSet, generate_answers, generate_batch
 
 
-def one_by_one(model, template, conversation, max_new_tokens):
+def cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tunelab.cli", *map(str, args)], capture_output=True, text=True,
+                          input=stdin, timeout=300)
+
+
+def prompts(n: int) -> list[list[dict[str, str]]]:
+    """Conversations of very different lengths, so batches need left padding."""
+    return [[{"role": "user", "content": f"Question {i}: " + "tell me more " * (i * 7 % 23)}] for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    """A random 2-layer Llama with large weights: its greedy answers differ from prompt to prompt
+    (the trained tiny run answers nearly everything with blank lines)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunelab.template import Template
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, initializer_range=0.5,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config).eval(), Template.for_model(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def to_standard_output(tiny_run, tmp_path_factory):
+    """`tunelab generate RUN --input FILE`, the README's form, once for the tests below."""
+    folder = tmp_path_factory.mktemp("generate")
+    rows = [{"prompt": "Country of Paris?", "completion": "not used"}, {"instruction": "Country of Rome?"},
+            {"messages": [{"role": "user", "content": "Country of Oslo?"}]}]
+    inputs = write_jsonl(folder / "prompts.jsonl", rows)
+    return cli("generate", tiny_run, "--input", inputs, "--max-new-tokens", "6"), inputs
+
+
+def test_answers_go_to_standard_output_in_input_order(to_standard_output, tiny_run, tmp_path):
+    result, inputs = to_standard_output
+    assert result.returncode == 0, result.stderr
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [a["line"] for a in answers] == [1, 2, 3]
+    assert "3 answers written to standard output" in result.stderr
+    # The same answers as in a file, and as the Python API gives them.
+    assert cli("generate", tiny_run, "--input", inputs, "--max-new-tokens", "6", "--output",
+               tmp_path / "answers.jsonl").returncode == 0
+    assert (tmp_path / "answers.jsonl").read_text() == result.stdout
+
+
+def test_generate_shows_no_library_warnings(to_standard_output):
+    result, _ = to_standard_output
+    assert result.returncode == 0
+    assert not [line for line in result.stderr.splitlines() if "Warning" in line], result.stderr
+
+
+def test_batched_answers_equal_one_by_one_answers_in_input_order(tiny):
+    model, template = tiny
+    conversations = prompts(11)
+    alone = [generate_batch(model, template, [c], max_new_tokens=5)[0] for c in conversations]
+    # Batches of 2 in windows of 8: sorting by length inside a window must not reorder answers.
+    assert list(generate_answers(model, template, conversations, max_new_tokens=5, batch_size=2)) == alone
+    assert len(set(alone)) == len(alone)  # the prompts really get different answers
+
+
+def test_input_is_read_one_window_at_a_time(tiny):
+    model, template = tiny
+    taken = []
+
+    def source():
+        for conversation in prompts(40):
+            taken.append(conversation)
+            yield conversation
+
+    answers = generate_answers(model, template, source(), max_new_tokens=1, batch_size=2)
+    next(answers)
+    assert len(taken) == 8  # one window of 4 batches of 2, not the whole input
+    assert len(list(answers)) == 39 and len(taken) == 40
+
+
+def test_a_set_stop_flag_ends_generation_after_one_token(tiny):
+    from transformers import StoppingCriteriaList
+
+    model, template = tiny
+    ids = torch.tensor([template.encode_prompt(prompts(1)[0])])
+    stop = threading.Event()
+    stop.set()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=50, do_sample=False,
+                             eos_token_id=template.stop_token_ids, pad_token_id=template.tokenizer.pad_token_id,
+                             stopping_criteria=StoppingCriteriaList([StopWhenSet(stop)]))
+    assert out.shape[1] == ids.shape[1] + 1
+
+
+def _read_until(process: subprocess.Popen, output: list[str], condition) -> None:
+    """Wait for the process's output (collected in `output` by a reader thread) to meet `condition`."""
+    deadline = time.monotonic() + 240  # a safety net against a hung process, not a measurement
+    while not condition("".join(output)):
+        assert process.poll() is None or condition("".join(output)), "".join(output)
+        assert time.monotonic() < deadline, "".join(output)
+        time.sleep(0.02)
+
+
+def _start(args: list, stdin: bool = False) -> tuple[subprocess.Popen, list[str]]:
+    process = subprocess.Popen([sys.executable, "-m", "tunelab.cli", *map(str, args)], text=True, bufsize=1,
+                               stdin=subprocess.PIPE if stdin else None, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    output: list[str] = []
+
+    def read() -> None:
+        while piece := process.stdout.read(1):
+            output.append(piece)
+
+    threading.Thread(target=read, daemon=True).start()
+    return process, output
+
+
+def test_interrupted_generate_keeps_every_answer_written_and_says_how_far(tiny_run, tmp_path):
+    rows = [{"prompt": f"Question {i}"} for i in range(64)]  # one window: the first batch leaves first
+    inputs = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    process, output = _start(["generate", tiny_run, "--input", inputs, "--max-new-tokens", "300"])
+    _read_until(process, output, lambda text: text.count("\n") >= 1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=240)
+    lines = "".join(output).splitlines()
+    assert process.returncode == 130
+    assert 1 <= len(lines) < 64
+    assert [json.loads(line)["line"] for line in lines] == list(range(1, len(lines) + 1))
+    assert f"tunelab: interrupted: {len(lines)} of 64 answers written to standard output" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_ctrl_c_stops_a_chat_reply_and_the_chat_goes_on(tiny_run):
+    process, output = _start(["chat", tiny_run, "--max-new-tokens", "5000"], stdin=True)
+
+    def replying(turn: int):
+        return lambda text: text.count("model> ") == turn and len(text.rsplit("model> ", 1)[-1]) >= 3
+
+    for turn, question in enumerate(["Tell me everything.", "And now?"], start=1):
+        process.stdin.write(question + "\n")
+        process.stdin.flush()
+        _read_until(process, output, replying(turn))  # far from its 5000 tokens
+        process.send_signal(signal.SIGINT)
+        _read_until(process, output, lambda text: text.count("[stopped]\nyou> ") == turn)
+    process.stdin.close()  # Ctrl-D leaves
+    process.wait(timeout=240)
+    stderr = process.stderr.read()
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
+
+
+def _one_by_one(model, template, conversation, max_new_tokens):
     ids = torch.tensor([template.encode_prompt(conversation)])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, eos_token_id=template.stop_token_ids,
-                         pad_token_id=template.tokenizer.pad_token_id)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=template.stop_token_ids,
+                             pad_token_id=template.tokenizer.pad_token_id)
     return out[0, ids.shape[1]:].tolist()
 
 
-def test_batched_answers_equal_one_by_one_generation(tiny_model_dir, tokenizer):
-    model = load_model(tiny_model_dir).eval()
-    with torch.no_grad():  # larger weights than the initialisation's, so answers vary from token to token
-        generator = torch.Generator().manual_seed(0)
-        for parameter in model.parameters():
-            parameter.normal_(0, 0.5, generator=generator)
-    template = Template.for_model(tokenizer, "chatml")
+def test_rows_that_stop_leave_the_batch_and_the_shared_prefix_is_reused(tiny):
+    import copy
+
+    from tunelab.generate import generate_detailed
+
+    model, shared = tiny
+    template = copy.copy(shared)
     shots = [{"role": "user", "content": "Country of Rome?"}, {"role": "assistant", "content": "Italy"}]
     conversations = [shots + [{"role": "user", "content": f"Country of {city}?" + " please" * i}]
                      for i, city in enumerate(["Paris", "Berlin", "Oslo", "Madrid", "Lisbon", "Vienna", "Bern"])]
     # Make a token that some answers produce early an end-of-turn token, so rows finish at
     # different steps and leave the batch while others go on.
-    free = [one_by_one(model, template, c, 12) for c in conversations]
+    free = [_one_by_one(model, template, c, 12) for c in conversations]
     template.stop_token_ids = [free[0][3], *template.stop_token_ids]
-    expected = [one_by_one(model, template, c, 12) for c in conversations]
+    expected = [_one_by_one(model, template, c, 12) for c in conversations]
     stops = set(template.stop_token_ids)
     assert len({len(e) for e in expected}) > 1  # rows of different lengths
 
     answers = list(generate_detailed(model, template, conversations, max_new_tokens=12, batch_size=3))
     for answer, tokens, conversation in zip(answers, expected, conversations):
-        assert answer.text == tokenizer.decode([t for t in tokens if t not in stops], skip_special_tokens=True).strip()
+        text = template.tokenizer.decode([t for t in tokens if t not in stops], skip_special_tokens=True).strip()
+        assert answer.text == text
         assert answer.generated_tokens == len(tokens)
         assert answer.stopped == (tokens[-1] in stops)
         assert answer.prompt_tokens == len(template.encode_prompt(conversation))

@@ -14,13 +14,14 @@ PACKAGE = Path(tunelab.__file__).parent
 
 LAYERS = [
     {"errors"},
-    {"config", "data", "dedup", "template", "models", "examples", "examples.bookings", "metrics"},
+    {"data", "dedup", "template", "models", "examples", "examples.bookings", "metrics"},
+    {"config"},
     {"batching", "speed", "runfolder", "baselines", "assertions"},
-    {"loss", "checkpoint", "datacheck", "generate"},
+    {"loss", "checkpoint", "datacheck", "generate", "report", "teacher"},
     {"forgetting", "endpoint"},
-    {"evaluate", "train"},
+    {"evaluate", "train", "review"},
     {"run"},
-    {"demo"},
+    {"demo", "export"},
     {"cli", "__init__"},
 ]
 """From the bottom up: a module may import from the layers below its own, never from its own or

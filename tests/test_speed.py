@@ -33,6 +33,18 @@ def test_packed_attention_equals_transformers(models, encoded):
     assert token_loss(packed, batch).item() == pytest.approx(token_loss(reference, batch).item(), abs=1e-5)
 
 
+def test_gpu_keeps_sdpa_over_the_block_mask(tiny_model_dir, encoded):
+    """On a GPU the model keeps SDPA (one kernel over transformers' block-diagonal mask), which
+    keeps the examples of a packed row apart: no per-example fallback, the same loss."""
+    model = load_model(tiny_model_dir).eval()
+    speed.prepare_model(model, device=torch.device("cuda"))
+    assert model.config._attn_implementation == "sdpa" and speed.runs_packed(model)
+    separate = sum(token_loss(model, pack([item]), reduction="sum").item() for item in encoded)
+    assert token_loss(model, pack(encoded), reduction="sum").item() == pytest.approx(separate, rel=1e-5)
+    speed.prepare_model(model, device=torch.device("cpu"))
+    assert model.config._attn_implementation == speed.PACKED_ATTENTION
+
+
 def test_packed_attention_falls_back_without_boundaries(models, encoded):
     """Generation-style calls (padded batches, no cu_seq_lens) still use the mask."""
     reference, packed = models

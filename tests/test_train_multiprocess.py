@@ -1,18 +1,24 @@
 """The same global batch gives the same training, however it is cut: into micro-batches
 accumulated over --grad-accum, or across 2 CPU processes (gloo) under `accelerate launch`.
-Every trained token weighs the same in the step's loss, whichever piece holds it."""
+Every trained token weighs the same in the step's loss, whichever piece holds it. And a
+2-process run killed after a checkpoint resumes to the weights of one never interrupted."""
 
+import contextlib
 import json
 import os
-import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import tunelab
+from tunelab.checkpoint import PAUSE_ENV
 from tunelab.cli import main
 
 ARGS = ["--method", "full", "--lr", "0.003", "--epochs", "2", "--test-size", "8", "--eval-every", "100", "--precision", "fp32",
@@ -60,23 +66,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="needs the accelerate command")
+def launch(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`tunelab` in 2 CPU processes (gloo), through this Python's accelerate launcher, so it runs
+    wherever the suite runs (no `accelerate` command on PATH needed). --multi_gpu is accelerate's
+    torchrun-style launcher; without a GPU tunelab runs its processes on the CPU with gloo. The
+    launcher and its processes form their own process group, so a test can kill them all."""
+    env = {**os.environ, "PYTHONPATH": str(Path(tunelab.__file__).parents[1]), **(env or {})}
+    log = tempfile.TemporaryFile("w+")  # a pipe nobody reads while it runs could fill and stall it
+    process = subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(free_port()), "-m", "tunelab.cli", *args],
+        env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    process.log = log
+    return process
+
+
+def kill(process: subprocess.Popen) -> None:
+    """The launcher and every process it started."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def output(process: subprocess.Popen) -> str:
+    process.log.seek(0)
+    return process.log.read()
+
+
+def finish(process: subprocess.Popen) -> str:
+    try:
+        process.wait(timeout=600)
+    finally:
+        kill(process)
+    assert process.returncode == 0, output(process)[-3000:]
+    return output(process)
+
+
 def test_two_processes_match_one_at_the_same_global_batch(tmp_path, tiny_model_dir):
     data = varied_answers(tmp_path / "counts.jsonl")
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", str(data), "--base", str(tiny_model_dir), "--out", str(one),
                  "--batch-size", "8", *ARGS]) == 0
-    env = {**os.environ, "PYTHONPATH": str(Path(tunelab.__file__).parents[1])}
-    # --multi_gpu is accelerate's torchrun-style launcher; without a GPU tunelab runs its
-    # processes on the CPU with gloo.
-    launched = subprocess.run(
-        ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-         "-m", "tunelab.cli", "train", str(data), "--base", str(tiny_model_dir), "--out", str(two),
-         "--batch-size", "2", "--grad-accum", "2", *ARGS],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert launched.returncode == 0, launched.stderr[-3000:]
+    finish(launch("train", str(data), "--base", str(tiny_model_dir), "--out", str(two),
+                  "--batch-size", "2", "--grad-accum", "2", *ARGS))
 
     # Each process accumulates 2 micro-batches of 2: 8 examples a step, as the single process.
     single = losses(one)
@@ -85,3 +119,40 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path, tiny_model_d
     assert_same_trajectory(single, losses(two))
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert (two / "model" / "model.safetensors").exists()
+
+
+def test_two_processes_killed_after_a_checkpoint_resume_to_the_same_weights(tmp_path, tiny_model_dir):
+    """LoRA dropout draws from each process's own RNG, which differ after the first micro-batches
+    (their sizes differ): a checkpoint must hold every process's RNG state, and every process
+    must take part in the save."""
+    from safetensors.torch import load_file
+
+    data = varied_answers(tmp_path / "counts.jsonl")
+    # 26 training examples, 2 a micro-batch and 2 processes: 7 steps an epoch; step 8 is in the second.
+    flags = ["--base", str(tiny_model_dir), "--method", "lora", "--lora-dropout", "0.1", "--lr", "0.01",
+             "--max-steps", "8", "--batch-size", "2", "--test-size", "6", "--eval-examples", "2",
+             "--save-every", "4", "--precision", "fp32", "--seed", "3"]
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    finish(launch("train", str(data), "--out", str(reference), *flags))
+
+    # The save of step 8 stalls before its rename: kill every process once step 4's is complete.
+    killed = launch("train", str(data), "--out", str(out), *flags, env={PAUSE_ENV: "8:600"})
+    deadline = time.monotonic() + 600
+    try:
+        while not (out / "checkpoints" / "step-000004" / "checkpoint.json").exists():
+            assert killed.poll() is None, output(killed)[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        kill(killed)
+    assert not (out / "adapter").exists()
+
+    log = finish(launch("train", str(data), "--out", str(out), "--resume"))
+    assert "step-000004 (step 4)" in log
+    a = load_file(out / "adapter" / "adapter_model.safetensors")
+    b = load_file(reference / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and a
+    assert all(torch.equal(a[name], b[name]) for name in a), [name for name in a if not torch.equal(a[name], b[name])]
+    timing = ("tokens_per_s", "elapsed_s")
+    assert [{k: v for k, v in row.items() if k not in timing} for row in losses(out)] == \
+        [{k: v for k, v in row.items() if k not in timing} for row in losses(reference)]

@@ -8,6 +8,7 @@ token of one example never predicts the first of the next.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +57,19 @@ def encode_one(
     return item, [cut], "truncated" if cut.trainable else "no_trainable"
 
 
+@dataclass
+class EncodedExample:
+    """One example as `encode_one` left it."""
+
+    example: Example
+    full: Encoded
+    """The whole example, before any cut."""
+    pieces: list[Encoded]
+    """What is trained: the example, cut to --max-length, or chunks of a raw document; none if dropped."""
+    outcome: str
+    """One of OUTCOMES."""
+
+
 def encode_examples(
     examples: list[Example],
     template: Template,
@@ -64,25 +78,34 @@ def encode_examples(
     train_on_prompt: bool = False,
     source: str = "data",
 ) -> tuple[list[Encoded], EncodeStats]:
+    encoded = (EncodedExample(e, *encode_one(e, template, max_length, truncation, train_on_prompt)) for e in examples)
+    return collect_encoded(encoded, max_length, source)
+
+
+def collect_encoded(
+    items: Iterable[EncodedExample], max_length: int, source: str = "data"
+) -> tuple[list[Encoded], EncodeStats]:
+    """The pieces to train on, in order, and what the truncation policy did; a UserError for an
+    example that cannot be trained under it."""
     encoded, stats = [], EncodeStats()
-    for example in examples:
-        item, pieces, outcome = encode_one(example, template, max_length, truncation, train_on_prompt)
+    for item in items:
+        line, outcome = item.example.line, item.outcome
         if outcome == "too_long":
             raise UserError(
-                f"{source}:{example.line}: example has {len(item.input_ids)} tokens, over --max-length "
+                f"{source}:{line}: example has {len(item.full.input_ids)} tokens, over --max-length "
                 f"{max_length}; raise --max-length or pass --truncation drop/truncate"
             )
         if outcome == "dropped":
-            stats.dropped.append(example.line)
+            stats.dropped.append(line)
             continue
         if outcome == "no_trainable":
             raise UserError(
-                f"{source}:{example.line}: no response tokens left to train after truncation to "
+                f"{source}:{line}: no response tokens left to train after truncation to "
                 f"{max_length} tokens; raise --max-length or shorten the prompt"
             )
         stats.truncated += outcome == "truncated"
-        stats.chunks += len(pieces) if example.is_raw else 0
-        encoded += pieces
+        stats.chunks += len(item.pieces) if item.example.is_raw else 0
+        encoded += item.pieces
         stats.kept += 1
     if not encoded:
         raise UserError(f"{source}: every example is longer than --max-length {max_length}; raise it")

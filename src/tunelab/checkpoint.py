@@ -2,8 +2,9 @@
 
     RUN/checkpoints/step-000010/
         adapter/ or model/   the weights at that step, laid out like the run's own (safetensors)
-        state.pt             optimizer, scheduler and random number generator states: tensors and
-                             plain values only, read back with torch.load(weights_only=True)
+        state.pt             optimizer, scheduler and random number generator states (those of
+                             every process): tensors and plain values only, read back with
+                             torch.load(weights_only=True)
         checkpoint.json      step, position in the data, held-out loss, hashes of config and data;
                              written last
 
@@ -16,6 +17,10 @@ A resumed run ends with the same weights as an uninterrupted one because every r
 generator is restored, the data order of the current epoch is redrawn from the loader
 generator's state at the start of that epoch, and the micro-batches of the epoch that were
 already consumed are skipped.
+
+Under several processes (DDP) every process takes part in a save (its RNG states are gathered)
+and the main one writes it. Under FSDP or DeepSpeed, where each process holds only a shard of the
+weights or optimizer state, training refuses --save-every and --resume (see train.py).
 """
 
 from __future__ import annotations
@@ -151,9 +156,10 @@ class Checkpoints:
         return found
 
     def save(self, position: Position, eval_loss: float | None, model, method: str, optimizer, scheduler,
-             epoch_rng) -> Checkpoint:
+             epoch_rng, rng: list[dict]) -> Checkpoint:
         """Write a checkpoint atomically, then remove those no longer kept. `epoch_rng` is the
-        loader generator's state at the start of the current epoch."""
+        loader generator's state at the start of the current epoch; `rng` every process's RNG
+        states (from `process_rng_states`), in process order."""
         import torch
         from safetensors import SafetensorError
 
@@ -168,7 +174,7 @@ class Checkpoints:
             staging.mkdir()
             RunFiles(staging).save_weights(model, method)
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": rng_states(), "loader_rng": epoch_rng}, staging / STATE)
+                        "rng": rng, "loader_rng": epoch_rng}, staging / STATE)
             (staging / INFO).write_text(json.dumps(info, indent=2))
             _sync(staging)
             _pause_for_tests(position.step)
@@ -209,9 +215,10 @@ class Checkpoints:
             if checkpoint.path not in keep:
                 _remove(checkpoint.path)
 
-    def load(self, checkpoint: Checkpoint, model, method: str, optimizer, scheduler, loader_generator) -> Position:
-        """Restore weights, optimizer, scheduler and every RNG; set the loader generator to the
-        start of the checkpoint's epoch. Returns the position to continue from."""
+    def load(self, checkpoint: Checkpoint, model, method: str, optimizer, scheduler, loader_generator,
+             process_index: int = 0) -> Position:
+        """Restore weights, optimizer, scheduler and every RNG (this process's own); set the loader
+        generator to the start of the checkpoint's epoch. Returns the position to continue from."""
         import torch
 
         try:
@@ -227,7 +234,9 @@ class Checkpoints:
         load_weights(model, method, checkpoint.path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_states(state["rng"])
+        if process_index >= len(state["rng"]):
+            raise UserError(f"{checkpoint.path}: saved by {len(state['rng'])} process(es); resume it with as many")
+        set_rng_states(state["rng"][process_index])
         loader_generator.set_state(state["loader_rng"])
         return Position(**checkpoint.info["position"])
 
@@ -266,6 +275,16 @@ def rng_states() -> dict:
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
+
+
+def process_rng_states(accelerator) -> list[dict]:
+    """The RNG states of every process, in process order. Under several processes this is a
+    collective: every process must call it."""
+    if accelerator.num_processes == 1:
+        return [rng_states()]
+    from accelerate.utils import gather_object
+
+    return gather_object([rng_states()])
 
 
 def set_rng_states(states: dict) -> None:

@@ -7,14 +7,14 @@ A UserError (bad data, path or flag) prints one line per problem and exits with 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import typing
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 
-from tunelab.config import TrainConfig
+from tunelab.config import DataOptions, TrainConfig
 from tunelab.errors import UserError, check_output_file, check_output_folder
 
 
@@ -30,20 +30,69 @@ def cmd_data_check(args: argparse.Namespace) -> None:
 
     if args.out:
         check_output_folder(Path(args.out), "--out")
-    cli_check(Path(args.data), args)
+    flags = config_flags(args, DataOptions)
+    options = DataOptions.build(flags=flags, **flags)
+    cli_check(Path(args.data), options, args.base, Path(args.out) if args.out else None)
+
+
+def teacher_from_args(args: argparse.Namespace, shots: str | None):
+    from tunelab.teacher import Teacher, read_schema, read_shots
+
+    return Teacher(url=args.teacher, model=args.model, system=args.system,
+                   shots=read_shots(Path(shots)) if shots else [],
+                   schema=read_schema(Path(args.json_schema)) if args.json_schema else None,
+                   concurrency=args.concurrency, timeout=args.timeout, retries=args.retries)
+
+
+def cmd_data_label(args: argparse.Namespace) -> None:
+    from tunelab.teacher import cli_label
+
+    cli_label(Path(args.inputs), teacher_from_args(args, args.examples), Path(args.out), args.allow_remote)
+
+
+def cmd_data_synth(args: argparse.Namespace) -> None:
+    from tunelab.teacher import cli_synth
+
+    # synth's --examples are inputs; cli_synth makes their answers, if they have any, few-shot examples.
+    cli_synth(Path(args.examples), args.n, teacher_from_args(args, None), Path(args.out), args.allow_remote, args.seed)
+
+
+def cmd_data_review(args: argparse.Namespace) -> None:
+    from tunelab.review import cli_review
+
+    cli_review(Path(args.file), Path(args.out))
+
+
+def add_teacher_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher", required=True, metavar="URL",
+                        help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1 (loopback or private "
+                             "addresses only, unless --allow-remote)")
+    parser.add_argument("--model", required=True, metavar="NAME", help="model name sent to the teacher")
+    parser.add_argument("--system", default=None, metavar="TEXT", help="system prompt for the teacher")
+    parser.add_argument("--json-schema", default=None, metavar="FILE",
+                        help="JSON schema every answer must match (asked as structured output, checked locally)")
+    parser.add_argument("--concurrency", type=int, default=4, metavar="N", help="requests in flight (default: 4)")
+    parser.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="seconds to wait for one answer before retrying (default: 120)")
+    parser.add_argument("--retries", type=int, default=5, metavar="N",
+                        help="retries of a request on 429, 5xx, timeouts (default: 5)")
+    parser.add_argument("--allow-remote", action="store_true",
+                        help="allow a teacher outside this machine and its private network (your data leaves home)")
+    parser.add_argument("--out", required=True, metavar="FILE", help="training file to write (.jsonl)")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from tunelab.train import default_out, train
-
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    flags = config_flags(args, TrainConfig)
     if args.resume and not args.out:
         raise UserError("--resume needs --out RUN, the run folder to continue")
-    out = Path(args.out) if args.out else default_out(Path(args.data))
     # A resumed run starts from its own options; flags given now override them (and are checked).
-    saved = out / "config.yaml" if args.resume and (out / "config.yaml").exists() else None
-    config_file = args.config or saved
-    config = TrainConfig.from_yaml(config_file, **overrides) if config_file else TrainConfig.build(**overrides)
+    saved = Path(args.out) / "config.yaml" if args.resume else None
+    config_file = args.config or (saved if saved and saved.exists() else None)
+    # Checked before training's heavy imports, so a mistyped option fails at once.
+    config = TrainConfig.from_yaml(config_file, **flags) if config_file else TrainConfig.build(flags=flags, **flags)
+    from tunelab.train import default_out, train
+
+    out = Path(args.out) if args.out else default_out(Path(args.data))
     train(config, Path(args.data), out, overwrite=args.overwrite, resume=args.resume, force=args.force)
     print(f"Run saved in {out}. Next: tunelab eval {out}")
 
@@ -52,6 +101,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from tunelab.endpoint import Endpoint
     from tunelab.evaluate import format_report
     from tunelab.forgetting import DEFAULT_QUESTIONS
+    from tunelab.report import write_report
     from tunelab.run import Run
 
     endpoints = [Endpoint.parse(spec, args.contender_model) for spec in args.contender]
@@ -71,7 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         forgetting=None if args.no_forgetting else Path(args.forgetting or DEFAULT_QUESTIONS), judge=judge,
     )
     print(format_report(results))
-    print(f"\nResults saved in {run.files.eval}")
+    print(f"\nResults saved in {run.files.eval}; report written to {write_report(run.path)}")
 
 
 def non_negative_int(text: str) -> int:
@@ -85,10 +135,24 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from tunelab.report import COMPARISON_FILE, write_comparison, write_report
+
+    runs, out = [Path(run) for run in args.runs], Path(args.out) if args.out else None
+    path = write_report(runs[0], out) if len(runs) == 1 else write_comparison(runs, out or Path(COMPARISON_FILE))
+    for run in runs:
+        if not (run / "eval.json").exists():
+            print(f"tunelab: note: {run} has no eval.json, so its report shows training and data only; "
+                  f"run `tunelab eval {run}` for the rest", file=sys.stderr)
+    print(f"Report written to {path}")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     """Answers go out one JSON line each, in input order, as soon as they are made, so an
     interrupted run keeps every answer written; every path is checked before the model loads."""
+    from tunelab.data import load_examples
     from tunelab.run import Run
+    from tunelab.runfolder import RunFiles
 
     if (args.prompt is None) == (args.input is None):
         raise UserError("tunelab generate: pass exactly one of --prompt TEXT or --input FILE")
@@ -98,20 +162,26 @@ def cmd_generate(args: argparse.Namespace) -> None:
         check_output_file(Path(args.output), "--output")
         if Path(args.output).resolve() == Path(args.input).resolve():
             raise UserError(f"--output {args.output}: is the --input file; choose another --output")
+    RunFiles(Path(args.run)).check()
+    examples = load_examples(Path(args.input), require_answer=False) if args.input is not None else []
     run = Run(args.run)
     if args.prompt is not None:
         print(run.generate(args.prompt, max_new_tokens=args.max_new_tokens))
         return
-    from tqdm.auto import tqdm
-
-    from tunelab.data import load_examples
     from tunelab.generate import generate_answers
 
-    examples = load_examples(Path(args.input), require_answer=False)
     answers = generate_answers(run.model(), run.template, (e.prompt_messages() for e in examples),
                                max_new_tokens=args.max_new_tokens)
-    where = args.output or "standard output"
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    write_answers(examples, answers, Path(args.output) if args.output else None)
+
+
+def write_answers(examples: list, answers, output: Path | None) -> None:
+    """Write each answer as one JSON line as soon as it comes, with a progress bar on standard
+    error; on Ctrl-C, say how far it got."""
+    from tqdm.auto import tqdm
+
+    where = str(output) if output else "standard output"
+    out = output.open("w", encoding="utf-8") if output else sys.stdout
     bar = tqdm(total=len(examples), desc="generating", unit="answer", file=sys.stderr)
     written = 0
     try:
@@ -127,8 +197,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     except KeyboardInterrupt:
         bar.close()
         last = f" (input lines up to {examples[written - 1].line})" if written else ""
-        print(f"tunelab: interrupted: {written} of {len(examples)} answers written to {where}{last}",
-              file=sys.stderr)
+        print(f"tunelab: interrupted: {written} of {len(examples)} answers written to {where}{last}", file=sys.stderr)
         raise
     finally:
         bar.close()
@@ -172,28 +241,43 @@ def cmd_chat(args: argparse.Namespace) -> None:
             conversation.pop()
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from tunelab.export import export, ollama_name
+
+    out = export(args.run, args.format, args.out, dtype=args.dtype)
+    print(f"Exported {args.run} as {args.format} to {out}; see {out / 'README.md'}")
+    if args.format == "ollama":
+        print(f"Import it: ollama create {ollama_name(out)} -f {out / 'Modelfile'}")
+
+
 def cmd_not_yet(args: argparse.Namespace) -> None:
     raise UserError(f"tunelab {args.command}: not available yet; use `tunelab generate` or the Python API for now")
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """A flag for every TrainConfig field (`max_steps` -> `--max-steps`). Defaults are left
-    out of the namespace, so a flag overrides the YAML config only when it is given."""
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        kind = hints[f.name]
-        flag = "--" + f.name.replace("_", "-")
-        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata["help"]}
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+def add_config_flags(parser, model: type[DataOptions], exclude: Collection[str] = ()) -> None:
+    """A flag for every field of `model` (`max_steps` -> `--max-steps`), its help the field's
+    docstring and its choices the field's. Values stay strings for the model to validate (one
+    kind of error message for YAML and flags alike); defaults are left out of the namespace, so
+    a flag overrides the YAML config only when it is given."""
+    for name, field in model.model_fields.items():
+        if name in exclude:
             continue
-        if typing.get_origin(kind) is typing.Literal:
-            kwargs["choices"] = typing.get_args(kind)
-        else:
-            args = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
-            kwargs["type"] = args[0]
-        kwargs["help"] += f" (default: {f.default})"
-        parser.add_argument(flag, **kwargs)
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, action=argparse.BooleanOptionalAction,
+                                help=f"{field.description} (default: {'on' if field.default else 'off'})")
+            continue
+        choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else ()
+        metavar = "{" + ",".join(choices) + "}" if choices else name.upper()
+        # A default of None is explained in the description ("default 1e-3 for LoRA ...").
+        default = f" (default: {field.default})" if field.default is not None else ""
+        parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar=metavar,
+                            help=field.description + default)
+
+
+def config_flags(args: argparse.Namespace, model: type[DataOptions]) -> dict[str, typing.Any]:
+    """The fields of `model` given as flags."""
+    return {name: getattr(args, name) for name in model.model_fields if hasattr(args, name)}
 
 
 def positive_int(text: str) -> int:
@@ -224,10 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--method", choices=("lora", "full"), default="full", help="fine-tuning method (default: full)")
     demo.add_argument("--max-steps", type=positive_int, default=100,
                       help="optimizer steps of 8 examples (default: 100, about 6 minutes on 2 CPU cores)")
-    demo.add_argument("--eval-limit", type=positive_int, default=100, help="held-out examples to evaluate (default: 100)")
+    demo.add_argument("--eval-limit", type=positive_int, default=100,
+                      help="held-out examples to evaluate (default: 100)")
     demo.set_defaults(func=cmd_demo)
 
-    data = commands.add_parser("data", help="check a data file before training")
+    data = commands.add_parser("data", help="check a data file before training; label, grow and review data")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     check = data_commands.add_parser(
         "check", help="find format errors, token-level problems, duplicates and leakage before training",
@@ -236,21 +321,43 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("data", help="JSONL, CSV or Parquet file")
     check.add_argument("--base", default=None,
                        help="also run the token-level checks with this base model's tokenizer and template")
-    check.add_argument("--format", default="auto", choices=typing.get_args(typing.get_type_hints(TrainConfig)["format"]),
-                       help="shape of the rows (default: auto)")
-    check.add_argument("--template", default="auto", help="prompt template, as for train (default: auto)")
-    check.add_argument("--test-size", type=float, default=0.1, help="held-out fraction or count (default: 0.1)")
-    check.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
-    check.add_argument("--max-length", type=int, default=1024, help="longest example in tokens (default: 1024)")
-    check.add_argument("--truncation", choices=("drop", "truncate", "error"), default="drop",
-                       help="what train does with longer examples (default: drop)")
-    check.add_argument("--train-on-prompt", action="store_true", help="prompt tokens are trained too")
+    add_config_flags(check, DataOptions)
     check.add_argument("--out", default=None,
                        help="save the report here (data_check.json, length histogram)")
     check.set_defaults(func=cmd_data_check)
 
-    train = commands.add_parser("train", help="fine-tune a base model on a data file",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    label = data_commands.add_parser(
+        "label", help="answer inputs with a bigger model (the teacher) and write a training file",
+        description="Send each input to an OpenAI-compatible endpoint with your system prompt and few-shot "
+                    "examples; write the answers as a chat training file in input order. Answers are cached "
+                    "beside --out, so a run stopped at any point and started again asks nothing twice.")
+    label.add_argument("inputs", help="a .txt file (one input per line), or JSONL, CSV or Parquet rows in any "
+                                      "accepted shape (answers not needed)")
+    label.add_argument("--examples", default=None, metavar="FILE", help="few-shot examples: rows with answers")
+    add_teacher_flags(label)
+    label.set_defaults(func=cmd_data_label)
+
+    synth = data_commands.add_parser(
+        "synth", help="grow a handful of example inputs into N new ones with the teacher, then label them",
+        description="Ask the teacher for new inputs in the style of the examples, drop near duplicates (as the "
+                    "data check finds them), then label the first N as `tunelab data label` does.")
+    synth.add_argument("--examples", required=True, metavar="FILE",
+                       help="example inputs (.txt, one per line, or data rows; rows with answers also serve "
+                            "as few-shot examples for labelling)")
+    synth.add_argument("--n", type=int, required=True, help="number of new inputs to write and label")
+    synth.add_argument("--seed", type=int, default=0, help="seed for the examples shown in each request (default: 0)")
+    add_teacher_flags(synth)
+    synth.set_defaults(func=cmd_data_synth)
+
+    review = data_commands.add_parser(
+        "review", help="accept, edit or reject each pair in the terminal, then check the reviewed file",
+        description="Show each pair; [a]ccept, [e]dit ($EDITOR, or type the answer), [r]eject or [q]uit. "
+                    "Decisions are saved as you go: run the same command again to continue.")
+    review.add_argument("file", help="data file of pairs (e.g. the output of `tunelab data label`)")
+    review.add_argument("--out", required=True, metavar="FILE", help="reviewed training file to write (.jsonl)")
+    review.set_defaults(func=cmd_data_review)
+
+    train = commands.add_parser("train", help="fine-tune a base model on a data file")
     train.add_argument("data", help="JSONL, CSV or Parquet file of examples")
     train.add_argument("--out", default=None, help="run folder (default: runs/<data>-<time>)")
     train.add_argument("--config", default=None, help="YAML file of the options below; flags override it")
@@ -260,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "options not given are those of the run")
     train.add_argument("--force", action="store_true",
                        help="with --resume: continue even though the data or options changed since the checkpoint")
-    add_config_flags(train)
+    add_config_flags(train.add_argument_group("data options (as for `tunelab data check`)"), DataOptions)
+    add_config_flags(train.add_argument_group("training options"), TrainConfig, exclude=DataOptions.model_fields)
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser(
@@ -293,6 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=positive_int, default=16, help="prompts per batch (default: 16)")
     evaluate.set_defaults(func=cmd_eval)
 
+    report = commands.add_parser("report", help="write a run's HTML report, or compare several runs side by side")
+    report.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s)")
+    report.add_argument("--out", default=None,
+                        help="HTML file to write (default: RUN/report.html for one run; for several, "
+                             "comparison.html in the current folder, each run's report.html rebuilt too)")
+    report.set_defaults(func=cmd_report)
+
     generate = commands.add_parser("generate", help="answer a prompt or a file of prompts with the fine-tuned model")
     generate.add_argument("run", help="run folder")
     generate.add_argument("--prompt", default=None, help="one prompt")
@@ -307,8 +422,16 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=positive_int, default=512)
     chat.set_defaults(func=cmd_chat)
 
-    for name, text in (("serve", "OpenAI-compatible server (not available yet)"),
-                       ("export", "merged weights and GGUF (not available yet)")):
+    export = commands.add_parser("export", help="write the fine-tuned model for transformers, llama.cpp or Ollama")
+    export.add_argument("run", help="run folder")
+    export.add_argument("--format", required=True, metavar="{merged,gguf,ollama}",
+                        help="merged: Hugging Face folder; gguf: llama.cpp file; ollama: GGUF and Modelfile")
+    export.add_argument("--out", required=True, help="new folder to write (refused if it exists)")
+    export.add_argument("--dtype", metavar="{f32,f16,q8_0}", default=None,
+                        help="weights (default: f32 for merged, f16 for gguf and ollama; q8_0 is GGUF only)")
+    export.set_defaults(func=cmd_export)
+
+    for name, text in (("serve", "OpenAI-compatible server (not available yet)"),):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("run", nargs="?")
         sub.set_defaults(func=cmd_not_yet)

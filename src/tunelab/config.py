@@ -1,95 +1,164 @@
 """The typed configuration of a fine-tuning run.
 
-YAML files (`--config`) and command-line flags fill the same `TrainConfig`; flags win.
-Each field's `help` is what `tunelab train --help` prints.
+`DataOptions` says how a data file is read, split and encoded; `tunelab data check` takes
+exactly these. `TrainConfig` adds the model and training options. YAML files (`--config`) and
+command-line flags fill the same model, flags winning; pydantic validates and coerces the values
+(`lr: 1e-3`, a string to PyYAML, becomes 0.001), and every value it refuses becomes one line
+naming the option, the value and what is allowed. Each field's docstring is what
+`tunelab train --help` prints.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import difflib
 import os
-from dataclasses import dataclass, field
+import typing
+from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
+from tunelab.data import SHAPES
 from tunelab.errors import UserError
+from tunelab.template import NAMED
+
+# The allowed values of each choice, written here once; the CLI's choices come from these.
+Format = Literal[("auto", *SHAPES)]
+TemplateName = Literal[("auto", *NAMED)]
+Truncation = Literal["drop", "truncate", "error"]
+Method = Literal["lora", "full"]
+Precision = Literal["auto", "fp32", "bf16"]
 
 
-def _opt(default: Any, help: str, **kwargs: Any) -> Any:
-    return field(default=default, metadata={"help": help}, **kwargs)
+class DataOptions(BaseModel):
+    """How a data file is read, split and encoded: shared by `tunelab data check` and training."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False,
+                              validate_assignment=True)
+
+    format: Format = "auto"
+    """Shape of the data rows; 'auto' detects it from the keys ('text': raw documents)."""
+    template: TemplateName = "auto"
+    """Prompt template: 'auto' is the model's own chat template (alpaca when it has none)."""
+    test_size: float = 0.1
+    """Held-out fraction in [0, 1), or a whole count >= 1, of examples."""
+    seed: int = Field(0, ge=0)
+    """Seed for the split, data order and initialisation."""
+    max_length: int = Field(1024, ge=8)
+    """Longest example in tokens; longer ones are handled by --truncation."""
+    truncation: Truncation = "drop"
+    """What to do with examples longer than --max-length: drop them, cut them, or stop."""
+    train_on_prompt: StrictBool = False
+    """Also train on the prompt tokens, not only the response tokens."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info) -> Any:
+        # pydantic would read `epochs: true` as 1; a yes/no where a number belongs is a mistake.
+        kind = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and {int, float} & {kind, *typing.get_args(kind)}:
+            raise ValueError("must be a number, not true or false")
+        return value
+
+    @field_validator("test_size")
+    @classmethod
+    def _fraction_or_count(cls, value: float) -> float:
+        # 1.5 used to be read as a count of 1; it is more likely a mistyped fraction.
+        if value < 0 or (value >= 1 and not value.is_integer()):
+            raise ValueError("must be a fraction in [0, 1) or a whole count >= 1")
+        return value
+
+    @classmethod
+    def build(cls, source: str | None = None, flags: Collection[str] = (), **values: Any) -> Self:
+        """Validate `values` (field names); a refused value is a UserError naming it by where it
+        came from: `flags` (field names given as command-line flags), else the YAML file
+        `source`, else a Python argument."""
+        try:
+            return cls.model_validate(values)
+        except ValidationError as e:
+            lines = [cls._explain(error, source, flags) for error in e.errors()]
+            raise UserError(lines[0], lines[1:]) from None
+
+    @classmethod
+    def _explain(cls, error: dict, source: str | None, flags: Collection[str]) -> str:
+        key = str(error["loc"][0]) if error["loc"] else ""
+        value = error["input"]
+        where = f"{source}: " if source and key not in flags else ""
+        if error["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, list(cls.model_fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            return f"{where}unknown option '{key}'{hint}; the options are listed by `tunelab train --help`"
+        if error["type"] in ("int_parsing", "int_type", "int_from_float"):
+            allowed = "must be a whole number"
+        elif error["type"] in ("float_parsing", "float_type"):
+            allowed = "must be a number"
+        elif error["type"] in ("bool_type", "bool_parsing"):
+            allowed = "must be true or false (without quotes)"
+        else:
+            allowed = error["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+        if key in flags:
+            return f"--{key.replace('_', '-')} {value}: {allowed}"
+        if source:
+            shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
+            return f"{source}: {key}: {shown} {allowed}"
+        return f"{key}={value!r}: {allowed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()
 
 
-@dataclass
-class TrainConfig:
-    base: str = _opt("smollm2-135m", "Base model: 'smollm2-135m', a local Hugging Face folder or a .gguf file.")
-    method: Literal["lora", "full"] = _opt("lora", "Fine-tune LoRA adapters or all weights.")
-    format: Literal["auto", "messages", "prompt_completion", "alpaca", "text"] = _opt(
-        "auto", "Shape of the data rows; 'auto' detects it from the keys ('text': raw documents)."
-    )
-    template: str = _opt("auto", "Prompt template: 'auto' (the model's own chat template), 'chatml', 'alpaca' or 'plain'.")
-    epochs: float = _opt(1.0, "Passes over the training split (ignored when --max-steps is set).")
-    max_steps: int | None = _opt(None, "Stop after this many optimizer steps.")
-    batch_size: int = _opt(8, "Examples per micro-batch (packed into one padding-free row).")
-    grad_accum: int = _opt(1, "Micro-batches per optimizer step.")
-    lr: float | None = _opt(None, "Peak learning rate (default 1e-3 for LoRA, 1e-4 for full fine-tuning).")
-    warmup_ratio: float = _opt(0.05, "Fraction of steps spent warming the learning rate up from zero.")
-    weight_decay: float = _opt(0.0, "AdamW weight decay.")
-    max_grad_norm: float = _opt(1.0, "Clip gradients to this global norm (0 turns clipping off).")
-    seed: int = _opt(0, "Seed for the split, data order and initialisation.")
-    max_length: int = _opt(1024, "Longest example in tokens; longer ones are handled by --truncation.")
-    truncation: Literal["drop", "truncate", "error"] = _opt(
-        "drop", "What to do with examples longer than --max-length: drop them, cut them, or stop."
-    )
-    test_size: float = _opt(0.1, "Held-out fraction (0-1) or count (>=1) of examples.")
-    lora_rank: int = _opt(16, "LoRA rank r.")
-    lora_alpha: int = _opt(32, "LoRA scaling alpha.")
-    lora_dropout: float = _opt(0.0, "Dropout on the LoRA path.")
-    lora_targets: str = _opt("all-linear", "Comma-separated module names to adapt, or 'all-linear'.")
-    eval_every: int | None = _opt(None, "Held-out loss every N optimizer steps (default: 4 times a run).")
-    eval_examples: int = _opt(64, "Held-out examples used for the loss during training.")
-    train_on_prompt: bool = _opt(False, "Also train on prompt tokens (default: response tokens only).")
-    save_every: int | None = _opt(None, "Save a checkpoint (RUN/checkpoints) every N optimizer steps; see --resume.")
-    keep: int = _opt(2, "Checkpoints kept: the last N, plus the one with the lowest held-out loss.")
-    gradient_checkpointing: bool = _opt(
-        False, "Recompute activations in the backward pass: less memory for long examples, about 1/3 more compute."
-    )
-    precision: Literal["auto", "fp32", "bf16"] = _opt(
-        "auto", "Matmul precision: bf16 autocast (weights and optimizer stay fp32) or fp32; 'auto' picks bf16 "
-        "where the hardware computes it natively (recent NVIDIA GPUs, CPUs with AVX512-BF16 or AMX), else fp32."
-    )
-    compile: bool = _opt(False, "torch.compile the model: slow first steps, then faster on GPUs (not on CPU).")
+class TrainConfig(DataOptions):
+    """Every option of a fine-tuning run, as saved in RUN/config.yaml."""
 
-    def __post_init__(self) -> None:
-        checks = [
-            (self.epochs > 0, "--epochs must be positive"),
-            (self.max_steps is None or self.max_steps > 0, "--max-steps must be positive"),
-            (self.batch_size > 0, "--batch-size must be positive"),
-            (self.grad_accum > 0, "--grad-accum must be positive"),
-            (self.lr is None or self.lr > 0, "--lr must be positive"),
-            (self.max_length >= 8, "--max-length must be at least 8"),
-            (self.test_size >= 0, "--test-size must be a fraction in [0, 1) or a count"),
-            (self.lora_rank > 0, "--lora-rank must be positive"),
-            (self.save_every is None or self.save_every > 0, "--save-every must be positive"),
-            (self.keep > 0, "--keep must be at least 1"),
-            (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
-            (self.method in ("lora", "full"), "--method must be 'lora' or 'full'"),
-            (self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16"),
-            (self.truncation in ("drop", "truncate", "error"), "--truncation must be drop, truncate or error"),
-            (self.format in ("auto", "messages", "prompt_completion", "alpaca", "text"),
-             "--format must be auto, messages, prompt_completion, alpaca or text"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+    base: str = "smollm2-135m"
+    """Base model: 'smollm2-135m', a local Hugging Face folder or a .gguf file."""
+    method: Method = "lora"
+    """Fine-tune LoRA adapters or all weights."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training split (ignored when --max-steps is set)."""
+    max_steps: int | None = Field(None, gt=0)
+    """Stop after this many optimizer steps."""
+    batch_size: int = Field(8, gt=0)
+    """Examples per micro-batch (packed into one padding-free row)."""
+    grad_accum: int = Field(1, gt=0)
+    """Micro-batches per optimizer step."""
+    lr: float | None = Field(None, gt=0)
+    """Peak learning rate (default 1e-3 for LoRA, 1e-4 for full fine-tuning)."""
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    """Fraction of steps spent warming the learning rate up from zero."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    max_grad_norm: float = Field(1.0, ge=0)
+    """Clip gradients to this global norm (0 turns clipping off)."""
+    lora_rank: int = Field(16, gt=0)
+    """LoRA rank r."""
+    lora_alpha: int = Field(32, gt=0)
+    """LoRA scaling alpha."""
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA path."""
+    lora_targets: str = "all-linear"
+    """Comma-separated module names to adapt, or 'all-linear'."""
+    eval_every: int | None = Field(None, gt=0)
+    """Held-out loss every N optimizer steps (default: 4 times a run)."""
+    eval_examples: int = Field(64, gt=0)
+    """Held-out examples used for the loss during training."""
+    save_every: int | None = Field(None, gt=0)
+    """Save a checkpoint (RUN/checkpoints) every N optimizer steps; see --resume."""
+    keep: int = Field(2, gt=0)
+    """Checkpoints kept: the last N, plus the one with the lowest held-out loss."""
+    gradient_checkpointing: StrictBool = False
+    """Recompute activations in the backward pass: less memory for long examples, about 1/3 more compute."""
+    precision: Precision = "auto"
+    """Matmul precision: bf16 autocast (weights and optimizer stay fp32) or fp32; 'auto' picks bf16
+    where the hardware computes it natively (recent NVIDIA GPUs, CPUs with AVX512-BF16 or AMX), else fp32."""
+    compile: StrictBool = False
+    """torch.compile the model: slow first steps, then faster on GPUs (not on CPU)."""
 
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (1e-3 if self.method == "lora" else 1e-4)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     def save(self, path: Path) -> None:
         # Written beside and renamed: `tunelab train --resume` reads it back after a crash.
@@ -98,22 +167,28 @@ class TrainConfig:
         os.replace(staging, path)
 
     @classmethod
-    def from_yaml(cls, path: Path, **overrides: Any) -> TrainConfig:
-        """Read a YAML file of TrainConfig fields; `overrides` (from flags) win."""
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise UserError(f"{path}: config file not found") from None
-        except yaml.YAMLError as e:
-            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path}: expected a mapping of option names to values")
-        return cls.build(**{**{k.replace("-", "_"): v for k, v in data.items()}, **overrides}, source=str(path))
+    def from_yaml(cls, path: Path, **flags: Any) -> TrainConfig:
+        """Read a YAML file of TrainConfig fields; `flags` (values given on the command line)
+        win over it."""
+        return cls.build(source=str(path), flags=flags, **{**read_yaml(Path(path)), **flags})
 
-    @classmethod
-    def build(cls, source: str = "options", **values: Any) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserError(f"{source}: unknown option(s) {', '.join(unknown)}; see `tunelab train --help`")
-        return cls(**values)
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML config file, with `max-steps` spelt `max_steps`."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder; pass a YAML config file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of option names to values, such as `lr: 0.001`")
+    return {str(key).replace("-", "_"): value for key, value in data.items()}

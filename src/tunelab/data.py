@@ -90,6 +90,17 @@ def is_tabular(path: Path) -> bool:
     return Path(path).suffix.lower() in (".csv", ".parquet")
 
 
+def check_data_file(path: Path) -> None:
+    """The checks of `read_rows` that need no reading: run before a model loads."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: file not found")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; pass a .jsonl, .csv or .parquet file")
+    if path.suffix.lower() not in (".jsonl", ".json", ".ndjson", ".csv", ".parquet"):
+        raise UserError(f"{path}: unknown file type '{path.suffix}'; use .jsonl, .csv or .parquet")
+
+
 def read_rows(path: Path) -> Iterator[tuple[int, Any]]:
     """Yield (line or row number, parsed row) from a JSONL, CSV or Parquet file.
 
@@ -97,10 +108,7 @@ def read_rows(path: Path) -> Iterator[tuple[int, Any]]:
     skipped. Problems with the file as a whole (not UTF-8, a JSON array, a CSV header that fits
     no shape) are one UserError, not one problem per row."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: file not found")
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder; pass a .jsonl, .csv or .parquet file")
+    check_data_file(path)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
         yield from _read_jsonl_rows(path)
@@ -118,8 +126,6 @@ def read_rows(path: Path) -> Iterator[tuple[int, Any]]:
             for row in batch.to_pylist():
                 number += 1
                 yield number, row
-    else:
-        raise UserError(f"{path}: unknown file type '{suffix}'; use .jsonl, .csv or .parquet")
 
 
 def _text_lines(path: Path) -> Iterator[tuple[int, str]]:

@@ -22,10 +22,15 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tunelab import data as data_mod
+from tunelab.config import DataOptions
 from tunelab.data import Example, Problem
 from tunelab.errors import UserError
+
+if TYPE_CHECKING:
+    from tunelab.batching import EncodedExample
 
 REPORT_FILE = "data_check.json"
 HISTOGRAM_FILE = "length_histogram.txt"
@@ -37,30 +42,10 @@ SHOWN = 20
 
 
 @dataclass
-class CheckOptions:
-    format: str = "auto"
-    """Shape of the rows, or 'auto' to detect it per row."""
-    test_size: float = 0.1
-    """Held-out fraction (0-1) or count (>=1)."""
-    seed: int = 0
-    """Seed of the split."""
-    max_length: int = 1024
-    """Longest example in tokens."""
-    truncation: str = "drop"
-    """What training does with longer examples: drop, truncate or error."""
-    train_on_prompt: bool = False
-    """Whether prompt tokens are trained too."""
-
-    @classmethod
-    def from_config(cls, config) -> CheckOptions:
-        return cls(config.format, config.test_size, config.seed, config.max_length, config.truncation,
-                   config.train_on_prompt)
-
-
-@dataclass
 class Report:
     path: Path
-    options: CheckOptions
+    options: DataOptions
+    """A TrainConfig when training runs the check; the report keeps only the data options."""
     template: str | None = None
     """Name of the template used for the token checks (None: no tokenizer given)."""
     rows: int = 0
@@ -89,6 +74,9 @@ class Report:
     """Lines dropped as exact copies of an earlier line."""
     groups: dict[int, int] = field(default_factory=dict)
     """Line -> first line of its near-duplicate group, for `data.split`."""
+    examples: list[EncodedExample] | None = None
+    """Every valid example with its encoding, in file order, when the caller keeps them
+    (training, on a file that fits in memory, so that it is read and encoded once); else None."""
 
     @property
     def valid(self) -> int:
@@ -124,7 +112,8 @@ class Report:
             return [{"line": p.line, "code": p.code, "message": p.message} for p in items]
 
         return {
-            "file": str(self.path), "options": vars(self.options), "template": self.template,
+            "file": str(self.path), "options": self.options.model_dump(include=set(DataOptions.model_fields)),
+            "template": self.template,
             "rows": self.rows, "valid": self.valid, "shapes": dict(self.shapes),
             "error_counts": dict(self.error_counts), "warning_counts": dict(self.warning_counts),
             "errors": problems(self.errors), "warnings": problems(self.warnings),
@@ -192,14 +181,16 @@ def near_method() -> str:
             f"MinHash {dedup.PERMUTATIONS} x LSH bands of {dedup.BAND_ROWS}")
 
 
-def check(path: Path, options: CheckOptions, template=None) -> Report:
-    """Check every row of `path`; with a Template, also the token-level checks."""
+def check(path: Path, options: DataOptions, template=None, keep_examples: bool = False) -> Report:
+    """Check every row of `path`; with a Template, also the token-level checks (and with
+    `keep_examples`, the examples and their encodings in `report.examples`)."""
     import numpy as np
 
     from tunelab import dedup
 
     path = Path(path)
     report = Report(path, options, template.name if template else None)
+    report.examples = [] if keep_examples and template is not None else None
     near = dedup.NearDuplicates(seed=options.seed)
     lines, keys, ranks, lengths, trainable = array("q"), array("Q"), array("Q"), array("q"), array("q")
     for item in data_mod.iter_examples(path, options.format):
@@ -257,9 +248,9 @@ def _visible_text(example: Example) -> str:
     return "\n".join(m["content"] for m in example.messages if m["role"] != "system")
 
 
-def _check_tokens(example: Example, template, options: CheckOptions, report: Report) -> tuple[int, int]:
+def _check_tokens(example: Example, template, options: DataOptions, report: Report) -> tuple[int, int]:
     """Encode one example as training will; record problems; return (tokens, trained tokens)."""
-    from tunelab.batching import encode_one
+    from tunelab.batching import EncodedExample, encode_one
     from tunelab.template import IGNORE
 
     line, limit = example.line, options.max_length
@@ -279,6 +270,8 @@ def _check_tokens(example: Example, template, options: CheckOptions, report: Rep
         report.error(Problem(line, "E_TEMPLATE", str(e)))
         return 0, 0
     report.outcomes[outcome] += 1
+    if report.examples is not None:
+        report.examples.append(EncodedExample(example, full, pieces, outcome))
     tokens = len(full.input_ids)
     trained = sum(p.trainable for p in pieces)
     prompt = next((i for i, label in enumerate(full.labels) if label != IGNORE), tokens)
@@ -416,9 +409,10 @@ def plot_histogram(bins: list[tuple[int, int, int]], unit: str, path: Path) -> b
     return True
 
 
-def run_check(path: Path, options: CheckOptions, template=None, out: Path | None = None) -> Report:
+def run_check(path: Path, options: DataOptions, template=None, out: Path | None = None,
+              keep_examples: bool = False) -> Report:
     """Check, print the table, save the report in `out` if given, raise on errors."""
-    report = check(path, options, template)
+    report = check(path, options, template, keep_examples)
     print(report.table())
     saved = report.save(out) if out is not None else None
     if saved:
@@ -427,15 +421,12 @@ def run_check(path: Path, options: CheckOptions, template=None, out: Path | None
     return report
 
 
-def cli_check(path: Path, args) -> Report:
+def cli_check(path: Path, options: DataOptions, base: str | None = None, out: Path | None = None) -> Report:
     """`tunelab data check DATA [--base MODEL] ...`"""
     template = None
-    if args.base is not None:
+    if base is not None:
         from tunelab.models import load_tokenizer, resolve_base
         from tunelab.template import Template
 
-        template = Template.for_model(load_tokenizer(resolve_base(args.base)), args.template)
-    options = CheckOptions(args.format, args.test_size, args.seed, args.max_length, args.truncation,
-                           args.train_on_prompt)
-    return run_check(path, options, template, Path(args.out) if args.out else None)
-
+        template = Template.for_model(load_tokenizer(resolve_base(base)), options.template)
+    return run_check(path, options, template, out)

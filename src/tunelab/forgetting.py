@@ -21,6 +21,7 @@ import torch
 from tunelab.batching import pack
 from tunelab.errors import UserError
 from tunelab.loss import token_loss
+from tunelab.speed import one_example_batches, runs_packed
 from tunelab.template import Template
 
 DEFAULT_QUESTIONS = Path(__file__).parent / "examples" / "general_knowledge.jsonl"
@@ -80,8 +81,12 @@ def choice_loglikelihoods(model, template: Template, questions: list[Question],
     device = next(model.parameters()).device
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in pack(chunk).items()}
-        losses = token_loss(model, batch, reduction="none").tolist()
+        packed = pack(chunk)
+        # A model that cannot keep packed examples apart in attention takes them one at a time.
+        rows = [packed] if runs_packed(model) else one_example_batches([packed])
+        losses = []
+        for row in rows:
+            losses += token_loss(model, {k: v.to(device) for k, v in row.items()}, reduction="none").tolist()
         offset = 0
         for i, item in enumerate(chunk):
             n = item.trainable

@@ -1,8 +1,8 @@
 """Greedy generation through the run's template: answers in input order, and streaming for chat.
 
-`generate_answers` is the one generation loop: batch generation, evaluation and chat's
-one-off replies all go through it (chat streams through `stream_reply`). It decodes greedily
-with the KV cache, and pays for only what each answer needs:
+`generate_answers` is the one generation loop: `tunelab generate`, evaluation and the Python
+API's `Run.generate` go through it; chat streams its replies through `stream_reply`. It decodes
+greedily with the KV cache, and pays for only what each answer needs:
 - prompts are sorted by length inside a window, so a batch wastes little on padding;
 - the token prefix that every prompt of a window shares (a system prompt, the examples of a
   few-shot prompt) is computed once and its cache copied into each batch;

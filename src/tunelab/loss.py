@@ -16,6 +16,7 @@ import contextlib
 import torch
 
 from tunelab.batching import pack
+from tunelab.speed import one_example_batches, runs_packed
 from tunelab.template import IGNORE, Encoded
 
 LOSS_CHUNK = 1024
@@ -78,13 +79,15 @@ def chunked_token_loss(model, inputs: dict, keep: torch.Tensor, targets: torch.T
                        chunk: int = LOSS_CHUNK) -> torch.Tensor | None:
     """Summed cross-entropy of the trained positions `keep`, the output projection and loss done
     `chunk` positions at a time and recomputed in backward, so at most one chunk of logits is in
-    memory. None when the model's output layer is not a plain Linear (e.g. LoRA on lm_head) or is
-    sharded (FSDP, ZeRO-3): the caller then computes the logits of all trained positions at once."""
+    memory. None when the model's output layer is not a plain Linear (e.g. LoRA on lm_head), is
+    sharded (FSDP, ZeRO-3) or is followed by a logit soft-cap (Gemma 2): the caller then computes
+    the logits of all trained positions at once."""
     from torch.utils.checkpoint import checkpoint
 
     unwrapped = model.module if hasattr(model, "module") else model
     head = unwrapped.get_output_embeddings()
-    if type(head) is not torch.nn.Linear or _sharded(head.weight):
+    capped = getattr(unwrapped.config, "final_logit_softcapping", None)
+    if type(head) is not torch.nn.Linear or _sharded(head.weight) or capped:
         return None
     with _hidden_instead_of_logits(head):
         hidden = model(**inputs, logits_to_keep=keep, use_cache=False).logits[0]
@@ -105,6 +108,9 @@ def backward_step(accelerator, model, micro_batches: list[dict]) -> tuple[torch.
     micro-batches more weight. Instead each summed loss is divided by the step's global count of
     trained tokens. `accelerator.backward` divides by the accumulation steps and the all-reduce by
     the processes, so the scale undoes both. Gradients are synchronised on the last micro-batch only."""
+    # A model that cannot run packed attention takes each example as a micro-batch of its own.
+    if not runs_packed(accelerator.unwrap_model(model)):
+        micro_batches = one_example_batches(micro_batches)
     n = accelerator.num_processes
     counts = torch.tensor([sum(int((b["targets"] != IGNORE).sum()) for b in micro_batches),
                            sum(b["input_ids"].numel() for b in micro_batches)], dtype=torch.float64,

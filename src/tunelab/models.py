@@ -45,6 +45,9 @@ def resolve_base(spec: str) -> Path:
         digest = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
         return _converted(path, cache_dir() / "models" / f"{path.stem}-{digest}")
     if path.is_dir() and (path / "config.json").exists():
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+            raise UserError(f"--base {spec}: the folder has config.json but no weights (*.safetensors); copy the "
+                            "whole model folder")
         return path
     if path.is_dir():
         what = "an empty folder" if not any(path.iterdir()) else "a folder without config.json"

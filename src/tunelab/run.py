@@ -23,9 +23,7 @@ class Run:
 
         self.files = RunFiles(Path(path))
         self.files.check()
-        import yaml
-
-        self.config = TrainConfig.build(**yaml.safe_load(self.files.config.read_text()), source=str(self.files.config))
+        self.config = TrainConfig.from_yaml(self.files.config)
         self.info = json.loads(self.files.info.read_text())
         self.tokenizer = load_tokenizer(self.files.tokenizer)
         self.template = Template.load(self.files.template, self.tokenizer)

@@ -88,16 +88,18 @@ class RunFiles:
     def eval(self) -> Path:
         return self.root / "eval.json"
 
-    def create(self, config: TrainConfig, template: Template, train: list[Example], test: list[Example],
-               base_path: Path, trained_pieces: int) -> None:
+    def create(self, config: TrainConfig, template: Template, base_path: Path, train: list[Example],
+               test: list[Example], dropped: list[int], trained_pieces: int) -> None:
         """Write what a run starts with: config, template, tokenizer, the split and its examples.
-        `train` holds the examples that are trained (none dropped for length); `trained_pieces`
-        counts what they became after encoding (raw documents may be cut into several)."""
+        `train` and `test` are the two sides of the split; train.jsonl leaves out the `dropped`
+        lines (over --max-length), which are not trained; `trained_pieces` counts what the trained
+        examples became after encoding (a raw document may be cut into several)."""
         self.root.mkdir(parents=True, exist_ok=True)
         config.save(self.config)
         template.save(self.template)
         template.tokenizer.save_pretrained(self.tokenizer)
-        data_mod.write_jsonl(self.train, train)
+        left_out = set(dropped)
+        data_mod.write_jsonl(self.train, [e for e in train if e.line not in left_out])
         data_mod.write_jsonl(self.test, test)
         self.split.write_text(json.dumps({
             "test_size": config.test_size, "seed": config.seed,

@@ -10,7 +10,14 @@ the demo batch of 8 examples, ~1.2 s of a 5-6 s training step on 2 CPU cores). `
 runs scaled-dot-product attention example by example instead, causal within each, from the
 boundaries that `batching.pack` puts in the batch (`cu_seq_lens_q`). A model already on
 FlashAttention (GPU, flash-attn installed) keeps it: it finds the same boundaries from the
-position ids and runs variable-length attention itself.
+position ids and runs variable-length attention itself. A model whose attention SDPA cannot
+compute (Gemma 2 soft-caps its attention scores) keeps its own, and each example of a
+micro-batch runs as its own forward pass instead.
+
+On a GPU the loop over examples costs more than it saves: each example is a few small kernel
+launches per layer and the boundaries are read back to the host at every layer, so a step of
+32 examples of SmolLM2-135M took 2.0 s on an H200 against 0.19 s with transformers' own SDPA
+and its block-diagonal mask (docs/BENCHMARKS.md). There the model keeps SDPA.
 """
 
 from __future__ import annotations
@@ -74,30 +81,44 @@ def _glibc():
 
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                cu_seq_lens_q=None, **kwargs):
-    """Attention over a packed row, one example at a time. Falls back to transformers' SDPA
-    (with the mask it built) for anything that is not one packed row, e.g. generation."""
+                cu_seq_lens_q=None, sliding_window=None, **kwargs):
+    """Attention over a packed row, one example at a time: causal within each example, and
+    within the layer's sliding window where it has one and the example is longer than it. Falls
+    back to transformers' SDPA (with the mask it built) for anything that is not one packed row,
+    e.g. generation."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if cu_seq_lens_q is None or query.shape[0] != 1 or kwargs.get("past_key_values") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+                                      scaling=scaling, sliding_window=sliding_window, **kwargs)
     bounds = cu_seq_lens_q.tolist()
     gqa = query.shape[1] != key.shape[1]
     dropout = dropout if module.training else 0.0
-    outputs = [
-        torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-            is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa,
-        )
-        for start, end in zip(bounds[:-1], bounds[1:])
-    ]
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
+        if sliding_window and end - start > sliding_window:
+            # transformers' sliding window: a token sees itself and the window - 1 tokens before it.
+            i = torch.arange(end - start, device=query.device)
+            band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < sliding_window)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=band, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+        outputs.append(out)
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
-def use_packed_attention(model) -> None:
+def use_packed_attention(model, per_example: bool = True) -> bool:
     """Switch a transformers model (or a peft model around one) to `packed_sdpa`, keeping
-    FlashAttention where it is already chosen. Models that cannot switch keep their own."""
+    FlashAttention where it is already chosen, and SDPA when `per_example` is False (on a GPU,
+    where one kernel over the row's block-diagonal mask is faster than a loop). Returns whether the model attends within each
+    example of a packed row by itself; where it cannot (its attention is not SDPA, e.g. Gemma 2's
+    soft-capped scores), it keeps its own attention, says so on stderr, and `loss.backward_step` runs
+    each example of a micro-batch as its own forward pass (`one_example_batches`)."""
+    import sys
+
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -105,10 +126,41 @@ def use_packed_attention(model) -> None:
     # The mask is still built as for SDPA, so the fallback path stays correct.
     ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    current = inner.config._attn_implementation or ""
-    if current.startswith("flash_attention") or not inner._can_set_attn_implementation():
-        return
-    inner.set_attn_implementation(PACKED_ATTENTION)
+    if runs_packed(inner) and (inner.config._attn_implementation != "sdpa" or not per_example):
+        return True
+    try:
+        inner.set_attn_implementation(PACKED_ATTENTION)
+    except ValueError:  # transformers refuses SDPA-based attention for this architecture
+        pass
+    if runs_packed(inner):
+        return True
+    print(f"tunelab: note: {type(inner).__name__} cannot use packed per-example attention (its attention "
+          f"'{inner.config._attn_implementation}' is not SDPA); each example of a micro-batch runs as its own "
+          "forward pass: same loss, slower", file=sys.stderr)
+    return False
+
+
+def runs_packed(model) -> bool:
+    """Whether `model` keeps the examples of a packed row apart in attention by itself:
+    tunelab's packed attention, FlashAttention's variable-length kernels, or SDPA over the
+    block-diagonal mask that transformers builds from the restarting position ids."""
+    implementation = model.config._attn_implementation or ""
+    return implementation in (PACKED_ATTENTION, "sdpa") or implementation.startswith("flash_attention")
+
+
+def one_example_batches(micro_batches: list[dict]) -> list[dict]:
+    """Each packed micro-batch cut into one packed row per example, for models that cannot run
+    packed attention: their own attention then needs no mask across examples, and the memory
+    of one forward is that of one example. The trained tokens, so the loss, are the same."""
+    rows = []
+    for batch in micro_batches:
+        bounds = batch["cu_seq_lens_q"].tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            rows.append({"input_ids": batch["input_ids"][:, start:end],
+                         "position_ids": batch["position_ids"][:, start:end],
+                         "targets": batch["targets"][:, start:end],
+                         "cu_seq_lens_q": torch.tensor([0, end - start], dtype=batch["cu_seq_lens_q"].dtype)})
+    return rows
 
 
 def make_optimizer(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
@@ -123,6 +175,7 @@ def native_bf16() -> bool:
     slower elsewhere."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
+    # A private probe, the only one torch has: tests/test_private_hooks.py fails if it goes.
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
@@ -133,6 +186,7 @@ def make_accelerator(grad_accum: int, precision: str = "auto"):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    # Private, and the only way in accelerate 1.15: tests/test_private_hooks.py fails if it goes.
     AcceleratorState._reset_state()
     return Accelerator(gradient_accumulation_steps=grad_accum, **accelerator_options(precision))
 
@@ -150,10 +204,12 @@ def accelerator_options(precision: str = "auto") -> dict:
     return {"mixed_precision": mixed, "cpu": several and not torch.cuda.is_available()}
 
 
-def prepare_model(model, gradient_checkpointing: bool = False, compile: bool = False):
-    """Packed attention, then the optional trade-offs: recompute activations in backward (less
-    memory, ~1/3 more compute) and torch.compile (slow first steps, faster later ones on GPU)."""
-    use_packed_attention(model)
+def prepare_model(model, gradient_checkpointing: bool = False, compile: bool = False,
+                  device: torch.device | None = None):
+    """Packed attention (per example except on GPUs), then the optional trade-offs: recompute
+    activations in backward (less memory, ~1/3 more compute) and torch.compile (slow first
+    steps, faster later ones on GPU)."""
+    use_packed_attention(model, per_example=device is None or device.type != "cuda")
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return torch.compile(model, dynamic=True) if compile else model

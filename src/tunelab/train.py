@@ -1,31 +1,49 @@
 """The fine-tuning loop: explicit, on accelerate (CPU, one GPU or several processes alike).
 
-setup (data, template, model) -> train (AdamW, warmup + cosine decay, accumulation, clipping,
-held-out loss at intervals) -> save (config, template, split, weights or adapter, metrics).
+`train` reads in four steps:
+- prepare: check the data (the data check encodes every example, and hands the encodings on),
+  split and encode it, before anything is written;
+- set_up: accelerator, model, AdamW, warmup + cosine decay, the loader; the run folder;
+- run_loop: accumulation, clipping, held-out loss at intervals, checkpoints (loss.py has the
+  forward/backward step itself);
+- save_final: the weights or adapter beside config, template, split and metrics.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
+import os
+import shlex
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from tunelab import data as data_mod
 from tunelab import speed
-from tunelab.batching import encode_examples, pack
-from tunelab.checkpoint import Checkpoints, Position, trim_metrics
+from tunelab.batching import EncodedExample, collect_encoded, encode_one, pack
+from tunelab.checkpoint import Checkpoint, Checkpoints, Position, process_rng_states, trim_metrics
 from tunelab.config import TrainConfig
+from tunelab.data import Example
+from tunelab.datacheck import Report, run_check
 from tunelab.errors import UserError, check_output_folder
 from tunelab.loss import backward_step, heldout_loss
 from tunelab.models import load_model, load_tokenizer, resolve_base
-from tunelab.runfolder import RunFiles
-from tunelab.template import Template
+from tunelab.runfolder import MetricsWriter, RunFiles
+from tunelab.template import Encoded, Template
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+IN_MEMORY_BYTES = 256 << 20
+"""Data files up to this size are read and encoded once: the data check keeps every example and
+its encoding for training, which holds all encodings in memory anyway. Larger files are checked
+streaming, in bounded memory, and then read and encoded again for training."""
 
 
 @dataclass
@@ -33,35 +51,55 @@ class Prepared:
     """Everything checked before the run folder is touched."""
 
     base_path: Path
-    tokenizer: object
+    """The base model's local folder."""
     template: Template
-    train: list[data_mod.Example]
-    test: list[data_mod.Example]
-    train_encoded: list
-    test_encoded: list
-    report: object = None
-    """The data check's Report, saved in the run folder."""
+    """The prompt template, with its tokenizer."""
+    train: list[Example]
+    """The training side of the split (exact duplicates removed), in file order."""
+    test: list[Example]
+    """The held-out side of the split."""
+    train_encoded: list[Encoded]
+    """What is trained: the training examples encoded, cut or chunked, those too long dropped."""
+    test_encoded: list[Encoded]
+    """The held-out examples encoded, for the held-out loss."""
+    dropped: list[int]
+    """Lines of training examples dropped for being longer than --max-length."""
+    report: Report
+    """The data check's report, saved in the run folder."""
+
+    @property
+    def tokenizer(self):
+        return self.template.tokenizer
 
 
 def prepare(config: TrainConfig, data_path: Path, out: Path | None = None) -> Prepared:
     """Check the data (errors stop here, with the report saved in `out`), then split and encode."""
-    from tunelab.datacheck import CheckOptions, run_check
-
+    data_mod.check_data_file(data_path)  # before the base model is converted or loaded
     base_path = resolve_base(config.base)
-    tokenizer = load_tokenizer(base_path)
-    template = Template.for_model(tokenizer, config.template)
-    report = run_check(data_path, CheckOptions.from_config(config), template, out)
-    examples = [e for e in data_mod.load_examples(data_path, config.format) if e.line not in report.duplicate_lines]
+    template = Template.for_model(load_tokenizer(base_path), config.template)
+    data_path = Path(data_path)
+    in_memory = data_path.is_file() and data_path.stat().st_size <= IN_MEMORY_BYTES
+    report = run_check(data_path, config, template, out, keep_examples=in_memory)
+    checked = {item.example.line: item for item in report.examples or []}
+    if in_memory:
+        examples = [item.example for item in report.examples if item.example.line not in report.duplicate_lines]
+    else:
+        examples = [e for e in data_mod.load_examples(data_path, config.format) if e.line not in report.duplicate_lines]
     train, test = data_mod.split(examples, config.test_size, config.seed, groups=report.groups)
-    encode = dict(max_length=config.max_length, truncation=config.truncation,
-                  train_on_prompt=config.train_on_prompt, source=str(data_path))
-    train_encoded, stats = encode_examples(train, template, **encode)
+
+    def encoded(examples: list[Example]):
+        for example in examples:
+            yield checked.get(example.line) or EncodedExample(example, *encode_one(
+                example, template, config.max_length, config.truncation, config.train_on_prompt))
+
+    train_encoded, stats = collect_encoded(encoded(train), config.max_length, str(data_path))
     if stats.dropped or stats.truncated:
         print(f"{data_path}: {len(stats.dropped)} example(s) over --max-length {config.max_length} dropped "
               f"(lines {', '.join(map(str, stats.dropped[:10]))}{'...' if len(stats.dropped) > 10 else ''}), "
               f"{stats.truncated} truncated")
-    test_encoded = encode_examples(test, template, **encode)[0] if test else []
-    return Prepared(base_path, tokenizer, template, train, test, train_encoded, test_encoded, report)
+    test_encoded = collect_encoded(encoded(test), config.max_length, str(data_path))[0] if test else []
+    report.examples = None  # what training needs is taken; the rest (copies, cut-off originals) goes
+    return Prepared(base_path, template, train, test, train_encoded, test_encoded, stats.dropped, report)
 
 
 def build_model(config: TrainConfig, base_path: Path):
@@ -70,6 +108,7 @@ def build_model(config: TrainConfig, base_path: Path):
         from peft import LoraConfig, get_peft_model
 
         targets = config.lora_targets if config.lora_targets == "all-linear" else config.lora_targets.split(",")
+        _refuse_tied_targets(model, targets, base_path)
         lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=targets, task_type="CAUSAL_LM")
         try:
@@ -77,6 +116,23 @@ def build_model(config: TrainConfig, base_path: Path):
         except ValueError as e:
             raise UserError(f"--lora-targets {config.lora_targets}: {str(e).splitlines()[0]}") from None
     return model
+
+
+def _refuse_tied_targets(model, targets: str | list[str], base_path: Path) -> None:
+    """A model that ties its output layer to its input embeddings (SmolLM2 does) has one weight in
+    two places, and merging an adapter on either (what `tunelab eval`, `generate` and export do)
+    breaks what was trained (peft 0.21): an adapter on the output layer alone, once merged, changes
+    the input embeddings too; with peft's `ensure_weight_tying`, one adapter serves both places but
+    is added to the shared weight twice. 'all-linear' leaves the output layer out."""
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if targets == "all-linear" or head is None or head.weight is not embeddings.weight:
+        return
+    tied = [name for name, module in model.named_modules() if module is head or module is embeddings]
+    named = [t for t in targets if any(name == t or name.endswith("." + t) for name in tied)]
+    if named:
+        raise UserError(f"--lora-targets {','.join(named)}: {base_path} ties its output layer to its input "
+                        "embeddings, and a LoRA adapter on a tied layer does not merge into the model; leave "
+                        f"{'it' if len(named) == 1 else 'them'} out (the default all-linear does) or use --method full")
 
 
 def check_out(files: RunFiles, overwrite: bool, resume: bool, force: bool) -> None:
@@ -103,27 +159,53 @@ def default_out(data_path: Path) -> Path:
     return Path("runs") / f"{data_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = False, quiet: bool = False,
-          resume: bool = False, force: bool = False) -> Path:
-    """Train and save a run in `out`. `resume` continues the run there from its newest complete
-    checkpoint; `force` lets it continue although the data or options changed."""
-    from accelerate.utils import DistributedType, set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_cosine_schedule_with_warmup
+@dataclass
+class Training:
+    """What the loop works with, set up once per run."""
 
-    out = Path(out)
-    files = RunFiles(out)
-    check_out(files, overwrite, resume, force)
-    # The data check's report goes into --out only where it cannot mix with an earlier run's files.
-    prepared = prepare(config, data_path, out if not files.config.exists() else None)
-    checkpoints = Checkpoints(out, config, data_path)
-    start = checkpoints.resume_point(force) if resume else None
+    accelerator: Accelerator
+    model: torch.nn.Module
+    """Prepared by accelerate (wrapped for DDP, FSDP or DeepSpeed when launched so)."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: torch.utils.data.DataLoader
+    """Packed micro-batches of the training examples, reshuffled every epoch."""
+    generator: torch.Generator
+    """The loader's shuffling generator: its state at an epoch's start is saved in checkpoints."""
+    trainable: list[torch.nn.Parameter]
+    total_steps: int
+    eval_every: int
+    eval_set: list[Encoded]
+    """The held-out examples whose loss is measured during training."""
+
+
+SHARDED = ("FSDP", "DEEPSPEED")
+"""accelerate's distributed types in which a process holds only part of the weights or the
+optimizer state: a checkpoint written by one process would hold only its own part."""
+
+
+def refuse_sharded_checkpoints(distributed_type: str, config: TrainConfig, resuming: bool) -> None:
+    kind = getattr(distributed_type, "value", distributed_type)
+    if kind not in SHARDED:
+        return
+    flag = "--save-every" if config.save_every else "--resume" if resuming else None
+    if flag:
+        raise UserError(f"{flag}: checkpoints are not supported under {kind} (each process holds only a shard "
+                        f"of the weights and optimizer state); drop {flag}, or launch with DDP "
+                        "(`accelerate launch --multi_gpu`) to save and resume checkpoints")
+
+
+def set_up(config: TrainConfig, prepared: Prepared, resuming: bool) -> Training:
+    """Accelerator, model, optimizer, schedule and loader, as accelerate prepares them."""
+    from accelerate.utils import DistributedType, set_seed
+    from transformers import get_cosine_schedule_with_warmup
 
     speed.configure_threads()
     accelerator = speed.make_accelerator(config.grad_accum, config.precision)
+    refuse_sharded_checkpoints(accelerator.distributed_type, config, resuming)
     set_seed(config.seed)
     model = build_model(config, prepared.base_path)
-    model = speed.prepare_model(model, config.gradient_checkpointing, config.compile)
+    model = speed.prepare_model(model, config.gradient_checkpointing, config.compile, accelerator.device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = speed.make_optimizer(trainable, config.learning_rate, config.weight_decay, accelerator.device)
@@ -143,76 +225,134 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup * per_step, total_steps * per_step)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP swaps in sharded ones
-    eval_every = config.eval_every or max(1, total_steps // 4)
-    eval_set = prepared.test_encoded[: config.eval_examples]
+    return Training(accelerator, model, optimizer, scheduler, loader, generator, trainable, total_steps,
+                    eval_every=config.eval_every or max(1, total_steps // 4),
+                    eval_set=prepared.test_encoded[: config.eval_examples])
 
-    if accelerator.is_main_process:
-        if overwrite and files.config.exists():  # only ever delete what is known to be a run
-            shutil.rmtree(out)
-        files.create(config, prepared.template, prepared.train, prepared.test, prepared.base_path,
-                     len(prepared.train_encoded))
-        prepared.report.save(out)
-        if resume:
-            trim_metrics(files.metrics, start.step if start else -1)
-    metrics = files.metrics_writer() if accelerator.is_main_process else None
 
-    def evaluate(step: int) -> float | None:
-        if not eval_set:
-            return None
-        model.eval()
-        loss = heldout_loss(accelerator.unwrap_model(model), eval_set, config.batch_size)
-        model.train()
-        if metrics:
-            metrics.write({"step": step, "eval_loss": round(loss, 5)})
-        bar.write(f"step {step}: held-out loss {loss:.4f}")
-        return loss
+def open_run_folder(files: RunFiles, config: TrainConfig, prepared: Prepared, overwrite: bool,
+                    start: Checkpoint | None, resume: bool) -> MetricsWriter:
+    """Lay out the run folder (main process only) and open its metrics for appending."""
+    if overwrite and files.config.exists():  # only ever delete what is known to be a run
+        shutil.rmtree(files.root)
+    files.create(config, prepared.template, prepared.base_path, prepared.train, prepared.test, prepared.dropped,
+                 len(prepared.train_encoded))
+    prepared.report.save(files.root)
+    if resume:
+        trim_metrics(files.metrics, start.step if start else -1)
+    return files.metrics_writer()
 
+
+def evaluate(training: Training, step: int, batch_size: int, metrics: MetricsWriter | None, bar) -> float | None:
+    """The held-out loss, on every process (each on the whole held-out set, so none waits in a
+    collective the others skip); written to the metrics by the main one."""
+    if not training.eval_set:
+        return None
+    training.model.eval()
+    loss = heldout_loss(training.accelerator.unwrap_model(training.model), training.eval_set, batch_size)
+    training.model.train()
+    if metrics:
+        metrics.write({"step": step, "eval_loss": round(loss, 5)})
+    bar.write(f"step {step}: held-out loss {loss:.4f}")
+    return loss
+
+
+def run_loop(training: Training, config: TrainConfig, checkpoints: Checkpoints, start: Checkpoint | None,
+             metrics: MetricsWriter | None, quiet: bool) -> None:
+    """Optimizer steps from the start (or the checkpoint) to the last, with held-out losses and
+    checkpoints on the way. Every process runs all of it: the gradient all-reduce, the held-out
+    loss and the gathering of RNG states for a checkpoint are collectives."""
+    from tqdm.auto import tqdm
+
+    t, accelerator = training, training.accelerator
     position = Position()
     if start:
-        position = checkpoints.load(start, accelerator.unwrap_model(model), config.method, optimizer, scheduler,
-                                    generator)
+        position = checkpoints.load(start, accelerator.unwrap_model(t.model), config.method, t.optimizer,
+                                    t.scheduler, t.generator, accelerator.process_index)
     step, tokens, started = position.step, position.tokens, time.perf_counter() - position.elapsed_s
     epoch, consumed = position.epoch, position.batch
-    bar = tqdm(total=total_steps, initial=step, desc="training", disable=quiet or not accelerator.is_main_process,
-               unit="step")
+    bar = tqdm(total=t.total_steps, initial=step, desc="training", unit="step",
+               disable=quiet or not accelerator.is_main_process)
     if not start:
-        evaluate(0)
-    with speed.reuse_freed_memory(enabled=accelerator.device.type == "cpu"):
-        while step < total_steps:
-            epoch_rng = generator.get_state()  # this epoch's data order is drawn from here
+        evaluate(t, 0, config.batch_size, metrics, bar)
+    with speed.reuse_freed_memory(enabled=accelerator.device.type == "cpu"), bar:
+        while step < t.total_steps:
+            epoch_rng = t.generator.get_state()  # this epoch's data order is drawn from here
             # On resume, skip the micro-batches of this epoch that the checkpoint had consumed.
-            for micro_batches in step_groups(itertools.islice(loader, consumed, None), config.grad_accum):
+            for micro_batches in step_groups(itertools.islice(t.loader, consumed, None), config.grad_accum):
                 consumed += len(micro_batches)
-                loss, step_tokens = backward_step(accelerator, model, micro_batches)
+                loss, step_tokens = backward_step(accelerator, t.model, micro_batches)
                 tokens += step_tokens
                 if config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
+                    accelerator.clip_grad_norm_(t.trainable, config.max_grad_norm)
+                t.optimizer.step()
+                t.scheduler.step()
+                t.optimizer.zero_grad()
                 step += 1
                 elapsed = time.perf_counter() - started
                 loss_value = loss.item()
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens / elapsed:.0f}")
                 bar.update()
                 if metrics:
-                    metrics.write({"step": step, "loss": round(loss_value, 5), "lr": scheduler.get_last_lr()[0],
+                    metrics.write({"step": step, "loss": round(loss_value, 5), "lr": t.scheduler.get_last_lr()[0],
                                    "tokens": tokens, "tokens_per_s": round(tokens / elapsed, 1),
                                    "elapsed_s": round(elapsed, 2)})
                 saving = checkpoints.due(step)
                 eval_loss = None
-                if step % eval_every == 0 or step == total_steps or saving:
-                    eval_loss = evaluate(step)
-                if saving and accelerator.is_main_process:
-                    checkpoints.save(Position(step, epoch, consumed, tokens, elapsed), eval_loss,
-                                     accelerator.unwrap_model(model), config.method, optimizer, scheduler, epoch_rng)
-                if step >= total_steps:
+                if step % t.eval_every == 0 or step == t.total_steps or saving:
+                    eval_loss = evaluate(t, step, config.batch_size, metrics, bar)
+                if saving:
+                    rng = process_rng_states(accelerator)  # a collective: every process takes part
+                    if accelerator.is_main_process:
+                        checkpoints.save(Position(step, epoch, consumed, tokens, elapsed), eval_loss,
+                                         accelerator.unwrap_model(t.model), config.method, t.optimizer,
+                                         t.scheduler, epoch_rng, rng)
+                    accelerator.wait_for_everyone()  # none resumes from a checkpoint still being written
+                if step >= t.total_steps:
                     break
             epoch, consumed = epoch + 1, 0
-    bar.close()
-    accelerator.wait_for_everyone()
-    state = accelerator.get_state_dict(model)  # gathers FSDP/DeepSpeed shards: every process takes part
-    if accelerator.is_main_process:
-        files.save_weights(accelerator.unwrap_model(model), config.method, state)
+
+
+def save_final(training: Training, files: RunFiles, method: str) -> None:
+    training.accelerator.wait_for_everyone()
+    # Gathers FSDP/DeepSpeed shards: every process takes part.
+    state = training.accelerator.get_state_dict(training.model)
+    if training.accelerator.is_main_process:
+        files.save_weights(training.accelerator.unwrap_model(training.model), method, state)
+
+
+def where_the_run_stands(checkpoints: Checkpoints, data_path: Path, out: Path) -> str:
+    """The line printed when training is interrupted: what a resumed run would continue from."""
+    found = checkpoints.complete()
+    if not found:
+        return (f"tunelab: interrupted; {out} has no checkpoint, so a new run starts from the beginning "
+                "(pass --save-every N to save checkpoints that --resume continues from)")
+    command = shlex.join(["tunelab", "train", str(data_path), "--out", str(out), "--resume"])
+    return (f"tunelab: interrupted; the last complete checkpoint is {found[-1].path} (step {found[-1].step}); "
+            f"continue with: {command}")
+
+
+def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = False, quiet: bool = False,
+          resume: bool = False, force: bool = False) -> Path:
+    """Train and save a run in `out`. `resume` continues the run there from its newest complete
+    checkpoint; `force` lets it continue although the data or options changed."""
+    out = Path(out)
+    files = RunFiles(out)
+    check_out(files, overwrite, resume, force)
+    # The data check's report goes into --out only where it cannot mix with an earlier run's files.
+    prepared = prepare(config, data_path, out if not files.config.exists() else None)
+    checkpoints = Checkpoints(out, config, data_path)
+    start = checkpoints.resume_point(force) if resume else None
+    main = int(os.environ.get("RANK", "0")) == 0  # as accelerate decides, known before it is set up
+    try:
+        training = set_up(config, prepared, resuming=start is not None)
+        metrics = open_run_folder(files, config, prepared, overwrite, start, resume) if main else None
+        run_loop(training, config, checkpoints, start, metrics, quiet)
+        save_final(training, files, config.method)
+    except KeyboardInterrupt:
+        if main:
+            print(where_the_run_stands(checkpoints, data_path, out), file=sys.stderr)
+        raise
+    if metrics:
         metrics.close()
     return out

@@ -1,0 +1,154 @@
+"""`tunelab data review FILE --out FILE`: accept, edit or reject each pair in the terminal.
+
+A plain line-based loop on standard input and output, so it works over ssh and can be fed
+from a script. Each decision is appended to a sidecar file beside --out as it is made, keyed
+by the pair's content hash: quitting (`q` or Ctrl-D) and running the same command again goes
+on where it stopped. When every pair has a decision, the reviewed file is written (kept pairs
+in file order, each row's `metadata` noting the decision) and the data check runs on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import tempfile
+from pathlib import Path
+
+from tunelab.errors import UserError
+
+CHOICES = "[a]ccept  [e]dit  [r]eject  [q]uit > "
+
+
+def decisions_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".decisions.jsonl")
+
+
+def load_decisions(path: Path) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    decisions = {}
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        if line.endswith("\n"):  # a line cut short by a kill is not a decision
+            record = json.loads(line)
+            decisions[record["key"]] = record
+    return decisions
+
+
+def ask_new_answer(answer: str) -> str | None:
+    """The edited answer: from $VISUAL or $EDITOR on a temporary file, else typed on standard input
+    (ended by a line holding only '.'); None when nothing usable came back."""
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR")
+    if editor:
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:
+            f.write(answer + "\n")
+        try:
+            if subprocess.run([*shlex.split(editor), f.name]).returncode != 0:
+                print("The editor failed; the answer is unchanged.")
+                return None
+            text = Path(f.name).read_text(encoding="utf-8").strip()
+        finally:
+            os.unlink(f.name)
+    else:
+        print("New answer; end it with a line holding only '.':")
+        lines = []
+        while (line := input()) != ".":
+            lines.append(line)
+        text = "\n".join(lines).strip()
+    return text or None
+
+
+def show(example, position: int, total: int) -> None:
+    print(f"\n[{position}/{total}] line {example.line}")
+    for m in example.messages:
+        print(f"{m['role']}: {m['content']}")
+
+
+def review(path: Path, out: Path) -> tuple[bool, dict[str, int]]:
+    """Ask for a decision on every pair not yet decided; (finished, counts of decisions)."""
+    from tunelab.data import load_examples
+
+    examples = load_examples(path)
+    if any(e.is_raw for e in examples):
+        raise UserError(f"{path}: raw 'text' rows have no answer to review; review a file of pairs")
+    sidecar = decisions_path(out)
+    decisions = load_decisions(sidecar)
+    pending = [e for e in examples if e.key not in decisions]
+    with sidecar.open("a", encoding="utf-8") as log:
+        for position, example in enumerate(pending, start=len(examples) - len(pending) + 1):
+            if example.key in decisions:  # an exact copy of a pair already decided
+                continue
+            show(example, position, len(examples))
+            record = None
+            while record is None:
+                try:
+                    choice = input(CHOICES).strip().lower()
+                    if choice == "e":
+                        answer = ask_new_answer(example.reference)
+                        record = {"key": example.key, "decision": "edited", "answer": answer} if answer else None
+                        continue
+                except EOFError:
+                    choice = "q"
+                if choice == "q":
+                    return False, _counts(decisions)
+                if choice in ("a", "r"):
+                    record = {"key": example.key, "decision": "accepted" if choice == "a" else "rejected"}
+            log.write(json.dumps(record, ensure_ascii=False) + "\n")
+            log.flush()
+            decisions[example.key] = record
+    return True, _counts(decisions)
+
+
+def _counts(decisions: dict[str, dict]) -> dict[str, int]:
+    counts = {"accepted": 0, "edited": 0, "rejected": 0}
+    for record in decisions.values():
+        counts[record["decision"]] += 1
+    return counts
+
+
+def write_reviewed(path: Path, out: Path) -> int:
+    """The kept pairs, edited where edited, in file order, their metadata kept; returns their number."""
+    from tunelab.data import iter_examples, read_rows
+
+    decisions = load_decisions(decisions_path(out))
+    raw = dict(read_rows(path))
+    rows = []
+    for example in iter_examples(path):
+        record = decisions[example.key]
+        if record["decision"] == "rejected":
+            continue
+        messages = [dict(m) for m in example.messages]
+        if record["decision"] == "edited":
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            messages[last]["content"] = record["answer"]
+        source = raw[example.line]
+        metadata = source.get("metadata") if isinstance(source.get("metadata"), dict) else {}
+        row = {"id": source["id"]} if "id" in source else {}
+        rows.append({**row, "messages": messages, "metadata": {**metadata, "review": record["decision"]}})
+    from tunelab.teacher import write_jsonl_atomic
+
+    write_jsonl_atomic(out, rows)
+    return len(rows)
+
+
+def cli_review(path: Path, out: Path) -> None:
+    """`tunelab data review FILE --out FILE`"""
+    from tunelab.config import DataOptions
+    from tunelab.datacheck import run_check
+
+    if out.exists():
+        raise UserError(f"--out {out}: already exists; remove it or choose another name")
+    if out.suffix.lower() != ".jsonl":
+        raise UserError(f"--out {out}: the reviewed file is JSON lines; name it e.g. {out.with_suffix('.jsonl')}")
+    finished, counts = review(path, out)
+    summary = ", ".join(f"{count} {decision}" for decision, count in counts.items())
+    if not finished:
+        print(f"\nStopped: {summary} so far, kept in {decisions_path(out)}. Run the same command to go on.")
+        return
+    kept = write_reviewed(path, out)
+    if not kept:
+        out.unlink()
+        raise UserError(f"{path}: every pair was rejected; nothing to write to {out}")
+    print(f"\nReviewed: {summary}. {kept} pairs written to {out}.")
+    run_check(out, DataOptions())

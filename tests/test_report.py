@@ -1,0 +1,456 @@
+"""The HTML report: built from run folders written by hand (no training), in both shapes of
+eval.json, checked for its sections, its escaping, its offline-ness, the comparison of runs,
+the CLI, and a render in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+
+from tunelab.report import read_run, render_run, word_diff, write_comparison, write_report
+
+HOSTILE = "<script>alert('x')</script> & \"quotes\""
+
+CONFIG = """base: smollm2-135m
+method: lora
+format: auto
+template: auto
+epochs: 2.0
+max_steps: null
+batch_size: 8
+lr: null
+seed: 0
+test_size: 0.1
+lora_rank: 16
+"""
+
+DATA_CHECK = {
+    "file": "/data/bookings.jsonl", "options": {"format": "auto", "test_size": 0.1, "seed": 0},
+    "template": "model", "rows": 220, "valid": 217, "shapes": {"prompt": 217},
+    "error_counts": {"E_JSON": 2, "E_SHAPE": 1}, "warning_counts": {"W_DUPLICATE": 4, "W_NEAR_DUPLICATE": 3},
+    "errors": [{"line": 7, "code": "E_JSON", "message": f"not JSON {HOSTILE}"}],
+    "warnings": [{"line": 12, "code": "W_DUPLICATE", "message": "copy of line 3"}],
+    "duplicates": {"exact": {"count": 4, "pairs": [[3, 12]]}, "near": {"count": 3, "pairs": [[5, 9, 0.83]]}},
+    "split": {"train": 191, "test": 22, "test_size": 0.1, "seed": 0, "leaked_count": 0, "leaked_pairs": []},
+    "lengths": {"unit": "tokens", "min": 41, "median": 77.0, "mean": 79.3, "p95": 120.0, "max": 163, "total": 17210,
+                "histogram": [[0, 40, 0], [41, 81, 120], [82, 122, 80], [123, 163, 17]]},
+    "trainable_tokens": {"min": 20, "median": 31.0, "total": 6800},
+    "truncation": {"policy": "drop", "kept": 217},
+}
+
+SAMPLES = [
+    {"line": 3, "prompt": f"Book a table for 4 on Friday {HOSTILE}",
+     "reference": '{"people": 4, "day": "Friday"}'},
+    {"line": 8, "prompt": "Table for two tomorrow at 8pm", "reference": '{"people": 2, "day": "tomorrow"}'},
+    {"line": 15, "prompt": "Dinner for six, Saturday", "reference": '{"people": 6, "day": "Saturday"}'},
+]
+
+SIMPLE_EVAL = {
+    "examples_evaluated": 3, "max_new_tokens": 40,
+    "base": {"exact_match": 0.0, "word_f1": 0.41, "loss": 2.31, "perplexity": 10.07, "seconds": 3.2},
+    "tuned": {"exact_match": 2 / 3, "word_f1": 0.93, "loss": 0.52, "perplexity": 1.68, "seconds": 2.9},
+    "samples": [
+        {**SAMPLES[0], "base": f"Sure! {HOSTILE}", "tuned": '{"people": 4, "day": "Friday"}'},
+        {**SAMPLES[1], "base": "Two people.", "tuned": '{"people": 2, "day": "today"}'},
+        {**SAMPLES[2], "base": "", "tuned": '{"people": 6, "day": "Saturday"}'},
+    ],
+}
+
+
+def rich_eval() -> dict:
+    """eval.json as `tunelab eval` writes it with all contenders (schema 2, see evaluate.py)."""
+    def metric(value, low, high):
+        return {"value": value, "low": low, "high": high}
+
+    names = ["zero-shot", "few-shot", "retrieval", "tuned"]
+    answers = {
+        "zero-shot": ["I can help with that!", "", "Saturday, 6 people"],
+        "few-shot": ['{"people": 4, "day": "Friday"}', '{"people": 2}', '{"people": 6, "day": "Sat"}'],
+        "retrieval": ['{"people": 4, "day": "Friday"}', '{"people": 2, "day": "tomorrow"}', '{"people": 6, "day": "Sat"}'],
+        "tuned": ['{"people": 4, "day": "Friday"}', '{"people": 2, "day": "tomorrow"}', '{"people": 6, "day": "sunday"}'],
+    }
+    buckets = {
+        "zero-shot": ["invalid format", "empty", "invalid format"],
+        "few-shot": ["correct", "wrong", "wrong"],
+        "retrieval": ["correct", "correct", "wrong"],
+        "tuned": ["correct", "correct", "hallucinated value"],
+    }
+    order = ["correct", "wrong", "hallucinated value", "invalid format", "empty", "no stop", "repetition loop"]
+    results = {"schema": 2, "run": "runs/mine", "data": "runs/mine/test.jsonl", "examples_evaluated": 3,
+               "max_new_tokens": 40, "shots": 3, "contenders": [], "metrics": {}, "fields": {},
+               "extractive_fields": ["day", "people"], "buckets": {}, "bucket_examples": {}, "differences": [],
+               "cost": {}}
+    for i, name in enumerate(names):
+        share = buckets[name].count("correct") / 3
+        results["contenders"].append({"name": name, "kind": "local", "model": "smollm2-135m",
+                                      "prompt": "fine-tuned" if name == "tuned" else name})
+        results["metrics"][name] = {
+            "exact_match": metric(share, max(0.0, share - 0.3), min(1.0, share + 0.3)),
+            "token_f1": metric(0.2 + 0.2 * i, 0.1 + 0.2 * i, 0.3 + 0.2 * i),
+            "valid_json": metric(1.0 if i else 0.0, 1.0 if i else 0.0, 1.0 if i else 0.0),
+            "hallucinated_values": metric(0.3 - 0.05 * i, 0.1, 0.5),
+        }
+        if i:
+            results["fields"][name] = {"day": 0.3 * i, "people": 1.0}
+        results["buckets"][name] = {b: buckets[name].count(b) for b in order}
+        results["bucket_examples"][name] = {b: [k for k, x in enumerate(buckets[name]) if x == b]
+                                            for b in order if b in buckets[name]}
+        results["cost"][name] = {"prompt_tokens": 60 + 200 * (name in ("few-shot", "retrieval")),
+                                 "generated_tokens": 14.0, "seconds_per_request": 0.05 * (1 + i),
+                                 "requests_per_second": 20.0 / (1 + i), "seconds": 0.15 * (1 + i)}
+    for name in ("zero-shot", "tuned"):
+        results["metrics"][name]["heldout_loss"] = {"value": 2.31 if name == "zero-shot" else 0.52}
+        results["metrics"][name]["perplexity"] = {"value": 10.07 if name == "zero-shot" else 1.68}
+    for name in names[:-1]:
+        for metric_name in ("exact_match", "token_f1", "rouge_l"):
+            results["differences"].append({
+                "contender": name, "metric": metric_name, "difference": 0.6 if name == "zero-shot" else 0.2,
+                "low": 0.3 if name == "zero-shot" else -0.1, "high": 0.9 if name == "zero-shot" else 0.5,
+                "tuned_only_right": [0, 1] if name == "zero-shot" else [1] if name == "few-shot" else [],
+                "contender_only_right": []})
+    results["assertions"] = {"file": "rules.yaml", "results": {name: {
+        "rules": {"valid JSON": 3 if i else 0, f"no {HOSTILE}": 3}, "answers": 3, "all_passed": 3 if i else 0}
+        for i, name in enumerate(names)}}
+    results["judge"] = {"url": "http://127.0.0.1:8000/v1", "model": "grader", "ungraded": {n: 0 for n in names}}
+    results["metrics"]["tuned"]["judge"] = metric(0.8, 0.6, 1.0)
+    results["forgetting"] = {"file": "general_knowledge.jsonl", "questions": 40, "results": {
+        "zero-shot": {"accuracy": 0.45, "accuracy_per_token": 0.5}, "tuned": {"accuracy": 0.425, "accuracy_per_token": 0.5}}}
+    results["samples"] = [
+        {"index": k, **sample, "answers": {n: {"text": answers[n][k], "bucket": buckets[n][k], "stopped": True,
+                                                "assertions_failed": [] if n != "zero-shot" else ["valid JSON"],
+                                                "judge": 0.75 if n == "tuned" else None} for n in names}}
+        for k, sample in enumerate(SAMPLES)]
+    return results
+
+
+def make_run(folder: Path, eval_json: dict | None, config: str = CONFIG, final_loss: float = 0.4) -> Path:
+    """A run folder as training writes it (config, run.json, metrics, data check), without weights."""
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(config)
+    (folder / "run.json").write_text(json.dumps({"base": "smollm2-135m", "method": "lora",
+                                                 "train_examples": 191, "test_examples": 22}))
+    (folder / "data_check.json").write_text(json.dumps(DATA_CHECK))
+    rows = [{"step": 0, "eval_loss": 2.4}]
+    for step in range(1, 41):
+        loss = final_loss + 2.0 * 0.9 ** step + 0.05 * (step % 3)
+        rows.append({"step": step, "loss": round(loss, 5), "lr": 1e-3, "tokens": 900, "tokens_per_s": 400.0,
+                     "elapsed_s": step * 2.0})
+        if step % 10 == 0:
+            rows.append({"step": step, "eval_loss": round(final_loss + 0.1 + 2.0 * 0.9 ** step, 5)})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if eval_json is not None:
+        (folder / "eval.json").write_text(json.dumps(eval_json))
+    return folder
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
+
+
+def sections(html: str) -> list[str]:
+    return re.findall(r"<h2>(.*?)</h2>", html)
+
+
+def assert_offline(html: str) -> None:
+    """No attribute points at the network, nor loads anything: no script at all."""
+    assert not re.search(r"""(src|href)\s*=\s*['"]?\s*(https?:)?//""", html, re.I)
+    assert "<script" not in html.lower() and "@import" not in html and "url(" not in html
+
+
+def test_simple_eval_json_renders_every_section_it_has(tmp_path):
+    run = make_run(tmp_path / "run", SIMPLE_EVAL)
+    path = write_report(run)
+    html = path.read_text()
+    assert path == run / "report.html"
+    assert sections(html) == ["Loss", "Metrics", "Answers side by side", "Data check", "Settings"]
+    # Loss curves: the training line (40 points) and the held-out one with markers.
+    paths = re.findall(r"<path d='(M[^']*)'", html)
+    assert [p.count("L") + 1 for p in paths] == [40, 5]
+    assert "lowest held-out loss 0.5" in html
+    # Metric table: best of each row highlighted, in the right direction.
+    metrics = html[html.index("<h2>Metrics</h2>"):html.index("<h2>Answers")]
+    assert "<td class=best>66.7%</td>" in metrics and "<td>0.0%</td>" in metrics
+    assert "<td class=best>0.520</td>" in metrics and "<td>2.310</td>" in metrics  # lower loss wins
+    # Answers: the tuned model's mistake (line 8) comes first; its wrong word is marked, the missing one struck.
+    answers = html[html.index("<h2>Answers"):]
+    assert answers.index("line 8") < answers.index("line 3")
+    assert "<mark>today</mark><del>tomorrow</del>" in answers
+    assert "(empty)" in answers
+    # Data check and settings.
+    check = html[html.index("<h2>Data check"):]
+    assert "E_JSON 2, E_SHAPE 1" in check and "W_DUPLICATE 4" in check and "train 191 / test 22" in check
+    assert "<rect" in check  # length histogram
+    assert "<th>lora_rank</th><td>16</td>" in html and "<th>lr</th><td>null</td>" in html
+    assert_offline(html)
+
+
+def test_user_text_is_escaped(tmp_path):
+    html = write_report(make_run(tmp_path / "run", SIMPLE_EVAL)).read_text()
+    assert "<script>" not in html
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &quot;quotes&quot;" in html
+    # In a prompt, an answer (through the word diff) and a data check message alike.
+    assert html.count("&lt;script&gt;") >= 3
+
+
+def test_rich_eval_json_shows_intervals_buckets_cost_differences_and_forgetting(tmp_path):
+    html = write_report(make_run(tmp_path / "run", rich_eval())).read_text()
+    assert sections(html) == ["Loss", "Metrics", "Differences: tuned against each contender", "Answer buckets",
+                              "Cost per request", "Assertions", "Forgetting check", "Answers side by side",
+                              "Data check", "Settings"]
+    assert ("On exact match, the tuned model beats zero-shot (+60.0 points); cannot be told apart from few-shot "
+            "(+20.0 points), retrieval (+20.0 points)") in html
+    metrics = html[html.index("<h2>Metrics"):html.index("<h2>Differences")]
+    header = re.search(r"<tr><th></th>(.*?)</tr>", metrics).group(1)
+    assert re.findall(r"<th>(.*?)</th>", header) == ["zero-shot", "few-shot", "retrieval", "tuned"]
+    assert "<span class=ci>[36.7%, 96.7%]</span>" in metrics  # tuned exact match 66.7% with its interval
+    assert "95% bootstrap confidence interval" in metrics
+    assert "judge: grader at http://127.0.0.1:8000/v1" in metrics  # a URL as plain text, not a link
+    assert "<tr><th>judge&#x27;s grade</th><td class=na>–</td>" in metrics
+    # Lower is better for hallucinated values and loss: the tuned model's 15% and 0.520 win their rows.
+    row = re.search(r"<tr><th>hallucinated values</th>(.*?)</tr>", metrics).group(1)
+    assert row.count("class=best") == 1 and re.search(r"class=best>15\.0%", row)
+    row = re.search(r"<tr><th>held-out loss</th>(.*?)</tr>", metrics).group(1)
+    assert row == "<td>2.310</td><td class=na>–</td><td class=na>–</td><td class=best>0.520</td>"
+    assert re.search(r"<tr><th><code>day</code></th><td>30.0%</td><td>60.0%</td><td class=best>90.0%</td></tr>", metrics)
+    differences = html[html.index("<h2>Differences"):html.index("<h2>Answer buckets")]
+    row = re.search(r"<tr><th>tuned − zero-shot</th>(.*?)</tr>", differences).group(1)
+    assert row.startswith("<td class=up>+60.0 <span class=ci>[+30.0, +90.0]</span></td>")
+    assert "<td>2: lines 3, 8</td>" in row
+    row = re.search(r"<tr><th>tuned − few-shot</th>(.*?)</tr>", differences).group(1)
+    assert row.startswith("<td>+20.0 ") and "<td>1: lines 8</td>" in row  # interval spans 0: not coloured
+    buckets = html[html.index("<h2>Answer buckets"):html.index("<h2>Cost")]
+    tuned_row = re.search(r"<tr><th>tuned</th>(.*?)</tr>", buckets).group(1)
+    assert re.findall(r"<td>(\d+)</td>", tuned_row) == ["2", "0", "1", "0", "0", "0", "0"]
+    assert "Examples of each bucket" in buckets and "<b>tuned</b>, hallucinated value:" in buckets
+    cost = html[html.index("<h2>Cost"):html.index("<h2>Assertions")]
+    row = re.search(r"<tr><th>prompt tokens</th>(.*?)</tr>", cost).group(1)
+    assert row == "<td class=best>60</td><td>260</td><td>260</td><td class=best>60</td>"
+    assertions = html[html.index("<h2>Assertions"):html.index("<h2>Forgetting")]
+    assert "<tr><th>every rule</th><td>0 <span class=ci>0.0%</span></td>" in assertions
+    assert "no &lt;script&gt;" in assertions
+    forgetting = html[html.index("<h2>Forgetting"):html.index("<h2>Answers")]
+    assert "<tr><th>accuracy</th><td class=best>45.0%</td><td>42.5%</td></tr>" in forgetting
+    answers = html[html.index("<h2>Answers"):]
+    assert answers.index("line 15") < answers.index("line 3")  # the tuned model's mistake first
+    assert answers.count("<div class=cell>") == 3 * 5  # the reference and four contenders per example
+    assert "<mark>sunday</mark><del>Saturday</del>" in answers and "fails: valid JSON" in answers
+    assert answers.count("<span class=ci>judge 0.75</span>") == 3
+    assert_offline(html)
+
+
+def test_contender_names_from_the_user_are_escaped(tmp_path):
+    """An endpoint contender is named on the command line (`--contender NAME=URL`)."""
+    hostile = json.loads(json.dumps(rich_eval()).replace('"few-shot', json.dumps(HOSTILE)[:-1]))
+    assert HOSTILE in hostile["metrics"]
+    html = write_report(make_run(tmp_path / "run", hostile)).read_text()
+    assert "<script>" not in html and html.count("&lt;script&gt;alert") > 10
+    assert_offline(html)
+
+
+def test_run_without_eval_json_shows_training_and_data_and_says_what_to_run(tmp_path):
+    run = make_run(tmp_path / "run", None)
+    html = write_report(run).read_text()
+    assert sections(html) == ["Loss", "Evaluation", "Data check", "Settings"]
+    assert f"<code>tunelab eval {run}</code>" in html
+
+
+def test_word_diff_marks_extra_words_and_strikes_missing_ones():
+    assert (word_diff('{"day": "Sat"}', '{"day": "Saturday"}')
+            == '{&quot;day&quot;: &quot;<mark>Sat</mark><del>Saturday</del>&quot;}')
+    assert word_diff("for 4 people", "for 4 people") == "for 4 people"
+    assert word_diff("a b c", "a c") == "a <mark>b</mark> c"
+    assert word_diff("a c", "a b c") == "a<del> b</del> c"
+    assert word_diff(" \n", "a") == "<span class=empty>(empty)</span>"
+
+
+def test_comparison_puts_runs_side_by_side_and_highlights_the_winner(tmp_path):
+    better = rich_eval()
+    better["run"], better["data"] = "runs/lr-3e-4", "runs/lr-3e-4/test.jsonl"  # relative, as given to eval
+    worse = json.loads(json.dumps(better))
+    worse["data"] = str(tmp_path / "lr-1e-3" / "test.jsonl")  # absolute
+    worse["metrics"]["tuned"]["exact_match"]["value"] = 0.25
+    runs = [make_run(tmp_path / "lr-1e-3", worse, final_loss=0.6),
+            make_run(tmp_path / "lr-3e-4", better, config=CONFIG.replace("lr: null", "lr: 0.0003"), final_loss=0.3),
+            make_run(tmp_path / "not-evaluated", None, config=CONFIG.replace("lr: null", "lr: 0.01"), final_loss=0.9)]
+    out = write_comparison(runs, tmp_path / "cmp.html")
+    html = out.read_text()
+    assert all((run / "report.html").exists() for run in runs)
+    assert re.findall(r"<th><a href='([^']*)'>", html) == [f"{run.name}/report.html" for run in runs]
+    # Only the setting that differs is a row; the others are folded away.
+    assert "<tr class=setting><th>lr</th><td>null</td><td>0.0003</td><td>0.01</td></tr>" in html
+    assert "<tr class=setting><th>lora_rank" not in html and "Settings shared by all runs" in html
+    assert "evaluated on" not in html  # each on its own held-out split
+    worse["data"] = "hard.jsonl"
+    (runs[0] / "eval.json").write_text(json.dumps(worse))
+    html = write_comparison(runs, tmp_path / "cmp.html").read_text()
+    assert "<tr class=setting><th>evaluated on</th><td>hard.jsonl</td><td>held-out split</td><td>–</td></tr>" in html
+    row = re.search(r"<tr><th>held-out loss \(end of training\)</th>(.*?)</tr>", html).group(1)
+    assert re.findall(r"<td(?: class=(\w+))?>", row) == ["", "best", ""]
+    row = re.search(r"<tr><th>tuned: exact match</th>(.*?)</tr>", html).group(1)
+    assert row == "<td>25.0%</td><td class=best>66.7%</td><td class=na>–</td>"
+    assert "Not evaluated yet: not-evaluated" in html
+    assert len(re.findall(r"<path d='M", html)) == 3  # one held-out curve per run
+    assert_offline(html)
+
+
+def test_comparison_names_runs_of_the_same_name_by_their_path(tmp_path):
+    runs = [make_run(tmp_path / "a" / "run", SIMPLE_EVAL), make_run(tmp_path / "b" / "run", SIMPLE_EVAL)]
+    html = write_comparison(runs, tmp_path / "cmp.html").read_text()
+    assert re.findall(r"<th><a href='([^']*)'>([^<]*)</a>", html) == [
+        ("a/run/report.html", str(runs[0])), ("b/run/report.html", str(runs[1]))]
+    assert "<tr class=setting>" not in html  # same settings: no row of differences
+    assert "class=best" not in html  # equal results: nothing wins
+
+
+def readme_commands() -> list[str]:
+    """The `tunelab report` command lines of the README, without `tunelab` and comments."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    return [line.split("#")[0].strip().removeprefix("tunelab ") for line in readme.splitlines()
+            if line.strip().startswith("tunelab report")]
+
+
+def test_cli_report_one_run_and_several(tmp_path):
+    run = make_run(tmp_path / "runs" / "mine", SIMPLE_EVAL)
+    other = make_run(tmp_path / "runs" / "other", None, config=CONFIG.replace("epochs: 2.0", "epochs: 3.0"))
+    (run / "report.html").unlink(missing_ok=True)
+
+    # The command forms the README documents, run exactly as written there.
+    one, several, several_out = readme_commands()
+    assert (one, several, several_out) == ("report runs/mine", "report runs/mine runs/other",
+                                           "report runs/mine runs/other --out runs/compare.html")
+    result = cli(*one.split(), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "Report written to runs/mine/report.html"
+    assert "<h2>Metrics</h2>" in (run / "report.html").read_text()
+
+    result = cli(*several.split(), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "Report written to comparison.html"
+    assert "2 runs compared" in (tmp_path / "comparison.html").read_text()
+    assert result.stderr.strip() == ("tunelab: note: runs/other has no eval.json, so its report shows training and "
+                                     "data only; run `tunelab eval runs/other` for the rest")
+    assert (other / "report.html").exists()
+
+    result = cli(*several_out.split(), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "<th>epochs</th><td>2.0</td><td>3.0</td>" in (tmp_path / "runs" / "compare.html").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["report", "{tmp}/nowhere"],
+     "{tmp}/nowhere: not a tunelab run folder (no config.yaml); train one with `tunelab train`"),
+    (["report", "{tmp}/run", "--out", "{tmp}/missing/r.html"],
+     "--out {tmp}/missing/r.html: the folder {tmp}/missing does not exist; create it or choose another path"),
+    (["report", "{tmp}/run", "{tmp}/nowhere"], "{tmp}/nowhere: not a tunelab run folder"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    make_run(tmp_path / "run", SIMPLE_EVAL)
+    result = cli(*[a.format(tmp=tmp_path) for a in args])
+    assert result.returncode == 2
+    assert result.stderr.startswith("tunelab: error: " + message.format(tmp=tmp_path))
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "report.html").exists()  # nothing written
+
+
+def test_damaged_metrics_file_is_named_with_its_line(tmp_path):
+    run = make_run(tmp_path / "run", SIMPLE_EVAL)
+    broken = len((run / "metrics.jsonl").read_text().splitlines()) + 1
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write("{broken\n" + json.dumps({"step": 41, "loss": 0.1}) + "\n")
+    result = cli("report", str(run))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"tunelab: error: {run}/metrics.jsonl:{broken}: not valid JSON; the file is damaged"
+    # A partial last line, as a killed run leaves it, is skipped.
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().split("{broken")[0] + '{"step": 4')
+    assert read_run(run).steps[-1]["step"] == 40
+
+
+def test_report_does_not_import_torch(tmp_path):
+    run = make_run(tmp_path / "run", rich_eval())
+    code = ("import sys\nfrom tunelab.cli import main\n"
+            "try:\n    main(['report', '--help'])\nexcept SystemExit:\n    pass\n"
+            f"assert main(['report', {str(run)!r}]) == 0\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'numpy', 'peft', 'accelerate') if m in sys.modules)\n"
+            "print(heavy)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert "usage: tunelab report" in result.stdout
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def png_pixels(path: Path) -> tuple[int, int, list[bytes]]:
+    """Width, height and the unfiltered rows of an 8-bit RGB or RGBA PNG, as Chromium writes it."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, header = 8, b"", None
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        chunk = data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", chunk)
+        elif kind == b"IDAT":
+            idat += chunk
+        pos += 12 + length
+    width, height, depth, colour = header[:4]
+    assert depth == 8 and colour in (2, 6)
+    channels = 3 if colour == 2 else 4
+    raw, stride, rows, previous = zlib.decompress(idat), width * channels, [], bytearray(width * channels)
+    for y in range(height):
+        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for x in range(stride):
+            left = line[x - channels] if x >= channels else 0
+            up, corner = previous[x], previous[x - channels] if x >= channels else 0
+            if kind == 1:
+                line[x] = (line[x] + left) & 255
+            elif kind == 2:
+                line[x] = (line[x] + up) & 255
+            elif kind == 3:
+                line[x] = (line[x] + (left + up) // 2) & 255
+            elif kind == 4:
+                p = left + up - corner
+                pa, pb, pc = abs(p - left), abs(p - up), abs(p - corner)
+                line[x] = (line[x] + (left if pa <= pb and pa <= pc else up if pb <= pc else corner)) & 255
+        rows.append(bytes(line[i:i + 3]) for i in range(0, stride, channels))
+        rows[-1] = b"".join(rows[-1])
+        previous = line
+    return width, height, rows
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(tmp_path):
+    html_path = write_report(make_run(tmp_path / "run", rich_eval()))
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2000"]
+    dom = subprocess.run([*flags, "--dump-dom", html_path.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr
+    # What the browser parsed: the curves, the histogram and every table with its rows.
+    assert len(re.findall(r"<path d=\"M", dom.stdout)) == 2 and "<rect" in dom.stdout
+    source = html_path.read_text()
+    assert dom.stdout.count("<table") == source.count("<table") == 10
+    assert dom.stdout.count("<tr") == source.count("<tr") > 50
+    assert dom.stdout.count("<div class=\"sample\">") == 3
+
+    screenshot = tmp_path / "report.png"
+    shot = subprocess.run([*flags, f"--screenshot={screenshot}", html_path.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert shot.returncode == 0 and screenshot.exists(), shot.stderr
+    width, height, rows = png_pixels(screenshot)
+    assert (width, height) == (1280, 2000)
+    # The loss chart's lines, in the colours the report draws them, are on screen (top part of the page).
+    top = b"".join(rows[:700])
+    assert bytes.fromhex("1f6fb4") in top and bytes.fromhex("d9730d") in top
+    # The metric table's best cells (light green) are drawn further down, and the page is not blank.
+    assert bytes.fromhex("d9f2d9") in b"".join(rows[400:2000])
+    assert len({row for row in rows}) > 300

@@ -1,0 +1,151 @@
+"""Training as a whole: the data read and encoded once, what the run folder keeps, Ctrl-C, and
+the refusal of checkpoints under sharding."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import tunelab
+from conftest import write_jsonl
+from tunelab import train as train_mod
+from tunelab.checkpoint import PAUSE_ENV
+from tunelab.cli import main
+from tunelab.config import TrainConfig
+from tunelab.errors import UserError
+from tunelab.template import Template
+
+QUICK = ["--method", "full", "--max-steps", "2", "--batch-size", "8", "--test-size", "4", "--eval-every", "100",
+         "--precision", "fp32"]
+
+
+def count_encodings(monkeypatch) -> list[str]:
+    """The first message of every conversation the template encodes, one entry per call."""
+    calls: list[str] = []
+    original = Template.encode
+
+    def counting(self, messages, *args, **kwargs):
+        calls.append(messages[0]["content"])
+        return original(self, messages, *args, **kwargs)
+
+    monkeypatch.setattr(Template, "encode", counting)
+    return calls
+
+
+def test_each_example_is_tokenised_once(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
+    calls = count_encodings(monkeypatch)
+    assert main(["train", str(pairs_file), "--base", str(tiny_model_dir), "--out", str(tmp_path / "run"),
+                 *QUICK]) == 0
+    prompts = [json.loads(line)["prompt"] for line in pairs_file.read_text().splitlines()]
+    assert sorted(calls) == sorted(prompts)
+
+
+def test_a_file_too_large_for_memory_is_streamed_twice(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
+    calls = count_encodings(monkeypatch)
+    monkeypatch.setattr(train_mod, "IN_MEMORY_BYTES", pairs_file.stat().st_size - 1)
+    assert main(["train", str(pairs_file), "--base", str(tiny_model_dir), "--out", str(tmp_path / "run"),
+                 *QUICK]) == 0
+    prompts = [json.loads(line)["prompt"] for line in pairs_file.read_text().splitlines()]
+    assert sorted(calls) == sorted(prompts * 2)  # the check's pass, then training's
+    # Both ways give the same run.
+    monkeypatch.undo()
+    assert main(["train", str(pairs_file), "--base", str(tiny_model_dir), "--out", str(tmp_path / "once"),
+                 *QUICK]) == 0
+    for name in ("train.jsonl", "test.jsonl", "split.json", "run.json", "metrics.jsonl"):
+        if name == "metrics.jsonl":
+            strip = lambda text: [{k: v for k, v in json.loads(row).items() if k not in ("tokens_per_s", "elapsed_s")}
+                                  for row in text.splitlines()]
+        else:
+            strip = lambda text: text
+        assert strip((tmp_path / "run" / name).read_text()) == strip((tmp_path / "once" / name).read_text()), name
+
+
+def test_an_example_dropped_for_length_is_not_in_train_jsonl(tmp_path, tiny_model_dir, capsys):
+    rows = [{"prompt": f"Country of city {i}?", "completion": "France"} for i in range(12)]
+    rows[3] = {"prompt": "Describe the history of Paris. " * 40, "completion": "It is long."}
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "run"
+    assert main(["train", str(data), "--base", str(tiny_model_dir), "--out", str(out), *QUICK,
+                 "--test-size", "2", "--seed", "0", "--max-length", "64", "--truncation", "drop"]) == 0
+    split = json.loads((out / "split.json").read_text())
+    assert 4 in split["train_lines"]  # the split chose it for training (seed 0) ...
+    assert "dropped (lines 4)" in capsys.readouterr().out
+    trained = [json.loads(line)["line"] for line in (out / "train.jsonl").read_text().splitlines()]
+    assert 4 not in trained  # ... and training dropped it, so train.jsonl leaves it out
+    assert sorted(trained) == sorted(set(split["train_lines"]) - {4})
+    assert json.loads((out / "run.json").read_text())["train_examples"] == len(trained)
+
+
+def start_training(data: Path, out: Path, *flags: str, pause: str | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(tunelab.__file__).parents[1])}
+    env.pop(PAUSE_ENV, None)
+    if pause:
+        env[PAUSE_ENV] = pause
+    return subprocess.Popen([sys.executable, "-m", "tunelab.cli", "train", str(data), "--out", str(out), *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for(process: subprocess.Popen, condition, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def interrupt(process: subprocess.Popen) -> tuple[int, str]:
+    process.send_signal(signal.SIGINT)
+    try:
+        _, err = process.communicate(timeout=120)  # far less than the run (or the stalled save) would take
+    finally:
+        process.kill()
+    return process.returncode, err
+
+
+def test_ctrl_c_names_the_last_checkpoint_and_how_to_resume(tmp_path, tiny_model_dir, pairs_file):
+    out = tmp_path / "run"
+    # The save of step 3 stalls before its rename: Ctrl-C lands in the middle of writing it.
+    process = start_training(pairs_file, out, "--base", str(tiny_model_dir), "--method", "full",
+                             "--max-steps", "50", "--batch-size", "4", "--test-size", "4", "--save-every", "1",
+                             pause="3:600")
+    wait_for(process, lambda: any((out / "checkpoints").glob(".step-000003-*/checkpoint.json")))
+    code, err = interrupt(process)
+    assert code == 130, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("tunelab:")]
+    assert lines == [f"tunelab: interrupted; the last complete checkpoint is {out}/checkpoints/step-000002 "
+                     f"(step 2); continue with: tunelab train {pairs_file} --out {out} --resume"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+
+
+def test_ctrl_c_without_checkpoints_suggests_save_every(tmp_path, tiny_model_dir, pairs_file):
+    out = tmp_path / "run"
+    process = start_training(pairs_file, out, "--base", str(tiny_model_dir), "--method", "full",
+                             "--max-steps", "100000", "--batch-size", "4", "--test-size", "4")
+    metrics = out / "metrics.jsonl"
+    wait_for(process, lambda: metrics.exists() and '"loss"' in metrics.read_text())
+    code, err = interrupt(process)
+    assert code == 130, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("tunelab:")]
+    assert len(lines) == 1 and "no checkpoint" in lines[0] and "--save-every" in lines[0], err
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_checkpoints_are_refused_under_sharding(kind):
+    from accelerate.utils import DistributedType
+
+    with pytest.raises(UserError, match=f"--save-every: checkpoints are not supported under {kind}"):
+        train_mod.refuse_sharded_checkpoints(DistributedType[kind], TrainConfig(save_every=10), resuming=False)
+    with pytest.raises(UserError, match="--resume"):
+        train_mod.refuse_sharded_checkpoints(DistributedType[kind], TrainConfig(), resuming=True)
+    train_mod.refuse_sharded_checkpoints(DistributedType[kind], TrainConfig(), resuming=False)
+    for allowed in ("NO", "MULTI_CPU", "MULTI_GPU"):
+        train_mod.refuse_sharded_checkpoints(DistributedType[allowed], TrainConfig(save_every=10), resuming=True)
