@@ -84,12 +84,14 @@ def test_eval_compares_base_and_tuned(trained_run, capsys):
     out, _ = trained_run
     assert main(["eval", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "exact match" in printed and "base" in printed and "tuned" in printed
+    assert "exact match" in printed and "zero-shot" in printed and "few-shot" in printed and "tuned" in printed
     results = json.loads((out / "eval.json").read_text())
     assert results["examples_evaluated"] == 8
-    assert results["tuned"]["exact_match"] > results["base"]["exact_match"]
-    assert results["tuned"]["loss"] < results["base"]["loss"]
-    assert {"line", "prompt", "reference", "base", "tuned"} <= set(results["samples"][0])
+    metrics = results["metrics"]
+    assert metrics["tuned"]["exact_match"]["value"] > metrics["zero-shot"]["exact_match"]["value"]
+    assert metrics["tuned"]["heldout_loss"]["value"] < metrics["zero-shot"]["heldout_loss"]["value"]
+    assert {"line", "prompt", "reference", "answers"} <= set(results["samples"][0])
+    assert set(results["samples"][0]["answers"]) == {"zero-shot", "few-shot", "retrieval", "tuned"}
 
 
 def test_chat_streams_with_the_saved_template(trained_run):
@@ -109,7 +111,7 @@ def test_python_api_lora(tiny_model_dir, pairs_file, tmp_path, assert_trained):
     assert_trained(tmp_path / "api")
     assert isinstance(run.generate("Country of Paris? (0)", max_new_tokens=4), str)
     results = run.evaluate(include_base=False)
-    assert results["examples_evaluated"] == 4 and "base" not in results
+    assert results["examples_evaluated"] == 4 and [c["name"] for c in results["contenders"]] == ["tuned"]
     assert tunelab.load(tmp_path / "api").config.method == "lora"
 
 

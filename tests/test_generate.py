@@ -164,3 +164,39 @@ def test_ctrl_c_stops_a_chat_reply_and_the_chat_goes_on(tiny_run):
     stderr = process.stderr.read()
     assert process.returncode == 0, stderr
     assert "Traceback" not in stderr
+
+
+def _one_by_one(model, template, conversation, max_new_tokens):
+    ids = torch.tensor([template.encode_prompt(conversation)])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=template.stop_token_ids,
+                             pad_token_id=template.tokenizer.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_rows_that_stop_leave_the_batch_and_the_shared_prefix_is_reused(tiny):
+    import copy
+
+    from tunelab.generate import generate_detailed
+
+    model, shared = tiny
+    template = copy.copy(shared)
+    shots = [{"role": "user", "content": "Country of Rome?"}, {"role": "assistant", "content": "Italy"}]
+    conversations = [shots + [{"role": "user", "content": f"Country of {city}?" + " please" * i}]
+                     for i, city in enumerate(["Paris", "Berlin", "Oslo", "Madrid", "Lisbon", "Vienna", "Bern"])]
+    # Make a token that some answers produce early an end-of-turn token, so rows finish at
+    # different steps and leave the batch while others go on.
+    free = [_one_by_one(model, template, c, 12) for c in conversations]
+    template.stop_token_ids = [free[0][3], *template.stop_token_ids]
+    expected = [_one_by_one(model, template, c, 12) for c in conversations]
+    stops = set(template.stop_token_ids)
+    assert len({len(e) for e in expected}) > 1  # rows of different lengths
+
+    answers = list(generate_detailed(model, template, conversations, max_new_tokens=12, batch_size=3))
+    for answer, tokens, conversation in zip(answers, expected, conversations):
+        text = template.tokenizer.decode([t for t in tokens if t not in stops], skip_special_tokens=True).strip()
+        assert answer.text == text
+        assert answer.generated_tokens == len(tokens)
+        assert answer.stopped == (tokens[-1] in stops)
+        assert answer.prompt_tokens == len(template.encode_prompt(conversation))

@@ -14,10 +14,11 @@ PACKAGE = Path(tunelab.__file__).parent
 
 LAYERS = [
     {"errors"},
-    {"data", "dedup", "template", "models", "examples", "examples.bookings"},
+    {"data", "dedup", "template", "models", "examples", "examples.bookings", "metrics"},
     {"config"},
-    {"batching", "speed", "runfolder"},
+    {"batching", "speed", "runfolder", "baselines", "assertions"},
     {"loss", "checkpoint", "datacheck", "generate", "report", "teacher"},
+    {"forgetting", "endpoint"},
     {"evaluate", "train", "review"},
     {"run"},
     {"demo", "export", "serve"},

@@ -57,5 +57,6 @@ def test_demo_runs_end_to_end(smollm2, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "exact match" in printed and "Wall time" in printed and "peak memory" in printed
     results = json.loads((out / "eval.json").read_text())
-    assert results["examples_evaluated"] == 2 and {"base", "tuned"} <= set(results)
+    assert results["examples_evaluated"] == 2
+    assert [c["name"] for c in results["contenders"]] == ["zero-shot", "few-shot", "tuned"]
     assert len((tmp_path / "demo-data" / "bookings.jsonl").read_text().splitlines()) == 40

@@ -98,16 +98,41 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from tunelab.endpoint import Endpoint
+    from tunelab.evaluate import format_report
+    from tunelab.forgetting import DEFAULT_QUESTIONS
+    from tunelab.report import write_report
     from tunelab.run import Run
 
+    endpoints = [Endpoint.parse(spec, args.contender_model) for spec in args.contender]
+    names = [e.name for e in endpoints]
+    taken = [n for n in names if names.count(n) > 1 or n in ("zero-shot", "few-shot", "retrieval", "tuned")]
+    if taken:
+        raise UserError(f"--contender {taken[0]}=...: the name is already taken; choose another NAME")
+    if args.judge and not args.judge.startswith(("http://", "https://")):
+        raise UserError(f"--judge {args.judge}: expected URL[#MODEL], e.g. http://localhost:8000/v1#judge-model")
+    judge = Endpoint.parse(f"judge={args.judge}", args.judge_model) if args.judge else None
     run = Run(args.run)
     check_output_file(run.files.eval, "the results file")  # written at the end: check before the work
-    from tunelab.evaluate import format_samples, format_table
+    results = run.evaluate(
+        limit=args.limit, include_base=not args.no_base, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, data=Path(args.data) if args.data else None, shots=args.shots,
+        retrieval=not args.no_retrieval, endpoints=endpoints, assertions=args.assertions and Path(args.assertions),
+        forgetting=None if args.no_forgetting else Path(args.forgetting or DEFAULT_QUESTIONS), judge=judge,
+    )
+    print(format_report(results))
+    print(f"\nResults saved in {run.files.eval}; report written to {write_report(run.path)}")
 
-    results = run.evaluate(limit=args.limit, include_base=not args.no_base, max_new_tokens=args.max_new_tokens)
-    print(format_table(results))
-    print(format_samples(results))
-    print(f"Results saved in {run.files.eval}")
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 0")
+    return value
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -350,12 +375,34 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(train.add_argument_group("training options"), TrainConfig, exclude=DataOptions.model_fields)
     train.set_defaults(func=cmd_train)
 
-    evaluate = commands.add_parser("eval", help="compare base and fine-tuned models on the held-out split")
+    evaluate = commands.add_parser(
+        "eval", help="compare the fine-tuned model with prompting the base model, and other models",
+        description="Answer the held-out examples (or --data) with the base model zero-shot, few-shot and with "
+                    "retrieved examples, the fine-tuned model and any --contender; print and save the metrics "
+                    "with 95% intervals, error buckets, cost per request and a forgetting check.")
     evaluate.add_argument("run", help="run folder")
-    evaluate.add_argument("--limit", type=positive_int, default=None,
-                          help="evaluate only the first N held-out examples")
-    evaluate.add_argument("--no-base", action="store_true", help="skip the base model")
-    evaluate.add_argument("--max-new-tokens", type=positive_int, default=None)
+    evaluate.add_argument("--data", default=None, help="evaluate this labelled file (any accepted shape) "
+                                                       "instead of the run's held-out split")
+    evaluate.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N examples")
+    evaluate.add_argument("--shots", type=non_negative_int, default=3,
+                          help="training examples in the few-shot and retrieval prompts; 0 skips both (default: 3)")
+    evaluate.add_argument("--no-retrieval", action="store_true", help="skip the retrieval contender")
+    evaluate.add_argument("--no-base", action="store_true", help="skip the base model's contenders")
+    evaluate.add_argument("--contender", action="append", default=[], metavar="NAME=URL[#MODEL]",
+                          help="also ask a model behind an OpenAI-compatible endpoint (repeatable)")
+    evaluate.add_argument("--contender-model", default=None, help="model name for contenders whose URL has no #MODEL")
+    evaluate.add_argument("--assertions", default=None, metavar="FILE",
+                          help="YAML rules (regex, must_contain, must_not_contain, json_schema) or a Python file "
+                               "with check(prompt, answer), applied to every answer")
+    evaluate.add_argument("--forgetting", default=None, metavar="FILE",
+                          help="multiple-choice JSONL for the forgetting check (default: the bundled questions)")
+    evaluate.add_argument("--no-forgetting", action="store_true", help="skip the forgetting check")
+    evaluate.add_argument("--judge", default=None, metavar="URL[#MODEL]",
+                          help="grade answers against references with a model behind an OpenAI-compatible endpoint")
+    evaluate.add_argument("--judge-model", default=None, help="model name for --judge when its URL has no #MODEL")
+    evaluate.add_argument("--max-new-tokens", type=positive_int, default=None,
+                          help="token limit per answer (default: 1.5 times the longest reference, at most 512)")
+    evaluate.add_argument("--batch-size", type=positive_int, default=16, help="prompts per batch (default: 16)")
     evaluate.set_defaults(func=cmd_eval)
 
     report = commands.add_parser("report", help="write a run's HTML report, or compare several runs side by side")

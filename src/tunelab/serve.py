@@ -584,8 +584,8 @@ class Reply:
     created: int = field(default_factory=lambda: int(time.time()))
 
     def usage(self, answer) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": answer.tokens,
-                "total_tokens": self.prompt_tokens + answer.tokens}
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": answer.generated_tokens,
+                "total_tokens": self.prompt_tokens + answer.generated_tokens}
 
     def whole(self, answer) -> dict:
         if self.chat:
