@@ -10,7 +10,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import write_jsonl
 from tunelab.cli import main
 from tunelab.metrics import BUCKETS
 
@@ -18,7 +17,7 @@ COUNTRIES = {"Paris": "France", "Berlin": "Germany", "Madrid": "Spain", "Rome": 
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_model_dir):
+def trained_run(tmp_path_factory, tiny_model_dir, write_jsonl):
     folder = tmp_path_factory.mktemp("eval")
     data = write_jsonl(folder / "pairs.jsonl", [{"prompt": f"Country of {c}? ({i})", "completion": k}
                                                  for i in range(10) for c, k in COUNTRIES.items()])
@@ -119,7 +118,7 @@ def test_eval_with_shots_and_assertions_through_the_cli(trained_run, tmp_path):
     assert not (trained_run / ".eval.json.partial").exists()
 
 
-def test_eval_on_another_labelled_file(trained_run, tmp_path, capsys):
+def test_eval_on_another_labelled_file(trained_run, tmp_path, capsys, write_jsonl):
     harder = write_jsonl(tmp_path / "harder.jsonl", [
         {"messages": [{"role": "user", "content": "Country of Rome? (11)"}, {"role": "assistant", "content": "Italy"}]},
         {"instruction": "Country of Paris? (12)", "output": "France"},
@@ -154,7 +153,7 @@ def test_endpoint_contender_and_judge_on_a_loopback_server(trained_run, server, 
     assert "big" in capsys.readouterr().out
 
 
-def test_python_assertions_and_own_forgetting_questions(trained_run, tmp_path):
+def test_python_assertions_and_own_forgetting_questions(trained_run, tmp_path, write_jsonl):
     check = tmp_path / "check.py"
     check.write_text("def check(prompt, answer):\n    return True if answer in ('France', 'Italy') else "
                      "f'{answer!r} is not France or Italy'\n")
@@ -182,7 +181,7 @@ def run_bad(capsys, *args) -> str:
     return err
 
 
-def test_data_without_references(run_copy, tmp_path, capsys):
+def test_data_without_references(run_copy, tmp_path, capsys, write_jsonl):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Country of Rome?"}, {"prompt": "Country of Oslo?"}])
     err = run_bad(capsys, str(run_copy), "--data", str(prompts))
     assert f"--data {prompts}:1: no reference answer" in err
