@@ -269,8 +269,16 @@ def positive_int(text: str) -> int:
 class Parser(argparse.ArgumentParser):
     """A flag mistake is one line like any other user error (sub-commands inherit this class)."""
 
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        # The innermost sub-command parses first; main() reports unknown flags against its help.
+        if not hasattr(namespace, "command_parser"):
+            namespace.command_parser = self
+        return namespace, extras
+
     def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"tunelab: error: {self.prog}: {message}; see `{self.prog} --help`\n")
+        command = "" if self.prog == "tunelab" else f"{self.prog}: "
+        self.exit(2, f"tunelab: error: {command}{message}; see `{self.prog} --help`\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -406,7 +414,9 @@ def hide_known_warnings() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     hide_known_warnings()
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         args.func(args)
     except UserError as e:
