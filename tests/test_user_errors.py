@@ -116,6 +116,8 @@ CASES = {
     "csv-no-header": (lambda s: ["data", "check", s.write("d.csv", "a,b\nc,d\n")], ["d.csv:1:", "fits no shape"]),
     "csv-repeated-column": (lambda s: ["data", "check", s.write("d.csv", "prompt,prompt,completion\na,b,c\n")],
                             ["d.csv:1:", "'prompt' appears twice"]),
+    "csv-semicolons": (lambda s: ["data", "check", s.write("d.csv", "\ufeffprompt;completion\na;b\n")],
+                       ["d.csv:1:", "separated by ';', not commas", "CSV UTF-8"]),
     "json-array": (lambda s: ["data", "check", s.write("d.jsonl", json.dumps(GOOD_ROWS, indent=1))],
                    ["d.jsonl:1:", "one object per line"]),
     "data-empty": (lambda s: ["data", "check", s.write("empty.jsonl", "")], ["empty.jsonl", "no examples"]),
@@ -236,3 +238,14 @@ def test_a_byte_order_mark_is_accepted_in_jsonl_and_csv(tmp_path):
         assert examples[0].messages == [{"role": "user", "content": "Country of Paris? (0)"},
                                         {"role": "assistant", "content": "France"}]
     assert cli("data", "check", table).returncode == 0
+
+
+def test_output_piped_into_head_ends_quietly(tmp_path):
+    """`tunelab data check DATA | head -1`: the reader leaves early, which is no error of the user's."""
+    data = write_jsonl(tmp_path / "d.jsonl", GOOD_ROWS)
+    process = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "data", "check", str(data)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # before the table is printed: the import alone takes longer
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 141, stderr
+    assert stderr == ""

@@ -194,6 +194,10 @@ def _check_csv_header(path: Path, header: list[str]) -> None:
     columns = dict.fromkeys(header, "")
     if detect_shape(columns) or _prompt_only_shape(columns):
         return
+    separator = next((s for s in (";", "\t") if len(header) == 1 and s in header[0]), None)
+    if separator:  # Excel saves "CSV" with semicolons where the comma is the decimal mark
+        raise UserError(f"{path}:1: the columns are separated by {separator!r}, not commas; save the file as "
+                        "comma-separated CSV (in Excel: Save As > CSV UTF-8) or as JSONL")
     known = [k for keys in SHAPE_KEYS.values() for k in keys]
     for name in header:
         close = difflib.get_close_matches(name.strip().lower(), known, n=1)
