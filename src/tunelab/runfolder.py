@@ -130,8 +130,9 @@ class RunFiles:
                             "`tunelab train DATA --out RUN --overwrite`")
         if not (self.adapter.exists() or self.model.exists()):
             resumable = self.checkpoints.exists()
-            hint = "; continue it with `tunelab train DATA --out RUN --resume`" if resumable else ""
-            raise UserError(f"{self.root}: the run has no trained weights yet (training did not finish{hint})")
+            hint = f"; once it has stopped, `tunelab train DATA --out {self.root} --resume` continues it" if resumable else ""
+            raise UserError(f"{self.root}: the run has no trained weights yet (training is still going or stopped "
+                            f"before the end{hint})")
 
 
 @dataclass
