@@ -126,9 +126,9 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     """Answers go out one JSON line each, in input order, as soon as they are made, so an
     interrupted run keeps every answer written; every path is checked before the model loads."""
-    from tunelab.data import load_examples
     from tunelab.run import Run
     from tunelab.runfolder import RunFiles
+    from tunelab.teacher import read_inputs
 
     if (args.prompt is None) == (args.input is None):
         raise UserError("tunelab generate: pass exactly one of --prompt TEXT or --input FILE")
@@ -139,41 +139,42 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if Path(args.output).resolve() == Path(args.input).resolve():
             raise UserError(f"--output {args.output}: is the --input file; choose another --output")
     RunFiles(Path(args.run)).check()
-    examples = load_examples(Path(args.input), require_answer=False) if args.input is not None else []
+    # A .txt file holds one prompt per line, as for `tunelab data label`.
+    inputs = read_inputs(Path(args.input)) if args.input is not None else []
     run = Run(args.run)
     if args.prompt is not None:
         print(run.generate(args.prompt, max_new_tokens=args.max_new_tokens))
         return
     from tunelab.generate import generate_answers
 
-    answers = generate_answers(run.model(), run.template, (e.prompt_messages() for e in examples),
+    answers = generate_answers(run.model(), run.template, (conversation for _, conversation in inputs),
                                max_new_tokens=args.max_new_tokens)
-    write_answers(examples, answers, Path(args.output) if args.output else None)
+    write_answers([line for line, _ in inputs], answers, Path(args.output) if args.output else None)
 
 
-def write_answers(examples: list, answers, output: Path | None) -> None:
+def write_answers(lines: list[int], answers, output: Path | None) -> None:
     """Write each answer as one JSON line as soon as it comes, with a progress bar on standard
     error; on Ctrl-C, say how far it got."""
     from tqdm.auto import tqdm
 
     where = str(output) if output else "standard output"
     out = output.open("w", encoding="utf-8") if output else sys.stdout
-    bar = tqdm(total=len(examples), desc="generating", unit="answer", file=sys.stderr)
+    bar = tqdm(total=len(lines), desc="generating", unit="answer", file=sys.stderr)
     written = 0
     try:
-        for example, answer in zip(examples, answers):
-            line = json.dumps({"line": example.line, "answer": answer}, ensure_ascii=False)
+        for line, answer in zip(lines, answers):
+            record = json.dumps({"line": line, "answer": answer}, ensure_ascii=False)
             if out is sys.stdout:
-                bar.write(line, file=sys.stdout)  # clears the progress bar first when both go to a terminal
+                bar.write(record, file=sys.stdout)  # clears the progress bar first when both go to a terminal
             else:
-                out.write(line + "\n")
+                out.write(record + "\n")
             out.flush()
             written += 1
             bar.update()
     except KeyboardInterrupt:
         bar.close()
-        last = f" (input lines up to {examples[written - 1].line})" if written else ""
-        print(f"tunelab: interrupted: {written} of {len(examples)} answers written to {where}{last}", file=sys.stderr)
+        last = f" (input lines up to {lines[written - 1]})" if written else ""
+        print(f"tunelab: interrupted: {written} of {len(lines)} answers written to {where}{last}", file=sys.stderr)
         raise
     finally:
         bar.close()
@@ -373,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="answer a prompt or a file of prompts with the fine-tuned model")
     generate.add_argument("run", help="run folder")
     generate.add_argument("--prompt", default=None, help="one prompt")
-    generate.add_argument("--input", default=None, help="JSONL, CSV or Parquet file of prompts (any accepted shape)")
+    generate.add_argument("--input", default=None,
+                          help="a .txt file (one prompt per line), or JSONL, CSV or Parquet rows in any accepted shape")
     generate.add_argument("--output", default=None, help="write JSON lines here instead of standard output")
     generate.add_argument("--max-new-tokens", type=positive_int, default=256)
     generate.set_defaults(func=cmd_generate)
