@@ -53,21 +53,70 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir, tokenizer) -> Path:
     return folder
 
 
-def write_jsonl(path: Path, rows: list) -> Path:
+def _write_jsonl(path: Path, rows: list) -> Path:
     with path.open("w") as f:
         for row in rows:
             f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
     return path
 
 
-@pytest.fixture
-def pairs_file(tmp_path) -> Path:
-    """A small, very learnable task: answer a city's country."""
+@pytest.fixture(scope="session")
+def write_jsonl():
+    """`write_jsonl(path, rows)` writes each row as a JSON line (a string row as it is, to plant
+    broken lines) and returns the path."""
+    return _write_jsonl
+
+
+@pytest.fixture(scope="session")
+def pairs_file(tmp_path_factory) -> Path:
+    """A small, very learnable task shared by many tests (written once): answer a city's country.
+    40 rows; tests must not change the file."""
     cities = [("Paris", "France"), ("Berlin", "Germany"), ("Madrid", "Spain"), ("Rome", "Italy"),
               ("Lisbon", "Portugal"), ("Vienna", "Austria"), ("Oslo", "Norway"), ("Warsaw", "Poland")]
     rows = [{"prompt": f"Country of {city}? ({i})", "completion": country}
             for i in range(5) for city, country in cities]
-    return write_jsonl(tmp_path / "pairs.jsonl", rows)
+    return _write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", rows)
+
+
+@pytest.fixture(scope="session")
+def conversations():
+    """`conversations(n)`: n chat examples (lines 1 to n) whose prompts and answers vary in length."""
+    from tunelab.data import Example
+
+    def make(n: int) -> list[Example]:
+        return [Example([{"role": "user", "content": f"Question number {i}, " * (1 + i % 3)},
+                         {"role": "assistant", "content": f"Answer {i} " * (1 + i % 2)}], i + 1) for i in range(n)]
+
+    return make
+
+
+def _assert_trained(run: Path) -> None:
+    import math
+
+    import torch
+    from safetensors.torch import load_file
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [row[key] for row in rows for key in ("loss", "eval_loss") if key in row]
+    assert any("loss" in row for row in rows) and all(math.isfinite(x) for x in losses), losses
+    if (run / "adapter").exists():
+        saved = load_file(run / "adapter" / "adapter_model.safetensors")
+        moved = [name for name, w in saved.items() if "lora_B" in name and w.abs().sum() > 0]  # B starts at zero
+    else:
+        base = Path(json.loads((run / "run.json").read_text())["base_path"])
+        before = {k: v for f in base.glob("*.safetensors") for k, v in load_file(f).items()}
+        saved = {k: v for f in (run / "model").glob("*.safetensors") for k, v in load_file(f).items()}
+        moved = [name for name, w in saved.items() if name in before and not torch.equal(w, before[name])]
+    assert saved and all(torch.isfinite(w).all() for w in saved.values())
+    assert moved, "training changed no weight"
+
+
+@pytest.fixture(scope="session")
+def assert_trained():
+    """`assert_trained(run)`: every loss the run logged is finite and its saved weights are finite
+    and moved from where training started (LoRA's B matrices start at zero; full weights start
+    as the base model's)."""
+    return _assert_trained
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +126,7 @@ def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
 
     folder = tmp_path_factory.mktemp("tiny-run")
     cities = [("Paris", "France"), ("Berlin", "Germany"), ("Madrid", "Spain"), ("Rome", "Italy")]
-    data = write_jsonl(folder / "pairs.jsonl", [{"prompt": f"Country of {city}? ({i})", "completion": country}
+    data = _write_jsonl(folder / "pairs.jsonl", [{"prompt": f"Country of {city}? ({i})", "completion": country}
                                                 for i in range(3) for city, country in cities])
     tunelab.finetune(data, out=folder / "run", base=str(tiny_model_dir), method="lora", max_steps=2, batch_size=4,
                      test_size=2)

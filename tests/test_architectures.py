@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
 from tunelab import speed
 from tunelab.batching import encode_examples, pack
 from tunelab.cli import main
@@ -55,7 +54,7 @@ def family(request, tmp_path_factory, tokenizer) -> tuple[str, object]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, write_jsonl):
     cities = [("Paris", "France"), ("Berlin", "Germany"), ("Madrid", "Spain"), ("Rome", "Italy")]
     rows = [{"prompt": f"Country of {city}? ({i})", "completion": country}
             for i in range(4) for city, country in cities]

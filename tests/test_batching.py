@@ -9,13 +9,8 @@ from tunelab.models import load_model
 from tunelab.template import IGNORE, Template
 
 
-def conversations(n):
-    return [Example([{"role": "user", "content": f"Question number {i}, " * (1 + i % 3)},
-                     {"role": "assistant", "content": f"Answer {i} " * (1 + i % 2)}], i + 1) for i in range(n)]
-
-
 @pytest.fixture(scope="module")
-def setup(tiny_model_dir, tokenizer):
+def setup(tiny_model_dir, tokenizer, conversations):
     template = Template.for_model(tokenizer)
     encoded, _ = encode_examples(conversations(5), template, max_length=512)
     return load_model(tiny_model_dir).eval(), encoded
@@ -47,7 +42,7 @@ def test_targets_never_cross_example_boundaries(setup):
     assert batch["position_ids"][0, boundary + 1] == 0
 
 
-def test_truncation_policies(tokenizer):
+def test_truncation_policies(tokenizer, conversations):
     template = Template.for_model(tokenizer)
     examples = conversations(4)
     lengths = [len(template.encode(e.messages).input_ids) for e in examples]

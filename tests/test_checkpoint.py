@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_jsonl
 from tunelab.checkpoint import PAUSE_ENV, Checkpoint, kept, trim_metrics
 from tunelab.cli import main
 
@@ -108,12 +107,9 @@ def assert_same_run(run: Path, reference: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    cities = [("Paris", "France"), ("Berlin", "Germany"), ("Madrid", "Spain"), ("Rome", "Italy"),
-              ("Lisbon", "Portugal"), ("Vienna", "Austria"), ("Oslo", "Norway"), ("Warsaw", "Poland")]
-    rows = [{"prompt": f"Country of {city}? ({i})", "completion": country}
-            for i in range(5) for city, country in cities]
-    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", rows)
+def data(pairs_file) -> Path:
+    """The shared example data set (40 rows: 32 trained, 8 held out)."""
+    return pairs_file
 
 
 def reference(folder: Path, data: Path, flags: list[str]) -> Path:
@@ -177,7 +173,8 @@ def copy_run(reference: Path, tmp_path: Path) -> Path:
     return out
 
 
-def test_changed_data_or_options_are_refused_unless_forced(tmp_path, tiny_model_dir, data, full_reference, capsys):
+def test_changed_data_or_options_are_refused_unless_forced(tmp_path, tiny_model_dir, data, full_reference, capsys,
+                                                           write_jsonl):
     out, flags = copy_run(full_reference, tmp_path), full_flags(tiny_model_dir)
     before = (out / "metrics.jsonl").read_text()
     assert main(["train", str(data), "--out", str(out), *flags, "--resume", "--lr", "0.01", "--max-steps", "8"]) == 2

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import tunelab
-from conftest import write_jsonl
 from tunelab.cli import main
 from tunelab.run import Run
 from tunelab.template import NAMED
@@ -20,7 +19,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_model_dir):
+def trained_run(tmp_path_factory, tiny_model_dir, write_jsonl):
     """One full-fine-tuning run with the alpaca template, shared by the tests below."""
     folder = tmp_path_factory.mktemp("e2e")
     cities = [("Paris", "France"), ("Berlin", "Germany"), ("Madrid", "Spain"), ("Rome", "Italy")]
@@ -68,7 +67,7 @@ def test_generation_uses_the_saved_template(trained_run, capsys):
     assert capsys.readouterr().out.strip() == expected_text == "Italy"
 
 
-def test_batch_generation_keeps_order_and_ignores_references(trained_run, tmp_path, capsys):
+def test_batch_generation_keeps_order_and_ignores_references(trained_run, tmp_path, capsys, write_jsonl):
     out, _ = trained_run
     rows = [{"prompt": "Country of Paris? (1)", "completion": "WRONG"},
             {"instruction": "Country of Berlin? (2)"},
@@ -85,12 +84,14 @@ def test_eval_compares_base_and_tuned(trained_run, capsys):
     out, _ = trained_run
     assert main(["eval", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "exact match" in printed and "base" in printed and "tuned" in printed
+    assert "exact match" in printed and "zero-shot" in printed and "few-shot" in printed and "tuned" in printed
     results = json.loads((out / "eval.json").read_text())
     assert results["examples_evaluated"] == 8
-    assert results["tuned"]["exact_match"] > results["base"]["exact_match"]
-    assert results["tuned"]["loss"] < results["base"]["loss"]
-    assert {"line", "prompt", "reference", "base", "tuned"} <= set(results["samples"][0])
+    metrics = results["metrics"]
+    assert metrics["tuned"]["exact_match"]["value"] > metrics["zero-shot"]["exact_match"]["value"]
+    assert metrics["tuned"]["heldout_loss"]["value"] < metrics["zero-shot"]["heldout_loss"]["value"]
+    assert {"line", "prompt", "reference", "answers"} <= set(results["samples"][0])
+    assert set(results["samples"][0]["answers"]) == {"zero-shot", "few-shot", "retrieval", "tuned"}
 
 
 def test_chat_streams_with_the_saved_template(trained_run):
@@ -103,13 +104,14 @@ def test_chat_streams_with_the_saved_template(trained_run):
     assert len(replies) == 2 and replies[1].endswith("Italy")
 
 
-def test_python_api_lora(tiny_model_dir, pairs_file, tmp_path):
+def test_python_api_lora(tiny_model_dir, pairs_file, tmp_path, assert_trained):
     run = tunelab.finetune(pairs_file, out=tmp_path / "api", base=str(tiny_model_dir), method="lora",
                            max_steps=3, batch_size=4, test_size=4)
     assert (tmp_path / "api" / "adapter" / "adapter_model.safetensors").exists()
+    assert_trained(tmp_path / "api")
     assert isinstance(run.generate("Country of Paris? (0)", max_new_tokens=4), str)
     results = run.evaluate(include_base=False)
-    assert results["examples_evaluated"] == 4 and "base" not in results
+    assert results["examples_evaluated"] == 4 and [c["name"] for c in results["contenders"]] == ["tuned"]
     assert tunelab.load(tmp_path / "api").config.method == "lora"
 
 
@@ -125,7 +127,7 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("name,rows,flags,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
-def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, name, rows, flags, message):
+def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, name, rows, flags, message, write_jsonl):
     data = write_jsonl(tmp_path / f"{name}.jsonl", rows)
     result = cli("train", str(data), "--out", str(tmp_path / "run"), *flags)
     assert result.returncode == 2
@@ -146,7 +148,7 @@ def test_missing_run_folder_and_help(tmp_path):
         assert command in result.stdout
 
 
-def test_raw_text_trains_end_to_end_after_the_data_check(tiny_model_dir, tmp_path, capsys):
+def test_raw_text_trains_end_to_end_after_the_data_check(tiny_model_dir, tmp_path, capsys, write_jsonl):
     documents = [{"text": f"Document {i}. " + "The cat sat on the mat and looked around. " * (1 + i % 5)}
                  for i in range(12)]
     data = write_jsonl(tmp_path / "raw.jsonl", documents + documents[:1])

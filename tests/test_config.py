@@ -9,7 +9,6 @@ import sys
 import pytest
 
 import tunelab
-from conftest import write_jsonl
 from tunelab import data
 from tunelab.checkpoint import fingerprint
 from tunelab.cli import build_parser, config_flags
@@ -33,7 +32,7 @@ def one_error(result: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture
-def rows(tmp_path):
+def rows(tmp_path, write_jsonl):
     return write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(20)])
 
 

@@ -2,12 +2,11 @@ import json
 
 import pytest
 
-from conftest import write_jsonl
 from tunelab import data
 from tunelab.errors import UserError
 
 
-def test_three_shapes_become_messages(tmp_path):
+def test_three_shapes_become_messages(tmp_path, write_jsonl):
     rows = [
         {"prompt": "p", "completion": "c"},
         {"instruction": "do", "input": "this", "output": "done"},
@@ -42,7 +41,7 @@ def test_csv_and_parquet(tmp_path):
     assert [e.reference for e in examples] == ["a", "b"]
 
 
-def test_forced_format_and_unknown_shape(tmp_path):
+def test_forced_format_and_unknown_shape(tmp_path, write_jsonl):
     path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(UserError, match=r"d.jsonl:1: E_SHAPE unknown shape .*--format"):
         data.load_examples(path)
@@ -51,7 +50,7 @@ def test_forced_format_and_unknown_shape(tmp_path):
         data.load_examples(path, "alpaca")
 
 
-def test_every_bad_line_is_listed(tmp_path):
+def test_every_bad_line_is_listed(tmp_path, write_jsonl):
     rows = [
         {"prompt": "ok", "completion": "ok"},
         "{not json",
@@ -86,7 +85,7 @@ def test_empty_and_missing_files(tmp_path):
         data.load_examples(tmp_path / "d.txt")
 
 
-def test_rows_without_answers_for_generation(tmp_path):
+def test_rows_without_answers_for_generation(tmp_path, write_jsonl):
     rows = [{"prompt": "a"}, {"instruction": "b"}, {"messages": [{"role": "user", "content": "c"}]},
             {"prompt": "d", "completion": "ignored"}]
     examples = data.load_examples(write_jsonl(tmp_path / "d.jsonl", rows), require_answer=False)
@@ -124,7 +123,7 @@ def test_jsonl_round_trip(tmp_path):
     assert json.loads((tmp_path / "s.jsonl").read_text().splitlines()[0])["line"] == 1
 
 
-def test_raw_text_shape_and_metadata_keys(tmp_path):
+def test_raw_text_shape_and_metadata_keys(tmp_path, write_jsonl):
     rows = [{"text": "A document.", "id": 7}, {"prompt": "p", "completion": "c", "metadata": {"source": "x"}},
             {"text": "Forced.", "title": "not a key of this shape"}]
     with pytest.raises(UserError) as caught:

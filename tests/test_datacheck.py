@@ -3,7 +3,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
 from tunelab import data
 from tunelab.cli import main
 from tunelab.config import DataOptions
@@ -36,7 +35,7 @@ BAD_ROWS = [
 ]
 
 
-def test_every_format_error_is_listed_with_its_line_and_code(tmp_path, capsys):
+def test_every_format_error_is_listed_with_its_line_and_code(tmp_path, capsys, write_jsonl):
     rows = [chat("fine", "fine")] + [row for row, _ in BAD_ROWS] + ["{broken"] * 25
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     report = check(path, DataOptions())
@@ -54,7 +53,7 @@ def test_every_format_error_is_listed_with_its_line_and_code(tmp_path, capsys):
     assert saved["error_counts"]["E_JSON"] == 26
 
 
-def test_generation_inputs_still_need_no_answer(tmp_path):
+def test_generation_inputs_still_need_no_answer(tmp_path, write_jsonl):
     rows = [{"prompt": "a"}, {"messages": [{"role": "user", "content": "b"}]}, {"text": "c"}]
     with pytest.raises(Exception, match=r"d.jsonl:3: E_SHAPE a raw 'text' row asks nothing"):
         data.load_examples(write_jsonl(tmp_path / "d.jsonl", rows), require_answer=False)
@@ -78,7 +77,7 @@ def test_csv_and_parquet_problems_name_row_and_column(tmp_path):
     ]
 
 
-def test_token_checks_and_truncation_policy_counts(tmp_path, tokenizer):
+def test_token_checks_and_truncation_policy_counts(tmp_path, tokenizer, write_jsonl):
     template = Template.for_model(tokenizer)
     rows = [chat(f"Short question {i}?", f"Short answer {i}.") for i in range(6)]
     rows.append(chat("Short question?", "A very long answer. " * 30))  # line 7: longer than the limit
@@ -105,7 +104,7 @@ def test_token_checks_and_truncation_policy_counts(tmp_path, tokenizer):
     assert drop.lengths["max"] == max(len(template.encode(r["messages"]).input_ids) for r in rows)
 
 
-def test_a_template_that_drops_the_end_of_turn_is_an_error(tmp_path, tokenizer):
+def test_a_template_that_drops_the_end_of_turn_is_an_error(tmp_path, tokenizer, write_jsonl):
     # Closes an assistant turn only when the answer is short: long answers never learn to stop.
     source = ("{% for m in messages %}{% if m.role == 'assistant' %}{{ m.content }}"
               "{% if m.content | length < 20 %}<|im_end|>{% endif %}\n{% else %}{{ m.content + '\n' }}{% endif %}"
@@ -116,7 +115,7 @@ def test_a_template_that_drops_the_end_of_turn_is_an_error(tmp_path, tokenizer):
     assert [(p.line, p.code) for p in report.errors] == [(2, "E_NO_EOS")]
 
 
-def test_double_bos_control_text_and_template_rejections_are_reported(tmp_path, tokenizer):
+def test_double_bos_control_text_and_template_rejections_are_reported(tmp_path, tokenizer, write_jsonl):
     rows = [chat("What does <|im_end|> do?", "It ends a turn."), chat("hi", "hello"),
             {"messages": [{"role": "system", "content": "s"}, *chat("q", "a")["messages"]]}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -136,7 +135,7 @@ def sentence(i: int) -> str:
     return " ".join(f"{words[(i * 7 + k * 3) % 20]}{(i * 31 + k) % 97}" for k in range(25))
 
 
-def test_duplicates_are_dropped_near_duplicates_kept_together(tmp_path):
+def test_duplicates_are_dropped_near_duplicates_kept_together(tmp_path, write_jsonl):
     rows = [chat(f"Question {sentence(i)}", f"Answer {i}") for i in range(40)]
     rows += [rows[3], rows[5], rows[3]]  # lines 41-43: exact copies
     near = [chat(f"Question {sentence(i)} please", f"Answer {i}") for i in range(10, 20)]  # lines 44-53
@@ -151,6 +150,8 @@ def test_duplicates_are_dropped_near_duplicates_kept_together(tmp_path):
     # The split train makes from the same groups agrees with the report and keeps each pair together.
     examples = [e for e in data.load_examples(path) if e.line not in report.duplicate_lines]
     train, test = data.split(examples, options.test_size, options.seed, groups=report.groups)
+    assert [e.line for e in train] == report.train_lines.tolist()
+    assert [e.line for e in test] == report.test_lines.tolist()
     assert (len(train), len(test)) == (report.train_count, report.test_count)
     test_lines = {e.line for e in test}
     assert all((a in test_lines) == (b in test_lines) for a, b, _ in report.near_pairs)
@@ -160,7 +161,7 @@ def test_duplicates_are_dropped_near_duplicates_kept_together(tmp_path):
     assert any((a in naive_lines) != (b in naive_lines) for a, b, _ in report.near_pairs)
 
 
-def test_a_group_too_large_for_one_side_is_split_and_the_leaks_listed(tmp_path):
+def test_a_group_too_large_for_one_side_is_split_and_the_leaks_listed(tmp_path, write_jsonl):
     rows = [chat(f"Question {sentence(i)}", f"Answer {i}") for i in range(40)]
     rows += [chat(f"Question {sentence(7)} version {i}", "Answer 7") for i in range(20)]  # lines 41-60 + line 8
     path = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -171,7 +172,7 @@ def test_a_group_too_large_for_one_side_is_split_and_the_leaks_listed(tmp_path):
     assert report.test_count == 12
 
 
-def test_raw_text_rows_are_chunked(tmp_path, tokenizer):
+def test_raw_text_rows_are_chunked(tmp_path, tokenizer, write_jsonl):
     template = Template.for_model(tokenizer)
     rows = [{"text": "Tiny document."}, {"text": "A longer document with many words. " * 20}]
     report = check(write_jsonl(tmp_path / "raw.jsonl", rows), DataOptions(max_length=32), template)
@@ -181,7 +182,7 @@ def test_raw_text_rows_are_chunked(tmp_path, tokenizer):
     assert report.trainable["max"] == report.lengths["max"]  # every token of a document is trained
 
 
-def test_the_command_prints_a_summary_and_saves_the_report(tmp_path, tiny_model_dir, capsys):
+def test_the_command_prints_a_summary_and_saves_the_report(tmp_path, tiny_model_dir, capsys, write_jsonl):
     rows = [chat(f"Question {i}", f"Answer {i}") for i in range(10)] + [chat("Question", "word " * 200)]
     path = write_jsonl(tmp_path / "d.jsonl", rows + rows[:1])
     out = tmp_path / "report"
@@ -198,3 +199,32 @@ def test_the_command_prints_a_summary_and_saves_the_report(tmp_path, tiny_model_
     assert "E_ALL_DROPPED every example is longer than --max-length 8" in capsys.readouterr().err
     histogram = (out / "length_histogram.txt").read_text()
     assert histogram.startswith("Example length in tokens (--max-length 64)") and "<- --max-length" in histogram
+
+
+def test_training_splits_exactly_as_the_report_says(tmp_path, tiny_model_dir, write_jsonl):
+    """RUN/split.json holds the lines of the report's split, and every W_LEAK pair straddles it."""
+    rows = [chat(f"Question {sentence(i)}", f"Answer {i}") for i in range(40)]
+    rows += [rows[3], rows[5]]  # lines 41-42: exact copies, in neither split
+    rows += [chat(f"Question {sentence(i)} please", f"Answer {i}") for i in range(10, 20)]  # lines 43-52: pairs
+    rows += [chat(f"Question {sentence(7)} version {i}", "Answer 7") for i in range(20)]  # lines 53-72: a large group
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "run"
+    assert main(["train", str(path), "--base", str(tiny_model_dir), "--out", str(out), "--max-steps", "1",
+                 "--test-size", "0.2", "--seed", "3"]) == 0
+    split = json.loads((out / "split.json").read_text())
+    report = check(path, DataOptions(test_size=0.2, seed=3))
+    assert split["train_lines"] == report.train_lines.tolist()
+    assert split["test_lines"] == report.test_lines.tolist()
+    for name in ("train", "test"):
+        written = [json.loads(line)["line"] for line in (out / f"{name}.jsonl").read_text().splitlines()]
+        assert written == split[f"{name}_lines"]
+    saved = json.loads((out / "data_check.json").read_text())
+    assert (saved["split"]["train"], saved["split"]["test"]) == (len(split["train_lines"]), len(split["test_lines"]))
+    train, test = set(split["train_lines"]), set(split["test_lines"])
+    assert not train & test and not {41, 42} & (train | test) and len(train | test) == len(rows) - 2
+    leaked = [tuple(pair) for pair in saved["split"]["leaked_pairs"]]
+    assert leaked and saved["warning_counts"]["W_LEAK"] == len(leaked) == saved["split"]["leaked_count"]
+    assert all((a in train and b in test) or (a in test and b in train) for a, b in leaked)
+    near = [(a, b) for a, b, _ in saved["duplicates"]["near"]["pairs"]]
+    assert set(leaked) < set(near)
+    assert all((a in test) == (b in test) for a, b in near if (a, b) not in leaked)  # the rest: one side

@@ -49,3 +49,38 @@ def test_exact_duplicates_and_components():
     assert list(zip(first.tolist(), copy.tolist())) == [(0, 2), (1, 3), (0, 4)]  # in order of the copies
     labels = dedup.components(7, np.array([0, 3, 1, 5]), np.array([4, 4, 3, 6]))
     assert labels.tolist() == [0, 0, 2, 0, 0, 5, 5]
+
+
+def edited_copy(rng: random.Random, text: str, at_most: float) -> str:
+    """`text` with letters replaced one at a time, until its exact Jaccard similarity to `text`
+    falls to `at_most` (each letter changes about 1% of the 5-grams of a 150-word text)."""
+    chars = list(text)
+    positions = [i for i, c in enumerate(chars) if c.isalpha()]
+    rng.shuffle(positions)
+    for position in positions:
+        chars[position] = rng.choice([c for c in "qwxyz" if c != chars[position]])
+        if jaccard(text, "".join(chars)) <= at_most:
+            return "".join(chars)
+    raise AssertionError("never got that far apart")
+
+
+def test_the_threshold_sits_between_pairs_just_above_and_just_below_it():
+    # One pair is estimated within about 0.05 of its true similarity, so a single pair at 0.85
+    # can fall either side of 0.8; forty of them cannot. With the threshold at 0.7, 0.75, 0.85
+    # or 0.9 instead of 0.8, one of the two counts below is far off.
+    rng = random.Random(1)
+    vocabulary = [f"{rng.choice('bcdfgklmnprst')}{rng.choice('aeiou')}{rng.choice('nrst')}{i}" for i in range(3000)]
+    finder, above, below = dedup.NearDuplicates(), [], []
+    for pairs, at_most in ((above, 0.86), (below, 0.76)):
+        for _ in range(40):
+            text = " ".join(rng.choice(vocabulary) for _ in range(150))
+            copy = edited_copy(rng, text, at_most)
+            assert at_most - 0.01 <= jaccard(text, copy) <= at_most
+            pairs.append((finder.count, finder.count + 1))
+            finder.add(text)
+            finder.add(copy)
+    first, later, _ = finder.pairs()
+    found = set(zip(first.tolist(), later.tolist()))
+    assert found <= set(above) | set(below)
+    assert len(found & set(above)) >= 28  # of 40 at Jaccard 0.85-0.86
+    assert len(found & set(below)) <= 12  # of 40 at Jaccard 0.75-0.76

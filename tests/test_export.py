@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import tunelab
-from conftest import write_jsonl
 from tunelab.cli import main
 from tunelab.errors import UserError
 from tunelab.export import check_gguf_supported, ollama_modelfile
@@ -27,7 +26,7 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model_dir):
+def runs(tmp_path_factory, tiny_model_dir, write_jsonl):
     """A LoRA run (model template, evaluated) and a full run (alpaca template) on the tiny Llama."""
     folder = tmp_path_factory.mktemp("export-runs")
     cities = [("Paris", "France"), ("Berlin", "Germany"), ("Madrid", "Spain"), ("Rome", "Italy")]
@@ -369,17 +368,25 @@ def test_an_export_that_fails_midway_leaves_nothing(runs, tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_llama_cpp_answers_like_tunelab_generate(runs, tmp_path):
+def test_llama_cpp_answers_like_tunelab_generate(tmp_path, tiny_model_dir, write_jsonl):
     """llama.cpp itself (through llama-cpp-python) loads the GGUF, tokenizes the run's prompts as
-    tunelab does and answers the held-out prompts with the same greedy text."""
+    tunelab does and answers the held-out prompts with the same greedy text. The run is trained
+    until it answers in words: the few-step runs above answer empty lines, which would match
+    trivially."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from tunelab.data import read_jsonl
 
+    cities = [("Paris", "France"), ("Berlin", "Germany"), ("Madrid", "Spain"), ("Rome", "Italy")]
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"Country of {c}? ({i})", "completion": k}
+                                                  for i in range(10) for c, k in cities])
+    tunelab.finetune(data, out=tmp_path / "run", base=str(tiny_model_dir), method="full", max_steps=120,
+                     batch_size=4, test_size=4, lr=0.003, seed=1)
     out = tmp_path / "gguf"
-    assert main(["export", str(runs["full"]), "--format", "gguf", "--out", str(out), "--dtype", "f32"]) == 0
-    run = Run(runs["full"])
+    assert main(["export", str(tmp_path / "run"), "--format", "gguf", "--out", str(out), "--dtype", "f32"]) == 0
+    run = Run(tmp_path / "run")
     conversations = [e.prompt_messages() for e in read_jsonl(run.files.test)]
     expected = run.generate_batch(conversations, max_new_tokens=12)
+    assert all(answer for answer in expected), expected
     llm = llama_cpp.Llama(model_path=str(out / "model.gguf"), n_ctx=256, verbose=False, seed=0)
     for conversation, answer in zip(conversations, expected):
         rendered = run.template.render(conversation, add_generation_prompt=True)

@@ -13,7 +13,6 @@ import time
 import pytest
 import torch
 
-from conftest import write_jsonl
 from tunelab.generate import StopWhenSet, generate_answers, generate_batch
 
 
@@ -45,7 +44,7 @@ def tiny(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def to_standard_output(tiny_run, tmp_path_factory):
+def to_standard_output(tiny_run, tmp_path_factory, write_jsonl):
     """`tunelab generate RUN --input FILE`, the README's form, once for the tests below."""
     folder = tmp_path_factory.mktemp("generate")
     rows = [{"prompt": "Country of Paris?", "completion": "not used"}, {"instruction": "Country of Rome?"},
@@ -140,7 +139,7 @@ def _start(args: list, stdin: bool = False) -> tuple[subprocess.Popen, list[str]
     return process, output
 
 
-def test_interrupted_generate_keeps_every_answer_written_and_says_how_far(tiny_run, tmp_path):
+def test_interrupted_generate_keeps_every_answer_written_and_says_how_far(tiny_run, tmp_path, write_jsonl):
     rows = [{"prompt": f"Question {i}"} for i in range(64)]  # one window: the first batch leaves first
     inputs = write_jsonl(tmp_path / "prompts.jsonl", rows)
     process, output = _start(["generate", tiny_run, "--input", inputs, "--max-new-tokens", "300"])
@@ -172,3 +171,39 @@ def test_ctrl_c_stops_a_chat_reply_and_the_chat_goes_on(tiny_run):
     stderr = process.stderr.read()
     assert process.returncode == 0, stderr
     assert "Traceback" not in stderr
+
+
+def _one_by_one(model, template, conversation, max_new_tokens):
+    ids = torch.tensor([template.encode_prompt(conversation)])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=template.stop_token_ids,
+                             pad_token_id=template.tokenizer.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_rows_that_stop_leave_the_batch_and_the_shared_prefix_is_reused(tiny):
+    import copy
+
+    from tunelab.generate import generate_detailed
+
+    model, shared = tiny
+    template = copy.copy(shared)
+    shots = [{"role": "user", "content": "Country of Rome?"}, {"role": "assistant", "content": "Italy"}]
+    conversations = [shots + [{"role": "user", "content": f"Country of {city}?" + " please" * i}]
+                     for i, city in enumerate(["Paris", "Berlin", "Oslo", "Madrid", "Lisbon", "Vienna", "Bern"])]
+    # Make a token that some answers produce early an end-of-turn token, so rows finish at
+    # different steps and leave the batch while others go on.
+    free = [_one_by_one(model, template, c, 12) for c in conversations]
+    template.stop_token_ids = [free[0][3], *template.stop_token_ids]
+    expected = [_one_by_one(model, template, c, 12) for c in conversations]
+    stops = set(template.stop_token_ids)
+    assert len({len(e) for e in expected}) > 1  # rows of different lengths
+
+    answers = list(generate_detailed(model, template, conversations, max_new_tokens=12, batch_size=3))
+    for answer, tokens, conversation in zip(answers, expected, conversations):
+        text = template.tokenizer.decode([t for t in tokens if t not in stops], skip_special_tokens=True).strip()
+        assert answer.text == text
+        assert answer.generated_tokens == len(tokens)
+        assert answer.stopped == (tokens[-1] in stops)
+        assert answer.prompt_tokens == len(template.encode_prompt(conversation))

@@ -14,13 +14,14 @@ PACKAGE = Path(tunelab.__file__).parent
 
 LAYERS = [
     {"errors"},
-    {"data", "dedup", "template", "models", "examples", "examples.bookings"},
+    {"data", "dedup", "template", "models", "examples", "examples.bookings", "metrics"},
     {"config"},
-    {"batching", "speed", "runfolder"},
+    {"batching", "speed", "runfolder", "baselines", "assertions"},
     {"loss", "checkpoint", "datacheck", "generate", "report", "teacher"},
+    {"forgetting", "endpoint"},
     {"evaluate", "train", "review"},
     {"run"},
-    {"demo", "export"},
+    {"demo", "export", "serve"},
     {"cli", "__init__"},
 ]
 """From the bottom up: a module may import from the layers below its own, never from its own or

@@ -6,7 +6,6 @@ import warnings
 import pytest
 import torch
 
-from conftest import write_jsonl
 from tunelab.cli import main
 from tunelab.models import load_model
 from tunelab.run import Run
@@ -15,7 +14,7 @@ IDS = torch.tensor([[1, 520, 640, 771, 803, 42, 9, 300]])
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, write_jsonl):
     rows = [{"prompt": f"Country of {city}? ({i})", "completion": country}
             for i in range(3) for city, country in [("Paris", "France"), ("Rome", "Italy"), ("Oslo", "Norway")]]
     return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", rows)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
 from tunelab import OFFLINE_ENVIRONMENT
 
 NONET = Path(__file__).parent / "nonet"
@@ -66,7 +65,7 @@ def test_importing_tunelab_sets_the_offline_switches(offline_env):
                              "HF_DATASETS_OFFLINE", "DO_NOT_TRACK"}
 
 
-def test_train_eval_generate_and_chat_need_no_network(offline_env, tmp_path, tiny_model_dir):
+def test_train_eval_generate_and_chat_need_no_network(offline_env, tmp_path, tiny_model_dir, write_jsonl):
     cities = [("Paris", "France"), ("Berlin", "Germany"), ("Madrid", "Spain"), ("Rome", "Italy")]
     data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"Country of {city}? ({i})", "completion": country}
                                                   for i in range(3) for city, country in cities])

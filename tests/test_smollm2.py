@@ -28,7 +28,7 @@ def test_answers_the_capital_of_france(smollm2):
     assert "Paris" in answer
 
 
-def test_one_lora_step(smollm2, tmp_path):
+def test_one_lora_step(smollm2, tmp_path, assert_trained):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Say {w}", "completion": w}) + "\n" for w in ["yes", "no", "ok"] * 4))
     out = tmp_path / "run"
@@ -36,6 +36,7 @@ def test_one_lora_step(smollm2, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1]
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert_trained(out)
 
 
 def test_a_local_gguf_file_is_converted_once(smollm2, tmp_path, monkeypatch):
@@ -56,5 +57,6 @@ def test_demo_runs_end_to_end(smollm2, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "exact match" in printed and "Wall time" in printed and "peak memory" in printed
     results = json.loads((out / "eval.json").read_text())
-    assert results["examples_evaluated"] == 2 and {"base", "tuned"} <= set(results)
+    assert results["examples_evaluated"] == 2
+    assert [c["name"] for c in results["contenders"]] == ["zero-shot", "few-shot", "tuned"]
     assert len((tmp_path / "demo-data" / "bookings.jsonl").read_text().splitlines()) == 40

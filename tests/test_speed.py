@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from test_batching import conversations
 from tunelab import loss, speed
 from tunelab.batching import encode_examples, pack
 from tunelab.loss import token_loss
@@ -10,7 +9,7 @@ from tunelab.template import IGNORE, Template
 
 
 @pytest.fixture(scope="module")
-def encoded(tokenizer):
+def encoded(tokenizer, conversations):
     return encode_examples(conversations(6), Template.for_model(tokenizer), max_length=512)[0]
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 import tunelab
-from conftest import write_jsonl
 from tunelab import train as train_mod
 from tunelab.checkpoint import PAUSE_ENV
 from tunelab.cli import main
@@ -67,7 +66,7 @@ def test_a_file_too_large_for_memory_is_streamed_twice(tmp_path, tiny_model_dir,
         assert strip((tmp_path / "run" / name).read_text()) == strip((tmp_path / "once" / name).read_text()), name
 
 
-def test_an_example_dropped_for_length_is_not_in_train_jsonl(tmp_path, tiny_model_dir, capsys):
+def test_an_example_dropped_for_length_is_not_in_train_jsonl(tmp_path, tiny_model_dir, capsys, write_jsonl):
     rows = [{"prompt": f"Country of city {i}?", "completion": "France"} for i in range(12)]
     rows[3] = {"prompt": "Describe the history of Paris. " * 40, "completion": "It is long."}
     data = write_jsonl(tmp_path / "data.jsonl", rows)

@@ -9,12 +9,12 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
 
 GOOD_ROWS = [{"prompt": f"Country of {city}? ({i})", "completion": country}
              for i in range(3) for city, country in (("Paris", "France"), ("Rome", "Italy"))]
@@ -32,9 +32,10 @@ class Setting:
     tmp: Path
     model: Path
     run: Path
+    write_jsonl: Callable[[Path, list], Path]
 
     def good_data(self) -> Path:
-        return write_jsonl(self.tmp / "good.jsonl", GOOD_ROWS)
+        return self.write_jsonl(self.tmp / "good.jsonl", GOOD_ROWS)
 
     def write(self, name: str, content: bytes | str) -> Path:
         path = self.tmp / name
@@ -190,7 +191,7 @@ CASES = {
                               ["latin1.jsonl:2:", "save the file as UTF-8"]),
     "generate-input-empty": (lambda s: ["generate", s.run, "--input", s.write("prompts.jsonl", "\n")],
                              ["prompts.jsonl: no examples found"]),
-    "generate-input-raw-text": (lambda s: ["generate", s.run, "--input", write_jsonl(s.tmp / "p.jsonl",
+    "generate-input-raw-text": (lambda s: ["generate", s.run, "--input", s.write_jsonl(s.tmp / "p.jsonl",
                                                                                    [{"text": "a document"}])],
                                 ["p.jsonl:1:", "asks nothing"]),
     # the demo
@@ -199,9 +200,9 @@ CASES = {
     "demo-zero-examples": (lambda s: ["demo", "--examples", "0"], ["--examples"]),
 }
 @pytest.mark.parametrize("name", list(CASES))
-def test_mistake_is_one_line_and_exit_2(name, tmp_path, tiny_model_dir, tiny_run):
+def test_mistake_is_one_line_and_exit_2(name, tmp_path, tiny_model_dir, tiny_run, write_jsonl):
     build, expected = CASES[name]
-    setting = Setting(tmp_path, tiny_model_dir, tiny_run)
+    setting = Setting(tmp_path, tiny_model_dir, tiny_run, write_jsonl)
     args = build(setting)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     result = cli(*args, cwd=tmp_path)  # a default output folder would land here, and be seen
@@ -216,7 +217,7 @@ def test_mistake_is_one_line_and_exit_2(name, tmp_path, tiny_model_dir, tiny_run
     assert not (tmp_path / "out").is_dir()
 
 
-def test_a_data_file_with_several_bad_rows_lists_each(tmp_path):
+def test_a_data_file_with_several_bad_rows_lists_each(tmp_path, write_jsonl):
     rows = [GOOD_ROWS[0], {"prompt": "no answer"}, GOOD_ROWS[1], {"messages": []}]
     result = cli("data", "check", write_jsonl(tmp_path / "d.jsonl", rows))
     errors = [line for line in result.stderr.splitlines() if line.startswith("tunelab: error: ")]

@@ -2,7 +2,7 @@
 
     import tunelab
     run = tunelab.finetune("data.jsonl")          # LoRA on smollm2-135m by default
-    run.evaluate()                                 # base vs tuned on the held-out split
+    run.evaluate()                                 # tuned vs base zero-shot, few-shot, retrieval
     run.generate("Extract the booking ...")
 """
 

@@ -99,16 +99,41 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from tunelab.endpoint import Endpoint
+    from tunelab.evaluate import format_report
+    from tunelab.forgetting import DEFAULT_QUESTIONS
+    from tunelab.report import write_report
     from tunelab.run import Run
 
+    endpoints = [Endpoint.parse(spec, args.contender_model) for spec in args.contender]
+    names = [e.name for e in endpoints]
+    taken = [n for n in names if names.count(n) > 1 or n in ("zero-shot", "few-shot", "retrieval", "tuned")]
+    if taken:
+        raise UserError(f"--contender {taken[0]}=...: the name is already taken; choose another NAME")
+    if args.judge and not args.judge.startswith(("http://", "https://")):
+        raise UserError(f"--judge {args.judge}: expected URL[#MODEL], e.g. http://localhost:8000/v1#judge-model")
+    judge = Endpoint.parse(f"judge={args.judge}", args.judge_model) if args.judge else None
     run = Run(args.run)
     check_output_file(run.files.eval, "the results file")  # written at the end: check before the work
-    from tunelab.evaluate import format_samples, format_table
+    results = run.evaluate(
+        limit=args.limit, include_base=not args.no_base, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, data=Path(args.data) if args.data else None, shots=args.shots,
+        retrieval=not args.no_retrieval, endpoints=endpoints, assertions=args.assertions and Path(args.assertions),
+        forgetting=None if args.no_forgetting else Path(args.forgetting or DEFAULT_QUESTIONS), judge=judge,
+    )
+    print(format_report(results))
+    print(f"\nResults saved in {run.files.eval}; report written to {write_report(run.path)}")
 
-    results = run.evaluate(limit=args.limit, include_base=not args.no_base, max_new_tokens=args.max_new_tokens)
-    print(format_table(results))
-    print(format_samples(results))
-    print(f"Results saved in {run.files.eval}")
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 0")
+    return value
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -218,6 +243,14 @@ def cmd_chat(args: argparse.Namespace) -> None:
             conversation.pop()
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from tunelab.serve import ServeOptions, serve
+
+    serve(ServeOptions(runs=[Path(r) for r in args.runs], host=args.host, port=args.port, api_key=args.api_key,
+                       max_queue=args.max_queue, batch_size=args.batch_size,
+                       rules=Path(args.rules) if args.rules else None))
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from tunelab.export import export, ollama_name
 
@@ -225,10 +258,6 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"Exported {args.run} as {args.format} to {out}; see {out / 'README.md'}")
     if args.format == "ollama":
         print(f"Import it: ollama create {ollama_name(out)} -f {out / 'Modelfile'}")
-
-
-def cmd_not_yet(args: argparse.Namespace) -> None:
-    raise UserError(f"tunelab {args.command}: not available yet; use `tunelab generate` or the Python API for now")
 
 
 def add_config_flags(parser, model: type[DataOptions], exclude: Collection[str] = ()) -> None:
@@ -356,12 +385,34 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(train.add_argument_group("training options"), TrainConfig, exclude=DataOptions.model_fields)
     train.set_defaults(func=cmd_train)
 
-    evaluate = commands.add_parser("eval", help="compare base and fine-tuned models on the held-out split")
+    evaluate = commands.add_parser(
+        "eval", help="compare the fine-tuned model with prompting the base model, and other models",
+        description="Answer the held-out examples (or --data) with the base model zero-shot, few-shot and with "
+                    "retrieved examples, the fine-tuned model and any --contender; print and save the metrics "
+                    "with 95% intervals, error buckets, cost per request and a forgetting check.")
     evaluate.add_argument("run", help="run folder")
-    evaluate.add_argument("--limit", type=positive_int, default=None,
-                          help="evaluate only the first N held-out examples")
-    evaluate.add_argument("--no-base", action="store_true", help="skip the base model")
-    evaluate.add_argument("--max-new-tokens", type=positive_int, default=None)
+    evaluate.add_argument("--data", default=None, help="evaluate this labelled file (any accepted shape) "
+                                                       "instead of the run's held-out split")
+    evaluate.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N examples")
+    evaluate.add_argument("--shots", type=non_negative_int, default=3,
+                          help="training examples in the few-shot and retrieval prompts; 0 skips both (default: 3)")
+    evaluate.add_argument("--no-retrieval", action="store_true", help="skip the retrieval contender")
+    evaluate.add_argument("--no-base", action="store_true", help="skip the base model's contenders")
+    evaluate.add_argument("--contender", action="append", default=[], metavar="NAME=URL[#MODEL]",
+                          help="also ask a model behind an OpenAI-compatible endpoint (repeatable)")
+    evaluate.add_argument("--contender-model", default=None, help="model name for contenders whose URL has no #MODEL")
+    evaluate.add_argument("--assertions", default=None, metavar="FILE",
+                          help="YAML rules (regex, must_contain, must_not_contain, json_schema) or a Python file "
+                               "with check(prompt, answer), applied to every answer")
+    evaluate.add_argument("--forgetting", default=None, metavar="FILE",
+                          help="multiple-choice JSONL for the forgetting check (default: the bundled questions)")
+    evaluate.add_argument("--no-forgetting", action="store_true", help="skip the forgetting check")
+    evaluate.add_argument("--judge", default=None, metavar="URL[#MODEL]",
+                          help="grade answers against references with a model behind an OpenAI-compatible endpoint")
+    evaluate.add_argument("--judge-model", default=None, help="model name for --judge when its URL has no #MODEL")
+    evaluate.add_argument("--max-new-tokens", type=positive_int, default=None,
+                          help="token limit per answer (default: 1.5 times the longest reference, at most 512)")
+    evaluate.add_argument("--batch-size", type=positive_int, default=16, help="prompts per batch (default: 16)")
     evaluate.set_defaults(func=cmd_eval)
 
     report = commands.add_parser("report", help="write a run's HTML report, or compare several runs side by side")
@@ -386,6 +437,20 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=positive_int, default=512)
     chat.set_defaults(func=cmd_chat)
 
+    serve = commands.add_parser("serve", help="OpenAI-compatible server and chat page for one or more runs")
+    serve.add_argument("runs", nargs="+", metavar="RUN", help="run folders; each is served as the model named "
+                                                              "by its folder")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; any other "
+                                                           "needs --api-key)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    serve.add_argument("--api-key", default=None, help="key clients send as `Authorization: Bearer KEY`")
+    serve.add_argument("--max-queue", type=positive_int, default=32,
+                       help="requests waiting or answered at once; more get 429 (default: 32)")
+    serve.add_argument("--batch-size", type=positive_int, default=8,
+                       help="most requests answered by one batched generation (default: 8)")
+    serve.add_argument("--rules", default=None, help="YAML moderation rules: input/output words and patterns")
+    serve.set_defaults(func=cmd_serve)
+
     export = commands.add_parser("export", help="write the fine-tuned model for transformers, llama.cpp or Ollama")
     export.add_argument("run", help="run folder")
     export.add_argument("--format", required=True, metavar="{merged,gguf,ollama}",
@@ -394,11 +459,6 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", metavar="{f32,f16,q8_0}", default=None,
                         help="weights (default: f32 for merged, f16 for gguf and ollama; q8_0 is GGUF only)")
     export.set_defaults(func=cmd_export)
-
-    for name, text in (("serve", "OpenAI-compatible server (not available yet)"),):
-        sub = commands.add_parser(name, help=text)
-        sub.add_argument("run", nargs="?")
-        sub.set_defaults(func=cmd_not_yet)
     return parser
 
 

@@ -379,34 +379,53 @@ def _with_placeholder_answer(row: dict[str, Any], shape: str) -> dict[str, Any]:
 def split(
     examples: list[Example], test_size: float, seed: int, groups: dict[int, int] | None = None
 ) -> tuple[list[Example], list[Example]]:
-    """Split by content hash: reproducible, independent of row order, and identical
-    examples always land on the same side, so duplicates cannot leak into the test split.
+    """`split_rows` on a list of examples (in file order, exact copies already dropped).
 
-    `groups` maps a line to the first line of its near-duplicate group (from the data check):
-    the whole group then takes that line's place in the ranking, so near duplicates too land
-    on one side.
+    `groups` maps a line to the first line of its near-duplicate group (`Report.groups` from the
+    data check), so the split is the one the check reported.
     """
-    n_test = round(len(examples) * test_size) if test_size < 1 else int(test_size)
-    if n_test >= len(examples):
-        raise UserError(f"--test-size {test_size} leaves no training examples out of {len(examples)}")
+    import numpy as np
+
     groups = groups or {}
-    key_of_line = {e.line: e.key for e in examples}
-
-    def rank(example: Example) -> str:
-        key = key_of_line.get(groups.get(example.line, example.line), example.key)
-        return split_rank(key, seed)
-
-    ranks = {e.line: rank(e) for e in examples}
-    ranked = sorted(examples, key=lambda e: ranks[e.line])
-    test_ranks = {ranks[e.line] for e in ranked[:n_test]}
-    train = [e for e in examples if ranks[e.line] not in test_ranks]
-    test = [e for e in examples if ranks[e.line] in test_ranks]
+    row_of_line = {e.line: i for i, e in enumerate(examples)}
+    ranks = np.array([split_rank(e.key, seed) for e in examples], np.uint64)
+    leaders = np.array([row_of_line.get(groups.get(e.line, e.line), i) for i, e in enumerate(examples)], np.int64)
+    in_test = split_rows(ranks, leaders, test_size)
+    train = [e for e, held_out in zip(examples, in_test) if not held_out]
+    test = [e for e, held_out in zip(examples, in_test) if held_out]
     return train, test
 
 
-def split_rank(key: str, seed: int) -> str:
+def split_rows(ranks, leaders, test_size: float):
+    """The train/test split, used by the data check and by training alike: a boolean array,
+    true for the rows that go to the test split.
+
+    `ranks[i]` is row i's `split_rank`, `leaders[i]` the row whose rank its whole near-duplicate
+    group takes (i itself when alone). The rows of the lowest ranks go to test: reproducible,
+    independent of row order, and rows sharing a rank (identical content, one group) land on
+    one side together, so the test split may hold a few more rows than asked.
+    """
+    import numpy as np
+
+    n_test = held_out_count(len(ranks), test_size)
+    if n_test >= len(ranks):
+        raise UserError(f"--test-size {test_size} leaves no training examples out of {len(ranks)}")
+    in_test = np.zeros(len(ranks), bool)
+    if n_test > 0:
+        group_ranks = np.asarray(ranks)[np.asarray(leaders)]
+        cutoff = np.partition(group_ranks, n_test - 1)[n_test - 1]
+        in_test = group_ranks <= cutoff
+    return in_test
+
+
+def held_out_count(rows: int, test_size: float) -> int:
+    """Rows held out of `rows`: `test_size` is a fraction below 1, a count from 1 up."""
+    return round(rows * test_size) if test_size < 1 else int(test_size)
+
+
+def split_rank(key: str, seed: int) -> int:
     """Where an example with content hash `key` falls in the split order (lowest go to test)."""
-    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:16], 16)
 
 
 def write_jsonl(path: Path, examples: list[Example]) -> None:

@@ -74,6 +74,10 @@ class Report:
     """Lines dropped as exact copies of an earlier line."""
     groups: dict[int, int] = field(default_factory=dict)
     """Line -> first line of its near-duplicate group, for `data.split`."""
+    train_lines: list[int] = field(default_factory=list)
+    """Lines of the training split, in file order (an int64 array once checked)."""
+    test_lines: list[int] = field(default_factory=list)
+    """Lines of the test split, in file order (an int64 array once checked)."""
     examples: list[EncodedExample] | None = None
     """Every valid example with its encoding, in file order, when the caller keeps them
     (training, on a file that fits in memory, so that it is read and encoded once); else None."""
@@ -207,7 +211,7 @@ def check(path: Path, options: DataOptions, template=None, keep_examples: bool =
         key = item.key
         lines.append(item.line)
         keys.append(int(key[:16], 16))
-        ranks.append(int(data_mod.split_rank(key, options.seed)[:16], 16))
+        ranks.append(data_mod.split_rank(key, options.seed))
         near.add(_visible_text(item))
         if template is None:
             lengths.append(len(item.text) if item.is_raw else sum(len(m["content"]) for m in item.messages))
@@ -311,15 +315,15 @@ def _check_tokens(example: Example, template, options: DataOptions, report: Repo
 
 
 def _split(report: Report, line_of, ranks, is_copy, near_first, near_later) -> None:
-    """The split `data.split` makes after dropping copies (same ranks, same groups), and the
-    near-duplicate pairs that straddle it."""
+    """The split training makes (`data.split_rows` on the rows left after dropping copies, each
+    near-duplicate group ranked as its first row), and the near-duplicate pairs that straddle it."""
     import numpy as np
 
     from tunelab import dedup
 
     kept = np.flatnonzero(~is_copy)
     options = report.options
-    n_test = round(len(kept) * options.test_size) if options.test_size < 1 else int(options.test_size)
+    n_test = data_mod.held_out_count(len(kept), options.test_size)
     group = dedup.components(len(line_of), near_first, near_later)
     sizes = np.bincount(group, minlength=len(line_of))
     # A group larger than a tenth of the test split would unbalance it; its rows are then
@@ -331,18 +335,19 @@ def _split(report: Report, line_of, ranks, is_copy, near_first, near_later) -> N
                             "of the split; they are split one by one"))
     group = np.where(too_big, np.arange(len(line_of)), group)
     report.groups = {int(line_of[i]): int(line_of[group[i]]) for i in np.flatnonzero(group != np.arange(len(group)))}
-    group_rank = ranks[group]
-    kept_ranks = group_rank[kept]
+    # Copies take no part in near pairs, so a group's first row is always a kept row.
+    kept_row = np.cumsum(~is_copy) - 1
+    try:
+        kept_in_test = data_mod.split_rows(ranks[kept], kept_row[group[kept]], options.test_size)
+    except UserError as e:
+        report.error(Problem(0, "E_SPLIT", str(e)))
+        return
     in_test = np.zeros(len(line_of), bool)
-    if n_test > 0:
-        if n_test >= len(kept):
-            report.error(Problem(0, "E_SPLIT", f"--test-size {options.test_size} leaves no training examples "
-                                 f"out of {len(kept)}"))
-            return
-        test_ranks = np.unique(np.sort(kept_ranks)[:n_test])
-        in_test[kept] = np.isin(kept_ranks, test_ranks)
-    report.test_count = int(in_test.sum())
-    report.train_count = len(kept) - report.test_count
+    in_test[kept[kept_in_test]] = True
+    report.test_lines = line_of[kept[kept_in_test]]
+    report.train_lines = line_of[kept[~kept_in_test]]
+    report.test_count = len(report.test_lines)
+    report.train_count = len(report.train_lines)
     crossing = in_test[near_first] != in_test[near_later]
     report.leaked_count = int(crossing.sum())
     report.leaked_pairs = [(int(line_of[a]), int(line_of[b]))

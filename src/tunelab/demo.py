@@ -1,7 +1,8 @@
 """`tunelab demo`: the whole pipeline on the bundled booking-extraction task.
 
-Generate the examples, fine-tune smollm2-135m, evaluate base vs tuned on held-out examples,
-and print the table, the wall time and the peak memory.
+Generate the examples, fine-tune smollm2-135m, evaluate the base model zero-shot and few-shot
+against the fine-tuned one on held-out examples, and print the comparison, the wall time and
+the peak memory.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from tunelab.config import TrainConfig
 from tunelab.errors import check_output_folder
-from tunelab.evaluate import format_samples, format_table
+from tunelab.evaluate import format_report
 from tunelab.examples import bookings
 
 
@@ -43,14 +44,15 @@ def run_demo(out: Path, examples: int = 1200, method: str = "full", max_steps: i
     config = TrainConfig(method=method, max_steps=max_steps, batch_size=8, test_size=0.1, max_length=256)
     train(config, data, out, overwrite=True)
     run = Run(out)
-    print(f"Evaluating base and fine-tuned models on {eval_limit} held-out examples...")
-    results = run.evaluate(limit=eval_limit)
+    print(f"Evaluating the base model (zero-shot, few-shot) and the fine-tuned model on {eval_limit} "
+          "held-out examples...")
+    evaluated = time.perf_counter()
+    results = run.evaluate(limit=eval_limit, shots=3, retrieval=False)
+    evaluation = time.perf_counter() - evaluated
     minutes = (time.perf_counter() - started) / 60
     print()
-    print(format_table(results))
+    print(format_report(results))
     print()
-    print(format_samples(results))
-    print()
-    print(f"Wall time {minutes:.1f} min, peak memory {peak_memory_gib():.2f} GiB")
+    print(f"Wall time {minutes:.1f} min (evaluation {evaluation / 60:.1f} min), peak memory {peak_memory_gib():.2f} GiB")
     print(f"Run folder: {out}  (try: tunelab chat {out})")
     return results

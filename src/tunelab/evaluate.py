@@ -1,103 +1,384 @@
-"""Base model vs fine-tuned model on the held-out split: same prompts, greedy decoding.
+"""Did fine-tuning beat prompting, where does it fail, and what does each answer cost?
 
-Metrics: normalised exact match, word-level F1 (the softer one), and held-out loss and
-perplexity of the reference answers. Results and side-by-side examples go to RUN/eval.json.
+Contenders answer the same questions with greedy decoding:
+- `zero-shot`: the base model, the question alone;
+- `few-shot`: the base model with the same K training examples before every question;
+- `retrieval`: the base model with the K training examples most similar to each question;
+- `tuned`: the fine-tuned model;
+- any model behind an OpenAI-compatible endpoint (`--contender NAME=URL#MODEL`).
+The base model is loaded once for its three contenders; prompt building is in baselines.py,
+metrics and buckets in metrics.py, assertions in assertions.py, the multiple-choice forgetting
+check in forgetting.py, endpoints and the judge in endpoint.py.
+
+RUN/eval.json (schema 2), written beside and renamed, so it is either whole or absent:
+
+    schema               2
+    run, data            the run folder; the evaluated file (the run's test.jsonl by default)
+    examples_evaluated   number of examples
+    max_new_tokens, shots
+    contenders           [{"name", "kind": "local" | "endpoint", "model", "prompt":
+                           "zero-shot" | "few-shot" | "retrieval" | "fine-tuned" | "endpoint"}]
+    metrics              {contender: {metric: {"value", "low", "high"}}}: exact_match, token_f1,
+                         rouge_l; with JSON references valid_json and field_accuracy; for
+                         extraction tasks hallucinated_values (share of the answer's values found
+                         nowhere in the prompt); with --assertions assertions_passed (answers
+                         passing every rule); with --judge judge (mean grade). low/high: 95%
+                         bootstrap interval. The base and tuned models also get heldout_loss and
+                         perplexity ({"value"} only) of the reference answers.
+    fields               {contender: {field path: accuracy}} for JSON references, else {}
+    extractive_fields    the answer fields checked for hallucinated values
+    buckets              {contender: {bucket: count}}, buckets as in metrics.BUCKETS
+    bucket_examples      {contender: {bucket: [sample index, ...]}} (up to 5 each)
+    differences          [{"contender", "metric", "difference" (tuned minus contender), "low",
+                           "high", "tuned_only_right": [index], "contender_only_right": [index]}]
+                         (right = exact match)
+    cost                 {contender: {"prompt_tokens", "generated_tokens" (means per request),
+                          "seconds_per_request", "requests_per_second", "seconds"}}
+    assertions           null, or {"file", "results": {contender: {"rules": {rule: passed},
+                          "answers", "all_passed"}}}
+    judge                null, or {"url", "model", "ungraded": {contender: count}}
+    forgetting           null, or {"file", "questions", "results": {"zero-shot" | "tuned":
+                          {"accuracy", "accuracy_per_token"}}}
+    samples              [{"index", "line", "prompt", "reference", "answers": {contender:
+                          {"text", "bucket", "exact_match", "token_f1", "rouge_l",
+                           "prompt_tokens", "generated_tokens", "stopped",
+                           "assertions_failed": [...], "judge": grade | null}}}]
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
+import os
+import sys
 import time
-from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
 
+from tunelab import metrics
+from tunelab.baselines import few_shot_prompts, retrieval_prompts, user_text
 from tunelab.batching import encode_examples
-from tunelab.data import read_jsonl
-from tunelab.generate import generate_batch
+from tunelab.data import Example, iter_examples, load_examples, read_jsonl
+from tunelab.endpoint import Endpoint
+from tunelab.errors import UserError
+from tunelab.forgetting import DEFAULT_QUESTIONS
+from tunelab.generate import Answer, generate_detailed
 from tunelab.loss import heldout_loss
 
-
-def normalise(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-def exact_match(prediction: str, reference: str) -> float:
-    return float(normalise(prediction) == normalise(reference))
+LOCAL = ("zero-shot", "few-shot", "retrieval", "tuned")
+SCORES = ("exact_match", "token_f1", "rouge_l")
 
 
-def word_f1(prediction: str, reference: str) -> float:
-    """Overlap of word tokens (SQuAD-style F1): partial credit for partly right answers."""
-    pred, ref = re.findall(r"\w+", prediction.lower()), re.findall(r"\w+", reference.lower())
-    if not pred or not ref:
-        return float(pred == ref)
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
+@dataclass
+class Contender:
+    """One column of the comparison: who answered, and the answers."""
+
+    name: str
+    """Column name: zero-shot, few-shot, retrieval, tuned, or an endpoint's NAME."""
+    kind: str
+    """"local" or "endpoint"."""
+    model: str
+    """The model's path or name."""
+    prompt: str
+    """How it was prompted: zero-shot, few-shot, retrieval, fine-tuned or endpoint."""
+    answers: list[Answer] = field(default_factory=list)
+    """One per example, in order."""
+    seconds: float = 0.0
+    """Wall time of all its answers."""
 
 
-def score(model, template, examples, encoded, max_new_tokens: int, batch_size: int) -> tuple[dict, list[str]]:
+def load_labelled(path: Path) -> list[Example]:
+    """Examples of a --data file, which must carry reference answers."""
+    path = Path(path)
+    try:
+        return load_examples(path)
+    except UserError:
+        load_examples(path, require_answer=False)  # not even prompts: that error is the one to show
+        first = next(item.line for item in iter_examples(path) if not isinstance(item, Example))
+        raise UserError(f"--data {path}:{first}: no reference answer; evaluation compares answers with "
+                        "references, so give every row a completion, output or last assistant turn") from None
+
+
+def _progress(total: int, name: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"{name:>10}", unit="answer", file=sys.stderr, disable=not enabled, leave=False)
+
+
+def _generate(model, template, prompts, max_new_tokens: int, batch_size: int, contender: Contender,
+              progress: bool) -> None:
     started = time.perf_counter()
-    answers = generate_batch(model, template, [e.prompt_messages() for e in examples], max_new_tokens, batch_size)
-    loss = heldout_loss(model, encoded)
-    n = len(examples)
-    return {
-        "exact_match": sum(exact_match(a, e.reference) for a, e in zip(answers, examples)) / n,
-        "word_f1": sum(word_f1(a, e.reference) for a, e in zip(answers, examples)) / n,
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 50)),
-        "seconds": round(time.perf_counter() - started, 1),
-    }, answers
+    with _progress(len(prompts), contender.name, progress) as bar:
+        for answer in generate_detailed(model, template, prompts, max_new_tokens, batch_size):
+            contender.answers.append(answer)
+            bar.update()
+    contender.seconds = time.perf_counter() - started
 
 
 def evaluate(run, limit: int | None = None, batch_size: int = 16, max_new_tokens: int | None = None,
-             include_base: bool = True) -> dict:
-    from tunelab.errors import UserError
+             include_base: bool = True, data: Path | None = None, shots: int = 3, retrieval: bool = True,
+             endpoints: list[Endpoint] = (), assertions: Path | None = None, forgetting: Path | None = DEFAULT_QUESTIONS,
+             judge: Endpoint | None = None, progress: bool = True) -> dict:
+    """Every contender on the same examples; results saved to RUN/eval.json and returned."""
+    from tunelab import assertions as assertions_mod
+    from tunelab import forgetting as forgetting_mod
+    from tunelab.models import load_model
 
-    examples = read_jsonl(run.files.test)[:limit]
+    # Every input is read and checked before the first model loads.
+    source = Path(data) if data else run.files.test
+    examples = (load_labelled(source) if data else read_jsonl(source))[:limit]
     if not examples:
-        raise UserError(f"{run.path}: the run has no held-out examples; train with --test-size above 0")
+        raise UserError(f"{run.path}: the run has no held-out examples; train with --test-size above 0, "
+                        "or evaluate a labelled file with --data FILE")
     if any(e.is_raw for e in examples):
         raise UserError(f"{run.path}: a raw-text run has no answers to compare; its held-out loss is in "
                         f"{run.files.metrics}")
-    encoded, _ = encode_examples(examples, run.template, max_length=run.config.max_length, truncation="truncate")
+    rules = assertions_mod.load_rules(assertions) if assertions else None
+    questions = forgetting_mod.load_questions(forgetting) if forgetting else None
     tokenizer = run.tokenizer
     if max_new_tokens is None:
         longest = max(len(tokenizer(e.reference, add_special_tokens=False)["input_ids"]) for e in examples)
         max_new_tokens = min(512, int(longest * 1.5) + 16)
 
-    results: dict = {"examples_evaluated": len(examples), "max_new_tokens": max_new_tokens}
-    outputs: dict[str, list[str]] = {}
+    prompts = [e.prompt_messages() for e in examples]
+    if judge:  # reached once now, so an unreachable judge fails before the models run, not after
+        judge.complete([{"role": "user", "content": "Reply with the word OK."}], max_tokens=2)
+    contenders: list[Contender] = []
+    for endpoint in endpoints:  # first: an unreachable URL fails before any local work
+        contender = Contender(endpoint.name, "endpoint", endpoint.model, "endpoint")
+        started = time.perf_counter()
+        first = endpoint.answer(prompts[0], max_new_tokens)  # a bad URL fails here, before any progress bar
+        with _progress(len(prompts), endpoint.name, progress) as bar:
+            bar.update()
+            contender.answers = [first, *endpoint.answers(prompts[1:], max_new_tokens, progress=bar)]
+        contender.seconds = time.perf_counter() - started
+        contenders.append(contender)
+
+    encoded, _ = encode_examples(examples, run.template, max_length=run.config.max_length, truncation="truncate")
+    losses: dict[str, float] = {}
+    forgotten: dict[str, dict] = {}
+    local: list[Contender] = []
     if include_base:
-        results["base"], outputs["base"] = score(run.base_model(), run.template, examples, encoded, max_new_tokens, batch_size)
-    results["tuned"], outputs["tuned"] = score(run.model(), run.template, examples, encoded, max_new_tokens, batch_size)
-    results["samples"] = [
-        {"line": e.line, "prompt": e.prompt_messages()[-1]["content"], "reference": e.reference,
-         **{name: answers[i] for name, answers in outputs.items()}}
-        for i, e in enumerate(examples)
-    ]
-    run.files.eval.write_text(json.dumps(results, indent=2, ensure_ascii=False))
-    return results
+        base_path = str(run.base_path())
+        base = load_model(run.base_path()).eval()
+        train = read_jsonl(run.files.train) if shots else []
+        variants = [("zero-shot", prompts)]
+        if shots and train:
+            variants.append(("few-shot", few_shot_prompts(prompts, train, shots)))
+            if retrieval:
+                variants.append(("retrieval", retrieval_prompts(prompts, train, shots)))
+        for name, variant in variants:
+            contender = Contender(name, "local", base_path, name)
+            _generate(base, run.template, variant, max_new_tokens, batch_size, contender, progress)
+            local.append(contender)
+        losses["zero-shot"] = heldout_loss(base, encoded)
+        if questions:
+            forgotten["zero-shot"] = forgetting_mod.accuracy(base, run.template, questions)
+        del base
+    tuned_model = run.model()
+    tuned = Contender("tuned", "local", str(run.path), "fine-tuned")
+    _generate(tuned_model, run.template, prompts, max_new_tokens, batch_size, tuned, progress)
+    local.append(tuned)
+    losses["tuned"] = heldout_loss(tuned_model, encoded)
+    if questions:
+        forgotten["tuned"] = forgetting_mod.accuracy(tuned_model, run.template, questions)
+    contenders = local + contenders
+
+    results = score(examples, contenders, rules, judge)
+    for name, loss in losses.items():
+        results["metrics"][name]["heldout_loss"] = {"value": loss}
+        results["metrics"][name]["perplexity"] = {"value": math.exp(min(loss, 50))}
+    checked, ungraded = results.pop("assertion_results"), results.pop("ungraded")
+    ordered = {"schema": 2, "run": str(run.path), "data": str(source), "examples_evaluated": len(examples),
+               "max_new_tokens": max_new_tokens, "shots": shots, **results,
+               "assertions": {"file": str(assertions), "results": checked} if rules else None,
+               "judge": {"url": judge.url, "model": judge.model, "ungraded": ungraded} if judge else None,
+               "forgetting": {"file": str(forgetting), "questions": len(questions), "results": forgotten}
+               if questions else None}
+    ordered["samples"] = ordered.pop("samples")  # last: the long part of the file
+    write_atomically(run.files.eval, ordered)
+    return ordered
+
+
+def score(examples: list[Example], contenders: list[Contender], rules, judge: Endpoint | None) -> dict:
+    """Every metric, bucket, difference and cost of the contenders' answers (no model needed)."""
+    from tunelab import assertions as assertions_mod
+    from tunelab.endpoint import judge as grade
+
+    prompt_texts = ["\n".join(m["content"] for m in e.prompt_messages()) for e in examples]
+    questions = [user_text(e.prompt_messages()) for e in examples]
+    references = [e.reference for e in examples]
+    is_json = all(metrics.parse_json(r) is not None for r in references)
+    extractive = metrics.extractive_paths(prompt_texts, references)
+    out: dict = {"contenders": [], "metrics": {}, "fields": {}, "extractive_fields": sorted(extractive),
+                 "buckets": {}, "bucket_examples": {}, "differences": [], "cost": {}, "assertion_results": {},
+                 "ungraded": {}}
+    samples = [{"index": i, "line": e.line, "prompt": questions[i], "reference": e.reference, "answers": {}}
+               for i, e in enumerate(examples)]
+    per_example: dict[str, dict[str, list[float]]] = {}
+    for c in contenders:
+        texts = [a.text for a in c.answers]
+        rows = {m: [getattr(metrics, m)(t, r) for t, r in zip(texts, references)] for m in SCORES}
+        table = {m: _summary(rows[m]) for m in SCORES}
+        if is_json:
+            fields = [metrics.json_fields(t, r) for t, r in zip(texts, references)]
+            table["valid_json"] = _summary([float(metrics.parse_json(t) is not None) for t in texts])
+            table["field_accuracy"] = _summary([sum(f.values()) / max(len(f), 1) for f in fields])
+            paths = sorted({p for f in fields for p in f})
+            out["fields"][c.name] = {p: sum(f.get(p, False) for f in fields) / sum(p in f for f in fields)
+                                     for p in paths}
+        counted = [metrics.hallucinated_values(t, p, extractive) for t, p in zip(texts, prompt_texts)]
+        if extractive and sum(n for n, _ in counted):
+            values, made_up = [n for n, _ in counted], [h for _, h in counted]
+            low, high = metrics.bootstrap_interval(made_up, values)
+            table["hallucinated_values"] = {"value": sum(made_up) / sum(values), "low": low, "high": high}
+        failures = [[] for _ in texts]
+        if rules:
+            checked = assertions_mod.apply(rules, questions, texts)
+            failures = checked.failures
+            out["assertion_results"][c.name] = checked.as_dict(len(texts))
+            table["assertions_passed"] = _summary([float(not f) for f in failures])
+        grades = [None] * len(texts)
+        if judge:
+            grades = grade(judge, questions, references, texts)
+            graded = [g for g in grades if g is not None]
+            out["ungraded"][c.name] = len(grades) - len(graded)
+            if graded:
+                table["judge"] = _summary(graded)
+        buckets = [metrics.bucket(a.text, r, a.stopped, h) for a, r, (_, h) in zip(c.answers, references, counted)]
+        out["buckets"][c.name] = {b: buckets.count(b) for b in metrics.BUCKETS}
+        out["bucket_examples"][c.name] = {b: [i for i, x in enumerate(buckets) if x == b][:5]
+                                          for b in metrics.BUCKETS if b in buckets}
+        out["metrics"][c.name] = table
+        out["contenders"].append({"name": c.name, "kind": c.kind, "model": c.model, "prompt": c.prompt})
+        n = len(c.answers)
+        out["cost"][c.name] = {
+            "prompt_tokens": sum(a.prompt_tokens for a in c.answers) / n,
+            "generated_tokens": sum(a.generated_tokens for a in c.answers) / n,
+            "seconds_per_request": c.seconds / n, "requests_per_second": n / max(c.seconds, 1e-9),
+            "seconds": c.seconds,
+        }
+        per_example[c.name] = rows
+        for i, (a, sample) in enumerate(zip(c.answers, samples)):
+            sample["answers"][c.name] = {
+                "text": a.text, "bucket": buckets[i], **{m: rows[m][i] for m in SCORES},
+                "prompt_tokens": a.prompt_tokens, "generated_tokens": a.generated_tokens, "stopped": a.stopped,
+                "assertions_failed": failures[i], "judge": grades[i],
+            }
+    if "tuned" in per_example:
+        for c in contenders:
+            if c.name == "tuned":
+                continue
+            for m in SCORES:
+                diffs = [t - o for t, o in zip(per_example["tuned"][m], per_example[c.name][m])]
+                low, high = metrics.bootstrap_interval(diffs)
+                tuned_right = [i for i, d in enumerate(per_example["tuned"]["exact_match"]) if d]
+                other_right = [i for i, d in enumerate(per_example[c.name]["exact_match"]) if d]
+                out["differences"].append({
+                    "contender": c.name, "metric": m, "difference": sum(diffs) / len(diffs), "low": low, "high": high,
+                    "tuned_only_right": sorted(set(tuned_right) - set(other_right)),
+                    "contender_only_right": sorted(set(other_right) - set(tuned_right)),
+                })
+    out["samples"] = samples
+    return out
+
+
+def _summary(values: list[float]) -> dict:
+    low, high = metrics.bootstrap_interval(values)
+    return {"value": sum(values) / len(values), "low": low, "high": high}
+
+
+def write_atomically(path: Path, results: dict) -> None:
+    """Write beside and rename: a crash or Ctrl-C leaves the old file or none, never half of one."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(partial, path)
+
+
+# Printing: the same numbers as eval.json, contenders as columns.
+
+ROWS = [("exact match", "exact_match", "pct"), ("token F1", "token_f1", "pct"), ("ROUGE-L", "rouge_l", "pct"),
+        ("valid JSON", "valid_json", "pct"), ("field accuracy", "field_accuracy", "pct"),
+        ("hallucinated values", "hallucinated_values", "pct"), ("assertions passed", "assertions_passed", "pct"),
+        ("judge", "judge", "pct"), ("held-out loss", "heldout_loss", "{:.3f}"), ("perplexity", "perplexity", "{:.2f}")]
+
+
+def _cell(entry: dict | None, style: str) -> str:
+    if entry is None:
+        return "-"
+    if style != "pct":
+        return style.format(entry["value"])
+    return f"{entry['value']:.0%} ({entry['low']:.0%}-{entry['high']:.0%})"
+
+
+def _grid(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in [header, *rows]]
+    return "\n".join(lines)
 
 
 def format_table(results: dict) -> str:
-    columns = [c for c in ("base", "tuned") if c in results]
-    rows = [("exact match", "exact_match", "{:.1%}"), ("word F1", "word_f1", "{:.1%}"),
-            ("held-out loss", "loss", "{:.3f}"), ("perplexity", "perplexity", "{:.2f}")]
-    lines = [f"{'':16}" + "".join(f"{c:>12}" for c in columns)]
-    for label, key, fmt in rows:
-        lines.append(f"{label:16}" + "".join(f"{fmt.format(results[c][key]):>12}" for c in columns))
+    """Metrics as rows, contenders as columns, each rate with its 95% interval."""
+    names = [c["name"] for c in results["contenders"]]
+    rows = []
+    for label, key, style in ROWS:
+        cells = [_cell(results["metrics"][n].get(key), style) for n in names]
+        if any(c != "-" for c in cells):
+            rows.append([label, *cells])
+    return _grid([f"{results['examples_evaluated']} examples", *names], rows)
+
+
+def format_buckets(results: dict) -> str:
+    names = [c["name"] for c in results["contenders"]]
+    rows = [[b, *[str(results["buckets"][n][b]) for n in names]] for b in metrics.BUCKETS]
+    return _grid(["answers", *names], rows)
+
+
+def format_cost(results: dict) -> str:
+    names = [c["name"] for c in results["contenders"]]
+    cost = results["cost"]
+    rows = [["prompt tokens", *[f"{cost[n]['prompt_tokens']:.0f}" for n in names]],
+            ["generated tokens", *[f"{cost[n]['generated_tokens']:.1f}" for n in names]],
+            ["seconds / request", *[f"{cost[n]['seconds_per_request']:.3f}" for n in names]],
+            ["requests / second", *[f"{cost[n]['requests_per_second']:.1f}" for n in names]]]
+    return _grid(["cost per request", *names], rows)
+
+
+def format_differences(results: dict) -> str:
+    lines = []
+    for d in results["differences"]:
+        if d["metric"] != "exact_match":
+            continue
+        lines.append(f"tuned - {d['contender']}: exact match {d['difference']:+.0%} (95% CI {d['low']:+.0%} to "
+                     f"{d['high']:+.0%}); only tuned right: {len(d['tuned_only_right'])}, only "
+                     f"{d['contender']} right: {len(d['contender_only_right'])}")
     return "\n".join(lines)
 
 
 def format_samples(results: dict, count: int = 3) -> str:
+    """A few examples side by side, those where the contenders disagree first."""
+    samples = results["samples"]
+    disagreeing = [s for s in samples if len({a["bucket"] for a in s["answers"].values()}) > 1]
     lines = []
-    for sample in results["samples"][:count]:
+    for sample in (disagreeing + [s for s in samples if s not in disagreeing])[:count]:
         lines.append(f"- prompt:    {sample['prompt']!r}")
         lines.append(f"  reference: {sample['reference']!r}")
-        for name in ("base", "tuned"):
-            if name in sample:
-                lines.append(f"  {name + ':':11}{sample[name]!r}")
+        for name, answer in sample["answers"].items():
+            lines.append(f"  {name + ':':11}{answer['text']!r} [{answer['bucket']}]")
     return "\n".join(lines)
+
+
+def format_forgetting(results: dict) -> str:
+    if not results.get("forgetting"):
+        return ""
+    f = results["forgetting"]
+    parts = [f"{name} {r['accuracy']:.0%}" for name, r in f["results"].items()]
+    return f"forgetting check ({f['questions']} multiple-choice questions, log-likelihood): " + ", ".join(parts)
+
+
+def format_report(results: dict) -> str:
+    """Everything `tunelab eval` prints."""
+    sections = [format_table(results), format_differences(results), format_buckets(results), format_cost(results),
+                format_forgetting(results), format_samples(results)]
+    return "\n\n".join(s for s in sections if s)

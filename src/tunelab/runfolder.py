@@ -118,10 +118,10 @@ class RunFiles:
         model.save_pretrained(target, safe_serialization=True, state_dict=state_dict)
 
     def check(self) -> None:
-        if not self.root.exists():
-            raise UserError(f"{self.root}: no such run folder; `tunelab train DATA --out {self.root}` makes one")
-        if not self.root.is_dir():
+        if self.root.is_file():
             raise UserError(f"{self.root}: is a file, not a run folder; pass the folder given to `tunelab train --out`")
+        if not self.root.is_dir():
+            raise UserError(f"{self.root}: no such run folder; train one with `tunelab train DATA --out {self.root}`")
         if not self.config.exists() or not self.template.exists():
             raise UserError(f"{self.root}: not a tunelab run folder (no config.yaml); train one with `tunelab train`")
         missing = [p.name for p in (self.info, self.tokenizer) if not p.exists()]

@@ -1,0 +1,153 @@
+"""Evaluation speed: tunelab's batched generation vs one-by-one `model.generate` calls.
+
+    PYTHONPATH=src python benchmarks/eval_speed.py --prompts 48
+    PYTHONPATH=src python benchmarks/eval_speed.py --prompts 48 --demo-run runs/demo --limit 20
+
+The prompts are the demo's booking-extraction questions (`tunelab.examples.bookings`), asked of
+the base model (`--base`, smollm2-135m by default) through its own chat template, greedily, with
+the same token limit, in two forms: zero-shot (the question alone) and few-shot (`--shots`
+training examples before every question, as `tunelab eval` builds them). Three ways to answer
+them, timed on the same prompts:
+
+- `one-by-one`: what a new user writes first: one `model.generate` call per prompt;
+- `hf-batched`: `model.generate` on left-padded batches sorted by length (tunelab's earlier path);
+- `tunelab`: `tunelab.generate.generate_detailed`: KV-cache loop where finished rows leave the
+  batch and the prefix that every prompt of a window shares is computed once.
+
+Printed: seconds, answers per second, the speed-up over one-by-one, and how many answers equal
+the one-by-one answers. With `--demo-run RUN` (a finished `tunelab demo` run), also the wall time
+of that run's evaluation with every contender (zero-shot, few-shot, retrieval, tuned, the
+forgetting check) on `--limit` held-out examples. Results go to OUT/eval_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+
+def one_by_one(model, template, prompts, max_new_tokens: int) -> list[str]:
+    import torch
+
+    answers = []
+    for conversation in prompts:
+        ids = torch.tensor([template.encode_prompt(conversation)])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=template.stop_token_ids,
+                             pad_token_id=template.tokenizer.pad_token_id)
+        answers.append(template.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return answers
+
+
+def hf_batched(model, template, prompts, max_new_tokens: int, batch_size: int) -> list[str]:
+    import torch
+
+    tokenizer = template.tokenizer
+    encoded = [template.encode_prompt(c) for c in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    answers = [""] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in batch)
+        pad = tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in batch])
+        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in batch])
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=template.stop_token_ids, pad_token_id=pad)
+        for i, row in zip(batch, out):
+            answers[i] = tokenizer.decode(row[width:], skip_special_tokens=True).strip()
+    return answers
+
+
+def tunelab_batched(model, template, prompts, max_new_tokens: int, batch_size: int) -> list[str]:
+    from tunelab.generate import generate_detailed
+
+    return [a.text for a in generate_detailed(model, template, prompts, max_new_tokens, batch_size)]
+
+
+def timed(function, *args) -> tuple[float, list[str]]:
+    started = time.perf_counter()
+    answers = function(*args)
+    return time.perf_counter() - started, answers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--base", default="smollm2-135m", help="base model (default: smollm2-135m)")
+    parser.add_argument("--prompts", type=int, default=48, help="questions per form (default: 48)")
+    parser.add_argument("--shots", type=int, default=3, help="examples in the few-shot prompt (default: 3)")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="token limit per answer (default: 48)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--ways", default="one-by-one,hf-batched,tunelab", help="comma-separated ways to time")
+    parser.add_argument("--demo-run", default=None, help="a finished demo run: also time its full evaluation")
+    parser.add_argument("--limit", type=int, default=20, help="held-out examples for --demo-run (default: 20)")
+    parser.add_argument("--out", default="runs/eval-speed", help="folder for eval_speed.json")
+    args = parser.parse_args()
+
+    import torch
+
+    from tunelab.baselines import few_shot_prompts
+    from tunelab.data import Example
+    from tunelab.examples import bookings
+    from tunelab.models import load_model, load_tokenizer, resolve_base
+    from tunelab.template import Template
+
+    torch.set_grad_enabled(False)
+    path = resolve_base(args.base)
+    model = load_model(path).eval()
+    template = Template.for_model(load_tokenizer(path))
+    rows = bookings.make_examples(args.prompts + 50, seed=1)
+    examples = [Example([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}],
+                        i + 1) for i, r in enumerate(rows)]
+    questions = [e.messages[:1] for e in examples[: args.prompts]]
+    forms = {"zero-shot": questions, "few-shot": few_shot_prompts(questions, examples[args.prompts:], args.shots)}
+    ways = {"one-by-one": lambda p: one_by_one(model, template, p, args.max_new_tokens),
+            "hf-batched": lambda p: hf_batched(model, template, p, args.max_new_tokens, args.batch_size),
+            "tunelab": lambda p: tunelab_batched(model, template, p, args.max_new_tokens, args.batch_size)}
+    chosen = args.ways.split(",")
+    tunelab_batched(model, template, questions[:2], 4, 2)  # warm-up: first-call allocations, lazy imports
+
+    results: dict = {"base": args.base, "prompts": args.prompts, "shots": args.shots,
+                     "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+                     "threads": torch.get_num_threads(), "forms": {}}
+    for form, prompts in forms.items():
+        rows_out = {}
+        reference = None
+        for way in chosen:
+            seconds, answers = timed(ways[way], prompts)
+            reference = reference if reference is not None else answers
+            rows_out[way] = {"seconds": seconds, "answers_per_second": len(prompts) / seconds,
+                             "same_as_first": sum(a == b for a, b in zip(answers, reference))}
+            print(f"{form:10} {way:11} {seconds:8.1f} s  {len(prompts) / seconds:7.2f} answers/s  "
+                  f"same answers as {chosen[0]}: {rows_out[way]['same_as_first']}/{len(prompts)}", flush=True)
+        if "one-by-one" in rows_out:
+            for way, row in rows_out.items():
+                row["speedup"] = rows_out["one-by-one"]["seconds"] / row["seconds"]
+            print(f"{form:10} speed-up over one-by-one: "
+                  + ", ".join(f"{w} {r['speedup']:.1f}x" for w, r in rows_out.items()), flush=True)
+        results["forms"][form] = rows_out
+
+    if args.demo_run:
+        from tunelab.run import Run
+
+        del model
+        run = Run(args.demo_run)
+        started = time.perf_counter()
+        evaluated = run.evaluate(limit=args.limit, shots=args.shots, progress=False)
+        seconds = time.perf_counter() - started
+        results["demo_evaluation"] = {"run": args.demo_run, "examples": args.limit, "seconds": seconds,
+                                      "contenders": [c["name"] for c in evaluated["contenders"]],
+                                      "cost": evaluated["cost"]}
+        print(f"demo evaluation, all contenders and the forgetting check, {args.limit} examples: {seconds:.1f} s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval_speed.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

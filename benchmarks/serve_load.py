@@ -1,0 +1,160 @@
+"""Load on `tunelab serve`: N concurrent clients for a bounded time, on loopback only.
+
+    python benchmarks/serve_load.py RUN [--clients 8] [--seconds 30] [--max-tokens 32]
+        [--price-per-cpu-hour 0.04] [--gguf model.gguf]
+
+Starts `tunelab serve RUN --port 0 --max-queue Q` (and, with --gguf and llama-cpp-python
+installed, llama.cpp's own server on the same GGUF), keeps N clients sending chat requests
+back to back for --seconds, and prints latency p50/p95, generated tokens per second, the count
+of each kind of error (only 429 is acceptable), and the cost of 1000 requests: the server
+process's CPU time (user + system, from /proc) at --price-per-cpu-hour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Load:
+    """What the clients saw."""
+
+    latencies: list[float] = field(default_factory=list)
+    """Seconds per answered request."""
+    tokens: int = 0
+    """Completion tokens of the answered requests."""
+    statuses: Counter = field(default_factory=Counter)
+    """HTTP status (or exception name) per request."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def client(url: str, model: str, prompts: list[str], max_tokens: int, until: float, load: Load, seed: int) -> None:
+    i = seed
+    while time.monotonic() < until:
+        body = json.dumps({"model": model, "max_tokens": max_tokens,
+                           "messages": [{"role": "user", "content": prompts[i % len(prompts)]}]}).encode()
+        i += 1
+        request = urllib.request.Request(url + "/v1/chat/completions", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        start = time.monotonic()
+        try:
+            with urllib.request.urlopen(request, timeout=300) as response:
+                answer = json.loads(response.read())
+            with load.lock:
+                load.latencies.append(time.monotonic() - start)
+                load.tokens += answer["usage"]["completion_tokens"]
+                load.statuses[200] += 1
+        except urllib.error.HTTPError as e:
+            with load.lock:
+                load.statuses[e.code] += 1
+            if e.code == 429:
+                time.sleep(0.05)  # a real client backs off
+        except OSError as e:
+            with load.lock:
+                load.statuses[type(e).__name__] += 1
+
+
+def run_load(name: str, url: str, model: str, pid: int, args: argparse.Namespace) -> dict:
+    prompts = [f"Country of {city}?" for city in ("Paris", "Berlin", "Madrid", "Rome", "Oslo", "Lisbon")]
+    load = Load()
+    cpu_before = cpu_seconds(pid)
+    start = time.monotonic()
+    until = start + args.seconds
+    threads = [threading.Thread(target=client, args=(url, model, prompts, args.max_tokens, until, load, i))
+               for i in range(args.clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - start
+    cpu = cpu_seconds(pid) - cpu_before
+    answered = len(load.latencies)
+    quantiles = statistics.quantiles(load.latencies, n=20) if answered >= 2 else [float("nan")] * 19
+    cost = cpu / 3600 * args.price_per_cpu_hour / answered * 1000 if answered else float("nan")
+    return {"server": name, "clients": args.clients, "seconds": round(elapsed, 1), "answered": answered,
+            "requests_per_s": round(answered / elapsed, 2), "p50_s": round(statistics.median(load.latencies), 3)
+            if answered else None, "p95_s": round(quantiles[18], 3), "tokens_per_s": round(load.tokens / elapsed, 1),
+            "errors": {str(k): v for k, v in load.statuses.items() if k != 200},
+            "server_cpu_s": round(cpu, 1), "usd_per_1000_requests": round(cost, 5)}
+
+
+def start(command: list[str], ready: re.Pattern, timeout: float = 600) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        if match := ready.search(line):
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep draining its log
+            return proc, match.group(1)
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    sys.exit(f"server did not start: {' '.join(command)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="run folder to serve")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-queue", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--price-per-cpu-hour", type=float, default=0.04,
+                        help="USD per CPU-hour (default 0.04: on-demand cloud vCPU price, late 2020s)")
+    parser.add_argument("--gguf", default=None, help="exported GGUF: also load llama.cpp's server with it")
+    args = parser.parse_args()
+
+    model = os.path.basename(os.path.normpath(args.run))
+    load_before = os.getloadavg()[0]  # other work on the machine skews every number below
+    results = []
+    proc, url = start([sys.executable, "-m", "tunelab.cli", "serve", args.run, "--port", "0",
+                       "--max-queue", str(args.max_queue), "--batch-size", str(args.batch_size)],
+                      re.compile(r"on (http://127\.0\.0\.1:\d+)"))
+    try:
+        results.append(run_load("tunelab serve", url, model, proc.pid, args))
+    finally:
+        proc.terminate()
+        proc.wait()
+    if args.gguf:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            print("llama-cpp-python is not installed: no llama.cpp comparison", file=sys.stderr)
+        else:
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            proc, url = start([sys.executable, "-m", "llama_cpp.server", "--model", args.gguf, "--host", "127.0.0.1",
+                               "--port", str(port), "--model_alias", model],
+                              re.compile(rf"(http://127\.0\.0\.1:{port})"))
+            try:
+                results.append(run_load("llama.cpp server", url, model, proc.pid, args))
+            finally:
+                proc.terminate()
+                proc.wait()
+    print(f"{os.cpu_count()} CPU cores; load average before: {load_before:.1f}")
+    for row in results:
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Scoring one answer against its reference, the bucket it falls in, and bootstrap intervals.
+
+Plain Python (and numpy for the bootstrap), so every number can be checked by hand:
+- `exact_match`: equal after normalisation (lower case, punctuation, articles and extra spaces
+  dropped), or equal as parsed JSON when the reference is JSON;
+- `token_f1`: overlap of word tokens (SQuAD's F1), partial credit for partly right answers;
+- `rouge_l`: F-measure of the longest common subsequence of word tokens;
+- `json_fields`: for a JSON reference, whether the answer parses and which leaf fields match;
+- `answer_values` / `extractive_paths`: the values an extraction answer should copy from its
+  prompt, and which of them appear nowhere in it (hallucinated values);
+- `bucket`: each answer in exactly one of BUCKETS.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections import Counter
+
+import numpy as np
+
+BUCKETS = ("correct", "wrong", "hallucinated value", "invalid format", "empty", "no stop", "repetition loop")
+"""Where each answer lands, checked in this order: empty, correct, repetition loop, no stop,
+invalid format, hallucinated value, wrong."""
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalise(text: str) -> str:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
+    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION)).split())
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def parse_json(text: str):
+    """The JSON value of `text` (an object or a list), or None. A ```json fence is allowed."""
+    text = text.strip()
+    fenced = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", text, flags=re.S)
+    if fenced:
+        text = fenced.group(1)
+    if not text.startswith(("{", "[")):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def exact_match(answer: str, reference: str) -> float:
+    expected = parse_json(reference)
+    if expected is not None:
+        return float(parse_json(answer) == expected)
+    return float(normalise(answer) == normalise(reference))
+
+
+def token_f1(answer: str, reference: str) -> float:
+    predicted, expected = words(answer), words(reference)
+    if not predicted or not expected:
+        return float(predicted == expected)
+    common = sum((Counter(predicted) & Counter(expected)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_l(answer: str, reference: str) -> float:
+    predicted, expected = words(answer), words(reference)
+    if not predicted or not expected:
+        return float(predicted == expected)
+    # Longest common subsequence, one row of the dynamic programme at a time.
+    previous = [0] * (len(expected) + 1)
+    for p in predicted:
+        current = [0]
+        for j, e in enumerate(expected):
+            current.append(previous[j] + 1 if p == e else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(predicted), lcs / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+def leaves(value, path: str = "") -> dict[str, object]:
+    """Flatten JSON to {path: leaf}; list positions are kept (`items.0.name`)."""
+    if isinstance(value, dict):
+        found = {}
+        for key, item in value.items():
+            found.update(leaves(item, f"{path}.{key}" if path else str(key)))
+        return found
+    if isinstance(value, list):
+        found = {}
+        for i, item in enumerate(value):
+            found.update(leaves(item, f"{path}.{i}" if path else str(i)))
+        return found
+    return {path: value}
+
+
+def _same_leaf(a, b) -> bool:
+    if isinstance(a, str) and isinstance(b, str):
+        return normalise(a) == normalise(b)
+    return a == b
+
+
+def json_fields(answer: str, reference: str) -> dict[str, bool] | None:
+    """For a JSON reference: each of its leaf fields -> whether the answer has the same value
+    there. None when the reference is not JSON; every field False when the answer is not."""
+    expected = parse_json(reference)
+    if expected is None:
+        return None
+    got = leaves(parse_json(answer)) if parse_json(answer) is not None else {}
+    return {path: path in got and _same_leaf(got[path], value) for path, value in leaves(expected).items()}
+
+
+_QUOTED = re.compile(r"\"([^\"]{2,})\"|'([^']{2,})'|“([^”]{2,})”")
+
+
+def answer_values(text: str) -> dict[str, str]:
+    """The values an answer states: JSON leaf strings by path, or quoted spans of plain text
+    (keyed by their position, `quoted.0`, ...)."""
+    parsed = parse_json(text)
+    if parsed is not None:
+        return {path: value for path, value in leaves(parsed).items() if isinstance(value, str) and value.strip()}
+    spans = [next(g for g in m.groups() if g) for m in _QUOTED.finditer(text)]
+    return {f"quoted.{i}": span for i, span in enumerate(spans)}
+
+
+def _general_path(path: str) -> str:
+    return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", path)
+
+
+def in_prompt(value: str, prompt: str) -> bool:
+    return normalise(value) in normalise(prompt)
+
+
+def extractive_paths(prompts: list[str], references: list[str], share: float = 0.8) -> set[str]:
+    """The answer fields meant to be copied from the input: those whose reference value is found
+    in the prompt in at least `share` of the examples that have the field (list positions count
+    as one field). Empty when the task is not extraction."""
+    seen: Counter = Counter()
+    copied: Counter = Counter()
+    for prompt, reference in zip(prompts, references):
+        for path, value in answer_values(reference).items():
+            general = _general_path(path)
+            seen[general] += 1
+            copied[general] += in_prompt(value, prompt)
+    return {path for path, n in seen.items() if copied[path] >= share * n}
+
+
+def hallucinated_values(answer: str, prompt: str, paths: set[str]) -> tuple[int, int]:
+    """(values of the answer in extractive fields, how many of them appear nowhere in the prompt)."""
+    values = [v for p, v in answer_values(answer).items() if _general_path(p) in paths]
+    return len(values), sum(not in_prompt(v, prompt) for v in values)
+
+
+def repetition_loop(text: str, min_repeats: int = 4, min_tokens: int = 12) -> bool:
+    """True when some n-gram of words (n up to 10) repeats back to back at least `min_repeats`
+    times, covering at least `min_tokens` tokens: the loop a model falls into when it cannot stop."""
+    tokens = re.findall(r"\w+|[^\w\s]", text.lower())
+    for n in range(1, 11):
+        needed = max(min_repeats, -(-min_tokens // n))
+        for start in range(len(tokens) - needed * n + 1):
+            gram = tokens[start : start + n]
+            copies = 1
+            while tokens[start + copies * n : start + (copies + 1) * n] == gram:
+                copies += 1
+            if copies >= needed:
+                return True
+    return False
+
+
+def bucket(answer: str, reference: str, stopped: bool, hallucinated: int) -> str:
+    """The one bucket of BUCKETS this answer falls in."""
+    if not answer.strip():
+        return "empty"
+    if exact_match(answer, reference):
+        return "correct"
+    if repetition_loop(answer):
+        return "repetition loop"
+    if not stopped:
+        return "no stop"
+    if parse_json(reference) is not None and parse_json(answer) is None:
+        return "invalid format"
+    if hallucinated:
+        return "hallucinated value"
+    return "wrong"
+
+
+def bootstrap_interval(values, totals=None, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of `values` (pass per-example differences
+    for a paired interval), or of sum(values) / sum(totals) when `totals` is given (a rate over
+    examples of different sizes). A fixed seed, so results are reproducible."""
+    values = np.asarray(values, dtype=float)
+    if len(values) == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(values), size=(resamples, len(values)))
+    if totals is None:
+        estimates = values[picks].mean(axis=1)
+    else:
+        totals = np.asarray(totals, dtype=float)
+        estimates = values[picks].sum(axis=1) / np.maximum(totals[picks].sum(axis=1), 1)
+    low, high = np.percentile(estimates, [2.5, 97.5])
+    return float(low), float(high)

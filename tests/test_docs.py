@@ -1,0 +1,325 @@
+"""The documentation runs: every `tunelab ...` command line and every Python snippet that
+README.md and docs/*.md show, in the documented form, on a tiny model.
+
+The tiny model takes the place of the default base: `resolve_base("smollm2-135m")` uses
+`$TUNELAB_CACHE/models/smollm2-135m` once it holds a config.json, so `tunelab train data.jsonl`
+trains it unchanged. Commands run in one working folder that holds the files they name. Forms
+with placeholders (DATA, RUN, [--flag]) get concrete values from FORMS below; a form the docs
+show and FORMS does not know, or one FORMS knows and the docs no longer show, fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+import tunelab
+
+ROOT = Path(__file__).parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
+INLINE = re.compile(r"`(tunelab [^`]+)`((?:\s*/\s*`--[^`]+`)*)")
+PROMPT = "Country of Paris? (0)"
+
+
+def documented() -> tuple[set[str], list[str]]:
+    """(command forms shown in code blocks, indented blocks and inline code, Python snippets)."""
+    forms, snippets = set(), []
+    for doc in DOCS:
+        text = doc.read_text()
+        for language, body in FENCE.findall(text):
+            if language == "python":
+                snippets.append(body)
+            else:
+                forms |= commands_in(body.splitlines())
+        outside = FENCE.sub("", text)
+        indented = [line for line in outside.splitlines() if line.startswith("    ")]
+        forms |= commands_in(indented)
+        for match in INLINE.finditer(outside):
+            form = " ".join(match[1].split())
+            forms.add(form)
+            # `tunelab generate RUN --prompt TEXT` / `--input FILE`: the alternative replaces the
+            # last option of the form before it.
+            for alternative in re.findall(r"`(--[^`]+)`", match[2]):
+                forms.add(re.sub(r" --\S+ \S+$", "", form) + " " + " ".join(alternative.split()))
+    return forms, snippets
+
+
+def commands_in(lines: list[str]) -> set[str]:
+    """`tunelab ...` commands, and launchers running `-m tunelab.cli`, comments left out; a line
+    may chain several commands with &&."""
+    found = set()
+    for line in lines:
+        for part in line.split("&&"):
+            if part.strip().startswith("tunelab ") or " -m tunelab.cli " in part:
+                found.add(shlex.join(shlex.split(part, comments=True)))
+    return found
+
+
+@dataclass
+class Form:
+    """How the test runs one documented form."""
+
+    commands: list[str] = field(default_factory=list)
+    """Concrete command lines, run in this order in the shared working folder."""
+    twice: bool = False
+    """A command a user re-runs (eval, generate, a train with --overwrite): each line runs twice."""
+    expect: str = ""
+    """Printed on standard output by every line."""
+    stdin: str | None = None
+    needs_run: bool = True
+    """Reads runs/mine, which the README's first command trains."""
+    setup: Callable[[Path], None] | None = None
+    """Puts the working folder in the state the docs assume, once before the commands."""
+    xfail: str | None = None
+    gpus: int = 0
+    """GPUs the command needs; skipped where there are fewer."""
+    skip: str | None = None
+    """Why the test cannot run it."""
+
+
+README_TRAIN = "tunelab train data.jsonl --out runs/mine"
+SMALL_DEMO = "--examples 40 --eval-limit 2"
+CHAT_INPUT = f"{PROMPT}\n\n"
+TRAIN_DONE = "Run saved in"
+
+
+def crashed_run(workdir: Path) -> None:
+    """runs/crashed as a crash after the checkpoint of step 2 leaves it: no final weights."""
+    line = "tunelab train data.jsonl --out runs/crashed --save-every 1 --max-steps 3"
+    assert_worked(run_line(workdir, line), line, TRAIN_DONE)
+    shutil.rmtree(workdir / "runs" / "crashed" / "adapter")
+    shutil.rmtree(workdir / "runs" / "crashed" / "checkpoints" / "step-000003")
+
+
+def other_run(workdir: Path) -> None:
+    """runs/other: a second run, with other settings, to compare with runs/mine."""
+    line = "tunelab train data.jsonl --out runs/other --max-steps 2 --lr 0.01 --overwrite"
+    assert_worked(run_line(workdir, line), line, TRAIN_DONE)
+
+
+FORMS: dict[str, Form | None] = {
+    # README, the first three lines
+    README_TRAIN: Form(),  # run once by the fixture readme_run
+    "tunelab eval runs/mine": Form(["tunelab eval runs/mine"], twice=True, expect="exact match"),
+    "tunelab chat runs/mine": Form(["tunelab chat runs/mine"], twice=True, stdin=CHAT_INPUT, expect="model> "),
+    # the set-up line, after pip installs the package; small flags keep it short on the tiny model
+    "tunelab demo": Form([f"tunelab demo {SMALL_DEMO} --max-steps 2"], needs_run=False, expect="Wall time"),
+    # the pipeline table
+    "tunelab data check DATA [--base MODEL]": Form(
+        ["tunelab data check data.jsonl", "tunelab data check data.jsonl --base smollm2-135m"], twice=True,
+        needs_run=False, expect="Data check of data.jsonl"),
+    "tunelab train DATA [--config FILE.yaml] [flags]": Form(
+        ["tunelab train data.jsonl --config train.yaml --max-steps 2 --lr 0.01 --out runs/configured --overwrite"],
+        twice=True, needs_run=False, expect=TRAIN_DONE),
+    "tunelab eval RUN": Form(["tunelab eval runs/mine"], twice=True, expect="exact match"),
+    "tunelab generate RUN --prompt TEXT": Form([f"tunelab generate runs/mine --prompt {shlex.quote(PROMPT)}"],
+                                              twice=True),
+    "tunelab generate RUN --input FILE": Form(
+        ["tunelab generate runs/mine --input prompts.jsonl"], twice=True, expect='"answer"'),
+    "tunelab chat RUN": Form(["tunelab chat runs/mine"], stdin=CHAT_INPUT, expect="model> "),
+    # the paragraph on using a run
+    "tunelab generate RUN --input FILE [--output FILE]": Form(
+        ["tunelab generate runs/mine --input prompts.jsonl --output answers.jsonl"]),
+    # the data check paragraph
+    "tunelab data check DATA [--base MODEL] [--test-size F] [--max-length N] [--truncation drop|truncate|error] "
+    "[--out DIR]": Form(
+        [f"tunelab data check data.jsonl --base smollm2-135m --test-size 0.2 --max-length 64 --truncation {policy} "
+         f"--out checked-{policy}" for policy in ("drop", "truncate", "error")],
+        needs_run=False, expect="Data check of data.jsonl"),
+    "tunelab train --help": Form(["tunelab train --help"], needs_run=False, expect="--max-steps"),
+    # after a crash: a run with checkpoints whose training stopped before its final save
+    "tunelab train DATA --out RUN --resume": Form(
+        ["tunelab train data.jsonl --out runs/crashed --resume"], needs_run=False, expect=TRAIN_DONE,
+        setup=crashed_run),
+    # the report paragraph
+    "tunelab report runs/mine": Form(["tunelab report runs/mine"], twice=True,
+                                     expect="Report written to runs/mine/report.html"),
+    "tunelab report runs/mine runs/other": Form(["tunelab report runs/mine runs/other"], twice=True,
+                                                expect="Report written to comparison.html", setup=other_run),
+    "tunelab report runs/mine runs/other --out runs/compare.html": Form(
+        ["tunelab report runs/mine runs/other --out runs/compare.html"], twice=True,
+        expect="Report written to runs/compare.html", setup=other_run),
+    # export: the table's form (every format and dtype), then each example line; an existing --out is
+    # refused, so none is run twice
+    "tunelab export RUN --format merged\\|gguf\\|ollama --out DIR [--dtype f32\\|f16\\|q8_0]": Form(
+        ["tunelab export runs/mine --format merged --out exports/merged",
+         "tunelab export runs/mine --format ollama --out exports/ollama"]
+        + [f"tunelab export runs/mine --format gguf --out exports/gguf-{d} --dtype {d}"
+           for d in ("f32", "f16", "q8_0")]),
+    "tunelab export RUN --format merged --out DIR": Form(
+        ["tunelab export runs/mine --format merged --out exports/merged"]),
+    "tunelab export RUN --format merged --out DIR --dtype f16": Form(
+        ["tunelab export runs/mine --format merged --out exports/merged-f16 --dtype f16"]),
+    "tunelab export RUN --format ollama --out DIR": Form(
+        ["tunelab export runs/mine --format ollama --out exports/ollama"]),
+    **{f"tunelab export RUN --format gguf --out DIR --dtype {d}": Form(
+        [f"tunelab export runs/mine --format gguf --out exports/gguf-{d} --dtype {d}"])
+       for d in ("f16", "f32", "q8_0")},
+    # labelling and synthetic data: they call a teacher model's server
+    **{form: Form(skip="needs an OpenAI-compatible teacher server at 127.0.0.1:8080") for form in (
+        "tunelab data label tickets.txt --teacher http://127.0.0.1:8080/v1 --model qwen2.5-7b-instruct "
+        "--json-schema schema.json --concurrency 8 --out fields.jsonl",
+        "tunelab data label tickets.txt --teacher http://127.0.0.1:8080/v1 --model qwen2.5-7b-instruct "
+        "--system 'Summarise the ticket in one sentence.' --examples shots.jsonl --out labels.jsonl",
+        "tunelab data synth --examples shots.jsonl --n 1000 --teacher http://127.0.0.1:8080/v1 "
+        "--model qwen2.5-7b-instruct --out synth.jsonl",
+        "tunelab data review labels.jsonl --out reviewed.jsonl")},
+    # serve: a server runs until stopped; tests/test_serve.py starts each of these forms and talks to it
+    **{form: Form(skip="a server that runs until stopped: tests/test_serve.py runs this form") for form in (
+        "tunelab serve runs/bookings runs/support --port 8000 --api-key sk-local-123",
+        "tunelab serve runs/bookings --port 8000 --max-queue 1",
+        "tunelab serve runs/bookings --port 8000 --rules rules.yaml")},
+    # docs/DEMO.md: a second demo into the same folder, as a user re-runs it with more steps
+    "tunelab demo --max-steps 135": Form([f"tunelab demo {SMALL_DEMO} --max-steps 3"], needs_run=False,
+                                         expect="Wall time"),
+    # docs/BENCHMARKS.md
+    "tunelab data check FILE --out DIR": Form(["tunelab data check data.jsonl --out report"], twice=True,
+                                              needs_run=False, expect="Report saved in report"),
+    # docs/MULTI_GPU.md
+    "accelerate launch --config_file examples/accelerate/ddp.yaml -m tunelab.cli train data.jsonl --out runs/mine":
+        Form(["accelerate launch --config_file examples/accelerate/ddp.yaml -m tunelab.cli train data.jsonl "
+              "--out runs/multi-gpu"], needs_run=False, gpus=8),  # num_processes in ddp.yaml
+    "accelerate launch --multi_gpu --num_processes 2 -m tunelab.cli train data.jsonl --batch-size 4": Form(
+        ["accelerate launch --multi_gpu --num_processes 2 -m tunelab.cli train data.jsonl --batch-size 4"],
+        needs_run=False, expect=TRAIN_DONE),
+    "torchrun --nproc_per_node 2 -m tunelab.cli train data.jsonl --batch-size 4": Form(
+        ["torchrun --nproc_per_node 2 -m tunelab.cli train data.jsonl --batch-size 4"],
+        needs_run=False, expect=TRAIN_DONE),
+    # Names of commands in running text, not command lines: each must be a command that exists.
+    "tunelab train": None,
+    "tunelab eval": None,
+    "tunelab generate": None,
+    "tunelab data label": None,
+    "tunelab data review": None,
+    "tunelab data synth": None,
+    "tunelab data check": None,
+    "tunelab eval/generate/chat": None,
+    "tunelab serve": None,
+}
+
+
+def test_the_docs_show_exactly_the_forms_this_test_runs():
+    forms, snippets = documented()
+    assert sorted(forms - FORMS.keys()) == [], "documented command forms this test does not run: add them to FORMS"
+    assert sorted(FORMS.keys() - forms) == [], "FORMS lists commands the docs no longer show"
+    assert len(snippets) >= 1
+
+
+@pytest.mark.parametrize("form", [form for form, how in FORMS.items() if how is None])
+def test_a_command_named_in_the_text_exists(form, capsys):
+    from tunelab.cli import build_parser
+
+    words = form.split()[1:]
+    for name in words[-1].split("/"):
+        with pytest.raises(SystemExit) as exited:
+            build_parser().parse_args([*words[:-1], name, "--help"])
+        assert exited.value.code == 0, name
+    capsys.readouterr()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_model_dir, pairs_file, write_jsonl) -> Path:
+    """A working folder with the files the docs name, and a cache whose smollm2-135m is the tiny model."""
+    folder = tmp_path_factory.mktemp("docs")
+    shutil.copytree(tiny_model_dir, folder / "cache" / "models" / "smollm2-135m")
+    work = folder / "work"
+    work.mkdir()
+    shutil.copy(pairs_file, work / "data.jsonl")
+    write_jsonl(work / "prompts.jsonl", [{"prompt": PROMPT}, {"prompt": "Country of Rome? (1)"}])
+    (work / "train.yaml").write_text("method: full\nlr: 0.001\nmax_steps: 3\nbatch_size: 4\n")
+    return work
+
+
+@pytest.fixture(scope="module")
+def readme_run(workdir) -> subprocess.CompletedProcess:
+    """The README's first command, run once: it trains runs/mine, which most other commands read."""
+    return run_line(workdir, README_TRAIN)
+
+
+@pytest.fixture(scope="module")
+def ran() -> dict[tuple[str, int], subprocess.CompletedProcess]:
+    """(line, first or second run) -> its result: forms that come down to the same line share it."""
+    return {}
+
+
+def environment(workdir: Path) -> dict[str, str]:
+    src = str(Path(tunelab.__file__).parents[1])
+    pythonpath = os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "TUNELAB_CACHE": str(workdir.parent / "cache"), "PYTHONPATH": pythonpath}
+
+
+CONSOLE_SCRIPTS = {"tunelab": "tunelab.cli", "accelerate": "accelerate.commands.launch",
+                   "torchrun": "torch.distributed.run"}
+"""The modules behind the commands the docs use: console scripts are not on PATH in an
+unactivated virtual environment, `python -m` runs wherever the tests run."""
+
+
+def run_line(workdir: Path, line: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    words = shlex.split(line)
+    if words[:2] == ["accelerate", "launch"]:  # the module is the launch sub-command itself
+        words = ["accelerate", *words[2:]]
+    words = [sys.executable, "-m", CONSOLE_SCRIPTS[words[0]], *words[1:]]
+    return subprocess.run(words, cwd=workdir, env=environment(workdir), input=stdin, capture_output=True,
+                          text=True, timeout=600)
+
+
+def assert_worked(result: subprocess.CompletedProcess, line: str, expect: str) -> None:
+    if result.returncode == 2 and "not available yet" in result.stderr:
+        pytest.skip(f"{line}: the feature is not built yet")
+    assert result.returncode == 0, f"{line}\n{result.stderr[-3000:]}"
+    assert "Traceback" not in result.stderr, f"{line}\n{result.stderr[-3000:]}"
+    assert expect in result.stdout, f"{line}\n{result.stdout[-3000:]}"
+
+
+RUNNABLE = [pytest.param(form, marks=pytest.mark.xfail(reason=how.xfail, strict=False)) if how.xfail else form
+            for form, how in FORMS.items() if how is not None]
+
+
+@pytest.mark.parametrize("form", RUNNABLE)
+def test_a_documented_command_runs(form, workdir, ran, request):
+    how = FORMS[form]
+    if how.skip:
+        pytest.skip(how.skip)
+    if how.gpus:
+        import torch
+
+        if torch.cuda.device_count() < how.gpus:
+            pytest.skip(f"needs {how.gpus} GPUs")
+    if how.needs_run:
+        assert_worked(request.getfixturevalue("readme_run"), README_TRAIN, "Run saved in runs/mine")
+    if how.setup:
+        how.setup(workdir)
+    for line in how.commands:
+        for attempt in range(2 if how.twice else 1):
+            if (line, attempt) not in ran:
+                ran[line, attempt] = run_line(workdir, line, how.stdin)
+            assert_worked(ran[line, attempt], line, how.expect)
+
+
+@pytest.mark.parametrize("index", range(len(documented()[1])))
+def test_a_documented_python_snippet_runs(index, workdir, tmp_path):
+    """Each snippet runs as written, in a folder of its own holding data.jsonl."""
+    snippet = documented()[1][index]
+    shutil.copy(workdir / "data.jsonl", tmp_path / "data.jsonl")
+    (tmp_path / "snippet.py").write_text(snippet)
+    result = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, env=environment(workdir),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_every_error_code_is_listed_in_the_readme():
+    codes = {code for path in (ROOT / "src" / "tunelab").rglob("*.py")
+             for code in re.findall(r"\b[EW]_[A-Z][A-Z0-9_]*\b", path.read_text())}
+    readme = (ROOT / "README.md").read_text()
+    assert len(codes) > 20
+    assert sorted(code for code in codes if f"`{code}`" not in readme) == []
