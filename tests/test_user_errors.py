@@ -243,7 +243,8 @@ def test_a_byte_order_mark_is_accepted_in_jsonl_and_csv(tmp_path):
 
 def test_output_piped_into_head_ends_quietly(tmp_path):
     """`tunelab data check DATA | head -1`: the reader leaves early, which is no error of the user's."""
-    data = write_jsonl(tmp_path / "d.jsonl", GOOD_ROWS)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in GOOD_ROWS))
     process = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "data", "check", str(data)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     process.stdout.close()  # before the table is printed: the import alone takes longer
