@@ -177,6 +177,7 @@ def test_raw_text_rows_are_chunked(tmp_path, tokenizer, write_jsonl):
     rows = [{"text": "Tiny document."}, {"text": "A longer document with many words. " * 20}]
     report = check(write_jsonl(tmp_path / "raw.jsonl", rows), DataOptions(max_length=32), template)
     assert dict(report.shapes) == {"text": 2} and not report.errors
+    assert "2 read, 2 valid, 2 raw-text documents\n" in report.table()
     assert dict(report.outcomes) == {"kept": 1, "chunked": 1}
     assert report.trainable["max"] == report.lengths["max"]  # every token of a document is trained
 
@@ -189,6 +190,7 @@ def test_the_command_prints_a_summary_and_saves_the_report(tmp_path, tiny_model_
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "exact duplicates     1" in printed and "W_DROPPED" in printed and "--truncation drop" in printed
+    assert "12 read, 12 valid, 12 conversations\n" in printed
     saved = json.loads((out / "data_check.json").read_text())
     assert saved["duplicates"]["exact"]["pairs"] == [[1, 12]]
     assert saved["truncation"] == {"policy": "drop", "kept": 11, "dropped": 1}  # the copy is counted here too

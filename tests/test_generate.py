@@ -63,6 +63,13 @@ def test_answers_go_to_standard_output_in_input_order(to_standard_output, tiny_r
     assert cli("generate", tiny_run, "--input", inputs, "--max-new-tokens", "6", "--output",
                tmp_path / "answers.jsonl").returncode == 0
     assert (tmp_path / "answers.jsonl").read_text() == result.stdout
+    # A .txt file of the same prompts, one a line (blank lines skipped, as in `tunelab data label`).
+    text = tmp_path / "prompts.txt"
+    text.write_text("Country of Paris?\n\nCountry of Rome?\nCountry of Oslo?\n")
+    from_text = cli("generate", tiny_run, "--input", text, "--max-new-tokens", "6")
+    assert from_text.returncode == 0, from_text.stderr
+    assert [json.loads(line)["line"] for line in from_text.stdout.splitlines()] == [1, 3, 4]
+    assert [json.loads(line)["answer"] for line in from_text.stdout.splitlines()] == [a["answer"] for a in answers]
 
 
 def test_generate_shows_no_library_warnings(to_standard_output):

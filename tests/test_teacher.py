@@ -387,3 +387,20 @@ def test_readme_commands(tmp_path, server):
     assert len(rows(tmp_path / "labels.jsonl")) == 6 and (tmp_path / "labels.cache" / "answers.jsonl").exists()
     assert len(rows(tmp_path / "synth.jsonl")) == 1000
     assert len(rows(tmp_path / "reviewed.jsonl")) == 6
+
+
+def test_a_txt_file_from_notepad_or_in_latin1(tmp_path, server):
+    """A .txt of inputs is read as the data files are: a byte-order mark is not part of the first
+    input, and a byte that is not UTF-8 is one line naming the file and line, before any request."""
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffAna in Rome\nBen in Oslo\n".encode())
+    result = cli("data", "label", str(bom), "--teacher", server.url, "--model", "m", "--out", str(tmp_path / "a.jsonl"))
+    assert result.returncode == 0, result.stderr
+    assert [user_text(r) for r in rows(tmp_path / "a.jsonl")] == ["Ana in Rome", "Ben in Oslo"]
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Ana in Rome\nCaf\xe9 in Paris\n".encode("latin-1"))
+    asked = len(server.requests())
+    result = cli("data", "label", str(latin1), "--teacher", server.url, "--model", "m", "--out", str(tmp_path / "b.jsonl"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "tunelab: error: " + f"{latin1}:2: not UTF-8 text (byte 0xe9 at column 4); save the file as UTF-8"
+    assert len(server.requests()) == asked

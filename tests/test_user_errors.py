@@ -117,6 +117,8 @@ CASES = {
     "csv-no-header": (lambda s: ["data", "check", s.write("d.csv", "a,b\nc,d\n")], ["d.csv:1:", "fits no shape"]),
     "csv-repeated-column": (lambda s: ["data", "check", s.write("d.csv", "prompt,prompt,completion\na,b,c\n")],
                             ["d.csv:1:", "'prompt' appears twice"]),
+    "csv-semicolons": (lambda s: ["data", "check", s.write("d.csv", "\ufeffprompt;completion\na;b\n")],
+                       ["d.csv:1:", "separated by ';', not commas", "CSV UTF-8"]),
     "json-array": (lambda s: ["data", "check", s.write("d.jsonl", json.dumps(GOOD_ROWS, indent=1))],
                    ["d.jsonl:1:", "one object per line"]),
     "data-empty": (lambda s: ["data", "check", s.write("empty.jsonl", "")], ["empty.jsonl", "no examples"]),
@@ -157,11 +159,17 @@ CASES = {
                           ["--max-new-tokens", "'many' is not a whole number"]),
     "flag-zero": (lambda s: ["eval", s.run, "--limit", "0"], ["--limit", "'0' is not a whole number of at least 1"]),
     "flag-missing-argument": (lambda s: ["generate"], ["tunelab generate", "required"]),
+    "flag-unknown": (lambda s: ["train", s.good_data(), "--learning-rate", "1e-3"],
+                     ["error: tunelab train: unrecognized arguments: --learning-rate", "`tunelab train --help`"]),
+    "flag-unknown-nested": (lambda s: ["data", "check", s.good_data(), "--bse", "x"],
+                            ["error: tunelab data check: unrecognized arguments: --bse x", "`tunelab data check --help`"]),
+    "command-typo": (lambda s: ["trian", s.good_data()], ["error: argument COMMAND: invalid choice: 'trian'"]),
     "yaml-epochs-two": (lambda s: ["train", s.good_data(), "--base", s.model, "--out", s.tmp / "out", "--config",
                                    s.write("c.yaml", "epochs: two\n")], ["c.yaml", "epochs", "'two'"]),
     # the run folder
     "eval-not-a-run": (lambda s: ["eval", s.folder("some-folder")], ["some-folder: not a tunelab run folder"]),
-    "eval-no-such-run": (lambda s: ["eval", s.tmp / "no-run"], ["no-run: not a tunelab run folder"]),
+    "eval-no-such-run": (lambda s: ["eval", s.tmp / "no-run"], ["no-run: no such run folder"]),
+    "eval-run-is-data-file": (lambda s: ["eval", s.good_data()], ["good.jsonl: is a file, not a run folder"]),
     "eval-no-weights": (lambda s: ["eval", s.run_without("adapter")], ["has no trained weights"]),
     "generate-no-tokenizer": (lambda s: ["generate", s.run_without("tokenizer"), "--prompt", "hi"],
                               ["incomplete run folder (no tokenizer)"]),
@@ -231,3 +239,15 @@ def test_a_byte_order_mark_is_accepted_in_jsonl_and_csv(tmp_path):
         assert examples[0].messages == [{"role": "user", "content": "Country of Paris? (0)"},
                                         {"role": "assistant", "content": "France"}]
     assert cli("data", "check", table).returncode == 0
+
+
+def test_output_piped_into_head_ends_quietly(tmp_path):
+    """`tunelab data check DATA | head -1`: the reader leaves early, which is no error of the user's."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in GOOD_ROWS))
+    process = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "data", "check", str(data)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # before the table is printed: the import alone takes longer
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 141, stderr
+    assert stderr == ""

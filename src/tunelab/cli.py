@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import typing
 import warnings
@@ -150,9 +151,9 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     """Answers go out one JSON line each, in input order, as soon as they are made, so an
     interrupted run keeps every answer written; every path is checked before the model loads."""
-    from tunelab.data import load_examples
     from tunelab.run import Run
     from tunelab.runfolder import RunFiles
+    from tunelab.teacher import read_inputs
 
     if (args.prompt is None) == (args.input is None):
         raise UserError("tunelab generate: pass exactly one of --prompt TEXT or --input FILE")
@@ -163,41 +164,42 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if Path(args.output).resolve() == Path(args.input).resolve():
             raise UserError(f"--output {args.output}: is the --input file; choose another --output")
     RunFiles(Path(args.run)).check()
-    examples = load_examples(Path(args.input), require_answer=False) if args.input is not None else []
+    # A .txt file holds one prompt per line, as for `tunelab data label`.
+    inputs = read_inputs(Path(args.input)) if args.input is not None else []
     run = Run(args.run)
     if args.prompt is not None:
         print(run.generate(args.prompt, max_new_tokens=args.max_new_tokens))
         return
     from tunelab.generate import generate_answers
 
-    answers = generate_answers(run.model(), run.template, (e.prompt_messages() for e in examples),
+    answers = generate_answers(run.model(), run.template, (conversation for _, conversation in inputs),
                                max_new_tokens=args.max_new_tokens)
-    write_answers(examples, answers, Path(args.output) if args.output else None)
+    write_answers([line for line, _ in inputs], answers, Path(args.output) if args.output else None)
 
 
-def write_answers(examples: list, answers, output: Path | None) -> None:
+def write_answers(lines: list[int], answers, output: Path | None) -> None:
     """Write each answer as one JSON line as soon as it comes, with a progress bar on standard
     error; on Ctrl-C, say how far it got."""
     from tqdm.auto import tqdm
 
     where = str(output) if output else "standard output"
     out = output.open("w", encoding="utf-8") if output else sys.stdout
-    bar = tqdm(total=len(examples), desc="generating", unit="answer", file=sys.stderr)
+    bar = tqdm(total=len(lines), desc="generating", unit="answer", file=sys.stderr)
     written = 0
     try:
-        for example, answer in zip(examples, answers):
-            line = json.dumps({"line": example.line, "answer": answer}, ensure_ascii=False)
+        for line, answer in zip(lines, answers):
+            record = json.dumps({"line": line, "answer": answer}, ensure_ascii=False)
             if out is sys.stdout:
-                bar.write(line, file=sys.stdout)  # clears the progress bar first when both go to a terminal
+                bar.write(record, file=sys.stdout)  # clears the progress bar first when both go to a terminal
             else:
-                out.write(line + "\n")
+                out.write(record + "\n")
             out.flush()
             written += 1
             bar.update()
     except KeyboardInterrupt:
         bar.close()
-        last = f" (input lines up to {examples[written - 1].line})" if written else ""
-        print(f"tunelab: interrupted: {written} of {len(examples)} answers written to {where}{last}", file=sys.stderr)
+        last = f" (input lines up to {lines[written - 1]})" if written else ""
+        print(f"tunelab: interrupted: {written} of {len(lines)} answers written to {where}{last}", file=sys.stderr)
         raise
     finally:
         bar.close()
@@ -298,8 +300,16 @@ def positive_int(text: str) -> int:
 class Parser(argparse.ArgumentParser):
     """A flag mistake is one line like any other user error (sub-commands inherit this class)."""
 
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        # The innermost sub-command parses first; main() reports unknown flags against its help.
+        if not hasattr(namespace, "command_parser"):
+            namespace.command_parser = self
+        return namespace, extras
+
     def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"tunelab: error: {self.prog}: {message}; see `{self.prog} --help`\n")
+        command = "" if self.prog == "tunelab" else f"{self.prog}: "
+        self.exit(2, f"tunelab: error: {command}{message}; see `{self.prog} --help`\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -415,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="answer a prompt or a file of prompts with the fine-tuned model")
     generate.add_argument("run", help="run folder")
     generate.add_argument("--prompt", default=None, help="one prompt")
-    generate.add_argument("--input", default=None, help="JSONL, CSV or Parquet file of prompts (any accepted shape)")
+    generate.add_argument("--input", default=None,
+                          help="a .txt file (one prompt per line), or JSONL, CSV or Parquet rows in any accepted shape")
     generate.add_argument("--output", default=None, help="write JSON lines here instead of standard output")
     generate.add_argument("--max-new-tokens", type=positive_int, default=256)
     generate.set_defaults(func=cmd_generate)
@@ -466,7 +477,9 @@ def hide_known_warnings() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     hide_known_warnings()
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         args.func(args)
     except UserError as e:
@@ -475,6 +488,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of standard output went away (`tunelab data check DATA | head`): stop quietly,
+        # and keep Python from reporting the pipe again when it flushes at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

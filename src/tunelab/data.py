@@ -128,7 +128,7 @@ def read_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 yield number, row
 
 
-def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text) of each line, decoded one line at a time so that a byte that is not
     UTF-8 is reported with its line, not as a position in some buffer."""
     try:
@@ -148,7 +148,7 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
 
 def _read_jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
     first = True
-    for number, line in _text_lines(path):
+    for number, line in text_lines(path):
         if not line.strip():
             continue
         if first and line.lstrip().startswith("[") and not _is_json(line):
@@ -170,7 +170,7 @@ def _is_json(line: str) -> bool:
 
 
 def _read_csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    lines = (line for _, line in _text_lines(path))
+    lines = (line for _, line in text_lines(path))
     reader = csv.DictReader(lines)
     header = reader.fieldnames
     if header is None:
@@ -194,6 +194,10 @@ def _check_csv_header(path: Path, header: list[str]) -> None:
     columns = dict.fromkeys(header, "")
     if detect_shape(columns) or _prompt_only_shape(columns):
         return
+    separator = next((s for s in (";", "\t") if len(header) == 1 and s in header[0]), None)
+    if separator:  # Excel saves "CSV" with semicolons where the comma is the decimal mark
+        raise UserError(f"{path}:1: the columns are separated by {separator!r}, not commas; save the file as "
+                        "comma-separated CSV (in Excel: Save As > CSV UTF-8) or as JSONL")
     known = [k for keys in SHAPE_KEYS.values() for k in keys]
     for name in header:
         close = difflib.get_close_matches(name.strip().lower(), known, n=1)

@@ -148,11 +148,16 @@ class Report:
 
     def table(self) -> str:
         """The short summary printed by `tunelab data check` and `tunelab train`."""
+        def shape_counts(shapes: Counter) -> str:
+            # Every row with answers becomes a conversation, whatever its keys; raw text stays documents.
+            names = {"chat": ("conversation", "conversations"), "text": ("raw-text document", "raw-text documents")}
+            return "".join(f", {n} {names[shape][n != 1]}" for shape, n in sorted(shapes.items()))
+
         def counts(counter: Counter) -> str:
             return ", ".join(f"{code} {n}" for code, n in sorted(counter.items()))
 
         rows = [
-            ("rows", f"{self.rows} read, {self.valid} valid ({counts(self.shapes) or 'none'})"),
+            ("rows", f"{self.rows} read, {self.valid} valid{shape_counts(self.shapes)}"),
             ("errors", f"{sum(self.error_counts.values())}  {counts(self.error_counts)}".rstrip()),
             ("warnings", f"{sum(self.warning_counts.values())}  {counts(self.warning_counts)}".rstrip()),
             ("exact duplicates", f"{self.exact_count} (dropped before the split)"),

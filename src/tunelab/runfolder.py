@@ -118,6 +118,8 @@ class RunFiles:
         model.save_pretrained(target, safe_serialization=True, state_dict=state_dict)
 
     def check(self) -> None:
+        if self.root.is_file():
+            raise UserError(f"{self.root}: is a file, not a run folder; pass the folder given to `tunelab train --out`")
         if not self.root.is_dir():
             raise UserError(f"{self.root}: no such run folder; train one with `tunelab train DATA --out {self.root}`")
         if not self.config.exists() or not self.template.exists():
@@ -128,8 +130,9 @@ class RunFiles:
                             "`tunelab train DATA --out RUN --overwrite`")
         if not (self.adapter.exists() or self.model.exists()):
             resumable = self.checkpoints.exists()
-            hint = "; continue it with `tunelab train DATA --out RUN --resume`" if resumable else ""
-            raise UserError(f"{self.root}: the run has no trained weights yet (training did not finish{hint})")
+            hint = f"; once it has stopped, `tunelab train DATA --out {self.root} --resume` continues it" if resumable else ""
+            raise UserError(f"{self.root}: the run has no trained weights yet (training is still going or stopped "
+                            f"before the end{hint})")
 
 
 @dataclass

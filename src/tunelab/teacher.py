@@ -302,10 +302,13 @@ def read_inputs(path: Path) -> list[tuple[int, list[dict[str, str]]]]:
     a data file (JSONL, CSV, Parquet) holds rows in any accepted shape, answers optional and unused."""
     path = Path(path)
     if path.suffix.lower() == ".txt":
+        from tunelab.data import text_lines
+
         if not path.is_file():
             raise UserError(f"{path}: file not found")
+        # As for the data files: a byte-order mark is dropped, a byte that is not UTF-8 named with its line.
         inputs = [(number, [{"role": "user", "content": line.strip()}])
-                  for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1) if line.strip()]
+                  for number, line in text_lines(path) if line.strip()]
         if not inputs:
             raise UserError(f"{path}: no inputs found; the file is empty")
         return inputs
