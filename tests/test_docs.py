@@ -122,6 +122,13 @@ FORMS: dict[str, Form | None] = {
         ["tunelab train data.jsonl --config train.yaml --max-steps 2 --lr 0.01 --out runs/configured --overwrite"],
         twice=True, needs_run=False, expect=TRAIN_DONE),
     "tunelab eval RUN": Form(["tunelab eval runs/mine"], twice=True, expect="exact match"),
+    "tunelab eval RUN [--data FILE] [--shots K] [--contender NAME=URL#MODEL]": Form(
+        ["tunelab eval runs/mine --shots 2"], twice=True, expect="exact match"),
+    # the evaluation paragraph
+    "tunelab eval RUN --shots 2 --assertions checks.yaml": Form(skip="run in exactly this form by tests/test_evaluate.py (files and a loopback endpoint it makes)"),
+    "tunelab eval RUN --data harder.jsonl --no-base": Form(skip="run in exactly this form by tests/test_evaluate.py (files and a loopback endpoint it makes)"),
+    "tunelab eval RUN --no-base --contender big=http://localhost:8000/v1": Form(skip="run in exactly this form by tests/test_evaluate.py (files and a loopback endpoint it makes)"),
+    "tunelab eval RUN --no-base --assertions check.py --forgetting questions.jsonl": Form(skip="run in exactly this form by tests/test_evaluate.py (files and a loopback endpoint it makes)"),
     "tunelab generate RUN --prompt TEXT": Form([f"tunelab generate runs/mine --prompt {shlex.quote(PROMPT)}"],
                                               twice=True),
     "tunelab generate RUN --input FILE": Form(
@@ -198,6 +205,7 @@ FORMS: dict[str, Form | None] = {
     # Names of commands in running text, not command lines: each must be a command that exists.
     "tunelab train": None,
     "tunelab eval": None,
+    "tunelab eval --shots 3": None,
     "tunelab generate": None,
     "tunelab data label": None,
     "tunelab data review": None,
