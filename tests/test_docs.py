@@ -327,7 +327,7 @@ def test_a_documented_python_snippet_runs(index, workdir, tmp_path):
 
 def test_every_error_code_is_listed_in_the_readme():
     codes = {code for path in (ROOT / "src" / "tunelab").rglob("*.py")
-             for code in re.findall(r"\b[EW]_[A-Z][A-Z0-9_]*\b", path.read_text())}
+             for code in re.findall(r"(?<!\.)\b[EW]_[A-Z][A-Z0-9_]*\b", path.read_text())}  # not os.W_OK
     readme = (ROOT / "README.md").read_text()
     assert len(codes) > 20
     assert sorted(code for code in codes if f"`{code}`" not in readme) == []
