@@ -44,7 +44,7 @@ class TeacherServer:
         """Every request: key, phase, status, time, and whether its answer was delivered."""
         self.phase = 1
         self.hold_after: int | None = None
-        """Once this many answers were delivered, further requests wait for `release` and get nothing."""
+        """Once this many requests were let through, further requests wait for `release` and get nothing."""
         self.release = threading.Event()
         self.near_copies: list[str] = []
         """Near duplicates the synth answers contain on purpose."""
@@ -83,7 +83,8 @@ class TeacherServer:
             entry = {"key": key, "phase": self.phase, "time": time.monotonic(), "status": 200, "delivered": False,
                      "structured": "response_format" in body, "body": body}
             self.log.append(entry)
-            hold = self.hold_after is not None and sum(r["delivered"] for r in self.log) >= self.hold_after
+            # Counted at admission, not delivery: two answers in flight at once must not both pass.
+            hold = self.hold_after is not None and sum(not r["held"] for r in self.log[:-1]) >= self.hold_after
             entry["held"] = hold
         if hold:
             self.release.wait()
