@@ -26,6 +26,7 @@ import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from tunelab.copying import CopyConstraint, CopyRule, choose_tokens, copy_logits
 from tunelab.template import Template
 
 WINDOW_BATCHES = 4
@@ -47,6 +48,8 @@ class Answer:
     """Tokens generated."""
     finish_reason: str
     """"stop" (end of turn or a stop string), "length" (the token limit) or "cancelled"."""
+    copy_changed: bool = False
+    """Whether the copy constraint (copying.py) refused a token the model preferred."""
 
     @property
     def stopped(self) -> bool:
@@ -60,31 +63,34 @@ def as_messages(prompt: str | list[dict[str, str]]) -> list[dict[str, str]]:
 
 def generate_answers(
     model, template: Template, conversations: Iterable[list[dict[str, str]]], max_new_tokens: int = 256,
-    batch_size: int = 16,
+    batch_size: int = 16, copying: CopyRule | None = None,
 ) -> Iterator[str]:
     """Yield the answer to each conversation's next assistant turn, greedily, in input order,
     each as soon as it and every answer before it are done. `conversations` may be any
-    iterable, read a window at a time."""
-    for answer in generate_detailed(model, template, conversations, max_new_tokens, batch_size):
+    iterable, read a window at a time. With `copying`, the run's copied fields stay copies of
+    each conversation's input (copying.py)."""
+    for answer in generate_detailed(model, template, conversations, max_new_tokens, batch_size, copying):
         yield answer.text
 
 
 @torch.no_grad()
 def generate_detailed(
     model, template: Template, conversations: Iterable[list[dict[str, str]]], max_new_tokens: int = 256,
-    batch_size: int = 16,
+    batch_size: int = 16, copying: CopyRule | None = None,
 ) -> Iterator[Answer]:
     """`generate_answers` with each answer's token counts and whether it stopped by itself."""
     conversations = iter(conversations)
     while window := list(itertools.islice(conversations, batch_size * WINDOW_BATCHES)):
         encoded = [template.encode_prompt(c) for c in window]
+        constraints = [copying.constraint(c) if copying else None for c in window]
         prefix = _shared_prefix(model, encoded)
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         answers: list[Answer | None] = [None] * len(encoded)
         ready = 0
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            results = _generate(model, template, [encoded[i] for i in batch], max_new_tokens, prefix)
+            results = _generate(model, template, [encoded[i] for i in batch], max_new_tokens, prefix,
+                                [constraints[i] for i in batch])
             for i, answer in zip(batch, results):
                 answers[i] = answer
             while ready < len(answers) and answers[ready] is not None:
@@ -94,10 +100,10 @@ def generate_detailed(
 
 def generate_batch(
     model, template: Template, conversations: list[list[dict[str, str]]], max_new_tokens: int = 256,
-    batch_size: int = 16,
+    batch_size: int = 16, copying: CopyRule | None = None,
 ) -> list[str]:
     """All answers at once, in input order."""
-    return list(generate_answers(model, template, conversations, max_new_tokens, batch_size))
+    return list(generate_answers(model, template, conversations, max_new_tokens, batch_size, copying))
 
 
 @dataclass
@@ -124,9 +130,10 @@ def _shared_prefix(model, prompts: list[list[int]]) -> _Prefix | None:
 
 
 def _generate(model, template: Template, prompts: list[list[int]], max_new_tokens: int,
-              prefix: _Prefix | None) -> list[Answer]:
+              prefix: _Prefix | None, constraints: list[CopyConstraint | None]) -> list[Answer]:
     """One batch of token-id prompts to their answers: the prompts' own tokens left-padded after
-    the shared prefix, then one token per step for the rows still going."""
+    the shared prefix, then one token per step for the rows still going (each row's copy
+    constraint, if any, has the last word on its token)."""
     tokenizer = template.tokenizer
     device = next(model.parameters()).device
     stops = set(template.stop_token_ids)
@@ -148,6 +155,8 @@ def _generate(model, template: Template, prompts: list[list[int]], max_new_token
     active = list(range(len(prompts)))  # rows of the batch still generating, in cache order
     for step in range(max_new_tokens):
         tokens = logits.argmax(-1)
+        if any(constraints):  # the copy constraint may refuse a row's first choice (copying.py)
+            tokens = choose_tokens(logits, tokens, [constraints[i] for i in active])
         keep = []
         for row, (i, token) in enumerate(zip(active, tokens.tolist())):
             generated[i].append(token)
@@ -166,7 +175,8 @@ def _generate(model, template: Template, prompts: list[list[int]], max_new_token
         logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
                        cache=cache, use_cache=True).logits[:, -1]
     return [Answer(tokenizer.decode([t for t in g if t not in stops], skip_special_tokens=True).strip(),
-                   len(p), len(g), "stop" if s else "length") for p, g, s in zip(prompts, generated, stopped)]
+                   len(p), len(g), "stop" if s else "length", bool(c and c.changed))
+            for p, g, s, c in zip(prompts, generated, stopped, constraints)]
 
 
 @torch.no_grad()
@@ -174,6 +184,7 @@ def generate_rows(
     model, template: Template, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
     top_p: float = 1.0, seed: int | None = None, stop_strings: Sequence[str] = (),
     cancel: Sequence[threading.Event] | None = None, on_text: Callable[[int, str], None] | None = None,
+    constraints: Sequence[CopyConstraint | None] | None = None,
 ) -> list[Answer]:
     """One left-padded batch of token-id prompts to their answers.
 
@@ -181,7 +192,8 @@ def generate_rows(
     repeatable). A row ends at the template's end of turn, at the first of `stop_strings`
     (left out of its text), or once its `cancel` event is set (a client that left), without
     ending the other rows. `on_text(row, piece)` receives each row's text as it grows, pieces
-    that join to exactly the answer's text."""
+    that join to exactly the answer's text. `constraints` are the rows' copy constraints
+    (copying.py), None where a row has none."""
     tokenizer = template.tokenizer
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
@@ -191,6 +203,8 @@ def generate_rows(
     rows = RowStreamer(template, len(prompts), list(stop_strings), list(cancel or []), on_text)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
         dict(do_sample=False)
+    if constraints and any(constraints):
+        sampling["logits_processor"] = [copy_logits(list(constraints), width, sampling=temperature > 0)]
     # A seed draws from a generator of its own, leaving the process's random state as it was.
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices) if seed is not None else nullcontext():
@@ -201,8 +215,9 @@ def generate_rows(
             pad_token_id=pad, streamer=rows, stopping_criteria=StoppingCriteriaList([StopFinishedRows(rows)]),
             **sampling,
         )
-    return [Answer(text.strip(), len(prompt), len(tokens), reason or "length")
-            for prompt, text, tokens, reason in zip(prompts, rows.text, rows.tokens, rows.finished)]
+    changed = [bool(c and c.changed) for c in constraints or [None] * len(prompts)]
+    return [Answer(text.strip(), len(prompt), len(tokens), reason or "length", copy)
+            for prompt, text, tokens, reason, copy in zip(prompts, rows.text, rows.tokens, rows.finished, changed)]
 
 
 @dataclass
@@ -298,8 +313,9 @@ class StopWhenSet(StoppingCriteria):
 
 @torch.no_grad()
 def stream_reply(model, template: Template, conversation: list[dict[str, str]], max_new_tokens: int = 512,
-                 stop: threading.Event | None = None) -> Iterator[str]:
-    """Yield the reply to `conversation` piece by piece as it is generated.
+                 stop: threading.Event | None = None, copying: CopyRule | None = None) -> Iterator[str]:
+    """Yield the reply to `conversation` piece by piece as it is generated (with `copying`, the
+    run's copied fields kept copies of the last user message).
 
     Generation runs in a thread. Setting `stop`, or leaving the loop early (a KeyboardInterrupt
     while waiting for the next piece, a `break`), ends it at the next token."""
@@ -312,6 +328,9 @@ def stream_reply(model, template: Template, conversation: list[dict[str, str]], 
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                   do_sample=False, eos_token_id=template.stop_token_ids, pad_token_id=tokenizer.pad_token_id,
                   streamer=streamer, stopping_criteria=StoppingCriteriaList([StopWhenSet(stop)]))
+    constraint = copying.constraint(conversation) if copying else None
+    if constraint:
+        kwargs["logits_processor"] = [copy_logits([constraint], ids.shape[1], sampling=False)]
     failures: list[BaseException] = []
 
     def run() -> None:

@@ -236,7 +236,7 @@ def open_run_folder(files: RunFiles, config: TrainConfig, prepared: Prepared, ov
     if overwrite and files.config.exists():  # only ever delete what is known to be a run
         shutil.rmtree(files.root)
     files.create(config, prepared.template, prepared.base_path, prepared.train, prepared.test, prepared.dropped,
-                 len(prepared.train_encoded))
+                 len(prepared.train_encoded), [f.path for f in prepared.report.copied])
     prepared.report.save(files.root)
     if resume:
         trim_metrics(files.metrics, start.step if start else -1)
