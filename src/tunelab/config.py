@@ -140,6 +140,10 @@ class TrainConfig(DataOptions):
     """Dropout on the LoRA path."""
     lora_targets: str = "all-linear"
     """Comma-separated module names to adapt, or 'all-linear'."""
+    rslora: StrictBool = False
+    """Scale LoRA by alpha/sqrt(rank) instead of alpha/rank (rank-stabilised LoRA)."""
+    neftune_alpha: float = Field(0.0, ge=0)
+    """Uniform noise on the input embeddings while training (NEFTune), of scale alpha/sqrt(tokens x width) per example; 0 turns it off."""
     eval_every: int | None = Field(None, gt=0)
     """Held-out loss every N optimizer steps (default: 4 times a run)."""
     eval_examples: int = Field(64, gt=0)
