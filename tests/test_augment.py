@@ -59,6 +59,14 @@ def test_free_text_answers_copy_capitalised_runs_and_codes_but_not_ordinary_word
     assert words_in(train, train[1]) == []
 
 
+def test_a_rewrite_that_reorders_a_name_copies_each_of_its_words():
+    note = row("Rewrite: mtg Halden, Cyrus / Halifax / fri", "On Friday, Cyrus Halden will meet us in Halifax.")
+    assert words_in([note], note) == ["Cyrus", "Halden", "Halifax"]  # "Friday" is written, not copied
+    variant = copy_variants([note], [], 1, seed=0).variants[0]
+    first, last, city = re.fullmatch(r"On Friday, (\w+) (\w+) will meet us in (\w+)\.", variant.reference).groups()
+    assert variant.messages[0]["content"] == f"Rewrite: mtg {last}, {first} / {city} / fri"
+
+
 def test_a_name_inside_a_longer_word_is_not_a_copy():
     anna = row("Annabel lives in Halifax.", json.dumps({"name": "Anna", "city": "Halifax"}))
     assert words_in([anna], anna) == ["Halifax"]

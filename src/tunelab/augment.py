@@ -10,12 +10,11 @@ syllables) can only be fitted by copying.
 
 What counts as copied, per training row:
 - a JSON answer (an object or a list): each string leaf that occurs verbatim in the input;
-- any other answer: each run of capitalised words, or code such as AB12, that occurs verbatim in
-  both the answer and the input.
+- any other answer: each of its words that occurs in the input (a rewrite may reorder a name).
 Within those values, a word is replaced when it looks like a name: it has a capital letter (or
-is a code of letters and digits), its lower-case form is not a word of the training text (so
-"The" at a sentence start stays) and no training answer holds it without its input holding it
-too (so a label such as "Positive", which answers write rather than copy, stays).
+is a code of letters and digits such as AB12), its lower-case form is not a word of the training
+text (so "The" at a sentence start stays) and no training answer holds it without its input
+holding it too (so a label such as "Positive", which answers write rather than copy, stays).
 
 Only the training side of the split is augmented, after the split; a surrogate is never a word of
 any held-out row, nor of the training text. Everything is drawn from the seed and each row's
@@ -34,9 +33,6 @@ from tunelab.data import Example
 
 WORD = re.compile(r"[^\W_]+")
 """A word: letters and digits (Unicode), split at spaces, punctuation and underscores."""
-CAPITALISED_RUN = re.compile(r"[^\W\d_][^\W_]*(?:[ '-][^\W\d_][^\W_]*)*")
-"""Candidate runs of a free-text answer: words joined by single spaces, hyphens or apostrophes
-(each run is then cut down to its capitalised words)."""
 
 ONSETS = ("b", "br", "c", "d", "dr", "f", "g", "gr", "h", "j", "k", "l", "m", "n", "p", "pr", "r",
           "s", "st", "t", "tr", "v", "w", "z", "ch", "sh", "th", "kl", "fl", "gl")
@@ -100,24 +96,13 @@ def parsed_json(text: str):
         return None
 
 
-def answer_values(answer: str, lower_words: set[str]) -> list[str]:
-    """The values an answer may have copied: its JSON string leaves, or else its runs of
-    capitalised words (without leading ordinary words: "The Hague" -> "Hague") and its codes."""
+def answer_values(answer: str) -> list[str]:
+    """The values an answer may have copied: its JSON string leaves, or else each of its words
+    (a rewrite may reorder a name: "Halden, Cyrus" -> "Cyrus Halden")."""
     parsed = parsed_json(answer)
     if parsed is not None:
         return [leaf for leaf in json_leaves(parsed) if WORD.search(leaf)]
-    values = []
-    for match in CAPITALISED_RUN.finditer(answer):
-        run: list[str] = []
-        for word in [*match[0].split(" "), ""]:  # the empty word ends the last run
-            if word[:1].isupper() and (run or word.lower() not in lower_words):
-                run.append(word)
-                continue
-            if run:
-                values.append(" ".join(run))
-            run = []
-    values += [code for code in WORD.findall(answer) if is_code(code)]
-    return values
+    return WORD.findall(answer)
 
 
 def is_code(word: str) -> bool:
@@ -140,7 +125,7 @@ def copied_words(example: Example, lower_words: set[str], written: set[str]) -> 
         return []
     prompt = input_text(example)
     found: dict[str, None] = {}
-    for value in answer_values(example.reference, lower_words):
+    for value in answer_values(example.reference):
         if not occurs(value, prompt):
             continue
         for word in WORD.findall(value):
