@@ -16,7 +16,7 @@ LAYERS = [
     {"errors"},
     {"data", "dedup", "template", "models", "examples", "examples.bookings", "metrics"},
     {"config"},
-    {"batching", "speed", "runfolder", "baselines", "assertions"},
+    {"batching", "speed", "runfolder", "baselines", "assertions", "augment", "copying"},
     {"loss", "checkpoint", "datacheck", "generate", "report", "teacher"},
     {"forgetting", "endpoint"},
     {"evaluate", "train", "review"},

@@ -11,7 +11,9 @@ memory. It finds:
   as text in messages, and what the --truncation policy did to each example;
 - exact duplicates (dropped before the split, first copy kept), near duplicates (see dedup.py;
   kept, but each group of them on one side of the split), and any near-duplicate pair that
-  still straddles the train/test split.
+  still straddles the train/test split;
+- the answer fields that the training rows copy verbatim from their input (see copying.py):
+  decoding keeps those copies of the input unless --no-copy-constraint.
 Errors (codes E_...) stop training; warnings (W_...) are printed and saved.
 """
 
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from tunelab import data as data_mod
 from tunelab.config import DataOptions
+from tunelab.copying import MIN_ROWS, MIN_SHARE, CopiedField, CopyCounter, describe
 from tunelab.data import Example, Problem
 from tunelab.errors import UserError
 
@@ -78,6 +81,12 @@ class Report:
     """Lines of the training split, in file order (an int64 array once checked)."""
     test_lines: list[int] = field(default_factory=list)
     """Lines of the test split, in file order (an int64 array once checked)."""
+    copies: CopyCounter = field(default_factory=CopyCounter)
+    """Which answer fields each valid row copies from its input."""
+    answer_fields: list[CopiedField] = field(default_factory=list)
+    """Every string field of the training rows' JSON answers, with how often it is copied."""
+    copied: list[CopiedField] = field(default_factory=list)
+    """The fields the copy constraint keeps copies of the input (copying.py)."""
     examples: list[EncodedExample] | None = None
     """Every valid example with its encoding, in file order, when the caller keeps them
     (training, on a file that fits in memory, so that it is read and encoded once); else None."""
@@ -132,6 +141,9 @@ class Report:
                       "leaked_pairs": self.leaked_pairs},
             "lengths": {"unit": self.unit, **self.lengths, "histogram": self.histogram},
             "trainable_tokens": self.trainable, "truncation": {"policy": self.options.truncation, **self.outcomes},
+            "copying": {"min_share": MIN_SHARE, "min_rows": MIN_ROWS, "copied_fields": [f.path for f in self.copied],
+                        "answer_fields": [{"path": f.path, "rows": f.rows, "copied": f.copied,
+                                           "share": round(f.share, 4)} for f in self.answer_fields]},
         }
 
     def save(self, folder: Path) -> Path:
@@ -176,6 +188,8 @@ class Report:
             rows.append((f"--truncation {self.options.truncation}",
                          ", ".join(f"{k} {self.outcomes[k]}" for k in self.outcomes) +
                          f" (--max-length {self.options.max_length})"))
+        if self.copied:
+            rows.append(("copied fields", describe(self.copied)))
         lines = [f"Data check of {self.path}"] + [f"  {name:<20} {value}" for name, value in rows]
         for code in sorted(self.warning_counts):
             examples = [p for p in self.warnings if p.code == code][:3]
@@ -208,6 +222,8 @@ def check(path: Path, options: DataOptions, template=None, keep_examples: bool =
             report.error(item)
             continue
         report.shapes["text" if item.is_raw else "chat"] += 1
+        if not item.is_raw:
+            report.copies.add(len(lines), item.messages)
         key = item.key
         lines.append(item.line)
         keys.append(int(key[:16], 16))
@@ -244,6 +260,9 @@ def check(path: Path, options: DataOptions, template=None, keep_examples: bool =
     _warn_pairs(report, "W_NEAR_DUPLICATE", report.near_count,
                 [(b, f"near duplicate of line {a} (similarity {sim:.2f})") for a, b, sim in report.near_pairs])
     _split(report, line_of, np.frombuffer(ranks, np.uint64), is_copy, near_first, near_later)
+    training_rows = set(np.flatnonzero(np.isin(line_of, report.train_lines)).tolist())
+    report.answer_fields = report.copies.fields(training_rows)
+    report.copied = report.copies.copied_fields(training_rows)
     _length_stats(report, np.frombuffer(lengths, np.int64)[~is_copy],
                   np.frombuffer(trainable, np.int64)[~is_copy] if template else None)
     return report

@@ -218,7 +218,7 @@ def render_run(run: RunData) -> str:
     if run.eval:
         body += [section(run.eval) for section in (section_metrics, section_differences, section_buckets,
                                                    section_cost, section_assertions, section_forgetting,
-                                                   section_answers)]
+                                                   section_copy_constraint, section_answers)]
     else:
         body.append("<h2>Evaluation</h2><p class=note>This run has not been evaluated yet: run "
                     f"<code>tunelab eval {escape(str(run.path))}</code> for the metrics, buckets, cost per "
@@ -453,6 +453,24 @@ def section_assertions(results: dict) -> str:
     source = escape(str(results["assertions"].get("file", "")))
     return (f"<h2>Assertions</h2><table class=metrics><tr><th></th>{head}</tr>{''.join(rows)}</table>"
             f"<p class=note>Answers passing each rule of {source}.</p>")
+
+
+def section_copy_constraint(results: dict) -> str:
+    """How many answers of each contender the copy constraint changed (copying.py)."""
+    copying = results.get("copy_constraint")
+    if not isinstance(copying, dict) or not isinstance(copying.get("changed"), dict):
+        return ""
+    total = results.get("examples_evaluated")
+    changed = {name: count for name, count in copying["changed"].items() if is_number(count)}
+    head = "".join(f"<th>{escape(name)}</th>" for name in changed)
+    cells = "".join(f"<td>{count}" + (f" <span class=ci>{number(count / total, 'percent')}</span>"
+                                      if is_number(total) and total else "") + "</td>" for count in changed.values())
+    fields = ", ".join(f"<code>{escape(str(f))}</code>" for f in copying.get("fields") or [])
+    return (f"<h2>Copy constraint</h2><table class=metrics><tr><th></th>{head}</tr>"
+            f"<tr><th>answers changed</th>{cells}</tr></table>"
+            f"<p class=note>The training data copies {fields} from the input, so decoding kept those values "
+            "substrings of the input; these answers differ from what the model would have written "
+            "(<code>--no-copy-constraint</code> turns it off).</p>")
 
 
 def section_forgetting(results: dict) -> str:
