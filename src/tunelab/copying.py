@@ -24,6 +24,7 @@ with dots, with `*` for a list position (`people.*.name`).
 from __future__ import annotations
 
 import json
+from array import array
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -83,9 +84,12 @@ class CopyCounter:
     numbers, so the data check can count over its training rows once it knows the split."""
 
     paths: dict[str, int] = field(default_factory=dict)
-    """Field path -> its number in `found`."""
-    found: list[tuple[int, int, bool]] = field(default_factory=list)
-    """(row, field number, copied) for every field of every row with a JSON answer."""
+    """Field path -> its number in `numbers`."""
+    rows: array = field(default_factory=lambda: array("q"))
+    numbers: array = field(default_factory=lambda: array("q"))
+    copied: array = field(default_factory=lambda: array("b"))
+    """Three columns, one entry for every field of every row with a JSON answer: the row, the
+    field's number, whether the row copies it."""
 
     def add(self, row: int, messages: list[dict[str, str]]) -> None:
         """Count the fields of one row (its position in the file's valid rows, and its messages)."""
@@ -98,13 +102,15 @@ class CopyCounter:
         for path, value in string_values(parsed):
             copied[path] = copied.get(path, True) and bool(value.strip()) and value in source
         for path, is_copied in copied.items():
-            self.found.append((row, self.paths.setdefault(path, len(self.paths)), is_copied))
+            self.rows.append(row)
+            self.numbers.append(self.paths.setdefault(path, len(self.paths)))
+            self.copied.append(is_copied)
 
     def fields(self, rows: set[int] | None = None) -> list[CopiedField]:
         """Every field seen in `rows` (all rows when None), most often copied first."""
         seen: Counter = Counter()
         copied: Counter = Counter()
-        for row, number, is_copied in self.found:
+        for row, number, is_copied in zip(self.rows, self.numbers, self.copied):
             if rows is None or row in rows:
                 seen[number] += 1
                 copied[number] += is_copied
@@ -172,9 +178,9 @@ class JsonCursor:
 
     def read(self, text: str) -> None:
         for char in text:
-            self._read(char)
+            self.read_char(char)
 
-    def _read(self, char: str) -> None:
+    def read_char(self, char: str) -> None:
         if self.string is not None:
             if self.escaping:
                 self.escaping = False
@@ -358,7 +364,7 @@ class CopyConstraint:
             inside = cursor.string is not None and not cursor.string_is_key and cursor.path in self.rule.fields
             if inside and char == '"' and not cursor.escaping and not cursor.string:
                 return False  # an empty value is no copy
-            cursor._read(char)
+            cursor.read_char(char)
             if inside and cursor.string is not None and cursor.string not in self.source:
                 return False
         if partial and cursor.string is not None and not cursor.string_is_key and cursor.path in self.rule.fields:
