@@ -1,7 +1,7 @@
 """Evaluation speed: tunelab's batched generation vs one-by-one `model.generate` calls.
 
     PYTHONPATH=src python benchmarks/eval_speed.py --prompts 48
-    PYTHONPATH=src python benchmarks/eval_speed.py --prompts 48 --demo-run runs/demo --limit 20
+    PYTHONPATH=src python benchmarks/eval_speed.py --prompts 48 --demo-run runs/demo --limit 100
 
 The prompts are the demo's booking-extraction questions (`tunelab.examples.bookings`), asked of
 the base model (`--base`, smollm2-135m by default) through its own chat template, greedily, with
@@ -15,15 +15,24 @@ them, timed on the same prompts:
   batch and the prefix that every prompt of a window shares is computed once.
 
 Printed: seconds, answers per second, the speed-up over one-by-one, and how many answers equal
-the one-by-one answers. With `--demo-run RUN` (a finished `tunelab demo` run), also the wall time
-of that run's evaluation with every contender (zero-shot, few-shot, retrieval, tuned, the
-forgetting check) on `--limit` held-out examples. Results go to OUT/eval_speed.json.
+the one-by-one answers. With `--rounds N` the prompts are split into N rounds and every way
+answers its share of each round in turn, so a machine whose load changes over minutes (other
+jobs on the same cores) slows each way alike and the speed-up stays meaningful; tunelab then
+computes the shared prefix once per round rather than once, which only makes it slower.
+`--threads` sets torch's threads for every way: on a loaded machine, two threads per matrix
+product on two busy cores wait on each other and batched products become many times slower
+than single-row ones, which says more about the load than about the loop.
+
+With `--demo-run RUN` (a finished `tunelab demo` run), also the wall time of that run's evaluation
+with the demo's contenders (zero-shot, few-shot, tuned, and the forgetting check; `--retrieval`
+adds the retrieval contender) on `--limit` held-out examples. Results go to OUT/eval_speed.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -86,6 +95,10 @@ def main() -> None:
     parser.add_argument("--ways", default="one-by-one,hf-batched,tunelab", help="comma-separated ways to time")
     parser.add_argument("--demo-run", default=None, help="a finished demo run: also time its full evaluation")
     parser.add_argument("--limit", type=int, default=20, help="held-out examples for --demo-run (default: 20)")
+    parser.add_argument("--retrieval", action="store_true", help="--demo-run: add the retrieval contender")
+    parser.add_argument("--rounds", type=int, default=1, help="interleave the ways over this many rounds (default: 1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for every way (default: torch's own, one per core)")
     parser.add_argument("--out", default="runs/eval-speed", help="folder for eval_speed.json")
     args = parser.parse_args()
 
@@ -98,6 +111,8 @@ def main() -> None:
     from tunelab.template import Template
 
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     path = resolve_base(args.base)
     model = load_model(path).eval()
     template = Template.for_model(load_tokenizer(path))
@@ -113,17 +128,23 @@ def main() -> None:
     tunelab_batched(model, template, questions[:2], 4, 2)  # warm-up: first-call allocations, lazy imports
 
     results: dict = {"base": args.base, "prompts": args.prompts, "shots": args.shots,
-                     "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-                     "threads": torch.get_num_threads(), "forms": {}}
+                     "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "rounds": args.rounds,
+                     "threads": torch.get_num_threads(), "load_average": os.getloadavg(), "forms": {}}
     for form, prompts in forms.items():
+        seconds = {way: 0.0 for way in chosen}
+        answers: dict[str, list[str]] = {way: [] for way in chosen}
+        size = -(-len(prompts) // args.rounds)
+        for start in range(0, len(prompts), size):
+            for way in chosen:
+                spent, got = timed(ways[way], prompts[start : start + size])
+                seconds[way] += spent
+                answers[way] += got
         rows_out = {}
-        reference = None
+        reference = answers[chosen[0]]
         for way in chosen:
-            seconds, answers = timed(ways[way], prompts)
-            reference = reference if reference is not None else answers
-            rows_out[way] = {"seconds": seconds, "answers_per_second": len(prompts) / seconds,
-                             "same_as_first": sum(a == b for a, b in zip(answers, reference))}
-            print(f"{form:10} {way:11} {seconds:8.1f} s  {len(prompts) / seconds:7.2f} answers/s  "
+            rows_out[way] = {"seconds": seconds[way], "answers_per_second": len(prompts) / seconds[way],
+                             "same_as_first": sum(a == b for a, b in zip(answers[way], reference))}
+            print(f"{form:10} {way:11} {seconds[way]:8.1f} s  {len(prompts) / seconds[way]:7.2f} answers/s  "
                   f"same answers as {chosen[0]}: {rows_out[way]['same_as_first']}/{len(prompts)}", flush=True)
         if "one-by-one" in rows_out:
             for way, row in rows_out.items():
@@ -138,12 +159,14 @@ def main() -> None:
         del model
         run = Run(args.demo_run)
         started = time.perf_counter()
-        evaluated = run.evaluate(limit=args.limit, shots=args.shots, progress=False)
+        evaluated = run.evaluate(limit=args.limit, shots=args.shots, retrieval=args.retrieval, progress=False)
         seconds = time.perf_counter() - started
+        names = [c["name"] for c in evaluated["contenders"]]
         results["demo_evaluation"] = {"run": args.demo_run, "examples": args.limit, "seconds": seconds,
-                                      "contenders": [c["name"] for c in evaluated["contenders"]],
-                                      "cost": evaluated["cost"]}
-        print(f"demo evaluation, all contenders and the forgetting check, {args.limit} examples: {seconds:.1f} s")
+                                      "contenders": names, "cost": evaluated["cost"],
+                                      "load_average": os.getloadavg()}
+        print(f"demo evaluation ({', '.join(names)}, the forgetting check), {args.limit} examples: {seconds:.1f} s; "
+              + ", ".join(f"{n} {evaluated['cost'][n]['seconds']:.1f} s" for n in names))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval_speed.json").write_text(json.dumps(results, indent=2))
