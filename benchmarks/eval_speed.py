@@ -21,7 +21,9 @@ jobs on the same cores) slows each way alike and the speed-up stays meaningful; 
 computes the shared prefix once per round rather than once, which only makes it slower.
 `--threads` sets torch's threads for every way: on a loaded machine, two threads per matrix
 product on two busy cores wait on each other and batched products become many times slower
-than single-row ones, which says more about the load than about the loop.
+than single-row ones, which says more about the load than about the loop. With `--threads 1`
+the process's CPU time, printed beside the wall time, is the work each way does whatever share
+of a core the load leaves it: its ratio is the steadier speed-up on a busy machine.
 
 With `--demo-run RUN` (a finished `tunelab demo` run), also the wall time of that run's evaluation
 with the demo's contenders (zero-shot, few-shot, tuned, and the forgetting check; `--retrieval`
@@ -79,10 +81,11 @@ def tunelab_batched(model, template, prompts, max_new_tokens: int, batch_size: i
     return [a.text for a in generate_detailed(model, template, prompts, max_new_tokens, batch_size)]
 
 
-def timed(function, *args) -> tuple[float, list[str]]:
-    started = time.perf_counter()
+def timed(function, *args) -> tuple[float, float, list[str]]:
+    """Wall seconds, CPU seconds of this process, and the answers."""
+    started, cpu = time.perf_counter(), time.process_time()
     answers = function(*args)
-    return time.perf_counter() - started, answers
+    return time.perf_counter() - started, time.process_time() - cpu, answers
 
 
 def main() -> None:
@@ -132,25 +135,32 @@ def main() -> None:
                      "threads": torch.get_num_threads(), "load_average": os.getloadavg(), "forms": {}}
     for form, prompts in forms.items():
         seconds = {way: 0.0 for way in chosen}
+        cpu = {way: 0.0 for way in chosen}
         answers: dict[str, list[str]] = {way: [] for way in chosen}
         size = -(-len(prompts) // args.rounds)
         for start in range(0, len(prompts), size):
             for way in chosen:
-                spent, got = timed(ways[way], prompts[start : start + size])
+                spent, used, got = timed(ways[way], prompts[start : start + size])
                 seconds[way] += spent
+                cpu[way] += used
                 answers[way] += got
         rows_out = {}
         reference = answers[chosen[0]]
         for way in chosen:
-            rows_out[way] = {"seconds": seconds[way], "answers_per_second": len(prompts) / seconds[way],
+            rows_out[way] = {"seconds": seconds[way], "cpu_seconds": cpu[way],
+                             "answers_per_second": len(prompts) / seconds[way],
                              "same_as_first": sum(a == b for a, b in zip(answers[way], reference))}
             print(f"{form:10} {way:11} {seconds[way]:8.1f} s  {len(prompts) / seconds[way]:7.2f} answers/s  "
-                  f"same answers as {chosen[0]}: {rows_out[way]['same_as_first']}/{len(prompts)}", flush=True)
+                  f"CPU {cpu[way]:8.1f} s  same answers as {chosen[0]}: {rows_out[way]['same_as_first']}/{len(prompts)}",
+                  flush=True)
         if "one-by-one" in rows_out:
             for way, row in rows_out.items():
                 row["speedup"] = rows_out["one-by-one"]["seconds"] / row["seconds"]
-            print(f"{form:10} speed-up over one-by-one: "
-                  + ", ".join(f"{w} {r['speedup']:.1f}x" for w, r in rows_out.items()), flush=True)
+                row["cpu_speedup"] = rows_out["one-by-one"]["cpu_seconds"] / row["cpu_seconds"]
+            print(f"{form:10} speed-up over one-by-one, wall time: "
+                  + ", ".join(f"{w} {r['speedup']:.1f}x" for w, r in rows_out.items())
+                  + "; CPU time: " + ", ".join(f"{w} {r['cpu_speedup']:.1f}x" for w, r in rows_out.items()),
+                  flush=True)
         results["forms"][form] = rows_out
 
     if args.demo_run:
