@@ -86,7 +86,8 @@ class Request:
     become a stop string."""
     copy: CopyConstraint | None = None
     """Keeps the fields that the run's training data copies from the input substrings of this
-    prompt's input (copying.py); None lets the model write anything."""
+    prompt's input (copying.py; it follows one answer, so a Request is answered once); None lets
+    the model write anything."""
 
 
 def as_messages(prompt: str | list[dict[str, str]]) -> list[dict[str, str]]:
@@ -267,9 +268,9 @@ class _Row:
 
     def answer(self) -> Answer:
         text = self.text if self.request.stop_strings or self.request.on_text else self.decode()
-        copy = self.request.copy
+        constraint = self.request.copy
         return Answer(text.strip(), len(self.request.prompt), len(self.tokens), self.finish_reason or "length",
-                      bool(copy and copy.changed))
+                      bool(constraint and constraint.changed))
 
 
 def next_tokens(scores: torch.Tensor, rows: list[_Row]) -> list[int]:
