@@ -102,7 +102,7 @@ class RunFiles:
         data_mod.write_jsonl(self.train, [e for e in train if e.line not in left_out])
         data_mod.write_jsonl(self.test, test)
         self.split.write_text(json.dumps({
-            "test_size": config.test_size, "seed": config.seed,
+            "test_size": config.test_size, "seed": config.seed, "split_by": config.split_by,
             "train_lines": [e.line for e in train], "test_lines": [e.line for e in test],
         }))
         self.info.write_text(json.dumps({
