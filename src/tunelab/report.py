@@ -383,7 +383,7 @@ def section_novelty(results: dict) -> str:
         entries = {name: accuracy[name].get(kind) for name in names}
         winners = best_of({n: e.get("value") for n, e in entries.items() if isinstance(e, dict)}, True)
         cells = "".join(metric_cell(entries[name], "percent", name in winners) for name in names)
-        lines.append(f"<tr><th>{escape(label)} <span class=ci>{escape(str(count))}</span></th>{cells}</tr>")
+        lines.append(f"<tr><th>{escape(label)} <span class=ci>({escape(str(count))})</span></th>{cells}</tr>")
     share = number(found["share"], "percent") if is_number(found.get("share")) else "?"
     note = (f"{share} of the {found['values']} reference answer values never occur in a training answer "
             f"({escape(str(found.get('training_file', '')))}); a row is novel when it holds at least one such value. "
