@@ -236,7 +236,7 @@ def test_rich_eval_json_shows_intervals_buckets_cost_differences_and_forgetting(
     row = re.search(r"<tr><th>tuned − few-shot</th>(.*?)</tr>", differences).group(1)
     assert row.startswith("<td>+20.0 ") and "<td>1: lines 8</td>" in row  # interval spans 0: not coloured
     novelty = html[html.index("<h2>Novelty"):html.index("<h2>Answer buckets")]
-    row = re.search(r"<tr><th>rows with a novel value <span class=ci>(2)</span></th>(.*?)</tr>", novelty).group(1)
+    row = re.search(r"<tr><th>rows with a novel value <span class=ci>\(2\)</span></th>(.*?)</tr>", novelty).group(1)
     assert row.count("class=best") == 1 and "<td class=best>50.0% <span class=ci>[0.0%, 100.0%]</span></td>" in row
     assert "<tr><th>rows with only seen values <span class=ci>(1)</span></th><td>0.0%" in novelty
     assert "33.3% of the 6 reference answer values never occur in a training answer" in novelty
