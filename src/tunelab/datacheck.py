@@ -220,7 +220,7 @@ def check(path: Path, options: DataOptions, template=None, keep_examples: bool =
     report.examples = [] if keep_examples and template is not None else None
     near = dedup.NearDuplicates(seed=options.seed)
     lines, keys, ranks, lengths, trainable = array("q"), array("Q"), array("Q"), array("q"), array("q")
-    groups = _Groups(options.split_by) if options.split_by else None
+    groups = _Groups() if options.split_by else None
     values, value_ends = array("Q"), array("q")  # each row's answer value hashes, back to back
     for item in data_mod.iter_examples(path, options.format, split_by=options.split_by):
         report.rows += 1
@@ -358,28 +358,26 @@ def _split(report: Report, line_of, ranks, is_copy, near_first, near_later, grou
     kept = np.flatnonzero(~is_copy)
     options = report.options
     n_test = data_mod.held_out_count(len(kept), options.test_size)
+    group = dedup.components(len(line_of), near_first, near_later)
+    sizes = np.bincount(group, minlength=len(line_of))
+    # A group larger than a tenth of the test split would unbalance it; its rows are then
+    # split one by one and the report shows the pairs that end up on both sides.
+    too_big = (sizes[group] > max(2, n_test // 10)) & (n_test > 0) & (group_ranks is None)
+    for g in np.unique(group[too_big])[:SHOWN]:
+        report.warn(Problem(int(line_of[g]), "W_LARGE_GROUP",
+                            f"starts a group of {int(sizes[g])} near duplicates, too many to keep on one side "
+                            "of the split; they are split one by one"))
+    group = np.where(too_big, np.arange(len(line_of)), group)
+    report.groups = {int(line_of[i]): int(line_of[group[i]]) for i in np.flatnonzero(group != np.arange(len(group)))}
+    # Copies take no part in near pairs, so a group's first row is always a kept row.
+    kept_row = np.cumsum(~is_copy) - 1
     try:
-        if group_ranks is not None:
-            kept_in_test = data_mod.split_groups(group_ranks[kept], options.test_size, options.split_by)
-            test_groups = np.unique(group_ranks[kept][kept_in_test])
-            report.group_counts = {"train": len(np.unique(group_ranks[kept])) - len(test_groups),
-                                   "test": len(test_groups)}
-        else:
-            group = dedup.components(len(line_of), near_first, near_later)
-            sizes = np.bincount(group, minlength=len(line_of))
-            # A group larger than a tenth of the test split would unbalance it; its rows are then
-            # split one by one and the report shows the pairs that end up on both sides.
-            too_big = (sizes[group] > max(2, n_test // 10)) & (n_test > 0)
-            for g in np.unique(group[too_big])[:SHOWN]:
-                report.warn(Problem(int(line_of[g]), "W_LARGE_GROUP",
-                                    f"starts a group of {int(sizes[g])} near duplicates, too many to keep on one side "
-                                    "of the split; they are split one by one"))
-            group = np.where(too_big, np.arange(len(line_of)), group)
-            report.groups = {int(line_of[i]): int(line_of[group[i]])
-                             for i in np.flatnonzero(group != np.arange(len(group)))}
-            # Copies take no part in near pairs, so a group's first row is always a kept row.
-            kept_row = np.cumsum(~is_copy) - 1
+        if group_ranks is None:
             kept_in_test = data_mod.split_rows(ranks[kept], kept_row[group[kept]], options.test_size)
+        else:  # --split-by: its groups, not the near duplicates', go to one side
+            kept_in_test = data_mod.split_groups(group_ranks[kept], options.test_size, options.split_by)
+            test_groups = len(np.unique(group_ranks[kept][kept_in_test]))
+            report.group_counts = {"train": len(np.unique(group_ranks[kept])) - test_groups, "test": test_groups}
     except UserError as e:
         report.error(Problem(0, "E_SPLIT", str(e)))
         return None
@@ -403,8 +401,7 @@ class _Groups:
     """Each row's --split-by group, as the rank of its value (what the split needs), and the
     rows that lack the field."""
 
-    def __init__(self, split_by: str):
-        self.split_by = split_by
+    def __init__(self):
         self.ranks = array("Q")
         self.missing = 0
         self.first_missing = 0
