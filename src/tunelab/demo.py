@@ -51,7 +51,8 @@ def run_demo(out: Path, examples: int = 1200, method: str = "full", max_steps: i
     config = demo_config(method, max_steps)
     train(config, data, out, overwrite=True)
     run = Run(out)
-    print(f"Evaluating the base model (zero-shot, few-shot) and the fine-tuned model on {eval_limit} "
+    held_out = min(eval_limit, len(run.files.test.read_text(encoding="utf-8").splitlines()))
+    print(f"Evaluating the base model (zero-shot, few-shot) and the fine-tuned model on {held_out} "
           "held-out examples...")
     evaluated = time.perf_counter()
     results = run.evaluate(limit=eval_limit, shots=3, retrieval=False)
