@@ -44,10 +44,17 @@ RUN/eval.json (schema 2), written beside and renamed, so it is either whole or a
     copy_constraint      null (the run has no copied fields, or --no-copy-constraint), or
                          {"fields": [path], "changed": {contender: answers the constraint changed}}
                          for the local contenders
+    novelty              how new the evaluated answers are to the run's training answers (novelty.py):
+                         {"training_file", "values", "novel_values", "share", "novel_rows",
+                          "seen_rows", "rows_without_values", "training_values", "accuracy":
+                          {contender: {"novel" | "seen": {"value", "low", "high", "rows"} | null}}}
+                         (exact match on rows holding a novel value, and on rows holding only
+                         values training showed); each sample's "novelty" is its row's kind
     samples              [{"index", "line", "prompt", "reference", "answers": {contender:
                           {"text", "bucket", "exact_match", "token_f1", "rouge_l",
                            "prompt_tokens", "generated_tokens", "stopped", "copy_changed",
-                           "assertions_failed": [...], "judge": grade | null}}}]
+                           "assertions_failed": [...], "judge": grade | null}}, "novelty":
+                          "novel" | "seen" | "none"}]
 """
 
 from __future__ import annotations
@@ -60,7 +67,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunelab import metrics
+from tunelab import metrics, novelty
 from tunelab.baselines import few_shot_prompts, retrieval_prompts, user_text
 from tunelab.batching import encode_examples
 from tunelab.data import Example, iter_examples, load_examples, read_jsonl
@@ -205,6 +212,7 @@ def evaluate(run, limit: int | None = None, batch_size: int = 16, max_new_tokens
                "copy_constraint": {"fields": sorted(copying.fields),
                                    "changed": {c.name: sum(a.copy_changed for a in c.answers) for c in local}}
                if copying else None}
+    ordered["novelty"] = novelty_results(examples, run.files.train, ordered["samples"])
     ordered["samples"] = ordered.pop("samples")  # last: the long part of the file
     write_atomically(run.files.eval, ordered)
     return ordered
@@ -291,6 +299,20 @@ def score(examples: list[Example], contenders: list[Contender], rules, judge: En
                 })
     out["samples"] = samples
     return out
+
+
+def novelty_results(examples: list[Example], train_file: Path, samples: list[dict]) -> dict:
+    """eval.json's "novelty": the examples' answer values against the run's training answers, and
+    each contender's exact match on rows with a novel value and rows with only seen ones. Marks
+    each sample with its row's kind."""
+    training = (novelty.value_hashes(e.reference) for e in read_jsonl(train_file) if not e.is_raw)
+    measured = novelty.measure(training, (novelty.value_hashes(e.reference) for e in examples))
+    for sample, kind in zip(samples, measured.kinds):
+        sample["novelty"] = kind
+    names = list(samples[0]["answers"]) if samples else []
+    accuracy = {name: novelty.accuracy_by_kind(measured.kinds, [s["answers"][name]["exact_match"] for s in samples])
+                for name in names}
+    return {"training_file": str(train_file), **measured.to_dict(), "accuracy": accuracy}
 
 
 def _summary(values: list[float]) -> dict:
@@ -397,8 +419,28 @@ def format_copy_constraint(results: dict) -> str:
             f"--no-copy-constraint turns it off): answers it changed: {counts}")
 
 
+def format_novelty(results: dict) -> str:
+    """How new the evaluated answers are to training, and exact match on new vs seen values."""
+    found = results.get("novelty")
+    if not found:
+        return ""
+    measured = novelty.Novelty(**{k: found[k] for k in ("values", "novel_values", "novel_rows", "seen_rows")},
+                               without_values=found["rows_without_values"])
+    lines = [f"novelty: {measured.describe()}"]
+    if not found["values"]:
+        return lines[0]
+    names = [c["name"] for c in results["contenders"]]
+    rows = []
+    for kind, label in (("novel", "a novel value"), ("seen", "only seen values")):
+        count = found[f"{kind}_rows"]
+        cells = [_cell(found["accuracy"].get(n, {}).get(kind), "pct") for n in names]
+        rows.append([f"rows with {label} ({count})", *cells])
+    return lines[0] + "\n" + _grid(["exact match on", *names], rows)
+
+
 def format_report(results: dict) -> str:
     """Everything `tunelab eval` prints."""
-    sections = [format_table(results), format_differences(results), format_buckets(results), format_cost(results),
-                format_forgetting(results), format_copy_constraint(results), format_samples(results)]
+    sections = [format_table(results), format_differences(results), format_novelty(results), format_buckets(results),
+                format_cost(results), format_forgetting(results), format_copy_constraint(results),
+                format_samples(results)]
     return "\n\n".join(s for s in sections if s)
