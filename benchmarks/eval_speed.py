@@ -12,7 +12,9 @@ them, timed on the same prompts:
 - `one-by-one`: what a new user writes first: one `model.generate` call per prompt;
 - `hf-batched`: `model.generate` on left-padded batches sorted by length (tunelab's earlier path);
 - `tunelab`: `tunelab.generate.generate_detailed`: KV-cache loop where finished rows leave the
-  batch and the prefix that every prompt of a window shares is computed once.
+  batch and the prefix that every prompt of a window shares is computed once;
+- with `--compare-to REV`, `tunelab@REV`: the same from generate.py as it was at git revision REV,
+  to check that a change to the loop keeps its speed (same process, same prompts, same load).
 
 Printed: seconds, answers per second, the speed-up over one-by-one, and how many answers equal
 the one-by-one answers. With `--rounds N` the prompts are split into N rounds and every way
@@ -53,6 +55,24 @@ def one_by_one(model, template, prompts, max_new_tokens: int) -> list[str]:
                              pad_token_id=template.tokenizer.pad_token_id)
         answers.append(template.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     return answers
+
+
+def generate_module_at(revision: str):
+    """tunelab's generate.py as it was at a git revision, to time an earlier loop beside today's."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(["git", "show", f"{revision}:src/tunelab/generate.py"], cwd=root, check=True,
+                            capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "generate_at_revision.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("generate_at_revision", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def hf_batched(model, template, prompts, max_new_tokens: int, batch_size: int) -> list[str]:
@@ -96,6 +116,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48, help="token limit per answer (default: 48)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--ways", default="one-by-one,hf-batched,tunelab", help="comma-separated ways to time")
+    parser.add_argument("--compare-to", default=None, metavar="REV",
+                        help="also time generate.py as it was at this git revision (way 'tunelab@REV')")
     parser.add_argument("--demo-run", default=None, help="a finished demo run: also time its full evaluation")
     parser.add_argument("--limit", type=int, default=20, help="held-out examples for --demo-run (default: 20)")
     parser.add_argument("--retrieval", action="store_true", help="--demo-run: add the retrieval contender")
@@ -128,6 +150,11 @@ def main() -> None:
             "hf-batched": lambda p: hf_batched(model, template, p, args.max_new_tokens, args.batch_size),
             "tunelab": lambda p: tunelab_batched(model, template, p, args.max_new_tokens, args.batch_size)}
     chosen = args.ways.split(",")
+    if args.compare_to:
+        earlier = generate_module_at(args.compare_to)
+        ways[f"tunelab@{args.compare_to}"] = lambda p: [
+            a.text for a in earlier.generate_detailed(model, template, p, args.max_new_tokens, args.batch_size)]
+        chosen.append(f"tunelab@{args.compare_to}")
     tunelab_batched(model, template, questions[:2], 4, 2)  # warm-up: first-call allocations, lazy imports
 
     results: dict = {"base": args.base, "prompts": args.prompts, "shots": args.shots,

@@ -126,7 +126,7 @@ def test_each_local_contender_answers_an_uncounted_warm_up_request_before_it_is_
 
     calls = []
 
-    def generate(model, template, prompts, max_new_tokens, batch_size):
+    def generate(model, template, prompts, max_new_tokens, batch_size, copying=None):
         calls.append((len(prompts), max_new_tokens))
         for _ in prompts:
             yield Answer("France", 5, 1, "stop")

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from tunelab.copying import CopyConstraint, CopyRule
 from tunelab.template import Template
 
 WINDOW_BATCHES = 4
@@ -50,6 +51,8 @@ class Answer:
     """Tokens generated, the end-of-turn token included."""
     finish_reason: str
     """"stop" (end of turn or a stop string), "length" (the token limit) or "cancelled"."""
+    copy_changed: bool = False
+    """Whether the copy constraint (copying.py) refused a token the model preferred."""
 
     @property
     def stopped(self) -> bool:
@@ -81,6 +84,10 @@ class Request:
     """Receives the answer's text as it grows, in pieces that join to exactly `Answer.text`: never
     trailing whitespace (answers are stripped), half a character, or the beginning of what may
     become a stop string."""
+    copy: CopyConstraint | None = None
+    """Keeps the fields that the run's training data copies from the input substrings of this
+    prompt's input (copying.py; it follows one answer, so a Request is answered once); None lets
+    the model write anything."""
 
 
 def as_messages(prompt: str | list[dict[str, str]]) -> list[dict[str, str]]:
@@ -89,23 +96,25 @@ def as_messages(prompt: str | list[dict[str, str]]) -> list[dict[str, str]]:
 
 def generate_answers(
     model, template: Template, conversations: Iterable[list[dict[str, str]]], max_new_tokens: int = 256,
-    batch_size: int = 16,
+    batch_size: int = 16, copying: CopyRule | None = None,
 ) -> Iterator[str]:
     """Yield the answer to each conversation's next assistant turn, greedily, in input order,
     each as soon as it and every answer before it are done. `conversations` may be any
-    iterable, read a window at a time."""
-    for answer in generate_detailed(model, template, conversations, max_new_tokens, batch_size):
+    iterable, read a window at a time. With `copying`, the run's copied fields stay copies of
+    each conversation's input (copying.py)."""
+    for answer in generate_detailed(model, template, conversations, max_new_tokens, batch_size, copying):
         yield answer.text
 
 
 def generate_detailed(
     model, template: Template, conversations: Iterable[list[dict[str, str]]], max_new_tokens: int = 256,
-    batch_size: int = 16,
+    batch_size: int = 16, copying: CopyRule | None = None,
 ) -> Iterator[Answer]:
     """`generate_answers` with each answer's token counts and whether it stopped by itself."""
     conversations = iter(conversations)
     while window := list(itertools.islice(conversations, batch_size * WINDOW_BATCHES)):
-        requests = [Request(template.encode_prompt(c), max_new_tokens) for c in window]
+        requests = [Request(template.encode_prompt(c), max_new_tokens, copy=copying.constraint(c) if copying else None)
+                    for c in window]
         prefix = _shared_prefix(model, [r.prompt for r in requests])
         order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt))
         answers: list[Answer | None] = [None] * len(requests)
@@ -122,10 +131,10 @@ def generate_detailed(
 
 def generate_batch(
     model, template: Template, conversations: list[list[dict[str, str]]], max_new_tokens: int = 256,
-    batch_size: int = 16,
+    batch_size: int = 16, copying: CopyRule | None = None,
 ) -> list[str]:
     """All answers at once, in input order."""
-    return list(generate_answers(model, template, conversations, max_new_tokens, batch_size))
+    return list(generate_answers(model, template, conversations, max_new_tokens, batch_size, copying))
 
 
 def generate_rows(model, template: Template, requests: list[Request]) -> list[Answer]:
@@ -134,14 +143,16 @@ def generate_rows(model, template: Template, requests: list[Request]) -> list[An
 
 
 def stream_reply(model, template: Template, conversation: list[dict[str, str]], max_new_tokens: int = 512,
-                 stop: threading.Event | None = None) -> Iterator[str]:
-    """Yield the reply to `conversation` piece by piece as it is generated, greedily.
+                 stop: threading.Event | None = None, copying: CopyRule | None = None) -> Iterator[str]:
+    """Yield the reply to `conversation` piece by piece as it is generated, greedily (with
+    `copying`, the run's copied fields kept copies of the last user message).
 
     Generation runs in a thread. Setting `stop`, or leaving the loop early (a KeyboardInterrupt
     while waiting for the next piece, a `break`), ends it at the next token."""
     stop = stop or threading.Event()
     pieces: queue.Queue[str | None] = queue.Queue()
-    request = Request(template.encode_prompt(conversation), max_new_tokens, cancel=stop, on_text=pieces.put)
+    request = Request(template.encode_prompt(conversation), max_new_tokens, cancel=stop, on_text=pieces.put,
+                      copy=copying.constraint(conversation) if copying else None)
     failures: list[BaseException] = []
 
     def run() -> None:
@@ -218,6 +229,8 @@ class _Row:
     def add(self, token: int) -> None:
         request = self.request
         self.tokens.append(token)
+        if request.copy is not None:
+            request.copy.append(token)
         if token in self.template.stop_token_ids:
             self.finish_reason = "stop"
         elif request.stop_strings or request.on_text:
@@ -255,21 +268,27 @@ class _Row:
 
     def answer(self) -> Answer:
         text = self.text if self.request.stop_strings or self.request.on_text else self.decode()
-        return Answer(text.strip(), len(self.request.prompt), len(self.tokens), self.finish_reason or "length")
+        constraint = self.request.copy
+        return Answer(text.strip(), len(self.request.prompt), len(self.tokens), self.finish_reason or "length",
+                      bool(constraint and constraint.changed))
 
 
 def next_tokens(scores: torch.Tensor, rows: list[_Row]) -> list[int]:
     """The next token of each row still going, from its line of `scores` (the model's logits).
 
     The one place where tokens are chosen: a greedy row takes its likeliest token, a sampling
-    row draws one with its own temperature, top_p and seed."""
+    row draws one with its own temperature, top_p and seed. A row's copy constraint has the last
+    word: it refuses a token that would make a copied value no longer a copy of the input."""
     tokens = []
     for row, line in zip(rows, scores):
         request = row.request
         if request.temperature > 0:
+            if request.copy is not None:
+                line = request.copy.restrict(line)
             tokens.append(_sample(line, request.temperature, request.top_p, row.generator))
         else:
-            tokens.append(int(line.argmax()))
+            token = int(line.argmax())
+            tokens.append(request.copy.choose(line, token) if request.copy is not None else token)
     return tokens
 
 

@@ -66,6 +66,9 @@ class ServeOptions:
     """Most requests answered by one batched generation."""
     rules: Path | None = None
     """YAML moderation rules (see `Rules`)."""
+    copy_constraint: bool = True
+    """Keep the fields a run's training data copies from the input substrings of the request's
+    last user message (copying.py); False is `--no-copy-constraint`."""
 
 
 # ----------------------------------------------------------------------------- moderation
@@ -147,9 +150,11 @@ class Served:
     """The LoRA adapter to switch on for it, None for a fully fine-tuned run."""
     context: int
     """Tokens the model can attend to: prompt plus answer."""
+    copying: Any = None
+    """The run's copy constraint (a copying.CopyRule), None when it has none or it is off."""
 
 
-def load_served(paths: list[Path]) -> dict[str, Served]:
+def load_served(paths: list[Path], copy_constraint: bool = True) -> dict[str, Served]:
     """Load each run once; LoRA runs on the same base share one base model in memory."""
     from peft import PeftModel
 
@@ -175,7 +180,7 @@ def load_served(paths: list[Path]) -> dict[str, Served]:
             model, adapter = load_model(run.files.model), None
         model.eval()
         context = getattr(model.config, "max_position_embeddings", None) or run.config.max_length
-        served[name] = Served(name, run.template, model, adapter, context)
+        served[name] = Served(name, run.template, model, adapter, context, run.copy_rule(copy_constraint))
     return served
 
 
@@ -196,6 +201,8 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     """("text", piece), then ("done", Answer) or ("error", message), filled by the scheduler."""
     cancel: threading.Event = field(default_factory=threading.Event)
+    constraint: Any = None
+    """Its copy constraint (a copying.CopyConstraint), or None."""
 
     @property
     def key(self) -> str:
@@ -207,7 +214,7 @@ class Job:
         from tunelab.generate import Request
 
         return Request(self.prompt, self.max_tokens, self.temperature, self.top_p, self.seed, self.stop,
-                       self.cancel, lambda piece: self.send("text", piece))
+                       self.cancel, lambda piece: self.send("text", piece), self.constraint)
 
     def send(self, kind: str, value: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -493,7 +500,8 @@ class Server:
                               f"tokens and max_tokens asks for {max_tokens} more; shorten the prompt or lower "
                               "max_tokens", param="max_tokens", code="context_length_exceeded")
             job = Job(served, prompt, max_tokens, body.temperature, body.top_p, body.seed, body.stop_strings(),
-                      asyncio.get_running_loop())
+                      asyncio.get_running_loop(),
+                      constraint=served.copying.constraint(conversation) if served.copying else None)
             if not self.scheduler.admit(job):
                 raise Refused(f"the server is busy ({self.options.max_queue} requests queued); retry shortly",
                               status=429, code="rate_limit_exceeded", kind="requests")
@@ -655,7 +663,7 @@ def serve(options: ServeOptions) -> None:
         RunFiles(path).check()
     sock = bind(options.host, options.port)
 
-    server = Server(load_served(options.runs), options, moderation)
+    server = Server(load_served(options.runs, options.copy_constraint), options, moderation)
     port = sock.getsockname()[1]
     host = f"[{options.host}]" if ":" in options.host else options.host
     print(f"Serving {', '.join(server.served)} on http://{host}:{port} (chat page at /, API at /v1); "
