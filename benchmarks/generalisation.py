@@ -28,6 +28,9 @@ defaults, overridden by `--set key=value`), answers the test prompts greedily th
 (`Run.generate_batch`, the path of `tunelab generate` and `tunelab eval`), and prints exact match
 (`tunelab.metrics.exact_match`) on novel and seen rows, training wall time and the settings.
 Each result is appended to OUT/results.jsonl (misses included); `--table` prints them all.
+Answers are decoded as `tunelab generate` decodes them, with the copy constraint on the fields
+the run's training data copies (tunelab/copying.py); `--compare-copy-constraint` answers the test
+rows a second time without it and records both.
 """
 
 from __future__ import annotations
@@ -335,12 +338,17 @@ def run_task(task: str, args, settings: dict) -> dict:
     answers = run.generate_batch([row["prompt"] for row in test_rows], max_new_tokens=args.max_new_tokens)
     generate_s = time.perf_counter() - started
     correct = [exact_match(a, row["completion"]) for a, row in zip(answers, test_rows)]
+    free = None
+    if args.compare_copy_constraint and run.copied_fields:
+        unconstrained = run.generate_batch([row["prompt"] for row in test_rows], max_new_tokens=args.max_new_tokens,
+                                           copy_constraint=False)
+        free = [exact_match(a, row["completion"]) for a, row in zip(unconstrained, test_rows)]
     metrics = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = max((m["step"] for m in metrics if "loss" in m), default=0)
     eval_losses = [m["eval_loss"] for m in metrics if "eval_loss" in m]
 
-    def rate(picked: list[bool]) -> float | None:
-        chosen = [c for c, p in zip(correct, picked) if p]
+    def rate(picked: list[bool], scores: list[float] = correct) -> float | None:
+        chosen = [c for c, p in zip(scores, picked) if p]
         return round(sum(chosen) / len(chosen), 4) if chosen else None
 
     result = {
@@ -349,6 +357,10 @@ def run_task(task: str, args, settings: dict) -> dict:
         "n_novel": sum(novel), "n_seen": len(novel) - sum(novel), "train_rows": args.train_rows,
         "steps": steps, "train_s": round(train_s, 1), "generate_s": round(generate_s, 1),
         "final_eval_loss": eval_losses[-1] if eval_losses else None,
+        "copied_fields": run.copied_fields,
+        "without_copy_constraint": None if free is None else {
+            "em_novel": rate(novel, free), "em_seen": rate([not n for n in novel], free),
+            "em_all": rate([True] * len(novel), free), "answers_changed": sum(a != b for a, b in zip(answers, unconstrained))},
         "misses": [{"prompt": row["prompt"].split("\n", 1)[1], "reference": row["completion"], "answer": a,
                     "novel": n} for a, row, c, n in zip(answers, test_rows, correct, novel) if not c][:12],
     }
@@ -372,6 +384,21 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_copy_table(results: list[dict]) -> str:
+    """Exact match with and without the copy constraint, for results measured both ways."""
+    compared = [r for r in results if r.get("without_copy_constraint")]
+    if not compared:
+        return ""
+    lines = ["| label | task | copied fields | EM novel on / off | EM seen on / off | answers changed |",
+             "|---|---|---|---|---|---|"]
+    for r in compared:
+        off = r["without_copy_constraint"]
+        lines.append(f"| {r['label']} | {r['task']} | {', '.join(r['copied_fields'])} | "
+                     f"{percent(r['em_novel'])} / {percent(off['em_novel'])} | "
+                     f"{percent(r['em_seen'])} / {percent(off['em_seen'])} | {off['answers_changed']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/gen", help="folder for data, runs and results.jsonl")
@@ -384,6 +411,8 @@ def main() -> None:
     parser.add_argument("--seen-rows", type=int, default=50, help="test rows about trained entities per task")
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--compare-copy-constraint", action="store_true",
+                        help="also answer without the copy constraint and record both")
     parser.add_argument("--write-only", action="store_true", help="write each task's train/test files and stop")
     parser.add_argument("--table", action="store_true", help="print every result in OUT/results.jsonl and stop")
     args = parser.parse_args()
@@ -396,7 +425,10 @@ def main() -> None:
         path = out / "results.jsonl"
         if not path.exists():
             sys.exit(f"{path}: no results yet")
-        print(format_table([json.loads(line) for line in path.read_text().splitlines() if line.strip()]))
+        results = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        print(format_table(results))
+        copy_table = format_copy_table(results)
+        print(f"\nWith and without the copy constraint:\n{copy_table}" if copy_table else "", end="")
         return
     if args.write_only:
         for task in tasks:
@@ -416,6 +448,8 @@ def main() -> None:
             print(f"    miss ({'novel' if miss['novel'] else 'seen'}): {miss['answer']!r} != {miss['reference']!r}")
     print()
     print(format_table(results))
+    if format_copy_table(results):
+        print(f"\nWith and without the copy constraint:\n{format_copy_table(results)}")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ PACKAGE = Path(tunelab.__file__).parent
 LAYERS = [
     {"errors"},
     {"data", "dedup", "template", "models", "examples", "examples.bookings", "metrics"},
-    {"config"},
-    {"batching", "speed", "runfolder", "baselines", "assertions", "augment"},
+    {"config", "novelty"},
+    {"batching", "speed", "runfolder", "baselines", "assertions", "augment", "copying"},
     {"loss", "checkpoint", "datacheck", "generate", "report", "teacher"},
     {"forgetting", "endpoint"},
     {"evaluate", "train", "review"},

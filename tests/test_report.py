@@ -39,7 +39,10 @@ DATA_CHECK = {
     "errors": [{"line": 7, "code": "E_JSON", "message": f"not JSON {HOSTILE}"}],
     "warnings": [{"line": 12, "code": "W_DUPLICATE", "message": "copy of line 3"}],
     "duplicates": {"exact": {"count": 4, "pairs": [[3, 12]]}, "near": {"count": 3, "pairs": [[5, 9, 0.83]]}},
-    "split": {"train": 191, "test": 22, "test_size": 0.1, "seed": 0, "leaked_count": 0, "leaked_pairs": []},
+    "split": {"train": 191, "test": 22, "test_size": 0.1, "seed": 0, "leaked_count": 0, "leaked_pairs": [],
+              "split_by": "metadata.customer", "groups": {"train": 40, "test": 5}},
+    "novelty": {"values": 44, "novel_values": 11, "share": 0.25, "novel_rows": 9, "seen_rows": 13,
+                "rows_without_values": 0, "training_values": 120},
     "lengths": {"unit": "tokens", "min": 41, "median": 77.0, "mean": 79.3, "p95": 120.0, "max": 163, "total": 17210,
                 "histogram": [[0, 40, 0], [41, 81, 120], [82, 122, 80], [123, 163, 17]]},
     "trainable_tokens": {"min": 20, "median": 31.0, "total": 6800},
@@ -123,8 +126,13 @@ def rich_eval() -> dict:
     results["metrics"]["tuned"]["judge"] = metric(0.8, 0.6, 1.0)
     results["forgetting"] = {"file": "general_knowledge.jsonl", "questions": 40, "results": {
         "zero-shot": {"accuracy": 0.45, "accuracy_per_token": 0.5}, "tuned": {"accuracy": 0.425, "accuracy_per_token": 0.5}}}
+    results["novelty"] = {"training_file": "runs/mine/train.jsonl", "values": 6, "novel_values": 2, "share": 1 / 3,
+                          "novel_rows": 2, "seen_rows": 1, "rows_without_values": 0, "training_values": 40,
+                          "accuracy": {n: {"novel": metric(0.5 if n == "tuned" else 0.0, 0.0, 1.0) | {"rows": 2},
+                                           "seen": metric(1.0 if i else 0.0, 1.0 if i else 0.0, 1.0) | {"rows": 1}}
+                                       for i, n in enumerate(names)}}
     results["samples"] = [
-        {"index": k, **sample, "answers": {n: {"text": answers[n][k], "bucket": buckets[n][k], "stopped": True,
+        {"index": k, "novelty": ["novel", "seen", "novel"][k], **sample, "answers": {n: {"text": answers[n][k], "bucket": buckets[n][k], "stopped": True,
                                                 "assertions_failed": [] if n != "zero-shot" else ["valid JSON"],
                                                 "judge": 0.75 if n == "tuned" else None} for n in names}}
         for k, sample in enumerate(SAMPLES)]
@@ -203,8 +211,8 @@ def test_user_text_is_escaped(tmp_path):
 
 def test_rich_eval_json_shows_intervals_buckets_cost_differences_and_forgetting(tmp_path):
     html = write_report(make_run(tmp_path / "run", rich_eval())).read_text()
-    assert sections(html) == ["Loss", "Metrics", "Differences: tuned against each contender", "Answer buckets",
-                              "Cost per request", "Assertions", "Forgetting check", "Answers side by side",
+    assert sections(html) == ["Loss", "Metrics", "Differences: tuned against each contender", "Novelty",
+                              "Answer buckets", "Cost per request", "Assertions", "Forgetting check", "Answers side by side",
                               "Data check", "Settings"]
     assert ("On exact match, the tuned model beats zero-shot (+60.0 points); cannot be told apart from few-shot "
             "(+20.0 points), retrieval (+20.0 points)") in html
@@ -227,6 +235,14 @@ def test_rich_eval_json_shows_intervals_buckets_cost_differences_and_forgetting(
     assert "<td>2: lines 3, 8</td>" in row
     row = re.search(r"<tr><th>tuned − few-shot</th>(.*?)</tr>", differences).group(1)
     assert row.startswith("<td>+20.0 ") and "<td>1: lines 8</td>" in row  # interval spans 0: not coloured
+    novelty = html[html.index("<h2>Novelty"):html.index("<h2>Answer buckets")]
+    row = re.search(r"<tr><th>rows with a novel value <span class=ci>\(2\)</span></th>(.*?)</tr>", novelty).group(1)
+    assert row.count("class=best") == 1 and "<td class=best>50.0% <span class=ci>[0.0%, 100.0%]</span></td>" in row
+    assert "<tr><th>rows with only seen values <span class=ci>(1)</span></th><td>0.0%" in novelty
+    assert "33.3% of the 6 reference answer values never occur in a training answer" in novelty
+    check = html[html.index("<h2>Data check"):]
+    assert "seed 0, by metadata.customer" in check
+    assert "25.0% of 44 held-out answer values never occur in a training answer; 9 held-out rows hold one" in check
     buckets = html[html.index("<h2>Answer buckets"):html.index("<h2>Cost")]
     tuned_row = re.search(r"<tr><th>tuned</th>(.*?)</tr>", buckets).group(1)
     assert re.findall(r"<td>(\d+)</td>", tuned_row) == ["2", "0", "1", "0", "0", "0", "0"]
@@ -438,7 +454,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     # What the browser parsed: the curves, the histogram and every table with its rows.
     assert len(re.findall(r"<path d=\"M", dom.stdout)) == 2 and "<rect" in dom.stdout
     source = html_path.read_text()
-    assert dom.stdout.count("<table") == source.count("<table") == 10
+    assert dom.stdout.count("<table") == source.count("<table") == 11
     assert dom.stdout.count("<tr") == source.count("<tr") > 50
     assert dom.stdout.count("<div class=\"sample\">") == 3
 

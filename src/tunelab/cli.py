@@ -120,6 +120,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         batch_size=args.batch_size, data=Path(args.data) if args.data else None, shots=args.shots,
         retrieval=not args.no_retrieval, endpoints=endpoints, assertions=args.assertions and Path(args.assertions),
         forgetting=None if args.no_forgetting else Path(args.forgetting or DEFAULT_QUESTIONS), judge=judge,
+        copy_constraint=not args.no_copy_constraint,
     )
     print(format_report(results))
     print(f"\nResults saved in {run.files.eval}; report written to {write_report(run.path)}")
@@ -168,12 +169,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     inputs = read_inputs(Path(args.input)) if args.input is not None else []
     run = Run(args.run)
     if args.prompt is not None:
-        print(run.generate(args.prompt, max_new_tokens=args.max_new_tokens))
+        print(run.generate(args.prompt, max_new_tokens=args.max_new_tokens, copy_constraint=not args.no_copy_constraint))
         return
     from tunelab.generate import generate_answers
 
     answers = generate_answers(run.model(), run.template, (conversation for _, conversation in inputs),
-                               max_new_tokens=args.max_new_tokens)
+                               max_new_tokens=args.max_new_tokens, copying=run.copy_rule(not args.no_copy_constraint))
     write_answers([line for line, _ in inputs], answers, Path(args.output) if args.output else None)
 
 
@@ -214,6 +215,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     run = Run(args.run)
     model = run.model()
+    copying = run.copy_rule(not args.no_copy_constraint)
     conversation = [{"role": "system", "content": args.system}] if args.system else []
     print("Chatting with the fine-tuned model. Ctrl-C stops a reply; an empty line, Ctrl-D or Ctrl-C "
           "at the prompt leaves.", file=sys.stderr)
@@ -229,7 +231,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         print("model> ", end="", flush=True)
         reply = ""
         try:
-            for piece in stream_reply(model, run.template, conversation, args.max_new_tokens):
+            for piece in stream_reply(model, run.template, conversation, args.max_new_tokens, copying=copying):
                 reply += piece
                 print(piece, end="", flush=True)
             print()
@@ -248,7 +250,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     serve(ServeOptions(runs=[Path(r) for r in args.runs], host=args.host, port=args.port, api_key=args.api_key,
                        max_queue=args.max_queue, batch_size=args.batch_size,
-                       rules=Path(args.rules) if args.rules else None))
+                       rules=Path(args.rules) if args.rules else None, copy_constraint=not args.no_copy_constraint))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -284,6 +286,12 @@ def add_config_flags(parser, model: type[DataOptions], exclude: Collection[str] 
 def config_flags(args: argparse.Namespace, model: type[DataOptions]) -> dict[str, typing.Any]:
     """The fields of `model` given as flags."""
     return {name: getattr(args, name) for name in model.model_fields if hasattr(args, name)}
+
+
+def add_copy_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--no-copy-constraint", action="store_true",
+                        help=f"let {what} hold any value in the fields that the training data copies from the input "
+                             "(by default such values stay substrings of the input; the data check lists the fields)")
 
 
 def positive_int(text: str) -> int:
@@ -413,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-new-tokens", type=positive_int, default=None,
                           help="token limit per answer (default: 1.5 times the longest reference, at most 512)")
     evaluate.add_argument("--batch-size", type=positive_int, default=16, help="prompts per batch (default: 16)")
+    add_copy_flag(evaluate, "the local contenders' answers")
     evaluate.set_defaults(func=cmd_eval)
 
     report = commands.add_parser("report", help="write a run's HTML report, or compare several runs side by side")
@@ -429,12 +438,14 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a .txt file (one prompt per line), or JSONL, CSV or Parquet rows in any accepted shape")
     generate.add_argument("--output", default=None, help="write JSON lines here instead of standard output")
     generate.add_argument("--max-new-tokens", type=positive_int, default=256)
+    add_copy_flag(generate, "answers")
     generate.set_defaults(func=cmd_generate)
 
     chat = commands.add_parser("chat", help="talk to the fine-tuned model, streaming")
     chat.add_argument("run", help="run folder")
     chat.add_argument("--system", default=None, help="system message")
     chat.add_argument("--max-new-tokens", type=positive_int, default=512)
+    add_copy_flag(chat, "replies")
     chat.set_defaults(func=cmd_chat)
 
     serve = commands.add_parser("serve", help="OpenAI-compatible server and chat page for one or more runs")
@@ -449,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-size", type=positive_int, default=8,
                        help="most requests answered by one batched generation (default: 8)")
     serve.add_argument("--rules", default=None, help="YAML moderation rules: input/output words and patterns")
+    add_copy_flag(serve, "answers")
     serve.set_defaults(func=cmd_serve)
 
     export = commands.add_parser("export", help="write the fine-tuned model for transformers, llama.cpp or Ollama")

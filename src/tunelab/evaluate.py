@@ -6,7 +6,9 @@ Contenders answer the same questions with greedy decoding:
 - `retrieval`: the base model with the K training examples most similar to each question;
 - `tuned`: the fine-tuned model;
 - any model behind an OpenAI-compatible endpoint (`--contender NAME=URL#MODEL`).
-The base model is loaded once for its three contenders; prompt building is in baselines.py,
+Where the run has copied fields (copying.py), every local contender decodes with the copy
+constraint (it comes from the user's data, not from the fine-tune, so the comparison stays
+fair), unless `--no-copy-constraint`. The base model is loaded once for its three contenders; prompt building is in baselines.py,
 metrics and buckets in metrics.py, assertions in assertions.py, the multiple-choice forgetting
 check in forgetting.py, endpoints and the judge in endpoint.py.
 
@@ -39,10 +41,20 @@ RUN/eval.json (schema 2), written beside and renamed, so it is either whole or a
     judge                null, or {"url", "model", "ungraded": {contender: count}}
     forgetting           null, or {"file", "questions", "results": {"zero-shot" | "tuned":
                           {"accuracy", "accuracy_per_token"}}}
+    copy_constraint      null (the run has no copied fields, or --no-copy-constraint), or
+                         {"fields": [path], "changed": {contender: answers the constraint changed}}
+                         for the local contenders
+    novelty              how new the evaluated answers are to the run's training answers (novelty.py):
+                         {"training_file", "values", "novel_values", "share", "novel_rows",
+                          "seen_rows", "rows_without_values", "training_values", "accuracy":
+                          {contender: {"novel" | "seen": {"value", "low", "high", "rows"} | null}}}
+                         (exact match on rows holding a novel value, and on rows holding only
+                         values training showed); each sample's "novelty" is its row's kind
     samples              [{"index", "line", "prompt", "reference", "answers": {contender:
                           {"text", "bucket", "exact_match", "token_f1", "rouge_l",
-                           "prompt_tokens", "generated_tokens", "stopped",
-                           "assertions_failed": [...], "judge": grade | null}}}]
+                           "prompt_tokens", "generated_tokens", "stopped", "copy_changed",
+                           "assertions_failed": [...], "judge": grade | null}}, "novelty":
+                          "novel" | "seen" | "none"}]
 """
 
 from __future__ import annotations
@@ -55,7 +67,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunelab import metrics
+from tunelab import metrics, novelty
 from tunelab.baselines import few_shot_prompts, retrieval_prompts, user_text
 from tunelab.batching import encode_examples
 from tunelab.data import Example, iter_examples, load_examples, read_jsonl
@@ -106,10 +118,10 @@ def _progress(total: int, name: str, enabled: bool):
 
 
 def _generate(model, template, prompts, max_new_tokens: int, batch_size: int, contender: Contender,
-              progress: bool) -> None:
+              progress: bool, copying=None) -> None:
     started = time.perf_counter()
     with _progress(len(prompts), contender.name, progress) as bar:
-        for answer in generate_detailed(model, template, prompts, max_new_tokens, batch_size):
+        for answer in generate_detailed(model, template, prompts, max_new_tokens, batch_size, copying):
             contender.answers.append(answer)
             bar.update()
     contender.seconds = time.perf_counter() - started
@@ -118,8 +130,9 @@ def _generate(model, template, prompts, max_new_tokens: int, batch_size: int, co
 def evaluate(run, limit: int | None = None, batch_size: int = 16, max_new_tokens: int | None = None,
              include_base: bool = True, data: Path | None = None, shots: int = 3, retrieval: bool = True,
              endpoints: list[Endpoint] = (), assertions: Path | None = None, forgetting: Path | None = DEFAULT_QUESTIONS,
-             judge: Endpoint | None = None, progress: bool = True) -> dict:
-    """Every contender on the same examples; results saved to RUN/eval.json and returned."""
+             judge: Endpoint | None = None, progress: bool = True, copy_constraint: bool = True) -> dict:
+    """Every contender on the same examples; results saved to RUN/eval.json and returned.
+    `copy_constraint=False` decodes without the run's copy constraint."""
     from tunelab import assertions as assertions_mod
     from tunelab import forgetting as forgetting_mod
     from tunelab.models import load_model
@@ -141,6 +154,7 @@ def evaluate(run, limit: int | None = None, batch_size: int = 16, max_new_tokens
         max_new_tokens = min(512, int(longest * 1.5) + 16)
 
     prompts = [e.prompt_messages() for e in examples]
+    copying = run.copy_rule(copy_constraint)
     if judge:  # reached once now, so an unreachable judge fails before the models run, not after
         judge.complete([{"role": "user", "content": "Reply with the word OK."}], max_tokens=2)
     contenders: list[Contender] = []
@@ -169,7 +183,7 @@ def evaluate(run, limit: int | None = None, batch_size: int = 16, max_new_tokens
                 variants.append(("retrieval", retrieval_prompts(prompts, train, shots)))
         for name, variant in variants:
             contender = Contender(name, "local", base_path, name)
-            _generate(base, run.template, variant, max_new_tokens, batch_size, contender, progress)
+            _generate(base, run.template, variant, max_new_tokens, batch_size, contender, progress, copying)
             local.append(contender)
         losses["zero-shot"] = heldout_loss(base, encoded)
         if questions:
@@ -177,7 +191,7 @@ def evaluate(run, limit: int | None = None, batch_size: int = 16, max_new_tokens
         del base
     tuned_model = run.model()
     tuned = Contender("tuned", "local", str(run.path), "fine-tuned")
-    _generate(tuned_model, run.template, prompts, max_new_tokens, batch_size, tuned, progress)
+    _generate(tuned_model, run.template, prompts, max_new_tokens, batch_size, tuned, progress, copying)
     local.append(tuned)
     losses["tuned"] = heldout_loss(tuned_model, encoded)
     if questions:
@@ -194,7 +208,11 @@ def evaluate(run, limit: int | None = None, batch_size: int = 16, max_new_tokens
                "assertions": {"file": str(assertions), "results": checked} if rules else None,
                "judge": {"url": judge.url, "model": judge.model, "ungraded": ungraded} if judge else None,
                "forgetting": {"file": str(forgetting), "questions": len(questions), "results": forgotten}
-               if questions else None}
+               if questions else None,
+               "copy_constraint": {"fields": sorted(copying.fields),
+                                   "changed": {c.name: sum(a.copy_changed for a in c.answers) for c in local}}
+               if copying else None}
+    ordered["novelty"] = novelty_results(examples, run.files.train, ordered["samples"])
     ordered["samples"] = ordered.pop("samples")  # last: the long part of the file
     write_atomically(run.files.eval, ordered)
     return ordered
@@ -263,7 +281,7 @@ def score(examples: list[Example], contenders: list[Contender], rules, judge: En
             sample["answers"][c.name] = {
                 "text": a.text, "bucket": buckets[i], **{m: rows[m][i] for m in SCORES},
                 "prompt_tokens": a.prompt_tokens, "generated_tokens": a.generated_tokens, "stopped": a.stopped,
-                "assertions_failed": failures[i], "judge": grades[i],
+                "copy_changed": a.copy_changed, "assertions_failed": failures[i], "judge": grades[i],
             }
     if "tuned" in per_example:
         for c in contenders:
@@ -281,6 +299,20 @@ def score(examples: list[Example], contenders: list[Contender], rules, judge: En
                 })
     out["samples"] = samples
     return out
+
+
+def novelty_results(examples: list[Example], train_file: Path, samples: list[dict]) -> dict:
+    """eval.json's "novelty": the examples' answer values against the run's training answers, and
+    each contender's exact match on rows with a novel value and rows with only seen ones. Marks
+    each sample with its row's kind."""
+    training = (novelty.value_hashes(e.reference) for e in read_jsonl(train_file) if not e.is_raw)
+    measured = novelty.measure(training, (novelty.value_hashes(e.reference) for e in examples))
+    for sample, kind in zip(samples, measured.kinds):
+        sample["novelty"] = kind
+    names = list(samples[0]["answers"]) if samples else []
+    accuracy = {name: novelty.accuracy_by_kind(measured.kinds, [s["answers"][name]["exact_match"] for s in samples])
+                for name in names}
+    return {"training_file": str(train_file), **measured.to_dict(), "accuracy": accuracy}
 
 
 def _summary(values: list[float]) -> dict:
@@ -377,8 +409,38 @@ def format_forgetting(results: dict) -> str:
     return f"forgetting check ({f['questions']} multiple-choice questions, log-likelihood): " + ", ".join(parts)
 
 
+def format_copy_constraint(results: dict) -> str:
+    copying = results.get("copy_constraint")
+    if not copying:
+        return ""
+    n = results["examples_evaluated"]
+    counts = ", ".join(f"{name} {changed} of {n}" for name, changed in copying["changed"].items())
+    return (f"copy constraint on {', '.join(copying['fields'])} (values kept substrings of the input; "
+            f"--no-copy-constraint turns it off): answers it changed: {counts}")
+
+
+def format_novelty(results: dict) -> str:
+    """How new the evaluated answers are to training, and exact match on new vs seen values."""
+    found = results.get("novelty")
+    if not found:
+        return ""
+    measured = novelty.Novelty(**{k: found[k] for k in ("values", "novel_values", "novel_rows", "seen_rows")},
+                               without_values=found["rows_without_values"])
+    lines = [f"novelty: {measured.describe()}"]
+    if not found["values"]:
+        return lines[0]
+    names = [c["name"] for c in results["contenders"]]
+    rows = []
+    for kind, label in (("novel", "a novel value"), ("seen", "only seen values")):
+        count = found[f"{kind}_rows"]
+        cells = [_cell(found["accuracy"].get(n, {}).get(kind), "pct") for n in names]
+        rows.append([f"rows with {label} ({count})", *cells])
+    return lines[0] + "\n" + _grid(["exact match on", *names], rows)
+
+
 def format_report(results: dict) -> str:
     """Everything `tunelab eval` prints."""
-    sections = [format_table(results), format_differences(results), format_buckets(results), format_cost(results),
-                format_forgetting(results), format_samples(results)]
+    sections = [format_table(results), format_differences(results), format_novelty(results), format_buckets(results),
+                format_cost(results), format_forgetting(results), format_copy_constraint(results),
+                format_samples(results)]
     return "\n\n".join(s for s in sections if s)

@@ -216,9 +216,9 @@ def render_run(run: RunData) -> str:
         body.append(verdict(run.eval))
     body.append(section_curves(run))
     if run.eval:
-        body += [section(run.eval) for section in (section_metrics, section_differences, section_buckets,
-                                                   section_cost, section_assertions, section_forgetting,
-                                                   section_answers)]
+        body += [section(run.eval) for section in (section_metrics, section_differences, section_novelty,
+                                                   section_buckets, section_cost, section_assertions,
+                                                   section_forgetting, section_copy_constraint, section_answers)]
     else:
         body.append("<h2>Evaluation</h2><p class=note>This run has not been evaluated yet: run "
                     f"<code>tunelab eval {escape(str(run.path))}</code> for the metrics, buckets, cost per "
@@ -365,6 +365,35 @@ def line_list(indices, lines: dict, shown: int = 8) -> str:
     return escape(f"{len(indices)}: lines {', '.join(named)}{more}")
 
 
+def section_novelty(results: dict) -> str:
+    """How many evaluated answer values training never showed, and exact match on the rows that
+    hold such a value against the rows that hold only values seen in training."""
+    found = results.get("novelty")
+    if not isinstance(found, dict) or not is_number(found.get("values")):
+        return ""
+    if not found["values"]:
+        return ("<h2>Novelty</h2><p class=note>The reference answers hold no values to compare with training "
+                "(plain text without quoted spans).</p>")
+    rows = [(kind, label, found.get(f"{kind}_rows")) for kind, label in
+            (("novel", "rows with a novel value"), ("seen", "rows with only seen values"))]
+    accuracy = found.get("accuracy") if isinstance(found.get("accuracy"), dict) else {}
+    names = [name for name in contender_names(results) if isinstance(accuracy.get(name), dict)]
+    lines = []
+    for kind, label, count in rows:
+        entries = {name: accuracy[name].get(kind) for name in names}
+        winners = best_of({n: e.get("value") for n, e in entries.items() if isinstance(e, dict)}, True)
+        cells = "".join(metric_cell(entries[name], "percent", name in winners) for name in names)
+        lines.append(f"<tr><th>{escape(label)} <span class=ci>({escape(str(count))})</span></th>{cells}</tr>")
+    share = number(found["share"], "percent") if is_number(found.get("share")) else "?"
+    note = (f"{share} of the {found['values']} reference answer values never occur in a training answer "
+            f"({escape(str(found.get('training_file', '')))}); a row is novel when it holds at least one such value. "
+            "A tuned model that is right on seen rows and wrong on novel ones recites what it was trained on instead "
+            "of copying from the input; a held-out set without novel rows cannot show it.")
+    return (f"<h2>Novelty</h2><table class=metrics><tr><th>exact match on</th>"
+            f"{''.join(f'<th>{escape(n)}</th>' for n in names)}</tr>{''.join(lines)}</table>"
+            f"<p class=note>{note}</p>")
+
+
 def section_buckets(results: dict) -> str:
     counts = {name: table for name, table in (results.get("buckets") or {}).items() if isinstance(table, dict)}
     if not counts:
@@ -453,6 +482,24 @@ def section_assertions(results: dict) -> str:
     source = escape(str(results["assertions"].get("file", "")))
     return (f"<h2>Assertions</h2><table class=metrics><tr><th></th>{head}</tr>{''.join(rows)}</table>"
             f"<p class=note>Answers passing each rule of {source}.</p>")
+
+
+def section_copy_constraint(results: dict) -> str:
+    """How many answers of each contender the copy constraint changed (copying.py)."""
+    copying = results.get("copy_constraint")
+    if not isinstance(copying, dict) or not isinstance(copying.get("changed"), dict):
+        return ""
+    total = results.get("examples_evaluated")
+    changed = {name: count for name, count in copying["changed"].items() if is_number(count)}
+    head = "".join(f"<th>{escape(name)}</th>" for name in changed)
+    cells = "".join(f"<td>{count}" + (f" <span class=ci>{number(count / total, 'percent')}</span>"
+                                      if is_number(total) and total else "") + "</td>" for count in changed.values())
+    fields = ", ".join(f"<code>{escape(str(f))}</code>" for f in copying.get("fields") or [])
+    return (f"<h2>Copy constraint</h2><table class=metrics><tr><th></th>{head}</tr>"
+            f"<tr><th>answers changed</th>{cells}</tr></table>"
+            f"<p class=note>The training data copies {fields} from the input, so decoding kept those values "
+            "substrings of the input; these answers differ from what the model would have written "
+            "(<code>--no-copy-constraint</code> turns it off).</p>")
 
 
 def section_forgetting(results: dict) -> str:
@@ -552,9 +599,15 @@ def section_data_check(check: dict | None) -> str:
         rows.append(("near duplicates", f"{(duplicates.get('near') or {}).get('count', 0)} pairs"))
     split = check.get("split") or {}
     if split:
+        by = f", by {split['split_by']}" if split.get("split_by") else ""
         rows.append(("split", f"train {split.get('train', '?')} / test {split.get('test', '?')} "
-                              f"(test size {split.get('test_size', '?')}, seed {split.get('seed', '?')}), "
+                              f"(test size {split.get('test_size', '?')}, seed {split.get('seed', '?')}{by}), "
                               f"{split.get('leaked_count', 0)} near-duplicate pairs across it"))
+    found = check.get("novelty") or {}
+    if is_number(found.get("values")) and found["values"] and is_number(found.get("share")):
+        rows.append(("novelty", f"{number(found['share'], 'percent')} of {found['values']} held-out answer values "
+                                f"never occur in a training answer; {found.get('novel_rows', '?')} held-out rows "
+                                "hold one"))
     lengths = check.get("lengths") or {}
     if "min" in lengths:
         rows.append((f"length ({lengths.get('unit', '')})", f"min {lengths['min']}, median {lengths.get('median')}, "

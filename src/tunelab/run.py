@@ -59,14 +59,31 @@ class Run:
             self._tuned = model.eval()
         return self._tuned
 
-    def generate(self, prompt: str | list[dict[str, str]], max_new_tokens: int = 256) -> str:
-        """Answer one prompt (a user message, or a whole conversation) with the tuned model."""
-        return self.generate_batch([prompt], max_new_tokens=max_new_tokens)[0]
+    @property
+    def copied_fields(self) -> list[str]:
+        """Answer fields the training data copies from the input (copying.py); older runs have none."""
+        return self.info.get("copied_fields", [])
 
-    def generate_batch(self, prompts: list, max_new_tokens: int = 256) -> list[str]:
+    def copy_rule(self, enabled: bool = True):
+        """The copy constraint for this run's answers, or None when it has no copied fields or
+        `enabled` is False (`--no-copy-constraint`)."""
+        if not enabled or not self.copied_fields:
+            return None
+        from tunelab.copying import CopyRule
+
+        return CopyRule(self.tokenizer, frozenset(self.copied_fields), frozenset(self.template.stop_token_ids))
+
+    def generate(self, prompt: str | list[dict[str, str]], max_new_tokens: int = 256,
+                 copy_constraint: bool = True) -> str:
+        """Answer one prompt (a user message, or a whole conversation) with the tuned model;
+        `copy_constraint=False` lets copied fields be anything the model writes."""
+        return self.generate_batch([prompt], max_new_tokens=max_new_tokens, copy_constraint=copy_constraint)[0]
+
+    def generate_batch(self, prompts: list, max_new_tokens: int = 256, copy_constraint: bool = True) -> list[str]:
         from tunelab.generate import as_messages, generate_batch
 
-        return generate_batch(self.model(), self.template, [as_messages(p) for p in prompts], max_new_tokens)
+        return generate_batch(self.model(), self.template, [as_messages(p) for p in prompts], max_new_tokens,
+                              copying=self.copy_rule(copy_constraint))
 
     def evaluate(self, limit: int | None = None, **kwargs) -> dict:
         from tunelab.evaluate import evaluate

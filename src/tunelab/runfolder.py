@@ -2,7 +2,7 @@
 
     RUN/data_check.json  the data check's report (see datacheck.py), with length_histogram.txt
     RUN/config.yaml      the TrainConfig used
-    RUN/run.json         base model location, data file, sizes
+    RUN/run.json         base model location, data file, sizes, the copied fields (copying.py)
     RUN/template.json    the prompt template (name and Jinja source)
     RUN/tokenizer/       the tokenizer
     RUN/split.json       which source lines went to train and test
@@ -94,12 +94,14 @@ class RunFiles:
         return self.root / "eval.json"
 
     def create(self, config: TrainConfig, template: Template, base_path: Path, train: list[Example],
-               test: list[Example], dropped: list[int], trained_pieces: int, augmented: list[Example] = ()) -> None:
+               test: list[Example], dropped: list[int], trained_pieces: int, augmented: list[Example] = (),
+               copied_fields: list[str] = ()) -> None:
         """Write what a run starts with: config, template, tokenizer, the split and its examples.
         `train` and `test` are the two sides of the split; train.jsonl leaves out the `dropped`
         lines (over --max-length), which are not trained; `trained_pieces` counts what the trained
         examples became after encoding (a raw document may be cut into several); `augmented`, the
-        variants copy augmentation added, each with its original's line."""
+        variants copy augmentation added, each with its original's line; `copied_fields`, the
+        answer fields that decoding keeps copies of the input (the data check found them)."""
         self.root.mkdir(parents=True, exist_ok=True)
         config.save(self.config)
         template.save(self.template)
@@ -110,13 +112,13 @@ class RunFiles:
         if augmented:
             data_mod.write_jsonl(self.augmented, augmented)
         self.split.write_text(json.dumps({
-            "test_size": config.test_size, "seed": config.seed,
+            "test_size": config.test_size, "seed": config.seed, "split_by": config.split_by,
             "train_lines": [e.line for e in train], "test_lines": [e.line for e in test],
         }))
         self.info.write_text(json.dumps({
             "base": config.base, "base_path": str(Path(base_path).resolve()),
             "method": config.method, "train_examples": trained_pieces, "test_examples": len(test),
-            "augmented_examples": len(augmented),
+            "augmented_examples": len(augmented), "copied_fields": list(copied_fields),
         }, indent=2))
 
     def metrics_writer(self) -> MetricsWriter:

@@ -10,10 +10,12 @@ Every request is rendered and tokenized by its run's saved Template, as in train
 the same base share one copy of it, each LoRA adapter picked by the request's `model`.
 
 Requests wait in one bounded queue (`--max-queue` places, 429 when full). A scheduler thread
-takes what waits, up to a batch, for one model and the same settings, and runs one
-`generate_rows` for it off the event loop, so /health answers while the model works. A client
-that leaves sets its request's cancel event: its row stops at the next token and its place
-is freed. Generation is greedy unless the request gives a temperature.
+takes what waits, up to a batch, for one model, and answers it with one `generate_rows` off the
+event loop (each row with its own token limit, sampling and stop strings), so /health answers
+while the model works. The loop is the one `tunelab generate` and evaluation use, so a greedy
+request gets their answer. A client that leaves sets its request's cancel event: its row stops
+at the next token and its place is freed. Generation is greedy unless the request gives a
+temperature.
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ class ServeOptions:
     """Most requests answered by one batched generation."""
     rules: Path | None = None
     """YAML moderation rules (see `Rules`)."""
+    copy_constraint: bool = True
+    """Keep the fields a run's training data copies from the input substrings of the request's
+    last user message (copying.py); False is `--no-copy-constraint`."""
 
 
 # ----------------------------------------------------------------------------- moderation
@@ -145,9 +150,11 @@ class Served:
     """The LoRA adapter to switch on for it, None for a fully fine-tuned run."""
     context: int
     """Tokens the model can attend to: prompt plus answer."""
+    copying: Any = None
+    """The run's copy constraint (a copying.CopyRule), None when it has none or it is off."""
 
 
-def load_served(paths: list[Path]) -> dict[str, Served]:
+def load_served(paths: list[Path], copy_constraint: bool = True) -> dict[str, Served]:
     """Load each run once; LoRA runs on the same base share one base model in memory."""
     from peft import PeftModel
 
@@ -173,7 +180,7 @@ def load_served(paths: list[Path]) -> dict[str, Served]:
             model, adapter = load_model(run.files.model), None
         model.eval()
         context = getattr(model.config, "max_position_embeddings", None) or run.config.max_length
-        served[name] = Served(name, run.template, model, adapter, context)
+        served[name] = Served(name, run.template, model, adapter, context, run.copy_rule(copy_constraint))
     return served
 
 
@@ -194,11 +201,20 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     """("text", piece), then ("done", Answer) or ("error", message), filled by the scheduler."""
     cancel: threading.Event = field(default_factory=threading.Event)
+    constraint: Any = None
+    """Its copy constraint (a copying.CopyConstraint), or None."""
 
     @property
-    def key(self) -> tuple:
-        """Requests with the same key can share one batched generation."""
-        return (self.served.name, self.max_tokens, self.temperature, self.top_p, self.seed, self.stop)
+    def key(self) -> str:
+        """Requests for the same model (the same adapter switched on) share one batched generation."""
+        return self.served.name
+
+    def request(self):
+        """What the generation loop needs of it."""
+        from tunelab.generate import Request
+
+        return Request(self.prompt, self.max_tokens, self.temperature, self.top_p, self.seed, self.stop,
+                       self.cancel, lambda piece: self.send("text", piece), self.constraint)
 
     def send(self, kind: str, value: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -262,15 +278,10 @@ class Scheduler:
                     self.waiting.remove(job)
                 self.running = len(batch)
             served = batch[0].served
-            first = batch[0]
             try:
                 if served.adapter is not None:
                     served.model.set_adapter(served.adapter)
-                answers = generate_rows(
-                    served.model, served.template, [job.prompt for job in batch], first.max_tokens,
-                    temperature=first.temperature, top_p=first.top_p, seed=first.seed, stop_strings=first.stop,
-                    cancel=[job.cancel for job in batch], on_text=lambda row, piece: batch[row].send("text", piece),
-                )
+                answers = generate_rows(served.model, served.template, [job.request() for job in batch])
                 for job, answer in zip(batch, answers):
                     job.send("done", answer)
             except Exception:  # a bug: the requests get a 500, the server goes on
@@ -489,7 +500,8 @@ class Server:
                               f"tokens and max_tokens asks for {max_tokens} more; shorten the prompt or lower "
                               "max_tokens", param="max_tokens", code="context_length_exceeded")
             job = Job(served, prompt, max_tokens, body.temperature, body.top_p, body.seed, body.stop_strings(),
-                      asyncio.get_running_loop())
+                      asyncio.get_running_loop(),
+                      constraint=served.copying.constraint(conversation) if served.copying else None)
             if not self.scheduler.admit(job):
                 raise Refused(f"the server is busy ({self.options.max_queue} requests queued); retry shortly",
                               status=429, code="rate_limit_exceeded", kind="requests")
@@ -651,7 +663,7 @@ def serve(options: ServeOptions) -> None:
         RunFiles(path).check()
     sock = bind(options.host, options.port)
 
-    server = Server(load_served(options.runs), options, moderation)
+    server = Server(load_served(options.runs, options.copy_constraint), options, moderation)
     port = sock.getsockname()[1]
     host = f"[{options.host}]" if ":" in options.host else options.host
     print(f"Serving {', '.join(server.served)} on http://{host}:{port} (chat page at /, API at /v1); "

@@ -89,8 +89,9 @@ def prepare(config: TrainConfig, data_path: Path, out: Path | None = None) -> Pr
     if in_memory:
         examples = [item.example for item in report.examples if item.example.line not in report.duplicate_lines]
     else:
-        examples = [e for e in data_mod.load_examples(data_path, config.format) if e.line not in report.duplicate_lines]
-    train, test = data_mod.split(examples, config.test_size, config.seed, groups=report.groups)
+        examples = [e for e in data_mod.load_examples(data_path, config.format, split_by=config.split_by)
+                    if e.line not in report.duplicate_lines]
+    train, test = data_mod.split(examples, config.test_size, config.seed, groups=report.groups, split_by=config.split_by)
 
     def encoded(examples: list[Example]):
         for example in examples:
@@ -126,12 +127,29 @@ def build_model(config: TrainConfig, base_path: Path):
         targets = config.lora_targets if config.lora_targets == "all-linear" else config.lora_targets.split(",")
         _refuse_tied_targets(model, targets, base_path)
         lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=targets, task_type="CAUSAL_LM")
+                          target_modules=targets, use_rslora=config.rslora, task_type="CAUSAL_LM")
         try:
             model = get_peft_model(model, lora)
         except ValueError as e:
             raise UserError(f"--lora-targets {config.lora_targets}: {str(e).splitlines()[0]}") from None
+    if config.neftune_alpha:
+        add_embedding_noise(model, config.neftune_alpha, config.batch_size)
     return model
+
+
+def add_embedding_noise(model, alpha: float, examples_per_row: int) -> None:
+    """NEFTune (Jain et al., 2023): while training, add uniform noise in +-alpha/sqrt(L*d) to the
+    input embeddings, L an example's length and d their width. A packed row holds
+    `examples_per_row` examples, so L is taken as the row's length divided by that."""
+
+    def noise(module, inputs, output):
+        if not module.training:
+            return output
+        length = max(1.0, output.shape[-2] / examples_per_row)
+        scale = alpha / math.sqrt(length * output.shape[-1])
+        return output + torch.empty_like(output).uniform_(-scale, scale)
+
+    model.get_input_embeddings().register_forward_hook(noise)
 
 
 def _refuse_tied_targets(model, targets: str | list[str], base_path: Path) -> None:
@@ -252,7 +270,8 @@ def open_run_folder(files: RunFiles, config: TrainConfig, prepared: Prepared, ov
     if overwrite and files.config.exists():  # only ever delete what is known to be a run
         shutil.rmtree(files.root)
     files.create(config, prepared.template, prepared.base_path, prepared.train, prepared.test, prepared.dropped,
-                 len(prepared.train_encoded) - len(prepared.augmented), prepared.augmented)
+                 len(prepared.train_encoded) - len(prepared.augmented), prepared.augmented,
+                 [f.path for f in prepared.report.copied])
     prepared.report.save(files.root)
     if resume:
         trim_metrics(files.metrics, start.step if start else -1)
