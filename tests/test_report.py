@@ -33,8 +33,8 @@ lora_rank: 16
 """
 
 DATA_CHECK = {
-    "file": "/data/bookings.jsonl", "options": {"format": "auto", "test_size": 0.1, "seed": 0},
-    "template": "model", "rows": 220, "valid": 217, "shapes": {"prompt": 217},
+    "file": "/data/bookings.jsonl", "options": {"format": "auto", "test_size": 0.1, "seed": 0, "max_length": 128},
+    "template": "model", "rows": 220, "valid": 217, "shapes": {"chat": 217},
     "error_counts": {"E_JSON": 2, "E_SHAPE": 1}, "warning_counts": {"W_DUPLICATE": 4, "W_NEAR_DUPLICATE": 3},
     "errors": [{"line": 7, "code": "E_JSON", "message": f"not JSON {HOSTILE}"}],
     "warnings": [{"line": 12, "code": "W_DUPLICATE", "message": "copy of line 3"}],
@@ -196,8 +196,16 @@ def test_simple_eval_json_renders_every_section_it_has(tmp_path):
     # Data check and settings.
     check = html[html.index("<h2>Data check"):]
     assert "E_JSON 2, E_SHAPE 1" in check and "W_DUPLICATE 4" in check and "train 191 / test 22" in check
-    assert "<rect" in check  # length histogram
-    assert "<th>lora_rank</th><td>16</td>" in html and "<th>lr</th><td>null</td>" in html
+    assert "<td>220 read, 217 valid: 217 conversations</td>" in check  # what the shapes count, in words
+    # The length histogram: bars, both axes named, and --max-length marked where it falls.
+    histogram = check[check.index("<svg class=hist"):check.index("</figure>")]
+    assert histogram.count("<rect") == 4 and ">example length (tokens)</text>" in histogram
+    assert ">rows</text>" in histogram and ">120</text>" in histogram  # the y axis: rows, up to the tallest bar
+    limit = re.search(r"<line x1='([\d.]+)' x2='[\d.]+' [^>]*class=limit />", histogram)
+    assert limit and float(limit.group(1)) == pytest.approx(48 + 480 * 128 / 164, abs=0.1)
+    assert ">--max-length 128</text>" in histogram
+    # Settings: the learning rate training used, not `null`, when config.yaml left it to the default.
+    assert "<th>lora_rank</th><td>16</td>" in html and "<th>lr</th><td>0.001 (default for lora)</td>" in html
     assert_offline(html)
 
 
@@ -263,6 +271,40 @@ def test_rich_eval_json_shows_intervals_buckets_cost_differences_and_forgetting(
     assert_offline(html)
 
 
+
+def test_mostly_empty_answers_get_a_banner_with_the_likely_cause(tmp_path):
+    results = rich_eval()
+    assert "answers are empty" not in render_run(read_run(make_run(tmp_path / "quiet", results)))
+    for sample in results["samples"]:  # the tuned model ends its turn at once on two of three
+        if sample["line"] != 3:
+            sample["answers"]["tuned"].update(text="", bucket="empty", stopped=True)
+    results["buckets"]["tuned"].update(correct=1, empty=2, **{"hallucinated value": 0})
+    for sample in results["samples"]:  # few-shot writes nothing visible before the token limit
+        sample["answers"]["few-shot"].update(text="", bucket="empty", stopped=False)
+    results["buckets"]["few-shot"].update(correct=0, wrong=0, empty=3)
+    html = render_run(read_run(make_run(tmp_path / "empty", results)))
+    top = html[:html.index("<h2>")]  # above every section
+    banners = re.findall(r"<p class=banner>(.*?)</p>", top)
+    assert len(banners) == 2
+    few, tuned = banners
+    assert few.startswith("<b>few-shot: 3 of 3 answers are empty.</b>") and "token limit (40 new tokens)" in few
+    assert tuned.startswith("<b>tuned: 2 of 3 answers are empty.</b>") and "end-of-turn token too early" in tuned
+
+
+def test_the_bundled_forgetting_questions_are_named_without_their_path(tmp_path):
+    results = rich_eval()
+    bundled = "/opt/venv/lib/python3.11/site-packages/tunelab/examples/general_knowledge.jsonl"
+    results["forgetting"]["file"] = bundled
+    html = render_run(read_run(make_run(tmp_path / "bundled", results)))
+    note = re.search(r"<h2>Forgetting check</h2>.*?<p class=note>(.*?)</p>", html).group(1)
+    visible = re.sub(r"<[^>]+>", "", note)
+    assert "40 multiple-choice questions of general_knowledge.jsonl (bundled with tunelab)" in visible
+    assert "/opt/venv" not in visible and f"title='{bundled}'" in note  # the path only on hover
+    results["forgetting"]["file"] = "/home/me/work/questions/my_mcq.jsonl"
+    html = render_run(read_run(make_run(tmp_path / "own", results)))
+    note = re.search(r"<h2>Forgetting check</h2>.*?<p class=note>(.*?)</p>", html).group(1)
+    assert "of my_mcq.jsonl, scored" in re.sub(r"<[^>]+>", "", note)
+
 def test_contender_names_from_the_user_are_escaped(tmp_path):
     """An endpoint contender is named on the command line (`--contender NAME=URL`)."""
     hostile = json.loads(json.dumps(rich_eval()).replace('"few-shot', json.dumps(HOSTILE)[:-1]))
@@ -302,7 +344,8 @@ def test_comparison_puts_runs_side_by_side_and_highlights_the_winner(tmp_path):
     assert all((run / "report.html").exists() for run in runs)
     assert re.findall(r"<th><a href='([^']*)'>", html) == [f"{run.name}/report.html" for run in runs]
     # Only the setting that differs is a row; the others are folded away.
-    assert "<tr class=setting><th>lr</th><td>null</td><td>0.0003</td><td>0.01</td></tr>" in html
+    assert ("<tr class=setting><th>lr</th><td>0.001 (default for lora)</td><td>0.0003</td><td>0.01</td></tr>"
+            in html)
     assert "<tr class=setting><th>lora_rank" not in html and "Settings shared by all runs" in html
     assert "evaluated on" not in html  # each on its own held-out split
     worse["data"] = "hard.jsonl"
@@ -453,6 +496,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert dom.returncode == 0, dom.stderr
     # What the browser parsed: the curves, the histogram and every table with its rows.
     assert len(re.findall(r"<path d=\"M", dom.stdout)) == 2 and "<rect" in dom.stdout
+    assert 'class="limit"' in dom.stdout and ">example length (tokens)</text>" in dom.stdout  # --max-length marked
     source = html_path.read_text()
     assert dom.stdout.count("<table") == source.count("<table") == 11
     assert dom.stdout.count("<tr") == source.count("<tr") > 50

@@ -35,7 +35,8 @@ RUN/eval.json (schema 2), written beside and renamed, so it is either whole or a
                            "high", "tuned_only_right": [index], "contender_only_right": [index]}]
                          (right = exact match)
     cost                 {contender: {"prompt_tokens", "generated_tokens" (means per request),
-                          "seconds_per_request", "requests_per_second", "seconds"}}
+                          "seconds_per_request", "requests_per_second", "seconds"}}, timed after
+                         one uncounted warm-up request per contender
     assertions           null, or {"file", "results": {contender: {"rules": {rule: passed},
                           "answers", "all_passed"}}}
     judge                null, or {"url", "model", "ungraded": {contender: count}}
@@ -78,6 +79,8 @@ from tunelab.generate import Answer, generate_detailed
 from tunelab.loss import heldout_loss
 
 LOCAL = ("zero-shot", "few-shot", "retrieval", "tuned")
+WARM_UP_TOKENS = 2
+"""Tokens of the uncounted warm-up request each contender answers before it is timed."""
 SCORES = ("exact_match", "token_f1", "rouge_l")
 
 
@@ -119,6 +122,11 @@ def _progress(total: int, name: str, enabled: bool):
 
 def _generate(model, template, prompts, max_new_tokens: int, batch_size: int, contender: Contender,
               progress: bool, copying=None) -> None:
+    # A short answer first, not timed: a model's first forward passes pay for allocations and
+    # kernel set-up that no later request pays, and the cost per request should compare the
+    # contenders, not which of them ran first.
+    for _ in generate_detailed(model, template, prompts[:1], min(max_new_tokens, WARM_UP_TOKENS), 1, copying):
+        pass
     started = time.perf_counter()
     with _progress(len(prompts), contender.name, progress) as bar:
         for answer in generate_detailed(model, template, prompts, max_new_tokens, batch_size, copying):
@@ -160,11 +168,12 @@ def evaluate(run, limit: int | None = None, batch_size: int = 16, max_new_tokens
     contenders: list[Contender] = []
     for endpoint in endpoints:  # first: an unreachable URL fails before any local work
         contender = Contender(endpoint.name, "endpoint", endpoint.model, "endpoint")
+        # The uncounted warm-up request, as for local contenders; a bad URL fails here, before
+        # any progress bar.
+        endpoint.answer(prompts[0], WARM_UP_TOKENS)
         started = time.perf_counter()
-        first = endpoint.answer(prompts[0], max_new_tokens)  # a bad URL fails here, before any progress bar
         with _progress(len(prompts), endpoint.name, progress) as bar:
-            bar.update()
-            contender.answers = [first, *endpoint.answers(prompts[1:], max_new_tokens, progress=bar)]
+            contender.answers = endpoint.answers(prompts, max_new_tokens, progress=bar)
         contender.seconds = time.perf_counter() - started
         contenders.append(contender)
 
@@ -245,7 +254,7 @@ def score(examples: list[Example], contenders: list[Contender], rules, judge: En
             paths = sorted({p for f in fields for p in f})
             out["fields"][c.name] = {p: sum(f.get(p, False) for f in fields) / sum(p in f for f in fields)
                                      for p in paths}
-        counted = [metrics.hallucinated_values(t, p, extractive) for t, p in zip(texts, prompt_texts)]
+        counted = [metrics.hallucinated_values(t, p, extractive, r) for t, p, r in zip(texts, prompt_texts, references)]
         if extractive and sum(n for n, _ in counted):
             values, made_up = [n for n, _ in counted], [h for _, h in counted]
             low, high = metrics.bootstrap_interval(made_up, values)
