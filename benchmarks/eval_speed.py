@@ -1,7 +1,7 @@
 """Evaluation speed: tunelab's batched generation vs one-by-one `model.generate` calls.
 
     PYTHONPATH=src python benchmarks/eval_speed.py --prompts 48
-    PYTHONPATH=src python benchmarks/eval_speed.py --prompts 48 --demo-run runs/demo --limit 20
+    PYTHONPATH=src python benchmarks/eval_speed.py --prompts 48 --demo-run runs/demo --limit 100
 
 The prompts are the demo's booking-extraction questions (`tunelab.examples.bookings`), asked of
 the base model (`--base`, smollm2-135m by default) through its own chat template, greedily, with
@@ -12,18 +12,31 @@ them, timed on the same prompts:
 - `one-by-one`: what a new user writes first: one `model.generate` call per prompt;
 - `hf-batched`: `model.generate` on left-padded batches sorted by length (tunelab's earlier path);
 - `tunelab`: `tunelab.generate.generate_detailed`: KV-cache loop where finished rows leave the
-  batch and the prefix that every prompt of a window shares is computed once.
+  batch and the prefix that every prompt of a window shares is computed once;
+- with `--compare-to REV`, `tunelab@REV`: the same from generate.py as it was at git revision REV,
+  to check that a change to the loop keeps its speed (same process, same prompts, same load).
 
 Printed: seconds, answers per second, the speed-up over one-by-one, and how many answers equal
-the one-by-one answers. With `--demo-run RUN` (a finished `tunelab demo` run), also the wall time
-of that run's evaluation with every contender (zero-shot, few-shot, retrieval, tuned, the
-forgetting check) on `--limit` held-out examples. Results go to OUT/eval_speed.json.
+the one-by-one answers. With `--rounds N` the prompts are split into N rounds and every way
+answers its share of each round in turn, so a machine whose load changes over minutes (other
+jobs on the same cores) slows each way alike and the speed-up stays meaningful; tunelab then
+computes the shared prefix once per round rather than once, which only makes it slower.
+`--threads` sets torch's threads for every way: on a loaded machine, two threads per matrix
+product on two busy cores wait on each other and batched products become many times slower
+than single-row ones, which says more about the load than about the loop. With `--threads 1`
+the process's CPU time, printed beside the wall time, is the work each way does whatever share
+of a core the load leaves it: its ratio is the steadier speed-up on a busy machine.
+
+With `--demo-run RUN` (a finished `tunelab demo` run), also the wall time of that run's evaluation
+with the demo's contenders (zero-shot, few-shot, tuned, and the forgetting check; `--retrieval`
+adds the retrieval contender) on `--limit` held-out examples. Results go to OUT/eval_speed.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,6 +55,24 @@ def one_by_one(model, template, prompts, max_new_tokens: int) -> list[str]:
                              pad_token_id=template.tokenizer.pad_token_id)
         answers.append(template.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     return answers
+
+
+def generate_module_at(revision: str):
+    """tunelab's generate.py as it was at a git revision, to time an earlier loop beside today's."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(["git", "show", f"{revision}:src/tunelab/generate.py"], cwd=root, check=True,
+                            capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "generate_at_revision.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("generate_at_revision", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def hf_batched(model, template, prompts, max_new_tokens: int, batch_size: int) -> list[str]:
@@ -70,10 +101,11 @@ def tunelab_batched(model, template, prompts, max_new_tokens: int, batch_size: i
     return [a.text for a in generate_detailed(model, template, prompts, max_new_tokens, batch_size)]
 
 
-def timed(function, *args) -> tuple[float, list[str]]:
-    started = time.perf_counter()
+def timed(function, *args) -> tuple[float, float, list[str]]:
+    """Wall seconds, CPU seconds of this process, and the answers."""
+    started, cpu = time.perf_counter(), time.process_time()
     answers = function(*args)
-    return time.perf_counter() - started, answers
+    return time.perf_counter() - started, time.process_time() - cpu, answers
 
 
 def main() -> None:
@@ -84,8 +116,14 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48, help="token limit per answer (default: 48)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--ways", default="one-by-one,hf-batched,tunelab", help="comma-separated ways to time")
+    parser.add_argument("--compare-to", default=None, metavar="REV",
+                        help="also time generate.py as it was at this git revision (way 'tunelab@REV')")
     parser.add_argument("--demo-run", default=None, help="a finished demo run: also time its full evaluation")
     parser.add_argument("--limit", type=int, default=20, help="held-out examples for --demo-run (default: 20)")
+    parser.add_argument("--retrieval", action="store_true", help="--demo-run: add the retrieval contender")
+    parser.add_argument("--rounds", type=int, default=1, help="interleave the ways over this many rounds (default: 1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for every way (default: torch's own, one per core)")
     parser.add_argument("--out", default="runs/eval-speed", help="folder for eval_speed.json")
     args = parser.parse_args()
 
@@ -98,6 +136,8 @@ def main() -> None:
     from tunelab.template import Template
 
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     path = resolve_base(args.base)
     model = load_model(path).eval()
     template = Template.for_model(load_tokenizer(path))
@@ -110,26 +150,44 @@ def main() -> None:
             "hf-batched": lambda p: hf_batched(model, template, p, args.max_new_tokens, args.batch_size),
             "tunelab": lambda p: tunelab_batched(model, template, p, args.max_new_tokens, args.batch_size)}
     chosen = args.ways.split(",")
+    if args.compare_to:
+        earlier = generate_module_at(args.compare_to)
+        ways[f"tunelab@{args.compare_to}"] = lambda p: [
+            a.text for a in earlier.generate_detailed(model, template, p, args.max_new_tokens, args.batch_size)]
+        chosen.append(f"tunelab@{args.compare_to}")
     tunelab_batched(model, template, questions[:2], 4, 2)  # warm-up: first-call allocations, lazy imports
 
     results: dict = {"base": args.base, "prompts": args.prompts, "shots": args.shots,
-                     "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-                     "threads": torch.get_num_threads(), "forms": {}}
+                     "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "rounds": args.rounds,
+                     "threads": torch.get_num_threads(), "load_average": os.getloadavg(), "forms": {}}
     for form, prompts in forms.items():
+        seconds = {way: 0.0 for way in chosen}
+        cpu = {way: 0.0 for way in chosen}
+        answers: dict[str, list[str]] = {way: [] for way in chosen}
+        size = -(-len(prompts) // args.rounds)
+        for start in range(0, len(prompts), size):
+            for way in chosen:
+                spent, used, got = timed(ways[way], prompts[start : start + size])
+                seconds[way] += spent
+                cpu[way] += used
+                answers[way] += got
         rows_out = {}
-        reference = None
+        reference = answers[chosen[0]]
         for way in chosen:
-            seconds, answers = timed(ways[way], prompts)
-            reference = reference if reference is not None else answers
-            rows_out[way] = {"seconds": seconds, "answers_per_second": len(prompts) / seconds,
-                             "same_as_first": sum(a == b for a, b in zip(answers, reference))}
-            print(f"{form:10} {way:11} {seconds:8.1f} s  {len(prompts) / seconds:7.2f} answers/s  "
-                  f"same answers as {chosen[0]}: {rows_out[way]['same_as_first']}/{len(prompts)}", flush=True)
+            rows_out[way] = {"seconds": seconds[way], "cpu_seconds": cpu[way],
+                             "answers_per_second": len(prompts) / seconds[way],
+                             "same_as_first": sum(a == b for a, b in zip(answers[way], reference))}
+            print(f"{form:10} {way:11} {seconds[way]:8.1f} s  {len(prompts) / seconds[way]:7.2f} answers/s  "
+                  f"CPU {cpu[way]:8.1f} s  same answers as {chosen[0]}: {rows_out[way]['same_as_first']}/{len(prompts)}",
+                  flush=True)
         if "one-by-one" in rows_out:
             for way, row in rows_out.items():
                 row["speedup"] = rows_out["one-by-one"]["seconds"] / row["seconds"]
-            print(f"{form:10} speed-up over one-by-one: "
-                  + ", ".join(f"{w} {r['speedup']:.1f}x" for w, r in rows_out.items()), flush=True)
+                row["cpu_speedup"] = rows_out["one-by-one"]["cpu_seconds"] / row["cpu_seconds"]
+            print(f"{form:10} speed-up over one-by-one, wall time: "
+                  + ", ".join(f"{w} {r['speedup']:.1f}x" for w, r in rows_out.items())
+                  + "; CPU time: " + ", ".join(f"{w} {r['cpu_speedup']:.1f}x" for w, r in rows_out.items()),
+                  flush=True)
         results["forms"][form] = rows_out
 
     if args.demo_run:
@@ -138,12 +196,14 @@ def main() -> None:
         del model
         run = Run(args.demo_run)
         started = time.perf_counter()
-        evaluated = run.evaluate(limit=args.limit, shots=args.shots, progress=False)
+        evaluated = run.evaluate(limit=args.limit, shots=args.shots, retrieval=args.retrieval, progress=False)
         seconds = time.perf_counter() - started
+        names = [c["name"] for c in evaluated["contenders"]]
         results["demo_evaluation"] = {"run": args.demo_run, "examples": args.limit, "seconds": seconds,
-                                      "contenders": [c["name"] for c in evaluated["contenders"]],
-                                      "cost": evaluated["cost"]}
-        print(f"demo evaluation, all contenders and the forgetting check, {args.limit} examples: {seconds:.1f} s")
+                                      "contenders": names, "cost": evaluated["cost"],
+                                      "load_average": os.getloadavg()}
+        print(f"demo evaluation ({', '.join(names)}, the forgetting check), {args.limit} examples: {seconds:.1f} s; "
+              + ", ".join(f"{n} {evaluated['cost'][n]['seconds']:.1f} s" for n in names))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval_speed.json").write_text(json.dumps(results, indent=2))

@@ -1,13 +1,19 @@
-"""Load on `tunelab serve`: N concurrent clients for a bounded time, on loopback only.
+"""Load on `tunelab serve`, and on llama.cpp's server with the same run: N concurrent clients
+for a bounded time, on loopback only.
 
-    python benchmarks/serve_load.py RUN [--clients 8] [--seconds 30] [--max-tokens 32]
-        [--price-per-cpu-hour 0.04] [--gguf model.gguf]
+    PYTHONPATH=src python benchmarks/serve_load.py RUN [--clients 8] [--seconds 30] [--max-tokens 32]
+        [--price-per-cpu-hour 0.04] [--gguf model.gguf | --no-llama-cpp]
 
-Starts `tunelab serve RUN --port 0 --max-queue Q` (and, with --gguf and llama-cpp-python
-installed, llama.cpp's own server on the same GGUF), keeps N clients sending chat requests
-back to back for --seconds, and prints latency p50/p95, generated tokens per second, the count
-of each kind of error (only 429 is acceptable), and the cost of 1000 requests: the server
-process's CPU time (user + system, from /proc) at --price-per-cpu-hour.
+Starts `tunelab serve RUN --port 0 --max-queue Q`, keeps N clients sending chat requests back to
+back for --seconds, and measures latency p50/p95, generated tokens per second, the count of each
+kind of error (only 429 is acceptable), and the cost of 1000 requests: the server process's CPU
+time (user + system, from /proc) at --price-per-cpu-hour.
+
+Then, when llama-cpp-python and its server extras are installed (`pip install
+'llama-cpp-python[server]'`), the same load against llama.cpp's own OpenAI-compatible server
+(`python -m llama_cpp.server`, as many threads as torch uses) on the run's GGUF: --gguf, or one
+exported for the occasion with `tunelab export RUN --format gguf` into a temporary folder. Both
+are printed side by side, and as JSON lines.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -108,6 +115,53 @@ def start(command: list[str], ready: re.Pattern, timeout: float = 600) -> tuple[
     sys.exit(f"server did not start: {' '.join(command)}")
 
 
+def llama_cpp_missing() -> str | None:
+    """Why llama.cpp's server cannot run here, or None when it can."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return "llama-cpp-python is not installed"
+    try:
+        import llama_cpp.server.app  # noqa: F401  (needs the [server] extras: fastapi, sse-starlette, ...)
+    except ImportError as e:
+        return f"llama-cpp-python's server extras are missing ({e.name}; pip install 'llama-cpp-python[server]')"
+    return None
+
+
+def llama_cpp_load(gguf: str, model: str, args: argparse.Namespace) -> dict:
+    import socket
+
+    import torch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    threads = str(torch.get_num_threads())  # as many as tunelab's server computes with
+    proc, url = start([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
+                       "--port", str(port), "--model_alias", model, "--n_threads", threads,
+                       "--n_threads_batch", threads, "--n_ctx", "2048"],
+                      re.compile(rf"(http://127\.0\.0\.1:{port})"))
+    try:
+        return run_load("llama.cpp server", url, model, proc.pid, args)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def side_by_side(results: list[dict]) -> str:
+    rows = [("answered", lambda r: f"{r['answered']} in {r['seconds']} s"),
+            ("requests/s", lambda r: r["requests_per_s"]),
+            ("p50 latency s", lambda r: r["p50_s"]), ("p95 latency s", lambda r: r["p95_s"]),
+            ("tokens/s", lambda r: r["tokens_per_s"]),
+            ("errors", lambda r: ", ".join(f"{n} x {k}" for k, n in r["errors"].items()) or "none"),
+            ("server CPU s", lambda r: r["server_cpu_s"]),
+            ("$ per 1000 requests", lambda r: r["usd_per_1000_requests"])]
+    lines = [f"{'':20}" + "".join(f"{r['server']:>20}" for r in results)]
+    for name, value in rows:
+        lines.append(f"{name:20}" + "".join(f"{str(value(r)):>20}" for r in results))
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="run folder to serve")
@@ -118,7 +172,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--price-per-cpu-hour", type=float, default=0.04,
                         help="USD per CPU-hour (default 0.04: on-demand cloud vCPU price, late 2020s)")
-    parser.add_argument("--gguf", default=None, help="exported GGUF: also load llama.cpp's server with it")
+    parser.add_argument("--gguf", default=None,
+                        help="the run's GGUF for llama.cpp's server (default: exported from RUN for the occasion)")
+    parser.add_argument("--no-llama-cpp", action="store_true", help="measure tunelab's server only")
     args = parser.parse_args()
 
     model = os.path.basename(os.path.normpath(args.run))
@@ -132,26 +188,22 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait()
-    if args.gguf:
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError:
-            print("llama-cpp-python is not installed: no llama.cpp comparison", file=sys.stderr)
-        else:
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            proc, url = start([sys.executable, "-m", "llama_cpp.server", "--model", args.gguf, "--host", "127.0.0.1",
-                               "--port", str(port), "--model_alias", model],
-                              re.compile(rf"(http://127\.0\.0\.1:{port})"))
-            try:
-                results.append(run_load("llama.cpp server", url, model, proc.pid, args))
-            finally:
-                proc.terminate()
-                proc.wait()
-    print(f"{os.cpu_count()} CPU cores; load average before: {load_before:.1f}")
+    missing = None if not args.no_llama_cpp else "--no-llama-cpp"
+    missing = missing or llama_cpp_missing()
+    if missing:
+        print(f"{missing}: measuring tunelab's server only", file=sys.stderr)
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            gguf = args.gguf
+            if gguf is None:
+                out = os.path.join(folder, "gguf")
+                subprocess.run([sys.executable, "-m", "tunelab.cli", "export", args.run, "--format", "gguf",
+                                "--out", out], check=True, stdout=subprocess.DEVNULL)
+                gguf = next(os.path.join(out, f) for f in os.listdir(out) if f.endswith(".gguf"))
+            results.append(llama_cpp_load(gguf, model, args))
+    print(f"{os.cpu_count()} CPU cores; load average before: {load_before:.1f}, after: {os.getloadavg()[0]:.1f}")
+    print(f"{args.clients} clients, {args.seconds:g} s, max_tokens {args.max_tokens}")
+    print(side_by_side(results))
     for row in results:
         print(json.dumps(row))
 

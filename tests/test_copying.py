@@ -261,19 +261,19 @@ def test_chat_keeps_the_field_a_copy(copy_run):
 
 
 def test_the_servers_loop_applies_the_constraint_greedy_and_sampled(copy_run):
-    from tunelab.generate import generate_rows, stream_reply
+    from tunelab.generate import Request, generate_rows, stream_reply
     from tunelab.run import Run
 
     run = Run(copy_run)
     rule = run.copy_rule()
     conversation = [{"role": "user", "content": "Cyrus flew to Oslo."}]
     prompt = run.template.encode_prompt(conversation)
-    rows = [rule.constraint(conversation), None]
-    answers = generate_rows(run.model(), run.template, [prompt, prompt], 12, constraints=rows)
+    rows = [Request(prompt, 12, copy=rule.constraint(conversation)), Request(prompt, 12)]
+    answers = generate_rows(run.model(), run.template, rows)
     assert [a.text for a in answers] == ['{"person": "Cyrus"}', '{"person": "Cyops"}']
     assert [a.copy_changed for a in answers] == [True, False]
-    sampled = generate_rows(run.model(), run.template, [prompt], 12, temperature=1.0, seed=0,
-                            constraints=[rule.constraint(conversation)])
+    sampled = generate_rows(run.model(), run.template, [Request(prompt, 12, temperature=1.0, seed=0,
+                                                                copy=rule.constraint(conversation))])
     assert json.loads(sampled[0].text)["person"] in "Cyrus flew to Oslo."
     streamed = "".join(stream_reply(run.model(), run.template, conversation, 12, threading.Event(), copying=rule))
     assert streamed == '{"person": "Cyrus"}'

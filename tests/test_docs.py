@@ -10,6 +10,7 @@ show and FORMS does not know, or one FORMS knows and the docs no longer show, fa
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -107,6 +108,13 @@ def other_run(workdir: Path) -> None:
     assert_worked(run_line(workdir, line), line, TRAIN_DONE)
 
 
+def orders_file(workdir: Path) -> None:
+    """orders.jsonl: the country task, each row's metadata naming the customer who asked it."""
+    rows = [json.loads(line) for line in (workdir / "data.jsonl").read_text().splitlines()]
+    (workdir / "orders.jsonl").write_text("".join(
+        json.dumps({**row, "metadata": {"customer": f"customer-{i % 8}"}}) + "\n" for i, row in enumerate(rows)))
+
+
 FORMS: dict[str, Form | None] = {
     # README, the first three lines
     README_TRAIN: Form(),  # run once by the fixture readme_run
@@ -144,6 +152,13 @@ FORMS: dict[str, Form | None] = {
          f"--out checked-{policy}" for policy in ("drop", "truncate", "error")],
         needs_run=False, expect="Data check of data.jsonl"),
     "tunelab train --help": Form(["tunelab train --help"], needs_run=False, expect="--max-steps"),
+    # the --split-by paragraph, on rows whose metadata names a customer
+    "tunelab data check orders.jsonl --split-by metadata.customer": Form(
+        ["tunelab data check orders.jsonl --split-by metadata.customer"], twice=True, needs_run=False,
+        setup=orders_file, expect="--split-by metadata.customer: "),
+    "tunelab train orders.jsonl --split-by metadata.customer --out runs/by-customer": Form(
+        ["tunelab train orders.jsonl --split-by metadata.customer --out runs/by-customer"], needs_run=False,
+        setup=orders_file, expect=TRAIN_DONE),
     # after a crash: a run with checkpoints whose training stopped before its final save
     "tunelab train DATA --out RUN --resume": Form(
         ["tunelab train data.jsonl --out runs/crashed --resume"], needs_run=False, expect=TRAIN_DONE,

@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tunelab.cli import main
+from tunelab.evaluate import WARM_UP_TOKENS
 from tunelab.metrics import BUCKETS
 
 COUNTRIES = {"Paris": "France", "Berlin": "Germany", "Madrid": "Spain", "Rome": "Italy"}
@@ -118,6 +119,25 @@ def test_eval_with_shots_and_assertions_through_the_cli(trained_run, tmp_path):
     assert not (trained_run / ".eval.json.partial").exists()
 
 
+
+def test_each_local_contender_answers_an_uncounted_warm_up_request_before_it_is_timed(monkeypatch):
+    from tunelab import evaluate
+    from tunelab.generate import Answer
+
+    calls = []
+
+    def generate(model, template, prompts, max_new_tokens, batch_size, copying=None):
+        calls.append((len(prompts), max_new_tokens))
+        for _ in prompts:
+            yield Answer("France", 5, 1, "stop")
+
+    monkeypatch.setattr(evaluate, "generate_detailed", generate)
+    contender = evaluate.Contender("few-shot", "local", "base", "few-shot")
+    prompts = [[{"role": "user", "content": f"Country of {city}?"}] for city in COUNTRIES]
+    evaluate._generate(None, None, prompts, 32, 16, contender, progress=False)
+    assert calls == [(1, WARM_UP_TOKENS), (4, 32)]  # the warm-up first, then every prompt once
+    assert len(contender.answers) == 4
+
 def test_eval_on_another_labelled_file(trained_run, tmp_path, capsys, write_jsonl):
     harder = write_jsonl(tmp_path / "harder.jsonl", [
         {"messages": [{"role": "user", "content": "Country of Rome? (11)"}, {"role": "assistant", "content": "Italy"}]},
@@ -145,7 +165,9 @@ def test_endpoint_contender_and_judge_on_a_loopback_server(trained_run, server, 
     assert results["cost"]["big"]["prompt_tokens"] == 11 and results["cost"]["big"]["generated_tokens"] == 2
     asked = [r for r in server.requests if r["model"] == "big-model"]
     judged = [r for r in server.requests if r["model"] == "judge-model"]
-    assert len(asked) == 8 and all(r["temperature"] == 0 for r in asked)
+    # one short warm-up request, not counted in the cost, then one per example
+    assert len(asked) == 1 + 8 and all(r["temperature"] == 0 for r in asked)
+    assert asked[0]["max_tokens"] == WARM_UP_TOKENS and all(r["max_tokens"] > WARM_UP_TOKENS for r in asked[1:])
     assert len(judged) == 1 + 16  # reached once before the models run, then every answer of both contenders
     assert all("Reference answer:" in r["messages"][0]["content"] for r in judged[1:])
     assert results["metrics"]["big"]["judge"]["value"] == 1.0 and results["metrics"]["tuned"]["judge"]["value"] == 1.0

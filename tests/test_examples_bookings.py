@@ -4,7 +4,7 @@ import re
 import pytest
 
 from tunelab.examples.bookings import (
-    INSTRUCTION, NUMBER_WORDS, WEEKDAYS, describe, make_examples, time_phrases, to_24h, words_to_int,
+    FIRST_NAMES, INSTRUCTION, NAME_POOLS, NUMBER_WORDS, SURNAMES, WEEKDAYS, describe, make_examples, time_phrases, to_24h, words_to_int,
 )
 
 ROWS = make_examples()
@@ -29,7 +29,8 @@ def test_no_duplicate_prompts():
 
 def test_rows_shape_and_values():
     for row in ROWS:
-        assert list(row) == ["prompt", "completion"]
+        assert list(row) == ["prompt", "completion", "metadata"]
+        assert row["metadata"]["name_pool"] in range(NAME_POOLS)
         assert row["prompt"].startswith(INSTRUCTION + "\nRequest: ")
         data = json.loads(row["completion"])
         assert list(data) == ["name", "guests", "day", "time"]
@@ -100,3 +101,20 @@ def test_words_to_int():
 def test_describe():
     text = describe()
     assert "JSON" in text and 3 <= text.count(". ") + 1 <= 5
+
+
+def test_the_demo_holds_out_names_whose_parts_training_never_saw(tmp_path):
+    """The demo's split (its own config) puts every name pool on one side, so no first name or
+    surname of a held-out answer occurs in any training answer, and the table measures copying."""
+    from tunelab import data
+    from tunelab.demo import demo_config, write_dataset
+
+    config = demo_config()
+    path = write_dataset(tmp_path / "bookings.jsonl", 1200)
+    train, test = data.split(data.load_examples(path, split_by=config.split_by), config.test_size, config.seed,
+                             split_by=config.split_by)
+    assert 0.05 <= len(test) / 1200 <= 0.15
+    trained_parts = {part for e in train for part in json.loads(e.reference)["name"].split()}
+    held_out_parts = {part for e in test for part in json.loads(e.reference)["name"].split()}
+    assert held_out_parts and not held_out_parts & trained_parts
+    assert trained_parts | held_out_parts <= set(FIRST_NAMES) | set(SURNAMES)

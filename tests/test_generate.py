@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from tunelab.generate import StopWhenSet, generate_answers, generate_batch
+from tunelab.generate import Request, generate_answers, generate_batch, generate_rows
 
 
 def cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -102,18 +102,16 @@ def test_input_is_read_one_window_at_a_time(tiny):
     assert len(list(answers)) == 39 and len(taken) == 40
 
 
-def test_a_set_stop_flag_ends_generation_after_one_token(tiny):
-    from transformers import StoppingCriteriaList
-
+def test_a_set_cancel_event_ends_its_row_after_one_token_and_the_others_go_on(tiny):
     model, template = tiny
-    ids = torch.tensor([template.encode_prompt(prompts(1)[0])])
-    stop = threading.Event()
-    stop.set()
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=50, do_sample=False,
-                             eos_token_id=template.stop_token_ids, pad_token_id=template.tokenizer.pad_token_id,
-                             stopping_criteria=StoppingCriteriaList([StopWhenSet(stop)]))
-    assert out.shape[1] == ids.shape[1] + 1
+    conversations = prompts(3)
+    cancel = threading.Event()
+    cancel.set()
+    requests = [Request(template.encode_prompt(c), 20, cancel=cancel if i == 1 else None)
+                for i, c in enumerate(conversations)]
+    answers = generate_rows(model, template, requests)
+    assert (answers[1].generated_tokens, answers[1].finish_reason) == (1, "cancelled")
+    assert [a.text for a in answers[::2]] == [generate_batch(model, template, [c], 20)[0] for c in conversations[::2]]
 
 
 def _read_until(process: subprocess.Popen, output: list[str], condition) -> None:
@@ -207,3 +205,87 @@ def test_rows_that_stop_leave_the_batch_and_the_shared_prefix_is_reused(tiny):
         assert answer.generated_tokens == len(tokens)
         assert answer.stopped == (tokens[-1] in stops)
         assert answer.prompt_tokens == len(template.encode_prompt(conversation))
+
+
+def test_greedy_rows_equal_transformers_generate_for_prompts_of_different_lengths(tiny):
+    """The loop's greedy tokens are transformers' own, in one batch with left padding, a shared
+    prefix and different token limits."""
+    model, template = tiny
+    system = [{"role": "system", "content": "Answer briefly."}]
+    conversations = [system + c for c in prompts(6)]
+    limits = [9, 3, 14, 1, 9, 6]
+    expected = [_one_by_one(model, template, c, n) for c, n in zip(conversations, limits)]
+    assert len({len(template.encode_prompt(c)) for c in conversations}) == 6
+    answers = generate_rows(model, template, [Request(template.encode_prompt(c), n)
+                                              for c, n in zip(conversations, limits)])
+    stops = set(template.stop_token_ids)
+    for answer, tokens in zip(answers, expected):
+        assert answer.generated_tokens == len(tokens)
+        assert answer.text == template.tokenizer.decode([t for t in tokens if t not in stops],
+                                                        skip_special_tokens=True).strip()
+        assert answer.finish_reason == ("stop" if tokens[-1] in stops else "length")
+
+
+def test_sampling_repeats_with_a_seed_whatever_shares_the_batch(tiny):
+    model, template = tiny
+    prompt = template.encode_prompt(prompts(3)[2])
+    seeded = Request(prompt, 12, temperature=1.0, top_p=0.9, seed=7)
+    alone = generate_rows(model, template, [seeded])[0]
+    others = [Request(template.encode_prompt(c), 12) for c in prompts(2)]
+    beside = generate_rows(model, template, [others[0], seeded, others[1]])[1]
+    assert beside.text == alone.text
+    draws = {generate_rows(model, template, [Request(prompt, 12, temperature=1.0, seed=s)])[0].text
+             for s in range(4)}
+    assert len(draws) > 1  # the seed matters: sampling really samples
+    greedy = generate_rows(model, template, [Request(prompt, 12)])[0].text
+    assert generate_rows(model, template, [Request(prompt, 12, temperature=1.0, top_p=1e-6, seed=3)])[0].text == greedy
+
+
+def test_stop_strings_cut_the_answer_and_streamed_pieces_join_to_it(tiny):
+    model, template = tiny
+    conversations = prompts(4)
+    free = generate_batch(model, template, conversations, max_new_tokens=16)
+    stop = free[1][4:7]
+    assert len(free[1]) > 8 and stop.strip()
+    pieces: list[list[str]] = [[] for _ in conversations]
+    requests = [Request(template.encode_prompt(c), 16, stop_strings=[stop], on_text=pieces[i].append)
+                for i, c in enumerate(conversations)]
+    answers = generate_rows(model, template, requests)
+    for answer, text, sent in zip(answers, free, pieces):
+        assert answer.text == (text[: text.index(stop)].strip() if stop in text else text)
+        if stop in text:
+            assert answer.finish_reason == "stop"
+        assert "".join(sent) == answer.text
+        assert not any("\ufffd" in piece for piece in sent)
+    assert answers[1].finish_reason == "stop" and answers[1].generated_tokens < 16
+
+
+def test_streamed_text_never_splits_a_character(tiny):
+    """A token that holds only the first bytes of a character is held back until the character
+    is whole."""
+    model, template = tiny
+    tokenizer = template.tokenizer
+    emoji = tokenizer.encode("\U0001F600", add_special_tokens=False)
+    assert len(emoji) > 1  # byte-level tokens: one character in several tokens
+    forced = emoji + tokenizer.encode(" done", add_special_tokens=False)
+
+    class Forced(torch.nn.Module):
+        """The tiny model, made to answer `forced` token by token."""
+
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = model, model.config
+
+        def forward(self, input_ids, cache, **kwargs):
+            out = self.inner(input_ids=input_ids, cache=cache, **kwargs)
+            step = cache.get_seq_length() - prompt_length
+            out.logits[:, -1, forced[min(step, len(forced) - 1)]] = 1e9
+            return out
+
+    prompt = template.encode_prompt(prompts(1)[0])
+    prompt_length = len(prompt)  # after the prefill, the cache holds the prompt: step 0
+    sent: list[str] = []
+    answer = generate_rows(Forced(), template, [Request(prompt, len(forced), on_text=sent.append)])[0]
+    assert answer.text == "\U0001F600 done"
+    assert "".join(sent) == answer.text
+    assert all("\ufffd" not in piece for piece in sent)

@@ -15,7 +15,7 @@ PACKAGE = Path(tunelab.__file__).parent
 LAYERS = [
     {"errors"},
     {"data", "dedup", "template", "models", "examples", "examples.bookings", "metrics"},
-    {"config"},
+    {"config", "novelty"},
     {"batching", "speed", "runfolder", "baselines", "assertions", "augment", "copying"},
     {"loss", "checkpoint", "datacheck", "generate", "report", "teacher"},
     {"forgetting", "endpoint"},

@@ -51,6 +51,25 @@ def test_hallucinated_values_only_in_fields_copied_from_the_input():
                                                                                 "quoted.1": "Sunday"}
 
 
+
+def test_values_rewritten_as_the_task_asks_or_trivially_are_not_hallucinated():
+    paths = {"name", "day", "time", "date", "amount"}
+    prompt = "Request: table for PRIYA o'neil on Wed 3 March at 9:45pm, deposit 1,200.00 - thanks"
+    # case and punctuation changed, numbers written another way: still the prompt's values
+    answer = json.dumps({"name": "Priya O Neil", "time": "09:45", "amount": "1200"})
+    assert hallucinated_values(answer, prompt, paths) == (3, 0)
+    # a date or day rewritten as the reference rewrites it is not made up, even though the
+    # prompt never writes it so ...
+    reference = json.dumps({"name": "Priya O'Neil", "day": "wednesday", "date": "2025-03-03"})
+    rewritten = json.dumps({"name": "priya o'neil", "day": "Wednesday", "date": "2025-03-03"})
+    assert hallucinated_values(rewritten, prompt, paths, reference) == (3, 0)
+    # ... but a rewritten value that differs from the reference and from the prompt is
+    wrong_date = json.dumps({"name": "Priya O'Neil", "day": "thursday", "date": "2025-03-04"})
+    assert hallucinated_values(wrong_date, prompt, paths, reference) == (3, 2)
+    # and so is a number the prompt does not hold, however it is written
+    assert hallucinated_values(json.dumps({"time": "21:15", "amount": "1,300"}), prompt, paths) == (2, 2)
+    assert metrics.value_words("09:45am, 1,200.50 x007") == ["9", "45", "am", "1200.5", "x", "7"]
+
 def test_repetition_loop():
     assert repetition_loop("the cat sat. " * 4)
     assert not repetition_loop("the cat sat. " * 3)

@@ -33,13 +33,16 @@ lora_rank: 16
 """
 
 DATA_CHECK = {
-    "file": "/data/bookings.jsonl", "options": {"format": "auto", "test_size": 0.1, "seed": 0},
-    "template": "model", "rows": 220, "valid": 217, "shapes": {"prompt": 217},
+    "file": "/data/bookings.jsonl", "options": {"format": "auto", "test_size": 0.1, "seed": 0, "max_length": 128},
+    "template": "model", "rows": 220, "valid": 217, "shapes": {"chat": 217},
     "error_counts": {"E_JSON": 2, "E_SHAPE": 1}, "warning_counts": {"W_DUPLICATE": 4, "W_NEAR_DUPLICATE": 3},
     "errors": [{"line": 7, "code": "E_JSON", "message": f"not JSON {HOSTILE}"}],
     "warnings": [{"line": 12, "code": "W_DUPLICATE", "message": "copy of line 3"}],
     "duplicates": {"exact": {"count": 4, "pairs": [[3, 12]]}, "near": {"count": 3, "pairs": [[5, 9, 0.83]]}},
-    "split": {"train": 191, "test": 22, "test_size": 0.1, "seed": 0, "leaked_count": 0, "leaked_pairs": []},
+    "split": {"train": 191, "test": 22, "test_size": 0.1, "seed": 0, "leaked_count": 0, "leaked_pairs": [],
+              "split_by": "metadata.customer", "groups": {"train": 40, "test": 5}},
+    "novelty": {"values": 44, "novel_values": 11, "share": 0.25, "novel_rows": 9, "seen_rows": 13,
+                "rows_without_values": 0, "training_values": 120},
     "lengths": {"unit": "tokens", "min": 41, "median": 77.0, "mean": 79.3, "p95": 120.0, "max": 163, "total": 17210,
                 "histogram": [[0, 40, 0], [41, 81, 120], [82, 122, 80], [123, 163, 17]]},
     "trainable_tokens": {"min": 20, "median": 31.0, "total": 6800},
@@ -123,8 +126,13 @@ def rich_eval() -> dict:
     results["metrics"]["tuned"]["judge"] = metric(0.8, 0.6, 1.0)
     results["forgetting"] = {"file": "general_knowledge.jsonl", "questions": 40, "results": {
         "zero-shot": {"accuracy": 0.45, "accuracy_per_token": 0.5}, "tuned": {"accuracy": 0.425, "accuracy_per_token": 0.5}}}
+    results["novelty"] = {"training_file": "runs/mine/train.jsonl", "values": 6, "novel_values": 2, "share": 1 / 3,
+                          "novel_rows": 2, "seen_rows": 1, "rows_without_values": 0, "training_values": 40,
+                          "accuracy": {n: {"novel": metric(0.5 if n == "tuned" else 0.0, 0.0, 1.0) | {"rows": 2},
+                                           "seen": metric(1.0 if i else 0.0, 1.0 if i else 0.0, 1.0) | {"rows": 1}}
+                                       for i, n in enumerate(names)}}
     results["samples"] = [
-        {"index": k, **sample, "answers": {n: {"text": answers[n][k], "bucket": buckets[n][k], "stopped": True,
+        {"index": k, "novelty": ["novel", "seen", "novel"][k], **sample, "answers": {n: {"text": answers[n][k], "bucket": buckets[n][k], "stopped": True,
                                                 "assertions_failed": [] if n != "zero-shot" else ["valid JSON"],
                                                 "judge": 0.75 if n == "tuned" else None} for n in names}}
         for k, sample in enumerate(SAMPLES)]
@@ -188,8 +196,16 @@ def test_simple_eval_json_renders_every_section_it_has(tmp_path):
     # Data check and settings.
     check = html[html.index("<h2>Data check"):]
     assert "E_JSON 2, E_SHAPE 1" in check and "W_DUPLICATE 4" in check and "train 191 / test 22" in check
-    assert "<rect" in check  # length histogram
-    assert "<th>lora_rank</th><td>16</td>" in html and "<th>lr</th><td>null</td>" in html
+    assert "<td>220 read, 217 valid: 217 conversations</td>" in check  # what the shapes count, in words
+    # The length histogram: bars, both axes named, and --max-length marked where it falls.
+    histogram = check[check.index("<svg class=hist"):check.index("</figure>")]
+    assert histogram.count("<rect") == 4 and ">example length (tokens)</text>" in histogram
+    assert ">rows</text>" in histogram and ">120</text>" in histogram  # the y axis: rows, up to the tallest bar
+    limit = re.search(r"<line x1='([\d.]+)' x2='[\d.]+' [^>]*class=limit />", histogram)
+    assert limit and float(limit.group(1)) == pytest.approx(48 + 480 * 128 / 164, abs=0.1)
+    assert ">--max-length 128</text>" in histogram
+    # Settings: the learning rate training used, not `null`, when config.yaml left it to the default.
+    assert "<th>lora_rank</th><td>16</td>" in html and "<th>lr</th><td>0.001 (default for lora)</td>" in html
     assert_offline(html)
 
 
@@ -203,8 +219,8 @@ def test_user_text_is_escaped(tmp_path):
 
 def test_rich_eval_json_shows_intervals_buckets_cost_differences_and_forgetting(tmp_path):
     html = write_report(make_run(tmp_path / "run", rich_eval())).read_text()
-    assert sections(html) == ["Loss", "Metrics", "Differences: tuned against each contender", "Answer buckets",
-                              "Cost per request", "Assertions", "Forgetting check", "Answers side by side",
+    assert sections(html) == ["Loss", "Metrics", "Differences: tuned against each contender", "Novelty",
+                              "Answer buckets", "Cost per request", "Assertions", "Forgetting check", "Answers side by side",
                               "Data check", "Settings"]
     assert ("On exact match, the tuned model beats zero-shot (+60.0 points); cannot be told apart from few-shot "
             "(+20.0 points), retrieval (+20.0 points)") in html
@@ -227,6 +243,14 @@ def test_rich_eval_json_shows_intervals_buckets_cost_differences_and_forgetting(
     assert "<td>2: lines 3, 8</td>" in row
     row = re.search(r"<tr><th>tuned − few-shot</th>(.*?)</tr>", differences).group(1)
     assert row.startswith("<td>+20.0 ") and "<td>1: lines 8</td>" in row  # interval spans 0: not coloured
+    novelty = html[html.index("<h2>Novelty"):html.index("<h2>Answer buckets")]
+    row = re.search(r"<tr><th>rows with a novel value <span class=ci>\(2\)</span></th>(.*?)</tr>", novelty).group(1)
+    assert row.count("class=best") == 1 and "<td class=best>50.0% <span class=ci>[0.0%, 100.0%]</span></td>" in row
+    assert "<tr><th>rows with only seen values <span class=ci>(1)</span></th><td>0.0%" in novelty
+    assert "33.3% of the 6 reference answer values never occur in a training answer" in novelty
+    check = html[html.index("<h2>Data check"):]
+    assert "seed 0, by metadata.customer" in check
+    assert "25.0% of 44 held-out answer values never occur in a training answer; 9 held-out rows hold one" in check
     buckets = html[html.index("<h2>Answer buckets"):html.index("<h2>Cost")]
     tuned_row = re.search(r"<tr><th>tuned</th>(.*?)</tr>", buckets).group(1)
     assert re.findall(r"<td>(\d+)</td>", tuned_row) == ["2", "0", "1", "0", "0", "0", "0"]
@@ -246,6 +270,40 @@ def test_rich_eval_json_shows_intervals_buckets_cost_differences_and_forgetting(
     assert answers.count("<span class=ci>judge 0.75</span>") == 3
     assert_offline(html)
 
+
+
+def test_mostly_empty_answers_get_a_banner_with_the_likely_cause(tmp_path):
+    results = rich_eval()
+    assert "answers are empty" not in render_run(read_run(make_run(tmp_path / "quiet", results)))
+    for sample in results["samples"]:  # the tuned model ends its turn at once on two of three
+        if sample["line"] != 3:
+            sample["answers"]["tuned"].update(text="", bucket="empty", stopped=True)
+    results["buckets"]["tuned"].update(correct=1, empty=2, **{"hallucinated value": 0})
+    for sample in results["samples"]:  # few-shot writes nothing visible before the token limit
+        sample["answers"]["few-shot"].update(text="", bucket="empty", stopped=False)
+    results["buckets"]["few-shot"].update(correct=0, wrong=0, empty=3)
+    html = render_run(read_run(make_run(tmp_path / "empty", results)))
+    top = html[:html.index("<h2>")]  # above every section
+    banners = re.findall(r"<p class=banner>(.*?)</p>", top)
+    assert len(banners) == 2
+    few, tuned = banners
+    assert few.startswith("<b>few-shot: 3 of 3 answers are empty.</b>") and "token limit (40 new tokens)" in few
+    assert tuned.startswith("<b>tuned: 2 of 3 answers are empty.</b>") and "end-of-turn token too early" in tuned
+
+
+def test_the_bundled_forgetting_questions_are_named_without_their_path(tmp_path):
+    results = rich_eval()
+    bundled = "/opt/venv/lib/python3.11/site-packages/tunelab/examples/general_knowledge.jsonl"
+    results["forgetting"]["file"] = bundled
+    html = render_run(read_run(make_run(tmp_path / "bundled", results)))
+    note = re.search(r"<h2>Forgetting check</h2>.*?<p class=note>(.*?)</p>", html).group(1)
+    visible = re.sub(r"<[^>]+>", "", note)
+    assert "40 multiple-choice questions of general_knowledge.jsonl (bundled with tunelab)" in visible
+    assert "/opt/venv" not in visible and f"title='{bundled}'" in note  # the path only on hover
+    results["forgetting"]["file"] = "/home/me/work/questions/my_mcq.jsonl"
+    html = render_run(read_run(make_run(tmp_path / "own", results)))
+    note = re.search(r"<h2>Forgetting check</h2>.*?<p class=note>(.*?)</p>", html).group(1)
+    assert "of my_mcq.jsonl, scored" in re.sub(r"<[^>]+>", "", note)
 
 def test_contender_names_from_the_user_are_escaped(tmp_path):
     """An endpoint contender is named on the command line (`--contender NAME=URL`)."""
@@ -286,7 +344,8 @@ def test_comparison_puts_runs_side_by_side_and_highlights_the_winner(tmp_path):
     assert all((run / "report.html").exists() for run in runs)
     assert re.findall(r"<th><a href='([^']*)'>", html) == [f"{run.name}/report.html" for run in runs]
     # Only the setting that differs is a row; the others are folded away.
-    assert "<tr class=setting><th>lr</th><td>null</td><td>0.0003</td><td>0.01</td></tr>" in html
+    assert ("<tr class=setting><th>lr</th><td>0.001 (default for lora)</td><td>0.0003</td><td>0.01</td></tr>"
+            in html)
     assert "<tr class=setting><th>lora_rank" not in html and "Settings shared by all runs" in html
     assert "evaluated on" not in html  # each on its own held-out split
     worse["data"] = "hard.jsonl"
@@ -437,8 +496,9 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert dom.returncode == 0, dom.stderr
     # What the browser parsed: the curves, the histogram and every table with its rows.
     assert len(re.findall(r"<path d=\"M", dom.stdout)) == 2 and "<rect" in dom.stdout
+    assert 'class="limit"' in dom.stdout and ">example length (tokens)</text>" in dom.stdout  # --max-length marked
     source = html_path.read_text()
-    assert dom.stdout.count("<table") == source.count("<table") == 10
+    assert dom.stdout.count("<table") == source.count("<table") == 11
     assert dom.stdout.count("<tr") == source.count("<tr") > 50
     assert dom.stdout.count("<div class=\"sample\">") == 3
 

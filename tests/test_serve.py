@@ -165,6 +165,29 @@ def test_chat_is_rendered_by_the_template_and_matches_generate(server, runs):
     assert response.usage.prompt_tokens == len(run.template.encode_prompt([{"role": "user", "content": text}]))
 
 
+def test_serve_answers_as_tunelab_generate_does(server, runs):
+    """One generation loop: a greedy request gets the command line's answer, alone or batched
+    with requests of other settings."""
+    prompt = "Country of Madrid? (4)"
+    expected = cli("generate", str(runs["alpha"]), "--prompt", prompt, "--max-new-tokens", "10")
+    assert expected.returncode == 0, expected.stderr
+    client = server.client()
+    assert chat(client, "alpha", prompt, max_tokens=10).choices[0].message.content == expected.stdout.strip()
+    answers: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        settings = dict(max_tokens=10) if i == 0 else dict(max_tokens=4 + i, temperature=1.0, seed=i)
+        answers[i] = chat(client, "alpha", prompt if i == 0 else f"Country of Rome? ({i})",
+                          **settings).choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers[0] == expected.stdout.strip()
+
+
 def test_stream_joins_to_the_plain_answer(server):
     client = server.client()
     plain = chat(client, "alpha", "Country of Rome? (1)", max_tokens=12).choices[0].message.content

@@ -198,7 +198,25 @@ CASES = {
     "demo-out-is-file": (lambda s: ["demo", "--out", s.write("demo", "mine")], ["--out", "demo: is a file"]),
     "demo-out-read-only": (lambda s: ["demo", "--out", s.read_only() / "demo"], ["--out", "cannot write in"]),
     "demo-zero-examples": (lambda s: ["demo", "--examples", "0"], ["--examples"]),
+    # --split-by
+    "split-by-missing-in-some-rows": (lambda s: ["data", "check", _customers(s, ["acme", None, "bolt", None]),
+                                                 "--split-by", "metadata.customer"],
+                                      ["customers.jsonl:2:", "E_SPLIT_BY", "no metadata.customer", "1 more row",
+                                       "give every row that field"]),
+    "split-by-one-group": (lambda s: ["data", "check", _customers(s, ["acme"] * 6), "--split-by", "metadata.customer"],
+                           ["E_SPLIT", "--split-by metadata.customer", "one group"]),
+    "split-by-no-training-group": (lambda s: ["data", "check", _customers(s, ["acme", "bolt"] * 3), "--split-by",
+                                              "metadata.customer", "--test-size", "0.9"],
+                                   ["E_SPLIT", "leaves no training group", "lower --test-size"]),
+    "split-by-unknown-field": (lambda s: ["data", "check", s.good_data(), "--split-by", "customer"],
+                               ["--split-by customer", "'metadata.customer'"]),
 }
+
+
+def _customers(s: Setting, customers: list[str | None]) -> Path:
+    """Good rows whose metadata names these customers (None: the row has no metadata)."""
+    rows = [{**row, "metadata": {"customer": c}} if c else row for row, c in zip(GOOD_ROWS, customers)]
+    return s.write_jsonl(s.tmp / "customers.jsonl", rows)
 @pytest.mark.parametrize("name", list(CASES))
 def test_mistake_is_one_line_and_exit_2(name, tmp_path, tiny_model_dir, tiny_run, write_jsonl):
     build, expected = CASES[name]

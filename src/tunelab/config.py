@@ -20,7 +20,7 @@ from typing import Any, Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
-from tunelab.data import SHAPES
+from tunelab.data import METADATA_KEYS, SHAPE_KEYS, SHAPES
 from tunelab.errors import UserError
 from tunelab.template import NAMED
 
@@ -44,6 +44,10 @@ class DataOptions(BaseModel):
     """Prompt template: 'auto' is the model's own chat template (alpaca when it has none)."""
     test_size: float = 0.1
     """Held-out fraction in [0, 1), or a whole count >= 1, of examples."""
+    split_by: str | None = None
+    """Split by this field of the rows, so that no value of it is on both sides (held-out data
+    that looks like the future): a key of the row such as 'id', or of its metadata, written
+    'metadata.customer'. --test-size then applies to rows, met as nearly as whole groups allow."""
     seed: int = Field(0, ge=0)
     """Seed for the split, data order and initialisation."""
     max_length: int = Field(1024, ge=8)
@@ -68,6 +72,22 @@ class DataOptions(BaseModel):
         # 1.5 used to be read as a count of 1; it is more likely a mistyped fraction.
         if value < 0 or (value >= 1 and not value.is_integer()):
             raise ValueError("must be a fraction in [0, 1) or a whole count >= 1")
+        return value
+
+    @field_validator("split_by")
+    @classmethod
+    def _a_field_of_the_rows(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        keys = [*dict.fromkeys(k for keys in SHAPE_KEYS.values() for k in keys), *METADATA_KEYS]
+        first, *rest = value.split(".")
+        if not all(value.split(".")) or first not in keys:
+            close = difflib.get_close_matches(value, keys, n=1)
+            hint = f"'{close[0]}', " if close and close[0] != "metadata" else ""
+            raise ValueError(f"must be a field of the rows: {hint}'id', or a key of their metadata written "
+                             f"'metadata.{value.split('.')[-1] or 'KEY'}'")
+        if first == "metadata" and not rest:
+            raise ValueError("must name a key of the metadata, e.g. 'metadata.customer'")
         return value
 
     @classmethod

@@ -12,8 +12,9 @@ string value, the value so far must stay a substring of the input.
   prompt, whose input is the prompt's last user message (no template, system or example text);
 - `CopyConstraint`: follows one answer's JSON as it is decoded (`JsonCursor`) and, where a
   copied value is written, takes the model's best-scoring token that keeps the value a substring
-  of the input; it records whether it ever refused the model's first choice (`changed`);
-- `CopyLogits`: the same constraints for transformers' `generate` (serve and chat).
+  of the input (`choose`, for greedy rows; `restrict` for sampled ones); it records whether it
+  ever refused the model's first choice (`changed`). generate.py's `next_tokens` asks each row's
+  constraint, in the loop that evaluation, generate, chat and serve share.
 
 Values are compared as the JSON text the model writes: the input is JSON-escaped the same way,
 so a quote or a backslash in a name is copied like any other character. Field paths join keys
@@ -23,6 +24,7 @@ with dots, with `*` for a list position (`people.*.name`).
 from __future__ import annotations
 
 import json
+from array import array
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -82,9 +84,12 @@ class CopyCounter:
     numbers, so the data check can count over its training rows once it knows the split."""
 
     paths: dict[str, int] = field(default_factory=dict)
-    """Field path -> its number in `found`."""
-    found: list[tuple[int, int, bool]] = field(default_factory=list)
-    """(row, field number, copied) for every field of every row with a JSON answer."""
+    """Field path -> its number in `numbers`."""
+    rows: array = field(default_factory=lambda: array("q"))
+    numbers: array = field(default_factory=lambda: array("q"))
+    copied: array = field(default_factory=lambda: array("b"))
+    """Three columns, one entry for every field of every row with a JSON answer: the row, the
+    field's number, whether the row copies it."""
 
     def add(self, row: int, messages: list[dict[str, str]]) -> None:
         """Count the fields of one row (its position in the file's valid rows, and its messages)."""
@@ -97,13 +102,15 @@ class CopyCounter:
         for path, value in string_values(parsed):
             copied[path] = copied.get(path, True) and bool(value.strip()) and value in source
         for path, is_copied in copied.items():
-            self.found.append((row, self.paths.setdefault(path, len(self.paths)), is_copied))
+            self.rows.append(row)
+            self.numbers.append(self.paths.setdefault(path, len(self.paths)))
+            self.copied.append(is_copied)
 
     def fields(self, rows: set[int] | None = None) -> list[CopiedField]:
         """Every field seen in `rows` (all rows when None), most often copied first."""
         seen: Counter = Counter()
         copied: Counter = Counter()
-        for row, number, is_copied in self.found:
+        for row, number, is_copied in zip(self.rows, self.numbers, self.copied):
             if rows is None or row in rows:
                 seen[number] += 1
                 copied[number] += is_copied
@@ -171,9 +178,9 @@ class JsonCursor:
 
     def read(self, text: str) -> None:
         for char in text:
-            self._read(char)
+            self.read_char(char)
 
-    def _read(self, char: str) -> None:
+    def read_char(self, char: str) -> None:
         if self.string is not None:
             if self.escaping:
                 self.escaping = False
@@ -299,6 +306,19 @@ class CopyConstraint:
         self.changed = True
         return allowed[0]
 
+    def restrict(self, scores):
+        """`scores` (one row's logits) for sampling: where the next token could write a copied
+        value, every token that would break the copy scored -inf."""
+        if not self.active:
+            return scores
+        allowed = self.allowed(scores)
+        if not allowed:  # nothing keeps the value a copy: the model's own choice
+            return scores
+        self.changed |= int(scores.argmax()) not in allowed
+        kept = scores.new_full(scores.shape, float("-inf"))
+        kept[allowed] = scores[allowed]
+        return kept
+
     def allowed(self, scores, first_only: bool = False) -> list[int]:
         """Tokens that keep every copied value a substring of the input, best score first: among
         the CANDIDATES best, or, where all of those are refused, in the whole vocabulary. Tokens
@@ -344,7 +364,7 @@ class CopyConstraint:
             inside = cursor.string is not None and not cursor.string_is_key and cursor.path in self.rule.fields
             if inside and char == '"' and not cursor.escaping and not cursor.string:
                 return False  # an empty value is no copy
-            cursor._read(char)
+            cursor.read_char(char)
             if inside and cursor.string is not None and cursor.string not in self.source:
                 return False
         if partial and cursor.string is not None and not cursor.string_is_key and cursor.path in self.rule.fields:
@@ -370,45 +390,3 @@ def _extends(value: str, text: str, source: str) -> bool:
             return bool(value or end) and (value + text[:end]) in source
         end += 1
     return "\ufffd" not in text and bool(text) and (value + text) in source
-
-
-def choose_tokens(logits, preferred, constraints: list[CopyConstraint | None]):
-    """The fast greedy loop's hook (generate.py): each row's next token from its logits, the
-    model's first choice `preferred` unless the row's constraint refuses it; every constraint is
-    then told its row's token."""
-    chosen = preferred.tolist()
-    for row, constraint in enumerate(constraints):
-        if constraint is not None:
-            chosen[row] = constraint.choose(logits[row], chosen[row])
-            constraint.append(chosen[row])
-    return preferred.new_tensor(chosen)
-
-
-def copy_logits(constraints: list[CopyConstraint | None], prompt_width: int, sampling: bool):
-    """A transformers logits processor that applies `constraints` (one per row) in `generate`:
-    where a row could write a copied value, every token but the allowed ones is ruled out (for
-    greedy decoding, all but the best allowed one). Imported here so that the module loads
-    without transformers."""
-    from transformers import LogitsProcessor
-
-    class CopyLogits(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            for row, constraint in enumerate(constraints):
-                if constraint is None:
-                    continue
-                constraint.catch_up(input_ids[row, prompt_width:].tolist())
-                if not constraint.active:
-                    continue
-                preferred = int(scores[row].argmax())
-                if constraint.keeps_copy(preferred) and not sampling:
-                    continue
-                allowed = constraint.allowed(scores[row], first_only=not sampling)
-                if not allowed:
-                    continue
-                constraint.changed |= preferred not in allowed
-                kept = scores[row, allowed].clone()
-                scores[row] = float("-inf")
-                scores[row, allowed] = kept
-            return scores
-
-    return CopyLogits()

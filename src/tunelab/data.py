@@ -45,6 +45,8 @@ class Example:
     """Line (JSONL) or row (CSV, Parquet) number in the source file, 1-based."""
     text: str | None = None
     """The document of a raw-text row (then `messages` is empty)."""
+    group: str | None = None
+    """The row's value of the --split-by field, as text (None: no --split-by, or the row lacks it)."""
 
     @property
     def key(self) -> str:
@@ -297,8 +299,10 @@ def _message(role: str, value: Any, name: str) -> dict[str, str]:
     return {"role": role, "content": _text(value, name)}
 
 
-def iter_examples(path: Path, shape: str = "auto", require_answer: bool = True) -> Iterator[Example | Problem]:
-    """Stream the file: one Example per good row, one Problem per bad row, in file order."""
+def iter_examples(path: Path, shape: str = "auto", require_answer: bool = True,
+                  split_by: str | None = None) -> Iterator[Example | Problem]:
+    """Stream the file: one Example per good row, one Problem per bad row, in file order; with
+    `split_by`, each Example carries its row's value of that field (`group_value`)."""
     path = Path(path)
     tabular = is_tabular(path)
     for number, row in read_rows(path):
@@ -329,10 +333,12 @@ def iter_examples(path: Path, shape: str = "auto", require_answer: bool = True) 
                 message = message.replace("field '", "column '").replace("field(s) '", "column(s) '")
             yield Problem(number, e.code, message)
             continue
-        yield Example(messages, number, row["text"] if row_shape == "text" else None)
+        group = group_value(row, split_by) if split_by else None
+        yield Example(messages, number, row["text"] if row_shape == "text" else None, group)
 
 
-def load_examples(path: Path, shape: str = "auto", require_answer: bool = True) -> list[Example]:
+def load_examples(path: Path, shape: str = "auto", require_answer: bool = True,
+                  split_by: str | None = None) -> list[Example]:
     """Read and validate every row; raise one UserError listing each bad line.
 
     With `require_answer=False` (batch generation), rows may lack the reference answer.
@@ -340,7 +346,7 @@ def load_examples(path: Path, shape: str = "auto", require_answer: bool = True) 
     path = Path(path)
     examples: list[Example] = []
     problems: list[str] = []
-    for item in iter_examples(path, shape, require_answer):
+    for item in iter_examples(path, shape, require_answer, split_by):
         if isinstance(item, Problem):
             problems.append(item.format(path))
         else:
@@ -377,20 +383,29 @@ def _with_placeholder_answer(row: dict[str, Any], shape: str) -> dict[str, Any]:
 
 
 def split(
-    examples: list[Example], test_size: float, seed: int, groups: dict[int, int] | None = None
+    examples: list[Example], test_size: float, seed: int, groups: dict[int, int] | None = None,
+    split_by: str | None = None,
 ) -> tuple[list[Example], list[Example]]:
-    """`split_rows` on a list of examples (in file order, exact copies already dropped).
+    """`split_rows` on a list of examples (in file order, exact copies already dropped), or with
+    `split_by`, `split_groups` on their `group` values.
 
     `groups` maps a line to the first line of its near-duplicate group (`Report.groups` from the
     data check), so the split is the one the check reported.
     """
     import numpy as np
 
-    groups = groups or {}
-    row_of_line = {e.line: i for i, e in enumerate(examples)}
-    ranks = np.array([split_rank(e.key, seed) for e in examples], np.uint64)
-    leaders = np.array([row_of_line.get(groups.get(e.line, e.line), i) for i, e in enumerate(examples)], np.int64)
-    in_test = split_rows(ranks, leaders, test_size)
+    if split_by:
+        lacking = [e.line for e in examples if e.group is None]
+        if lacking:
+            raise UserError(f"line {lacking[0]}: {missing_group_message(split_by, len(lacking))}")
+        ranks = np.array([group_rank(e.group, seed) for e in examples], np.uint64)
+        in_test = split_groups(ranks, test_size, split_by)
+    else:
+        groups = groups or {}
+        row_of_line = {e.line: i for i, e in enumerate(examples)}
+        ranks = np.array([split_rank(e.key, seed) for e in examples], np.uint64)
+        leaders = np.array([row_of_line.get(groups.get(e.line, e.line), i) for i, e in enumerate(examples)], np.int64)
+        in_test = split_rows(ranks, leaders, test_size)
     train = [e for e, held_out in zip(examples, in_test) if not held_out]
     test = [e for e, held_out in zip(examples, in_test) if held_out]
     return train, test
@@ -418,6 +433,65 @@ def split_rows(ranks, leaders, test_size: float):
     return in_test
 
 
+def split_groups(group_ranks, test_size: float, split_by: str):
+    """The train/test split by groups (`--split-by`): a boolean array, true for the rows that go
+    to the test split. `group_ranks[i]` is the `group_rank` of row i's group, so rows of a group
+    share it and no group is on both sides.
+
+    Whole groups go to test in rank order, each while it brings the held-out rows closer to the
+    `held_out_count` asked (and at least one group): the share applies to rows, met as nearly as
+    whole groups allow, so a few large groups make it coarse (the data check prints the counts).
+    """
+    import numpy as np
+
+    group_ranks = np.asarray(group_ranks, np.uint64)
+    n_test = held_out_count(len(group_ranks), test_size)
+    if n_test == 0:
+        return np.zeros(len(group_ranks), bool)
+    ranks, sizes = np.unique(group_ranks, return_counts=True)  # ascending: the split order
+    if len(ranks) < 2:
+        raise UserError(f"--split-by {split_by}: every row has the same value, so there is one group and nothing "
+                        "to hold out; split by a field with several values, or leave out --split-by")
+    taken = held = 0
+    for size in sizes:
+        if taken and held + size / 2 > n_test:
+            break
+        held += int(size)
+        taken += 1
+    if taken == len(ranks):
+        raise UserError(f"--test-size {test_size} with --split-by {split_by} leaves no training group out of "
+                        f"{len(ranks)}; lower --test-size")
+    return group_ranks <= ranks[taken - 1]
+
+
+def group_value(row: dict[str, Any], split_by: str) -> str | None:
+    """The row's value of the field `split_by` as text: a key of the row (`id`, `instruction`), or
+    of its `metadata` object written `metadata.customer` (more dots reach into nested objects);
+    None when it is missing or null. A spreadsheet's `metadata` column holds its object as JSON text."""
+    value: Any = row
+    for key in split_by.split("."):
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                return None
+        if not isinstance(value, dict) or value.get(key) is None:
+            return None
+        value = value[key]
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+def missing_group_message(split_by: str, count: int) -> str:
+    """What to say about `count` rows without the --split-by field (after the first one's line)."""
+    more = f", and {count - 1} more {'row lacks' if count == 2 else 'rows lack'} it" if count > 1 else ""
+    return f"no {split_by} to split by (--split-by {split_by}){more}; give every row that field, or leave out --split-by"
+
+
+def group_rank(value: str, seed: int) -> int:
+    """Where a --split-by group falls in the split order (lowest go to test)."""
+    return split_rank(hashlib.sha256(value.encode()).hexdigest(), seed)
+
+
 def held_out_count(rows: int, test_size: float) -> int:
     """Rows held out of `rows`: `test_size` is a fraction below 1, a count from 1 up."""
     return round(rows * test_size) if test_size < 1 else int(test_size)
@@ -432,9 +506,11 @@ def write_jsonl(path: Path, examples: list[Example]) -> None:
     with Path(path).open("w", encoding="utf-8") as f:
         for e in examples:
             row = {"text": e.text} if e.is_raw else {"messages": e.messages}
-            f.write(json.dumps({**row, "line": e.line}, ensure_ascii=False) + "\n")
+            group = {"group": e.group} if e.group is not None else {}
+            f.write(json.dumps({**row, "line": e.line, **group}, ensure_ascii=False) + "\n")
 
 
 def read_jsonl(path: Path) -> list[Example]:
     with Path(path).open(encoding="utf-8") as f:
-        return [Example(row.get("messages", []), row["line"], row.get("text")) for row in map(json.loads, f)]
+        return [Example(row.get("messages", []), row["line"], row.get("text"), row.get("group"))
+                for row in map(json.loads, f)]

@@ -12,6 +12,9 @@ memory. It finds:
 - exact duplicates (dropped before the split, first copy kept), near duplicates (see dedup.py;
   kept, but each group of them on one side of the split), and any near-duplicate pair that
   still straddles the train/test split;
+- with --split-by, rows without that field and a field with one value; and how novel the
+  held-out answers are to training (novelty.py), warning when a random split holds out answers
+  that mostly repeat training values;
 - the answer fields that the training rows copy verbatim from their input (see copying.py):
   decoding keeps those copies of the input unless --no-copy-constraint.
 Errors (codes E_...) stop training; warnings (W_...) are printed and saved.
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab import data as data_mod
+from tunelab import novelty
 from tunelab.config import DataOptions
 from tunelab.copying import MIN_ROWS, MIN_SHARE, CopiedField, CopyCounter, describe
 from tunelab.data import Example, Problem
@@ -87,6 +91,10 @@ class Report:
     """Every string field of the training rows' JSON answers, with how often it is copied."""
     copied: list[CopiedField] = field(default_factory=list)
     """The fields the copy constraint keeps copies of the input (copying.py)."""
+    group_counts: dict[str, int] = field(default_factory=dict)
+    """With --split-by: the groups on each side, {"train": n, "test": n}."""
+    novelty: novelty.Novelty | None = None
+    """How many held-out answer values training never showed (None: no split made)."""
     examples: list[EncodedExample] | None = None
     """Every valid example with its encoding, in file order, when the caller keeps them
     (training, on a file that fits in memory, so that it is read and encoded once); else None."""
@@ -138,7 +146,9 @@ class Report:
             },
             "split": {"train": self.train_count, "test": self.test_count, "test_size": self.options.test_size,
                       "seed": self.options.seed, "leaked_count": self.leaked_count,
-                      "leaked_pairs": self.leaked_pairs},
+                      "leaked_pairs": self.leaked_pairs, "split_by": self.options.split_by,
+                      "groups": self.group_counts or None},
+            "novelty": self.novelty.to_dict() if self.novelty else None,
             "lengths": {"unit": self.unit, **self.lengths, "histogram": self.histogram},
             "trainable_tokens": self.trainable, "truncation": {"policy": self.options.truncation, **self.outcomes},
             "copying": {"min_share": MIN_SHARE, "min_rows": MIN_ROWS, "copied_fields": [f.path for f in self.copied],
@@ -158,6 +168,12 @@ class Report:
     def limit(self) -> int | None:
         return self.options.max_length if self.template else None
 
+    def _groups_text(self) -> str:
+        if not self.group_counts:
+            return ""
+        return (f" (--split-by {self.options.split_by}: {self.group_counts['train']} / {self.group_counts['test']} "
+                "groups)")
+
     def table(self) -> str:
         """The short summary printed by `tunelab data check` and `tunelab train`."""
         def shape_counts(shapes: Counter) -> str:
@@ -174,9 +190,11 @@ class Report:
             ("warnings", f"{sum(self.warning_counts.values())}  {counts(self.warning_counts)}".rstrip()),
             ("exact duplicates", f"{self.exact_count} (dropped before the split)"),
             ("near duplicates", f"{self.near_count} pairs ({near_method()})"),
-            ("split", f"train {self.train_count} / test {self.test_count}, "
+            ("split", f"train {self.train_count} / test {self.test_count}{self._groups_text()}, "
                       f"{self.leaked_count} near-duplicate pairs across it"),
         ]
+        if self.novelty:
+            rows.append(("novelty", self.novelty.describe()))
         if self.lengths:
             lengths = self.lengths
             rows.append((f"length ({self.unit})", f"min {lengths['min']}, median {lengths['median']}, "
@@ -216,7 +234,9 @@ def check(path: Path, options: DataOptions, template=None, keep_examples: bool =
     report.examples = [] if keep_examples and template is not None else None
     near = dedup.NearDuplicates(seed=options.seed)
     lines, keys, ranks, lengths, trainable = array("q"), array("Q"), array("Q"), array("q"), array("q")
-    for item in data_mod.iter_examples(path, options.format):
+    groups = _Groups() if options.split_by else None
+    values, value_ends = array("Q"), array("q")  # each row's answer value hashes, back to back
+    for item in data_mod.iter_examples(path, options.format, split_by=options.split_by):
         report.rows += 1
         if isinstance(item, Problem):
             report.error(item)
@@ -228,6 +248,11 @@ def check(path: Path, options: DataOptions, template=None, keep_examples: bool =
         lines.append(item.line)
         keys.append(int(key[:16], 16))
         ranks.append(data_mod.split_rank(key, options.seed))
+        if groups:
+            groups.add(item, options.seed)
+        if not item.is_raw:
+            values.extend(novelty.value_hashes(item.reference))
+        value_ends.append(len(values))
         near.add(_visible_text(item))
         if template is None:
             lengths.append(len(item.text) if item.is_raw else sum(len(m["content"]) for m in item.messages))
@@ -243,6 +268,9 @@ def check(path: Path, options: DataOptions, template=None, keep_examples: bool =
         report.error(Problem(0, "E_EMPTY", "no examples found; the file is empty"))
     if not lines:
         return report
+    if groups and groups.missing:
+        report.error(Problem(groups.first_missing, "E_SPLIT_BY",
+                             data_mod.missing_group_message(options.split_by, groups.missing)))
 
     line_of = np.frombuffer(lines, np.int64)
     first, copy = dedup.exact_duplicates(np.frombuffer(keys, np.uint64))
@@ -259,7 +287,11 @@ def check(path: Path, options: DataOptions, template=None, keep_examples: bool =
                          for a, b, s in zip(near_first[:MAX_SAVED], near_later[:MAX_SAVED], similarity[:MAX_SAVED])]
     _warn_pairs(report, "W_NEAR_DUPLICATE", report.near_count,
                 [(b, f"near duplicate of line {a} (similarity {sim:.2f})") for a, b, sim in report.near_pairs])
-    _split(report, line_of, np.frombuffer(ranks, np.uint64), is_copy, near_first, near_later)
+    if not (groups and groups.missing):
+        group_ranks = np.frombuffer(groups.ranks, np.uint64) if groups else None
+        in_test = _split(report, line_of, np.frombuffer(ranks, np.uint64), is_copy, near_first, near_later, group_ranks)
+        if in_test is not None:
+            _novelty(report, in_test, is_copy, np.frombuffer(values, np.uint64), np.frombuffer(value_ends, np.int64))
     training_rows = set(np.flatnonzero(np.isin(line_of, report.train_lines)).tolist())
     report.answer_fields = report.copies.fields(training_rows)
     report.copied = report.copies.copied_fields(training_rows)
@@ -333,9 +365,11 @@ def _check_tokens(example: Example, template, options: DataOptions, report: Repo
     return tokens, trained if pieces else -1  # -1: not trained at all (dropped or refused)
 
 
-def _split(report: Report, line_of, ranks, is_copy, near_first, near_later) -> None:
+def _split(report: Report, line_of, ranks, is_copy, near_first, near_later, group_ranks=None):
     """The split training makes (`data.split_rows` on the rows left after dropping copies, each
-    near-duplicate group ranked as its first row), and the near-duplicate pairs that straddle it."""
+    near-duplicate group ranked as its first row; with --split-by, `data.split_groups` on the
+    `group_ranks` of those rows), and the near-duplicate pairs that straddle it. Returns which
+    rows are held out (None when the split is refused)."""
     import numpy as np
 
     from tunelab import dedup
@@ -347,7 +381,7 @@ def _split(report: Report, line_of, ranks, is_copy, near_first, near_later) -> N
     sizes = np.bincount(group, minlength=len(line_of))
     # A group larger than a tenth of the test split would unbalance it; its rows are then
     # split one by one and the report shows the pairs that end up on both sides.
-    too_big = (sizes[group] > max(2, n_test // 10)) & (n_test > 0)
+    too_big = (sizes[group] > max(2, n_test // 10)) & (n_test > 0) & (group_ranks is None)
     for g in np.unique(group[too_big])[:SHOWN]:
         report.warn(Problem(int(line_of[g]), "W_LARGE_GROUP",
                             f"starts a group of {int(sizes[g])} near duplicates, too many to keep on one side "
@@ -357,10 +391,15 @@ def _split(report: Report, line_of, ranks, is_copy, near_first, near_later) -> N
     # Copies take no part in near pairs, so a group's first row is always a kept row.
     kept_row = np.cumsum(~is_copy) - 1
     try:
-        kept_in_test = data_mod.split_rows(ranks[kept], kept_row[group[kept]], options.test_size)
+        if group_ranks is None:
+            kept_in_test = data_mod.split_rows(ranks[kept], kept_row[group[kept]], options.test_size)
+        else:  # --split-by: its groups, not the near duplicates', go to one side
+            kept_in_test = data_mod.split_groups(group_ranks[kept], options.test_size, options.split_by)
+            test_groups = len(np.unique(group_ranks[kept][kept_in_test]))
+            report.group_counts = {"train": len(np.unique(group_ranks[kept])) - test_groups, "test": test_groups}
     except UserError as e:
         report.error(Problem(0, "E_SPLIT", str(e)))
-        return
+        return None
     in_test = np.zeros(len(line_of), bool)
     in_test[kept[kept_in_test]] = True
     report.test_lines = line_of[kept[kept_in_test]]
@@ -374,6 +413,42 @@ def _split(report: Report, line_of, ranks, is_copy, near_first, near_later) -> N
     _warn_pairs(report, "W_LEAK", report.leaked_count,
                 [(b, f"near duplicate of line {a}, on the other side of the train/test split")
                  for a, b in report.leaked_pairs])
+    return in_test
+
+
+class _Groups:
+    """Each row's --split-by group, as the rank of its value (what the split needs), and the
+    rows that lack the field."""
+
+    def __init__(self):
+        self.ranks = array("Q")
+        self.missing = 0
+        self.first_missing = 0
+
+    def add(self, example: Example, seed: int) -> None:
+        if example.group is None:
+            self.missing += 1
+            self.first_missing = self.first_missing or example.line
+        self.ranks.append(data_mod.group_rank(example.group or "", seed))
+
+
+def _novelty(report: Report, in_test, is_copy, values, value_ends) -> None:
+    """How many held-out answer values no training answer holds; a warning when a random split
+    holds out answers that mostly repeat what training shows."""
+    import numpy as np
+
+    starts = np.concatenate([[0], value_ends[:-1]])
+
+    def hashes(rows):
+        return (values[starts[i]:value_ends[i]].tolist() for i in rows)
+
+    measured = novelty.measure(hashes(np.flatnonzero(~in_test & ~is_copy)), hashes(np.flatnonzero(in_test)))
+    report.novelty = measured
+    if not report.options.split_by and measured.looks_familiar():
+        rows = measured.novel_rows + measured.seen_rows
+        report.warn(Problem(0, "W_SEEN_VALUES", f"{measured.seen_rows} of {rows} held-out rows hold only answer "
+                            "values that training answers hold too, so the held-out loss will flatter the model on "
+                            "new values; split by a field that groups them, e.g. --split-by metadata.customer"))
 
 
 def _warn_pairs(report: Report, code: str, total: int, items: list[tuple[int, str]]) -> None:

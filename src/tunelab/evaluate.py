@@ -35,7 +35,8 @@ RUN/eval.json (schema 2), written beside and renamed, so it is either whole or a
                            "high", "tuned_only_right": [index], "contender_only_right": [index]}]
                          (right = exact match)
     cost                 {contender: {"prompt_tokens", "generated_tokens" (means per request),
-                          "seconds_per_request", "requests_per_second", "seconds"}}
+                          "seconds_per_request", "requests_per_second", "seconds"}}, timed after
+                         one uncounted warm-up request per contender
     assertions           null, or {"file", "results": {contender: {"rules": {rule: passed},
                           "answers", "all_passed"}}}
     judge                null, or {"url", "model", "ungraded": {contender: count}}
@@ -44,10 +45,17 @@ RUN/eval.json (schema 2), written beside and renamed, so it is either whole or a
     copy_constraint      null (the run has no copied fields, or --no-copy-constraint), or
                          {"fields": [path], "changed": {contender: answers the constraint changed}}
                          for the local contenders
+    novelty              how new the evaluated answers are to the run's training answers (novelty.py):
+                         {"training_file", "values", "novel_values", "share", "novel_rows",
+                          "seen_rows", "rows_without_values", "training_values", "accuracy":
+                          {contender: {"novel" | "seen": {"value", "low", "high", "rows"} | null}}}
+                         (exact match on rows holding a novel value, and on rows holding only
+                         values training showed); each sample's "novelty" is its row's kind
     samples              [{"index", "line", "prompt", "reference", "answers": {contender:
                           {"text", "bucket", "exact_match", "token_f1", "rouge_l",
                            "prompt_tokens", "generated_tokens", "stopped", "copy_changed",
-                           "assertions_failed": [...], "judge": grade | null}}}]
+                           "assertions_failed": [...], "judge": grade | null}}, "novelty":
+                          "novel" | "seen" | "none"}]
 """
 
 from __future__ import annotations
@@ -60,7 +68,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunelab import metrics
+from tunelab import metrics, novelty
 from tunelab.baselines import few_shot_prompts, retrieval_prompts, user_text
 from tunelab.batching import encode_examples
 from tunelab.data import Example, iter_examples, load_examples, read_jsonl
@@ -71,6 +79,8 @@ from tunelab.generate import Answer, generate_detailed
 from tunelab.loss import heldout_loss
 
 LOCAL = ("zero-shot", "few-shot", "retrieval", "tuned")
+WARM_UP_TOKENS = 2
+"""Tokens of the uncounted warm-up request each contender answers before it is timed."""
 SCORES = ("exact_match", "token_f1", "rouge_l")
 
 
@@ -112,6 +122,11 @@ def _progress(total: int, name: str, enabled: bool):
 
 def _generate(model, template, prompts, max_new_tokens: int, batch_size: int, contender: Contender,
               progress: bool, copying=None) -> None:
+    # A short answer first, not timed: a model's first forward passes pay for allocations and
+    # kernel set-up that no later request pays, and the cost per request should compare the
+    # contenders, not which of them ran first.
+    for _ in generate_detailed(model, template, prompts[:1], min(max_new_tokens, WARM_UP_TOKENS), 1, copying):
+        pass
     started = time.perf_counter()
     with _progress(len(prompts), contender.name, progress) as bar:
         for answer in generate_detailed(model, template, prompts, max_new_tokens, batch_size, copying):
@@ -153,11 +168,12 @@ def evaluate(run, limit: int | None = None, batch_size: int = 16, max_new_tokens
     contenders: list[Contender] = []
     for endpoint in endpoints:  # first: an unreachable URL fails before any local work
         contender = Contender(endpoint.name, "endpoint", endpoint.model, "endpoint")
+        # The uncounted warm-up request, as for local contenders; a bad URL fails here, before
+        # any progress bar.
+        endpoint.answer(prompts[0], WARM_UP_TOKENS)
         started = time.perf_counter()
-        first = endpoint.answer(prompts[0], max_new_tokens)  # a bad URL fails here, before any progress bar
         with _progress(len(prompts), endpoint.name, progress) as bar:
-            bar.update()
-            contender.answers = [first, *endpoint.answers(prompts[1:], max_new_tokens, progress=bar)]
+            contender.answers = endpoint.answers(prompts, max_new_tokens, progress=bar)
         contender.seconds = time.perf_counter() - started
         contenders.append(contender)
 
@@ -205,6 +221,7 @@ def evaluate(run, limit: int | None = None, batch_size: int = 16, max_new_tokens
                "copy_constraint": {"fields": sorted(copying.fields),
                                    "changed": {c.name: sum(a.copy_changed for a in c.answers) for c in local}}
                if copying else None}
+    ordered["novelty"] = novelty_results(examples, run.files.train, ordered["samples"])
     ordered["samples"] = ordered.pop("samples")  # last: the long part of the file
     write_atomically(run.files.eval, ordered)
     return ordered
@@ -237,7 +254,7 @@ def score(examples: list[Example], contenders: list[Contender], rules, judge: En
             paths = sorted({p for f in fields for p in f})
             out["fields"][c.name] = {p: sum(f.get(p, False) for f in fields) / sum(p in f for f in fields)
                                      for p in paths}
-        counted = [metrics.hallucinated_values(t, p, extractive) for t, p in zip(texts, prompt_texts)]
+        counted = [metrics.hallucinated_values(t, p, extractive, r) for t, p, r in zip(texts, prompt_texts, references)]
         if extractive and sum(n for n, _ in counted):
             values, made_up = [n for n, _ in counted], [h for _, h in counted]
             low, high = metrics.bootstrap_interval(made_up, values)
@@ -291,6 +308,20 @@ def score(examples: list[Example], contenders: list[Contender], rules, judge: En
                 })
     out["samples"] = samples
     return out
+
+
+def novelty_results(examples: list[Example], train_file: Path, samples: list[dict]) -> dict:
+    """eval.json's "novelty": the examples' answer values against the run's training answers, and
+    each contender's exact match on rows with a novel value and rows with only seen ones. Marks
+    each sample with its row's kind."""
+    training = (novelty.value_hashes(e.reference) for e in read_jsonl(train_file) if not e.is_raw)
+    measured = novelty.measure(training, (novelty.value_hashes(e.reference) for e in examples))
+    for sample, kind in zip(samples, measured.kinds):
+        sample["novelty"] = kind
+    names = list(samples[0]["answers"]) if samples else []
+    accuracy = {name: novelty.accuracy_by_kind(measured.kinds, [s["answers"][name]["exact_match"] for s in samples])
+                for name in names}
+    return {"training_file": str(train_file), **measured.to_dict(), "accuracy": accuracy}
 
 
 def _summary(values: list[float]) -> dict:
@@ -397,8 +428,28 @@ def format_copy_constraint(results: dict) -> str:
             f"--no-copy-constraint turns it off): answers it changed: {counts}")
 
 
+def format_novelty(results: dict) -> str:
+    """How new the evaluated answers are to training, and exact match on new vs seen values."""
+    found = results.get("novelty")
+    if not found:
+        return ""
+    measured = novelty.Novelty(**{k: found[k] for k in ("values", "novel_values", "novel_rows", "seen_rows")},
+                               without_values=found["rows_without_values"])
+    lines = [f"novelty: {measured.describe()}"]
+    if not found["values"]:
+        return lines[0]
+    names = [c["name"] for c in results["contenders"]]
+    rows = []
+    for kind, label in (("novel", "a novel value"), ("seen", "only seen values")):
+        count = found[f"{kind}_rows"]
+        cells = [_cell(found["accuracy"].get(n, {}).get(kind), "pct") for n in names]
+        rows.append([f"rows with {label} ({count})", *cells])
+    return lines[0] + "\n" + _grid(["exact match on", *names], rows)
+
+
 def format_report(results: dict) -> str:
     """Everything `tunelab eval` prints."""
-    sections = [format_table(results), format_differences(results), format_buckets(results), format_cost(results),
-                format_forgetting(results), format_copy_constraint(results), format_samples(results)]
+    sections = [format_table(results), format_differences(results), format_novelty(results), format_buckets(results),
+                format_cost(results), format_forgetting(results), format_copy_constraint(results),
+                format_samples(results)]
     return "\n\n".join(s for s in sections if s)

@@ -1,32 +1,35 @@
-"""Generation through the run's template: answers in input order, and streaming for chat.
+"""Generation through the run's template: one loop for evaluation, `tunelab generate`, chat and serve.
 
-Two loops, both greedy by default and both through the run's Template:
-- `generate_detailed` (and `generate_answers`, `generate_batch` on top of it) is what
-  `tunelab generate`, evaluation and the Python API's `Run.generate` use. It decodes greedily
-  with the KV cache and pays for only what each answer needs: prompts are sorted by length
-  inside a window, so a batch wastes little on padding; the token prefix that every prompt of a
-  window shares (a system prompt, the examples of a few-shot prompt) is computed once and its
-  cache copied into each batch; a row leaves the batch as soon as it has produced its
-  end-of-turn token.
-- `generate_rows` is the server's (serve.py): one batch through transformers' `generate`, with
-  sampling (temperature, top_p, seed), stop strings, per-row cancellation and text streamed
-  row by row. Chat streams its replies through `stream_reply`.
+`generate_rows` answers one batch of `Request`s with the KV cache, one token per step for every
+row still going:
+- the token prefix that every prompt shares (a system prompt, the examples of a few-shot
+  prompt) is computed once and its cache copied into each row;
+- each row picks its next token in `next_tokens`: the likeliest one (greedy, the default), or a
+  draw with its own temperature, top_p and seed;
+- a row ends at the template's end of turn, at the first of its stop strings, at its token limit,
+  or once its cancel event is set (a client that left, Ctrl-C), and leaves the batch and the
+  cache at once, so the rows still going pay only for themselves;
+- a row's text can stream to a callback as it grows, never half a character.
+
+`generate_detailed` (and `generate_answers`, `generate_batch` on top of it) feeds it what
+`tunelab generate`, evaluation and the Python API's `Run.generate` ask: prompts sorted by length
+inside a window, so a batch wastes little on padding, answers given back in input order. Serve's
+scheduler batches concurrent requests into `generate_rows`; chat streams through `stream_reply`.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
+from transformers import DynamicCache
 
-from tunelab.copying import CopyConstraint, CopyRule, choose_tokens, copy_logits
+from tunelab.copying import CopyConstraint, CopyRule
 from tunelab.template import Template
 
 WINDOW_BATCHES = 4
@@ -40,12 +43,12 @@ class Answer:
     """One generated answer and what it cost."""
 
     text: str
-    """The decoded answer, end-of-turn and special tokens removed (and, in `generate_rows`, cut
-    before the first stop string), stripped."""
+    """The decoded answer, end-of-turn and special tokens removed, cut before the first stop
+    string, stripped."""
     prompt_tokens: int
     """Tokens of the prompt, as the template encodes it."""
     generated_tokens: int
-    """Tokens generated."""
+    """Tokens generated, the end-of-turn token included."""
     finish_reason: str
     """"stop" (end of turn or a stop string), "length" (the token limit) or "cancelled"."""
     copy_changed: bool = False
@@ -55,6 +58,36 @@ class Answer:
     def stopped(self) -> bool:
         """Whether the answer ended by itself rather than at the token limit."""
         return self.finish_reason == "stop"
+
+
+@dataclass
+class Request:
+    """One prompt to answer, and how."""
+
+    prompt: list[int]
+    """Token ids of the prompt, as the template encodes the conversation."""
+    max_new_tokens: int = 256
+    """Most tokens to generate."""
+    temperature: float = 0.0
+    """0 takes the likeliest token at each step (greedy); above it, tokens are drawn from the
+    model's distribution sharpened (below 1) or flattened (above 1) by it."""
+    top_p: float = 1.0
+    """When sampling, draw only from the likeliest tokens whose probabilities add up to this."""
+    seed: int | None = None
+    """When sampling, draw from a generator of this row's own, so the answer repeats; None draws
+    from torch's global random state."""
+    stop_strings: Sequence[str] = ()
+    """The answer ends before the first of these (which is left out of its text)."""
+    cancel: threading.Event | None = None
+    """Set from another thread (a client that left, Ctrl-C): the row ends at its next token."""
+    on_text: Callable[[str], None] | None = None
+    """Receives the answer's text as it grows, in pieces that join to exactly `Answer.text`: never
+    trailing whitespace (answers are stripped), half a character, or the beginning of what may
+    become a stop string."""
+    copy: CopyConstraint | None = None
+    """Keeps the fields that the run's training data copies from the input substrings of this
+    prompt's input (copying.py; it follows one answer, so a Request is answered once); None lets
+    the model write anything."""
 
 
 def as_messages(prompt: str | list[dict[str, str]]) -> list[dict[str, str]]:
@@ -73,7 +106,6 @@ def generate_answers(
         yield answer.text
 
 
-@torch.no_grad()
 def generate_detailed(
     model, template: Template, conversations: Iterable[list[dict[str, str]]], max_new_tokens: int = 256,
     batch_size: int = 16, copying: CopyRule | None = None,
@@ -81,16 +113,15 @@ def generate_detailed(
     """`generate_answers` with each answer's token counts and whether it stopped by itself."""
     conversations = iter(conversations)
     while window := list(itertools.islice(conversations, batch_size * WINDOW_BATCHES)):
-        encoded = [template.encode_prompt(c) for c in window]
-        constraints = [copying.constraint(c) if copying else None for c in window]
-        prefix = _shared_prefix(model, encoded)
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-        answers: list[Answer | None] = [None] * len(encoded)
+        requests = [Request(template.encode_prompt(c), max_new_tokens, copy=copying.constraint(c) if copying else None)
+                    for c in window]
+        prefix = _shared_prefix(model, [r.prompt for r in requests])
+        order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt))
+        answers: list[Answer | None] = [None] * len(requests)
         ready = 0
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            results = _generate(model, template, [encoded[i] for i in batch], max_new_tokens, prefix,
-                                [constraints[i] for i in batch])
+            results = _generate(model, template, [requests[i] for i in batch], prefix)
             for i, answer in zip(batch, results):
                 answers[i] = answer
             while ready < len(answers) and answers[ready] is not None:
@@ -106,6 +137,50 @@ def generate_batch(
     return list(generate_answers(model, template, conversations, max_new_tokens, batch_size, copying))
 
 
+def generate_rows(model, template: Template, requests: list[Request]) -> list[Answer]:
+    """One batch of requests to their answers, in order, each with its own settings."""
+    return _generate(model, template, requests, _shared_prefix(model, [r.prompt for r in requests]))
+
+
+def stream_reply(model, template: Template, conversation: list[dict[str, str]], max_new_tokens: int = 512,
+                 stop: threading.Event | None = None, copying: CopyRule | None = None) -> Iterator[str]:
+    """Yield the reply to `conversation` piece by piece as it is generated, greedily (with
+    `copying`, the run's copied fields kept copies of the last user message).
+
+    Generation runs in a thread. Setting `stop`, or leaving the loop early (a KeyboardInterrupt
+    while waiting for the next piece, a `break`), ends it at the next token."""
+    stop = stop or threading.Event()
+    pieces: queue.Queue[str | None] = queue.Queue()
+    request = Request(template.encode_prompt(conversation), max_new_tokens, cancel=stop, on_text=pieces.put,
+                      copy=copying.constraint(conversation) if copying else None)
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            generate_rows(model, template, [request])
+        except BaseException as e:  # handed to the reading thread, which would otherwise wait forever
+            failures.append(e)
+        finally:
+            pieces.put(None)
+
+    # A daemon thread: a second Ctrl-C while the reply winds down still leaves at once.
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    finished = False
+    try:
+        while (piece := pieces.get()) is not None:
+            yield piece
+        finished = True
+    finally:
+        if not finished:
+            stop.set()
+        thread.join()
+    if failures:
+        raise failures[0]
+
+
+# ----------------------------------------------------------------------------- the loop
+
 @dataclass
 class _Prefix:
     length: int
@@ -114,9 +189,13 @@ class _Prefix:
     """Their keys and values, for a batch of one."""
 
 
+@torch.no_grad()
 def _shared_prefix(model, prompts: list[list[int]]) -> _Prefix | None:
     """The KV cache of the tokens every prompt starts with, computed once. Each prompt keeps at
-    least one token of its own, whose logits give its first answer token."""
+    least one token of its own, whose logits give its first answer token. A lone prompt has
+    nothing to share."""
+    if len(prompts) < 2:
+        return None
     length = min(len(p) for p in prompts) - 1
     for p in prompts[1:]:
         length = next((i for i, (a, b) in enumerate(zip(prompts[0][:length], p)) if a != b), length)
@@ -129,228 +208,140 @@ def _shared_prefix(model, prompts: list[list[int]]) -> _Prefix | None:
     return _Prefix(length, cache)
 
 
-def _generate(model, template: Template, prompts: list[list[int]], max_new_tokens: int,
-              prefix: _Prefix | None, constraints: list[CopyConstraint | None]) -> list[Answer]:
-    """One batch of token-id prompts to their answers: the prompts' own tokens left-padded after
-    the shared prefix, then one token per step for the rows still going (each row's copy
-    constraint, if any, has the last word on its token)."""
-    tokenizer = template.tokenizer
+@dataclass
+class _Row:
+    """One request while it is generated: its tokens, its text and why it ended."""
+
+    request: Request
+    template: Template
+    generator: torch.Generator | None
+    """The row's own random generator, when it samples with a seed."""
+    tokens: list[int] = field(default_factory=list)
+    """Tokens generated so far, the end-of-turn token included."""
+    text: str = ""
+    """Decoded text so far, cut before a stop string; kept up to date only for rows that need it
+    (stop strings, streaming), the others are decoded once at the end."""
+    sent: str = ""
+    """What `on_text` received so far."""
+    finish_reason: str | None = None
+    """Why the row ended, None while it goes on."""
+
+    def add(self, token: int) -> None:
+        request = self.request
+        self.tokens.append(token)
+        if request.copy is not None:
+            request.copy.append(token)
+        if token in self.template.stop_token_ids:
+            self.finish_reason = "stop"
+        elif request.stop_strings or request.on_text:
+            text = self.decode()
+            cuts = [text.find(s) for s in request.stop_strings if s in text]
+            if cuts:
+                text = text[: min(cuts)]
+                self.finish_reason = "stop"
+            self.text = text
+        if self.finish_reason is None and len(self.tokens) >= request.max_new_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason is None and request.cancel is not None and request.cancel.is_set():
+            self.finish_reason = "cancelled"
+        self.stream()
+
+    def decode(self) -> str:
+        stops = self.template.stop_token_ids
+        return self.template.tokenizer.decode([t for t in self.tokens if t not in stops],
+                                              skip_special_tokens=True).lstrip()
+
+    def stream(self) -> None:
+        """Send `on_text` what of the text is final: all of it once the row has ended."""
+        if self.request.on_text is None:
+            return
+        text = self.text.rstrip()
+        if self.finish_reason is None:
+            text = text.rstrip("\ufffd")  # the first bytes of a character that the next token completes
+            for s in self.request.stop_strings:
+                held = next((k for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), 0)
+                text = text[: len(text) - held]
+        # Decoding more tokens can change a row's earlier text (rarely); what was sent stays sent.
+        if len(text) > len(self.sent) and text.startswith(self.sent):
+            self.request.on_text(text[len(self.sent):])
+            self.sent = text
+
+    def answer(self) -> Answer:
+        text = self.text if self.request.stop_strings or self.request.on_text else self.decode()
+        constraint = self.request.copy
+        return Answer(text.strip(), len(self.request.prompt), len(self.tokens), self.finish_reason or "length",
+                      bool(constraint and constraint.changed))
+
+
+def next_tokens(scores: torch.Tensor, rows: list[_Row]) -> list[int]:
+    """The next token of each row still going, from its line of `scores` (the model's logits).
+
+    The one place where tokens are chosen: a greedy row takes its likeliest token, a sampling
+    row draws one with its own temperature, top_p and seed. A row's copy constraint has the last
+    word: it refuses a token that would make a copied value no longer a copy of the input."""
+    tokens = []
+    for row, line in zip(rows, scores):
+        request = row.request
+        if request.temperature > 0:
+            if request.copy is not None:
+                line = request.copy.restrict(line)
+            tokens.append(_sample(line, request.temperature, request.top_p, row.generator))
+        else:
+            token = int(line.argmax())
+            tokens.append(request.copy.choose(line, token) if request.copy is not None else token)
+    return tokens
+
+
+def _sample(scores: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    probabilities = torch.softmax(scores.float() / temperature, dim=-1)
+    ranked, order = probabilities.sort(descending=True)
+    # The smallest set of likeliest tokens whose probabilities reach top_p (always the first).
+    ranked = ranked * (ranked.cumsum(-1) - ranked < top_p)
+    return order[torch.multinomial(ranked, 1, generator=generator)].item()
+
+
+@torch.no_grad()
+def _generate(model, template: Template, requests: list[Request], prefix: _Prefix | None) -> list[Answer]:
+    """One batch of requests to their answers: the prompts' own tokens left-padded after the
+    shared prefix, then one token per step for the rows still going."""
     device = next(model.parameters()).device
-    stops = set(template.stop_token_ids)
+    rows = []
+    for request in requests:
+        generator = None
+        if request.temperature > 0 and request.seed is not None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(request.seed)
+        rows.append(_Row(request, template, generator))
+
     shared = prefix.length if prefix else 0
     if prefix:
         cache = copy.deepcopy(prefix.cache)
-        cache.batch_repeat_interleave(len(prompts))
+        cache.batch_repeat_interleave(len(requests))
     else:
         cache = DynamicCache(config=model.config)
-    own = [p[shared:] for p in prompts]
+    own = [r.prompt[shared:] for r in requests]
     width = max(len(p) for p in own)
-    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in own], device=device)
+    pad = template.tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in own], device=device)
     mask = torch.tensor([[1] * shared + [0] * (width - len(p)) + [1] * len(p) for p in own], device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]
-    generated: list[list[int]] = [[] for _ in prompts]
-    stopped = [False] * len(prompts)
-    active = list(range(len(prompts)))  # rows of the batch still generating, in cache order
-    for step in range(max_new_tokens):
-        tokens = logits.argmax(-1)
-        if any(constraints):  # the copy constraint may refuse a row's first choice (copying.py)
-            tokens = choose_tokens(logits, tokens, [constraints[i] for i in active])
-        keep = []
-        for row, (i, token) in enumerate(zip(active, tokens.tolist())):
-            generated[i].append(token)
-            if token in stops:
-                stopped[i] = True
-            else:
-                keep.append(row)
-        if not keep or step == max_new_tokens - 1:
+    scores = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                   logits_to_keep=1).logits[:, -1]
+
+    active = list(range(len(rows)))  # rows still generating, in cache order
+    while True:
+        for i, token in zip(active, next_tokens(scores, [rows[i] for i in active])):
+            rows[i].add(token)
+        keep = [k for k, i in enumerate(active) if rows[i].finish_reason is None]
+        if not keep:
             break
         if len(keep) < len(active):  # finished rows leave the batch and the cache
             index = torch.tensor(keep, device=device)
             cache.batch_select_indices(index)
-            mask, tokens = mask[index], tokens[index]
-            active = [active[row] for row in keep]
+            mask = mask[index]
+            active = [active[k] for k in keep]
+        tokens = torch.tensor([[rows[i].tokens[-1]] for i in active], device=device)
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+        scores = model(input_ids=tokens, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
                        cache=cache, use_cache=True).logits[:, -1]
-    return [Answer(tokenizer.decode([t for t in g if t not in stops], skip_special_tokens=True).strip(),
-                   len(p), len(g), "stop" if s else "length", bool(c and c.changed))
-            for p, g, s, c in zip(prompts, generated, stopped, constraints)]
-
-
-@torch.no_grad()
-def generate_rows(
-    model, template: Template, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
-    top_p: float = 1.0, seed: int | None = None, stop_strings: Sequence[str] = (),
-    cancel: Sequence[threading.Event] | None = None, on_text: Callable[[int, str], None] | None = None,
-    constraints: Sequence[CopyConstraint | None] | None = None,
-) -> list[Answer]:
-    """One left-padded batch of token-id prompts to their answers.
-
-    temperature 0 is greedy; above it, tokens are sampled (nucleus `top_p`; `seed` makes it
-    repeatable). A row ends at the template's end of turn, at the first of `stop_strings`
-    (left out of its text), or once its `cancel` event is set (a client that left), without
-    ending the other rows. `on_text(row, piece)` receives each row's text as it grows, pieces
-    that join to exactly the answer's text. `constraints` are the rows' copy constraints
-    (copying.py), None where a row has none."""
-    tokenizer = template.tokenizer
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    rows = RowStreamer(template, len(prompts), list(stop_strings), list(cancel or []), on_text)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
-        dict(do_sample=False)
-    if constraints and any(constraints):
-        sampling["logits_processor"] = [copy_logits(list(constraints), width, sampling=temperature > 0)]
-    # A seed draws from a generator of its own, leaving the process's random state as it was.
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices) if seed is not None else nullcontext():
-        if seed is not None:
-            torch.manual_seed(seed)
-        model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=template.stop_token_ids,
-            pad_token_id=pad, streamer=rows, stopping_criteria=StoppingCriteriaList([StopFinishedRows(rows)]),
-            **sampling,
-        )
-    changed = [bool(c and c.changed) for c in constraints or [None] * len(prompts)]
-    return [Answer(text.strip(), len(prompt), len(tokens), reason or "length", copy)
-            for prompt, text, tokens, reason, copy in zip(prompts, rows.text, rows.tokens, rows.finished, changed)]
-
-
-@dataclass
-class RowStreamer(BaseStreamer):
-    """Follows each row of a batch as `generate` makes it: its tokens, its text, and why it ended.
-
-    Text goes to `on_text` only once it is final: never trailing whitespace (answers are
-    stripped), a half-decoded character, or the beginning of what may become a stop string."""
-
-    template: Template
-    size: int
-    """Rows in the batch."""
-    stop_strings: list[str]
-    cancel: list[threading.Event]
-    """One event per row, or none."""
-    on_text: Callable[[int, str], None] | None
-    tokens: list[list[int]] = field(init=False)
-    """Tokens generated per row, up to its end."""
-    text: list[str] = field(init=False)
-    """Decoded text per row, cut before a stop string."""
-    finished: list[str | None] = field(init=False)
-    """Why each row ended ("stop", "cancelled"), None while it goes on."""
-    sent: list[str] = field(init=False)
-    """What `on_text` received per row so far."""
-    prompt_seen: bool = False
-
-    def __post_init__(self) -> None:
-        self.tokens = [[] for _ in range(self.size)]
-        self.text = [""] * self.size
-        self.finished = [None] * self.size
-        self.sent = [""] * self.size
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate hands over the prompts first
-            self.prompt_seen = True
-            return
-        for row, token in enumerate(value.view(-1).tolist()):
-            if self.finished[row] is not None:
-                continue
-            if self.cancel and self.cancel[row].is_set():
-                self.finished[row] = "cancelled"
-                continue
-            if token in self.template.stop_token_ids:
-                self.finished[row] = "stop"
-            else:
-                self.tokens[row].append(token)
-                text = self.template.tokenizer.decode(self.tokens[row], skip_special_tokens=True).lstrip()
-                cuts = [text.find(s) for s in self.stop_strings if s in text]
-                if cuts:
-                    text = text[: min(cuts)]
-                    self.finished[row] = "stop"
-                self.text[row] = text
-            self._send(row)
-
-    def end(self) -> None:
-        for row in range(self.size):
-            self._send(row, final=True)
-
-    def _send(self, row: int, final: bool = False) -> None:
-        if self.on_text is None:
-            return
-        text = self.text[row].rstrip()
-        if not final and self.finished[row] is None:
-            text = text.rstrip("\ufffd")
-            for s in self.stop_strings:
-                held = next((k for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), 0)
-                text = text[: len(text) - held]
-        # Decoding more tokens can change a row's earlier text (rarely); what was sent stays sent.
-        if len(text) > len(self.sent[row]) and text.startswith(self.sent[row]):
-            self.on_text(row, text[len(self.sent[row]):])
-            self.sent[row] = text
-
-
-class StopFinishedRows(StoppingCriteria):
-    """Ends each row that its RowStreamer saw finish (a stop string, a cancelled request)."""
-
-    def __init__(self, rows: RowStreamer):
-        self.rows = rows
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return torch.tensor([reason is not None for reason in self.rows.finished], device=input_ids.device)
-
-
-class StopWhenSet(StoppingCriteria):
-    """Ends generation after the current token once `event` is set (Ctrl-C during a chat reply)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-@torch.no_grad()
-def stream_reply(model, template: Template, conversation: list[dict[str, str]], max_new_tokens: int = 512,
-                 stop: threading.Event | None = None, copying: CopyRule | None = None) -> Iterator[str]:
-    """Yield the reply to `conversation` piece by piece as it is generated (with `copying`, the
-    run's copied fields kept copies of the last user message).
-
-    Generation runs in a thread. Setting `stop`, or leaving the loop early (a KeyboardInterrupt
-    while waiting for the next piece, a `break`), ends it at the next token."""
-    from transformers import TextIteratorStreamer
-
-    tokenizer = template.tokenizer
-    stop = stop or threading.Event()
-    ids = torch.tensor([template.encode_prompt(conversation)], device=next(model.parameters()).device)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                  do_sample=False, eos_token_id=template.stop_token_ids, pad_token_id=tokenizer.pad_token_id,
-                  streamer=streamer, stopping_criteria=StoppingCriteriaList([StopWhenSet(stop)]))
-    constraint = copying.constraint(conversation) if copying else None
-    if constraint:
-        kwargs["logits_processor"] = [copy_logits([constraint], ids.shape[1], sampling=False)]
-    failures: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            with torch.no_grad():  # no_grad is per thread
-                model.generate(**kwargs)
-        except BaseException as e:  # handed to the reading thread, which would otherwise wait forever
-            failures.append(e)
-            streamer.end()
-
-    # A daemon thread: a second Ctrl-C while the reply winds down still leaves at once.
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    finished = False
-    try:
-        yield from streamer
-        finished = True
-    finally:
-        if not finished:
-            stop.set()
-        thread.join()
-    if failures:
-        raise failures[0]
+    return [row.answer() for row in rows]

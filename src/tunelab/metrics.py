@@ -6,8 +6,9 @@ Plain Python (and numpy for the bootstrap), so every number can be checked by ha
 - `token_f1`: overlap of word tokens (SQuAD's F1), partial credit for partly right answers;
 - `rouge_l`: F-measure of the longest common subsequence of word tokens;
 - `json_fields`: for a JSON reference, whether the answer parses and which leaf fields match;
-- `answer_values` / `extractive_paths`: the values an extraction answer should copy from its
-  prompt, and which of them appear nowhere in it (hallucinated values);
+- `answer_values` / `extractive_paths` / `hallucinated_values`: the values an extraction answer
+  should copy from its prompt, and which of them appear nowhere in it even up to case,
+  punctuation and the writing of numbers, and differ from the reference (hallucinated values);
 - `bucket`: each answer in exactly one of BUCKETS.
 """
 
@@ -135,8 +136,32 @@ def _general_path(path: str) -> str:
     return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", path)
 
 
+_NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d)|\d+(?:\.\d+)?")
+
+
+def _number(text: str) -> str:
+    """A number written the plainest way: no thousands commas, leading or trailing zeros."""
+    value = text.replace(",", "")
+    if "." in value:
+        value = value.rstrip("0").rstrip(".")
+    return value.lstrip("0") or "0"
+
+
+def value_words(text: str) -> list[str]:
+    """Lower-case words and numbers, punctuation and spaces as separators and each number
+    written the plainest way: "09:45am" -> ["9", "45", "am"], "1,200.50" -> ["1200.5"]."""
+    return [_number(m.group()) if m.group()[0].isdigit() else m.group().lower()
+            for m in re.finditer(rf"{_NUMBER.pattern}|[^\W\d_]+", text)]
+
+
 def in_prompt(value: str, prompt: str) -> bool:
-    return normalise(value) in normalise(prompt)
+    """Whether `value` is written in `prompt`, up to what exact match ignores (case, punctuation,
+    articles, spaces) and trivial rewriting of numbers ("09:45" in "9:45 pm", "1200" in "1,200")."""
+    if normalise(value) in normalise(prompt):
+        return True
+    wanted, written = value_words(value), value_words(prompt)
+    return bool(wanted) and any(written[i : i + len(wanted)] == wanted
+                                for i in range(len(written) - len(wanted) + 1))
 
 
 def extractive_paths(prompts: list[str], references: list[str], share: float = 0.8) -> set[str]:
@@ -153,10 +178,14 @@ def extractive_paths(prompts: list[str], references: list[str], share: float = 0
     return {path for path, n in seen.items() if copied[path] >= share * n}
 
 
-def hallucinated_values(answer: str, prompt: str, paths: set[str]) -> tuple[int, int]:
-    """(values of the answer in extractive fields, how many of them appear nowhere in the prompt)."""
-    values = [v for p, v in answer_values(answer).items() if _general_path(p) in paths]
-    return len(values), sum(not in_prompt(v, prompt) for v in values)
+def hallucinated_values(answer: str, prompt: str, paths: set[str], reference: str | None = None) -> tuple[int, int]:
+    """(values of the answer in extractive fields, how many of them appear nowhere in the prompt).
+    A value equal to the reference's at the same place (after `normalise`) is never counted: the
+    task rewrites it ("Wed" to "wednesday"), and the answer rewrote it the same way."""
+    expected = {p: normalise(v) for p, v in answer_values(reference).items()} if reference else {}
+    values = [(p, v) for p, v in answer_values(answer).items() if _general_path(p) in paths]
+    made_up = [v for p, v in values if expected.get(p) != normalise(v) and not in_prompt(v, prompt)]
+    return len(values), len(made_up)
 
 
 def repetition_loop(text: str, min_repeats: int = 4, min_tokens: int = 12) -> bool:

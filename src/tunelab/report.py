@@ -82,6 +82,18 @@ class RunData:
     def name(self) -> str:
         return self.path.resolve().name
 
+    @property
+    def settings(self) -> dict:
+        """config.yaml with `lr: null` replaced by the learning rate training used (the default
+        for the method), so the page shows the number rather than null."""
+        if "lr" not in self.config or self.config["lr"] is not None:
+            return self.config
+        from tunelab.config import TrainConfig
+
+        method = self.config.get("method")
+        default = TrainConfig.model_construct(**({"method": method} if method in ("lora", "full") else {}))
+        return {**self.config, "lr": f"{default.learning_rate:g} (default for {default.method})"}
+
     def curve(self, key: str) -> list[tuple[float, float]]:
         # A resumed run may repeat steps; the last row written for a step wins.
         points = {row["step"]: row[key] for row in self.steps if isinstance(row.get(key), (int, float))}
@@ -213,12 +225,12 @@ def render_run(run: RunData) -> str:
     body = [f"<h1>tunelab run <code>{escape(run.name)}</code></h1>",
             f"<p class=sub>{escape(str(run.path.resolve()))} · base {escape(str(base))} · {escape(str(method))}</p>"]
     if run.eval:
-        body.append(verdict(run.eval))
+        body += [verdict(run.eval), *empty_answer_banners(run.eval)]
     body.append(section_curves(run))
     if run.eval:
-        body += [section(run.eval) for section in (section_metrics, section_differences, section_buckets,
-                                                   section_cost, section_assertions, section_forgetting,
-                                                   section_copy_constraint, section_answers)]
+        body += [section(run.eval) for section in (section_metrics, section_differences, section_novelty,
+                                                   section_buckets, section_cost, section_assertions,
+                                                   section_forgetting, section_copy_constraint, section_answers)]
     else:
         body.append("<h2>Evaluation</h2><p class=note>This run has not been evaluated yet: run "
                     f"<code>tunelab eval {escape(str(run.path))}</code> for the metrics, buckets, cost per "
@@ -243,6 +255,39 @@ def verdict(results: dict) -> str:
              f"cannot be told apart from {', '.join(ties)}" if ties else ""]
     return (f"<p class=verdict>On exact match, the tuned model {escape('; '.join(p for p in parts if p))} "
             "(95% bootstrap intervals, details below).</p>")
+
+
+MOSTLY_EMPTY = 0.5
+"""A contender with more than this share of empty answers gets a banner at the top of its page."""
+
+
+def empty_answer_banners(results: dict) -> list[str]:
+    """A warning per contender whose answers are mostly empty, with the likely cause: the model
+    ends its turn at once, or it reached the token limit without writing any text."""
+    samples = [s for s in results.get("samples") or [] if isinstance(s, dict)]
+    banners = []
+    for name, table in (results.get("buckets") or {}).items():
+        if not isinstance(table, dict):
+            continue
+        total = sum(v for v in table.values() if is_number(v))
+        empty = table.get("empty", 0)
+        if not total or not is_number(empty) or empty <= MOSTLY_EMPTY * total:
+            continue
+        answers = [(s.get("answers") or {}).get(name) for s in samples]
+        answers = [a for a in answers if isinstance(a, dict) and a.get("bucket") == "empty"]
+        at_limit = sum(a.get("stopped") is False for a in answers)
+        if answers and at_limit > len(answers) / 2:
+            cause = (f"they reached the token limit ({results.get('max_new_tokens', '?')} new tokens) without "
+                     "any visible text, only spaces or special tokens: check the chat template the run uses, "
+                     "or raise --max-new-tokens")
+        else:
+            cause = ("the model ends its turn at once. A fine-tuned model does that when it learned the "
+                     "end-of-turn token too early: training answers that are empty or cut away by --max-length "
+                     "(see the data check), or too high a learning rate; a base model, when the prompt "
+                     "does not suit it")
+        banners.append(f"<p class=banner><b>{escape(str(name))}: {empty} of {total} answers are empty.</b> "
+                       f"Most likely {escape(cause)}.</p>")
+    return banners
 
 
 def section_curves(run: RunData) -> str:
@@ -313,7 +358,8 @@ def field_table(results: dict) -> str:
         rows.append(f"<tr><th><code>{escape(path)}</code></th>{cells}</tr>")
     extractive = results.get("extractive_fields") or []
     note = (f"<p class=note>Values of {escape(', '.join(map(str, extractive)))} should come from the prompt; an answer "
-            "value found nowhere in it counts as hallucinated.</p>") if extractive else ""
+            "value found nowhere in it, even ignoring case, punctuation and how numbers are written, and unlike "
+            "the reference's, counts as hallucinated.</p>") if extractive else ""
     head = "".join(f"<th>{escape(name)}</th>" for name in names)
     return (f"<h3>Accuracy per JSON field</h3><table class=metrics><tr><th></th>{head}</tr>{''.join(rows)}</table>"
             + note)
@@ -363,6 +409,35 @@ def line_list(indices, lines: dict, shown: int = 8) -> str:
     named = [str(lines.get(i, f"#{i}")) for i in indices[:shown]]
     more = f" and {len(indices) - shown} more" if len(indices) > shown else ""
     return escape(f"{len(indices)}: lines {', '.join(named)}{more}")
+
+
+def section_novelty(results: dict) -> str:
+    """How many evaluated answer values training never showed, and exact match on the rows that
+    hold such a value against the rows that hold only values seen in training."""
+    found = results.get("novelty")
+    if not isinstance(found, dict) or not is_number(found.get("values")):
+        return ""
+    if not found["values"]:
+        return ("<h2>Novelty</h2><p class=note>The reference answers hold no values to compare with training "
+                "(plain text without quoted spans).</p>")
+    rows = [(kind, label, found.get(f"{kind}_rows")) for kind, label in
+            (("novel", "rows with a novel value"), ("seen", "rows with only seen values"))]
+    accuracy = found.get("accuracy") if isinstance(found.get("accuracy"), dict) else {}
+    names = [name for name in contender_names(results) if isinstance(accuracy.get(name), dict)]
+    lines = []
+    for kind, label, count in rows:
+        entries = {name: accuracy[name].get(kind) for name in names}
+        winners = best_of({n: e.get("value") for n, e in entries.items() if isinstance(e, dict)}, True)
+        cells = "".join(metric_cell(entries[name], "percent", name in winners) for name in names)
+        lines.append(f"<tr><th>{escape(label)} <span class=ci>({escape(str(count))})</span></th>{cells}</tr>")
+    share = number(found["share"], "percent") if is_number(found.get("share")) else "?"
+    note = (f"{share} of the {found['values']} reference answer values never occur in a training answer "
+            f"({escape(str(found.get('training_file', '')))}); a row is novel when it holds at least one such value. "
+            "A tuned model that is right on seen rows and wrong on novel ones recites what it was trained on instead "
+            "of copying from the input; a held-out set without novel rows cannot show it.")
+    return (f"<h2>Novelty</h2><table class=metrics><tr><th>exact match on</th>"
+            f"{''.join(f'<th>{escape(n)}</th>' for n in names)}</tr>{''.join(lines)}</table>"
+            f"<p class=note>{note}</p>")
 
 
 def section_buckets(results: dict) -> str:
@@ -425,8 +500,9 @@ def section_cost(results: dict) -> str:
         rows.append(f"<tr><th>{escape(label)}</th>{cells}</tr>")
     head = "".join(f"<th>{escape(name)}</th>" for name in cost)
     return (f"<h2>Cost per request</h2><table class=metrics><tr><th></th>{head}</tr>{''.join(rows)}</table>"
-            "<p class=note>Means per request on this machine, measured while evaluating: a longer prompt "
-            "(few-shot, retrieval) costs more for every request.</p>")
+            "<p class=note>Means per request on this machine, measured while evaluating, after one uncounted "
+            "warm-up request per contender: a longer prompt (few-shot, retrieval) costs more for every "
+            "request.</p>")
 
 
 def section_assertions(results: dict) -> str:
@@ -487,8 +563,18 @@ def section_forgetting(results: dict) -> str:
     head = "".join(f"<th>{escape(name)}</th>" for name in scored)
     return ("<h2>Forgetting check</h2><table class=metrics>"
             f"<tr><th></th>{head}</tr>{''.join(rows)}</table><p class=note>{forgetting.get('questions', '?')} "
-            f"multiple-choice questions of {escape(str(forgetting.get('file', '')))}, scored by log-likelihood: the "
+            f"multiple-choice questions of {questions_file(forgetting.get('file'))}, scored by log-likelihood: the "
             "base model (zero-shot) against the tuned one; a drop means the fine-tune lost general knowledge.</p>")
+
+
+def questions_file(file) -> str:
+    """The forgetting questions' file by its name (the full path on hover): tunelab's own set is
+    named as bundled, wherever tunelab is installed."""
+    if not file:
+        return "?"
+    path = Path(str(file))
+    name = f"{path.name} (bundled with tunelab)" if path.parent.parts[-2:] == ("tunelab", "examples") else path.name
+    return f"<span title='{escape(str(file))}'>{escape(name)}</span>"
 
 
 def section_answers(results: dict) -> str:
@@ -558,8 +644,7 @@ def section_data_check(check: dict | None) -> str:
     if not check:
         return ""
     rows = [("file", str(check.get("file", "?"))),
-            ("rows", f"{check.get('rows', '?')} read, {check.get('valid', '?')} valid "
-                     f"({', '.join(f'{k} {v}' for k, v in (check.get('shapes') or {}).items()) or 'none'})")]
+            ("rows", f"{check.get('rows', '?')} read, {check.get('valid', '?')} valid: {kinds_of_rows(check)}")]
     for kind in ("error", "warning"):
         counts = check.get(f"{kind}_counts") or {}
         listed = ", ".join(f"{code} {n}" for code, n in sorted(counts.items()))
@@ -570,9 +655,15 @@ def section_data_check(check: dict | None) -> str:
         rows.append(("near duplicates", f"{(duplicates.get('near') or {}).get('count', 0)} pairs"))
     split = check.get("split") or {}
     if split:
+        by = f", by {split['split_by']}" if split.get("split_by") else ""
         rows.append(("split", f"train {split.get('train', '?')} / test {split.get('test', '?')} "
-                              f"(test size {split.get('test_size', '?')}, seed {split.get('seed', '?')}), "
+                              f"(test size {split.get('test_size', '?')}, seed {split.get('seed', '?')}{by}), "
                               f"{split.get('leaked_count', 0)} near-duplicate pairs across it"))
+    found = check.get("novelty") or {}
+    if is_number(found.get("values")) and found["values"] and is_number(found.get("share")):
+        rows.append(("novelty", f"{number(found['share'], 'percent')} of {found['values']} held-out answer values "
+                                f"never occur in a training answer; {found.get('novel_rows', '?')} held-out rows "
+                                "hold one"))
     lengths = check.get("lengths") or {}
     if "min" in lengths:
         rows.append((f"length ({lengths.get('unit', '')})", f"min {lengths['min']}, median {lengths.get('median')}, "
@@ -589,27 +680,61 @@ def section_data_check(check: dict | None) -> str:
     listed = "".join(f"<li>line {escape(str(p.get('line')))}: <code>{escape(str(p.get('code')))}</code> "
                      f"{escape(str(p.get('message', '')))}</li>" for p in problems if isinstance(p, dict))
     details = f"<details><summary>First problems</summary><ul>{listed}</ul></details>" if listed else ""
-    return f"<h2>Data check</h2><table class=kv>{table}</table>{histogram_svg(lengths)}{details}"
+    limit = (check.get("options") or {}).get("max_length") if check.get("template") else None
+    histogram = histogram_svg(lengths, limit if is_number(limit) else None)
+    return f"<h2>Data check</h2><table class=kv>{table}</table>{histogram}{details}"
 
 
-def histogram_svg(lengths: dict) -> str:
+SHAPE_NAMES = {"chat": ("conversation", "conversations"), "text": ("raw-text document", "raw-text documents")}
+"""What data_check.json's `shapes` count: every row with an answer becomes a conversation (a
+prompt and its answer, whatever its keys), raw text stays a document; as `tunelab data check`
+says it."""
+
+
+def kinds_of_rows(check: dict) -> str:
+    shapes = {k: v for k, v in (check.get("shapes") or {}).items() if is_number(v)}
+    if not shapes:
+        return "none"
+    named = [f"{n} {SHAPE_NAMES[k][n != 1]}" if k in SHAPE_NAMES else f"{n} in the {k} shape"
+             for k, n in sorted(shapes.items())]
+    return ", ".join(named)
+
+
+def histogram_svg(lengths: dict, limit: int | None = None) -> str:
+    """Bars of the example lengths, both axes labelled, and `--max-length` as a dashed line."""
     bins = [b for b in lengths.get("histogram") or [] if isinstance(b, list) and len(b) == 3]
     if not bins or not any(b[2] for b in bins):
         return ""
-    width, height, top = 480, 120, max(b[2] for b in bins)
+    unit = str(lengths.get("unit") or "length")
+    left, width, height, top = 48, 480, 120, max(b[2] for b in bins)
     step = width / len(bins)
-    bars = "".join(f"<rect x='{i * step + 1:.1f}' y='{height - 100 * b[2] / top:.1f}' width='{step - 2:.1f}' "
-                   f"height='{100 * b[2] / top:.1f}' fill='#1f6fb4'><title>{b[0]}–{b[1]}: {b[2]}</title></rect>"
-                   for i, b in enumerate(bins))
-    return (f"<figure><svg class=hist viewBox='0 -4 {width} {height + 20}' width='{width}' height='{height + 24}' "
-            f"role='img'>{bars}<text x='0' y='{height + 14}'>{bins[0][0]}</text><text x='{width}' y='8' "
-            f"text-anchor='end'>tallest bar: {top} rows</text>"
-            f"<text x='{width}' y='{height + 14}' text-anchor='end'>{bins[-1][1]} {escape(lengths.get('unit', ''))}"
-            f"</text></svg><figcaption>example lengths</figcaption></figure>")
+    bars = "".join(f"<rect x='{left + i * step + 1:.1f}' y='{height - 100 * b[2] / top:.1f}' "
+                   f"width='{step - 2:.1f}' height='{100 * b[2] / top:.1f}' fill='#1f6fb4'>"
+                   f"<title>{b[0]}–{b[1]} {escape(unit)}: {b[2]} rows</title></rect>" for i, b in enumerate(bins))
+    axes = (f"<line x1='{left}' x2='{left + width}' y1='{height}' y2='{height}' class=axis />"
+            f"<line x1='{left}' x2='{left}' y1='{height - 100}' y2='{height}' class=axis />"
+            f"<text x='{left - 4}' y='{height - 96}' text-anchor='end'>{top}</text>"
+            f"<text x='{left - 4}' y='{height + 4}' text-anchor='end'>0</text>"
+            f"<text transform='translate(12 {height - 50}) rotate(-90)' text-anchor='middle'>rows</text>"
+            f"<text x='{left}' y='{height + 14}'>{bins[0][0]}</text>"
+            f"<text x='{left + width}' y='{height + 14}' text-anchor='end'>{bins[-1][1]}</text>"
+            f"<text x='{left + width / 2}' y='{height + 30}' text-anchor='middle'>example length "
+            f"({escape(unit)})</text>")
+    mark = ""
+    span = bins[-1][1] + 1 - bins[0][0]
+    if limit is not None and span > 0:
+        x = left + width * (limit - bins[0][0]) / span
+        mark = (f"<line x1='{x:.1f}' x2='{x:.1f}' y1='{height - 108}' y2='{height}' class=limit />"
+                f"<text x='{x - 4:.1f}' y='{height - 100}' text-anchor='end' class=limit>--max-length {limit}</text>")
+    caption = "Rows of the data file by length" + (f"; rows longer than --max-length {limit} are dropped or "
+                                                   "cut as --truncation says" if limit is not None else "")
+    return (f"<figure><svg class=hist viewBox='0 -12 {left + width + 8} {height + 48}' "
+            f"width='{left + width + 8}' height='{height + 48}' role='img'>{bars}{axes}{mark}</svg>"
+            f"<figcaption>{escape(caption)}.</figcaption></figure>")
 
 
 def section_settings(run: RunData) -> str:
-    rows = "".join(f"<tr><th>{escape(str(k))}</th><td>{escape(yaml_value(v))}</td></tr>" for k, v in run.config.items())
+    rows = "".join(f"<tr><th>{escape(str(k))}</th><td>{escape(yaml_value(v))}</td></tr>" for k, v in run.settings.items())
     info = "".join(f"<tr><th>{escape(str(k))}</th><td>{escape(yaml_value(v))}</td></tr>" for k, v in run.info.items())
     return (f"<h2>Settings</h2><div class=columns><table class=kv><caption>config.yaml</caption>{rows}</table>"
             + (f"<table class=kv><caption>run.json</caption>{info}</table>" if info else "") + "</div>")
@@ -627,10 +752,10 @@ def render_comparison(runs: list[RunData], out: Path) -> str:
     head = "".join(f"<th><a href='{escape(relative_link(run.path / REPORT_FILE, out))}'>{escape(label)}</a></th>"
                    for run, label in zip(runs, labels))
     rows = []
-    keys = ordered_keys([run.config for run in runs])
-    differing = [k for k in keys if len({yaml_value(run.config.get(k)) for run in runs}) > 1]
+    keys = ordered_keys([run.settings for run in runs])
+    differing = [k for k in keys if len({yaml_value(run.settings.get(k)) for run in runs}) > 1]
     for key in differing:
-        cells = "".join(f"<td>{escape(yaml_value(run.config.get(key)))}</td>" for run in runs)
+        cells = "".join(f"<td>{escape(yaml_value(run.settings.get(key)))}</td>" for run in runs)
         rows.append(f"<tr class=setting><th>{escape(key)}</th>{cells}</tr>")
     evaluated_on = [evaluated_file(run) for run in runs]
     if len(set(evaluated_on) - {""}) > 1:  # metrics on different files do not compare
@@ -653,7 +778,8 @@ def render_comparison(runs: list[RunData], out: Path) -> str:
                         for i, v in enumerate(values))
         rows.append(f"<tr><th>{escape(label)}</th>{cells}</tr>")
     same = [k for k in keys if k not in differing]
-    same_rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape(yaml_value(runs[0].config.get(k)))}</td></tr>" for k in same)
+    same_rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape(yaml_value(runs[0].settings.get(k)))}</td></tr>"
+                        for k in same)
     unevaluated = [label for run, label in zip(runs, labels) if not run.eval]
     note = (f"<p class=note>Not evaluated yet: {escape(', '.join(unevaluated))} (run <code>tunelab eval RUN</code>)."
             "</p>") if unevaluated else ""
@@ -799,6 +925,8 @@ td.up { background: #d9f2d9; } td.down { background: #f8dada; }
 figure { margin: 8px 0; } figcaption { color: #666; font-size: 12px; }
 svg text { font-size: 12px; fill: #444; }
 svg line.grid { stroke: #e6e6e6; } svg line.axis { stroke: #888; } svg rect { fill-opacity: .85; }
+svg line.limit { stroke: #c0392b; stroke-dasharray: 4 3; stroke-width: 1.5; } svg text.limit { fill: #c0392b; }
+.banner { background: #fdf2e9; border-left: 4px solid #d68910; padding: 8px 12px; }
 .sample { border: 1px solid #ddd; border-radius: 4px; margin: 12px 0; padding: 8px 10px; }
 .prompt { white-space: pre-wrap; max-height: 9em; overflow: auto; font-size: 13px; color: #333; margin-bottom: 6px; }
 .grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(200px, 1fr)); gap: 8px; }

@@ -112,7 +112,7 @@ class RunFiles:
         if augmented:
             data_mod.write_jsonl(self.augmented, augmented)
         self.split.write_text(json.dumps({
-            "test_size": config.test_size, "seed": config.seed,
+            "test_size": config.test_size, "seed": config.seed, "split_by": config.split_by,
             "train_lines": [e.line for e in train], "test_lines": [e.line for e in test],
         }))
         self.info.write_text(json.dumps({

@@ -10,10 +10,12 @@ Every request is rendered and tokenized by its run's saved Template, as in train
 the same base share one copy of it, each LoRA adapter picked by the request's `model`.
 
 Requests wait in one bounded queue (`--max-queue` places, 429 when full). A scheduler thread
-takes what waits, up to a batch, for one model and the same settings, and runs one
-`generate_rows` for it off the event loop, so /health answers while the model works. A client
-that leaves sets its request's cancel event: its row stops at the next token and its place
-is freed. Generation is greedy unless the request gives a temperature.
+takes what waits, up to a batch, for one model, and answers it with one `generate_rows` off the
+event loop (each row with its own token limit, sampling and stop strings), so /health answers
+while the model works. The loop is the one `tunelab generate` and evaluation use, so a greedy
+request gets their answer. A client that leaves sets its request's cancel event: its row stops
+at the next token and its place is freed. Generation is greedy unless the request gives a
+temperature.
 """
 
 from __future__ import annotations
@@ -203,9 +205,16 @@ class Job:
     """Its copy constraint (a copying.CopyConstraint), or None."""
 
     @property
-    def key(self) -> tuple:
-        """Requests with the same key can share one batched generation."""
-        return (self.served.name, self.max_tokens, self.temperature, self.top_p, self.seed, self.stop)
+    def key(self) -> str:
+        """Requests for the same model (the same adapter switched on) share one batched generation."""
+        return self.served.name
+
+    def request(self):
+        """What the generation loop needs of it."""
+        from tunelab.generate import Request
+
+        return Request(self.prompt, self.max_tokens, self.temperature, self.top_p, self.seed, self.stop,
+                       self.cancel, lambda piece: self.send("text", piece), self.constraint)
 
     def send(self, kind: str, value: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -269,16 +278,10 @@ class Scheduler:
                     self.waiting.remove(job)
                 self.running = len(batch)
             served = batch[0].served
-            first = batch[0]
             try:
                 if served.adapter is not None:
                     served.model.set_adapter(served.adapter)
-                answers = generate_rows(
-                    served.model, served.template, [job.prompt for job in batch], first.max_tokens,
-                    temperature=first.temperature, top_p=first.top_p, seed=first.seed, stop_strings=first.stop,
-                    cancel=[job.cancel for job in batch], on_text=lambda row, piece: batch[row].send("text", piece),
-                    constraints=[job.constraint for job in batch],
-                )
+                answers = generate_rows(served.model, served.template, [job.request() for job in batch])
                 for job, answer in zip(batch, answers):
                     job.send("done", answer)
             except Exception:  # a bug: the requests get a 500, the server goes on

@@ -89,8 +89,9 @@ def prepare(config: TrainConfig, data_path: Path, out: Path | None = None) -> Pr
     if in_memory:
         examples = [item.example for item in report.examples if item.example.line not in report.duplicate_lines]
     else:
-        examples = [e for e in data_mod.load_examples(data_path, config.format) if e.line not in report.duplicate_lines]
-    train, test = data_mod.split(examples, config.test_size, config.seed, groups=report.groups)
+        examples = [e for e in data_mod.load_examples(data_path, config.format, split_by=config.split_by)
+                    if e.line not in report.duplicate_lines]
+    train, test = data_mod.split(examples, config.test_size, config.seed, groups=report.groups, split_by=config.split_by)
 
     def encoded(examples: list[Example]):
         for example in examples:

@@ -25,6 +25,8 @@ FIRST_NAMES = [
     "Tariq", "Emma", "Hiroshi", "Grace", "Pablo", "Anika", "Oscar", "Mariam", "Jonas", "Rosa",
     "Chen", "Isla", "Dmitri", "Ama", "Felix", "Sara", "Rahul", "Nora", "Emeka", "Clara",
     "Mohammed", "Julia", "Tenzin", "Ruth", "Andrei", "Maya", "Kofi", "Ines", "Ben", "Leah",
+    "Astrid", "Bilal", "Carmen", "Darius", "Esther", "Farid", "Gemma", "Hamza", "Ilse", "Joaquin",
+    "Katya", "Lorenzo", "Mirela", "Nikhil", "Olga", "Pedro", "Quentin", "Rania", "Stellan", "Thandiwe",
 ]
 SURNAMES = [
     "Patel", "Becker", "Souza", "Murphy", "Wong", "Haddad", "Rossi", "Tanaka", "Okafor", "Schmidt",
@@ -33,7 +35,14 @@ SURNAMES = [
     "Aziz", "Johansson", "Yamamoto", "Kim", "Ortiz", "Kowalski", "Eriksen", "Hassan", "Weber", "Silva",
     "Li", "Campbell", "Popescu", "Asante", "Fischer", "Costa", "Gupta", "Byrne", "Eze", "Martin",
     "Ali", "Lopez", "Dorji", "Taylor", "Horvat", "Reyes", "Boateng", "Almeida", "Clarke", "Stein",
+    "Andersson", "Bianchi", "Chowdhury", "Dimitrov", "Engel", "Fujita", "Grant", "Hoang", "Ibrahim", "Jensen",
+    "Kaur", "Lindqvist", "Mwangi", "Nakamura", "Oyelaran", "Pereira", "Quinn", "Rasmussen", "Szabo", "Toure",
 ]
+NAME_POOLS = 10
+"""Each first name and surname belongs to one pool (by its position in its list), and a name
+joins a first name and a surname of the same pool; each row's metadata names its pool, so that
+a split by it (`--split-by metadata.name_pool`, as `tunelab demo` does) holds out names whose
+parts training never saw."""
 
 # (minimum guests, template).  The minimum exists because phrasings like
 # "party of {num}" or "{company}" read wrongly for a party of one.
@@ -186,13 +195,15 @@ def _day(day: str, rng: random.Random) -> str:
     return rng.choice([f"on {cap}", f"on {day}", f"this {cap}", f"next {cap}", f"on {cap[:3]}", cap])
 
 
-def make_examples(n: int = 1200, seed: int = 0) -> list[dict[str, str]]:
-    """Deterministic: same (n, seed) -> identical list, on any machine/Python version."""
+def make_examples(n: int = 1200, seed: int = 0) -> list[dict]:
+    """Deterministic: same (n, seed) -> identical list, on any machine/Python version. Each row
+    is {"prompt", "completion", "metadata": {"name_pool"}} (see NAME_POOLS)."""
     rng = random.Random(seed)
     rows: list[dict[str, str]] = []
     seen: set[str] = set()  # membership only; never iterated, so order stays deterministic
     while len(rows) < n:
-        name = f"{rng.choice(FIRST_NAMES)} {rng.choice(SURNAMES)}"
+        pool = rng.randrange(NAME_POOLS)
+        name = f"{rng.choice(FIRST_NAMES[pool::NAME_POOLS])} {rng.choice(SURNAMES[pool::NAME_POOLS])}"
         guests = rng.choices(range(1, 13), weights=GUEST_WEIGHTS)[0]
         day = rng.choice(WEEKDAYS)
         hour = rng.choices(list(HOUR_WEIGHTS), weights=list(HOUR_WEIGHTS.values()))[0]
@@ -210,7 +221,8 @@ def make_examples(n: int = 1200, seed: int = 0) -> list[dict[str, str]]:
             continue
         seen.add(prompt)
         fields = {"name": name, "guests": guests, "day": day, "time": f"{hour:02d}:{minute:02d}"}
-        rows.append({"prompt": prompt, "completion": json.dumps(fields, separators=(", ", ": "))})
+        rows.append({"prompt": prompt, "completion": json.dumps(fields, separators=(", ", ": ")),
+                     "metadata": {"name_pool": pool}})
     return rows
 
 

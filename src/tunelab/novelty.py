@@ -1,0 +1,129 @@
+"""How new the held-out answers are to training, and how each contender does on the new ones.
+
+A random split of rows that share names, cities or products holds out answers whose values
+training already showed, so the held-out loss and accuracy measure recall, not copying what is
+new. This module says how novel the held-out set is:
+
+- an answer's *values* are the leaves of a JSON answer (strings and numbers; true, false and
+  null say nothing about copying), or the quoted spans ("...", '...', “...”) of a plain-text
+  answer; a plain-text answer without quotes has no values, since its words are no fixed set
+  of entities (it counts under `without_values`);
+- values compare as `metrics.normalise` leaves them (case, punctuation and extra spaces aside),
+  whatever field holds them;
+- a held-out value is *novel* when no training answer holds it; a held-out row is "novel" when
+  it holds at least one novel value, "seen" when all its values occur in training, "none"
+  without values.
+
+The data check keeps only 64-bit hashes of the values (`value_hashes`), so it stays bounded in
+memory; evaluation uses the same hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from tunelab import metrics
+
+KINDS = ("novel", "seen", "none")
+FAMILIAR_ROWS = 0.8
+"""Share of held-out rows holding only seen values from which the data check warns..."""
+MANY_VALUES = 50
+"""...when training answers hold at least this many distinct values (fewer is a label set, such
+as a classification's classes, where every held-out value is rightly a seen one)."""
+
+
+def answer_values(answer: str) -> list[str]:
+    """The normalised values of one answer (see the module's docstring), in order."""
+    parsed = metrics.parse_json(answer)
+    if parsed is not None:
+        raw = [v for v in metrics.leaves(parsed).values()
+               if isinstance(v, str) or (isinstance(v, int | float) and not isinstance(v, bool))]
+    else:
+        raw = list(metrics.answer_values(answer).values())
+    values = [metrics.normalise(str(v)) for v in raw]
+    return [v for v in values if v]
+
+
+def value_hashes(answer: str) -> list[int]:
+    """64-bit hashes of `answer_values`, distinct, for sets that stay small in memory."""
+    hashes = [int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "big") for v in answer_values(answer)]
+    return list(dict.fromkeys(hashes))
+
+
+@dataclass
+class Novelty:
+    """How many held-out answer values (and rows) training never showed."""
+
+    values: int = 0
+    """Distinct values per held-out answer, summed over the held-out rows."""
+    novel_values: int = 0
+    """Of those, the values no training answer holds."""
+    novel_rows: int = 0
+    """Held-out rows with at least one novel value."""
+    seen_rows: int = 0
+    """Held-out rows whose every value occurs in a training answer."""
+    without_values: int = 0
+    """Held-out rows whose answer has no values (plain text without quoted spans, raw text)."""
+    training_values: int = 0
+    """Distinct values in the training answers."""
+    kinds: list[str] = field(default_factory=list)
+    """Per held-out row, in order: "novel", "seen" or "none"."""
+
+    @property
+    def share(self) -> float | None:
+        """Novel values over values; None when the held-out answers have none."""
+        return self.novel_values / self.values if self.values else None
+
+    def to_dict(self) -> dict:
+        return {"values": self.values, "novel_values": self.novel_values, "share": self.share,
+                "novel_rows": self.novel_rows, "seen_rows": self.seen_rows, "rows_without_values": self.without_values,
+                "training_values": self.training_values}
+
+    def describe(self) -> str:
+        """One line for the data check and `tunelab eval`."""
+        if not self.values:
+            return "no answer values to compare (answers are plain text without quoted spans)"
+        rows = self.novel_rows + self.seen_rows
+        return (f"{self.share:.0%} of {self.values} held-out answer values never occur in a training answer; "
+                f"{self.novel_rows} of {rows} held-out rows hold one")
+
+    def looks_familiar(self) -> bool:
+        """The held-out answers mostly repeat training values drawn from many: the held-out loss
+        and accuracy will say little about values the model has not seen."""
+        rows = self.novel_rows + self.seen_rows
+        return bool(rows) and self.seen_rows >= FAMILIAR_ROWS * rows and self.training_values >= MANY_VALUES
+
+
+def measure(training: Iterable[Iterable[int]], held_out: Iterable[Iterable[int]]) -> Novelty:
+    """Novelty of the held-out rows' value hashes against the training rows' value hashes."""
+    known: set[int] = set()
+    for hashes in training:
+        known.update(hashes)
+    result = Novelty(training_values=len(known))
+    for hashes in held_out:
+        hashes = list(hashes)
+        novel = sum(h not in known for h in hashes)
+        result.values += len(hashes)
+        result.novel_values += novel
+        kind = "none" if not hashes else "novel" if novel else "seen"
+        result.novel_rows += kind == "novel"
+        result.seen_rows += kind == "seen"
+        result.without_values += kind == "none"
+        result.kinds.append(kind)
+    return result
+
+
+def accuracy_by_kind(kinds: list[str], correct: list[float]) -> dict[str, dict | None]:
+    """Exact match on the "novel" rows and on the "seen" rows: {"value", "low", "high" (95%
+    bootstrap interval), "rows"}, or None for a kind without rows."""
+    out: dict[str, dict | None] = {}
+    for kind in ("novel", "seen"):
+        picked = [float(c) for k, c in zip(kinds, correct) if k == kind]
+        if not picked:
+            out[kind] = None
+            continue
+        low, high = metrics.bootstrap_interval(picked)
+        out[kind] = {"value": sum(picked) / len(picked), "low": low, "high": high, "rows": len(picked)}
+    return out
