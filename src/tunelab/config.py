@@ -160,10 +160,6 @@ class TrainConfig(DataOptions):
     """Dropout on the LoRA path."""
     lora_targets: str = "all-linear"
     """Comma-separated module names to adapt, or 'all-linear'."""
-    rslora: StrictBool = False
-    """Scale LoRA by alpha/sqrt(rank) instead of alpha/rank (rank-stabilised LoRA)."""
-    neftune_alpha: float = Field(0.0, ge=0)
-    """Uniform noise on the input embeddings while training (NEFTune), of scale alpha/sqrt(tokens x width) per example; 0 turns it off."""
     copy_augment: float = Field(0.0, ge=0, le=16)
     """Variants added per training example whose answer copies names from its input, with those
     names made up anew, so that copying fits and reciting memorised names does not (0: off; 0.5:

@@ -127,29 +127,12 @@ def build_model(config: TrainConfig, base_path: Path):
         targets = config.lora_targets if config.lora_targets == "all-linear" else config.lora_targets.split(",")
         _refuse_tied_targets(model, targets, base_path)
         lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=targets, use_rslora=config.rslora, task_type="CAUSAL_LM")
+                          target_modules=targets, task_type="CAUSAL_LM")
         try:
             model = get_peft_model(model, lora)
         except ValueError as e:
             raise UserError(f"--lora-targets {config.lora_targets}: {str(e).splitlines()[0]}") from None
-    if config.neftune_alpha:
-        add_embedding_noise(model, config.neftune_alpha, config.batch_size)
     return model
-
-
-def add_embedding_noise(model, alpha: float, examples_per_row: int) -> None:
-    """NEFTune (Jain et al., 2023): while training, add uniform noise in +-alpha/sqrt(L*d) to the
-    input embeddings, L an example's length and d their width. A packed row holds
-    `examples_per_row` examples, so L is taken as the row's length divided by that."""
-
-    def noise(module, inputs, output):
-        if not module.training:
-            return output
-        length = max(1.0, output.shape[-2] / examples_per_row)
-        scale = alpha / math.sqrt(length * output.shape[-1])
-        return output + torch.empty_like(output).uniform_(-scale, scale)
-
-    model.get_input_embeddings().register_forward_hook(noise)
 
 
 def _refuse_tied_targets(model, targets: str | list[str], base_path: Path) -> None:
