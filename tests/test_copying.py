@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from tunelab.copying import CopyCounter, CopyRule, JsonCursor
+from tunelab.copying import CopyCounter, CopyRule, JsonCursor, whole_copy
 
 NAMES = ["Anna", "Boris", "Carla", "Dmitri", "Elena", "Farid", "Greta", "Hugo"]
 CITIES = ["Oslo", "Lima", "Kyiv", "Bern", "Riga"]
@@ -118,6 +118,23 @@ def test_an_invented_name_is_refused_and_the_inputs_name_taken(constrained, toke
     assert constraint.changed
     assert take(constraint, tokenizer, '",', "x") == '",'
     assert constraint.text == '{"person": "Cyrus",'
+
+
+def test_a_value_closes_only_on_whole_words_of_the_input():
+    assert whole_copy("Cyrus", "Cyrus flew to Halifax.") and whole_copy("Halifax", "Cyrus flew to Halifax.")
+    assert not whole_copy("Cy", "Cyrus flew to Halifax.") and not whole_copy("rus", "Cyrus flew")
+    assert not whole_copy("", "Cyrus") and whole_copy("Cy", "Cyrus met Cy")  # the second place is whole
+    assert whole_copy("2 Aug.", "on 2 Aug. 2022")
+
+
+def test_a_refused_value_is_not_closed_half_way_nor_followed_by_a_second_string(constrained, tokenizer):
+    # Seen in the benchmark: refused "Sxxx", the model closed "S" and wrote `"S" "M" "M"` to the limit.
+    constraint = constrained("Cyrus flew to Halifax.", '{"person": "Cyrus", "city": "Hal')
+    assert take(constraint, tokenizer, '"', "ifax") == "ifax"
+    assert constraint.changed
+    assert take(constraint, tokenizer, '"', "x") == '"'
+    assert take(constraint, tokenizer, ' "', ",") == ","
+    assert constraint.text == '{"person": "Cyrus", "city": "Halifax",'
 
 
 def test_the_models_choice_stands_where_it_copies(constrained, tokenizer):

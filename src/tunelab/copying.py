@@ -100,7 +100,7 @@ class CopyCounter:
         source = input_text(messages)
         copied: dict[str, bool] = {}
         for path, value in string_values(parsed):
-            copied[path] = copied.get(path, True) and bool(value.strip()) and value in source
+            copied[path] = copied.get(path, True) and bool(value.strip()) and whole_copy(value, source)
         for path, is_copied in copied.items():
             self.rows.append(row)
             self.numbers.append(self.paths.setdefault(path, len(self.paths)))
@@ -273,7 +273,14 @@ class CopyConstraint:
         if self.finished:
             return False
         cursor = self.cursor
-        return (cursor.string is not None and cursor.string_is_key) or cursor.value_path() in self.rule.fields
+        return ((cursor.string is not None and cursor.string_is_key) or cursor.value_path() in self.rule.fields
+                or self._after_copy(cursor))
+
+    def _after_copy(self, cursor: JsonCursor) -> bool:
+        """Whether a copied value has just closed: only a comma or the object's end may follow
+        (a model refused its invented value may otherwise open a second string in its place)."""
+        return (cursor.string is None and bool(cursor.frames) and cursor.frames[-1].awaiting == "comma"
+                and not cursor.frames[-1].is_list and cursor.path in self.rule.fields)
 
     def append(self, token: int) -> None:
         if self.finished:
@@ -337,7 +344,10 @@ class CopyConstraint:
         texts = self.rule.token_texts()
         value = self.cursor.string or ""
         # A first sieve on each token's own text, then the exact check on the few that pass.
-        likely = [t for t, text in enumerate(texts) if t < scores.shape[-1] and _extends(value, text, self.source)]
+        if self._after_copy(self.cursor):
+            likely = [t for t, text in enumerate(texts) if t < scores.shape[-1] and text.strip()[:1] in (",", "}")]
+        else:
+            likely = [t for t, text in enumerate(texts) if t < scores.shape[-1] and _extends(value, text, self.source)]
         ranked = sorted(likely, key=lambda t: -float(scores[t]))
         for token in ranked:
             if float(scores[token]) != float("-inf") and self.keeps_copy(token):
@@ -362,8 +372,10 @@ class CopyConstraint:
         cursor = self.cursor.clone()
         for char in piece:
             inside = cursor.string is not None and not cursor.string_is_key and cursor.path in self.rule.fields
-            if inside and char == '"' and not cursor.escaping and not cursor.string:
-                return False  # an empty value is no copy
+            if inside and char == '"' and not cursor.escaping and not whole_copy(cursor.string, self.source):
+                return False  # an empty value, or one that ends or starts inside a word of the input, is no copy
+            if self._after_copy(cursor) and char not in " \t\n,}":
+                return False
             cursor.read_char(char)
             if inside and cursor.string is not None and cursor.string not in self.source:
                 return False
@@ -374,6 +386,23 @@ class CopyConstraint:
     def _decoded(self, tokens: list[int], keep_partial: bool = False) -> str:
         text = self.rule.tokenizer.decode(tokens, skip_special_tokens=True)
         return text if keep_partial else text.rstrip("\ufffd")
+
+
+def whole_copy(value: str, source: str) -> bool:
+    """Whether `value` occurs in `source` as whole words: not empty, and at one of its places
+    neither its first nor its last character continues a word of the source ("Cy" is no copy of
+    "Cyrus")."""
+    if not value.strip():
+        return False
+    start = source.find(value)
+    while start >= 0:
+        end = start + len(value)
+        before = source[start - 1] if start else " "
+        after = source[end] if end < len(source) else " "
+        if not (before.isalnum() and value[0].isalnum()) and not (after.isalnum() and value[-1].isalnum()):
+            return True
+        start = source.find(value, start + 1)
+    return False
 
 
 def _extends(value: str, text: str, source: str) -> bool:
@@ -387,6 +416,6 @@ def _extends(value: str, text: str, source: str) -> bool:
         elif text[end] == "\\":
             escaping = True
         elif text[end] == '"':
-            return bool(value or end) and (value + text[:end]) in source
+            return whole_copy(value + text[:end], source)
         end += 1
     return "\ufffd" not in text and bool(text) and (value + text) in source
