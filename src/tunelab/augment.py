@@ -26,9 +26,9 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from tunelab import metrics
 from tunelab.data import Example
 
 WORD = re.compile(r"[^\W_]+")
@@ -73,18 +73,6 @@ def occurs(value: str, text: str) -> bool:
     return re.search(rf"(?<![^\W_]){re.escape(value)}(?![^\W_])", text) is not None
 
 
-def json_leaves(value) -> Iterator[str]:
-    """The string leaves of a parsed JSON value (keys are not leaves)."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from json_leaves(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from json_leaves(item)
-
-
 def parsed_json(text: str):
     """The answer as JSON when it is an object or a list, else None."""
     stripped = text.strip()
@@ -101,7 +89,7 @@ def answer_values(answer: str) -> list[str]:
     (a rewrite may reorder a name: "Halden, Cyrus" -> "Cyrus Halden")."""
     parsed = parsed_json(answer)
     if parsed is not None:
-        return [leaf for leaf in json_leaves(parsed) if WORD.search(leaf)]
+        return [leaf for leaf in metrics.leaves(parsed).values() if isinstance(leaf, str) and WORD.search(leaf)]
     return WORD.findall(answer)
 
 

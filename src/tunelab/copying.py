@@ -297,11 +297,6 @@ class CopyConstraint:
             self.cursor.read(text)
         self.text = text
 
-    def catch_up(self, tokens: list[int]) -> None:
-        """Append the tokens of `tokens` (the whole answer so far) not yet appended."""
-        for token in tokens[len(self.tokens) + self.finished:]:
-            self.append(token)
-
     def choose(self, scores, preferred: int) -> int:
         """The token to take: `preferred` (the model's first choice) where it keeps every copied
         value a substring of the input, else the best-scoring token that does."""
