@@ -11,8 +11,11 @@ them, timed on the same prompts:
 
 - `one-by-one`: what a new user writes first: one `model.generate` call per prompt;
 - `hf-batched`: `model.generate` on left-padded batches sorted by length (tunelab's earlier path);
-- `tunelab`: `tunelab.generate.generate_detailed`: KV-cache loop where finished rows leave the
-  batch and the prefix that every prompt of a window shares is computed once;
+- `tunelab-fp32`: `tunelab.generate.generate_detailed` in fp32, the arithmetic of the two ways
+  above: KV-cache loop where finished rows leave the batch, the prefix that every prompt of a
+  window shares is computed once, and the cache has room for the next tokens;
+- `tunelab`: the same loop in the arithmetic `tunelab eval` uses by default (`--precision`, auto:
+  bf16 autocast where the hardware computes bf16 natively, as in training);
 - with `--compare-to REV`, `tunelab@REV`: the same from generate.py as it was at git revision REV,
   to check that a change to the loop keeps its speed (same process, same prompts, same load).
 
@@ -95,10 +98,11 @@ def hf_batched(model, template, prompts, max_new_tokens: int, batch_size: int) -
     return answers
 
 
-def tunelab_batched(model, template, prompts, max_new_tokens: int, batch_size: int) -> list[str]:
+def tunelab_batched(model, template, prompts, max_new_tokens: int, batch_size: int, precision: str) -> list[str]:
     from tunelab.generate import generate_detailed
 
-    return [a.text for a in generate_detailed(model, template, prompts, max_new_tokens, batch_size)]
+    return [a.text for a in generate_detailed(model, template, prompts, max_new_tokens, batch_size,
+                                              precision=precision)]
 
 
 def timed(function, *args) -> tuple[float, float, list[str]]:
@@ -114,8 +118,11 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=48, help="questions per form (default: 48)")
     parser.add_argument("--shots", type=int, default=3, help="examples in the few-shot prompt (default: 3)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="token limit per answer (default: 48)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--ways", default="one-by-one,hf-batched,tunelab", help="comma-separated ways to time")
+    parser.add_argument("--batch-size", type=int, default=32, help="prompts per batch (default: 32, as tunelab eval)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                        help="arithmetic of the 'tunelab' way (default: auto, as tunelab eval)")
+    parser.add_argument("--ways", default="one-by-one,hf-batched,tunelab-fp32,tunelab",
+                        help="comma-separated ways to time")
     parser.add_argument("--compare-to", default=None, metavar="REV",
                         help="also time generate.py as it was at this git revision (way 'tunelab@REV')")
     parser.add_argument("--demo-run", default=None, help="a finished demo run: also time its full evaluation")
@@ -148,17 +155,21 @@ def main() -> None:
     forms = {"zero-shot": questions, "few-shot": few_shot_prompts(questions, examples[args.prompts:], args.shots)}
     ways = {"one-by-one": lambda p: one_by_one(model, template, p, args.max_new_tokens),
             "hf-batched": lambda p: hf_batched(model, template, p, args.max_new_tokens, args.batch_size),
-            "tunelab": lambda p: tunelab_batched(model, template, p, args.max_new_tokens, args.batch_size)}
+            "tunelab-fp32": lambda p: tunelab_batched(model, template, p, args.max_new_tokens, args.batch_size, "fp32"),
+            "tunelab": lambda p: tunelab_batched(model, template, p, args.max_new_tokens, args.batch_size,
+                                                 args.precision)}
     chosen = args.ways.split(",")
     if args.compare_to:
         earlier = generate_module_at(args.compare_to)
         ways[f"tunelab@{args.compare_to}"] = lambda p: [
             a.text for a in earlier.generate_detailed(model, template, p, args.max_new_tokens, args.batch_size)]
         chosen.append(f"tunelab@{args.compare_to}")
-    tunelab_batched(model, template, questions[:2], 4, 2)  # warm-up: first-call allocations, lazy imports
+    for precision in ("fp32", args.precision):  # warm-up: first-call allocations, lazy imports
+        tunelab_batched(model, template, questions[:2], 4, 2, precision)
 
     results: dict = {"base": args.base, "prompts": args.prompts, "shots": args.shots,
                      "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "rounds": args.rounds,
+                     "precision": args.precision,
                      "threads": torch.get_num_threads(), "load_average": os.getloadavg(), "forms": {}}
     for form, prompts in forms.items():
         seconds = {way: 0.0 for way in chosen}
@@ -194,7 +205,7 @@ def main() -> None:
         from tunelab.run import Run
 
         del model
-        run = Run(args.demo_run)
+        run = Run(args.demo_run, args.precision)
         started = time.perf_counter()
         evaluated = run.evaluate(limit=args.limit, shots=args.shots, retrieval=args.retrieval, progress=False)
         seconds = time.perf_counter() - started

@@ -126,7 +126,7 @@ def test_each_local_contender_answers_an_uncounted_warm_up_request_before_it_is_
 
     calls = []
 
-    def generate(model, template, prompts, max_new_tokens, batch_size, copying=None):
+    def generate(model, template, prompts, max_new_tokens, batch_size, copying, precision):
         calls.append((len(prompts), max_new_tokens))
         for _ in prompts:
             yield Answer("France", 5, 1, "stop")
@@ -134,18 +134,26 @@ def test_each_local_contender_answers_an_uncounted_warm_up_request_before_it_is_
     monkeypatch.setattr(evaluate, "generate_detailed", generate)
     contender = evaluate.Contender("few-shot", "local", "base", "few-shot")
     prompts = [[{"role": "user", "content": f"Country of {city}?"}] for city in COUNTRIES]
-    evaluate._generate(None, None, prompts, 32, 16, contender, progress=False)
+    evaluate._generate(None, None, prompts, 32, 16, contender, progress=False, copying=None, precision="fp32")
     assert calls == [(1, WARM_UP_TOKENS), (4, 32)]  # the warm-up first, then every prompt once
     assert len(contender.answers) == 4
 
-def test_eval_on_another_labelled_file(trained_run, tmp_path, capsys, write_jsonl):
+
+def test_eval_on_another_labelled_file(trained_run, tmp_path, capsys, write_jsonl, monkeypatch):
+    from tunelab import evaluate, generate
+
     harder = write_jsonl(tmp_path / "harder.jsonl", [
         {"messages": [{"role": "user", "content": "Country of Rome? (11)"}, {"role": "assistant", "content": "Italy"}]},
         {"instruction": "Country of Paris? (12)", "output": "France"},
         {"prompt": "Country of Madrid? (13)", "completion": "Spain"},
     ])
-    # tunelab eval RUN --data harder.jsonl --no-base
-    assert main(["eval", str(trained_run), "--data", str(harder), "--no-base"]) == 0
+    asked = []
+    for module in (evaluate, generate):  # generation, and the held-out loss and forgetting check
+        monkeypatch.setattr(module, "autocast", lambda precision, device, real=module.autocast: asked.append(
+            precision) or real(precision, device))
+    # tunelab eval RUN --data harder.jsonl --no-base --precision bf16
+    assert main(["eval", str(trained_run), "--data", str(harder), "--no-base", "--precision", "bf16"]) == 0
+    assert asked and set(asked) == {"bf16"}
     results = json.loads((trained_run / "eval.json").read_text())
     assert results["data"] == str(harder) and results["examples_evaluated"] == 3
     assert [c["name"] for c in results["contenders"]] == ["tuned"]

@@ -87,6 +87,56 @@ def test_batched_answers_equal_one_by_one_answers_in_input_order(tiny):
     assert len(set(alone)) == len(alone)  # the prompts really get different answers
 
 
+def test_answers_longer_than_the_caches_room_equal_transformers_generate(tiny):
+    """The cache keeps room for the next tokens and moves to a larger buffer when it runs out:
+    an answer that crosses that move several times is transformers' own greedy answer."""
+    from tunelab.generate import ROOM
+
+    model, template = tiny
+    ids = torch.tensor([template.encode_prompt(prompts(3)[2])])
+    length = 3 * ROOM
+    expected = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=length,
+                              min_new_tokens=length, do_sample=False, pad_token_id=template.tokenizer.pad_token_id)
+    [answer] = generate_rows(model, template, [Request(ids[0].tolist(), length, stop_strings=["never in it"])])
+    expected_text = template.tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    assert answer.generated_tokens == length and answer.text == expected_text
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "auto"])
+def test_generation_computes_in_the_precision_asked(tiny, precision):
+    from tunelab.speed import native_bf16
+
+    model, template = tiny
+    seen = []
+    hook = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda module, i, out: seen.append(out.dtype))
+    try:
+        generate_rows(model, template, [Request(template.encode_prompt(c), 3) for c in prompts(2)], precision)
+    finally:
+        hook.remove()
+    bf16 = precision == "bf16" or (precision == "auto" and native_bf16())
+    assert seen and set(seen) == {torch.bfloat16 if bf16 else torch.float32}
+    # Weights stay as they were: the arithmetic changes, not the model.
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+
+
+def test_precision_flag_reaches_generation(tiny_run, monkeypatch, capsys):
+    import tunelab.generate as generate
+    from tunelab.cli import main
+    from tunelab.run import Run
+
+    asked = []
+    real = generate.autocast
+    monkeypatch.setattr(generate, "autocast", lambda precision, device: asked.append(precision) or real(precision,
+                                                                                                       device))
+    # tunelab generate RUN --prompt TEXT --precision fp32
+    assert main(["generate", str(tiny_run), "--prompt", "Country of Paris?", "--max-new-tokens", "2",
+                 "--precision", "fp32"]) == 0
+    assert asked and set(asked) == {"fp32"}
+    asked.clear()
+    assert main(["generate", str(tiny_run), "--prompt", "Country of Paris?", "--max-new-tokens", "2"]) == 0
+    assert set(asked) == {Run(tiny_run).config.precision}  # by default, the precision the run trained with
+
+
 def test_input_is_read_one_window_at_a_time(tiny):
     model, template = tiny
     taken = []

@@ -150,6 +150,14 @@ def test_models_and_health(server):
     assert health["loaded_models"] == 1  # two runs, one copy of the base
 
 
+def test_served_runs_generate_in_their_training_precision_or_the_one_asked(runs):
+    from tunelab.serve import load_served
+
+    trained = tunelab.load(runs["alpha"]).config.precision
+    assert [s.precision for s in load_served([runs["alpha"], runs["beta"]]).values()] == [trained, trained]
+    assert [s.precision for s in load_served([runs["alpha"]], precision="fp32").values()] == ["fp32"]
+
+
 def test_chat_is_rendered_by_the_template_and_matches_generate(server, runs):
     client = server.client()
     for name in ("alpha", "beta"):

@@ -49,8 +49,9 @@ def finetune(data: str | Path, out: str | Path | None = None, overwrite: bool = 
     return Run(out)
 
 
-def load(path: str | Path) -> Run:
-    """Open a finished run folder."""
+def load(path: str | Path, precision: str | None = None) -> Run:
+    """Open a finished run folder; `precision` ("auto", "bf16" or "fp32") is the arithmetic of its
+    generation and evaluation, by default the one it trained with."""
     from tunelab.run import Run
 
-    return Run(path)
+    return Run(path, precision)

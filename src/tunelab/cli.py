@@ -113,7 +113,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.judge and not args.judge.startswith(("http://", "https://")):
         raise UserError(f"--judge {args.judge}: expected URL[#MODEL], e.g. http://localhost:8000/v1#judge-model")
     judge = Endpoint.parse(f"judge={args.judge}", args.judge_model) if args.judge else None
-    run = Run(args.run)
+    run = Run(args.run, args.precision)
     check_output_file(run.files.eval, "the results file")  # written at the end: check before the work
     results = run.evaluate(
         limit=args.limit, include_base=not args.no_base, max_new_tokens=args.max_new_tokens,
@@ -167,14 +167,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
     RunFiles(Path(args.run)).check()
     # A .txt file holds one prompt per line, as for `tunelab data label`.
     inputs = read_inputs(Path(args.input)) if args.input is not None else []
-    run = Run(args.run)
+    run = Run(args.run, args.precision)
     if args.prompt is not None:
         print(run.generate(args.prompt, max_new_tokens=args.max_new_tokens, copy_constraint=not args.no_copy_constraint))
         return
     from tunelab.generate import generate_answers
 
     answers = generate_answers(run.model(), run.template, (conversation for _, conversation in inputs),
-                               max_new_tokens=args.max_new_tokens, copying=run.copy_rule(not args.no_copy_constraint))
+                               max_new_tokens=args.max_new_tokens, copying=run.copy_rule(not args.no_copy_constraint),
+                               precision=run.precision)
     write_answers([line for line, _ in inputs], answers, Path(args.output) if args.output else None)
 
 
@@ -213,7 +214,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from tunelab.generate import stream_reply
     from tunelab.run import Run
 
-    run = Run(args.run)
+    run = Run(args.run, args.precision)
     model = run.model()
     copying = run.copy_rule(not args.no_copy_constraint)
     conversation = [{"role": "system", "content": args.system}] if args.system else []
@@ -231,7 +232,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
         print("model> ", end="", flush=True)
         reply = ""
         try:
-            for piece in stream_reply(model, run.template, conversation, args.max_new_tokens, copying=copying):
+            for piece in stream_reply(model, run.template, conversation, args.max_new_tokens, copying=copying,
+                                      precision=run.precision):
                 reply += piece
                 print(piece, end="", flush=True)
             print()
@@ -250,7 +252,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     serve(ServeOptions(runs=[Path(r) for r in args.runs], host=args.host, port=args.port, api_key=args.api_key,
                        max_queue=args.max_queue, batch_size=args.batch_size,
-                       rules=Path(args.rules) if args.rules else None, copy_constraint=not args.no_copy_constraint))
+                       rules=Path(args.rules) if args.rules else None, copy_constraint=not args.no_copy_constraint,
+                       precision=args.precision))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -292,6 +295,13 @@ def add_copy_flag(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--no-copy-constraint", action="store_true",
                         help=f"let {what} hold any value in the fields that the training data copies from the input "
                              "(by default such values stay substrings of the input; the data check lists the fields)")
+
+
+def add_precision_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
+                        help="arithmetic of generation: bf16 (matmuls in bf16, as in mixed-precision training; "
+                             "about 3x faster on CPUs with AVX512-BF16) or fp32; auto picks bf16 where the hardware "
+                             "computes it natively (default: the precision the run trained with)")
 
 
 def positive_int(text: str) -> int:
@@ -420,8 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--judge-model", default=None, help="model name for --judge when its URL has no #MODEL")
     evaluate.add_argument("--max-new-tokens", type=positive_int, default=None,
                           help="token limit per answer (default: 1.5 times the longest reference, at most 512)")
-    evaluate.add_argument("--batch-size", type=positive_int, default=16, help="prompts per batch (default: 16)")
+    evaluate.add_argument("--batch-size", type=positive_int, default=32, help="prompts per batch (default: 32)")
     add_copy_flag(evaluate, "the local contenders' answers")
+    add_precision_flag(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     report = commands.add_parser("report", help="write a run's HTML report, or compare several runs side by side")
@@ -439,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--output", default=None, help="write JSON lines here instead of standard output")
     generate.add_argument("--max-new-tokens", type=positive_int, default=256)
     add_copy_flag(generate, "answers")
+    add_precision_flag(generate)
     generate.set_defaults(func=cmd_generate)
 
     chat = commands.add_parser("chat", help="talk to the fine-tuned model, streaming")
@@ -446,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system message")
     chat.add_argument("--max-new-tokens", type=positive_int, default=512)
     add_copy_flag(chat, "replies")
+    add_precision_flag(chat)
     chat.set_defaults(func=cmd_chat)
 
     serve = commands.add_parser("serve", help="OpenAI-compatible server and chat page for one or more runs")
@@ -461,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="most requests answered by one batched generation (default: 8)")
     serve.add_argument("--rules", default=None, help="YAML moderation rules: input/output words and patterns")
     add_copy_flag(serve, "answers")
+    add_precision_flag(serve)
     serve.set_defaults(func=cmd_serve)
 
     export = commands.add_parser("export", help="write the fine-tuned model for transformers, llama.cpp or Ollama")

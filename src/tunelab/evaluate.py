@@ -77,6 +77,7 @@ from tunelab.errors import UserError
 from tunelab.forgetting import DEFAULT_QUESTIONS
 from tunelab.generate import Answer, generate_detailed
 from tunelab.loss import heldout_loss
+from tunelab.speed import autocast
 
 LOCAL = ("zero-shot", "few-shot", "retrieval", "tuned")
 WARM_UP_TOKENS = 2
@@ -121,21 +122,22 @@ def _progress(total: int, name: str, enabled: bool):
 
 
 def _generate(model, template, prompts, max_new_tokens: int, batch_size: int, contender: Contender,
-              progress: bool, copying=None) -> None:
+              progress: bool, copying, precision: str) -> None:
     # A short answer first, not timed: a model's first forward passes pay for allocations and
     # kernel set-up that no later request pays, and the cost per request should compare the
     # contenders, not which of them ran first.
-    for _ in generate_detailed(model, template, prompts[:1], min(max_new_tokens, WARM_UP_TOKENS), 1, copying):
+    for _ in generate_detailed(model, template, prompts[:1], min(max_new_tokens, WARM_UP_TOKENS), 1, copying,
+                               precision):
         pass
     started = time.perf_counter()
     with _progress(len(prompts), contender.name, progress) as bar:
-        for answer in generate_detailed(model, template, prompts, max_new_tokens, batch_size, copying):
+        for answer in generate_detailed(model, template, prompts, max_new_tokens, batch_size, copying, precision):
             contender.answers.append(answer)
             bar.update()
     contender.seconds = time.perf_counter() - started
 
 
-def evaluate(run, limit: int | None = None, batch_size: int = 16, max_new_tokens: int | None = None,
+def evaluate(run, limit: int | None = None, batch_size: int = 32, max_new_tokens: int | None = None,
              include_base: bool = True, data: Path | None = None, shots: int = 3, retrieval: bool = True,
              endpoints: list[Endpoint] = (), assertions: Path | None = None, forgetting: Path | None = DEFAULT_QUESTIONS,
              judge: Endpoint | None = None, progress: bool = True, copy_constraint: bool = True) -> dict:
@@ -192,19 +194,22 @@ def evaluate(run, limit: int | None = None, batch_size: int = 16, max_new_tokens
                 variants.append(("retrieval", retrieval_prompts(prompts, train, shots)))
         for name, variant in variants:
             contender = Contender(name, "local", base_path, name)
-            _generate(base, run.template, variant, max_new_tokens, batch_size, contender, progress, copying)
+            _generate(base, run.template, variant, max_new_tokens, batch_size, contender, progress, copying,
+                      run.precision)
             local.append(contender)
-        losses["zero-shot"] = heldout_loss(base, encoded)
-        if questions:
-            forgotten["zero-shot"] = forgetting_mod.accuracy(base, run.template, questions)
+        with autocast(run.precision, base.device):
+            losses["zero-shot"] = heldout_loss(base, encoded)
+            if questions:
+                forgotten["zero-shot"] = forgetting_mod.accuracy(base, run.template, questions)
         del base
     tuned_model = run.model()
     tuned = Contender("tuned", "local", str(run.path), "fine-tuned")
-    _generate(tuned_model, run.template, prompts, max_new_tokens, batch_size, tuned, progress, copying)
+    _generate(tuned_model, run.template, prompts, max_new_tokens, batch_size, tuned, progress, copying, run.precision)
     local.append(tuned)
-    losses["tuned"] = heldout_loss(tuned_model, encoded)
-    if questions:
-        forgotten["tuned"] = forgetting_mod.accuracy(tuned_model, run.template, questions)
+    with autocast(run.precision, tuned_model.device):
+        losses["tuned"] = heldout_loss(tuned_model, encoded)
+        if questions:
+            forgotten["tuned"] = forgetting_mod.accuracy(tuned_model, run.template, questions)
     contenders = local + contenders
 
     results = score(examples, contenders, rules, judge)

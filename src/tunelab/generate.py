@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from tunelab.copying import CopyConstraint, CopyRule
+from tunelab.speed import autocast
 from tunelab.template import Template
 
 WINDOW_BATCHES = 4
@@ -96,32 +98,33 @@ def as_messages(prompt: str | list[dict[str, str]]) -> list[dict[str, str]]:
 
 def generate_answers(
     model, template: Template, conversations: Iterable[list[dict[str, str]]], max_new_tokens: int = 256,
-    batch_size: int = 16, copying: CopyRule | None = None,
+    batch_size: int = 16, copying: CopyRule | None = None, precision: str = "fp32",
 ) -> Iterator[str]:
     """Yield the answer to each conversation's next assistant turn, greedily, in input order,
     each as soon as it and every answer before it are done. `conversations` may be any
     iterable, read a window at a time. With `copying`, the run's copied fields stay copies of
-    each conversation's input (copying.py)."""
-    for answer in generate_detailed(model, template, conversations, max_new_tokens, batch_size, copying):
+    each conversation's input (copying.py). `precision` is the arithmetic ("fp32", "bf16" or
+    "auto", as `speed.autocast` reads it; a Run passes its own)."""
+    for answer in generate_detailed(model, template, conversations, max_new_tokens, batch_size, copying, precision):
         yield answer.text
 
 
 def generate_detailed(
     model, template: Template, conversations: Iterable[list[dict[str, str]]], max_new_tokens: int = 256,
-    batch_size: int = 16, copying: CopyRule | None = None,
+    batch_size: int = 16, copying: CopyRule | None = None, precision: str = "fp32",
 ) -> Iterator[Answer]:
     """`generate_answers` with each answer's token counts and whether it stopped by itself."""
     conversations = iter(conversations)
     while window := list(itertools.islice(conversations, batch_size * WINDOW_BATCHES)):
         requests = [Request(template.encode_prompt(c), max_new_tokens, copy=copying.constraint(c) if copying else None)
                     for c in window]
-        prefix = _shared_prefix(model, [r.prompt for r in requests])
+        prefix = _shared_prefix(model, [r.prompt for r in requests], precision)
         order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt))
         answers: list[Answer | None] = [None] * len(requests)
         ready = 0
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            results = _generate(model, template, [requests[i] for i in batch], prefix)
+            results = _generate(model, template, [requests[i] for i in batch], prefix, precision)
             for i, answer in zip(batch, results):
                 answers[i] = answer
             while ready < len(answers) and answers[ready] is not None:
@@ -131,19 +134,21 @@ def generate_detailed(
 
 def generate_batch(
     model, template: Template, conversations: list[list[dict[str, str]]], max_new_tokens: int = 256,
-    batch_size: int = 16, copying: CopyRule | None = None,
+    batch_size: int = 16, copying: CopyRule | None = None, precision: str = "fp32",
 ) -> list[str]:
     """All answers at once, in input order."""
-    return list(generate_answers(model, template, conversations, max_new_tokens, batch_size, copying))
+    return list(generate_answers(model, template, conversations, max_new_tokens, batch_size, copying, precision))
 
 
-def generate_rows(model, template: Template, requests: list[Request]) -> list[Answer]:
+def generate_rows(model, template: Template, requests: list[Request], precision: str = "fp32") -> list[Answer]:
     """One batch of requests to their answers, in order, each with its own settings."""
-    return _generate(model, template, requests, _shared_prefix(model, [r.prompt for r in requests]))
+    return _generate(model, template, requests, _shared_prefix(model, [r.prompt for r in requests], precision),
+                     precision)
 
 
 def stream_reply(model, template: Template, conversation: list[dict[str, str]], max_new_tokens: int = 512,
-                 stop: threading.Event | None = None, copying: CopyRule | None = None) -> Iterator[str]:
+                 stop: threading.Event | None = None, copying: CopyRule | None = None,
+                 precision: str = "fp32") -> Iterator[str]:
     """Yield the reply to `conversation` piece by piece as it is generated, greedily (with
     `copying`, the run's copied fields kept copies of the last user message).
 
@@ -157,7 +162,7 @@ def stream_reply(model, template: Template, conversation: list[dict[str, str]], 
 
     def run() -> None:
         try:
-            generate_rows(model, template, [request])
+            generate_rows(model, template, [request], precision)
         except BaseException as e:  # handed to the reading thread, which would otherwise wait forever
             failures.append(e)
         finally:
@@ -181,6 +186,68 @@ def stream_reply(model, template: Template, conversation: list[dict[str, str]], 
 
 # ----------------------------------------------------------------------------- the loop
 
+ROOM = 64
+"""Positions a layer's cache buffers keep free beyond what they hold (a quarter more once that is
+larger): they grow, with one copy, only every so many steps."""
+
+
+class _RoomyLayer(DynamicLayer):
+    """One layer's keys and values in buffers with room for the tokens still to come.
+
+    transformers' DynamicLayer appends each step's token with `torch.cat`, which copies the whole
+    cache every step: on a CPU, a third of a few-shot decoding step. Here a step writes its token
+    into the room left and hands attention views of the filled part."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.length = 0
+        self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.length, self.buffers = 0, None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self.length, self.length + key_states.shape[-2]
+        if self.buffers is None or end > self.buffers[0].shape[-2]:
+            room = end + max(ROOM, end // 4)
+            self.buffers = (self._moved(self.keys, key_states, room), self._moved(self.values, value_states, room))
+        for buffer, new in zip(self.buffers, (key_states, value_states)):
+            buffer[..., start:end, :] = new
+        self.length = end
+        self._view(self.buffers)
+        return self.keys, self.values
+
+    def _moved(self, held: torch.Tensor, new: torch.Tensor, room: int) -> torch.Tensor:
+        """A buffer shaped like `new` with `room` positions, starting with what the layer `held`."""
+        buffer = new.new_empty((*new.shape[:-2], room, new.shape[-1]))
+        if self.length:
+            buffer[..., : self.length, :] = held
+        return buffer
+
+    def _view(self, buffers: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.buffers = buffers
+        self.keys, self.values = (b[..., : self.length, :] for b in buffers)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.length:
+            self._view(tuple(b.repeat_interleave(repeats, dim=0) for b in self.buffers))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.length:
+            self._view(tuple(b[indices] for b in self.buffers))
+
+
+def _new_cache(model) -> DynamicCache:
+    """An empty cache for `model`, its plain layers kept in buffers with room (sliding-window
+    and other special layers stay transformers' own)."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [_RoomyLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
 @dataclass
 class _Prefix:
     length: int
@@ -190,7 +257,7 @@ class _Prefix:
 
 
 @torch.no_grad()
-def _shared_prefix(model, prompts: list[list[int]]) -> _Prefix | None:
+def _shared_prefix(model, prompts: list[list[int]], precision: str) -> _Prefix | None:
     """The KV cache of the tokens every prompt starts with, computed once. Each prompt keeps at
     least one token of its own, whose logits give its first answer token. A lone prompt has
     nothing to share."""
@@ -202,9 +269,10 @@ def _shared_prefix(model, prompts: list[list[int]]) -> _Prefix | None:
     if length < 1:
         return None
     device = next(model.parameters()).device
-    cache = DynamicCache(config=model.config)
-    model(input_ids=torch.tensor([prompts[0][:length]], device=device), cache=cache, use_cache=True,
-          logits_to_keep=1)
+    cache = _new_cache(model)
+    with autocast(precision, device):
+        model(input_ids=torch.tensor([prompts[0][:length]], device=device), cache=cache, use_cache=True,
+              logits_to_keep=1)
     return _Prefix(length, cache)
 
 
@@ -301,47 +369,49 @@ def _sample(scores: torch.Tensor, temperature: float, top_p: float, generator: t
 
 
 @torch.no_grad()
-def _generate(model, template: Template, requests: list[Request], prefix: _Prefix | None) -> list[Answer]:
+def _generate(model, template: Template, requests: list[Request], prefix: _Prefix | None,
+              precision: str) -> list[Answer]:
     """One batch of requests to their answers: the prompts' own tokens left-padded after the
     shared prefix, then one token per step for the rows still going."""
     device = next(model.parameters()).device
-    rows = []
-    for request in requests:
-        generator = None
-        if request.temperature > 0 and request.seed is not None:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(request.seed)
-        rows.append(_Row(request, template, generator))
+    with autocast(precision, device):
+        rows = []
+        for request in requests:
+            generator = None
+            if request.temperature > 0 and request.seed is not None:
+                generator = torch.Generator(device=device)
+                generator.manual_seed(request.seed)
+            rows.append(_Row(request, template, generator))
 
-    shared = prefix.length if prefix else 0
-    if prefix:
-        cache = copy.deepcopy(prefix.cache)
-        cache.batch_repeat_interleave(len(requests))
-    else:
-        cache = DynamicCache(config=model.config)
-    own = [r.prompt[shared:] for r in requests]
-    width = max(len(p) for p in own)
-    pad = template.tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in own], device=device)
-    mask = torch.tensor([[1] * shared + [0] * (width - len(p)) + [1] * len(p) for p in own], device=device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-    scores = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                   logits_to_keep=1).logits[:, -1]
+        shared = prefix.length if prefix else 0
+        if prefix:
+            cache = copy.deepcopy(prefix.cache)
+            cache.batch_repeat_interleave(len(requests))
+        else:
+            cache = _new_cache(model)
+        own = [r.prompt[shared:] for r in requests]
+        width = max(len(p) for p in own)
+        pad = template.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in own], device=device)
+        mask = torch.tensor([[1] * shared + [0] * (width - len(p)) + [1] * len(p) for p in own], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+        scores = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                       logits_to_keep=1).logits[:, -1]
 
-    active = list(range(len(rows)))  # rows still generating, in cache order
-    while True:
-        for i, token in zip(active, next_tokens(scores, [rows[i] for i in active])):
-            rows[i].add(token)
-        keep = [k for k, i in enumerate(active) if rows[i].finish_reason is None]
-        if not keep:
-            break
-        if len(keep) < len(active):  # finished rows leave the batch and the cache
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            mask = mask[index]
-            active = [active[k] for k in keep]
-        tokens = torch.tensor([[rows[i].tokens[-1]] for i in active], device=device)
-        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-        scores = model(input_ids=tokens, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
-                       cache=cache, use_cache=True).logits[:, -1]
-    return [row.answer() for row in rows]
+        active = list(range(len(rows)))  # rows still generating, in cache order
+        while True:
+            for i, token in zip(active, next_tokens(scores, [rows[i] for i in active])):
+                rows[i].add(token)
+            keep = [k for k, i in enumerate(active) if rows[i].finish_reason is None]
+            if not keep:
+                break
+            if len(keep) < len(active):  # finished rows leave the batch and the cache
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                mask = mask[index]
+                active = [active[k] for k in keep]
+            tokens = torch.tensor([[rows[i].tokens[-1]] for i in active], device=device)
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+            scores = model(input_ids=tokens, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                           cache=cache, use_cache=True).logits[:, -1]
+        return [row.answer() for row in rows]

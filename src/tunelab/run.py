@@ -16,7 +16,9 @@ class Run:
     >>> run.generate("Extract the booking ...")
     """
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, precision: str | None = None):
+        """`precision` is the arithmetic of generation and evaluation ("auto", "bf16" or "fp32",
+        as `speed.autocast` reads it); by default the one the run trained with."""
         from tunelab.config import TrainConfig
         from tunelab.models import load_tokenizer
         from tunelab.template import Template
@@ -27,6 +29,7 @@ class Run:
         self.info = json.loads(self.files.info.read_text())
         self.tokenizer = load_tokenizer(self.files.tokenizer)
         self.template = Template.load(self.files.template, self.tokenizer)
+        self.precision = precision or self.config.precision
         self._tuned = None
 
     @property
@@ -83,7 +86,7 @@ class Run:
         from tunelab.generate import as_messages, generate_batch
 
         return generate_batch(self.model(), self.template, [as_messages(p) for p in prompts], max_new_tokens,
-                              copying=self.copy_rule(copy_constraint))
+                              copying=self.copy_rule(copy_constraint), precision=self.precision)
 
     def evaluate(self, limit: int | None = None, **kwargs) -> dict:
         from tunelab.evaluate import evaluate

@@ -69,6 +69,8 @@ class ServeOptions:
     copy_constraint: bool = True
     """Keep the fields a run's training data copies from the input substrings of the request's
     last user message (copying.py); False is `--no-copy-constraint`."""
+    precision: str | None = None
+    """Arithmetic of generation, "auto", "bf16" or "fp32"; None: each run's training precision."""
 
 
 # ----------------------------------------------------------------------------- moderation
@@ -152,16 +154,18 @@ class Served:
     """Tokens the model can attend to: prompt plus answer."""
     copying: Any = None
     """The run's copy constraint (a copying.CopyRule), None when it has none or it is off."""
+    precision: str = "fp32"
+    """The arithmetic of its generation (`Run.precision`)."""
 
 
-def load_served(paths: list[Path], copy_constraint: bool = True) -> dict[str, Served]:
+def load_served(paths: list[Path], copy_constraint: bool = True, precision: str | None = None) -> dict[str, Served]:
     """Load each run once; LoRA runs on the same base share one base model in memory."""
     from peft import PeftModel
 
     from tunelab.models import load_model
     from tunelab.run import Run
 
-    runs = [Run(p) for p in paths]  # checks every folder before loading any weights
+    runs = [Run(p, precision) for p in paths]  # checks every folder before loading any weights
     served: dict[str, Served] = {}
     shared: dict[Path, Any] = {}
     for run in runs:
@@ -180,7 +184,8 @@ def load_served(paths: list[Path], copy_constraint: bool = True) -> dict[str, Se
             model, adapter = load_model(run.files.model), None
         model.eval()
         context = getattr(model.config, "max_position_embeddings", None) or run.config.max_length
-        served[name] = Served(name, run.template, model, adapter, context, run.copy_rule(copy_constraint))
+        served[name] = Served(name, run.template, model, adapter, context, run.copy_rule(copy_constraint),
+                              run.precision)
     return served
 
 
@@ -281,7 +286,8 @@ class Scheduler:
             try:
                 if served.adapter is not None:
                     served.model.set_adapter(served.adapter)
-                answers = generate_rows(served.model, served.template, [job.request() for job in batch])
+                answers = generate_rows(served.model, served.template, [job.request() for job in batch],
+                                        served.precision)
                 for job, answer in zip(batch, answers):
                     job.send("done", answer)
             except Exception:  # a bug: the requests get a 500, the server goes on
@@ -663,7 +669,7 @@ def serve(options: ServeOptions) -> None:
         RunFiles(path).check()
     sock = bind(options.host, options.port)
 
-    server = Server(load_served(options.runs, options.copy_constraint), options, moderation)
+    server = Server(load_served(options.runs, options.copy_constraint, options.precision), options, moderation)
     port = sock.getsockname()[1]
     host = f"[{options.host}]" if ":" in options.host else options.host
     print(f"Serving {', '.join(server.served)} on http://{host}:{port} (chat page at /, API at /v1); "
