@@ -140,6 +140,7 @@ def main() -> None:
     from tunelab.data import Example
     from tunelab.examples import bookings
     from tunelab.models import load_model, load_tokenizer, resolve_base
+    from tunelab.speed import computes_bf16
     from tunelab.template import Template
 
     torch.set_grad_enabled(False)
@@ -169,7 +170,7 @@ def main() -> None:
 
     results: dict = {"base": args.base, "prompts": args.prompts, "shots": args.shots,
                      "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "rounds": args.rounds,
-                     "precision": args.precision,
+                     "precision": args.precision, "computes": "bf16" if computes_bf16(args.precision) else "fp32",
                      "threads": torch.get_num_threads(), "load_average": os.getloadavg(), "forms": {}}
     for form, prompts in forms.items():
         seconds = {way: 0.0 for way in chosen}

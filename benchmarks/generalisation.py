@@ -30,7 +30,9 @@ defaults, overridden by `--set key=value`), answers the test prompts greedily th
 Each result is appended to OUT/results.jsonl (misses included); `--table` prints them all.
 Answers are decoded as `tunelab generate` decodes them, with the copy constraint on the fields
 the run's training data copies (tunelab/copying.py); `--compare-copy-constraint` answers the test
-rows a second time without it and records both.
+rows a second time without it and records both. Answers are computed in the run's precision (bf16
+autocast where the CPU or GPU computes bf16 natively, as in training); `--compare-precision`
+answers them a second time in fp32 and records both, with each one's generation time.
 """
 
 from __future__ import annotations
@@ -322,6 +324,7 @@ def run_task(task: str, args, settings: dict) -> dict:
     from tunelab.config import TrainConfig
     from tunelab.metrics import exact_match
     from tunelab.run import Run
+    from tunelab.speed import computes_bf16
     from tunelab.train import train as train_run
 
     folder = Path(args.out) / args.label / task
@@ -338,6 +341,13 @@ def run_task(task: str, args, settings: dict) -> dict:
     answers = run.generate_batch([row["prompt"] for row in test_rows], max_new_tokens=args.max_new_tokens)
     generate_s = time.perf_counter() - started
     correct = [exact_match(a, row["completion"]) for a, row in zip(answers, test_rows)]
+    fp32 = None
+    if args.compare_precision:
+        started = time.perf_counter()
+        exact = Run(folder / "run", precision="fp32").generate_batch([row["prompt"] for row in test_rows],
+                                                                     max_new_tokens=args.max_new_tokens)
+        fp32_s = time.perf_counter() - started
+        fp32 = [exact_match(a, row["completion"]) for a, row in zip(exact, test_rows)]
     free = None
     if args.compare_copy_constraint and run.copied_fields:
         unconstrained = run.generate_batch([row["prompt"] for row in test_rows], max_new_tokens=args.max_new_tokens,
@@ -357,7 +367,12 @@ def run_task(task: str, args, settings: dict) -> dict:
         "n_novel": sum(novel), "n_seen": len(novel) - sum(novel), "train_rows": args.train_rows,
         "steps": steps, "train_s": round(train_s, 1), "generate_s": round(generate_s, 1),
         "final_eval_loss": eval_losses[-1] if eval_losses else None,
-        "copied_fields": run.copied_fields,
+        "copied_fields": run.copied_fields, "precision": run.precision,
+        "computes": "bf16" if computes_bf16(run.precision) else "fp32",
+        "fp32": None if fp32 is None else {
+            "em_novel": rate(novel, fp32), "em_seen": rate([not n for n in novel], fp32),
+            "em_all": rate([True] * len(novel), fp32), "answers_changed": sum(a != b for a, b in zip(answers, exact)),
+            "generate_s": round(fp32_s, 1)},
         "without_copy_constraint": None if free is None else {
             "em_novel": rate(novel, free), "em_seen": rate([not n for n in novel], free),
             "em_all": rate([True] * len(novel), free), "answers_changed": sum(a != b for a, b in zip(answers, unconstrained))},
@@ -381,6 +396,22 @@ def format_table(results: list[dict]) -> str:
         loss = "-" if r["final_eval_loss"] is None else f"{r['final_eval_loss']:.4f}"
         lines.append(f"| {r['label']} | {r['task']} | {percent(r['em_novel'])} | {percent(r['em_seen'])} | "
                      f"{r['n_novel']}/{r['n_seen']} | {r['steps']} | {r['train_s']:.0f} | {loss} | {settings} |")
+    return "\n".join(lines)
+
+
+def format_precision_table(results: list[dict]) -> str:
+    """Exact match and generation time in the run's precision and in fp32, for results measured both ways."""
+    compared = [r for r in results if r.get("fp32")]
+    if not compared:
+        return ""
+    lines = ["| label | task | precision | EM novel, it / fp32 | EM seen, it / fp32 | answers changed | "
+             "generation s, it / fp32 |", "|---|---|---|---|---|---|---|"]
+    for r in compared:
+        fp32 = r["fp32"]
+        lines.append(f"| {r['label']} | {r['task']} | {r['precision']} ({r.get('computes', '?')}) | "
+                     f"{percent(r['em_novel'])} / "
+                     f"{percent(fp32['em_novel'])} | {percent(r['em_seen'])} / {percent(fp32['em_seen'])} | "
+                     f"{fp32['answers_changed']} | {r['generate_s']:.0f} / {fp32['generate_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -413,6 +444,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--compare-copy-constraint", action="store_true",
                         help="also answer without the copy constraint and record both")
+    parser.add_argument("--compare-precision", action="store_true",
+                        help="also answer in fp32 and record both (answers are in the run's precision)")
     parser.add_argument("--write-only", action="store_true", help="write each task's train/test files and stop")
     parser.add_argument("--table", action="store_true", help="print every result in OUT/results.jsonl and stop")
     args = parser.parse_args()
@@ -427,8 +460,7 @@ def main() -> None:
             sys.exit(f"{path}: no results yet")
         results = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         print(format_table(results))
-        copy_table = format_copy_table(results)
-        print(f"\nWith and without the copy constraint:\n{copy_table}" if copy_table else "", end="")
+        print_comparisons(results)
         return
     if args.write_only:
         for task in tasks:
@@ -448,8 +480,14 @@ def main() -> None:
             print(f"    miss ({'novel' if miss['novel'] else 'seen'}): {miss['answer']!r} != {miss['reference']!r}")
     print()
     print(format_table(results))
-    if format_copy_table(results):
-        print(f"\nWith and without the copy constraint:\n{format_copy_table(results)}")
+    print_comparisons(results)
+
+
+def print_comparisons(results: list[dict]) -> None:
+    for title, table in (("With and without the copy constraint", format_copy_table(results)),
+                         ("In the run's precision and in fp32", format_precision_table(results))):
+        if table:
+            print(f"\n{title}:\n{table}")
 
 
 if __name__ == "__main__":

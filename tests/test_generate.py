@@ -104,7 +104,7 @@ def test_answers_longer_than_the_caches_room_equal_transformers_generate(tiny):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "auto"])
 def test_generation_computes_in_the_precision_asked(tiny, precision):
-    from tunelab.speed import native_bf16
+    from tunelab.speed import computes_bf16
 
     model, template = tiny
     seen = []
@@ -113,10 +113,34 @@ def test_generation_computes_in_the_precision_asked(tiny, precision):
         generate_rows(model, template, [Request(template.encode_prompt(c), 3) for c in prompts(2)], precision)
     finally:
         hook.remove()
-    bf16 = precision == "bf16" or (precision == "auto" and native_bf16())
-    assert seen and set(seen) == {torch.bfloat16 if bf16 else torch.float32}
+    assert seen and set(seen) == {torch.bfloat16 if computes_bf16(precision) else torch.float32}
     # Weights stay as they were: the arithmetic changes, not the model.
     assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+
+
+def test_a_lora_runs_weights_are_cast_to_bf16_once_a_batch_not_at_every_step(tiny_run):
+    """bf16 autocast keeps a weight's cast only if the weight requires grad; a LoRA run's merged
+    model would otherwise be cast again at every decoding step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tunelab.run import Run
+
+    run = Run(tiny_run)
+    model = run.model()
+    weights = {p.data_ptr() for p in model.parameters() if p.dim() == 2}
+    casts = []
+
+    class CountCasts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in weights:
+                casts.append(args[0].data_ptr())
+            return func(*args, **(kwargs or {}))
+
+    ids = torch.tensor([run.template.encode_prompt([{"role": "user", "content": "Country of Paris?"}])])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), CountCasts():
+        model(input_ids=ids)
+        model(input_ids=ids)
+    assert casts and len(casts) == len(set(casts))  # each weight once, not once per forward pass
 
 
 def test_precision_flag_reaches_generation(tiny_run, monkeypatch, capsys):

@@ -145,7 +145,6 @@ def evaluate(run, limit: int | None = None, batch_size: int = 32, max_new_tokens
     `copy_constraint=False` decodes without the run's copy constraint."""
     from tunelab import assertions as assertions_mod
     from tunelab import forgetting as forgetting_mod
-    from tunelab.models import load_model
 
     # Every input is read and checked before the first model loads.
     source = Path(data) if data else run.files.test
@@ -185,7 +184,7 @@ def evaluate(run, limit: int | None = None, batch_size: int = 32, max_new_tokens
     local: list[Contender] = []
     if include_base:
         base_path = str(run.base_path())
-        base = load_model(run.base_path()).eval()
+        base = run.base_model()
         train = read_jsonl(run.files.train) if shots else []
         variants = [("zero-shot", prompts)]
         if shots and train:

@@ -134,6 +134,14 @@ def load_model(path: Path, dtype=None):
                         "weights (*.safetensors) saved together") from None
 
 
+def for_inference(model):
+    """`model` in eval mode, its weights marked as requiring grad. bf16 autocast keeps its cast of
+    a weight for the rest of a batch only if the weight requires grad; a frozen one (a LoRA run's
+    base, also once merged) is cast again at every forward pass, which made decoding ~60% slower
+    on a CPU. Inference runs under no_grad, so nothing builds a graph."""
+    return model.requires_grad_(True).eval()
+
+
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0].rstrip(" :") if text else type(error).__name__

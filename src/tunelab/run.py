@@ -43,14 +43,14 @@ class Run:
         return saved if (saved / "config.json").exists() else resolve_base(self.info["base"])
 
     def base_model(self):
-        from tunelab.models import load_model
+        from tunelab.models import for_inference, load_model
 
-        return load_model(self.base_path()).eval()
+        return for_inference(load_model(self.base_path()))
 
     def model(self):
         """The fine-tuned model, LoRA adapters merged for speed; loaded once."""
         if self._tuned is None:
-            from tunelab.models import load_model
+            from tunelab.models import for_inference, load_model
 
             if self.files.adapter.exists():
                 from peft import PeftModel
@@ -59,7 +59,7 @@ class Run:
                 model = model.merge_and_unload()
             else:
                 model = load_model(self.files.model)
-            self._tuned = model.eval()
+            self._tuned = for_inference(model)
         return self._tuned
 
     @property

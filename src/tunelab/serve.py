@@ -162,7 +162,7 @@ def load_served(paths: list[Path], copy_constraint: bool = True, precision: str 
     """Load each run once; LoRA runs on the same base share one base model in memory."""
     from peft import PeftModel
 
-    from tunelab.models import load_model
+    from tunelab.models import for_inference, load_model
     from tunelab.run import Run
 
     runs = [Run(p, precision) for p in paths]  # checks every folder before loading any weights
@@ -182,7 +182,7 @@ def load_served(paths: list[Path], copy_constraint: bool = True, precision: str 
             model, adapter = shared[base], name
         else:
             model, adapter = load_model(run.files.model), None
-        model.eval()
+        for_inference(model)
         context = getattr(model.config, "max_position_embeddings", None) or run.config.max_length
         served[name] = Served(name, run.template, model, adapter, context, run.copy_rule(copy_constraint),
                               run.precision)

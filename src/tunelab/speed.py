@@ -185,8 +185,12 @@ def autocast(precision: str, device: torch.device):
     weights, norms and softmax in fp32) for "bf16", and for "auto" where the hardware computes
     bf16 natively (the matmuls of decoding run ~3x faster on a CPU with AVX512-BF16); plain fp32
     otherwise."""
-    bf16 = precision == "bf16" or (precision == "auto" and native_bf16())
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=computes_bf16(precision))
+
+
+def computes_bf16(precision: str) -> bool:
+    """Whether `precision` ("auto", "bf16" or "fp32") means bf16 matmuls on this machine."""
+    return precision == "bf16" or (precision == "auto" and native_bf16())
 
 
 def make_accelerator(grad_accum: int, precision: str = "auto"):
