@@ -115,7 +115,8 @@ def timed(function, *args) -> tuple[float, float, list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", default="smollm2-135m", help="base model (default: smollm2-135m)")
-    parser.add_argument("--prompts", type=int, default=48, help="questions per form (default: 48)")
+    parser.add_argument("--prompts", type=int, default=48, help="questions per form; 0 times only --demo-run "
+                                                                "(default: 48)")
     parser.add_argument("--shots", type=int, default=3, help="examples in the few-shot prompt (default: 3)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="token limit per answer (default: 48)")
     parser.add_argument("--batch-size", type=int, default=32, help="prompts per batch (default: 32, as tunelab eval)")
@@ -154,6 +155,8 @@ def main() -> None:
                         i + 1) for i, r in enumerate(rows)]
     questions = [e.messages[:1] for e in examples[: args.prompts]]
     forms = {"zero-shot": questions, "few-shot": few_shot_prompts(questions, examples[args.prompts:], args.shots)}
+    if not args.prompts:  # --prompts 0 --demo-run RUN: only the demo's evaluation
+        forms = {}
     ways = {"one-by-one": lambda p: one_by_one(model, template, p, args.max_new_tokens),
             "hf-batched": lambda p: hf_batched(model, template, p, args.max_new_tokens, args.batch_size),
             "tunelab-fp32": lambda p: tunelab_batched(model, template, p, args.max_new_tokens, args.batch_size, "fp32"),
@@ -211,11 +214,14 @@ def main() -> None:
         evaluated = run.evaluate(limit=args.limit, shots=args.shots, retrieval=args.retrieval, progress=False)
         seconds = time.perf_counter() - started
         names = [c["name"] for c in evaluated["contenders"]]
+        exact = {n: evaluated["metrics"][n]["exact_match"]["value"] for n in names}
         results["demo_evaluation"] = {"run": args.demo_run, "examples": args.limit, "seconds": seconds,
-                                      "contenders": names, "cost": evaluated["cost"],
-                                      "load_average": os.getloadavg()}
-        print(f"demo evaluation ({', '.join(names)}, the forgetting check), {args.limit} examples: {seconds:.1f} s; "
-              + ", ".join(f"{n} {evaluated['cost'][n]['seconds']:.1f} s" for n in names))
+                                      "contenders": names, "cost": evaluated["cost"], "exact_match": exact,
+                                      "precision": run.precision, "load_average": os.getloadavg()}
+        print(f"demo evaluation in {run.precision} ({', '.join(names)}, the forgetting check), "
+              f"{evaluated['examples_evaluated']} examples: {seconds:.1f} s; "
+              + ", ".join(f"{n} {evaluated['cost'][n]['seconds']:.1f} s" for n in names)
+              + "; exact match " + ", ".join(f"{n} {100 * exact[n]:.1f}%" for n in names))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval_speed.json").write_text(json.dumps(results, indent=2))
