@@ -9,6 +9,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 
 from tunelab.cli import main
 from tunelab.evaluate import WARM_UP_TOKENS
@@ -147,13 +148,19 @@ def test_eval_on_another_labelled_file(trained_run, tmp_path, capsys, write_json
         {"instruction": "Country of Paris? (12)", "output": "France"},
         {"prompt": "Country of Madrid? (13)", "completion": "Spain"},
     ])
-    asked = []
-    for module in (evaluate, generate):  # generation, and the held-out loss and forgetting check
+    from tunelab import forgetting
+
+    asked, forgetting_in_bf16 = [], []
+    for module in (evaluate, generate):  # generation, and the held-out loss
         monkeypatch.setattr(module, "autocast", lambda precision, device, real=module.autocast: asked.append(
             precision) or real(precision, device))
+    real_accuracy = forgetting.accuracy
+    monkeypatch.setattr(forgetting, "accuracy", lambda *args: forgetting_in_bf16.append(
+        torch.is_autocast_enabled("cpu")) or real_accuracy(*args))
     # tunelab eval RUN --data harder.jsonl --no-base --precision bf16
     assert main(["eval", str(trained_run), "--data", str(harder), "--no-base", "--precision", "bf16"]) == 0
     assert asked and set(asked) == {"bf16"}
+    assert forgetting_in_bf16 == [False]  # close log-likelihoods: the forgetting check stays in fp32
     results = json.loads((trained_run / "eval.json").read_text())
     assert results["data"] == str(harder) and results["examples_evaluated"] == 3
     assert [c["name"] for c in results["contenders"]] == ["tuned"]
