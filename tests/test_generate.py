@@ -159,6 +159,32 @@ def test_precision_flag_reaches_generation(tiny_run, monkeypatch, capsys):
     asked.clear()
     assert main(["generate", str(tiny_run), "--prompt", "Country of Paris?", "--max-new-tokens", "2"]) == 0
     assert set(asked) == {Run(tiny_run).config.precision}  # by default, the precision the run trained with
+    # tunelab chat RUN --precision bf16: one question, then end of input
+    asked.clear()
+    typed = iter(["Country of Paris?"])
+
+    def read_line(prompt: str = "") -> str:
+        line = next(typed, None)
+        if line is None:
+            raise EOFError
+        return line
+
+    monkeypatch.setattr("builtins.input", read_line)
+    assert main(["chat", str(tiny_run), "--max-new-tokens", "2", "--precision", "bf16"]) == 0
+    assert asked and set(asked) == {"bf16"}
+    # tunelab serve RUN --precision fp32: the option reaches the server's runs (load_served reads it)
+    import tunelab.serve
+
+    options = []
+    monkeypatch.setattr(tunelab.serve, "serve", options.append)
+    assert main(["serve", str(tiny_run), "--precision", "fp32"]) == 0
+    assert options[0].precision == "fp32"
+    # The Python API names a mistaken precision rather than computing in fp32 without a word.
+    import tunelab
+    from tunelab.errors import UserError
+
+    with pytest.raises(UserError, match="precision 'half': choose 'auto', 'bf16' or 'fp32'"):
+        tunelab.load(tiny_run, precision="half")
 
 
 def test_input_is_read_one_window_at_a_time(tiny):

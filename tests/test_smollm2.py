@@ -56,6 +56,7 @@ def test_demo_runs_end_to_end(smollm2, tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--examples", "40", "--max-steps", "1", "--eval-limit", "2"]) == 0
     printed = capsys.readouterr().out
     assert "exact match" in printed and "Wall time" in printed and "peak memory" in printed
+    assert f"Report written to {out / 'report.html'}" in printed and (out / "report.html").exists()
     results = json.loads((out / "eval.json").read_text())
     assert results["examples_evaluated"] == 2
     assert [c["name"] for c in results["contenders"]] == ["zero-shot", "few-shot", "tuned"]

@@ -194,6 +194,8 @@ CASES = {
     "generate-input-raw-text": (lambda s: ["generate", s.run, "--input", s.write_jsonl(s.tmp / "p.jsonl",
                                                                                    [{"text": "a document"}])],
                                 ["p.jsonl:1:", "asks nothing"]),
+    "generate-precision-unknown": (lambda s: ["generate", s.run, "--prompt", "hi", "--precision", "half"],
+                                   ["--precision", "invalid choice: 'half'"]),
     # the demo
     "demo-out-is-file": (lambda s: ["demo", "--out", s.write("demo", "mine")], ["--out", "demo: is a file"]),
     "demo-out-read-only": (lambda s: ["demo", "--out", s.read_only() / "demo"], ["--out", "cannot write in"]),

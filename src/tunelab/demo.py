@@ -2,7 +2,8 @@
 
 Generate the examples, fine-tune smollm2-135m, evaluate the base model zero-shot and few-shot
 against the fine-tuned one on held-out examples whose names training never saw (the split is by
-the rows' name pool), and print the comparison, the wall time and the peak memory.
+the rows' name pool), and print the comparison, the report's path, the wall time and the peak
+memory.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def demo_config(method: str = "full", max_steps: int | None = 100) -> TrainConfi
 
 def run_demo(out: Path, examples: int = 1200, method: str = "full", max_steps: int | None = 100,
              eval_limit: int = 100) -> dict:
+    from tunelab.report import write_report
     from tunelab.run import Run
     from tunelab.train import train
 
@@ -56,11 +58,13 @@ def run_demo(out: Path, examples: int = 1200, method: str = "full", max_steps: i
           "held-out examples...")
     evaluated = time.perf_counter()
     results = run.evaluate(limit=eval_limit, shots=3, retrieval=False)
+    report = write_report(out)
     evaluation = time.perf_counter() - evaluated
     minutes = (time.perf_counter() - started) / 60
     print()
     print(format_report(results))
     print()
+    print(f"Report written to {report}")
     print(f"Wall time {minutes:.1f} min (evaluation {evaluation / 60:.1f} min), peak memory {peak_memory_gib():.2f} GiB")
     print(f"Run folder: {out}  (try: tunelab chat {out})")
     return results

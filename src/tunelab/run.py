@@ -20,9 +20,12 @@ class Run:
         """`precision` is the arithmetic of generation and evaluation ("auto", "bf16" or "fp32",
         as `speed.autocast` reads it); by default the one the run trained with."""
         from tunelab.config import TrainConfig
+        from tunelab.errors import UserError
         from tunelab.models import load_tokenizer
         from tunelab.template import Template
 
+        if precision not in (None, "auto", "bf16", "fp32"):
+            raise UserError(f"precision {precision!r}: choose 'auto', 'bf16' or 'fp32'")
         self.files = RunFiles(Path(path))
         self.files.check()
         self.config = TrainConfig.from_yaml(self.files.config)
