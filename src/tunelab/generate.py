@@ -199,7 +199,7 @@ class _RoomyLayer(DynamicLayer):
 
     transformers' DynamicLayer appends each step's token with `torch.cat`, which copies the whole
     cache every step. Here a step writes its token into the room left and hands attention views
-    of the filled part: few-shot answers ~10% faster on a 2-core CPU, where each step attends to
+    of the filled part: few-shot answers ~12% faster on a 2-core CPU, where each step attends to
     the long shared prefix (docs/BENCHMARKS.md)."""
 
     def __init__(self, **kwargs):
