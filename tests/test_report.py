@@ -88,7 +88,7 @@ def rich_eval() -> dict:
     }
     order = ["correct", "wrong", "hallucinated value", "invalid format", "empty", "no stop", "repetition loop"]
     results = {"schema": 2, "run": "runs/mine", "data": "runs/mine/test.jsonl", "examples_evaluated": 3,
-               "max_new_tokens": 40, "shots": 3, "contenders": [], "metrics": {}, "fields": {},
+               "max_new_tokens": 40, "shots": 3, "precision": "bf16", "contenders": [], "metrics": {}, "fields": {},
                "extractive_fields": ["day", "people"], "buckets": {}, "bucket_examples": {}, "differences": [],
                "cost": {}}
     for i, name in enumerate(names):
@@ -258,6 +258,7 @@ def test_rich_eval_json_shows_intervals_buckets_cost_differences_and_forgetting(
     cost = html[html.index("<h2>Cost"):html.index("<h2>Assertions")]
     row = re.search(r"<tr><th>prompt tokens</th>(.*?)</tr>", cost).group(1)
     assert row == "<td class=best>60</td><td>260</td><td>260</td><td class=best>60</td>"
+    assert "The local contenders computed in bf16 (bf16 autocast, as in training" in cost
     assertions = html[html.index("<h2>Assertions"):html.index("<h2>Forgetting")]
     assert "<tr><th>every rule</th><td>0 <span class=ci>0.0%</span></td>" in assertions
     assert "no &lt;script&gt;" in assertions

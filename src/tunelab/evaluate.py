@@ -77,7 +77,7 @@ from tunelab.errors import UserError
 from tunelab.forgetting import DEFAULT_QUESTIONS
 from tunelab.generate import Answer, generate_detailed
 from tunelab.loss import heldout_loss
-from tunelab.speed import autocast
+from tunelab.speed import autocast, computes_bf16
 
 LOCAL = ("zero-shot", "few-shot", "retrieval", "tuned")
 WARM_UP_TOKENS = 2
@@ -220,7 +220,8 @@ def evaluate(run, limit: int | None = None, batch_size: int = 32, max_new_tokens
         results["metrics"][name]["perplexity"] = {"value": math.exp(min(loss, 50))}
     checked, ungraded = results.pop("assertion_results"), results.pop("ungraded")
     ordered = {"schema": 2, "run": str(run.path), "data": str(source), "examples_evaluated": len(examples),
-               "max_new_tokens": max_new_tokens, "shots": shots, **results,
+               "max_new_tokens": max_new_tokens, "shots": shots,
+               "precision": "bf16" if computes_bf16(run.precision) else "fp32", **results,
                "assertions": {"file": str(assertions), "results": checked} if rules else None,
                "judge": {"url": judge.url, "model": judge.model, "ungraded": ungraded} if judge else None,
                "forgetting": {"file": str(forgetting), "questions": len(questions), "results": forgotten}
@@ -390,7 +391,9 @@ def format_cost(results: dict) -> str:
             ["generated tokens", *[f"{cost[n]['generated_tokens']:.1f}" for n in names]],
             ["seconds / request", *[f"{cost[n]['seconds_per_request']:.3f}" for n in names]],
             ["requests / second", *[f"{cost[n]['requests_per_second']:.1f}" for n in names]]]
-    return _grid(["cost per request", *names], rows)
+    # The arithmetic of the local contenders' answers (older eval.json files do not say).
+    title = f"cost per request ({results['precision']})" if results.get("precision") else "cost per request"
+    return _grid([title, *names], rows)
 
 
 def format_differences(results: dict) -> str:

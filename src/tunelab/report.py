@@ -502,7 +502,17 @@ def section_cost(results: dict) -> str:
     return (f"<h2>Cost per request</h2><table class=metrics><tr><th></th>{head}</tr>{''.join(rows)}</table>"
             "<p class=note>Means per request on this machine, measured while evaluating, after one uncounted "
             "warm-up request per contender: a longer prompt (few-shot, retrieval) costs more for every "
-            "request.</p>")
+            f"request.{precision_note(results)}</p>")
+
+
+def precision_note(results: dict) -> str:
+    """Which arithmetic the local contenders answered in (eval.json files before it say nothing)."""
+    precision = results.get("precision")
+    if precision not in ("bf16", "fp32"):
+        return ""
+    return (f" The local contenders computed in {precision} "
+            + ("(bf16 autocast, as in training; <code>--precision fp32</code> for fp32)." if precision == "bf16"
+               else "."))
 
 
 def section_assertions(results: dict) -> str:
