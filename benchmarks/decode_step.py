@@ -6,7 +6,8 @@ Three measurements with the base model (`--base`, smollm2-135m by default), each
 table and saved to OUT/decode_step.json:
 
 - `matmul`: GFLOP/s of one product of the model's MLP shape (hidden x intermediate) by rows,
-  in fp32 and in bf16: how much batching and bf16 can buy on this CPU or GPU;
+  in fp32 and in bf16: how much batching and bf16 can buy on this CPU (tunelab's evaluation,
+  generation and serving run on the CPU);
 - `step`: milliseconds of one decoding step (a forward pass of one new token per row, after a
   prompt of `--prompt-tokens`) by rows in a batch, in fp32 and under bf16 autocast;
 - `cache`: seconds to answer the 48 booking prompts of benchmarks/eval_speed.py, zero-shot and
@@ -128,7 +129,7 @@ def main() -> None:
                     seconds[form][name].append(time.perf_counter() - started)
     finally:
         generate._new_cache = caches["room"]
-    computes = "bf16" if computes_bf16(args.precision) else "fp32"
+    computes = "bf16" if computes_bf16(args.precision, model.device) else "fp32"
     results["cache"] = {"precision": args.precision, "computes": computes, "seconds": seconds,
                         "same_answers": {f: sum(a == b for a, b in zip(*answers[f].values())) for f in forms}}
     print(f"\n48 prompts, 32 tokens, batches of 32, {args.precision} ({computes}), seconds over {args.rounds} rounds:")

@@ -173,7 +173,8 @@ def main() -> None:
 
     results: dict = {"base": args.base, "prompts": args.prompts, "shots": args.shots,
                      "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "rounds": args.rounds,
-                     "precision": args.precision, "computes": "bf16" if computes_bf16(args.precision) else "fp32",
+                     "precision": args.precision,
+                     "computes": "bf16" if computes_bf16(args.precision, model.device) else "fp32",
                      "threads": torch.get_num_threads(), "load_average": os.getloadavg(), "forms": {}}
     for form, prompts in forms.items():
         seconds = {way: 0.0 for way in chosen}

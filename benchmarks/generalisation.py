@@ -368,7 +368,7 @@ def run_task(task: str, args, settings: dict) -> dict:
         "steps": steps, "train_s": round(train_s, 1), "generate_s": round(generate_s, 1),
         "final_eval_loss": eval_losses[-1] if eval_losses else None,
         "copied_fields": run.copied_fields, "precision": run.precision,
-        "computes": "bf16" if computes_bf16(run.precision) else "fp32",
+        "computes": "bf16" if computes_bf16(run.precision, run.model().device) else "fp32",
         "fp32": None if fp32 is None else {
             "em_novel": rate(novel, fp32), "em_seen": rate([not n for n in novel], fp32),
             "em_all": rate([True] * len(novel), fp32), "answers_changed": sum(a != b for a, b in zip(answers, exact)),

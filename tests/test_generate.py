@@ -113,9 +113,11 @@ def test_generation_computes_in_the_precision_asked(tiny, precision):
         generate_rows(model, template, [Request(template.encode_prompt(c), 3) for c in prompts(2)], precision)
     finally:
         hook.remove()
-    assert seen and set(seen) == {torch.bfloat16 if computes_bf16(precision) else torch.float32}
+    assert seen and set(seen) == {torch.bfloat16 if computes_bf16(precision, model.device) else torch.float32}
     # Weights stay as they were: the arithmetic changes, not the model.
     assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="precision 'BF16': choose one of auto, fp32, bf16"):
+        generate_rows(model, template, [Request(template.encode_prompt(prompts(1)[0]), 3)], "BF16")
 
 
 def test_a_lora_runs_weights_are_cast_to_bf16_once_a_batch_not_at_every_step(tiny_run):
@@ -183,7 +185,7 @@ def test_precision_flag_reaches_generation(tiny_run, monkeypatch, capsys):
     import tunelab
     from tunelab.errors import UserError
 
-    with pytest.raises(UserError, match="precision 'half': choose 'auto', 'bf16' or 'fp32'"):
+    with pytest.raises(UserError, match="precision 'half': choose one of auto, fp32, bf16"):
         tunelab.load(tiny_run, precision="half")
 
 

@@ -258,7 +258,7 @@ def test_rich_eval_json_shows_intervals_buckets_cost_differences_and_forgetting(
     cost = html[html.index("<h2>Cost"):html.index("<h2>Assertions")]
     row = re.search(r"<tr><th>prompt tokens</th>(.*?)</tr>", cost).group(1)
     assert row == "<td class=best>60</td><td>260</td><td>260</td><td class=best>60</td>"
-    assert "The local contenders computed in bf16 (bf16 autocast, as in training" in cost
+    assert "The local contenders computed in bf16 (bf16 autocast; <code>--precision fp32</code> for fp32)." in cost
     assertions = html[html.index("<h2>Assertions"):html.index("<h2>Forgetting")]
     assert "<tr><th>every rule</th><td>0 <span class=ci>0.0%</span></td>" in assertions
     assert "no &lt;script&gt;" in assertions

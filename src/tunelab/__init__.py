@@ -51,7 +51,7 @@ def finetune(data: str | Path, out: str | Path | None = None, overwrite: bool = 
 
 def load(path: str | Path, precision: str | None = None) -> Run:
     """Open a finished run folder; `precision` ("auto", "bf16" or "fp32") is the arithmetic of its
-    generation and evaluation, by default the one it trained with."""
+    generation and evaluation, by default the run's own --precision setting."""
     from tunelab.run import Run
 
     return Run(path, precision)

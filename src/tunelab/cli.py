@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Collection
 from pathlib import Path
 
-from tunelab.config import DataOptions, TrainConfig
+from tunelab.config import DataOptions, Precision, TrainConfig
 from tunelab.errors import UserError, check_output_file, check_output_folder
 
 
@@ -298,10 +298,10 @@ def add_copy_flag(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def add_precision_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
+    parser.add_argument("--precision", choices=typing.get_args(Precision), default=None,
                         help="arithmetic of generation: bf16 (matmuls in bf16, as in mixed-precision training; "
-                             "about 3x faster on CPUs with AVX512-BF16) or fp32; auto picks bf16 where the hardware "
-                             "computes it natively (default: the precision the run trained with)")
+                             "generation about 2x faster on CPUs with AVX512-BF16) or fp32; auto picks bf16 where "
+                             "the hardware computes it natively (default: the run's --precision setting)")
 
 
 def positive_int(text: str) -> int:

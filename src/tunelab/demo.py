@@ -58,8 +58,8 @@ def run_demo(out: Path, examples: int = 1200, method: str = "full", max_steps: i
           "held-out examples...")
     evaluated = time.perf_counter()
     results = run.evaluate(limit=eval_limit, shots=3, retrieval=False)
-    report = write_report(out)
     evaluation = time.perf_counter() - evaluated
+    report = write_report(out)
     minutes = (time.perf_counter() - started) / 60
     print()
     print(format_report(results))

@@ -18,6 +18,8 @@ RUN/eval.json (schema 2), written beside and renamed, so it is either whole or a
     run, data            the run folder; the evaluated file (the run's test.jsonl by default)
     examples_evaluated   number of examples
     max_new_tokens, shots
+    precision            "bf16" or "fp32": the arithmetic of the local contenders' answers and
+                         held-out losses (--precision; the forgetting check is always fp32)
     contenders           [{"name", "kind": "local" | "endpoint", "model", "prompt":
                            "zero-shot" | "few-shot" | "retrieval" | "fine-tuned" | "endpoint"}]
     metrics              {contender: {metric: {"value", "low", "high"}}}: exact_match, token_f1,
@@ -221,7 +223,7 @@ def evaluate(run, limit: int | None = None, batch_size: int = 32, max_new_tokens
     checked, ungraded = results.pop("assertion_results"), results.pop("ungraded")
     ordered = {"schema": 2, "run": str(run.path), "data": str(source), "examples_evaluated": len(examples),
                "max_new_tokens": max_new_tokens, "shots": shots,
-               "precision": "bf16" if computes_bf16(run.precision) else "fp32", **results,
+               "precision": "bf16" if computes_bf16(run.precision, tuned_model.device) else "fp32", **results,
                "assertions": {"file": str(assertions), "results": checked} if rules else None,
                "judge": {"url": judge.url, "model": judge.model, "ungraded": ungraded} if judge else None,
                "forgetting": {"file": str(forgetting), "questions": len(questions), "results": forgotten}

@@ -235,6 +235,13 @@ class _RoomyLayer(DynamicLayer):
         self.buffers = buffers
         self.keys, self.values = (b[..., : self.length, :] for b in buffers)
 
+    def reset(self) -> None:
+        super().reset()
+        self.length, self.buffers = 0, None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("tunelab's generation cache only grows; crop a DynamicCache instead")
+
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.length:
             self._view(tuple(b.repeat_interleave(repeats, dim=0) for b in self.buffers))

@@ -510,9 +510,9 @@ def precision_note(results: dict) -> str:
     precision = results.get("precision")
     if precision not in ("bf16", "fp32"):
         return ""
-    return (f" The local contenders computed in {precision} "
-            + ("(bf16 autocast, as in training; <code>--precision fp32</code> for fp32)." if precision == "bf16"
-               else "."))
+    if precision == "fp32":
+        return " The local contenders computed in fp32."
+    return " The local contenders computed in bf16 (bf16 autocast; <code>--precision fp32</code> for fp32)."
 
 
 def section_assertions(results: dict) -> str:

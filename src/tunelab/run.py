@@ -4,6 +4,7 @@ folder's layout is in runfolder.py."""
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 
 from tunelab.runfolder import RunFiles
@@ -18,14 +19,14 @@ class Run:
 
     def __init__(self, path: Path | str, precision: str | None = None):
         """`precision` is the arithmetic of generation and evaluation ("auto", "bf16" or "fp32",
-        as `speed.autocast` reads it); by default the one the run trained with."""
-        from tunelab.config import TrainConfig
+        as `speed.autocast` reads it); by default the run's own --precision setting."""
+        from tunelab.config import Precision, TrainConfig
         from tunelab.errors import UserError
         from tunelab.models import load_tokenizer
         from tunelab.template import Template
 
-        if precision not in (None, "auto", "bf16", "fp32"):
-            raise UserError(f"precision {precision!r}: choose 'auto', 'bf16' or 'fp32'")
+        if precision is not None and precision not in typing.get_args(Precision):
+            raise UserError(f"precision {precision!r}: choose one of {', '.join(typing.get_args(Precision))}")
         self.files = RunFiles(Path(path))
         self.files.check()
         self.config = TrainConfig.from_yaml(self.files.config)

@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import typing
 
 import torch
+
+from tunelab.config import Precision
 
 PACKED_ATTENTION = "tunelab_packed_sdpa"
 
@@ -169,28 +172,30 @@ def make_optimizer(params, lr: float, weight_decay: float, device: torch.device)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-def native_bf16() -> bool:
-    """Whether bf16 matmuls run natively: fast on GPUs with bf16 and CPUs with AVX512-BF16 or
-    AMX (training steps 1.3-1.5x faster than fp32 on such a 2-core CPU), emulated and
-    slower elsewhere."""
-    if torch.cuda.is_available():
+def native_bf16(device: torch.device | None = None) -> bool:
+    """Whether bf16 matmuls run natively on `device` (by default the one training uses: the GPU
+    if there is one): fast on GPUs with bf16 and CPUs with AVX512-BF16 or AMX (training steps
+    1.3-1.5x faster than fp32 on such a 2-core CPU), emulated and slower elsewhere."""
+    on_gpu = torch.cuda.is_available() if device is None else device.type == "cuda"
+    if on_gpu:
         return torch.cuda.is_bf16_supported()
     # A private probe, the only one torch has: tests/test_private_hooks.py fails if it goes.
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def autocast(precision: str, device: torch.device):
-    """The arithmetic of a forward pass outside training (generation, held-out loss, the
-    forgetting check), chosen as --precision chooses training's: bf16 autocast (matmuls in bf16;
-    weights, norms and softmax in fp32) for "bf16", and for "auto" where the hardware computes
-    bf16 natively (the matmuls of decoding run ~3x faster on a CPU with AVX512-BF16); plain fp32
-    otherwise."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=computes_bf16(precision))
+    """The arithmetic of a forward pass on `device` outside training (generation, the held-out
+    loss), chosen as --precision chooses training's: bf16 autocast (matmuls in bf16; weights,
+    norms and softmax in fp32) for "bf16", and for "auto" where `device` computes bf16 natively
+    (generation about 2x faster on a CPU with AVX512-BF16); plain fp32 otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=computes_bf16(precision, device))
 
 
-def computes_bf16(precision: str) -> bool:
-    """Whether `precision` ("auto", "bf16" or "fp32") means bf16 matmuls on this machine."""
-    return precision == "bf16" or (precision == "auto" and native_bf16())
+def computes_bf16(precision: str, device: torch.device) -> bool:
+    """Whether `precision` ("auto", "bf16" or "fp32") means bf16 matmuls on `device`."""
+    if precision not in typing.get_args(Precision):
+        raise ValueError(f"precision {precision!r}: choose one of {', '.join(typing.get_args(Precision))}")
+    return precision == "bf16" or (precision == "auto" and native_bf16(device))
 
 
 def make_accelerator(grad_accum: int, precision: str = "auto"):
