@@ -3,7 +3,7 @@
     PYTHONPATH=src python benchmarks/data_check_scale.py                      # 10k, 100k and 1M lines
     PYTHONPATH=src python benchmarks/data_check_scale.py --lines 100000 --token-lines 2000
 
-The file holds booking-extraction examples (tunelab.examples.bookings, in chunks of 50,000 with
+The file holds booking-extraction examples (tunelab.demo.bookings, in chunks of 50,000 with
 different seeds, so chunks repeat some rows: real exact and near duplicates), plus 10 broken
 lines. Each check runs in a fresh process, exactly the command a user runs, and reports its own
 wall time and peak resident memory (getrusage ru_maxrss). Format and duplicate checks run on
@@ -27,7 +27,7 @@ CHUNK = 50_000
 
 
 def write_data(path: Path, lines: int) -> None:
-    from tunelab.examples import bookings
+    from tunelab.demo import bookings
 
     written, seed = 0, 0
     with path.open("w", encoding="utf-8") as f:

@@ -48,8 +48,8 @@ def step_ms(model, rows: int, prompt_tokens: int, precision: str, steps: int = 1
     """Median milliseconds of a decoding step for `rows` rows."""
     import torch
 
-    from tunelab.generate import _new_cache
-    from tunelab.speed import autocast
+    from tunelab.decoding.generate import _new_cache
+    from tunelab.device import autocast
 
     ids = torch.randint(100, 1000, (rows, prompt_tokens))
     mask = torch.ones_like(ids)
@@ -80,12 +80,12 @@ def main() -> None:
     import torch
     from transformers import DynamicCache
 
-    import tunelab.generate as generate
-    from tunelab.baselines import few_shot_prompts
-    from tunelab.data import Example
-    from tunelab.examples import bookings
+    import tunelab.decoding.generate as generate
+    from tunelab.evaluate.baselines import few_shot_prompts
+    from tunelab.data.load import Example
+    from tunelab.demo import bookings
     from tunelab.models import for_inference, load_model, load_tokenizer, resolve_base
-    from tunelab.speed import computes_bf16
+    from tunelab.device import computes_bf16
     from tunelab.template import Template
 
     path = resolve_base(args.base)

@@ -3,7 +3,7 @@
     PYTHONPATH=src python benchmarks/eval_speed.py --prompts 48
     PYTHONPATH=src python benchmarks/eval_speed.py --prompts 48 --demo-run runs/demo --limit 100
 
-The prompts are the demo's booking-extraction questions (`tunelab.examples.bookings`), asked of
+The prompts are the demo's booking-extraction questions (`tunelab.demo.bookings`), asked of
 the base model (`--base`, smollm2-135m by default) through its own chat template, greedily, with
 the same token limit, in two forms: zero-shot (the question alone) and few-shot (`--shots`
 training examples before every question, as `tunelab eval` builds them). Three ways to answer
@@ -11,7 +11,7 @@ them, timed on the same prompts:
 
 - `one-by-one`: what a new user writes first: one `model.generate` call per prompt;
 - `hf-batched`: `model.generate` on left-padded batches sorted by length (tunelab's earlier path);
-- `tunelab-fp32`: `tunelab.generate.generate_detailed` in fp32, the arithmetic of the two ways
+- `tunelab-fp32`: `tunelab.decoding.generate.generate_detailed` in fp32, the arithmetic of the two ways
   above: KV-cache loop where finished rows leave the batch, the prefix that every prompt of a
   window shares is computed once, and the cache has room for the next tokens;
 - `tunelab`: the same loop in the arithmetic `tunelab eval` uses by default (`--precision`, auto:
@@ -99,7 +99,7 @@ def hf_batched(model, template, prompts, max_new_tokens: int, batch_size: int) -
 
 
 def tunelab_batched(model, template, prompts, max_new_tokens: int, batch_size: int, precision: str) -> list[str]:
-    from tunelab.generate import generate_detailed
+    from tunelab.decoding.generate import generate_detailed
 
     return [a.text for a in generate_detailed(model, template, prompts, max_new_tokens, batch_size,
                                               precision=precision)]
@@ -137,11 +137,11 @@ def main() -> None:
 
     import torch
 
-    from tunelab.baselines import few_shot_prompts
-    from tunelab.data import Example
-    from tunelab.examples import bookings
+    from tunelab.evaluate.baselines import few_shot_prompts
+    from tunelab.data.load import Example
+    from tunelab.demo import bookings
     from tunelab.models import load_model, load_tokenizer, resolve_base
-    from tunelab.speed import computes_bf16
+    from tunelab.device import computes_bf16
     from tunelab.template import Template
 
     torch.set_grad_enabled(False)

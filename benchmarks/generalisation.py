@@ -23,10 +23,10 @@ occurs anywhere in the training file. The test file also holds `--seen-rows` new
 training entities, the control: a row counts as novel when one of its answer values (JSON string
 values, or the entities a rewrite must carry) occurs in no training answer, seen otherwise.
 
-For each task the runner trains with tunelab's Python API (`tunelab.train.train`, TrainConfig
+For each task the runner trains with tunelab's Python API (`tunelab.train.loop.train`, TrainConfig
 defaults, overridden by `--set key=value`), answers the test prompts greedily through the run
 (`Run.generate_batch`, the path of `tunelab generate` and `tunelab eval`), and prints exact match
-(`tunelab.metrics.exact_match`) on novel and seen rows, training wall time and the settings.
+(`tunelab.evaluate.metrics.exact_match`) on novel and seen rows, training wall time and the settings.
 Each result is appended to OUT/results.jsonl (misses included); `--table` prints them all.
 Answers are decoded as `tunelab generate` decodes them, with the copy constraint on the fields
 the run's training data copies (tunelab/copying.py); `--compare-copy-constraint` answers the test
@@ -322,10 +322,10 @@ def parse_settings(pairs: list[str]) -> dict:
 
 def run_task(task: str, args, settings: dict) -> dict:
     from tunelab.config import TrainConfig
-    from tunelab.metrics import exact_match
+    from tunelab.evaluate.metrics import exact_match
     from tunelab.run import Run
-    from tunelab.speed import computes_bf16
-    from tunelab.train import train as train_run
+    from tunelab.device import computes_bf16
+    from tunelab.train.loop import train as train_run
 
     folder = Path(args.out) / args.label / task
     train_rows, test_rows = make_task(task, args.train_rows, args.test_rows, args.seen_rows, args.data_seed)

@@ -6,7 +6,7 @@
 A step is tunelab's: 8 booking examples packed into one row (~880 tokens), loss on the
 completions, backward, clipping, AdamW. The first step (allocation, compilation) is left out of
 the summary; on a shared machine the minimum is the steadiest number. This is how the options in
-src/tunelab/speed.py were chosen; docs/BENCHMARKS.md has the results.
+src/tunelab/device.py were chosen; docs/BENCHMARKS.md has the results.
 
 Variant words (joined with commas): `packed` (per-example attention instead of transformers'
 dense block-diagonal mask), `threads` (tunelab's thread settings), `bf16` (autocast), `fused`
@@ -35,22 +35,22 @@ def run(variant: str, steps: int) -> dict:
 
     words = set(variant.split(","))
     if "alloc" in words:
-        from tunelab.speed import reuse_freed_memory
+        from tunelab.device import reuse_freed_memory
 
         reuse_freed_memory().__enter__()  # for the life of this process
     if "threads" in words:
-        from tunelab.speed import configure_threads
+        from tunelab.device import configure_threads
 
         configure_threads()
-    from tunelab import speed
-    from tunelab.batching import encode_examples, pack
+    from tunelab import device
+    from tunelab.train.batching import encode_examples, pack
     from tunelab.config import TrainConfig
-    from tunelab.data import Example
-    from tunelab.examples import bookings
-    from tunelab.loss import token_loss
+    from tunelab.data.load import Example
+    from tunelab.demo import bookings
+    from tunelab.train.loss import token_loss
     from tunelab.models import load_tokenizer, resolve_base
     from tunelab.template import Template
-    from tunelab.train import build_model
+    from tunelab.train.loop import build_model
 
     base = resolve_base("smollm2-135m")
     template = Template.for_model(load_tokenizer(base))
@@ -60,7 +60,7 @@ def run(variant: str, steps: int) -> dict:
     encoded = encode_examples(examples, template, 1024)[0]
     torch.manual_seed(0)
     model = build_model(TrainConfig(method="lora" if "lora" in words else "full"), base)
-    model = speed.prepare_model(model, "gc" in words, "compile" in words) if "packed" in words else model
+    model = device.prepare_model(model, "gc" in words, "compile" in words) if "packed" in words else model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True if "fused" in words else None)

@@ -3,7 +3,7 @@
     PYTHONPATH=src python benchmarks/train_throughput.py --examples 240
 
 SmolLM2-135M, full fine-tuning and LoRA, one epoch at batch 8 over the bundled booking examples
-(`tunelab.examples.bookings`, 90% train / 10% held out by tunelab's split). Each setting runs in
+(`tunelab.demo.bookings`, 90% train / 10% held out by tunelab's split). Each setting runs in
 a fresh subprocess, so its peak memory (ru_maxrss) is its own. Both sides get the same training
 problem: the same train examples, the model's own chat template, loss on the completion only,
 AdamW at the same peak learning rate, warmup then cosine decay, one epoch, batch 8, gradient
@@ -18,7 +18,7 @@ auto: bf16 autocast where the CPU or GPU computes bf16 natively).
 Printed per setting: useful (non-padding) tokens/s over the training loop, whole-run wall time
 (process start to saved weights: imports, model load, tokenization, training, saving), peak
 memory, the wall-time ratio to the faster TRL setting of the same method, the held-out loss
-(every trained model loaded from disk and scored by tunelab.loss.heldout_loss on the same
+(every trained model loaded from disk and scored by tunelab.train.loss.heldout_loss on the same
 encoded held-out examples), and model FLOPs utilisation against the fp32 matmul peak measured
 here with torch.mm. Results also go to OUT/results.json.
 """
@@ -73,8 +73,8 @@ def prepare_data(work: Path, examples: int):
     seed trains on, so a seed only changes data order and initialisation, never the held-out set.
     Returns the train and held-out examples encoded by the model's template."""
     from tunelab.config import TrainConfig
-    from tunelab.examples import bookings
-    from tunelab.train import prepare
+    from tunelab.demo import bookings
+    from tunelab.train.loop import prepare
 
     path = work / "bookings.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in bookings.make_examples(examples)))
@@ -88,7 +88,7 @@ def prepare_data(work: Path, examples: int):
 
 def run_tunelab(method: str, seed: int, work: Path, out: Path) -> dict:
     from tunelab.config import TrainConfig
-    from tunelab.train import train
+    from tunelab.train.loop import train
 
     # The training split only (test_size 0): the held-out examples were set apart by prepare_data.
     # No held-out loss during training (TRL does none either); it is measured afterwards for all.
@@ -97,7 +97,7 @@ def run_tunelab(method: str, seed: int, work: Path, out: Path) -> dict:
     train(config, work / "train.jsonl", out, overwrite=True, quiet=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if "loss" in r][-1]
-    from tunelab.speed import accelerator_options
+    from tunelab.device import accelerator_options
 
     return {"steps": last["step"], "train_s": last["elapsed_s"], "tokens_seen": last["tokens"],
             "mixed_precision": accelerator_options(config.precision)["mixed_precision"],
@@ -110,7 +110,7 @@ def run_trl(variant: str, method: str, seed: int, work: Path, out: Path) -> dict
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from tunelab import data as data_mod
+    from tunelab.data import load as data_mod
     from tunelab.models import load_model, load_tokenizer, resolve_base
 
     train = data_mod.load_examples(work / "train.jsonl")
@@ -223,7 +223,7 @@ def model_flops(method: str, encoded, config, lora_params: int) -> float:
 
 
 def heldout(setting: str, weights: str, test_encoded) -> float:
-    from tunelab.loss import heldout_loss
+    from tunelab.train.loss import heldout_loss
     from tunelab.models import load_model, resolve_base
 
     _, method = split_setting(setting)
@@ -285,7 +285,7 @@ def main() -> None:
     import torch
     from transformers import AutoConfig
 
-    from tunelab.loss import heldout_loss
+    from tunelab.train.loss import heldout_loss
     from tunelab.models import load_model, resolve_base
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -81,7 +81,7 @@ def pairs_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def conversations():
     """`conversations(n)`: n chat examples (lines 1 to n) whose prompts and answers vary in length."""
-    from tunelab.data import Example
+    from tunelab.data.load import Example
 
     def make(n: int) -> list[Example]:
         return [Example([{"role": "user", "content": f"Question number {i}, " * (1 + i % 3)},

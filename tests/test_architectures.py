@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tunelab import speed
-from tunelab.batching import encode_examples, pack
+from tunelab import device
+from tunelab.train.batching import encode_examples, pack
 from tunelab.cli import main
-from tunelab.data import Example
-from tunelab.loss import backward_step, chunked_token_loss, heldout_loss, token_loss
+from tunelab.data.load import Example
+from tunelab.train.loss import backward_step, chunked_token_loss, heldout_loss, token_loss
 from tunelab.models import load_model
 from tunelab.run import Run
 from tunelab.template import IGNORE, Template
@@ -141,12 +141,12 @@ def test_the_training_step_gives_each_example_its_own_loss(family, tokenizer, ca
             count += int((labels != IGNORE).sum())
 
     model = load_model(base).eval()
-    packed = speed.use_packed_attention(model)
+    packed = device.use_packed_attention(model)
     note = capsys.readouterr().err
     # Gemma 2 soft-caps its attention scores, which SDPA cannot: it keeps its own attention.
     assert packed == (name != "gemma2"), name
     assert ("cannot use packed per-example attention" in note) == (not packed)
-    accelerator = speed.make_accelerator(1, "fp32")
+    accelerator = device.make_accelerator(1, "fp32")
     loss, _ = backward_step(accelerator, model, [pack(encoded)])
     assert loss.item() == pytest.approx(total / count, abs=1e-5), name
     assert all(p.grad is not None for p in model.parameters())

@@ -8,9 +8,9 @@ import json
 import random
 import re
 
-from tunelab.augment import copied_words, copy_variants, fresh_surrogate, surrogate, training_vocabulary
+from tunelab.data.augment import copied_words, copy_variants, fresh_surrogate, surrogate, training_vocabulary
 from tunelab.cli import main
-from tunelab.data import Example
+from tunelab.data.load import Example
 
 INSTRUCTION = "Extract the person and the city as JSON with keys name, city."
 

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from tunelab.batching import encode_examples, pack
-from tunelab.data import Example
+from tunelab.train.batching import encode_examples, pack
+from tunelab.data.load import Example
 from tunelab.errors import UserError
-from tunelab.loss import heldout_loss, token_loss
+from tunelab.train.loss import heldout_loss, token_loss
 from tunelab.models import load_model
 from tunelab.template import IGNORE, Template
 

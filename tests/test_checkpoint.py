@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tunelab.checkpoint import PAUSE_ENV, Checkpoint, kept, trim_metrics
+from tunelab.train.checkpoint import PAUSE_ENV, Checkpoint, kept, trim_metrics
 from tunelab.cli import main
 
 TIMING = ("tokens_per_s", "elapsed_s")

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 import tunelab
-from tunelab import data
-from tunelab.checkpoint import fingerprint
+from tunelab.data import load as data
+from tunelab.train.checkpoint import fingerprint
 from tunelab.cli import build_parser, config_flags
 from tunelab.config import DataOptions, TrainConfig
 from tunelab.errors import UserError

@@ -1,5 +1,5 @@
 """The copy constraint: which answer fields training copies from the input, and decoding that
-keeps them copies (tunelab.copying), from detection to the CLI."""
+keeps them copies (tunelab.decoding.copying), from detection to the CLI."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from tunelab.copying import CopyCounter, CopyRule, JsonCursor, whole_copy
+from tunelab.decoding.copying import CopyCounter, CopyRule, JsonCursor, whole_copy
 
 NAMES = ["Anna", "Boris", "Carla", "Dmitri", "Elena", "Farid", "Greta", "Hugo"]
 CITIES = ["Oslo", "Lima", "Kyiv", "Bern", "Riga"]
@@ -278,7 +278,7 @@ def test_chat_keeps_the_field_a_copy(copy_run):
 
 
 def test_the_servers_loop_applies_the_constraint_greedy_and_sampled(copy_run):
-    from tunelab.generate import Request, generate_rows, stream_reply
+    from tunelab.decoding.generate import Request, generate_rows, stream_reply
     from tunelab.run import Run
 
     run = Run(copy_run)

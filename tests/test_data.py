@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from tunelab import data
+from tunelab.data import load as data
 from tunelab.errors import UserError
 
 

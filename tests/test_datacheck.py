@@ -3,10 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from tunelab import data
+from tunelab.data import load as data
 from tunelab.cli import main
 from tunelab.config import DataOptions
-from tunelab.datacheck import check
+from tunelab.data.check import check
 from tunelab.template import NAMED, Template
 
 TEMPLATES = Path(__file__).parent / "data" / "templates"

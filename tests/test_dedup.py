@@ -2,7 +2,7 @@ import random
 
 import numpy as np
 
-from tunelab import dedup
+from tunelab.data import dedup
 
 
 def jaccard(a: str, b: str) -> float:

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from tunelab.cli import main
-from tunelab.evaluate import WARM_UP_TOKENS
-from tunelab.metrics import BUCKETS
+from tunelab.evaluate.core import WARM_UP_TOKENS
+from tunelab.evaluate.metrics import BUCKETS
 
 COUNTRIES = {"Paris": "France", "Berlin": "Germany", "Madrid": "Spain", "Rome": "Italy"}
 
@@ -122,8 +122,8 @@ def test_eval_with_shots_and_assertions_through_the_cli(trained_run, tmp_path):
 
 
 def test_each_local_contender_answers_an_uncounted_warm_up_request_before_it_is_timed(monkeypatch):
-    from tunelab import evaluate
-    from tunelab.generate import Answer
+    from tunelab.evaluate import core as evaluate
+    from tunelab.decoding.generate import Answer
 
     calls = []
 
@@ -141,14 +141,15 @@ def test_each_local_contender_answers_an_uncounted_warm_up_request_before_it_is_
 
 
 def test_eval_on_another_labelled_file(trained_run, tmp_path, capsys, write_jsonl, monkeypatch):
-    from tunelab import evaluate, generate
+    from tunelab.evaluate import core as evaluate
+    from tunelab.decoding import generate
 
     harder = write_jsonl(tmp_path / "harder.jsonl", [
         {"messages": [{"role": "user", "content": "Country of Rome? (11)"}, {"role": "assistant", "content": "Italy"}]},
         {"instruction": "Country of Paris? (12)", "output": "France"},
         {"prompt": "Country of Madrid? (13)", "completion": "Spain"},
     ])
-    from tunelab import forgetting
+    from tunelab.evaluate import forgetting
 
     asked, forgetting_in_bf16 = [], []
     for module in (evaluate, generate):  # generation, and the held-out loss

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from tunelab.examples.bookings import (
+from tunelab.demo.bookings import (
     FIRST_NAMES, INSTRUCTION, NAME_POOLS, NUMBER_WORDS, SURNAMES, WEEKDAYS, describe, make_examples, time_phrases, to_24h, words_to_int,
 )
 
@@ -106,7 +106,7 @@ def test_describe():
 def test_the_demo_holds_out_names_whose_parts_training_never_saw(tmp_path):
     """The demo's split (its own config) puts every name pool on one side, so no first name or
     surname of a held-out answer occurs in any training answer, and the table measures copying."""
-    from tunelab import data
+    from tunelab.data import load as data
     from tunelab.demo import demo_config, write_dataset
 
     config = demo_config()

@@ -12,7 +12,7 @@ import torch
 import tunelab
 from tunelab.cli import main
 from tunelab.errors import UserError
-from tunelab.export import check_gguf_supported, ollama_modelfile
+from tunelab.export.formats import check_gguf_supported, ollama_modelfile
 from tunelab.run import Run
 from tunelab.template import Template
 
@@ -356,13 +356,13 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path, capsys):
 
 
 def test_an_export_that_fails_midway_leaves_nothing(runs, tmp_path, monkeypatch):
-    import tunelab.export
+    import tunelab.export.formats
 
     def broken(model, tokenizer, template, path, *args, **kwargs):
         path.write_bytes(b"GGUF half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(tunelab.export, "write_gguf", broken)
+    monkeypatch.setattr(tunelab.export.formats, "write_gguf", broken)
     with pytest.raises(OSError, match="disk full"):
         main(["export", str(runs["lora"]), "--format", "gguf", "--out", str(tmp_path / "out")])
     assert list(tmp_path.iterdir()) == []
@@ -374,7 +374,7 @@ def test_llama_cpp_answers_like_tunelab_generate(tmp_path, tiny_model_dir, write
     until it answers in words: the few-step runs above answer empty lines, which would match
     trivially."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    from tunelab.data import read_jsonl
+    from tunelab.data.load import read_jsonl
 
     cities = [("Paris", "France"), ("Berlin", "Germany"), ("Madrid", "Spain"), ("Rome", "Italy")]
     data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"Country of {c}? ({i})", "completion": k}

@@ -46,7 +46,7 @@ def entity_copied(row) -> bool:
 
 
 def test_rows_are_deterministic_and_in_tunelab_shape(bench, tmp_path):
-    from tunelab.data import load_examples
+    from tunelab.data.load import load_examples
 
     first = bench.make_task("orders", train_rows=50, test_rows=10, seen_rows=5)
     assert first == bench.make_task("orders", train_rows=50, test_rows=10, seen_rows=5)

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from tunelab.generate import Request, generate_answers, generate_batch, generate_rows
+from tunelab.decoding.generate import Request, generate_answers, generate_batch, generate_rows
 
 
 def cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -90,7 +90,7 @@ def test_batched_answers_equal_one_by_one_answers_in_input_order(tiny):
 def test_answers_longer_than_the_caches_room_equal_transformers_generate(tiny):
     """The cache keeps room for the next tokens and moves to a larger buffer when it runs out:
     an answer that crosses that move several times is transformers' own greedy answer."""
-    from tunelab.generate import ROOM
+    from tunelab.decoding.generate import ROOM
 
     model, template = tiny
     ids = torch.tensor([template.encode_prompt(prompts(3)[2])])
@@ -104,7 +104,7 @@ def test_answers_longer_than_the_caches_room_equal_transformers_generate(tiny):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "auto"])
 def test_generation_computes_in_the_precision_asked(tiny, precision):
-    from tunelab.speed import computes_bf16
+    from tunelab.device import computes_bf16
 
     model, template = tiny
     seen = []
@@ -146,7 +146,7 @@ def test_a_lora_runs_weights_are_cast_to_bf16_once_a_batch_not_at_every_step(tin
 
 
 def test_precision_flag_reaches_generation(tiny_run, monkeypatch, capsys):
-    import tunelab.generate as generate
+    import tunelab.decoding.generate as generate
     from tunelab.cli import main
     from tunelab.run import Run
 
@@ -175,10 +175,10 @@ def test_precision_flag_reaches_generation(tiny_run, monkeypatch, capsys):
     assert main(["chat", str(tiny_run), "--max-new-tokens", "2", "--precision", "bf16"]) == 0
     assert asked and set(asked) == {"bf16"}
     # tunelab serve RUN --precision fp32: the option reaches the server's runs (load_served reads it)
-    import tunelab.serve
+    import tunelab.serve.app
 
     options = []
-    monkeypatch.setattr(tunelab.serve, "serve", options.append)
+    monkeypatch.setattr(tunelab.serve.app, "serve", options.append)
     assert main(["serve", str(tiny_run), "--precision", "fp32"]) == 0
     assert options[0].precision == "fp32"
     # The Python API names a mistaken precision rather than computing in fp32 without a word.
@@ -285,7 +285,7 @@ def _one_by_one(model, template, conversation, max_new_tokens):
 def test_rows_that_stop_leave_the_batch_and_the_shared_prefix_is_reused(tiny):
     import copy
 
-    from tunelab.generate import generate_detailed
+    from tunelab.decoding.generate import generate_detailed
 
     model, shared = tiny
     template = copy.copy(shared)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tunelab.generate import generate_batch
+from tunelab.decoding.generate import generate_batch
 from tunelab.template import Template
 
 

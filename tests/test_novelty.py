@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from tunelab import novelty
-from tunelab.evaluate import format_report
+from tunelab.data import novelty
+from tunelab.evaluate.core import format_report
 
 
 def test_values_are_json_leaves_or_quoted_spans_and_plain_text_has_none():

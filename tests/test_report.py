@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.report import read_run, render_run, word_diff, write_comparison, write_report
+from tunelab.report.page import read_run, render_run, word_diff, write_comparison, write_report
 
 HOSTILE = "<script>alert('x')</script> & \"quotes\""
 

@@ -151,7 +151,7 @@ def test_models_and_health(server):
 
 
 def test_served_runs_generate_in_their_training_precision_or_the_one_asked(runs):
-    from tunelab.serve import load_served
+    from tunelab.serve.app import load_served
 
     trained = tunelab.load(runs["alpha"]).config.precision
     assert [s.precision for s in load_served([runs["alpha"], runs["beta"]]).values()] == [trained, trained]

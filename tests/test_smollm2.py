@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tunelab.cli import main
-from tunelab.generate import generate_batch
+from tunelab.decoding.generate import generate_batch
 from tunelab.models import load_model, load_tokenizer, resolve_base
 from tunelab.template import Template
 

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from tunelab import loss, speed
-from tunelab.batching import encode_examples, pack
-from tunelab.loss import token_loss
+from tunelab.train import loss
+from tunelab import device
+from tunelab.train.batching import encode_examples, pack
+from tunelab.train.loss import token_loss
 from tunelab.models import load_model
 from tunelab.template import IGNORE, Template
 
@@ -18,8 +19,8 @@ def models(tiny_model_dir):
     """The same weights with transformers' SDPA (dense block-diagonal mask) and packed attention."""
     reference = load_model(tiny_model_dir).eval()
     packed = load_model(tiny_model_dir).eval()
-    speed.use_packed_attention(packed)
-    assert packed.config._attn_implementation == speed.PACKED_ATTENTION
+    device.use_packed_attention(packed)
+    assert packed.config._attn_implementation == device.PACKED_ATTENTION
     return reference, packed
 
 
@@ -36,12 +37,12 @@ def test_gpu_keeps_sdpa_over_the_block_mask(tiny_model_dir, encoded):
     """On a GPU the model keeps SDPA (one kernel over transformers' block-diagonal mask), which
     keeps the examples of a packed row apart: no per-example fallback, the same loss."""
     model = load_model(tiny_model_dir).eval()
-    speed.prepare_model(model, device=torch.device("cuda"))
-    assert model.config._attn_implementation == "sdpa" and speed.runs_packed(model)
+    device.prepare_model(model, device=torch.device("cuda"))
+    assert model.config._attn_implementation == "sdpa" and device.runs_packed(model)
     separate = sum(token_loss(model, pack([item]), reduction="sum").item() for item in encoded)
     assert token_loss(model, pack(encoded), reduction="sum").item() == pytest.approx(separate, rel=1e-5)
-    speed.prepare_model(model, device=torch.device("cpu"))
-    assert model.config._attn_implementation == speed.PACKED_ATTENTION
+    device.prepare_model(model, device=torch.device("cpu"))
+    assert model.config._attn_implementation == device.PACKED_ATTENTION
 
 
 def test_packed_attention_falls_back_without_boundaries(models, encoded):
@@ -101,9 +102,9 @@ def test_chunked_loss_declines_a_wrapped_head(tiny_model_dir, encoded):
 HEAP_PROBE = """
 import ctypes
 import torch
-from tunelab import speed
+from tunelab import device
 
-libc = speed._glibc()
+libc = device._glibc()
 if libc is None or not hasattr(libc, "mallinfo2"):
     raise SystemExit(3)
 
@@ -121,7 +122,7 @@ def mmapped() -> int:
     return grown
 
 outside = mmapped()
-with speed.reuse_freed_memory():
+with device.reuse_freed_memory():
     inside = mmapped()
 print(outside, inside, mmapped())
 """
@@ -157,7 +158,7 @@ def test_backward_step_gradient_is_the_mean_over_all_trained_tokens(tiny_model_d
     expected = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
 
-    accelerator = speed.make_accelerator(grad_accum, "fp32")
+    accelerator = device.make_accelerator(grad_accum, "fp32")
     micro_batches = [pack(encoded[:1]), pack(encoded[1:2]), pack(encoded[2:])]
     trained = [int((b["targets"] != IGNORE).sum()) for b in micro_batches]
     assert max(trained) > 2 * min(trained)  # a plain mean of micro-batch means would be off

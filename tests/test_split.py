@@ -12,7 +12,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from tunelab import data
+from tunelab.data import load as data
 from tunelab.errors import UserError
 
 

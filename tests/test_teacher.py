@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from tunelab.cli import main
-from tunelab.teacher import Cache, check_private, minimal_errors
+from tunelab.teacher.label import Cache, check_private, minimal_errors
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SCHEMA = {"type": "object", "required": ["label"], "properties": {"label": {"type": "string"}}}

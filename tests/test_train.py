@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 import tunelab
-from tunelab import train as train_mod
-from tunelab.checkpoint import PAUSE_ENV
+from tunelab.train import loop as train_mod
+from tunelab.train.checkpoint import PAUSE_ENV
 from tunelab.cli import main
 from tunelab.config import TrainConfig
 from tunelab.errors import UserError

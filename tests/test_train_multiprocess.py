@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import tunelab
-from tunelab.checkpoint import PAUSE_ENV
+from tunelab.train.checkpoint import PAUSE_ENV
 from tunelab.cli import main
 
 ARGS = ["--method", "full", "--lr", "0.003", "--epochs", "2", "--test-size", "8", "--eval-every", "100", "--precision", "fp32",

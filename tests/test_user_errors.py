@@ -246,7 +246,7 @@ def test_a_data_file_with_several_bad_rows_lists_each(tmp_path, write_jsonl):
 
 
 def test_a_byte_order_mark_is_accepted_in_jsonl_and_csv(tmp_path):
-    from tunelab import data
+    from tunelab.data import load as data
 
     bom = "\ufeff".encode()
     jsonl = tmp_path / "d.jsonl"

@@ -41,7 +41,7 @@ def finetune(data: str | Path, out: str | Path | None = None, overwrite: bool = 
     newest checkpoint, with the same options. Returns the finished run."""
     from tunelab.config import TrainConfig
     from tunelab.run import Run
-    from tunelab.train import default_out, train
+    from tunelab.train.loop import default_out, train
 
     config = TrainConfig.build(**options)
     out = Path(out) if out else default_out(Path(data))

@@ -27,7 +27,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_data_check(args: argparse.Namespace) -> None:
-    from tunelab.datacheck import cli_check
+    from tunelab.data.check import cli_check
 
     if args.out:
         check_output_folder(Path(args.out), "--out")
@@ -37,7 +37,7 @@ def cmd_data_check(args: argparse.Namespace) -> None:
 
 
 def teacher_from_args(args: argparse.Namespace, shots: str | None):
-    from tunelab.teacher import Teacher, read_schema, read_shots
+    from tunelab.teacher.label import Teacher, read_schema, read_shots
 
     return Teacher(url=args.teacher, model=args.model, system=args.system,
                    shots=read_shots(Path(shots)) if shots else [],
@@ -46,20 +46,20 @@ def teacher_from_args(args: argparse.Namespace, shots: str | None):
 
 
 def cmd_data_label(args: argparse.Namespace) -> None:
-    from tunelab.teacher import cli_label
+    from tunelab.teacher.label import cli_label
 
     cli_label(Path(args.inputs), teacher_from_args(args, args.examples), Path(args.out), args.allow_remote)
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:
-    from tunelab.teacher import cli_synth
+    from tunelab.teacher.label import cli_synth
 
     # synth's --examples are inputs; cli_synth makes their answers, if they have any, few-shot examples.
     cli_synth(Path(args.examples), args.n, teacher_from_args(args, None), Path(args.out), args.allow_remote, args.seed)
 
 
 def cmd_data_review(args: argparse.Namespace) -> None:
-    from tunelab.review import cli_review
+    from tunelab.data.review import cli_review
 
     cli_review(Path(args.file), Path(args.out))
 
@@ -91,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     config_file = args.config or (saved if saved and saved.exists() else None)
     # Checked before training's heavy imports, so a mistyped option fails at once.
     config = TrainConfig.from_yaml(config_file, **flags) if config_file else TrainConfig.build(flags=flags, **flags)
-    from tunelab.train import default_out, train
+    from tunelab.train.loop import default_out, train
 
     out = Path(args.out) if args.out else default_out(Path(args.data))
     train(config, Path(args.data), out, overwrite=args.overwrite, resume=args.resume, force=args.force)
@@ -99,10 +99,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from tunelab.endpoint import Endpoint
-    from tunelab.evaluate import format_report
-    from tunelab.forgetting import DEFAULT_QUESTIONS
-    from tunelab.report import write_report
+    from tunelab.evaluate.judge import Endpoint
+    from tunelab.evaluate.core import format_report
+    from tunelab.evaluate.forgetting import DEFAULT_QUESTIONS
+    from tunelab.report.page import write_report
     from tunelab.run import Run
 
     endpoints = [Endpoint.parse(spec, args.contender_model) for spec in args.contender]
@@ -138,7 +138,7 @@ def non_negative_int(text: str) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from tunelab.report import COMPARISON_FILE, write_comparison, write_report
+    from tunelab.report.page import COMPARISON_FILE, write_comparison, write_report
 
     runs, out = [Path(run) for run in args.runs], Path(args.out) if args.out else None
     path = write_report(runs[0], out) if len(runs) == 1 else write_comparison(runs, out or Path(COMPARISON_FILE))
@@ -154,7 +154,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     interrupted run keeps every answer written; every path is checked before the model loads."""
     from tunelab.run import Run
     from tunelab.runfolder import RunFiles
-    from tunelab.teacher import read_inputs
+    from tunelab.teacher.label import read_inputs
 
     if (args.prompt is None) == (args.input is None):
         raise UserError("tunelab generate: pass exactly one of --prompt TEXT or --input FILE")
@@ -171,7 +171,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.prompt is not None:
         print(run.generate(args.prompt, max_new_tokens=args.max_new_tokens, copy_constraint=not args.no_copy_constraint))
         return
-    from tunelab.generate import generate_answers
+    from tunelab.decoding.generate import generate_answers
 
     answers = generate_answers(run.model(), run.template, (conversation for _, conversation in inputs),
                                max_new_tokens=args.max_new_tokens, copying=run.copy_rule(not args.no_copy_constraint),
@@ -211,7 +211,7 @@ def write_answers(lines: list[int], answers, output: Path | None) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from tunelab.generate import stream_reply
+    from tunelab.decoding.generate import stream_reply
     from tunelab.run import Run
 
     run = Run(args.run, args.precision)
@@ -248,7 +248,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from tunelab.serve import ServeOptions, serve
+    from tunelab.serve.app import ServeOptions, serve
 
     serve(ServeOptions(runs=[Path(r) for r in args.runs], host=args.host, port=args.port, api_key=args.api_key,
                        max_queue=args.max_queue, batch_size=args.batch_size,
@@ -257,7 +257,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from tunelab.export import export, ollama_name
+    from tunelab.export.formats import export, ollama_name
 
     out = export(args.run, args.format, args.out, dtype=args.dtype)
     print(f"Exported {args.run} as {args.format} to {out}; see {out / 'README.md'}")

@@ -20,7 +20,7 @@ from typing import Any, Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
-from tunelab.data import METADATA_KEYS, SHAPE_KEYS, SHAPES
+from tunelab.data.load import METADATA_KEYS, SHAPE_KEYS, SHAPES
 from tunelab.errors import UserError
 from tunelab.template import NAMED
 

@@ -19,7 +19,7 @@ class Run:
 
     def __init__(self, path: Path | str, precision: str | None = None):
         """`precision` is the arithmetic of generation and evaluation ("auto", "bf16" or "fp32",
-        as `speed.autocast` reads it); by default the run's own --precision setting."""
+        as `device.autocast` reads it); by default the run's own --precision setting."""
         from tunelab.config import Precision, TrainConfig
         from tunelab.errors import UserError
         from tunelab.models import load_tokenizer
@@ -76,7 +76,7 @@ class Run:
         `enabled` is False (`--no-copy-constraint`)."""
         if not enabled or not self.copied_fields:
             return None
-        from tunelab.copying import CopyRule
+        from tunelab.decoding.copying import CopyRule
 
         return CopyRule(self.tokenizer, frozenset(self.copied_fields), frozenset(self.template.stop_token_ids))
 
@@ -87,12 +87,12 @@ class Run:
         return self.generate_batch([prompt], max_new_tokens=max_new_tokens, copy_constraint=copy_constraint)[0]
 
     def generate_batch(self, prompts: list, max_new_tokens: int = 256, copy_constraint: bool = True) -> list[str]:
-        from tunelab.generate import as_messages, generate_batch
+        from tunelab.decoding.generate import as_messages, generate_batch
 
         return generate_batch(self.model(), self.template, [as_messages(p) for p in prompts], max_new_tokens,
                               copying=self.copy_rule(copy_constraint), precision=self.precision)
 
     def evaluate(self, limit: int | None = None, **kwargs) -> dict:
-        from tunelab.evaluate import evaluate
+        from tunelab.evaluate.core import evaluate
 
         return evaluate(self, limit=limit, **kwargs)

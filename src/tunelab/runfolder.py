@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from tunelab import data as data_mod
+from tunelab.data import load as data_mod
 from tunelab.config import TrainConfig
-from tunelab.data import Example
+from tunelab.data.load import Example
 from tunelab.errors import UserError
 from tunelab.template import Template
 

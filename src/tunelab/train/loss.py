@@ -15,8 +15,8 @@ import contextlib
 
 import torch
 
-from tunelab.batching import pack
-from tunelab.speed import one_example_batches, runs_packed
+from tunelab.train.batching import pack
+from tunelab.device import one_example_batches, runs_packed
 from tunelab.template import IGNORE, Encoded
 
 LOSS_CHUNK = 1024

@@ -29,15 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunelab import data as data_mod
-from tunelab import novelty
+from tunelab.data import load as data_mod
+from tunelab.data import novelty
 from tunelab.config import DataOptions
-from tunelab.copying import MIN_ROWS, MIN_SHARE, CopiedField, CopyCounter, describe
-from tunelab.data import Example, Problem
+from tunelab.decoding.copying import MIN_ROWS, MIN_SHARE, CopiedField, CopyCounter, describe
+from tunelab.data.load import Example, Problem
 from tunelab.errors import UserError
 
 if TYPE_CHECKING:
-    from tunelab.batching import EncodedExample
+    from tunelab.train.batching import EncodedExample
 
 REPORT_FILE = "data_check.json"
 HISTOGRAM_FILE = "length_histogram.txt"
@@ -216,7 +216,7 @@ class Report:
 
 
 def near_method() -> str:
-    from tunelab import dedup
+    from tunelab.data import dedup
 
     return (f"estimated Jaccard >= {dedup.THRESHOLD} of character {dedup.SHINGLE}-grams of normalised text, "
             f"MinHash {dedup.PERMUTATIONS} x LSH bands of {dedup.BAND_ROWS}")
@@ -227,7 +227,7 @@ def check(path: Path, options: DataOptions, template=None, keep_examples: bool =
     `keep_examples`, the examples and their encodings in `report.examples`)."""
     import numpy as np
 
-    from tunelab import dedup
+    from tunelab.data import dedup
 
     path = Path(path)
     report = Report(path, options, template.name if template else None)
@@ -310,7 +310,7 @@ def _visible_text(example: Example) -> str:
 
 def _check_tokens(example: Example, template, options: DataOptions, report: Report) -> tuple[int, int]:
     """Encode one example as training will; record problems; return (tokens, trained tokens)."""
-    from tunelab.batching import EncodedExample, encode_one
+    from tunelab.train.batching import EncodedExample, encode_one
     from tunelab.template import IGNORE
 
     line, limit = example.line, options.max_length
@@ -372,7 +372,7 @@ def _split(report: Report, line_of, ranks, is_copy, near_first, near_later, grou
     rows are held out (None when the split is refused)."""
     import numpy as np
 
-    from tunelab import dedup
+    from tunelab.data import dedup
 
     kept = np.flatnonzero(~is_copy)
     options = report.options

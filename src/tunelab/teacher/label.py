@@ -302,7 +302,7 @@ def read_inputs(path: Path) -> list[tuple[int, list[dict[str, str]]]]:
     a data file (JSONL, CSV, Parquet) holds rows in any accepted shape, answers optional and unused."""
     path = Path(path)
     if path.suffix.lower() == ".txt":
-        from tunelab.data import text_lines
+        from tunelab.data.load import text_lines
 
         if not path.is_file():
             raise UserError(f"{path}: file not found")
@@ -312,14 +312,14 @@ def read_inputs(path: Path) -> list[tuple[int, list[dict[str, str]]]]:
         if not inputs:
             raise UserError(f"{path}: no inputs found; the file is empty")
         return inputs
-    from tunelab.data import load_examples
+    from tunelab.data.load import load_examples
 
     return [(e.line, e.prompt_messages()) for e in load_examples(path, require_answer=False)]
 
 
 def read_shots(path: Path) -> list[list[dict[str, str]]]:
     """Few-shot examples: rows with their answers, in any accepted shape (system messages left out)."""
-    from tunelab.data import load_examples
+    from tunelab.data.load import load_examples
 
     if Path(path).suffix.lower() == ".txt":
         raise UserError(f"{path}: few-shot examples need answers; give rows such as "
@@ -577,7 +577,7 @@ def synthesize(client: Client, examples: list[str], n: int, seed: int) -> tuple[
     """N new inputs, none a near duplicate of another or of an example; failed rounds by reason."""
     import numpy as np
 
-    from tunelab.dedup import NearDuplicates
+    from tunelab.data.dedup import NearDuplicates
 
     near = NearDuplicates(seed=seed)
     for text in examples:

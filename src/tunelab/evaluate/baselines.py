@@ -15,7 +15,7 @@ import random
 import re
 from collections import Counter
 
-from tunelab.data import Example
+from tunelab.data.load import Example
 
 
 def user_text(messages: list[dict[str, str]]) -> str:

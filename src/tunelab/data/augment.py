@@ -28,8 +28,8 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from tunelab import metrics
-from tunelab.data import Example
+from tunelab.evaluate import metrics
+from tunelab.data.load import Example
 
 WORD = re.compile(r"[^\W_]+")
 """A word: letters and digits (Unicode), split at spaces, punctuation and underscores."""

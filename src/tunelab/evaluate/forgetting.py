@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from tunelab.batching import pack
+from tunelab.train.batching import pack
 from tunelab.errors import UserError
-from tunelab.loss import token_loss
-from tunelab.speed import one_example_batches, runs_packed
+from tunelab.train.loss import token_loss
+from tunelab.device import one_example_batches, runs_packed
 from tunelab.template import Template
 
-DEFAULT_QUESTIONS = Path(__file__).parent / "examples" / "general_knowledge.jsonl"
+DEFAULT_QUESTIONS = Path(__file__).parent / "general_knowledge.jsonl"
 
 
 @dataclass

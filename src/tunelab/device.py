@@ -1,5 +1,6 @@
-"""Device set-up for the training loop: the accelerator and its precision, threads, the
-allocator, packed attention and the optimizer (the loss and the training step are in loss.py).
+"""Device set-up, for training and for every command that runs a model: the accelerator and its
+precision, threads, the allocator, packed attention and the optimizer (the loss and the training
+step are in train/loss.py).
 Each speed option was measured with benchmarks/step_timing.py and benchmarks/train_throughput.py
 and kept because it paid (numbers in docs/BENCHMARKS.md).
 

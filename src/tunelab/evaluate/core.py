@@ -70,16 +70,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunelab import metrics, novelty
-from tunelab.baselines import few_shot_prompts, retrieval_prompts, user_text
-from tunelab.batching import encode_examples
-from tunelab.data import Example, iter_examples, load_examples, read_jsonl
-from tunelab.endpoint import Endpoint
+from tunelab.evaluate import metrics
+from tunelab.data import novelty
+from tunelab.evaluate.baselines import few_shot_prompts, retrieval_prompts, user_text
+from tunelab.train.batching import encode_examples
+from tunelab.data.load import Example, iter_examples, load_examples, read_jsonl
+from tunelab.evaluate.judge import Endpoint
 from tunelab.errors import UserError
-from tunelab.forgetting import DEFAULT_QUESTIONS
-from tunelab.generate import Answer, generate_detailed
-from tunelab.loss import heldout_loss
-from tunelab.speed import autocast, computes_bf16
+from tunelab.evaluate.forgetting import DEFAULT_QUESTIONS
+from tunelab.decoding.generate import Answer, generate_detailed
+from tunelab.train.loss import heldout_loss
+from tunelab.device import autocast, computes_bf16
 
 LOCAL = ("zero-shot", "few-shot", "retrieval", "tuned")
 WARM_UP_TOKENS = 2
@@ -145,8 +146,8 @@ def evaluate(run, limit: int | None = None, batch_size: int = 32, max_new_tokens
              judge: Endpoint | None = None, progress: bool = True, copy_constraint: bool = True) -> dict:
     """Every contender on the same examples; results saved to RUN/eval.json and returned.
     `copy_constraint=False` decodes without the run's copy constraint."""
-    from tunelab import assertions as assertions_mod
-    from tunelab import forgetting as forgetting_mod
+    from tunelab.evaluate import assertions as assertions_mod
+    from tunelab.evaluate import forgetting as forgetting_mod
 
     # Every input is read and checked before the first model loads.
     source = Path(data) if data else run.files.test
@@ -239,8 +240,8 @@ def evaluate(run, limit: int | None = None, batch_size: int = 32, max_new_tokens
 
 def score(examples: list[Example], contenders: list[Contender], rules, judge: Endpoint | None) -> dict:
     """Every metric, bucket, difference and cost of the contenders' answers (no model needed)."""
-    from tunelab import assertions as assertions_mod
-    from tunelab.endpoint import judge as grade
+    from tunelab.evaluate import assertions as assertions_mod
+    from tunelab.evaluate.judge import judge as grade
 
     prompt_texts = ["\n".join(m["content"] for m in e.prompt_messages()) for e in examples]
     questions = [user_text(e.prompt_messages()) for e in examples]

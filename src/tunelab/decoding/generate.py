@@ -33,8 +33,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from tunelab.copying import CopyConstraint, CopyRule
-from tunelab.speed import autocast
+from tunelab.decoding.copying import CopyConstraint, CopyRule
+from tunelab.device import autocast
 from tunelab.template import Template
 
 WINDOW_BATCHES = 4
@@ -107,7 +107,7 @@ def generate_answers(
     each as soon as it and every answer before it are done. `conversations` may be any
     iterable, read a window at a time. With `copying`, the run's copied fields stay copies of
     each conversation's input (copying.py). `precision` is the arithmetic ("fp32", "bf16" or
-    "auto", as `speed.autocast` reads it; a Run passes its own)."""
+    "auto", as `device.autocast` reads it; a Run passes its own)."""
     for answer in generate_detailed(model, template, conversations, max_new_tokens, batch_size, copying, precision):
         yield answer.text
 

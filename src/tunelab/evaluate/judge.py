@@ -77,7 +77,7 @@ class Endpoint:
 
     def answer(self, messages: list[dict[str, str]], max_tokens: int):
         """One answer as generate.Answer, token counts from the reply's `usage` when it has them."""
-        from tunelab.generate import Answer
+        from tunelab.decoding.generate import Answer
 
         reply = self.complete(messages, max_tokens)
         try:

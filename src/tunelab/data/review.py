@@ -67,7 +67,7 @@ def show(example, position: int, total: int) -> None:
 
 def review(path: Path, out: Path) -> tuple[bool, dict[str, int]]:
     """Ask for a decision on every pair not yet decided; (finished, counts of decisions)."""
-    from tunelab.data import load_examples
+    from tunelab.data.load import load_examples
 
     examples = load_examples(path)
     if any(e.is_raw for e in examples):
@@ -109,7 +109,7 @@ def _counts(decisions: dict[str, dict]) -> dict[str, int]:
 
 def write_reviewed(path: Path, out: Path) -> int:
     """The kept pairs, edited where edited, in file order, their metadata kept; returns their number."""
-    from tunelab.data import iter_examples, read_rows
+    from tunelab.data.load import iter_examples, read_rows
 
     decisions = load_decisions(decisions_path(out))
     raw = dict(read_rows(path))
@@ -126,7 +126,7 @@ def write_reviewed(path: Path, out: Path) -> int:
         metadata = source.get("metadata") if isinstance(source.get("metadata"), dict) else {}
         row = {"id": source["id"]} if "id" in source else {}
         rows.append({**row, "messages": messages, "metadata": {**metadata, "review": record["decision"]}})
-    from tunelab.teacher import write_jsonl_atomic
+    from tunelab.teacher.label import write_jsonl_atomic
 
     write_jsonl_atomic(out, rows)
     return len(rows)
@@ -135,7 +135,7 @@ def write_reviewed(path: Path, out: Path) -> int:
 def cli_review(path: Path, out: Path) -> None:
     """`tunelab data review FILE --out FILE`"""
     from tunelab.config import DataOptions
-    from tunelab.datacheck import run_check
+    from tunelab.data.check import run_check
 
     if out.exists():
         raise UserError(f"--out {out}: already exists; remove it or choose another name")

@@ -24,7 +24,7 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from tunelab import metrics
+from tunelab.evaluate import metrics
 
 KINDS = ("novel", "seen", "none")
 FAMILIAR_ROWS = 0.8

@@ -216,7 +216,7 @@ class Job:
 
     def request(self):
         """What the generation loop needs of it."""
-        from tunelab.generate import Request
+        from tunelab.decoding.generate import Request
 
         return Request(self.prompt, self.max_tokens, self.temperature, self.top_p, self.seed, self.stop,
                        self.cancel, lambda piece: self.send("text", piece), self.constraint)
@@ -269,7 +269,7 @@ class Scheduler:
         self.thread.join()
 
     def work(self) -> None:
-        from tunelab.generate import generate_rows
+        from tunelab.decoding.generate import generate_rows
 
         while True:
             with self.lock:
@@ -419,7 +419,7 @@ class Server:
     async def page(self, request):
         from starlette.responses import HTMLResponse
 
-        return HTMLResponse((importlib.resources.files("tunelab") / "static" / "index.html").read_text("utf-8"))
+        return HTMLResponse((importlib.resources.files("tunelab.serve") / "index.html").read_text("utf-8"))
 
     async def health(self, request):
         from starlette.responses import JSONResponse

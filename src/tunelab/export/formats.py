@@ -445,7 +445,7 @@ def _loss_summary(run) -> list[str]:
 def _evaluation(run) -> list[str]:
     if not run.files.eval.exists():
         return [f"Not evaluated; `tunelab eval {run.path}` compares the base and tuned models on the held-out split."]
-    from tunelab.evaluate import format_table
+    from tunelab.evaluate.core import format_table
 
     results = json.loads(run.files.eval.read_text())
     return [f"`tunelab eval` on {results['examples_evaluated']} held-out examples, greedy decoding:",

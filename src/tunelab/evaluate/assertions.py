@@ -98,7 +98,7 @@ def _yaml_rule(path: Path, number: int, rule) -> Rule:
 
 
 def _schema_test(where: str, schema: dict) -> Callable[[str, str], bool | str]:
-    from tunelab.metrics import parse_json
+    from tunelab.evaluate.metrics import parse_json
 
     try:
         import jsonschema

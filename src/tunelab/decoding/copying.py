@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunelab.metrics import parse_json
+from tunelab.evaluate.metrics import parse_json
 
 MIN_SHARE = 0.95
 """A field is copied when its value occurs verbatim in the input in at least this share of the

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tunelab.data import Example
+from tunelab.data.load import Example
 from tunelab.errors import UserError
 from tunelab.template import IGNORE, Encoded, Template
 

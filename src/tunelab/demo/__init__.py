@@ -15,8 +15,8 @@ from pathlib import Path
 
 from tunelab.config import TrainConfig
 from tunelab.errors import check_output_folder
-from tunelab.evaluate import format_report
-from tunelab.examples import bookings
+from tunelab.evaluate.core import format_report
+from tunelab.demo import bookings
 
 
 def write_dataset(path: Path, n: int) -> Path:
@@ -40,9 +40,9 @@ def demo_config(method: str = "full", max_steps: int | None = 100) -> TrainConfi
 
 def run_demo(out: Path, examples: int = 1200, method: str = "full", max_steps: int | None = 100,
              eval_limit: int = 100) -> dict:
-    from tunelab.report import write_report
+    from tunelab.report.page import write_report
     from tunelab.run import Run
-    from tunelab.train import train
+    from tunelab.train.loop import train
 
     check_output_folder(out, "--out")
     check_output_folder(out.parent, "--out")  # the generated data goes beside the run

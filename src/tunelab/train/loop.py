@@ -24,16 +24,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tunelab import data as data_mod
-from tunelab import speed
-from tunelab.augment import copy_variants
-from tunelab.batching import EncodedExample, collect_encoded, encode_one, pack
-from tunelab.checkpoint import Checkpoint, Checkpoints, Position, process_rng_states, trim_metrics
+from tunelab.data import load as data_mod
+from tunelab import device
+from tunelab.data.augment import copy_variants
+from tunelab.train.batching import EncodedExample, collect_encoded, encode_one, pack
+from tunelab.train.checkpoint import Checkpoint, Checkpoints, Position, process_rng_states, trim_metrics
 from tunelab.config import TrainConfig
-from tunelab.data import Example
-from tunelab.datacheck import Report, run_check
+from tunelab.data.load import Example
+from tunelab.data.check import Report, run_check
 from tunelab.errors import UserError, check_output_folder
-from tunelab.loss import backward_step, heldout_loss
+from tunelab.train.loss import backward_step, heldout_loss
 from tunelab.models import load_model, load_tokenizer, resolve_base
 from tunelab.runfolder import MetricsWriter, RunFiles
 from tunelab.template import Encoded, Template
@@ -217,15 +217,15 @@ def set_up(config: TrainConfig, prepared: Prepared, resuming: bool) -> Training:
     from accelerate.utils import DistributedType, set_seed
     from transformers import get_cosine_schedule_with_warmup
 
-    speed.configure_threads()
-    accelerator = speed.make_accelerator(config.grad_accum, config.precision)
+    device.configure_threads()
+    accelerator = device.make_accelerator(config.grad_accum, config.precision)
     refuse_sharded_checkpoints(accelerator.distributed_type, config, resuming)
     set_seed(config.seed)
     model = build_model(config, prepared.base_path)
-    model = speed.prepare_model(model, config.gradient_checkpointing, config.compile, accelerator.device)
+    model = device.prepare_model(model, config.gradient_checkpointing, config.compile, accelerator.device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = speed.make_optimizer(trainable, config.learning_rate, config.weight_decay, accelerator.device)
+    optimizer = device.make_optimizer(trainable, config.learning_rate, config.weight_decay, accelerator.device)
 
     generator = torch.Generator().manual_seed(config.seed)
     loader = torch.utils.data.DataLoader(
@@ -293,7 +293,7 @@ def run_loop(training: Training, config: TrainConfig, checkpoints: Checkpoints, 
                disable=quiet or not accelerator.is_main_process)
     if not start:
         evaluate(t, 0, config.batch_size, metrics, bar)
-    with speed.reuse_freed_memory(enabled=accelerator.device.type == "cpu"), bar:
+    with device.reuse_freed_memory(enabled=accelerator.device.type == "cpu"), bar:
         while step < t.total_steps:
             epoch_rng = t.generator.get_state()  # this epoch's data order is drawn from here
             # On resume, skip the micro-batches of this epoch that the checkpoint had consumed.

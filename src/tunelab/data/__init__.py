@@ -1,0 +1,1 @@
+"""Data: read and check training files, split them without leakage, find duplicates."""

@@ -1,0 +1,1 @@
+"""Decoding: the one generation loop of eval, generate, chat and serve, and its constraints."""

@@ -1,0 +1,1 @@
+"""Evaluation: tuned model against prompting, metrics, baselines and checks."""

@@ -1,1 +1,0 @@
-"""Bundled example datasets used by ``tunelab demo``."""

@@ -1,0 +1,1 @@
+"""Export: merged weights, GGUF for llama.cpp, Ollama."""

@@ -1,0 +1,1 @@
+"""Serving: an OpenAI-compatible HTTP API over one or more runs."""

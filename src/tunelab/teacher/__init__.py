@@ -1,0 +1,1 @@
+"""Data from a teacher model behind an OpenAI-compatible endpoint: label, synthesise."""

@@ -1,0 +1,1 @@
+"""Training: tokenize and pack, the loss and the step, checkpoints, the loop."""
