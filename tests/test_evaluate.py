@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -39,10 +40,23 @@ def run_copy(trained_run, tmp_path):
 
 
 class FakeModel(BaseHTTPRequestHandler):
-    """An OpenAI-compatible endpoint that knows the countries, and grades every answer CORRECT."""
+    """An OpenAI-compatible endpoint that knows the countries, and grades every answer CORRECT.
+    It answers the first request of each model 429 with Retry-After: 1, and logs the rest with
+    their Authorization header."""
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.server.lock:
+            first = body["model"] not in self.server.throttled
+            self.server.throttled.setdefault(body["model"], time.monotonic())
+        if first:
+            self.send_response(429)
+            self.send_header("Retry-After", "1")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body["authorization"] = self.headers.get("Authorization")
+        body["time"] = time.monotonic()
         self.server.requests.append(body)
         text = body["messages"][-1]["content"]
         if text.startswith("You grade an answer"):
@@ -68,6 +82,8 @@ class FakeModel(BaseHTTPRequestHandler):
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeModel)
     httpd.requests = []
+    httpd.throttled = {}
+    httpd.lock = threading.Lock()
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield httpd
@@ -170,11 +186,15 @@ def test_eval_on_another_labelled_file(trained_run, tmp_path, capsys, write_json
     assert [s["reference"] for s in results["samples"]] == ["Italy", "France", "Spain"]
 
 
-def test_endpoint_contender_and_judge_on_a_loopback_server(trained_run, server, capsys):
+def test_endpoint_contender_and_judge_on_a_loopback_server(trained_run, server, capsys, monkeypatch):
+    """The contender and the judge ask through the shared client: the API key from the
+    environment in every request, a 429 retried after its Retry-After, and the key in no file."""
     url = f"http://127.0.0.1:{server.server_port}/v1"
+    monkeypatch.delenv("TUNELAB_API_KEY", raising=False)
+    monkeypatch.setenv("EVAL_KEY", "sk-test-eval-key-123")
     # tunelab eval RUN --no-base --contender big=URL#big-model --judge URL#judge-model
     assert main(["eval", str(trained_run), "--no-base", "--contender", f"big={url}#big-model",
-                 "--judge", f"{url}#judge-model"]) == 0
+                 "--judge", f"{url}#judge-model", "--api-key-env", "EVAL_KEY"]) == 0
     results = json.loads((trained_run / "eval.json").read_text())
     assert [c["name"] for c in results["contenders"]] == ["tuned", "big"]
     assert results["contenders"][1] == {"name": "big", "kind": "endpoint", "model": "big-model", "prompt": "endpoint"}
@@ -191,6 +211,14 @@ def test_endpoint_contender_and_judge_on_a_loopback_server(trained_run, server, 
     assert results["metrics"]["big"]["judge"]["value"] == 1.0 and results["metrics"]["tuned"]["judge"]["value"] == 1.0
     assert results["judge"]["model"] == "judge-model"
     assert "big" in capsys.readouterr().out
+    assert {r["authorization"] for r in server.requests} == {"Bearer sk-test-eval-key-123"}
+    for model, refused_at in server.throttled.items():  # both waited out Retry-After: 1
+        retried_at = min(r["time"] for r in server.requests if r["model"] == model)
+        assert retried_at - refused_at >= 1.0, model
+    assert set(server.throttled) == {"big-model", "judge-model"}
+    for path in trained_run.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".html", ".jsonl", ".yaml"):
+            assert "sk-test-eval-key" not in path.read_text(errors="replace"), path
 
 
 def test_python_assertions_and_own_forgetting_questions(trained_run, tmp_path, write_jsonl):
@@ -230,12 +258,16 @@ def test_data_without_references(run_copy, tmp_path, capsys, write_jsonl):
 
 def test_unreachable_contender(run_copy, capsys):
     err = run_bad(capsys, str(run_copy), "--contender", "down=http://127.0.0.1:9/v1")
-    assert "down (http://127.0.0.1:9/v1/chat/completions)" in err and "after 3 tries" in err
+    assert "--contender down=http://127.0.0.1:9/v1: cannot reach 127.0.0.1:9" in err
     assert not (run_copy / "eval.json").exists()
     err = run_bad(capsys, str(run_copy), "--contender", "no-url")
     assert "expected NAME=URL" in err
     err = run_bad(capsys, str(run_copy), "--judge", "http://127.0.0.1:9/v1")
-    assert "judge (http://127.0.0.1:9/v1/chat/completions)" in err
+    assert "--judge http://127.0.0.1:9/v1: cannot reach" in err
+    err = run_bad(capsys, str(run_copy), "--contender", "gpt=http://93.184.216.34:8000/v1#gpt")
+    assert "outside this machine" in err and "--allow-remote" in err
+    err = run_bad(capsys, str(run_copy), "--judge", "http://127.0.0.1:9/v1", "--api-key-file", "no-such-key.txt")
+    assert "--api-key-file no-such-key.txt: file not found" in err
     assert not (run_copy / "eval.json").exists()
 
 

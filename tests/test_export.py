@@ -12,7 +12,8 @@ import torch
 import tunelab
 from tunelab.cli import main
 from tunelab.errors import UserError
-from tunelab.export.formats import check_gguf_supported, ollama_modelfile
+from tunelab.export.gguf import check_gguf_supported
+from tunelab.export.ollama import ollama_modelfile
 from tunelab.run import Run
 from tunelab.template import Template
 
@@ -356,13 +357,13 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path, capsys):
 
 
 def test_an_export_that_fails_midway_leaves_nothing(runs, tmp_path, monkeypatch):
-    import tunelab.export.formats
+    import tunelab.export.gguf
 
     def broken(model, tokenizer, template, path, *args, **kwargs):
         path.write_bytes(b"GGUF half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(tunelab.export.formats, "write_gguf", broken)
+    monkeypatch.setattr(tunelab.export.gguf, "write_gguf", broken)
     with pytest.raises(OSError, match="disk full"):
         main(["export", str(runs["lora"]), "--format", "gguf", "--out", str(tmp_path / "out")])
     assert list(tmp_path.iterdir()) == []

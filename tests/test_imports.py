@@ -14,19 +14,21 @@ PACKAGE = Path(tunelab.__file__).parent
 
 LAYERS = [
     {"errors"},
-    {"data.load", "data.dedup", "template", "models", "evaluate.metrics"},
-    {"config", "data.novelty", "decoding.copying"},
+    {"data.load", "data.dedup", "template", "models", "evaluate.metrics", "client", "teacher.schema"},
+    {"config", "data.novelty", "decoding.copying", "teacher.ask"},
     {"device", "runfolder", "data.augment", "train.batching"},
     {"data.check", "teacher.label"},
-    {"data.review", "train.checkpoint", "train.loss"},
+    {"data.review", "teacher.synth", "train.checkpoint", "train.loss"},
     {"train.loop"},
     {"decoding.generate"},
-    {"evaluate.baselines", "evaluate.assertions", "evaluate.judge"},
-    {"evaluate.forgetting"},
+    {"evaluate.baselines", "evaluate.assertions", "evaluate.endpoint"},
+    {"evaluate.forgetting", "evaluate.judge"},
     {"evaluate.core"},
     {"run"},
-    {"report.page", "serve.app", "export.formats", "demo.bookings"},
-    {"demo"},
+    {"report.page", "serve.app", "export.merged", "export.gguf", "demo.bookings"},
+    {"demo", "export.ollama"},
+    {"export.card"},
+    {"export"},
     {"cli", "__init__"},
 ]
 """From the bottom up: a module may import from the layers below its own, never from its own or

@@ -27,7 +27,10 @@ from pathlib import Path
 import pytest
 
 from tunelab.cli import main
-from tunelab.teacher.label import Cache, check_private, minimal_errors
+from tunelab.client import check_private, retry_after
+from tunelab.errors import UserError
+from tunelab.teacher.ask import Cache
+from tunelab.teacher.schema import answer_problem
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SCHEMA = {"type": "object", "required": ["label"], "properties": {"label": {"type": "string"}}}
@@ -48,6 +51,8 @@ class TeacherServer:
         self.release = threading.Event()
         self.near_copies: list[str] = []
         """Near duplicates the synth answers contain on purpose."""
+        self.key: str | None = None
+        """When set, a request without `Authorization: Bearer KEY` is refused with 401."""
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -81,7 +86,8 @@ class TeacherServer:
         with self.lock:
             seen = sum(r["key"] == key for r in self.log)
             entry = {"key": key, "phase": self.phase, "time": time.monotonic(), "status": 200, "delivered": False,
-                     "structured": "response_format" in body, "body": body}
+                     "structured": "response_format" in body, "body": body,
+                     "authorization": handler.headers.get("Authorization")}
             self.log.append(entry)
             # Counted at admission, not delivery: two answers in flight at once must not both pass.
             hold = self.hold_after is not None and sum(not r["held"] for r in self.log[:-1]) >= self.hold_after
@@ -91,6 +97,8 @@ class TeacherServer:
             return  # the client was killed meanwhile: it gets nothing
         if handler.path != "/v1/chat/completions":
             return self.reply(handler, entry, 404, {"error": "not found"})
+        if self.key is not None and entry["authorization"] != f"Bearer {self.key}":
+            return self.reply(handler, entry, 401, {"error": "invalid api key"})
         messages = body["messages"]
         last = messages[-1]["content"]
         if messages[0]["role"] == "system" and messages[0]["content"].startswith("You write inputs"):
@@ -285,9 +293,16 @@ def test_remote_teacher_refused_without_allow_remote(tmp_path, capsys):
                  "--model", "big", "--out", str(tmp_path / "labels.jsonl")])
     error = capsys.readouterr().err
     assert code == 2 and len(error.splitlines()) == 1 and "--allow-remote" in error
-    assert check_private("http://93.184.216.34:8080/v1", allow_remote=True) == ("93.184.216.34", 8080)
+    assert not (tmp_path / "labels.cache").exists()
+    flag = "--teacher URL"
+    assert check_private("http://93.184.216.34:8080/v1", True, flag) == ("93.184.216.34", 8080)
     for url in ("http://localhost:1/v1", "http://10.1.2.3:8080", "http://[::1]:8080", "http://192.168.1.9/v1"):
-        check_private(url, allow_remote=False)
+        check_private(url, False, flag)
+    # A key crosses the internet encrypted only; on the private network plain http is fine.
+    with pytest.raises(UserError, match="unencrypted"):
+        check_private("http://93.184.216.34:8080/v1", True, flag, has_key=True)
+    assert check_private("https://93.184.216.34/v1", True, flag, has_key=True) == ("93.184.216.34", 443)
+    check_private("http://10.1.2.3:8080", False, flag, has_key=True)
 
 
 def test_user_errors_are_one_line(tmp_path, server, capsys):
@@ -325,12 +340,78 @@ def test_cache_cuts_off_a_line_a_kill_left_half_written(tmp_path):
     assert sorted(Cache(folder).records) == ["a", "c"]
 
 
-def test_minimal_schema_check():
-    assert minimal_errors({"label": "x"}, SCHEMA) == []
-    assert minimal_errors({"label": 3}, SCHEMA) == ["/label: 3 is not of type string"]
-    assert minimal_errors({}, SCHEMA) == ["the answer: 'label' is a required property"]
-    integers = {"type": "array", "items": {"type": "integer"}}
-    assert minimal_errors([1, True], integers) == ["/1: true is not of type integer"]
+def test_answers_are_validated_with_jsonschema():
+    assert answer_problem('{"label": "x"}', SCHEMA) is None
+    assert answer_problem('```json\n{"label": "x"}\n```', SCHEMA) is None
+    assert answer_problem('{"label": 3}', SCHEMA) == ("schema", "at label: 3 is not of type 'string'")
+    assert answer_problem("{}", SCHEMA) == ("schema", "'label' is a required property")
+    assert answer_problem("label: x", SCHEMA)[0] == "invalid_json"
+    # Keywords past type and required are checked too (the hand-written fallback skipped them).
+    assert answer_problem('{"label": "abc"}', {**SCHEMA, "properties": {"label": {"maxLength": 2}}})[0] == "schema"
+
+
+def test_retry_after_in_seconds_or_as_a_date():
+    assert retry_after("3") == 3.0 and retry_after(None) == 0.0 and retry_after("soon") == 0.0
+    assert retry_after("100000") == 120.0  # capped
+    later = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
+    assert 25 <= retry_after(later) <= 31
+
+
+def test_api_key_is_sent_to_the_teacher_and_written_nowhere(tmp_path, server, monkeypatch, capsys):
+    """`--api-key-env`, `--api-key-file` and the default variables each send `Authorization:
+    Bearer KEY`; the key is in no file the run writes (cache, training file) and in no output."""
+    for name in ("TUNELAB_API_KEY", "OPENAI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "inputs.txt").write_text("hello\nworld\n")
+    server.key = "sk-test-first-key-0123456789"
+    base = ["data", "label", str(tmp_path / "inputs.txt"), "--teacher", server.url, "--model", "m"]
+
+    def label(out: str, *flags: str) -> tuple[int, str]:
+        asked = len(server.requests())
+        code = main([*base, *flags, "--out", str(tmp_path / out)])
+        captured = capsys.readouterr()
+        if code == 0:
+            assert {r["authorization"] for r in server.requests()[asked:]} == {f"Bearer {server.key}"}
+        return code, captured.out + captured.err
+
+    monkeypatch.setenv("MY_KEY", server.key)
+    code, output = label("env.jsonl", "--api-key-env", "MY_KEY")
+    assert code == 0 and len(rows(tmp_path / "env.jsonl")) == 2 and server.key not in output
+    keys = [server.key]
+
+    server.key = "sk-test-from-a-file-98765"
+    (tmp_path / "key.txt").write_text(server.key + "\n")
+    assert label("file.jsonl", "--api-key-file", str(tmp_path / "key.txt"))[0] == 0
+    keys.append(server.key)
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-openai-variable")
+    server.key = "sk-test-tunelab-variable"
+    monkeypatch.setenv("TUNELAB_API_KEY", server.key)
+    assert label("tunelab.jsonl")[0] == 0  # TUNELAB_API_KEY first
+    keys.append(server.key)
+    monkeypatch.delenv("TUNELAB_API_KEY")
+    server.key = "sk-test-openai-variable"
+    assert label("openai.jsonl")[0] == 0
+    keys.append(server.key)
+
+    # A wrong key is one line naming the likely cause; 401 is not retried (two inputs: at most two requests).
+    asked = len(server.requests())
+    code, output = label("wrong.jsonl", "--api-key-file", str(tmp_path / "key.txt"))
+    assert code == 2 and "answers 401 unauthorized; is the API key right?" in output and len(output.splitlines()) == 1
+    assert asked < len(server.requests()) <= asked + 2 and keys[1] not in output
+    monkeypatch.delenv("MY_KEY")
+    code, output = label("missing.jsonl", "--api-key-env", "MY_KEY")
+    assert code == 2 and "--api-key-env MY_KEY: the environment variable MY_KEY is not set" in output
+    (tmp_path / "two.txt").write_text("sk-test-line-one\nsk-test-line-two\n")
+    code, output = label("two.jsonl", "--api-key-file", str(tmp_path / "two.txt"))
+    assert code == 2 and "expected the API key alone" in output and "sk-test-line" not in output
+
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p.name not in ("key.txt", "two.txt")]
+    assert any(p.name == "answers.jsonl" for p in written)
+    for path in written:
+        text = path.read_text()
+        assert not any(key in text for key in keys), path
+    assert "--api-key" not in " ".join(p.name for p in written)
 
 
 def labelled_file(path: Path, n: int) -> None:

@@ -37,7 +37,9 @@ def cmd_data_check(args: argparse.Namespace) -> None:
 
 
 def teacher_from_args(args: argparse.Namespace, shots: str | None):
-    from tunelab.teacher.label import Teacher, read_schema, read_shots
+    from tunelab.teacher.ask import Teacher
+    from tunelab.teacher.label import read_shots
+    from tunelab.teacher.schema import read_schema
 
     return Teacher(url=args.teacher, model=args.model, system=args.system,
                    shots=read_shots(Path(shots)) if shots else [],
@@ -45,17 +47,25 @@ def teacher_from_args(args: argparse.Namespace, shots: str | None):
                    concurrency=args.concurrency, timeout=args.timeout, retries=args.retries)
 
 
+def api_key_from_args(args: argparse.Namespace) -> str | None:
+    from tunelab.client import api_key
+
+    return api_key(args.api_key_env, Path(args.api_key_file) if args.api_key_file else None)
+
+
 def cmd_data_label(args: argparse.Namespace) -> None:
     from tunelab.teacher.label import cli_label
 
-    cli_label(Path(args.inputs), teacher_from_args(args, args.examples), Path(args.out), args.allow_remote)
+    cli_label(Path(args.inputs), teacher_from_args(args, args.examples), Path(args.out), args.allow_remote,
+              api_key_from_args(args))
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:
-    from tunelab.teacher.label import cli_synth
+    from tunelab.teacher.synth import cli_synth
 
     # synth's --examples are inputs; cli_synth makes their answers, if they have any, few-shot examples.
-    cli_synth(Path(args.examples), args.n, teacher_from_args(args, None), Path(args.out), args.allow_remote, args.seed)
+    cli_synth(Path(args.examples), args.n, teacher_from_args(args, None), Path(args.out), args.allow_remote, args.seed,
+              api_key_from_args(args))
 
 
 def cmd_data_review(args: argparse.Namespace) -> None:
@@ -77,9 +87,19 @@ def add_teacher_flags(parser: argparse.ArgumentParser) -> None:
                         help="seconds to wait for one answer before retrying (default: 120)")
     parser.add_argument("--retries", type=int, default=5, metavar="N",
                         help="retries of a request on 429, 5xx, timeouts (default: 5)")
-    parser.add_argument("--allow-remote", action="store_true",
-                        help="allow a teacher outside this machine and its private network (your data leaves home)")
+    add_endpoint_access_flags(parser, "a teacher")
     parser.add_argument("--out", required=True, metavar="FILE", help="training file to write (.jsonl)")
+
+
+def add_endpoint_access_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    """--allow-remote and where the API key comes from: never a flag's value, which the shell
+    history and the process list would show."""
+    parser.add_argument("--allow-remote", action="store_true",
+                        help=f"allow {what} outside this machine and its private network (your data leaves home)")
+    parser.add_argument("--api-key-env", default=None, metavar="NAME",
+                        help="environment variable holding the API key, sent as 'Authorization: Bearer' "
+                             "(default: TUNELAB_API_KEY, else OPENAI_API_KEY, if set)")
+    parser.add_argument("--api-key-file", default=None, metavar="FILE", help="file holding the API key")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -99,20 +119,21 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from tunelab.evaluate.judge import Endpoint
     from tunelab.evaluate.core import format_report
+    from tunelab.evaluate.endpoint import Endpoint
     from tunelab.evaluate.forgetting import DEFAULT_QUESTIONS
     from tunelab.report.page import write_report
     from tunelab.run import Run
 
-    endpoints = [Endpoint.parse(spec, args.contender_model) for spec in args.contender]
+    key = api_key_from_args(args) if args.contender or args.judge else None
+    endpoints = [Endpoint.contender(spec, args.contender_model, key) for spec in args.contender]
     names = [e.name for e in endpoints]
     taken = [n for n in names if names.count(n) > 1 or n in ("zero-shot", "few-shot", "retrieval", "tuned")]
     if taken:
         raise UserError(f"--contender {taken[0]}=...: the name is already taken; choose another NAME")
-    if args.judge and not args.judge.startswith(("http://", "https://")):
-        raise UserError(f"--judge {args.judge}: expected URL[#MODEL], e.g. http://localhost:8000/v1#judge-model")
-    judge = Endpoint.parse(f"judge={args.judge}", args.judge_model) if args.judge else None
+    judge = Endpoint.judge(args.judge, args.judge_model, key) if args.judge else None
+    for endpoint in [*endpoints, *([judge] if judge else [])]:
+        endpoint.check(args.allow_remote)
     run = Run(args.run, args.precision)
     check_output_file(run.files.eval, "the results file")  # written at the end: check before the work
     results = run.evaluate(
@@ -257,7 +278,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from tunelab.export.formats import export, ollama_name
+    from tunelab.export import export
+    from tunelab.export.ollama import ollama_name
 
     out = export(args.run, args.format, args.out, dtype=args.dtype)
     print(f"Exported {args.run} as {args.format} to {out}; see {out / 'README.md'}")
@@ -428,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--judge", default=None, metavar="URL[#MODEL]",
                           help="grade answers against references with a model behind an OpenAI-compatible endpoint")
     evaluate.add_argument("--judge-model", default=None, help="model name for --judge when its URL has no #MODEL")
+    add_endpoint_access_flags(evaluate, "a --contender or --judge")
     evaluate.add_argument("--max-new-tokens", type=positive_int, default=None,
                           help="token limit per answer (default: 1.5 times the longest reference, at most 512)")
     evaluate.add_argument("--batch-size", type=positive_int, default=32, help="prompts per batch (default: 32)")

@@ -76,7 +76,7 @@ class Template:
         if name not in NAMED:
             raise UserError(f"unknown template '{name}'; choose auto, {', '.join(NAMED)}")
         source = NAMED[name]
-        if _adds_bos(tokenizer):
+        if adds_bos(tokenizer):
             source = "{{ bos_token }}" + source
         return cls(tokenizer, name, source)
 
@@ -232,6 +232,8 @@ class Template:
         return cls(tokenizer, data["name"], data["source"])
 
 
-def _adds_bos(tokenizer) -> bool:
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer itself puts BOS before a text. A named template then writes it too
+    (as the model's own templates do), and an export tells llama.cpp to add it (export/gguf.py)."""
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]

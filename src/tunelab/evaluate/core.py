@@ -75,7 +75,7 @@ from tunelab.data import novelty
 from tunelab.evaluate.baselines import few_shot_prompts, retrieval_prompts, user_text
 from tunelab.train.batching import encode_examples
 from tunelab.data.load import Example, iter_examples, load_examples, read_jsonl
-from tunelab.evaluate.judge import Endpoint
+from tunelab.evaluate.endpoint import Endpoint
 from tunelab.errors import UserError
 from tunelab.evaluate.forgetting import DEFAULT_QUESTIONS
 from tunelab.decoding.generate import Answer, generate_detailed
