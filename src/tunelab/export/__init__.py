@@ -24,8 +24,7 @@ from tunelab.errors import UserError
 
 FORMATS = ("merged", "gguf", "ollama")
 DTYPES = {"merged": ("f32", "f16"), "gguf": ("f32", "f16", "q8_0"), "ollama": ("f32", "f16", "q8_0")}
-"""The weights each format can hold; the first is the default for merged (the precision it was
-trained in), f16 for the GGUF formats (half the size, the precision llama.cpp computes in)."""
+"""The weights each format can hold (Q8_0 is a GGUF quantisation); see `export` for the defaults."""
 
 
 def export(run_path: Path | str, format: str, out: Path | str, dtype: str | None = None) -> Path:

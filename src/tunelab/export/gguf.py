@@ -1,10 +1,9 @@
 """`tunelab export RUN --format gguf`: one file for llama.cpp (and Ollama) holding the weights, the
-tokenizer and the run's chat template in its metadata.
+tokenizer, and the run's chat template and end-of-turn token in its metadata.
 
-tunelab writes the GGUF itself with the `gguf` package rather than calling llama.cpp's converter
-script: the file needs the run's template and stop token, and the architectures and tokenizers
-it can describe are checked first (`check_gguf_supported`), so an export refuses in one line
-before it writes anything.
+Written with the `gguf` package, llama.cpp's own Python writer. What this export supports (the Llama
+architecture with plain RoPE, byte-level BPE tokenizers split like GPT-2, SmolLM2 or Llama 3) is
+checked first by `check_gguf_supported`, so an export refuses in one line before it writes anything.
 """
 
 from __future__ import annotations
