@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.report.page import read_run, render_run, word_diff, write_comparison, write_report
+from tunelab.report.html import render_run, write_comparison, write_report
+from tunelab.report.runs import read_run
+from tunelab.report.sections import word_diff
 
 HOSTILE = "<script>alert('x')</script> & \"quotes\""
 
@@ -212,7 +214,7 @@ def test_simple_eval_json_renders_every_section_it_has(tmp_path):
 def test_user_text_is_escaped(tmp_path):
     html = write_report(make_run(tmp_path / "run", SIMPLE_EVAL)).read_text()
     assert "<script>" not in html
-    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &quot;quotes&quot;" in html
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &#34;quotes&#34;" in html
     # In a prompt, an answer (through the word diff) and a data check message alike.
     assert html.count("&lt;script&gt;") >= 3
 
@@ -230,7 +232,7 @@ def test_rich_eval_json_shows_intervals_buckets_cost_differences_and_forgetting(
     assert "<span class=ci>[36.7%, 96.7%]</span>" in metrics  # tuned exact match 66.7% with its interval
     assert "95% bootstrap confidence interval" in metrics
     assert "judge: grader at http://127.0.0.1:8000/v1" in metrics  # a URL as plain text, not a link
-    assert "<tr><th>judge&#x27;s grade</th><td class=na>–</td>" in metrics
+    assert "<tr><th>judge&#39;s grade</th><td class=na>–</td>" in metrics
     # Lower is better for hallucinated values and loss: the tuned model's 15% and 0.520 win their rows.
     row = re.search(r"<tr><th>hallucinated values</th>(.*?)</tr>", metrics).group(1)
     assert row.count("class=best") == 1 and re.search(r"class=best>15\.0%", row)
@@ -297,13 +299,13 @@ def test_the_bundled_forgetting_questions_are_named_without_their_path(tmp_path)
     bundled = "/opt/venv/lib/python3.11/site-packages/tunelab/examples/general_knowledge.jsonl"
     results["forgetting"]["file"] = bundled
     html = render_run(read_run(make_run(tmp_path / "bundled", results)))
-    note = re.search(r"<h2>Forgetting check</h2>.*?<p class=note>(.*?)</p>", html).group(1)
+    note = re.search(r"<h2>Forgetting check</h2>.*?<p class=note>(.*?)</p>", html, re.S).group(1)
     visible = re.sub(r"<[^>]+>", "", note)
     assert "40 multiple-choice questions of general_knowledge.jsonl (bundled with tunelab)" in visible
     assert "/opt/venv" not in visible and f"title='{bundled}'" in note  # the path only on hover
     results["forgetting"]["file"] = "/home/me/work/questions/my_mcq.jsonl"
     html = render_run(read_run(make_run(tmp_path / "own", results)))
-    note = re.search(r"<h2>Forgetting check</h2>.*?<p class=note>(.*?)</p>", html).group(1)
+    note = re.search(r"<h2>Forgetting check</h2>.*?<p class=note>(.*?)</p>", html, re.S).group(1)
     assert "of my_mcq.jsonl, scored" in re.sub(r"<[^>]+>", "", note)
 
 def test_contender_names_from_the_user_are_escaped(tmp_path):
@@ -324,7 +326,7 @@ def test_run_without_eval_json_shows_training_and_data_and_says_what_to_run(tmp_
 
 def test_word_diff_marks_extra_words_and_strikes_missing_ones():
     assert (word_diff('{"day": "Sat"}', '{"day": "Saturday"}')
-            == '{&quot;day&quot;: &quot;<mark>Sat</mark><del>Saturday</del>&quot;}')
+            == '{&#34;day&#34;: &#34;<mark>Sat</mark><del>Saturday</del>&#34;}')
     assert word_diff("for 4 people", "for 4 people") == "for 4 people"
     assert word_diff("a b c", "a c") == "a <mark>b</mark> c"
     assert word_diff("a c", "a b c") == "a<del> b</del> c"

@@ -40,7 +40,7 @@ def demo_config(method: str = "full", max_steps: int | None = 100) -> TrainConfi
 
 def run_demo(out: Path, examples: int = 1200, method: str = "full", max_steps: int | None = 100,
              eval_limit: int = 100) -> dict:
-    from tunelab.report.page import write_report
+    from tunelab.report.html import write_report
     from tunelab.run import Run
     from tunelab.train.loop import train
 
