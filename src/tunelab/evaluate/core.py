@@ -36,7 +36,7 @@ from tunelab.evaluate.forgetting import DEFAULT_QUESTIONS
 from tunelab.decoding.generate import Answer, generate_detailed
 from tunelab.train.loss import heldout_loss
 from tunelab.device import autocast, computes_bf16
-from tunelab.evaluate import results as saved
+from tunelab.evaluate import results as saved  # saved.Contender, saved.Answer: as eval.json holds them
 from tunelab.evaluate.results import (Assertions, CopyConstraint, Cost, Difference, EvalResults, Forgetting,
                                       ForgettingScore, Interval, Judge, Novelty, RuleResults, Sample, as_results)
 
@@ -183,8 +183,8 @@ def evaluate(run, limit: int | None = None, batch_size: int = 32, max_new_tokens
         "run": str(run.path), "data": str(source), "max_new_tokens": max_new_tokens, "shots": shots,
         "precision": "bf16" if computes_bf16(run.precision, tuned_model.device) else "fp32",
         "forgetting": Forgetting(file=str(forgetting), questions=len(questions),
-                                 results={name: ForgettingScore.model_validate(found) for name, found in forgotten.items()})
-        if questions else None,
+                                 results={name: ForgettingScore.model_validate(found)
+                                          for name, found in forgotten.items()}) if questions else None,
         "copy_constraint": CopyConstraint(fields=sorted(copying.fields),
                                           changed={c.name: sum(a.copy_changed for a in c.answers) for c in local})
         if copying else None,

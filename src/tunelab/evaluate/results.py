@@ -212,9 +212,9 @@ class EvalResults(Model):
     @classmethod
     def upgrade(cls, data):
         """The first shape of eval.json converted to this one (schema 1)."""
-        if not isinstance(data, dict) or "schema" in data or "schema_version" in data:
+        names = [name for name in ("base", "tuned") if isinstance(data, dict) and isinstance(data.get(name), dict)]
+        if not names or "schema" in data:  # only the first shape has the contenders at the top level
             return data
-        names = [name for name in ("base", "tuned") if isinstance(data.get(name), dict)]
         renamed = {"loss": "heldout_loss"}
         samples = data.get("samples") if isinstance(data.get("samples"), list) else []
         return {
@@ -248,10 +248,12 @@ class EvalResults(Model):
             return cls.model_validate_json(path.read_bytes())
         except ValidationError as e:
             error = e.errors()[0]
-            where = ".".join(map(str, error["loc"])) or "the top level"
-            problem = (f"not valid JSON ({error['msg'].removeprefix('Invalid JSON: ')})" if error["type"] == "json_invalid"
-                       else f"not the eval.json `tunelab eval` writes ({where}: {error['msg'][0].lower()}{error['msg'][1:]})")
-            raise UserError(f"{path}: {problem}; run `tunelab eval` on the run again to rewrite it") from None
+            where, message = ".".join(map(str, error["loc"])) or "the top level", error["msg"]
+            if error["type"] == "json_invalid":
+                problem = f"not valid JSON ({message.removeprefix('Invalid JSON: ')})"
+            else:
+                problem = f"not the eval.json `tunelab eval` writes ({where}: {message[0].lower()}{message[1:]})"
+            raise UserError(f"{path}: {problem}; run `tunelab eval {path.parent}` again to rewrite it") from None
 
     def write(self, path: Path) -> None:
         """Write beside and rename: a crash or Ctrl-C leaves the old file or none, never half of one."""

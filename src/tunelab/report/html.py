@@ -110,7 +110,8 @@ def data_check_rows(check: dict) -> list[tuple[str, str]]:
         rows.append((f"{kind}s", f"{sum(counts.values())}" + (f" ({listed})" if listed else "")))
     duplicates = check.get("duplicates") or {}
     if duplicates:
-        rows.append(("exact duplicates", f"{(duplicates.get('exact') or {}).get('count', 0)} (dropped before the split)"))
+        exact = (duplicates.get("exact") or {}).get("count", 0)
+        rows.append(("exact duplicates", f"{exact} (dropped before the split)"))
         rows.append(("near duplicates", f"{(duplicates.get('near') or {}).get('count', 0)} pairs"))
     split = check.get("split") or {}
     if split:
@@ -140,7 +141,8 @@ def data_check_rows(check: dict) -> list[tuple[str, str]]:
 def data_check_problems(check: dict) -> list[tuple[str, str, str]]:
     """(line, code, message) of the first ten errors and the first ten warnings."""
     problems = (check.get("errors") or [])[:10] + (check.get("warnings") or [])[:10]
-    return [(str(p.get("line")), str(p.get("code")), str(p.get("message", ""))) for p in problems if isinstance(p, dict)]
+    return [(str(p.get("line")), str(p.get("code")), str(p.get("message", "")))
+            for p in problems if isinstance(p, dict)]
 
 
 def kinds_of_rows(check: dict) -> str:

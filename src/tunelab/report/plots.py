@@ -45,7 +45,8 @@ def line_chart(series: list[Series], x_label: str, y_label: str, width: int = 72
             x=sx(x), b=height - bottom, b4=height - bottom + 4, b17=height - bottom + 17, label=tick_label(x)))
     parts.append(Markup("<line x1='{l}' x2='{r}' y1='{b}' y2='{b}' class=axis />"
                         "<text x='{mid}' y='{h4}' text-anchor='middle'>{x_label}</text>"
-                        "<text transform='translate(14 {ymid}) rotate(-90)' text-anchor='middle'>{y_label}</text>").format(
+                        "<text transform='translate(14 {ymid}) rotate(-90)' text-anchor='middle'>{y_label}</text>"
+                        ).format(
         l=left, r=width - right, b=height - bottom, mid=(left + width - right) / 2, h4=height - 4,
         ymid=(top + height - bottom) / 2, x_label=x_label, y_label=y_label))
     for _, points, colour, markers in series:

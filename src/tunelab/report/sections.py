@@ -250,7 +250,8 @@ def cost_table(results: EvalResults) -> Table | None:
     for key, (label, higher) in COST.items():
         values = {name: getattr(cost, key) for name, cost in results.cost.items()}
         winners = best_of(values, higher) if key != "seconds" else set()
-        rows.append(Row(label, [Cell(number(v, "cost"), style="best" if n in winners else "") for n, v in values.items()]))
+        rows.append(Row(label, [Cell(number(v, "cost"), style="best" if n in winners else "")
+                                for n, v in values.items()]))
     return Table(list(results.cost), rows)
 
 
