@@ -27,13 +27,15 @@ SCHEMA = 2
 """The shape `tunelab eval` writes; 1 marks a file converted from the first shape."""
 
 
-class Model(BaseModel):
+class Part(BaseModel):
+    """A part of eval.json."""
+
     # NaN stays NaN in the file (json.dumps wrote it so before): a bootstrap interval of no
     # values is NaN, and pydantic's default would write null, which a float field then refuses.
     model_config = ConfigDict(ser_json_inf_nan="constants", serialize_by_alias=True, validate_by_name=True)
 
 
-class Interval(Model):
+class Interval(Part):
     """A metric's value, with its 95% bootstrap interval where it has one."""
 
     value: float
@@ -41,7 +43,7 @@ class Interval(Model):
     high: float | None = None
 
 
-class Contender(Model):
+class Contender(Part):
     """One column of the comparison."""
 
     name: str
@@ -54,7 +56,7 @@ class Contender(Model):
     """How it was prompted: zero-shot, few-shot, retrieval, fine-tuned or endpoint."""
 
 
-class Difference(Model):
+class Difference(Part):
     """The tuned model minus another contender on one metric, paired per example."""
 
     contender: str
@@ -67,7 +69,7 @@ class Difference(Model):
     contender_only_right: list[int] = []
 
 
-class Cost(Model):
+class Cost(Part):
     """Means per request, timed after one uncounted warm-up request."""
 
     prompt_tokens: float
@@ -78,7 +80,7 @@ class Cost(Model):
     """Wall time of all the contender's answers."""
 
 
-class RuleResults(Model):
+class RuleResults(Part):
     """How one contender's answers fared against the user's assertions."""
 
     rules: dict[str, int]
@@ -88,33 +90,33 @@ class RuleResults(Model):
     """Answers passing every rule."""
 
 
-class Assertions(Model):
+class Assertions(Part):
     file: str
     results: dict[str, RuleResults]
 
 
-class Judge(Model):
+class Judge(Part):
     url: str
     model: str
     ungraded: dict[str, int] = {}
     """Per contender, answers the judge's reply gave no grade for."""
 
 
-class ForgettingScore(Model):
+class ForgettingScore(Part):
     accuracy: float
     """Multiple-choice accuracy by summed log-likelihood."""
     accuracy_per_token: float
     """By mean log-likelihood per token (does not favour short choices)."""
 
 
-class Forgetting(Model):
+class Forgetting(Part):
     file: str
     questions: int
     results: dict[str, ForgettingScore]
     """"zero-shot" (the base model) and "tuned"."""
 
 
-class CopyConstraint(Model):
+class CopyConstraint(Part):
     fields: list[str]
     """The answer fields decoding kept substrings of the input (copying.py)."""
     changed: dict[str, int]
@@ -125,7 +127,7 @@ class KindAccuracy(Interval):
     rows: int
 
 
-class Novelty(Model):
+class Novelty(Part):
     """How new the evaluated answers' values are to the run's training answers (data/novelty.py)."""
 
     training_file: str
@@ -141,7 +143,7 @@ class Novelty(Model):
     """Per contender, exact match on rows holding a novel value and on rows holding only seen ones."""
 
 
-class Answer(Model):
+class Answer(Part):
     """One contender's answer to one sample; files of the first shape hold only the text."""
 
     text: str
@@ -161,7 +163,7 @@ class Answer(Model):
     """1 correct, 0.5 partial, 0 incorrect, None ungraded or not judged."""
 
 
-class Sample(Model):
+class Sample(Part):
     index: int
     line: int | None = None
     """The row's line in the evaluated file."""
@@ -172,10 +174,11 @@ class Sample(Model):
     novelty: Literal["novel", "seen", "none"] | None = None
 
 
-class EvalResults(Model):
+class EvalResults(Part):
     """The whole of eval.json, in the order of its keys in the file (samples last: the long part)."""
 
     schema_version: int = Field(SCHEMA, alias="schema")
+    """`schema` in the file (the name is pydantic's own): 2, or 1 once the first shape is converted."""
     run: str | None = None
     """The run folder, as it was given to `tunelab eval`."""
     data: str | None = None
@@ -199,14 +202,19 @@ class EvalResults(Model):
     bucket_examples: dict[str, dict[str, list[int]]] = {}
     """{contender: {bucket: [sample index, ...]}}, up to 5 each."""
     differences: list[Difference] = []
+    """The tuned model against each other contender, per metric."""
     cost: dict[str, Cost] = {}
     assertions: Assertions | None = None
+    """With --assertions FILE."""
     judge: Judge | None = None
+    """With --judge URL; the grades are the metric `judge` and each answer's `judge`."""
     forgetting: Forgetting | None = None
+    """The multiple-choice check, unless --no-forgetting (computed in fp32 whatever --precision)."""
     copy_constraint: CopyConstraint | None = None
     """None when the run has no copied fields or with --no-copy-constraint."""
     novelty: Novelty | None = None
     samples: list[Sample] = []
+    """Every evaluated example with each contender's answer, in the file's order."""
 
     @model_validator(mode="before")
     @classmethod
