@@ -212,7 +212,8 @@ def main() -> None:
         del model
         run = Run(args.demo_run, args.precision)
         started = time.perf_counter()
-        evaluated = run.evaluate(limit=args.limit, shots=args.shots, retrieval=args.retrieval, progress=False)
+        evaluated = run.evaluate(limit=args.limit, shots=args.shots, retrieval=args.retrieval,
+                                 progress=False).model_dump()
         seconds = time.perf_counter() - started
         names = [c["name"] for c in evaluated["contenders"]]
         exact = {n: evaluated["metrics"][n]["exact_match"]["value"] for n in names}

@@ -101,7 +101,7 @@ def test_lora_trains_resumes_generates_and_evaluates(family, data, tmp_path, cap
     assert batched == [run.generate(p, max_new_tokens=6) for p in prompts], name
 
     results = run.evaluate(limit=2, max_new_tokens=4, shots=0, retrieval=False, forgetting=None, progress=False)
-    base, tuned = (results["metrics"][name]["heldout_loss"]["value"] for name in ("zero-shot", "tuned"))
+    base, tuned = (results.metrics[name]["heldout_loss"].value for name in ("zero-shot", "tuned"))
     assert math.isfinite(base) and math.isfinite(tuned) and tuned != base
 
 

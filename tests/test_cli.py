@@ -111,7 +111,8 @@ def test_python_api_lora(tiny_model_dir, pairs_file, tmp_path, assert_trained):
     assert_trained(tmp_path / "api")
     assert isinstance(run.generate("Country of Paris? (0)", max_new_tokens=4), str)
     results = run.evaluate(include_base=False)
-    assert results["examples_evaluated"] == 4 and [c["name"] for c in results["contenders"]] == ["tuned"]
+    assert results.examples_evaluated == 4 and results.names == ["tuned"]  # an EvalResults
+    assert results.model_dump()["contenders"][0]["name"] == "tuned"
     assert tunelab.load(tmp_path / "api").config.method == "lora"
 
 

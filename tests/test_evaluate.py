@@ -15,6 +15,7 @@ import torch
 from tunelab.cli import main
 from tunelab.evaluate.core import WARM_UP_TOKENS
 from tunelab.evaluate.metrics import BUCKETS
+from tunelab.evaluate.results import EvalResults
 
 COUNTRIES = {"Paris": "France", "Berlin": "Germany", "Madrid": "Spain", "Rome": "Italy"}
 
@@ -134,6 +135,12 @@ def test_eval_with_shots_and_assertions_through_the_cli(trained_run, tmp_path):
     forgetting = results["forgetting"]
     assert forgetting["questions"] == 42 and set(forgetting["results"]) == {"zero-shot", "tuned"}
     assert not (trained_run / ".eval.json.partial").exists()
+    # What `tunelab eval` wrote is what the report and the Python API read, key for key.
+    typed = EvalResults.read(trained_run / "eval.json")
+    assert json.loads(typed.model_dump_json()) == results and typed.names == names
+    assert typed.samples[0].answers["tuned"].bucket in BUCKETS and typed.forgetting.questions == 42
+    report = (trained_run / "report.html").read_text()  # written by `tunelab eval` from the same file
+    assert {"Metrics", "Assertions", "Forgetting check", "Answers side by side"} <= set(re.findall(r"<h2>(.*?)</h2>", report))
 
 
 
@@ -154,6 +161,28 @@ def test_each_local_contender_answers_an_uncounted_warm_up_request_before_it_is_
     evaluate._generate(None, None, prompts, 32, 16, contender, progress=False, copying=None, precision="fp32")
     assert calls == [(1, WARM_UP_TOKENS), (4, 32)]  # the warm-up first, then every prompt once
     assert len(contender.answers) == 4
+
+
+def test_score_builds_the_typed_results_without_a_model(tmp_path, write_jsonl):
+    from tunelab.data.load import load_examples
+    from tunelab.decoding.generate import Answer
+    from tunelab.evaluate import core
+    from tunelab.evaluate.assertions import load_rules
+
+    data = write_jsonl(tmp_path / "data.jsonl", [{"prompt": f"Country of {city}?", "completion": country}
+                                                 for city, country in COUNTRIES.items()])
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("- must_not_contain: sorry\n")
+    tuned = core.Contender("tuned", "local", "run", "fine-tuned", [Answer(k, 5, 1, "stop") for k in COUNTRIES.values()], 1.0)
+    base = core.Contender("zero-shot", "local", "base", "zero-shot", [Answer("sorry", 5, 1, "stop")] * 4, 2.0)
+    results = core.score(load_examples(data), [base, tuned], rules=load_rules(rules), rules_file=rules)
+    assert results.names == ["zero-shot", "tuned"] and results.examples_evaluated == 4
+    assert results.metrics["tuned"]["exact_match"].value == 1.0 and results.metrics["zero-shot"]["exact_match"].value == 0
+    assert results.assertions.file == str(rules)
+    assert {n: r.all_passed for n, r in results.assertions.results.items()} == {"zero-shot": 0, "tuned": 4}
+    assert results.differences[0].tuned_only_right == [0, 1, 2, 3] and results.cost["zero-shot"].seconds == 2.0
+    assert results.samples[2].answers["tuned"].text == "Spain" and results.judge is None
+    assert EvalResults.model_validate_json(results.model_dump_json()) == results
 
 
 def test_eval_on_another_labelled_file(trained_run, tmp_path, capsys, write_jsonl, monkeypatch):

@@ -14,8 +14,12 @@ import zlib
 from pathlib import Path
 
 import pytest
+from markupsafe import escape
 
-from tunelab.report.page import read_run, render_run, word_diff, write_comparison, write_report
+from tunelab.evaluate.results import EvalResults
+from tunelab.report.html import render_run, write_comparison, write_report
+from tunelab.report.runs import read_run
+from tunelab.report.sections import word_diff
 
 HOSTILE = "<script>alert('x')</script> & \"quotes\""
 
@@ -212,7 +216,7 @@ def test_simple_eval_json_renders_every_section_it_has(tmp_path):
 def test_user_text_is_escaped(tmp_path):
     html = write_report(make_run(tmp_path / "run", SIMPLE_EVAL)).read_text()
     assert "<script>" not in html
-    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &quot;quotes&quot;" in html
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &#34;quotes&#34;" in html
     # In a prompt, an answer (through the word diff) and a data check message alike.
     assert html.count("&lt;script&gt;") >= 3
 
@@ -230,7 +234,7 @@ def test_rich_eval_json_shows_intervals_buckets_cost_differences_and_forgetting(
     assert "<span class=ci>[36.7%, 96.7%]</span>" in metrics  # tuned exact match 66.7% with its interval
     assert "95% bootstrap confidence interval" in metrics
     assert "judge: grader at http://127.0.0.1:8000/v1" in metrics  # a URL as plain text, not a link
-    assert "<tr><th>judge&#x27;s grade</th><td class=na>–</td>" in metrics
+    assert "<tr><th>judge&#39;s grade</th><td class=na>–</td>" in metrics
     # Lower is better for hallucinated values and loss: the tuned model's 15% and 0.520 win their rows.
     row = re.search(r"<tr><th>hallucinated values</th>(.*?)</tr>", metrics).group(1)
     assert row.count("class=best") == 1 and re.search(r"class=best>15\.0%", row)
@@ -297,13 +301,13 @@ def test_the_bundled_forgetting_questions_are_named_without_their_path(tmp_path)
     bundled = "/opt/venv/lib/python3.11/site-packages/tunelab/examples/general_knowledge.jsonl"
     results["forgetting"]["file"] = bundled
     html = render_run(read_run(make_run(tmp_path / "bundled", results)))
-    note = re.search(r"<h2>Forgetting check</h2>.*?<p class=note>(.*?)</p>", html).group(1)
+    note = re.search(r"<h2>Forgetting check</h2>.*?<p class=note>(.*?)</p>", html, re.S).group(1)
     visible = re.sub(r"<[^>]+>", "", note)
     assert "40 multiple-choice questions of general_knowledge.jsonl (bundled with tunelab)" in visible
     assert "/opt/venv" not in visible and f"title='{bundled}'" in note  # the path only on hover
     results["forgetting"]["file"] = "/home/me/work/questions/my_mcq.jsonl"
     html = render_run(read_run(make_run(tmp_path / "own", results)))
-    note = re.search(r"<h2>Forgetting check</h2>.*?<p class=note>(.*?)</p>", html).group(1)
+    note = re.search(r"<h2>Forgetting check</h2>.*?<p class=note>(.*?)</p>", html, re.S).group(1)
     assert "of my_mcq.jsonl, scored" in re.sub(r"<[^>]+>", "", note)
 
 def test_contender_names_from_the_user_are_escaped(tmp_path):
@@ -315,6 +319,98 @@ def test_contender_names_from_the_user_are_escaped(tmp_path):
     assert_offline(html)
 
 
+def test_markup_in_answers_data_and_run_names_shows_as_text(tmp_path):
+    """A model's answer, a reference, a bucket example, a config value, a run folder's name (in the
+    comparison's table and its SVG legend): all text, never markup."""
+    results = rich_eval()
+    for sample in results["samples"]:
+        sample["answers"]["tuned"]["text"] = f"<script>alert({sample['line']})</script>"
+        sample["reference"] = "<img src=x onerror=alert(1)>"
+    config = CONFIG.replace("format: auto", "format: '<script>alert(2)</script>'")
+    runs = [make_run(tmp_path / "a" / "<script>x", results, config=config), make_run(tmp_path / "b" / "<script>x", None)]
+    own = write_report(runs[0]).read_text()
+    compared = write_comparison(runs, tmp_path / "cmp.html").read_text()
+    for html in (own, compared):
+        assert "<script" not in html.lower() and "<img" not in html
+        assert_offline(html)
+    assert "<span class=ans>&lt;script&gt;alert(15)&lt;/script&gt;</span>" in own  # an answer among bucket examples
+    answers = own[own.index("<h2>Answers"):]
+    assert "<div class=ans>&lt;img src=x onerror=alert(1)&gt;</div>" in answers  # the reference
+    assert "&lt;<mark>script&gt;</mark><del>img src=x onerror=</del>alert(" in answers  # the answer, in the word diff
+    assert own.count("&lt;script&gt;alert(2)&lt;/script&gt;") == 1  # the config value
+    legend = re.search(r"<figcaption class=legend>(.*?)</figcaption>", compared).group(1)
+    assert f"{escape(runs[0])}</span>" in legend  # the run's path, as text, in the chart's legend
+
+
+def test_comparison_links_are_relative_paths_even_for_a_scheme_like_folder_name(tmp_path):
+    runs = [make_run(tmp_path / "javascript:alert(1)", SIMPLE_EVAL), make_run(tmp_path / "two words", SIMPLE_EVAL)]
+    html = write_comparison(runs, tmp_path / "cmp.html").read_text()
+    links = re.findall(r"<a href='([^']*)'>", html)
+    assert links == ["javascript%3Aalert%281%29/report.html", "two%20words/report.html"]
+    from urllib.parse import unquote
+
+    assert [(tmp_path / unquote(link)).exists() for link in links] == [True, True]  # they lead to the reports
+
+
+def test_eval_json_of_the_first_shape_is_upgraded_on_reading(tmp_path):
+    (tmp_path / "eval.json").write_text(json.dumps(SIMPLE_EVAL))
+    results = EvalResults.read(tmp_path / "eval.json")
+    assert results.schema_version == 1 and results.names == ["base", "tuned"]
+    assert results.metrics["tuned"]["heldout_loss"].value == 0.52 and "seconds" not in results.metrics["tuned"]
+    assert results.samples[1].answers["tuned"].text == '{"people": 2, "day": "today"}'
+    assert results.samples[1].index == 1 and results.samples[1].line == 8
+    assert results.model_dump()["schema"] == 1  # dumped under eval.json's own keys
+
+
+def test_eval_json_without_the_newer_sections_still_loads_and_reports(tmp_path):
+    """A schema-2 file from before precision, novelty, the copy constraint, assertions, the judge
+    and the forgetting check: those sections are simply absent from the page."""
+    older = rich_eval()
+    for key in ("precision", "novelty", "copy_constraint", "assertions", "judge", "forgetting", "extractive_fields",
+                "bucket_examples"):
+        older.pop(key, None)
+    for sample in older["samples"]:
+        sample.pop("novelty")
+        for answer in sample["answers"].values():
+            answer.pop("judge"), answer.pop("assertions_failed")
+    html = write_report(make_run(tmp_path / "run", older)).read_text()
+    assert sections(html) == ["Loss", "Metrics", "Differences: tuned against each contender", "Answer buckets",
+                              "Cost per request", "Answers side by side", "Data check", "Settings"]
+    assert "computed in" not in html and "Examples of each bucket" not in html
+
+
+def test_typed_results_round_trip_through_the_file_under_the_same_keys(tmp_path):
+    results = EvalResults.model_validate(rich_eval())
+    results.write(tmp_path / "eval.json")
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert list(written) == ["schema", "run", "data", "examples_evaluated", "max_new_tokens", "shots", "precision",
+                             "contenders", "metrics", "fields", "extractive_fields", "buckets", "bucket_examples",
+                             "differences", "cost", "assertions", "judge", "forgetting", "copy_constraint", "novelty",
+                             "samples"]
+    assert EvalResults.read(tmp_path / "eval.json") == results
+    assert written["metrics"]["tuned"]["exact_match"] == rich_eval()["metrics"]["tuned"]["exact_match"]
+    assert written["novelty"]["accuracy"]["tuned"] == rich_eval()["novelty"]["accuracy"]["tuned"]
+
+
+@pytest.mark.parametrize("content, problem", [
+    ('{"schema": 2, "examples_evaluated": 3, "metrics": [1, 2]}',
+     "not the eval.json `tunelab eval` writes (metrics: input should be an object)"),
+    ('{"schema": 2, "examples_evaluated": "many"}',
+     "not the eval.json `tunelab eval` writes (examples_evaluated: input should be a valid integer"),
+    ('["a list"]', "not the eval.json `tunelab eval` writes (the top level: input should be an object)"),
+    ('{"schema": 2,', "not valid JSON (EOF while parsing"),
+])
+def test_eval_json_of_another_structure_is_one_line_naming_the_file(tmp_path, content, problem):
+    run = make_run(tmp_path / "run", None)
+    (run / "eval.json").write_text(content)
+    result = cli("report", str(run))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"tunelab: error: {run}/eval.json: {problem}")
+    assert result.stderr.rstrip().endswith(f"; run `tunelab eval {run}` again to rewrite it")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (run / "report.html").exists()
+
+
 def test_run_without_eval_json_shows_training_and_data_and_says_what_to_run(tmp_path):
     run = make_run(tmp_path / "run", None)
     html = write_report(run).read_text()
@@ -324,7 +420,7 @@ def test_run_without_eval_json_shows_training_and_data_and_says_what_to_run(tmp_
 
 def test_word_diff_marks_extra_words_and_strikes_missing_ones():
     assert (word_diff('{"day": "Sat"}', '{"day": "Saturday"}')
-            == '{&quot;day&quot;: &quot;<mark>Sat</mark><del>Saturday</del>&quot;}')
+            == '{&#34;day&#34;: &#34;<mark>Sat</mark><del>Saturday</del>&#34;}')
     assert word_diff("for 4 people", "for 4 people") == "for 4 people"
     assert word_diff("a b c", "a c") == "a <mark>b</mark> c"
     assert word_diff("a c", "a b c") == "a<del> b</del> c"

@@ -122,7 +122,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from tunelab.evaluate.core import format_report
     from tunelab.evaluate.endpoint import Endpoint
     from tunelab.evaluate.forgetting import DEFAULT_QUESTIONS
-    from tunelab.report.page import write_report
+    from tunelab.report.html import write_report
     from tunelab.run import Run
 
     key = api_key_from_args(args) if args.contender or args.judge else None
@@ -159,7 +159,7 @@ def non_negative_int(text: str) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from tunelab.report.page import COMPARISON_FILE, write_comparison, write_report
+    from tunelab.report.html import COMPARISON_FILE, write_comparison, write_report
 
     runs, out = [Path(run) for run in args.runs], Path(args.out) if args.out else None
     path = write_report(runs[0], out) if len(runs) == 1 else write_comparison(runs, out or Path(COMPARISON_FILE))

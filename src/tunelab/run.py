@@ -9,6 +9,9 @@ from pathlib import Path
 
 from tunelab.runfolder import RunFiles
 
+if typing.TYPE_CHECKING:
+    from tunelab.evaluate.results import EvalResults
+
 
 class Run:
     """A finished training run: its config, template and tokenizer, and the models on demand.
@@ -92,7 +95,9 @@ class Run:
         return generate_batch(self.model(), self.template, [as_messages(p) for p in prompts], max_new_tokens,
                               copying=self.copy_rule(copy_constraint), precision=self.precision)
 
-    def evaluate(self, limit: int | None = None, **kwargs) -> dict:
+    def evaluate(self, limit: int | None = None, **kwargs) -> EvalResults:
+        """Every contender on the run's held-out split (keywords as `evaluate.core.evaluate` takes
+        them); saved in RUN/eval.json and returned typed (`.model_dump()` gives the dict)."""
         from tunelab.evaluate.core import evaluate
 
         return evaluate(self, limit=limit, **kwargs)

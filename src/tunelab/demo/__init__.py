@@ -16,6 +16,7 @@ from pathlib import Path
 from tunelab.config import TrainConfig
 from tunelab.errors import check_output_folder
 from tunelab.evaluate.core import format_report
+from tunelab.evaluate.results import EvalResults
 from tunelab.demo import bookings
 
 
@@ -39,8 +40,8 @@ def demo_config(method: str = "full", max_steps: int | None = 100) -> TrainConfi
 
 
 def run_demo(out: Path, examples: int = 1200, method: str = "full", max_steps: int | None = 100,
-             eval_limit: int = 100) -> dict:
-    from tunelab.report.page import write_report
+             eval_limit: int = 100) -> EvalResults:
+    from tunelab.report.html import write_report
     from tunelab.run import Run
     from tunelab.train.loop import train
 

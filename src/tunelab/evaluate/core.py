@@ -10,61 +10,16 @@ Where the run has copied fields (copying.py), every local contender decodes with
 constraint (it comes from the user's data, not from the fine-tune, so the comparison stays
 fair), unless `--no-copy-constraint`. The base model is loaded once for its three contenders; prompt building is in baselines.py,
 metrics and buckets in metrics.py, assertions in assertions.py, the multiple-choice forgetting
-check in forgetting.py, endpoints and the judge in endpoint.py.
+check in forgetting.py, endpoints and the judge in judge.py.
 
-RUN/eval.json (schema 2), written beside and renamed, so it is either whole or absent:
-
-    schema               2
-    run, data            the run folder; the evaluated file (the run's test.jsonl by default)
-    examples_evaluated   number of examples
-    max_new_tokens, shots
-    precision            "bf16" or "fp32": the arithmetic of the local contenders' answers and
-                         held-out losses (--precision; the forgetting check is always fp32)
-    contenders           [{"name", "kind": "local" | "endpoint", "model", "prompt":
-                           "zero-shot" | "few-shot" | "retrieval" | "fine-tuned" | "endpoint"}]
-    metrics              {contender: {metric: {"value", "low", "high"}}}: exact_match, token_f1,
-                         rouge_l; with JSON references valid_json and field_accuracy; for
-                         extraction tasks hallucinated_values (share of the answer's values found
-                         nowhere in the prompt); with --assertions assertions_passed (answers
-                         passing every rule); with --judge judge (mean grade). low/high: 95%
-                         bootstrap interval. The base and tuned models also get heldout_loss and
-                         perplexity ({"value"} only) of the reference answers.
-    fields               {contender: {field path: accuracy}} for JSON references, else {}
-    extractive_fields    the answer fields checked for hallucinated values
-    buckets              {contender: {bucket: count}}, buckets as in metrics.BUCKETS
-    bucket_examples      {contender: {bucket: [sample index, ...]}} (up to 5 each)
-    differences          [{"contender", "metric", "difference" (tuned minus contender), "low",
-                           "high", "tuned_only_right": [index], "contender_only_right": [index]}]
-                         (right = exact match)
-    cost                 {contender: {"prompt_tokens", "generated_tokens" (means per request),
-                          "seconds_per_request", "requests_per_second", "seconds"}}, timed after
-                         one uncounted warm-up request per contender
-    assertions           null, or {"file", "results": {contender: {"rules": {rule: passed},
-                          "answers", "all_passed"}}}
-    judge                null, or {"url", "model", "ungraded": {contender: count}}
-    forgetting           null, or {"file", "questions", "results": {"zero-shot" | "tuned":
-                          {"accuracy", "accuracy_per_token"}}}
-    copy_constraint      null (the run has no copied fields, or --no-copy-constraint), or
-                         {"fields": [path], "changed": {contender: answers the constraint changed}}
-                         for the local contenders
-    novelty              how new the evaluated answers are to the run's training answers (novelty.py):
-                         {"training_file", "values", "novel_values", "share", "novel_rows",
-                          "seen_rows", "rows_without_values", "training_values", "accuracy":
-                          {contender: {"novel" | "seen": {"value", "low", "high", "rows"} | null}}}
-                         (exact match on rows holding a novel value, and on rows holding only
-                         values training showed); each sample's "novelty" is its row's kind
-    samples              [{"index", "line", "prompt", "reference", "answers": {contender:
-                          {"text", "bucket", "exact_match", "token_f1", "rouge_l",
-                           "prompt_tokens", "generated_tokens", "stopped", "copy_changed",
-                           "assertions_failed": [...], "judge": grade | null}}, "novelty":
-                          "novel" | "seen" | "none"}]
+RUN/eval.json is an `EvalResults` (results.py, where each section is described), written
+beside and renamed, so it is either whole or absent. The text `tunelab eval` prints is at the
+end of this module: the same numbers, contenders as columns.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -81,6 +36,9 @@ from tunelab.evaluate.forgetting import DEFAULT_QUESTIONS
 from tunelab.decoding.generate import Answer, generate_detailed
 from tunelab.train.loss import heldout_loss
 from tunelab.device import autocast, computes_bf16
+from tunelab.evaluate import results as saved  # saved.Contender, saved.Answer: as eval.json holds them
+from tunelab.evaluate.results import (Assertions, CopyConstraint, Cost, Difference, EvalResults, Forgetting,
+                                      ForgettingScore, Interval, Judge, Novelty, RuleResults, Sample, as_results)
 
 LOCAL = ("zero-shot", "few-shot", "retrieval", "tuned")
 WARM_UP_TOKENS = 2
@@ -143,7 +101,7 @@ def _generate(model, template, prompts, max_new_tokens: int, batch_size: int, co
 def evaluate(run, limit: int | None = None, batch_size: int = 32, max_new_tokens: int | None = None,
              include_base: bool = True, data: Path | None = None, shots: int = 3, retrieval: bool = True,
              endpoints: list[Endpoint] = (), assertions: Path | None = None, forgetting: Path | None = DEFAULT_QUESTIONS,
-             judge: Endpoint | None = None, progress: bool = True, copy_constraint: bool = True) -> dict:
+             judge: Endpoint | None = None, progress: bool = True, copy_constraint: bool = True) -> EvalResults:
     """Every contender on the same examples; results saved to RUN/eval.json and returned.
     `copy_constraint=False` decodes without the run's copy constraint."""
     from tunelab.evaluate import assertions as assertions_mod
@@ -217,29 +175,29 @@ def evaluate(run, limit: int | None = None, batch_size: int = 32, max_new_tokens
         forgotten["tuned"] = forgetting_mod.accuracy(tuned_model, run.template, questions)
     contenders = local + contenders
 
-    results = score(examples, contenders, rules, judge)
+    scored = score(examples, contenders, judge, rules, assertions)
     for name, loss in losses.items():
-        results["metrics"][name]["heldout_loss"] = {"value": loss}
-        results["metrics"][name]["perplexity"] = {"value": math.exp(min(loss, 50))}
-    checked, ungraded = results.pop("assertion_results"), results.pop("ungraded")
-    ordered = {"schema": 2, "run": str(run.path), "data": str(source), "examples_evaluated": len(examples),
-               "max_new_tokens": max_new_tokens, "shots": shots,
-               "precision": "bf16" if computes_bf16(run.precision, tuned_model.device) else "fp32", **results,
-               "assertions": {"file": str(assertions), "results": checked} if rules else None,
-               "judge": {"url": judge.url, "model": judge.model, "ungraded": ungraded} if judge else None,
-               "forgetting": {"file": str(forgetting), "questions": len(questions), "results": forgotten}
-               if questions else None,
-               "copy_constraint": {"fields": sorted(copying.fields),
-                                   "changed": {c.name: sum(a.copy_changed for a in c.answers) for c in local}}
-               if copying else None}
-    ordered["novelty"] = novelty_results(examples, run.files.train, ordered["samples"])
-    ordered["samples"] = ordered.pop("samples")  # last: the long part of the file
-    write_atomically(run.files.eval, ordered)
-    return ordered
+        scored.metrics[name]["heldout_loss"] = Interval(value=loss)
+        scored.metrics[name]["perplexity"] = Interval(value=math.exp(min(loss, 50)))
+    results = scored.model_copy(update={
+        "run": str(run.path), "data": str(source), "max_new_tokens": max_new_tokens, "shots": shots,
+        "precision": "bf16" if computes_bf16(run.precision, tuned_model.device) else "fp32",
+        "forgetting": Forgetting(file=str(forgetting), questions=len(questions),
+                                 results={name: ForgettingScore.model_validate(found)
+                                          for name, found in forgotten.items()}) if questions else None,
+        "copy_constraint": CopyConstraint(fields=sorted(copying.fields),
+                                          changed={c.name: sum(a.copy_changed for a in c.answers) for c in local})
+        if copying else None,
+        "novelty": novelty_results(examples, run.files.train, scored.samples),
+    })
+    results.write(run.files.eval)
+    return results
 
 
-def score(examples: list[Example], contenders: list[Contender], rules, judge: Endpoint | None) -> dict:
-    """Every metric, bucket, difference and cost of the contenders' answers (no model needed)."""
+def score(examples: list[Example], contenders: list[Contender], judge: Endpoint | None = None, rules=None,
+          rules_file: Path | None = None) -> EvalResults:
+    """Every metric, bucket, difference and cost of the contenders' answers, and their assertions
+    (`rules`, read from `rules_file`) and judge's grades (no model needed)."""
     from tunelab.evaluate import assertions as assertions_mod
     from tunelab.evaluate.judge import judge as grade
 
@@ -248,11 +206,11 @@ def score(examples: list[Example], contenders: list[Contender], rules, judge: En
     references = [e.reference for e in examples]
     is_json = all(metrics.parse_json(r) is not None for r in references)
     extractive = metrics.extractive_paths(prompt_texts, references)
-    out: dict = {"contenders": [], "metrics": {}, "fields": {}, "extractive_fields": sorted(extractive),
-                 "buckets": {}, "bucket_examples": {}, "differences": [], "cost": {}, "assertion_results": {},
-                 "ungraded": {}}
-    samples = [{"index": i, "line": e.line, "prompt": questions[i], "reference": e.reference, "answers": {}}
-               for i, e in enumerate(examples)]
+    out = EvalResults(examples_evaluated=len(examples), extractive_fields=sorted(extractive),
+                      assertions=Assertions(file=str(rules_file), results={}) if rules else None,
+                      judge=Judge(url=judge.url, model=judge.model) if judge else None,
+                      samples=[Sample(index=i, line=e.line, prompt=questions[i], reference=e.reference)
+                               for i, e in enumerate(examples)])
     per_example: dict[str, dict[str, list[float]]] = {}
     for c in contenders:
         texts = [a.text for a in c.answers]
@@ -263,88 +221,75 @@ def score(examples: list[Example], contenders: list[Contender], rules, judge: En
             table["valid_json"] = _summary([float(metrics.parse_json(t) is not None) for t in texts])
             table["field_accuracy"] = _summary([sum(f.values()) / max(len(f), 1) for f in fields])
             paths = sorted({p for f in fields for p in f})
-            out["fields"][c.name] = {p: sum(f.get(p, False) for f in fields) / sum(p in f for f in fields)
-                                     for p in paths}
+            out.fields[c.name] = {p: sum(f.get(p, False) for f in fields) / sum(p in f for f in fields) for p in paths}
         counted = [metrics.hallucinated_values(t, p, extractive, r) for t, p, r in zip(texts, prompt_texts, references)]
         if extractive and sum(n for n, _ in counted):
             values, made_up = [n for n, _ in counted], [h for _, h in counted]
             low, high = metrics.bootstrap_interval(made_up, values)
-            table["hallucinated_values"] = {"value": sum(made_up) / sum(values), "low": low, "high": high}
+            table["hallucinated_values"] = Interval(value=sum(made_up) / sum(values), low=low, high=high)
         failures = [[] for _ in texts]
         if rules:
             checked = assertions_mod.apply(rules, questions, texts)
             failures = checked.failures
-            out["assertion_results"][c.name] = checked.as_dict(len(texts))
+            out.assertions.results[c.name] = RuleResults.model_validate(checked.as_dict(len(texts)))
             table["assertions_passed"] = _summary([float(not f) for f in failures])
         grades = [None] * len(texts)
         if judge:
             grades = grade(judge, questions, references, texts)
             graded = [g for g in grades if g is not None]
-            out["ungraded"][c.name] = len(grades) - len(graded)
+            out.judge.ungraded[c.name] = len(grades) - len(graded)
             if graded:
                 table["judge"] = _summary(graded)
         buckets = [metrics.bucket(a.text, r, a.stopped, h) for a, r, (_, h) in zip(c.answers, references, counted)]
-        out["buckets"][c.name] = {b: buckets.count(b) for b in metrics.BUCKETS}
-        out["bucket_examples"][c.name] = {b: [i for i, x in enumerate(buckets) if x == b][:5]
-                                          for b in metrics.BUCKETS if b in buckets}
-        out["metrics"][c.name] = table
-        out["contenders"].append({"name": c.name, "kind": c.kind, "model": c.model, "prompt": c.prompt})
+        out.buckets[c.name] = {b: buckets.count(b) for b in metrics.BUCKETS}
+        out.bucket_examples[c.name] = {b: [i for i, x in enumerate(buckets) if x == b][:5]
+                                       for b in metrics.BUCKETS if b in buckets}
+        out.metrics[c.name] = table
+        out.contenders.append(saved.Contender(name=c.name, kind=c.kind, model=c.model, prompt=c.prompt))
         n = len(c.answers)
-        out["cost"][c.name] = {
-            "prompt_tokens": sum(a.prompt_tokens for a in c.answers) / n,
-            "generated_tokens": sum(a.generated_tokens for a in c.answers) / n,
-            "seconds_per_request": c.seconds / n, "requests_per_second": n / max(c.seconds, 1e-9),
-            "seconds": c.seconds,
-        }
+        out.cost[c.name] = Cost(prompt_tokens=sum(a.prompt_tokens for a in c.answers) / n,
+                                generated_tokens=sum(a.generated_tokens for a in c.answers) / n,
+                                seconds_per_request=c.seconds / n, requests_per_second=n / max(c.seconds, 1e-9),
+                                seconds=c.seconds)
         per_example[c.name] = rows
-        for i, (a, sample) in enumerate(zip(c.answers, samples)):
-            sample["answers"][c.name] = {
-                "text": a.text, "bucket": buckets[i], **{m: rows[m][i] for m in SCORES},
-                "prompt_tokens": a.prompt_tokens, "generated_tokens": a.generated_tokens, "stopped": a.stopped,
-                "copy_changed": a.copy_changed, "assertions_failed": failures[i], "judge": grades[i],
-            }
+        for i, (a, sample) in enumerate(zip(c.answers, out.samples)):
+            sample.answers[c.name] = saved.Answer(
+                text=a.text, bucket=buckets[i], **{m: rows[m][i] for m in SCORES}, prompt_tokens=a.prompt_tokens,
+                generated_tokens=a.generated_tokens, stopped=a.stopped, copy_changed=a.copy_changed,
+                assertions_failed=failures[i], judge=grades[i])
     if "tuned" in per_example:
+        tuned_right = {i for i, d in enumerate(per_example["tuned"]["exact_match"]) if d}
         for c in contenders:
             if c.name == "tuned":
                 continue
+            other_right = {i for i, d in enumerate(per_example[c.name]["exact_match"]) if d}
             for m in SCORES:
                 diffs = [t - o for t, o in zip(per_example["tuned"][m], per_example[c.name][m])]
                 low, high = metrics.bootstrap_interval(diffs)
-                tuned_right = [i for i, d in enumerate(per_example["tuned"]["exact_match"]) if d]
-                other_right = [i for i, d in enumerate(per_example[c.name]["exact_match"]) if d]
-                out["differences"].append({
-                    "contender": c.name, "metric": m, "difference": sum(diffs) / len(diffs), "low": low, "high": high,
-                    "tuned_only_right": sorted(set(tuned_right) - set(other_right)),
-                    "contender_only_right": sorted(set(other_right) - set(tuned_right)),
-                })
-    out["samples"] = samples
+                out.differences.append(Difference(
+                    contender=c.name, metric=m, difference=sum(diffs) / len(diffs), low=low, high=high,
+                    tuned_only_right=sorted(tuned_right - other_right),
+                    contender_only_right=sorted(other_right - tuned_right)))
     return out
 
 
-def novelty_results(examples: list[Example], train_file: Path, samples: list[dict]) -> dict:
+def novelty_results(examples: list[Example], train_file: Path, samples: list[Sample]) -> Novelty:
     """eval.json's "novelty": the examples' answer values against the run's training answers, and
     each contender's exact match on rows with a novel value and rows with only seen ones. Marks
     each sample with its row's kind."""
     training = (novelty.value_hashes(e.reference) for e in read_jsonl(train_file) if not e.is_raw)
     measured = novelty.measure(training, (novelty.value_hashes(e.reference) for e in examples))
     for sample, kind in zip(samples, measured.kinds):
-        sample["novelty"] = kind
-    names = list(samples[0]["answers"]) if samples else []
-    accuracy = {name: novelty.accuracy_by_kind(measured.kinds, [s["answers"][name]["exact_match"] for s in samples])
+        sample.novelty = kind
+    names = list(samples[0].answers) if samples else []
+    accuracy = {name: novelty.accuracy_by_kind(measured.kinds, [s.answers[name].exact_match for s in samples])
                 for name in names}
-    return {"training_file": str(train_file), **measured.to_dict(), "accuracy": accuracy}
+    return Novelty.model_validate({"training_file": str(train_file), **measured.to_dict(), "accuracy": accuracy})
 
 
-def _summary(values: list[float]) -> dict:
+def _summary(values: list[float]) -> Interval:
     low, high = metrics.bootstrap_interval(values)
-    return {"value": sum(values) / len(values), "low": low, "high": high}
-
-
-def write_atomically(path: Path, results: dict) -> None:
-    """Write beside and rename: a crash or Ctrl-C leaves the old file or none, never half of one."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(partial, path)
+    return Interval(value=sum(values) / len(values), low=low, high=high)
 
 
 # Printing: the same numbers as eval.json, contenders as columns.
@@ -355,12 +300,12 @@ ROWS = [("exact match", "exact_match", "pct"), ("token F1", "token_f1", "pct"), 
         ("judge", "judge", "pct"), ("held-out loss", "heldout_loss", "{:.3f}"), ("perplexity", "perplexity", "{:.2f}")]
 
 
-def _cell(entry: dict | None, style: str) -> str:
+def _cell(entry: Interval | None, style: str) -> str:
     if entry is None:
         return "-"
     if style != "pct":
-        return style.format(entry["value"])
-    return f"{entry['value']:.0%} ({entry['low']:.0%}-{entry['high']:.0%})"
+        return style.format(entry.value)
+    return f"{entry.value:.0%} ({entry.low:.0%}-{entry.high:.0%})"
 
 
 def _grid(header: list[str], rows: list[list[str]]) -> str:
@@ -370,98 +315,97 @@ def _grid(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def format_table(results: dict) -> str:
-    """Metrics as rows, contenders as columns, each rate with its 95% interval."""
-    names = [c["name"] for c in results["contenders"]]
+def format_table(results: EvalResults | dict) -> str:
+    """Metrics as rows, contenders as columns, each rate with its 95% interval. Takes eval.json's
+    dict too (the export's model card reads the file)."""
+    results = as_results(results)
     rows = []
     for label, key, style in ROWS:
-        cells = [_cell(results["metrics"][n].get(key), style) for n in names]
+        cells = [_cell(results.metrics.get(n, {}).get(key), style) for n in results.names]
         if any(c != "-" for c in cells):
             rows.append([label, *cells])
-    return _grid([f"{results['examples_evaluated']} examples", *names], rows)
+    return _grid([f"{results.examples_evaluated} examples", *results.names], rows)
 
 
-def format_buckets(results: dict) -> str:
-    names = [c["name"] for c in results["contenders"]]
-    rows = [[b, *[str(results["buckets"][n][b]) for n in names]] for b in metrics.BUCKETS]
-    return _grid(["answers", *names], rows)
+def format_buckets(results: EvalResults) -> str:
+    rows = [[b, *[str(results.buckets[n][b]) for n in results.names]] for b in metrics.BUCKETS]
+    return _grid(["answers", *results.names], rows)
 
 
-def format_cost(results: dict) -> str:
-    names = [c["name"] for c in results["contenders"]]
-    cost = results["cost"]
-    rows = [["prompt tokens", *[f"{cost[n]['prompt_tokens']:.0f}" for n in names]],
-            ["generated tokens", *[f"{cost[n]['generated_tokens']:.1f}" for n in names]],
-            ["seconds / request", *[f"{cost[n]['seconds_per_request']:.3f}" for n in names]],
-            ["requests / second", *[f"{cost[n]['requests_per_second']:.1f}" for n in names]]]
+def format_cost(results: EvalResults) -> str:
+    names, cost = results.names, results.cost
+    rows = [["prompt tokens", *[f"{cost[n].prompt_tokens:.0f}" for n in names]],
+            ["generated tokens", *[f"{cost[n].generated_tokens:.1f}" for n in names]],
+            ["seconds / request", *[f"{cost[n].seconds_per_request:.3f}" for n in names]],
+            ["requests / second", *[f"{cost[n].requests_per_second:.1f}" for n in names]]]
     # The arithmetic of the local contenders' answers (older eval.json files do not say).
-    title = f"cost per request ({results['precision']})" if results.get("precision") else "cost per request"
+    title = f"cost per request ({results.precision})" if results.precision else "cost per request"
     return _grid([title, *names], rows)
 
 
-def format_differences(results: dict) -> str:
+def format_differences(results: EvalResults) -> str:
     lines = []
-    for d in results["differences"]:
-        if d["metric"] != "exact_match":
+    for d in results.differences:
+        if d.metric != "exact_match":
             continue
-        lines.append(f"tuned - {d['contender']}: exact match {d['difference']:+.0%} (95% CI {d['low']:+.0%} to "
-                     f"{d['high']:+.0%}); only tuned right: {len(d['tuned_only_right'])}, only "
-                     f"{d['contender']} right: {len(d['contender_only_right'])}")
+        lines.append(f"tuned - {d.contender}: exact match {d.difference:+.0%} (95% CI {d.low:+.0%} to "
+                     f"{d.high:+.0%}); only tuned right: {len(d.tuned_only_right)}, only "
+                     f"{d.contender} right: {len(d.contender_only_right)}")
     return "\n".join(lines)
 
 
-def format_samples(results: dict, count: int = 3) -> str:
+def format_samples(results: EvalResults, count: int = 3) -> str:
     """A few examples side by side, those where the contenders disagree first."""
-    samples = results["samples"]
-    disagreeing = [s for s in samples if len({a["bucket"] for a in s["answers"].values()}) > 1]
+    samples = results.samples
+    disagreeing = [s for s in samples if len({a.bucket for a in s.answers.values()}) > 1]
     lines = []
     for sample in (disagreeing + [s for s in samples if s not in disagreeing])[:count]:
-        lines.append(f"- prompt:    {sample['prompt']!r}")
-        lines.append(f"  reference: {sample['reference']!r}")
-        for name, answer in sample["answers"].items():
-            lines.append(f"  {name + ':':11}{answer['text']!r} [{answer['bucket']}]")
+        lines.append(f"- prompt:    {sample.prompt!r}")
+        lines.append(f"  reference: {sample.reference!r}")
+        for name, answer in sample.answers.items():
+            lines.append(f"  {name + ':':11}{answer.text!r} [{answer.bucket}]")
     return "\n".join(lines)
 
 
-def format_forgetting(results: dict) -> str:
-    if not results.get("forgetting"):
+def format_forgetting(results: EvalResults) -> str:
+    f = results.forgetting
+    if not f:
         return ""
-    f = results["forgetting"]
-    parts = [f"{name} {r['accuracy']:.0%}" for name, r in f["results"].items()]
-    return f"forgetting check ({f['questions']} multiple-choice questions, log-likelihood): " + ", ".join(parts)
+    parts = [f"{name} {r.accuracy:.0%}" for name, r in f.results.items()]
+    return f"forgetting check ({f.questions} multiple-choice questions, log-likelihood): " + ", ".join(parts)
 
 
-def format_copy_constraint(results: dict) -> str:
-    copying = results.get("copy_constraint")
+def format_copy_constraint(results: EvalResults) -> str:
+    copying = results.copy_constraint
     if not copying:
         return ""
-    n = results["examples_evaluated"]
-    counts = ", ".join(f"{name} {changed} of {n}" for name, changed in copying["changed"].items())
-    return (f"copy constraint on {', '.join(copying['fields'])} (values kept substrings of the input; "
+    n = results.examples_evaluated
+    counts = ", ".join(f"{name} {changed} of {n}" for name, changed in copying.changed.items())
+    return (f"copy constraint on {', '.join(copying.fields)} (values kept substrings of the input; "
             f"--no-copy-constraint turns it off): answers it changed: {counts}")
 
 
-def format_novelty(results: dict) -> str:
+def format_novelty(results: EvalResults) -> str:
     """How new the evaluated answers are to training, and exact match on new vs seen values."""
-    found = results.get("novelty")
+    found = results.novelty
     if not found:
         return ""
-    measured = novelty.Novelty(**{k: found[k] for k in ("values", "novel_values", "novel_rows", "seen_rows")},
-                               without_values=found["rows_without_values"])
+    measured = novelty.Novelty(values=found.values, novel_values=found.novel_values, novel_rows=found.novel_rows,
+                               seen_rows=found.seen_rows, without_values=found.rows_without_values)
     lines = [f"novelty: {measured.describe()}"]
-    if not found["values"]:
+    if not found.values:
         return lines[0]
-    names = [c["name"] for c in results["contenders"]]
     rows = []
     for kind, label in (("novel", "a novel value"), ("seen", "only seen values")):
-        count = found[f"{kind}_rows"]
-        cells = [_cell(found["accuracy"].get(n, {}).get(kind), "pct") for n in names]
+        count = getattr(found, f"{kind}_rows")
+        cells = [_cell(found.accuracy.get(n, {}).get(kind), "pct") for n in results.names]
         rows.append([f"rows with {label} ({count})", *cells])
-    return lines[0] + "\n" + _grid(["exact match on", *names], rows)
+    return lines[0] + "\n" + _grid(["exact match on", *results.names], rows)
 
 
-def format_report(results: dict) -> str:
+def format_report(results: EvalResults | dict) -> str:
     """Everything `tunelab eval` prints."""
+    results = as_results(results)
     sections = [format_table(results), format_differences(results), format_novelty(results), format_buckets(results),
                 format_cost(results), format_forgetting(results), format_copy_constraint(results),
                 format_samples(results)]
