@@ -83,9 +83,10 @@ def _evaluation(run) -> list[str]:
     if not run.files.eval.exists():
         return [f"Not evaluated; `tunelab eval {run.path}` compares the base and tuned models on the held-out split."]
     from tunelab.evaluate.core import format_table
+    from tunelab.evaluate.results import EvalResults
 
-    results = json.loads(run.files.eval.read_text())
-    return [f"`tunelab eval` on {results['examples_evaluated']} held-out examples, greedy decoding:",
+    results = EvalResults.read(run.files.eval)
+    return [f"`tunelab eval` on {results.examples_evaluated} held-out examples, greedy decoding:",
             "", "```", format_table(results), "```"]
 
 
