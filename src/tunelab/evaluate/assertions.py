@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import UserError
+from tunelab.text import parse_json_answer
 
 KINDS = ("regex", "must_contain", "must_not_contain", "json_schema")
 
@@ -98,8 +99,6 @@ def _yaml_rule(path: Path, number: int, rule) -> Rule:
 
 
 def _schema_test(where: str, schema: dict) -> Callable[[str, str], bool | str]:
-    from tunelab.evaluate.metrics import parse_json
-
     try:
         import jsonschema
     except ImportError:
@@ -112,7 +111,7 @@ def _schema_test(where: str, schema: dict) -> Callable[[str, str], bool | str]:
             raise UserError(f"{where}: invalid JSON schema ({e.message})") from None
 
     def test(_prompt: str, answer: str) -> bool | str:
-        value = parse_json(answer)
+        value = parse_json_answer(answer)
         if value is None:
             return "not JSON"
         if jsonschema is not None:

@@ -73,7 +73,8 @@ from pathlib import Path
 from tunelab.evaluate import metrics
 from tunelab.data import novelty
 from tunelab.evaluate.baselines import few_shot_prompts, retrieval_prompts, user_text
-from tunelab.train.batching import encode_examples
+from tunelab.encoding import encode_examples
+from tunelab.text import parse_json_answer
 from tunelab.data.load import Example, iter_examples, load_examples, read_jsonl
 from tunelab.evaluate.judge import Endpoint
 from tunelab.errors import UserError
@@ -246,7 +247,7 @@ def score(examples: list[Example], contenders: list[Contender], rules, judge: En
     prompt_texts = ["\n".join(m["content"] for m in e.prompt_messages()) for e in examples]
     questions = [user_text(e.prompt_messages()) for e in examples]
     references = [e.reference for e in examples]
-    is_json = all(metrics.parse_json(r) is not None for r in references)
+    is_json = all(parse_json_answer(r) is not None for r in references)
     extractive = metrics.extractive_paths(prompt_texts, references)
     out: dict = {"contenders": [], "metrics": {}, "fields": {}, "extractive_fields": sorted(extractive),
                  "buckets": {}, "bucket_examples": {}, "differences": [], "cost": {}, "assertion_results": {},
@@ -260,7 +261,7 @@ def score(examples: list[Example], contenders: list[Contender], rules, judge: En
         table = {m: _summary(rows[m]) for m in SCORES}
         if is_json:
             fields = [metrics.json_fields(t, r) for t, r in zip(texts, references)]
-            table["valid_json"] = _summary([float(metrics.parse_json(t) is not None) for t in texts])
+            table["valid_json"] = _summary([float(parse_json_answer(t) is not None) for t in texts])
             table["field_accuracy"] = _summary([sum(f.values()) / max(len(f), 1) for f in fields])
             paths = sorted({p for f in fields for p in f})
             out["fields"][c.name] = {p: sum(f.get(p, False) for f in fields) / sum(p in f for f in fields)
@@ -330,7 +331,7 @@ def novelty_results(examples: list[Example], train_file: Path, samples: list[dic
     for sample, kind in zip(samples, measured.kinds):
         sample["novelty"] = kind
     names = list(samples[0]["answers"]) if samples else []
-    accuracy = {name: novelty.accuracy_by_kind(measured.kinds, [s["answers"][name]["exact_match"] for s in samples])
+    accuracy = {name: metrics.accuracy_by_kind(measured.kinds, [s["answers"][name]["exact_match"] for s in samples])
                 for name in names}
     return {"training_file": str(train_file), **measured.to_dict(), "accuracy": accuracy}
 
