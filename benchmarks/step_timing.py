@@ -43,7 +43,8 @@ def run(variant: str, steps: int) -> dict:
 
         configure_threads()
     from tunelab import device
-    from tunelab.train.batching import encode_examples, pack
+    from tunelab.encoding import encode_examples
+    from tunelab.train.batching import pack
     from tunelab.config import TrainConfig
     from tunelab.data.load import Example
     from tunelab.demo import bookings

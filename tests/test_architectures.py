@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from tunelab import device
-from tunelab.train.batching import encode_examples, pack
+from tunelab.encoding import encode_examples
+from tunelab.train.batching import pack
 from tunelab.cli import main
 from tunelab.data.load import Example
 from tunelab.train.loss import backward_step, chunked_token_loss, heldout_loss, token_loss

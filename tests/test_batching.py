@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from tunelab.train.batching import encode_examples, pack
+from tunelab.encoding import encode_examples
+from tunelab.train.batching import pack
 from tunelab.data.load import Example
 from tunelab.errors import UserError
 from tunelab.train.loss import heldout_loss, token_loss

@@ -1,5 +1,5 @@
 """The copy constraint: which answer fields training copies from the input, and decoding that
-keeps them copies (tunelab.decoding.copying), from detection to the CLI."""
+keeps them copies (tunelab.data.copied, tunelab.decoding.copying), from detection to the CLI."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import threading
 import pytest
 import torch
 
-from tunelab.decoding.copying import CopyCounter, CopyRule, JsonCursor, whole_copy
+from tunelab.data.copied import CopyCounter, whole_copy
+from tunelab.decoding.copying import CopyRule, JsonCursor
 
 NAMES = ["Anna", "Boris", "Carla", "Dmitri", "Elena", "Farid", "Greta", "Hugo"]
 CITIES = ["Oslo", "Lima", "Kyiv", "Bern", "Riga"]

@@ -3,10 +3,11 @@ import random
 import numpy as np
 
 from tunelab.data import dedup
+from tunelab.text import normalise_for_dedup
 
 
 def jaccard(a: str, b: str) -> float:
-    a, b = dedup.normalise(a).encode(), dedup.normalise(b).encode()
+    a, b = normalise_for_dedup(a).encode(), normalise_for_dedup(b).encode()
     grams = [{s[i : i + dedup.SHINGLE] for i in range(len(s) - dedup.SHINGLE + 1)} for s in (a, b)]
     return len(grams[0] & grams[1]) / len(grams[0] | grams[1])
 

@@ -13,15 +13,21 @@ import tunelab
 PACKAGE = Path(tunelab.__file__).parent
 
 LAYERS = [
-    {"errors"},
-    {"data.load", "data.dedup", "template", "models", "evaluate.metrics", "client", "teacher.schema"},
-    {"config", "data.novelty", "decoding.copying", "teacher.ask"},
-    {"device", "runfolder", "data.augment", "train.batching"},
-    {"data.check", "teacher.label"},
-    {"data.review", "teacher.synth", "train.checkpoint", "train.loss"},
+    {"errors", "text"},
+    {"data.load", "data.dedup", "template", "models", "client"},
+    {"encoding", "teacher.schema"},
+    {"config"},
+    {"device", "runfolder", "teacher.ask"},
+    {"data.novelty", "data.augment", "data.copied"},
+    {"data.check"},
+    {"teacher.label"},
+    {"data.review", "teacher.synth"},
+    {"train.batching", "train.checkpoint"},
+    {"train.loss"},
     {"train.loop"},
+    {"decoding.copying"},
     {"decoding.generate"},
-    {"evaluate.baselines", "evaluate.assertions", "evaluate.endpoint", "evaluate.results"},
+    {"evaluate.metrics", "evaluate.baselines", "evaluate.assertions", "evaluate.endpoint", "evaluate.results"},
     {"evaluate.forgetting", "evaluate.judge"},
     {"evaluate.core"},
     {"run"},
@@ -32,9 +38,11 @@ LAYERS = [
     {"cli", "__init__"},
 ]
 """From the bottom up: a module may import from the layers below its own, never from its own or
-a higher one. The stages follow the pipeline: data -> train -> decoding -> evaluate ->
-report/serve/export -> cli, with the shared core (errors, template, models, config, device, the
-run folder) below the stages that use it and the `Run` facade above evaluation."""
+a higher one. At the bottom, the shared core: errors and the text helpers; reading data and
+models, the template, and tokenizing examples with it (encoding); the config, the device and the
+run folder. Above it the stages follow the pipeline: data -> teacher -> train -> decoding ->
+evaluate -> report/serve/export -> cli, with the `Run` facade above evaluation. (data.review
+reviews the pairs the teacher labelled, so it sits above teacher.label.)"""
 
 
 def module_names() -> set[str]:
@@ -129,6 +137,7 @@ def test_the_graph_sees_function_level_and_relative_imports(tmp_path):
     assert "data.check" in graph["train.loop"]  # inside prepare()
     assert "run" in graph["cli"]  # inside a command function
     assert "data.load" in graph["runfolder"]  # `from tunelab.data import load as ...`
+    assert {"data.copied", "encoding"} <= graph["data.check"]  # what the data check runs sits below it
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 

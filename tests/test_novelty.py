@@ -10,14 +10,15 @@ import pytest
 
 from tunelab.data import novelty
 from tunelab.evaluate.core import format_report
+from tunelab.evaluate.metrics import accuracy_by_kind
 
 
 def test_values_are_json_leaves_or_quoted_spans_and_plain_text_has_none():
-    assert novelty.answer_values('{"name": "Chloe Souza", "guests": 7, "vip": true, "note": null, '
+    assert novelty.compared_values('{"name": "Chloe Souza", "guests": 7, "vip": true, "note": null, '
                                  '"items": [{"dish": "Pad Thai"}], "time": "21:00"}') == \
         ["chloe souza", "7", "pad thai", "2100"]
-    assert novelty.answer_values('The guest is "Chloe Souza", arriving at \u201cnine\u201d.') == ["chloe souza", "nine"]
-    assert novelty.answer_values("A table for seven on Saturday.") == []
+    assert novelty.compared_values('The guest is "Chloe Souza", arriving at \u201cnine\u201d.') == ["chloe souza", "nine"]
+    assert novelty.compared_values("A table for seven on Saturday.") == []
     assert novelty.value_hashes('{"a": "X", "b": "x"}') == novelty.value_hashes('{"c": "x"}')  # one value, once
 
 
@@ -35,10 +36,10 @@ def test_novelty_of_hand_made_rows():
     assert measured.describe() == ("50% of 6 held-out answer values never occur in a training answer; "
                                    "2 of 3 held-out rows hold one")
     assert not measured.looks_familiar()  # 4 distinct training values: too few to say
-    accuracy = novelty.accuracy_by_kind(measured.kinds, [1.0, 0.0, 1.0, 1.0])
+    accuracy = accuracy_by_kind(measured.kinds, [1.0, 0.0, 1.0, 1.0])
     assert accuracy["novel"]["value"] == 0.5 and accuracy["novel"]["rows"] == 2
     assert accuracy["seen"] == {"value": 1.0, "low": 1.0, "high": 1.0, "rows": 1}
-    assert novelty.accuracy_by_kind(["none"], [1.0]) == {"novel": None, "seen": None}
+    assert accuracy_by_kind(["none"], [1.0]) == {"novel": None, "seen": None}
     assert novelty.measure([], [novelty.value_hashes("plain")]).describe().startswith("no answer values")
 
 

@@ -3,7 +3,8 @@ import torch
 
 from tunelab.train import loss
 from tunelab import device
-from tunelab.train.batching import encode_examples, pack
+from tunelab.encoding import encode_examples
+from tunelab.train.batching import pack
 from tunelab.train.loss import token_loss
 from tunelab.models import load_model
 from tunelab.template import IGNORE, Template

@@ -8,7 +8,8 @@ variant of a row in which every copied name is replaced, consistently in the inp
 answer, by a fresh surrogate of the same shape (same words, capitalisation and length, built from
 syllables) can only be fitted by copying.
 
-What counts as copied, per training row:
+What counts as copied, per training row (its input is `text.input_text`, the last user message,
+the text the copy constraint copies from):
 - a JSON answer (an object or a list): each string leaf that occurs verbatim in the input;
 - any other answer: each of its words that occurs in the input (a rewrite may reorder a name).
 Within those values, a word is replaced when it looks like a name: it has a capital letter (or
@@ -28,8 +29,8 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from tunelab.evaluate import metrics
 from tunelab.data.load import Example
+from tunelab.text import input_text, json_leaves, parse_json_answer
 
 WORD = re.compile(r"[^\W_]+")
 """A word: letters and digits (Unicode), split at spaces, punctuation and underscores."""
@@ -63,33 +64,17 @@ class CopyAugmentation:
                 "names replaced by made-up ones")
 
 
-def input_text(example: Example) -> str:
-    """What the model is given: every message that is not an assistant's."""
-    return "\n".join(m["content"] for m in example.messages if m["role"] != "assistant")
-
-
 def occurs(value: str, text: str) -> bool:
     """`value` is in `text` as whole words (not "Ann" inside "Anna")."""
     return re.search(rf"(?<![^\W_]){re.escape(value)}(?![^\W_])", text) is not None
 
 
-def parsed_json(text: str):
-    """The answer as JSON when it is an object or a list, else None."""
-    stripped = text.strip()
-    if not stripped.startswith(("{", "[")):
-        return None
-    try:
-        return json.loads(stripped)
-    except json.JSONDecodeError:
-        return None
-
-
-def answer_values(answer: str) -> list[str]:
-    """The values an answer may have copied: its JSON string leaves, or else each of its words
-    (a rewrite may reorder a name: "Halden, Cyrus" -> "Cyrus Halden")."""
-    parsed = parsed_json(answer)
+def copy_candidates(answer: str) -> list[str]:
+    """What an answer may have copied: its JSON string leaves that hold a word, or else each of its
+    words (a rewrite may reorder a name: "Halden, Cyrus" -> "Cyrus Halden")."""
+    parsed = parse_json_answer(answer)
     if parsed is not None:
-        return [leaf for leaf in metrics.leaves(parsed).values() if isinstance(leaf, str) and WORD.search(leaf)]
+        return [leaf for leaf in json_leaves(parsed).values() if isinstance(leaf, str) and WORD.search(leaf)]
     return WORD.findall(answer)
 
 
@@ -111,9 +96,9 @@ def copied_words(example: Example, lower_words: set[str], written: set[str]) -> 
     words that some training answer holds without its input holding them."""
     if example.is_raw:
         return []
-    prompt = input_text(example)
+    prompt = input_text(example.messages)
     found: dict[str, None] = {}
-    for value in answer_values(example.reference):
+    for value in copy_candidates(example.reference):
         if not occurs(value, prompt):
             continue
         for word in WORD.findall(value):
@@ -131,7 +116,7 @@ def training_vocabulary(train: list[Example]) -> tuple[set[str], set[str]]:
             continue
         for message in example.messages:
             lower_words.update(w for w in WORD.findall(message["content"]) if w.islower())
-        prompt_words = set(WORD.findall(input_text(example)))
+        prompt_words = set(WORD.findall(input_text(example.messages)))
         for message in example.messages:
             if message["role"] == "assistant":
                 written.update(w for w in WORD.findall(message["content"]) if w not in prompt_words)
@@ -241,4 +226,4 @@ def copy_variants(train: list[Example], held_out: list[Example], per_row: float,
 def answer_still_parses(original: Example, variant: Example) -> bool:
     """A JSON answer stays JSON (a surrogate has no character that needs escaping, so this holds
     unless a replaced word was part of an escape sequence)."""
-    return parsed_json(original.reference) is None or parsed_json(variant.reference) is not None
+    return parse_json_answer(original.reference) is None or parse_json_answer(variant.reference) is not None

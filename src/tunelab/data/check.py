@@ -15,7 +15,7 @@ memory. It finds:
 - with --split-by, rows without that field and a field with one value; and how novel the
   held-out answers are to training (novelty.py), warning when a random split holds out answers
   that mostly repeat training values;
-- the answer fields that the training rows copy verbatim from their input (see copying.py):
+- the answer fields that the training rows copy verbatim from their input (see copied.py):
   decoding keeps those copies of the input unless --no-copy-constraint.
 Errors (codes E_...) stop training; warnings (W_...) are printed and saved.
 """
@@ -27,17 +27,15 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from tunelab.config import DataOptions
 from tunelab.data import load as data_mod
 from tunelab.data import novelty
-from tunelab.config import DataOptions
-from tunelab.decoding.copying import MIN_ROWS, MIN_SHARE, CopiedField, CopyCounter, describe
+from tunelab.data.copied import MIN_ROWS, MIN_SHARE, CopiedField, CopyCounter, describe
 from tunelab.data.load import Example, Problem
+from tunelab.encoding import EncodedExample, encode_one
 from tunelab.errors import UserError
-
-if TYPE_CHECKING:
-    from tunelab.train.batching import EncodedExample
+from tunelab.template import IGNORE
 
 REPORT_FILE = "data_check.json"
 HISTOGRAM_FILE = "length_histogram.txt"
@@ -90,7 +88,7 @@ class Report:
     answer_fields: list[CopiedField] = field(default_factory=list)
     """Every string field of the training rows' JSON answers, with how often it is copied."""
     copied: list[CopiedField] = field(default_factory=list)
-    """The fields the copy constraint keeps copies of the input (copying.py)."""
+    """The fields the copy constraint keeps copies of the input (copied.py)."""
     group_counts: dict[str, int] = field(default_factory=dict)
     """With --split-by: the groups on each side, {"train": n, "test": n}."""
     novelty: novelty.Novelty | None = None
@@ -310,9 +308,6 @@ def _visible_text(example: Example) -> str:
 
 def _check_tokens(example: Example, template, options: DataOptions, report: Report) -> tuple[int, int]:
     """Encode one example as training will; record problems; return (tokens, trained tokens)."""
-    from tunelab.train.batching import EncodedExample, encode_one
-    from tunelab.template import IGNORE
-
     line, limit = example.line, options.max_length
     for i, message in enumerate(example.messages):
         found = template.control_tokens_in(message["content"])

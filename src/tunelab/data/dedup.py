@@ -2,8 +2,8 @@
 
 Exact duplicates share a content hash; 8 bytes of it per row are kept and sorted once.
 
-Near duplicates are pairs whose normalised texts (case-folded, punctuation and spacing
-removed) have a Jaccard similarity of at least THRESHOLD over their sets of character
+Near duplicates are pairs whose normalised texts (`text.normalise_for_dedup`: case-folded,
+punctuation and spacing removed) have a Jaccard similarity of at least THRESHOLD over their sets of character
 5-grams: one changed word in a sentence of twenty still counts, a different sentence on the
 same pattern does not. The similarity is estimated with MinHash (PERMUTATIONS hash functions,
 16 bits kept of each, 128 bytes per row) and candidate pairs come from LSH banding (bands of
@@ -19,9 +19,9 @@ object per row and an index of Python dicts, which is what this module avoids at
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
+
+from tunelab.text import normalise_for_dedup
 
 THRESHOLD = 0.8
 """Estimated Jaccard similarity of character 5-grams at or above which two rows are near duplicates."""
@@ -30,11 +30,6 @@ PERMUTATIONS = 64
 BAND_ROWS = 4
 _BATCH_BYTES = 1 << 20
 _VERIFY_CHUNK = 1 << 17
-_WORDS = re.compile(r"\w+")
-
-
-def normalise(text: str) -> str:
-    return " ".join(_WORDS.findall(text.casefold()))
 
 
 class NearDuplicates:
@@ -51,7 +46,7 @@ class NearDuplicates:
         self.count = 0
 
     def add(self, text: str) -> None:
-        data = normalise(text).encode()
+        data = normalise_for_dedup(text).encode()
         self._pending.append(data)
         self._pending_bytes += len(data)
         self.count += 1

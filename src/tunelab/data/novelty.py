@@ -8,14 +8,15 @@ new. This module says how novel the held-out set is:
   null say nothing about copying), or the quoted spans ("...", '...', “...”) of a plain-text
   answer; a plain-text answer without quotes has no values, since its words are no fixed set
   of entities (it counts under `without_values`);
-- values compare as `metrics.normalise` leaves them (case, punctuation and extra spaces aside),
-  whatever field holds them;
+- values compare as `text.normalise_answer` leaves them (case, punctuation and extra spaces
+  aside), whatever field holds them;
 - a held-out value is *novel* when no training answer holds it; a held-out row is "novel" when
   it holds at least one novel value, "seen" when all its values occur in training, "none"
   without values.
 
 The data check keeps only 64-bit hashes of the values (`value_hashes`), so it stays bounded in
-memory; evaluation uses the same hashes.
+memory; evaluation uses the same hashes, and scores the two kinds of rows apart
+(`evaluate.metrics.accuracy_by_kind`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from tunelab.evaluate import metrics
+from tunelab.text import json_leaves, normalise_answer, parse_json_answer, quoted_spans
 
 KINDS = ("novel", "seen", "none")
 FAMILIAR_ROWS = 0.8
@@ -34,21 +35,24 @@ MANY_VALUES = 50
 as a classification's classes, where every held-out value is rightly a seen one)."""
 
 
-def answer_values(answer: str) -> list[str]:
-    """The normalised values of one answer (see the module's docstring), in order."""
-    parsed = metrics.parse_json(answer)
+def compared_values(answer: str) -> list[str]:
+    """The values of one answer as novelty compares them (see the module's docstring): normalised,
+    none empty, in order. Unlike `text.answer_values`, a JSON answer's numbers count too: a
+    held-out price or room number that training already showed is as familiar as a name."""
+    parsed = parse_json_answer(answer)
     if parsed is not None:
-        raw = [v for v in metrics.leaves(parsed).values()
+        raw = [v for v in json_leaves(parsed).values()
                if isinstance(v, str) or (isinstance(v, int | float) and not isinstance(v, bool))]
     else:
-        raw = list(metrics.answer_values(answer).values())
-    values = [metrics.normalise(str(v)) for v in raw]
+        raw = quoted_spans(answer)
+    values = [normalise_answer(str(v)) for v in raw]
     return [v for v in values if v]
 
 
 def value_hashes(answer: str) -> list[int]:
-    """64-bit hashes of `answer_values`, distinct, for sets that stay small in memory."""
-    hashes = [int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "big") for v in answer_values(answer)]
+    """64-bit hashes of `compared_values`, distinct, for sets that stay small in memory."""
+    hashes = [int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "big")
+              for v in compared_values(answer)]
     return list(dict.fromkeys(hashes))
 
 
@@ -114,16 +118,3 @@ def measure(training: Iterable[Iterable[int]], held_out: Iterable[Iterable[int]]
         result.kinds.append(kind)
     return result
 
-
-def accuracy_by_kind(kinds: list[str], correct: list[float]) -> dict[str, dict | None]:
-    """Exact match on the "novel" rows and on the "seen" rows: {"value", "low", "high" (95%
-    bootstrap interval), "rows"}, or None for a kind without rows."""
-    out: dict[str, dict | None] = {}
-    for kind in ("novel", "seen"):
-        picked = [float(c) for k, c in zip(kinds, correct) if k == kind]
-        if not picked:
-            out[kind] = None
-            continue
-        low, high = metrics.bootstrap_interval(picked)
-        out[kind] = {"value": sum(picked) / len(picked), "low": low, "high": high, "rows": len(picked)}
-    return out

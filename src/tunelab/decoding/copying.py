@@ -6,8 +6,8 @@ front of it ("Cyladus" for "Cyrus"). Where the training rows copy a JSON field f
 (nearly) every row, decoding can refuse such inventions: while the model writes that field's
 string value, the value so far must stay a substring of the input.
 
-- `CopyCounter` and `CopiedField`: detection over training rows (the data check runs it, and
-  training saves the copied fields' paths in run.json);
+- which fields are copied is found over the training rows before training (data/copied.py), and
+  their paths are saved in run.json;
 - `CopyRule`: a run's copied fields with its tokenizer; it makes one `CopyConstraint` per
   prompt, whose input is the prompt's last user message (no template, system or example text);
 - `CopyConstraint`: follows one answer's JSON as it is decoded (`JsonCursor`) and, where a
@@ -24,112 +24,15 @@ with dots, with `*` for a list position (`people.*.name`).
 from __future__ import annotations
 
 import json
-from array import array
-from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunelab.evaluate.metrics import parse_json
+from tunelab.data.copied import whole_copy
+from tunelab.text import input_text
 
-MIN_SHARE = 0.95
-"""A field is copied when its value occurs verbatim in the input in at least this share of the
-training rows whose answer has it."""
-MIN_ROWS = 20
-"""...and at least this many training rows have it: a handful of rows proves nothing."""
 CANDIDATES = 16
 """The model's best-scoring tokens tried first; only when all are refused is the whole
 vocabulary searched."""
-
-
-# ----------------------------------------------------------------------------- detection
-
-def input_text(messages: list[dict[str, str]]) -> str:
-    """What a copied value is copied from: the last user message (of a training row, the one
-    its answer replies to)."""
-    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-
-
-def string_values(value: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, str]]:
-    """(path, value) of every string leaf of a JSON value, list positions as `*`."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield from string_values(item, (*path, str(key)))
-    elif isinstance(value, list):
-        for item in value:
-            yield from string_values(item, (*path, "*"))
-    elif isinstance(value, str) and path:
-        yield ".".join(path), value
-
-
-@dataclass
-class CopiedField:
-    """One answer field and how often training rows copy it from their input."""
-
-    path: str
-    """Keys joined by dots, `*` for a list position."""
-    rows: int
-    """Training rows whose JSON answer has a string value there."""
-    copied: int
-    """Of them, rows whose every value there is non-empty and occurs verbatim in the input."""
-
-    @property
-    def share(self) -> float:
-        return self.copied / self.rows
-
-
-@dataclass
-class CopyCounter:
-    """Counts, row by row, which answer fields are copied from the input. A row is kept as a few
-    numbers, so the data check can count over its training rows once it knows the split."""
-
-    paths: dict[str, int] = field(default_factory=dict)
-    """Field path -> its number in `numbers`."""
-    rows: array = field(default_factory=lambda: array("q"))
-    numbers: array = field(default_factory=lambda: array("q"))
-    copied: array = field(default_factory=lambda: array("b"))
-    """Three columns, one entry for every field of every row with a JSON answer: the row, the
-    field's number, whether the row copies it."""
-
-    def add(self, row: int, messages: list[dict[str, str]]) -> None:
-        """Count the fields of one row (its position in the file's valid rows, and its messages)."""
-        answers = [m["content"] for m in messages if m["role"] == "assistant"]
-        parsed = parse_json(answers[-1]) if answers else None
-        if parsed is None:
-            return
-        source = input_text(messages)
-        copied: dict[str, bool] = {}
-        for path, value in string_values(parsed):
-            copied[path] = copied.get(path, True) and bool(value.strip()) and whole_copy(value, source)
-        for path, is_copied in copied.items():
-            self.rows.append(row)
-            self.numbers.append(self.paths.setdefault(path, len(self.paths)))
-            self.copied.append(is_copied)
-
-    def fields(self, rows: set[int] | None = None) -> list[CopiedField]:
-        """Every field seen in `rows` (all rows when None), most often copied first."""
-        seen: Counter = Counter()
-        copied: Counter = Counter()
-        for row, number, is_copied in zip(self.rows, self.numbers, self.copied):
-            if rows is None or row in rows:
-                seen[number] += 1
-                copied[number] += is_copied
-        names = {number: path for path, number in self.paths.items()}
-        counted = [CopiedField(names[n], seen[n], copied[n]) for n in seen]
-        return sorted(counted, key=lambda f: (-f.share, -f.rows, f.path))
-
-    def copied_fields(self, rows: set[int] | None = None) -> list[CopiedField]:
-        """The fields the constraint applies to: copied in at least MIN_SHARE of at least
-        MIN_ROWS rows."""
-        return [f for f in self.fields(rows) if f.rows >= MIN_ROWS and f.share >= MIN_SHARE]
-
-
-def describe(fields: list[CopiedField]) -> str:
-    """One line for the data check: which fields are copied, how often, and the flag."""
-    names = ", ".join(f.path for f in fields)
-    shares = " / ".join(f"{f.share:.0%}" for f in fields)
-    return (f"{names} {'is' if len(fields) == 1 else 'are'} copied from the input in {shares} of rows: decoding "
-            "keeps them substrings of the input; --no-copy-constraint turns it off")
 
 
 # ----------------------------------------------------------------------------- following the JSON
@@ -381,23 +284,6 @@ class CopyConstraint:
     def _decoded(self, tokens: list[int], keep_partial: bool = False) -> str:
         text = self.rule.tokenizer.decode(tokens, skip_special_tokens=True)
         return text if keep_partial else text.rstrip("\ufffd")
-
-
-def whole_copy(value: str, source: str) -> bool:
-    """Whether `value` occurs in `source` as whole words: not empty, and at one of its places
-    neither its first nor its last character continues a word of the source ("Cy" is no copy of
-    "Cyrus")."""
-    if not value.strip():
-        return False
-    start = source.find(value)
-    while start >= 0:
-        end = start + len(value)
-        before = source[start - 1] if start else " "
-        after = source[end] if end < len(source) else " "
-        if not (before.isalnum() and value[0].isalnum()) and not (after.isalnum() and value[-1].isalnum()):
-            return True
-        start = source.find(value, start + 1)
-    return False
 
 
 def _extends(value: str, text: str, source: str) -> bool:

@@ -8,8 +8,10 @@ YAML: a list of rules, each with an optional `name` and exactly one check:
     - must_not_contain: ["sorry", "As an AI"]
     - json_schema: {type: object, required: [name, guests]}
 
-`json_schema` is checked with the `jsonschema` package when it is installed, else by a minimal
-check of `type`, `required` and the `type` of each of `properties`.
+`json_schema` validates the answer's JSON (`text.parse_json_answer`: an object or a list, a
+```json fence allowed) with the `jsonschema` package, under the draft the schema names (`$schema`),
+else the latest: every keyword counts (`minimum`, `pattern`, `additionalProperties`, `enum`, ...),
+and true or false is not an integer.
 
 Python: a file defining `def check(prompt, answer) -> bool | str`; True passes, False fails, a
 string fails with that string as the reason.
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import UserError
+from tunelab.text import parse_json_answer
 
 KINDS = ("regex", "must_contain", "must_not_contain", "json_schema")
 
@@ -98,49 +101,23 @@ def _yaml_rule(path: Path, number: int, rule) -> Rule:
 
 
 def _schema_test(where: str, schema: dict) -> Callable[[str, str], bool | str]:
-    from tunelab.evaluate.metrics import parse_json
+    import jsonschema
 
+    validator_class = jsonschema.validators.validator_for(schema)
     try:
-        import jsonschema
-    except ImportError:
-        jsonschema = None
-    if jsonschema is not None:
-        try:
-            validator = jsonschema.validators.validator_for(schema)(schema)
-            validator.check_schema(schema)
-        except jsonschema.SchemaError as e:
-            raise UserError(f"{where}: invalid JSON schema ({e.message})") from None
+        validator_class.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise UserError(f"{where}: invalid JSON schema ({e.message})") from None
+    validator = validator_class(schema)
 
     def test(_prompt: str, answer: str) -> bool | str:
-        value = parse_json(answer)
+        value = parse_json_answer(answer)
         if value is None:
             return "not JSON"
-        if jsonschema is not None:
-            error = next(iter(validator.iter_errors(value)), None)
-            return True if error is None else error.message
-        return _minimal_schema_check(schema, value)
+        error = next(iter(validator.iter_errors(value)), None)
+        return True if error is None else error.message
 
     return test
-
-
-_TYPES = {"object": dict, "array": list, "string": str, "number": (int, float), "integer": int,
-          "boolean": bool, "null": type(None)}
-
-
-def _minimal_schema_check(schema: dict, value) -> bool | str:
-    expected = _TYPES.get(schema.get("type", ""))
-    if expected and not isinstance(value, expected):
-        return f"not of type {schema['type']}"
-    if isinstance(value, dict):
-        for key in schema.get("required", []):
-            if key not in value:
-                return f"{key!r} is a required property"
-        for key, sub in schema.get("properties", {}).items():
-            if key in value and isinstance(sub, dict):
-                outcome = _minimal_schema_check(sub, value[key])
-                if outcome is not True:
-                    return f"{key}: {outcome}"
-    return True
 
 
 def _python_rule(path: Path) -> Rule:

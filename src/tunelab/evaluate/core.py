@@ -28,7 +28,8 @@ from pathlib import Path
 from tunelab.evaluate import metrics
 from tunelab.data import novelty
 from tunelab.evaluate.baselines import few_shot_prompts, retrieval_prompts, user_text
-from tunelab.train.batching import encode_examples
+from tunelab.encoding import encode_examples
+from tunelab.text import parse_json_answer
 from tunelab.data.load import Example, iter_examples, load_examples, read_jsonl
 from tunelab.evaluate.endpoint import Endpoint
 from tunelab.errors import UserError
@@ -204,7 +205,7 @@ def score(examples: list[Example], contenders: list[Contender], judge: Endpoint 
     prompt_texts = ["\n".join(m["content"] for m in e.prompt_messages()) for e in examples]
     questions = [user_text(e.prompt_messages()) for e in examples]
     references = [e.reference for e in examples]
-    is_json = all(metrics.parse_json(r) is not None for r in references)
+    is_json = all(parse_json_answer(r) is not None for r in references)
     extractive = metrics.extractive_paths(prompt_texts, references)
     out = EvalResults(examples_evaluated=len(examples), extractive_fields=sorted(extractive),
                       assertions=Assertions(file=str(rules_file), results={}) if rules else None,
@@ -218,7 +219,7 @@ def score(examples: list[Example], contenders: list[Contender], judge: Endpoint 
         table = {m: _summary(rows[m]) for m in SCORES}
         if is_json:
             fields = [metrics.json_fields(t, r) for t, r in zip(texts, references)]
-            table["valid_json"] = _summary([float(metrics.parse_json(t) is not None) for t in texts])
+            table["valid_json"] = _summary([float(parse_json_answer(t) is not None) for t in texts])
             table["field_accuracy"] = _summary([sum(f.values()) / max(len(f), 1) for f in fields])
             paths = sorted({p for f in fields for p in f})
             out.fields[c.name] = {p: sum(f.get(p, False) for f in fields) / sum(p in f for f in fields) for p in paths}
@@ -282,7 +283,7 @@ def novelty_results(examples: list[Example], train_file: Path, samples: list[Sam
     for sample, kind in zip(samples, measured.kinds):
         sample.novelty = kind
     names = list(samples[0].answers) if samples else []
-    accuracy = {name: novelty.accuracy_by_kind(measured.kinds, [s.answers[name].exact_match for s in samples])
+    accuracy = {name: metrics.accuracy_by_kind(measured.kinds, [s.answers[name].exact_match for s in samples])
                 for name in names}
     return Novelty.model_validate({"training_file": str(train_file), **measured.to_dict(), "accuracy": accuracy})
 

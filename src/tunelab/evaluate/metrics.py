@@ -1,62 +1,43 @@
 """Scoring one answer against its reference, the bucket it falls in, and bootstrap intervals.
 
 Plain Python (and numpy for the bootstrap), so every number can be checked by hand:
-- `exact_match`: equal after normalisation (lower case, punctuation, articles and extra spaces
-  dropped), or equal as parsed JSON when the reference is JSON;
+- `exact_match`: equal after `text.normalise_answer` (lower case, punctuation, articles and
+  extra spaces dropped), or equal as parsed JSON when the reference is JSON;
 - `token_f1`: overlap of word tokens (SQuAD's F1), partial credit for partly right answers;
 - `rouge_l`: F-measure of the longest common subsequence of word tokens;
 - `json_fields`: for a JSON reference, whether the answer parses and which leaf fields match;
-- `answer_values` / `extractive_paths` / `hallucinated_values`: the values an extraction answer
-  should copy from its prompt, and which of them appear nowhere in it even up to case,
-  punctuation and the writing of numbers, and differ from the reference (hallucinated values);
-- `bucket`: each answer in exactly one of BUCKETS.
+- `extractive_paths` / `hallucinated_values`: the fields an extraction answer should copy from
+  its prompt, and which of the answer's values there (`text.answer_values`) appear nowhere in
+  the prompt even up to case, punctuation and the writing of numbers, and differ from the
+  reference (hallucinated values);
+- `bucket`: each answer in exactly one of BUCKETS;
+- `bootstrap_interval`, `accuracy_by_kind`: 95% intervals, overall and on the held-out rows
+  whose values training never showed (data/novelty.py's kinds).
 """
 
 from __future__ import annotations
 
-import json
 import re
-import string
 from collections import Counter
 
 import numpy as np
 
+from tunelab.text import JsonPath, answer_values, dotted, field_path, json_leaves, normalise_answer, parse_json_answer
+
 BUCKETS = ("correct", "wrong", "hallucinated value", "invalid format", "empty", "no stop", "repetition loop")
 """Where each answer lands, checked in this order: empty, correct, repetition loop, no stop,
 invalid format, hallucinated value, wrong."""
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
-
-
-def normalise(text: str) -> str:
-    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
-    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION)).split())
 
 
 def words(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
 
 
-def parse_json(text: str):
-    """The JSON value of `text` (an object or a list), or None. A ```json fence is allowed."""
-    text = text.strip()
-    fenced = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", text, flags=re.S)
-    if fenced:
-        text = fenced.group(1)
-    if not text.startswith(("{", "[")):
-        return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None
-
-
 def exact_match(answer: str, reference: str) -> float:
-    expected = parse_json(reference)
+    expected = parse_json_answer(reference)
     if expected is not None:
-        return float(parse_json(answer) == expected)
-    return float(normalise(answer) == normalise(reference))
+        return float(parse_json_answer(answer) == expected)
+    return float(normalise_answer(answer) == normalise_answer(reference))
 
 
 def token_f1(answer: str, reference: str) -> float:
@@ -88,52 +69,22 @@ def rouge_l(answer: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def leaves(value, path: str = "") -> dict[str, object]:
-    """Flatten JSON to {path: leaf}; list positions are kept (`items.0.name`)."""
-    if isinstance(value, dict):
-        found = {}
-        for key, item in value.items():
-            found.update(leaves(item, f"{path}.{key}" if path else str(key)))
-        return found
-    if isinstance(value, list):
-        found = {}
-        for i, item in enumerate(value):
-            found.update(leaves(item, f"{path}.{i}" if path else str(i)))
-        return found
-    return {path: value}
-
-
 def _same_leaf(a, b) -> bool:
     if isinstance(a, str) and isinstance(b, str):
-        return normalise(a) == normalise(b)
+        return normalise_answer(a) == normalise_answer(b)
     return a == b
 
 
 def json_fields(answer: str, reference: str) -> dict[str, bool] | None:
     """For a JSON reference: each of its leaf fields -> whether the answer has the same value
     there. None when the reference is not JSON; every field False when the answer is not."""
-    expected = parse_json(reference)
+    expected = parse_json_answer(reference)
     if expected is None:
         return None
-    got = leaves(parse_json(answer)) if parse_json(answer) is not None else {}
-    return {path: path in got and _same_leaf(got[path], value) for path, value in leaves(expected).items()}
-
-
-_QUOTED = re.compile(r"\"([^\"]{2,})\"|'([^']{2,})'|“([^”]{2,})”")
-
-
-def answer_values(text: str) -> dict[str, str]:
-    """The values an answer states: JSON leaf strings by path, or quoted spans of plain text
-    (keyed by their position, `quoted.0`, ...)."""
-    parsed = parse_json(text)
-    if parsed is not None:
-        return {path: value for path, value in leaves(parsed).items() if isinstance(value, str) and value.strip()}
-    spans = [next(g for g in m.groups() if g) for m in _QUOTED.finditer(text)]
-    return {f"quoted.{i}": span for i, span in enumerate(spans)}
-
-
-def _general_path(path: str) -> str:
-    return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", path)
+    parsed = parse_json_answer(answer)
+    got = json_leaves(parsed) if parsed is not None else {}
+    return {dotted(path): path in got and _same_leaf(got[path], value)
+            for path, value in json_leaves(expected).items()}
 
 
 _NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d)|\d+(?:\.\d+)?")
@@ -157,7 +108,7 @@ def value_words(text: str) -> list[str]:
 def in_prompt(value: str, prompt: str) -> bool:
     """Whether `value` is written in `prompt`, up to what exact match ignores (case, punctuation,
     articles, spaces) and trivial rewriting of numbers ("09:45" in "9:45 pm", "1200" in "1,200")."""
-    if normalise(value) in normalise(prompt):
+    if normalise_answer(value) in normalise_answer(prompt):
         return True
     wanted, written = value_words(value), value_words(prompt)
     return bool(wanted) and any(written[i : i + len(wanted)] == wanted
@@ -172,7 +123,7 @@ def extractive_paths(prompts: list[str], references: list[str], share: float = 0
     copied: Counter = Counter()
     for prompt, reference in zip(prompts, references):
         for path, value in answer_values(reference).items():
-            general = _general_path(path)
+            general = field_path(path)
             seen[general] += 1
             copied[general] += in_prompt(value, prompt)
     return {path for path, n in seen.items() if copied[path] >= share * n}
@@ -180,11 +131,12 @@ def extractive_paths(prompts: list[str], references: list[str], share: float = 0
 
 def hallucinated_values(answer: str, prompt: str, paths: set[str], reference: str | None = None) -> tuple[int, int]:
     """(values of the answer in extractive fields, how many of them appear nowhere in the prompt).
-    A value equal to the reference's at the same place (after `normalise`) is never counted: the
-    task rewrites it ("Wed" to "wednesday"), and the answer rewrote it the same way."""
-    expected = {p: normalise(v) for p, v in answer_values(reference).items()} if reference else {}
-    values = [(p, v) for p, v in answer_values(answer).items() if _general_path(p) in paths]
-    made_up = [v for p, v in values if expected.get(p) != normalise(v) and not in_prompt(v, prompt)]
+    A value equal to the reference's at the same place (after `normalise_answer`) is never counted:
+    the task rewrites it ("Wed" to "wednesday"), and the answer rewrote it the same way."""
+    expected: dict[JsonPath, str] = ({p: normalise_answer(v) for p, v in answer_values(reference).items()}
+                                     if reference else {})
+    values = [(p, v) for p, v in answer_values(answer).items() if field_path(p) in paths]
+    made_up = [v for p, v in values if expected.get(p) != normalise_answer(v) and not in_prompt(v, prompt)]
     return len(values), len(made_up)
 
 
@@ -214,7 +166,7 @@ def bucket(answer: str, reference: str, stopped: bool, hallucinated: int) -> str
         return "repetition loop"
     if not stopped:
         return "no stop"
-    if parse_json(reference) is not None and parse_json(answer) is None:
+    if parse_json_answer(reference) is not None and parse_json_answer(answer) is None:
         return "invalid format"
     if hallucinated:
         return "hallucinated value"
@@ -237,3 +189,17 @@ def bootstrap_interval(values, totals=None, resamples: int = 2000, seed: int = 0
         estimates = values[picks].sum(axis=1) / np.maximum(totals[picks].sum(axis=1), 1)
     low, high = np.percentile(estimates, [2.5, 97.5])
     return float(low), float(high)
+
+
+def accuracy_by_kind(kinds: list[str], correct: list[float]) -> dict[str, dict | None]:
+    """Exact match on the "novel" rows and on the "seen" rows (`novelty.Novelty.kinds`): {"value",
+    "low", "high" (95% bootstrap interval), "rows"}, or None for a kind without rows."""
+    out: dict[str, dict | None] = {}
+    for kind in ("novel", "seen"):
+        picked = [float(c) for k, c in zip(kinds, correct) if k == kind]
+        if not picked:
+            out[kind] = None
+            continue
+        low, high = bootstrap_interval(picked)
+        out[kind] = {"value": sum(picked) / len(picked), "low": low, "high": high, "rows": len(picked)}
+    return out

@@ -27,7 +27,8 @@ import torch
 from tunelab.data import load as data_mod
 from tunelab import device
 from tunelab.data.augment import copy_variants
-from tunelab.train.batching import EncodedExample, collect_encoded, encode_one, pack
+from tunelab.encoding import EncodedExample, collect_encoded, encode_one
+from tunelab.train.batching import pack
 from tunelab.train.checkpoint import Checkpoint, Checkpoints, Position, process_rng_states, trim_metrics
 from tunelab.config import TrainConfig
 from tunelab.data.load import Example
