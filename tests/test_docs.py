@@ -1,5 +1,6 @@
 """The documentation runs: every `tunelab ...` command line and every Python snippet that
-README.md and docs/*.md show, in the documented form, on a tiny model.
+README.md and docs/*.md show, in the documented form, on a tiny model; and every link between the
+pages leads somewhere.
 
 The tiny model takes the place of the default base: `resolve_base("smollm2-135m")` uses
 `$TUNELAB_CACHE/models/smollm2-135m` once it holds a config.json, so `tunelab train data.jsonl`
@@ -116,13 +117,19 @@ def orders_file(workdir: Path) -> None:
 
 
 FORMS: dict[str, Form | None] = {
-    # README, the first three lines
+    # README, the walk-through (its report line is with docs/REPORT.md's below)
+    "tunelab data check data.jsonl": Form(["tunelab data check data.jsonl"], twice=True, needs_run=False,
+                                          expect="Data check of data.jsonl"),
     README_TRAIN: Form(),  # run once by the fixture readme_run
     "tunelab eval runs/mine": Form(["tunelab eval runs/mine"], twice=True, expect="exact match"),
     "tunelab chat runs/mine": Form(["tunelab chat runs/mine"], twice=True, stdin=CHAT_INPUT, expect="model> "),
+    "tunelab generate runs/mine --input prompts.jsonl": Form(
+        ["tunelab generate runs/mine --input prompts.jsonl"], twice=True, expect='"answer"'),
+    "tunelab export runs/mine --format ollama --out exports/mine": Form(  # an existing --out is refused: once
+        ["tunelab export runs/mine --format ollama --out exports/mine"], expect="ollama create"),
     # the set-up line, after pip installs the package; small flags keep it short on the tiny model
     "tunelab demo": Form([f"tunelab demo {SMALL_DEMO} --max-steps 2"], needs_run=False, expect="Wall time"),
-    # the pipeline table
+    # README, the pipeline table
     "tunelab data check DATA [--base MODEL]": Form(
         ["tunelab data check data.jsonl", "tunelab data check data.jsonl --base smollm2-135m"], twice=True,
         needs_run=False, expect="Data check of data.jsonl"),
@@ -132,7 +139,7 @@ FORMS: dict[str, Form | None] = {
     "tunelab eval RUN": Form(["tunelab eval runs/mine"], twice=True, expect="exact match"),
     "tunelab eval RUN [--data FILE] [--shots K] [--contender NAME=URL#MODEL]": Form(
         ["tunelab eval runs/mine --shots 2"], twice=True, expect="exact match"),
-    # the evaluation paragraph
+    # docs/EVALUATION.md
     "tunelab eval RUN --shots 2 --assertions checks.yaml": Form(skip="run in exactly this form by tests/test_evaluate.py (files and a loopback endpoint it makes)"),
     "tunelab eval RUN --data harder.jsonl --no-base": Form(skip="run in exactly this form by tests/test_evaluate.py (files and a loopback endpoint it makes)"),
     "tunelab eval RUN --no-base --contender big=http://localhost:8000/v1": Form(skip="run in exactly this form by tests/test_evaluate.py (files and a loopback endpoint it makes)"),
@@ -142,28 +149,28 @@ FORMS: dict[str, Form | None] = {
     "tunelab generate RUN --input FILE": Form(
         ["tunelab generate runs/mine --input prompts.jsonl"], twice=True, expect='"answer"'),
     "tunelab chat RUN": Form(["tunelab chat runs/mine"], stdin=CHAT_INPUT, expect="model> "),
-    # the paragraph on using a run
+    # docs/SERVE.md, generate and chat
     "tunelab generate RUN --input FILE [--output FILE]": Form(
         ["tunelab generate runs/mine --input prompts.jsonl --output answers.jsonl"]),
-    # the data check paragraph
+    # docs/DATA.md, the data check
     "tunelab data check DATA [--base MODEL] [--test-size F] [--max-length N] [--truncation drop|truncate|error] "
     "[--out DIR]": Form(
         [f"tunelab data check data.jsonl --base smollm2-135m --test-size 0.2 --max-length 64 --truncation {policy} "
          f"--out checked-{policy}" for policy in ("drop", "truncate", "error")],
         needs_run=False, expect="Data check of data.jsonl"),
     "tunelab train --help": Form(["tunelab train --help"], needs_run=False, expect="--max-steps"),
-    # the --split-by paragraph, on rows whose metadata names a customer
+    # docs/DATA.md, --split-by, on rows whose metadata names a customer
     "tunelab data check orders.jsonl --split-by metadata.customer": Form(
         ["tunelab data check orders.jsonl --split-by metadata.customer"], twice=True, needs_run=False,
         setup=orders_file, expect="--split-by metadata.customer: "),
     "tunelab train orders.jsonl --split-by metadata.customer --out runs/by-customer": Form(
         ["tunelab train orders.jsonl --split-by metadata.customer --out runs/by-customer"], needs_run=False,
         setup=orders_file, expect=TRAIN_DONE),
-    # after a crash: a run with checkpoints whose training stopped before its final save
+    # docs/TRAINING.md, after a crash: a run with checkpoints whose training stopped before its final save
     "tunelab train DATA --out RUN --resume": Form(
         ["tunelab train data.jsonl --out runs/crashed --resume"], needs_run=False, expect=TRAIN_DONE,
         setup=crashed_run),
-    # the report paragraph
+    # docs/REPORT.md
     "tunelab report runs/mine": Form(["tunelab report runs/mine"], twice=True,
                                      expect="Report written to runs/mine/report.html"),
     "tunelab report runs/mine runs/other": Form(["tunelab report runs/mine runs/other"], twice=True,
@@ -171,8 +178,8 @@ FORMS: dict[str, Form | None] = {
     "tunelab report runs/mine runs/other --out runs/compare.html": Form(
         ["tunelab report runs/mine runs/other --out runs/compare.html"], twice=True,
         expect="Report written to runs/compare.html", setup=other_run),
-    # export: the table's form (every format and dtype), then each example line; an existing --out is
-    # refused, so none is run twice
+    # export: the README table's form (every format and dtype), then each line of docs/EXPORT.md; an
+    # existing --out is refused, so none is run twice
     "tunelab export RUN --format merged\\|gguf\\|ollama --out DIR [--dtype f32\\|f16\\|q8_0]": Form(
         ["tunelab export runs/mine --format merged --out exports/merged",
          "tunelab export runs/mine --format ollama --out exports/ollama"]
@@ -187,7 +194,7 @@ FORMS: dict[str, Form | None] = {
     **{f"tunelab export RUN --format gguf --out DIR --dtype {d}": Form(
         [f"tunelab export runs/mine --format gguf --out exports/gguf-{d} --dtype {d}"])
        for d in ("f16", "f32", "q8_0")},
-    # labelling and synthetic data: they call a teacher model's server
+    # docs/TEACHER.md: they call a teacher model's server (tests/test_teacher.py runs them against one)
     **{form: Form(skip="needs an OpenAI-compatible teacher server at 127.0.0.1:8080") for form in (
         "tunelab data label tickets.txt --teacher http://127.0.0.1:8080/v1 --model qwen2.5-7b-instruct "
         "--json-schema schema.json --concurrency 8 --out fields.jsonl",
@@ -196,7 +203,7 @@ FORMS: dict[str, Form | None] = {
         "tunelab data synth --examples shots.jsonl --n 1000 --teacher http://127.0.0.1:8080/v1 "
         "--model qwen2.5-7b-instruct --out synth.jsonl",
         "tunelab data review labels.jsonl --out reviewed.jsonl")},
-    # serve: a server runs until stopped; tests/test_serve.py starts each of these forms and talks to it
+    # docs/SERVE.md: a server runs until stopped; tests/test_serve.py starts each of these forms and talks to it
     **{form: Form(skip="a server that runs until stopped: tests/test_serve.py runs this form") for form in (
         "tunelab serve runs/bookings runs/support --port 8000 --api-key sk-local-123",
         "tunelab serve runs/bookings --port 8000 --max-queue 1",
@@ -227,6 +234,7 @@ FORMS: dict[str, Form | None] = {
     "tunelab data synth": None,
     "tunelab data check": None,
     "tunelab eval/generate/chat": None,
+    "tunelab report": None,
     "tunelab serve": None,
 }
 
@@ -340,9 +348,46 @@ def test_a_documented_python_snippet_runs(index, workdir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_every_error_code_is_listed_in_the_readme():
+def test_every_error_code_is_listed_in_the_docs():
     codes = {code for path in (ROOT / "src" / "tunelab").rglob("*.py")
              for code in re.findall(r"(?<!\.)\b[EW]_[A-Z][A-Z0-9_]*\b", path.read_text())}  # not os.W_OK
-    readme = (ROOT / "README.md").read_text()
+    docs = "".join(doc.read_text() for doc in DOCS)
     assert len(codes) > 20
-    assert sorted(code for code in codes if f"`{code}`" not in readme) == []
+    assert sorted(code for code in codes if f"`{code}`" not in docs) == []
+
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+PLANNED = {ROOT / "docs" / "CLI.md"}
+"""Pages the docs link to that another change adds (docs/CLI.md, generated from --help): their
+links are let through while the page is absent, and checked like any other once it is there."""
+
+
+def anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives the headings of a Markdown page: lower case, punctuation but - and _
+    dropped, spaces as -."""
+    headings = re.findall(r"^#+ (.+)$", FENCE.sub("", page.read_text()), re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+
+
+def links() -> list[tuple[Path, str]]:
+    """(page, target) for every Markdown link of README.md and docs/*.md to a local file or anchor."""
+    return [(doc, target) for doc in DOCS for target in LINK.findall(FENCE.sub("", doc.read_text()))
+            if not re.match(r"[a-z]+:", target)]
+
+
+def test_every_local_link_leads_to_a_file_and_heading():
+    assert len(links()) > 30
+    broken = []
+    for doc, target in links():
+        path, _, anchor = target.partition("#")
+        page = (doc.parent / path).resolve() if path else doc
+        if page in PLANNED and not page.exists():
+            continue
+        if not page.exists() or (anchor and anchor not in anchors(page)):
+            broken.append(f"{doc.relative_to(ROOT)}: {target}")
+    assert broken == []
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    linked = {(ROOT / target.partition("#")[0]).resolve() for doc, target in links() if doc.name == "README.md"}
+    assert [page.name for page in DOCS[1:] if page not in linked] == []

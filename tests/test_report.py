@@ -468,8 +468,8 @@ def test_comparison_names_runs_of_the_same_name_by_their_path(tmp_path):
 
 
 def readme_commands() -> list[str]:
-    """The `tunelab report` command lines of the README, without `tunelab` and comments."""
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    """The `tunelab report` command lines of docs/REPORT.md, without `tunelab` and comments."""
+    readme = (Path(__file__).parent.parent / "docs" / "REPORT.md").read_text()
     return [line.split("#")[0].strip().removeprefix("tunelab ") for line in readme.splitlines()
             if line.strip().startswith("tunelab report")]
 
@@ -479,7 +479,7 @@ def test_cli_report_one_run_and_several(tmp_path):
     other = make_run(tmp_path / "runs" / "other", None, config=CONFIG.replace("epochs: 2.0", "epochs: 3.0"))
     (run / "report.html").unlink(missing_ok=True)
 
-    # The command forms the README documents, run exactly as written there.
+    # The command forms docs/REPORT.md documents, run exactly as written there.
     one, several, several_out = readme_commands()
     assert (one, several, several_out) == ("report runs/mine", "report runs/mine runs/other",
                                            "report runs/mine runs/other --out runs/compare.html")

@@ -32,7 +32,7 @@ from tunelab.errors import UserError
 from tunelab.teacher.ask import Cache
 from tunelab.teacher.schema import answer_problem
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+TEACHER_DOC = Path(__file__).resolve().parents[1] / "docs" / "TEACHER.md"
 SCHEMA = {"type": "object", "required": ["label"], "properties": {"label": {"type": "string"}}}
 _rng = random.Random(0)
 WORDS = ["".join(_rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(_rng.randint(4, 8))) for _ in range(400)]
@@ -448,11 +448,9 @@ def test_review_edits_with_editor(tmp_path):
 
 
 def test_readme_commands(tmp_path, server):
-    """Each `tunelab data label/synth/review` line of the README's "Data from a teacher" paragraph, as written."""
-    text = README.read_text()
-    section = text[text.index("**Data from a teacher.**"):]
-    section = section[: section.index("\n**", 10)]
-    commands = [line.strip() for line in section.splitlines() if line.strip().startswith("tunelab data ")]
+    """Each `tunelab data label/synth/review` line of docs/TEACHER.md, as written."""
+    lines = [line.strip() for line in TEACHER_DOC.read_text().splitlines()]
+    commands = [line for line in lines if line.startswith("tunelab data ")]
     assert [c.split()[2] for c in commands] == ["label", "label", "synth", "review"]
     (tmp_path / "tickets.txt").write_text("".join(f"ticket {i}: the app crashes on page {i}\n" for i in range(6)))
     (tmp_path / "shots.jsonl").write_text("".join(
