@@ -13,7 +13,7 @@ row still going:
 - the cache keeps room for the tokens to come, so a step writes its token in place;
 - the forward passes compute in the caller's precision: fp32, or bf16 autocast as in training
   (a Run passes the one it trained with, `--precision` on the commands), each weight cast to
-  bf16 once a batch (`_casts_kept`), not at every step.
+  bf16 once a batch (`casts_kept`), not at every step.
 
 `generate_detailed` (and `generate_answers`, `generate_batch` on top of it) feeds it what
 `tunelab generate`, evaluation and the Python API's `Run.generate` ask: prompts sorted by length
@@ -258,7 +258,7 @@ def _new_cache(model) -> DynamicCache:
 
 
 @contextlib.contextmanager
-def _casts_kept(model):
+def casts_kept(model):
     """Mark `model`'s frozen weights as requiring grad while a batch is generated, and freeze
     them again after. bf16 autocast keeps its cast of a weight for as long as its context lasts
     only if the weight requires grad; a frozen one (a LoRA run's base, also once merged) is cast
@@ -300,7 +300,7 @@ def _shared_prefix(model, prompts: list[list[int]], precision: str) -> _Prefix |
         return None
     device = next(model.parameters()).device
     cache = _new_cache(model)
-    with _casts_kept(model), autocast(precision, device):
+    with casts_kept(model), autocast(precision, device):
         model(input_ids=torch.tensor([prompts[0][:length]], device=device), cache=cache, use_cache=True,
               logits_to_keep=1)
     return _Prefix(length, cache)
@@ -404,7 +404,7 @@ def _generate(model, template: Template, requests: list[Request], prefix: _Prefi
     """One batch of requests to their answers: the prompts' own tokens left-padded after the
     shared prefix, then one token per step for the rows still going."""
     device = next(model.parameters()).device
-    with _casts_kept(model), autocast(precision, device):
+    with casts_kept(model), autocast(precision, device):
         rows = []
         for request in requests:
             generator = None
