@@ -25,6 +25,7 @@ LAYERS = [
     {"evaluate.forgetting"},
     {"evaluate.core"},
     {"run"},
+    {"serve.protocol", "serve.moderation", "serve.scheduler"},
     {"report.page", "serve.app", "export.formats", "demo.bookings"},
     {"demo"},
     {"cli", "__init__"},
