@@ -48,13 +48,13 @@ def step_ms(model, rows: int, prompt_tokens: int, precision: str, steps: int = 1
     """Median milliseconds of a decoding step for `rows` rows."""
     import torch
 
-    from tunelab.decoding.generate import _new_cache
+    from tunelab.decoding.generate import _new_cache, casts_kept
     from tunelab.device import autocast
 
     ids = torch.randint(100, 1000, (rows, prompt_tokens))
     mask = torch.ones_like(ids)
     times = []
-    with torch.no_grad(), autocast(precision, model.device):
+    with torch.no_grad(), casts_kept(model), autocast(precision, model.device):
         cache = _new_cache(model)
         token = model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True,
                       logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)

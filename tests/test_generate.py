@@ -122,13 +122,17 @@ def test_generation_computes_in_the_precision_asked(tiny, precision):
 
 def test_a_lora_runs_weights_are_cast_to_bf16_once_a_batch_not_at_every_step(tiny_run):
     """bf16 autocast keeps a weight's cast only if the weight requires grad; a LoRA run's merged
-    model would otherwise be cast again at every decoding step."""
+    model would otherwise be cast again at every decoding step. The generation loop unfreezes
+    the weights for a batch only: the model a user holds stays frozen, so a forward pass
+    outside no_grad builds no graph over them."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from tunelab.run import Run
 
     run = Run(tiny_run)
     model = run.model()
+    assert not any(p.requires_grad for p in model.parameters())
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.grad_fn is None
     weights = {p.data_ptr() for p in model.parameters() if p.dim() == 2}
     casts = []
 
@@ -138,11 +142,12 @@ def test_a_lora_runs_weights_are_cast_to_bf16_once_a_batch_not_at_every_step(tin
                 casts.append(args[0].data_ptr())
             return func(*args, **(kwargs or {}))
 
-    ids = torch.tensor([run.template.encode_prompt([{"role": "user", "content": "Country of Paris?"}])])
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), CountCasts():
-        model(input_ids=ids)
-        model(input_ids=ids)
+    prompt = run.template.encode_prompt([{"role": "user", "content": "Country of Paris?"}])
+    with CountCasts():
+        [answer] = generate_rows(model, run.template, [Request(prompt, 4, stop_strings=["never in it"])], "bf16")
+    assert answer.generated_tokens == 4  # four forward passes
     assert casts and len(casts) == len(set(casts))  # each weight once, not once per forward pass
+    assert not any(p.requires_grad for p in model.parameters())
 
 
 def test_precision_flag_reaches_generation(tiny_run, monkeypatch, capsys):

@@ -31,6 +31,7 @@ LAYERS = [
     {"evaluate.forgetting", "evaluate.judge"},
     {"evaluate.core"},
     {"run"},
+    {"serve.protocol", "serve.moderation", "serve.scheduler"},
     {"report.runs", "report.plots", "serve.app", "export.merged", "export.gguf", "demo.bookings"},
     {"report.sections", "export.ollama"},
     {"report.html", "export.card"},

@@ -272,7 +272,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from tunelab.serve.app import ServeOptions, serve
 
     serve(ServeOptions(runs=[Path(r) for r in args.runs], host=args.host, port=args.port, api_key=args.api_key,
-                       max_queue=args.max_queue, batch_size=args.batch_size,
+                       api_key_file=Path(args.api_key_file) if args.api_key_file else None,
+                       cors_origins=args.cors_origin, max_queue=args.max_queue, batch_size=args.batch_size,
                        rules=Path(args.rules) if args.rules else None, copy_constraint=not args.no_copy_constraint,
                        precision=args.precision))
 
@@ -490,7 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; any other "
                                                            "needs --api-key)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
-    serve.add_argument("--api-key", default=None, help="key clients send as `Authorization: Bearer KEY`")
+    serve.add_argument("--api-key", default=None, help="key clients send as `Authorization: Bearer KEY` "
+                                                       "(visible in ps: prefer --api-key-file or $TUNELAB_API_KEY)")
+    serve.add_argument("--api-key-file", default=None, metavar="FILE", help="file whose first line is the API key")
+    serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                       help="let web pages of this origin (https://app.example.com) call the API; repeatable")
     serve.add_argument("--max-queue", type=positive_int, default=32,
                        help="requests waiting or answered at once; more get 429 (default: 32)")
     serve.add_argument("--batch-size", type=positive_int, default=8,

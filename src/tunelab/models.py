@@ -135,12 +135,11 @@ def load_model(path: Path, dtype=None):
 
 
 def for_inference(model):
-    """`model` in eval mode, its weights marked as requiring grad. bf16 autocast keeps its cast of
-    a weight for the rest of a batch only if the weight requires grad; a frozen one (a LoRA run's
-    base, also once merged) is cast again at every forward pass, which made decoding ~60% slower
-    on a CPU. The kept casts hold a bf16 copy of the weights (half their size) while a batch is
-    answered. Inference runs under no_grad, so nothing builds a graph."""
-    return model.requires_grad_(True).eval()
+    """`model` in eval mode with every weight frozen (requires_grad False), so that a forward
+    pass outside `torch.no_grad` builds no graph over the weights. (The generation loop
+    unfreezes them for its own duration, to keep bf16 autocast's weight casts:
+    decoding/generate.py.)"""
+    return model.requires_grad_(False).eval()
 
 
 def _first_line(error: Exception) -> str:

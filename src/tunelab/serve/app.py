@@ -4,18 +4,21 @@
     POST /v1/completions        one prompt, answered as the run's user turn
     GET  /v1/models             the served runs, named by their folders
     GET  /health                liveness and queue (no key needed)
-    GET  /                      a chat page (static/index.html)
+    GET  /                      a chat page (index.html)
 
-Every request is rendered and tokenized by its run's saved Template, as in training. Runs on
-the same base share one copy of it, each LoRA adapter picked by the request's `model`.
+Every request is checked at the door (protocol.py), then rendered and tokenized by its run's
+saved Template off the event loop, in one rendering (linear in the conversation's length), and
+queued for the scheduler thread (scheduler.py), which answers a batch of one model's requests
+with the generation loop `tunelab generate` and evaluation use, so a greedy request gets their
+answer and /health answers while the model works. Runs on the same base share one copy of it,
+each LoRA adapter picked by the request's `model`. Generation is greedy unless the request gives
+a temperature.
 
-Requests wait in one bounded queue (`--max-queue` places, 429 when full). A scheduler thread
-takes what waits, up to a batch, for one model, and answers it with one `generate_rows` off the
-event loop (each row with its own token limit, sampling and stop strings), so /health answers
-while the model works. The loop is the one `tunelab generate` and evaluation use, so a greedy
-request gets their answer. A client that leaves sets its request's cancel event: its row stops
-at the next token and its place is freed. Generation is greedy unless the request gives a
-temperature.
+What a web page in the user's browser could otherwise do to a server on loopback is refused
+before any route runs (`Guard`): a `Host` that is not the server's own name (DNS rebinding), an
+`Origin` that is not its own page's (unless `--cors-origin` names it), and a POST body that is not
+`application/json` (a form can post text/plain across origins without asking). A connection
+that takes longer than `HEAD_TIMEOUT` to send a request's head is closed (slow-header clients).
 """
 
 from __future__ import annotations
@@ -25,27 +28,28 @@ import hmac
 import importlib.resources
 import ipaddress
 import json
-import re
+import os
 import socket
-import threading
 import time
-import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing import Any
 
 from tunelab.errors import UserError
+from tunelab.serve.moderation import Moderation
+from tunelab.serve.protocol import (DEFAULT_MAX_TOKENS, MAX_BODY_BYTES, ChatRequest, CompletionRequest, Refused,
+                                    Reply, Sampling, parse)
+from tunelab.serve.scheduler import Job, Scheduler
 
-MAX_BODY_BYTES = 1 << 20
-"""Largest request body accepted (413 beyond)."""
-MAX_TOKENS = 2048
-"""Largest max_tokens a request may ask for."""
-DEFAULT_MAX_TOKENS = 256
-"""max_tokens of a request that gives none (less where the context has less room)."""
-MAX_STOP_STRINGS = 4
+API_KEY_VARIABLE = "TUNELAB_API_KEY"
+"""The environment variable that holds the API key when no flag gives one (a key on the command
+line is visible to every user of the machine in `ps`)."""
+HEAD_TIMEOUT = 5.0
+"""Seconds a connection may take to send a request line and headers (uvicorn's keep-alive
+timeout, 5 s, closes only a connection idle between requests)."""
+BODY_TIMEOUT = 30.0
+"""Seconds a client may take to send a request's body (408 beyond)."""
 
 
 @dataclass
@@ -55,86 +59,28 @@ class ServeOptions:
     runs: list[Path]
     """Run folders to serve; each is the model named by its folder's name."""
     host: str = "127.0.0.1"
-    """Address to bind; anything but loopback needs `api_key`."""
+    """Address to bind; anything but loopback needs an API key."""
     port: int = 8000
     """Port to bind; 0 picks a free one (printed at start)."""
     api_key: str | None = None
-    """Key every request but /health and the page must send as `Authorization: Bearer KEY`."""
+    """Key every request but /health and the page must send as `Authorization: Bearer KEY`; without
+    it, the key is read from `api_key_file`, else from $TUNELAB_API_KEY."""
+    api_key_file: Path | None = None
+    """A file that holds the API key (its first line)."""
+    cors_origins: list[str] = field(default_factory=list)
+    """Origins (`https://app.example.com`) whose pages may call the API from a browser; any other
+    page's requests are refused with 403."""
     max_queue: int = 32
     """Requests waiting or being answered at once; more get 429 at once."""
     batch_size: int = 8
     """Most requests answered by one batched generation."""
     rules: Path | None = None
-    """YAML moderation rules (see `Rules`)."""
+    """YAML moderation rules (moderation.py)."""
     copy_constraint: bool = True
     """Keep the fields a run's training data copies from the input substrings of the request's
     last user message (copying.py); False is `--no-copy-constraint`."""
     precision: str | None = None
     """Arithmetic of generation, "auto", "bf16" or "fp32"; None: each run's training precision."""
-
-
-# ----------------------------------------------------------------------------- moderation
-
-class RuleSet(BaseModel):
-    """What one side of a conversation may not contain."""
-
-    model_config = ConfigDict(extra="forbid")
-    words: list[str] = []
-    """Blocked words, matched whole and ignoring case."""
-    patterns: list[str] = []
-    """Blocked regular expressions (Python syntax; add (?i) to ignore case)."""
-
-    def compiled(self, source: Path) -> list[re.Pattern]:
-        found = [re.compile(rf"\b{re.escape(w)}\b", re.IGNORECASE) for w in self.words]
-        for pattern in self.patterns:
-            try:
-                found.append(re.compile(pattern))
-            except re.error as e:
-                raise UserError(f"{source}: pattern {pattern!r} is not a valid regular expression ({e})") from None
-        return found
-
-
-class Rules(BaseModel):
-    """A `--rules` file: `input:` checks every message of a request, `output:` the answer.
-
-        input:  {words: [password], patterns: ['\\b\\d{16}\\b']}
-        output: {words: [confidential]}
-    """
-
-    model_config = ConfigDict(extra="forbid")
-    input: RuleSet = RuleSet()
-    """Rules for what clients send."""
-    output: RuleSet = RuleSet()
-    """Rules for what the model answers."""
-
-
-@dataclass
-class Moderation:
-    input: list[re.Pattern] = field(default_factory=list)
-    output: list[re.Pattern] = field(default_factory=list)
-
-    @classmethod
-    def load(cls, path: Path | None) -> Moderation:
-        if path is None:
-            return cls()
-        import yaml
-
-        if not path.is_file():
-            raise UserError(f"--rules {path}: no such file")
-        try:
-            rules = Rules.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
-        except yaml.YAMLError as e:
-            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise UserError(f"{path}: {where}: {first['msg']}; a rules file has `input:` and `output:`, "
-                            "each with `words:` and `patterns:` lists") from None
-        return cls(rules.input.compiled(path), rules.output.compiled(path))
-
-    @staticmethod
-    def blocks(patterns: list[re.Pattern], text: str) -> bool:
-        return any(p.search(text) for p in patterns)
 
 
 # ----------------------------------------------------------------------------- models
@@ -189,200 +135,87 @@ def load_served(paths: list[Path], copy_constraint: bool = True, precision: str 
     return served
 
 
-# ----------------------------------------------------------------------------- scheduling
+# ----------------------------------------------------------------------------- the door
 
-@dataclass
-class Job:
-    """One request, from the queue through generation to its answer."""
+class Guard:
+    """ASGI middleware that refuses what a browser page of another site could send: a request
+    whose `Host` is not one of `hosts` (None: any, for a server bound to every address, which
+    needs a key), one whose `Origin` is neither the server's own nor in `origins`, and a POST
+    whose body is not JSON."""
 
-    served: Served
-    prompt: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    stop: tuple[str, ...]
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    """("text", piece), then ("done", Answer) or ("error", message), filled by the scheduler."""
-    cancel: threading.Event = field(default_factory=threading.Event)
-    constraint: Any = None
-    """Its copy constraint (a copying.CopyConstraint), or None."""
+    def __init__(self, app, hosts: set[str] | None, origins: set[str]):
+        self.app, self.hosts, self.origins = app, hosts, origins
 
-    @property
-    def key(self) -> str:
-        """Requests for the same model (the same adapter switched on) share one batched generation."""
-        return self.served.name
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.datastructures import Headers
 
-    def request(self):
-        """What the generation loop needs of it."""
-        from tunelab.decoding.generate import Request
-
-        return Request(self.prompt, self.max_tokens, self.temperature, self.top_p, self.seed, self.stop,
-                       self.cancel, lambda piece: self.send("text", piece), self.constraint)
-
-    def send(self, kind: str, value: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
-
-
-class Scheduler:
-    """The bounded queue and the thread that answers it a batch at a time."""
-
-    def __init__(self, max_queue: int, batch_size: int):
-        self.max_queue = max_queue
-        self.batch_size = batch_size
-        self.waiting: list[Job] = []
-        self.running = 0
-        self.cancelled = 0
-        self.answered = 0
-        self.batches = 0
-        self.closing = False
-        self.lock = threading.Condition()
-        self.thread = threading.Thread(target=self.work, name="tunelab-scheduler", daemon=True)
-
-    def admit(self, job: Job) -> bool:
-        """Queue the job, or say no at once when every place is taken."""
-        with self.lock:
-            if len(self.waiting) + self.running >= self.max_queue:
-                return False
-            self.waiting.append(job)
-            self.lock.notify()
-            return True
-
-    def cancel(self, job: Job) -> None:
-        """The client left: stop its row at the next token, or drop it if it still waits."""
-        job.cancel.set()
-        with self.lock:
-            self.cancelled += 1
-            if job in self.waiting:
-                self.waiting.remove(job)
-
-    def stats(self) -> dict[str, int]:
-        with self.lock:
-            return {"waiting": len(self.waiting), "running": self.running, "max_queue": self.max_queue,
-                    "answered": self.answered, "batches": self.batches, "cancelled": self.cancelled}
-
-    def close(self) -> None:
-        with self.lock:
-            self.closing = True
-            self.lock.notify()
-        self.thread.join()
-
-    def work(self) -> None:
-        from tunelab.decoding.generate import generate_rows
-
-        while True:
-            with self.lock:
-                while not self.waiting and not self.closing:
-                    self.lock.wait()
-                if not self.waiting:
-                    return
-                key = self.waiting[0].key
-                batch = [job for job in self.waiting if job.key == key][: self.batch_size]
-                for job in batch:
-                    self.waiting.remove(job)
-                self.running = len(batch)
-            served = batch[0].served
-            try:
-                if served.adapter is not None:
-                    served.model.set_adapter(served.adapter)
-                answers = generate_rows(served.model, served.template, [job.request() for job in batch],
-                                        served.precision)
-                for job, answer in zip(batch, answers):
-                    job.send("done", answer)
-            except Exception:  # a bug: the requests get a 500, the server goes on
-                traceback.print_exc()
-                for job in batch:
-                    job.send("error", "generation failed; see the server's log")
-            with self.lock:
-                self.running = 0
-                self.answered += len(batch)
-                self.batches += 1
+        headers = Headers(scope=scope)
+        host = headers.get("host", "").lower()
+        origin = headers.get("origin")
+        media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        try:
+            if self.hosts is not None and host not in self.hosts:
+                raise Refused(f"Host {host!r} is not this server's; send one of {', '.join(sorted(self.hosts))}",
+                              code="invalid_host")
+            if origin is not None and origin != f"http://{host}" and origin not in self.origins:
+                raise Refused(f"requests from pages of {origin} are refused; start the server with "
+                              f"--cors-origin {origin} to allow them", status=403, code="cross_origin")
+            if scope["method"] == "POST" and media_type != "application/json":
+                raise Refused(f"Content-Type {media_type or 'missing'}: send the body as application/json",
+                              status=415, code="unsupported_media_type")
+        except Refused as e:
+            return await e.response()(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
-# ----------------------------------------------------------------------------- requests
-
-class Message(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict[str, Any]]
-
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise Refused(f"message content of type {part.get('type')!r} is not supported; send text")
-            parts.append(part["text"])
-        return "".join(parts)
+def allowed_hosts(host: str, port: int) -> set[str] | None:
+    """The `Host` values of requests to this server: its loopback names and the bound host, with
+    the port (without it only on port 80, as clients send it). None when bound to every address
+    (0.0.0.0, ::): clients then name the machine as they know it, and a key is required."""
+    try:
+        if ipaddress.ip_address(host).is_unspecified:
+            return None
+    except ValueError:
+        pass
+    names = {"127.0.0.1", "localhost", "[::1]", f"[{host}]" if ":" in host else host.lower()}
+    return {f"{name}:{port}" for name in names} | (names if port == 80 else set())
 
 
-class Sampling(BaseModel):
-    """What chat and completion requests share. Fields OpenAI defines and tunelab does not
-    honour are refused with 400 (`refuse_unsupported`), never ignored."""
+def head_timeout_protocol(seconds: float):
+    """uvicorn's h11 connection, closed when a request's head (request line and headers) is not
+    all there `seconds` after the connection opened or the head began. uvicorn times out only
+    a connection idle after a response, so a client that sends half a request line and waits
+    would hold its connection (and file descriptor) for ever."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    model_config = ConfigDict(extra="allow")
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int = 1
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    class HeadTimeout(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.head_timer = self.loop.call_later(seconds, self.head_late)
 
-    def stop_strings(self) -> tuple[str, ...]:
-        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        if len(stop) > MAX_STOP_STRINGS:
-            raise Refused(f"stop: at most {MAX_STOP_STRINGS} stop strings")
-        return tuple(s for s in stop if s)
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            waiting = self.conn.their_state is h11.IDLE  # the next request's head is not complete
+            if waiting and self.head_timer is None:
+                self.head_timer = self.loop.call_later(seconds, self.head_late)
+            elif not waiting and self.head_timer is not None:
+                self.head_timer.cancel()
+                self.head_timer = None
 
-    def refuse_unsupported(self) -> None:
-        if self.n != 1:
-            raise Refused(f"n={self.n}: this server returns one choice per request; send n=1 (or leave it out)",
-                          param="n")
-        response_format = (self.model_extra or {}).get("response_format")
-        kind = response_format.get("type", "text") if isinstance(response_format, dict) else response_format
-        if response_format is not None and kind != "text":
-            raise Refused(f"response_format {kind!r} is not supported: this server does not constrain "
-                          "generation to JSON; leave response_format out and validate the answer",
-                          param="response_format")
-        for name in ("tools", "functions", "logprobs", "logit_bias", "echo", "suffix", "best_of"):
-            value = (self.model_extra or {}).get(name)
-            if value not in (None, False, [], {}, 1):
-                raise Refused(f"{name} is not supported by this server; leave it out", param=name)
+        def connection_lost(self, exc) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            super().connection_lost(exc)
 
+        def head_late(self) -> None:
+            self.head_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
 
-class ChatRequest(Sampling):
-    messages: list[Message] = Field(min_length=1)
-
-
-class CompletionRequest(Sampling):
-    prompt: str | list[str]
-
-    def text(self) -> str:
-        if isinstance(self.prompt, str):
-            return self.prompt
-        if len(self.prompt) != 1:
-            raise Refused("prompt: send one prompt per request", param="prompt")
-        return self.prompt[0]
-
-
-class Refused(Exception):
-    """A request the server answers with an OpenAI-shaped error instead of generating."""
-
-    def __init__(self, message: str, status: int = 400, code: str | None = None, param: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.message, self.status, self.code, self.param, self.kind = message, status, code, param, kind
-
-    def response(self):
-        from starlette.responses import JSONResponse
-
-        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+    return HeadTimeout
 
 
 # ----------------------------------------------------------------------------- the app
@@ -390,17 +223,21 @@ class Refused(Exception):
 class Server:
     """The HTTP side: checks a request, queues it and turns its answer into OpenAI's shape."""
 
-    def __init__(self, served: dict[str, Served], options: ServeOptions, moderation: Moderation):
+    def __init__(self, served: dict[str, Served], options: ServeOptions, moderation: Moderation,
+                 api_key: str | None = None):
         self.served = served
         self.options = options
         self.moderation = moderation
+        self.api_key = api_key
         self.scheduler = Scheduler(options.max_queue, options.batch_size)
         self.created = int(time.time())
 
-    def app(self):
+    def app(self, hosts: set[str] | None):
         from contextlib import asynccontextmanager
 
         from starlette.applications import Starlette
+        from starlette.middleware import Middleware
+        from starlette.middleware.cors import CORSMiddleware
         from starlette.routing import Route
 
         @asynccontextmanager
@@ -414,7 +251,12 @@ class Server:
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
         ]
-        return Starlette(routes=routes, lifespan=lifespan)
+        middleware = [Middleware(Guard, hosts=hosts, origins=set(self.options.cors_origins))]
+        if self.options.cors_origins:
+            middleware.append(Middleware(CORSMiddleware, allow_origins=self.options.cors_origins,
+                                         allow_methods=["GET", "POST"],
+                                         allow_headers=["Authorization", "Content-Type"]))
+        return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
 
     async def page(self, request):
         from starlette.responses import HTMLResponse
@@ -445,69 +287,64 @@ class Server:
         return await self.answer(request, CompletionRequest)
 
     def authorize(self, request) -> None:
-        if self.options.api_key is None:
+        if self.api_key is None:
             return
         given = request.headers.get("authorization", "")
-        expected = f"Bearer {self.options.api_key}"
+        expected = f"Bearer {self.api_key}"
         if not hmac.compare_digest(given.encode(), expected.encode()):
             raise Refused("invalid or missing API key; send it as `Authorization: Bearer KEY`", status=401,
                           code="invalid_api_key")
 
-    async def read(self, request, kind: type[Sampling]) -> Sampling:
+    async def read(self, request) -> bytes:
         if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
             raise Refused(f"request body over {MAX_BODY_BYTES} bytes", status=413, code="body_too_large")
         body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_BODY_BYTES:
-                raise Refused(f"request body over {MAX_BODY_BYTES} bytes", status=413, code="body_too_large")
         try:
-            return kind.model_validate_json(body)
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "body"
-            raise Refused(f"{where}: {first['msg']}", param=where) from None
+            async with asyncio.timeout(BODY_TIMEOUT):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > MAX_BODY_BYTES:
+                        raise Refused(f"request body over {MAX_BODY_BYTES} bytes", status=413,
+                                      code="body_too_large")
+        except TimeoutError:
+            raise Refused(f"the request body took over {BODY_TIMEOUT:.0f} s to arrive", status=408,
+                          code="timeout") from None
+        return body
 
-    def prepare(self, body: Sampling) -> tuple[Served, list[dict[str, str]]]:
-        body.refuse_unsupported()
-        served = self.served.get(body.model)
-        if served is None:
-            raise Refused(f"model '{body.model}' is not served here; served: {', '.join(self.served)}",
-                          status=404, code="model_not_found", param="model")
-        if isinstance(body, ChatRequest):
-            conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                            for m in body.messages]
-        else:
-            conversation = [{"role": "user", "content": body.text()}]
-        if any(self.moderation.blocks(self.moderation.input, m["content"]) for m in conversation):
+    def encode(self, served: Served, conversation: list[dict[str, str]]) -> list[int]:
+        """The prompt's tokens (run in a worker thread: long conversations take a while). The
+        conversation is rendered once: finding an earlier assistant turn's exact start costs
+        two renderings of everything before it, which made a 1,600-message request take 15 s."""
+        if self.moderation.blocks_input([m["content"] for m in conversation]):
             raise Refused("the request was refused by this server's content rules", code="content_filter")
-        return served, conversation
+        try:
+            return served.template.encode_prompt(conversation, cut_turns=False)
+        except UserError as e:  # a template that cannot render this conversation
+            raise Refused(str(e), param="messages") from None
 
     async def answer(self, request, kind: type[Sampling]):
         from starlette.responses import JSONResponse, StreamingResponse
 
         try:
             self.authorize(request)
-            body = await self.read(request, kind)
-            served, conversation = self.prepare(body)
-            try:
-                prompt = served.template.encode_prompt(conversation)
-            except UserError as e:
-                raise Refused(str(e)) from None
+            body = parse(await self.read(request), kind)
+            body.refuse_unsupported()
+            served = self.served.get(body.model)
+            if served is None:
+                raise Refused(f"model '{body.model}' is not served here; served: {', '.join(self.served)}",
+                              status=404, code="model_not_found", param="model")
+            conversation = body.conversation()
+            stop = body.stop_strings()
+            prompt = await asyncio.to_thread(self.encode, served, conversation)
             max_tokens = body.max_completion_tokens or body.max_tokens
-            room = served.context - len(prompt)
-            if max_tokens is not None and max_tokens > MAX_TOKENS:
-                raise Refused(f"max_tokens {max_tokens} is over this server's limit of {MAX_TOKENS}",
-                              param="max_tokens")
             if max_tokens is None:
-                max_tokens = min(DEFAULT_MAX_TOKENS, room)
+                max_tokens = min(DEFAULT_MAX_TOKENS, served.context - len(prompt))
             if max_tokens < 1 or len(prompt) + max_tokens > served.context:
                 raise Refused(f"this model's context is {served.context} tokens, but the prompt has {len(prompt)} "
                               f"tokens and max_tokens asks for {max_tokens} more; shorten the prompt or lower "
                               "max_tokens", param="max_tokens", code="context_length_exceeded")
-            job = Job(served, prompt, max_tokens, body.temperature, body.top_p, body.seed, body.stop_strings(),
-                      asyncio.get_running_loop(),
-                      constraint=served.copying.constraint(conversation) if served.copying else None)
+            job = Job(served, conversation, prompt, max_tokens, body.temperature, body.top_p, body.seed, stop,
+                      asyncio.get_running_loop())
             if not self.scheduler.admit(job):
                 raise Refused(f"the server is busy ({self.options.max_queue} requests queued); retry shortly",
                               status=429, code="rate_limit_exceeded", kind="requests")
@@ -529,7 +366,7 @@ class Server:
                     answer = value
             if answer is None:  # the client left; nobody reads this
                 return JSONResponse({}, status_code=499)
-            if self.moderation.blocks(self.moderation.output, answer.text):
+            if self.moderation.blocks_output(answer.text):
                 raise Refused("the answer was withheld by this server's content rules", code="content_filter")
         except Refused as e:
             return e.response()
@@ -569,17 +406,15 @@ class Server:
             while not finished:
                 kind, value = await job.events.get()
                 if kind == "text":
-                    if self.moderation.blocks(self.moderation.output, shown + value):
-                        error = Refused("the answer was withheld by this server's content rules",
-                                        code="content_filter")
-                        yield event({"error": {"message": error.message, "type": error.kind, "param": None,
-                                               "code": error.code}})
+                    if self.moderation.blocks_output(shown + value):
+                        yield event(Refused("the answer was withheld by this server's content rules",
+                                            code="content_filter").body())
                         break
                     shown += value
                     yield event(reply.chunk(value, None))
                 elif kind == "error":
                     finished = True
-                    yield event({"error": {"message": value, "type": "server_error", "param": None, "code": None}})
+                    yield event(Refused(value, status=500, kind="server_error").body())
                 else:
                     finished = True
                     yield event(reply.chunk("", value.finish_reason))
@@ -589,39 +424,6 @@ class Server:
         finally:
             if not finished:
                 self.scheduler.cancel(job)
-
-
-@dataclass
-class Reply:
-    """OpenAI's response objects for one request."""
-
-    chat: bool
-    id: str
-    model: str
-    prompt_tokens: int
-    created: int = field(default_factory=lambda: int(time.time()))
-
-    def usage(self, answer) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": answer.generated_tokens,
-                "total_tokens": self.prompt_tokens + answer.generated_tokens}
-
-    def whole(self, answer) -> dict:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": answer.text},
-                      "finish_reason": answer.finish_reason, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": answer.text, "finish_reason": answer.finish_reason, "logprobs": None}
-        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": [choice], "usage": self.usage(answer)}
-
-    def chunk(self, text: str, finish_reason: str | None, first: bool = False) -> dict:
-        if self.chat:
-            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
-        return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": [choice]}
 
 
 # ----------------------------------------------------------------------------- the command
@@ -653,10 +455,31 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def api_key(options: ServeOptions) -> str | None:
+    """The key clients must send: --api-key, else the first line of --api-key-file, else
+    $TUNELAB_API_KEY, else none."""
+    if options.api_key_file is not None:
+        if options.api_key:
+            raise UserError("--api-key and --api-key-file: give the key one way")
+        try:
+            lines = options.api_key_file.read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise UserError(f"--api-key-file {options.api_key_file}: cannot read it ({e.strerror})") from None
+        if not lines or not lines[0].strip():
+            raise UserError(f"--api-key-file {options.api_key_file}: the first line is empty; write the key there")
+        return lines[0].strip()
+    return options.api_key or os.environ.get(API_KEY_VARIABLE) or None
+
+
 def serve(options: ServeOptions) -> None:
-    if not is_loopback(options.host) and not options.api_key:
-        raise UserError(f"--host {options.host}: serving beyond this machine needs --api-key KEY "
-                        "(clients send it as `Authorization: Bearer KEY`)")
+    key = api_key(options)
+    if not is_loopback(options.host) and not key:
+        raise UserError(f"--host {options.host}: serving beyond this machine needs an API key: --api-key-file "
+                        f"FILE, ${API_KEY_VARIABLE} or --api-key KEY (clients send it as `Authorization: Bearer KEY`)")
+    for origin in options.cors_origins:
+        if not origin.startswith(("http://", "https://")) or origin.count("/") != 2:
+            raise UserError(f"--cors-origin {origin}: an origin is a scheme and a host, such as "
+                            "https://app.example.com (no path)")
     try:
         import starlette  # noqa: F401
         import uvicorn
@@ -669,10 +492,12 @@ def serve(options: ServeOptions) -> None:
         RunFiles(path).check()
     sock = bind(options.host, options.port)
 
-    server = Server(load_served(options.runs, options.copy_constraint, options.precision), options, moderation)
+    server = Server(load_served(options.runs, options.copy_constraint, options.precision), options, moderation, key)
     port = sock.getsockname()[1]
     host = f"[{options.host}]" if ":" in options.host else options.host
     print(f"Serving {', '.join(server.served)} on http://{host}:{port} (chat page at /, API at /v1); "
           "Ctrl-C stops", flush=True)
-    config = uvicorn.Config(server.app(), log_level="warning", timeout_graceful_shutdown=None)
+    config = uvicorn.Config(server.app(allowed_hosts(options.host, port)), log_level="warning",
+                            timeout_graceful_shutdown=None, http=head_timeout_protocol(HEAD_TIMEOUT),
+                            timeout_keep_alive=5, h11_max_incomplete_event_size=16 * 1024)
     uvicorn.Server(config).run(sockets=[sock])
