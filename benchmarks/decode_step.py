@@ -48,7 +48,8 @@ def step_ms(model, rows: int, prompt_tokens: int, precision: str, steps: int = 1
     """Median milliseconds of a decoding step for `rows` rows."""
     import torch
 
-    from tunelab.decoding.generate import _new_cache, casts_kept
+    from tunelab.decoding.generate import _new_cache
+    from tunelab.device import casts_kept
     from tunelab.device import autocast
 
     ids = torch.randint(100, 1000, (rows, prompt_tokens))

@@ -23,7 +23,6 @@ scheduler batches concurrent requests into `generate_rows`; chat streams through
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import queue
@@ -36,7 +35,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from tunelab.decoding.copying import CopyConstraint, CopyRule
-from tunelab.device import autocast
+from tunelab.device import autocast, casts_kept
 from tunelab.template import Template
 
 WINDOW_BATCHES = 4
@@ -255,27 +254,6 @@ def _new_cache(model) -> DynamicCache:
     cache = DynamicCache(config=model.config)
     cache.layers = [_RoomyLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
-
-
-@contextlib.contextmanager
-def casts_kept(model):
-    """Mark `model`'s frozen weights as requiring grad while a batch is generated, and freeze
-    them again after. bf16 autocast keeps its cast of a weight for as long as its context lasts
-    only if the weight requires grad; a frozen one (a LoRA run's base, also once merged) is cast
-    again at every forward pass, which made decoding ~60% slower on a CPU. The kept casts hold a
-    bf16 copy of the weights (half their size) while a batch is answered. Callers run under
-    no_grad, so nothing builds a graph; outside this context the weights stay frozen, so a user
-    of `Run.model()` who forgets no_grad builds no graph over them either. Two threads
-    generating with one model at once leave it frozen when the first ends: the other pays the
-    casts again, its answers unchanged."""
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(False)
 
 
 @dataclass

@@ -36,7 +36,7 @@ from tunelab.errors import UserError
 from tunelab.evaluate.forgetting import DEFAULT_QUESTIONS
 from tunelab.decoding.generate import Answer, generate_detailed
 from tunelab.train.loss import heldout_loss
-from tunelab.device import autocast, computes_bf16
+from tunelab.device import autocast, casts_kept, computes_bf16
 from tunelab.evaluate import results as saved  # saved.Contender, saved.Answer: as eval.json holds them
 from tunelab.evaluate.results import (Assertions, CopyConstraint, Cost, Difference, EvalResults, Forgetting,
                                       ForgettingScore, Interval, Judge, Novelty, RuleResults, Sample, as_results)
@@ -158,7 +158,7 @@ def evaluate(run, limit: int | None = None, batch_size: int = 32, max_new_tokens
             _generate(base, run.template, variant, max_new_tokens, batch_size, contender, progress, copying,
                       run.precision)
             local.append(contender)
-        with autocast(run.precision, base.device):
+        with casts_kept(base), autocast(run.precision, base.device):
             losses["zero-shot"] = heldout_loss(base, encoded)
         # The forgetting check stays in fp32 whatever the run's precision: it compares the close
         # log-likelihoods of a few choices, and bf16 flipped 2 of the demo base model's 42
@@ -170,7 +170,7 @@ def evaluate(run, limit: int | None = None, batch_size: int = 32, max_new_tokens
     tuned = Contender("tuned", "local", str(run.path), "fine-tuned")
     _generate(tuned_model, run.template, prompts, max_new_tokens, batch_size, tuned, progress, copying, run.precision)
     local.append(tuned)
-    with autocast(run.precision, tuned_model.device):
+    with casts_kept(tuned_model), autocast(run.precision, tuned_model.device):
         losses["tuned"] = heldout_loss(tuned_model, encoded)
     if questions:
         forgotten["tuned"] = forgetting_mod.accuracy(tuned_model, run.template, questions)
