@@ -395,3 +395,66 @@ def test_llama_cpp_answers_like_tunelab_generate(tmp_path, tiny_model_dir, write
         assert tokens == run.template.encode_prompt(conversation)
         completion = llm.create_completion(tokens, max_tokens=12, temperature=0.0)
         assert completion["choices"][0]["text"].strip() == answer
+
+
+@pytest.mark.parametrize("where", ["loading the model", "writing the export"])
+def test_ctrl_c_exits_130_with_one_line_and_leaves_nothing(runs, tmp_path, monkeypatch, capsys, where):
+    import tunelab.export.merged
+
+    def interrupted(*args, **kwargs):
+        if where == "writing the export":
+            (args[3] / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    if where == "loading the model":
+        monkeypatch.setattr(Run, "model", interrupted)
+    else:
+        monkeypatch.setattr(tunelab.export.merged, "write_merged", interrupted)
+    out = tmp_path / "out"
+    assert main(["export", str(runs["lora"]), "--format", "merged", "--out", str(out)]) == 130
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tunelab")]  # no progress bars
+    assert len(err) == 1 and err[0].startswith(f"tunelab: interrupted: nothing was written to {out}"), err
+    assert ("was removed" in err[0]) == (where == "writing the export")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_next_export_removes_what_an_export_killed_outright_left(runs, tmp_path, capsys):
+    """kill -9 half way through the writing, then export again into the same folder: the dead
+    export's staging folder is reported and removed; a running export's folder is left alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    hang = ("import sys, time\n"
+            "import tunelab.export.merged as merged\n"
+            "from tunelab.cli import main\n"
+            "write = merged.write_merged\n"
+            "def write_then_hang(model, tokenizer, template, folder, dtype):\n"
+            "    write(model, tokenizer, template, folder, dtype)\n"
+            "    (folder / 'hanging').touch()\n"
+            "    time.sleep(600)\n"
+            "merged.write_merged = write_then_hang\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    process = subprocess.Popen([sys.executable, "-c", hang, "export", str(runs["lora"]), "--format", "merged",
+                                "--out", str(exports / "first")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = exports / f".first.tunelab-export-{process.pid}"
+    deadline = time.monotonic() + 120
+    while not (staging / "hanging").exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (staging / "model.safetensors").exists() and not (exports / "first").exists()
+    running = exports / f".other.tunelab-export-{os.getppid()}"  # a live process's
+    running.mkdir()
+    unrelated = exports / ".first.tunelab-export-notapid"
+    unrelated.mkdir()
+
+    assert main(["export", str(runs["lora"]), "--format", "merged", "--out", str(exports / "second")]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tunelab")]
+    assert err == [f"tunelab: removed {staging}, a half-written export left by process {process.pid}, which is gone"]
+    assert sorted(p.name for p in exports.iterdir()) == sorted([running.name, unrelated.name, "second"])

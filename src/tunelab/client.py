@@ -2,9 +2,10 @@
 the contenders and the judge of `tunelab eval`, all behind an OpenAI-compatible
 `/v1/chat/completions` endpoint (llama.cpp, Ollama, vLLM, a hosted API).
 
-- Private by default: `check` refuses a URL whose host is not loopback or a private address
-  before anything is sent, unless the user passes `--allow-remote`; then it fails at once, in
-  one line, when nothing listens there (rather than after every retry of every request).
+- Private by default: `check` refuses a URL whose host is not on this machine or its private
+  network (`LOCAL_NETWORKS`) before anything is sent, unless the user passes `--allow-remote`;
+  then it fails at once, in one line, when nothing listens there (rather than after every retry
+  of every request).
 - A key, when one is needed, comes from an environment variable or a file (`api_key`), never from
   a flag's value (it would sit in the shell history and the process list); it is sent as
   `Authorization: Bearer KEY` and nowhere else: not in errors, caches or metadata.
@@ -18,6 +19,7 @@ Safe to share between threads: one httpx connection pool serves them all.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import random
 import socket
@@ -41,6 +43,16 @@ FATAL_STATUSES = {401: ("401 unauthorized", "is the API key right? (--api-key-en
                   404: ("404 not found", _BASE_URL),
                   405: ("405 method not allowed", _BASE_URL)}
 """Answers that no retry will change: the URL or the access is wrong, for every request alike."""
+LOCAL_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
+    "127.0.0.0/8", "::1/128",                           # loopback
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",    # RFC 1918 private networks
+    "fc00::/7",                                         # IPv6 unique local
+    "169.254.0.0/16", "fe80::/10",                      # link-local
+    "0.0.0.0/32", "::/128",                             # "any address": a connection to it stays on this machine
+))
+"""The addresses that count as this machine or its private network, listed rather than taken
+from `ipaddress`'s `is_private`, which also counts documentation and benchmark ranges
+(192.0.2.0/24, 198.18.0.0/15, 240.0.0.0/4, ...) that are no network of the user's."""
 KEY_VARIABLES = ("TUNELAB_API_KEY", "OPENAI_API_KEY")
 """Environment variables read for the API key, in this order, when no --api-key-env or
 --api-key-file is given."""
@@ -109,7 +121,7 @@ def check_private(url: str, allow_remote: bool, flag: str, has_key: bool = False
         raise UserError(f"{flag}: cannot resolve host {parts.hostname!r} ({e.strerror})") from None
     for *_, address in found:
         ip = ipaddress.ip_address(address[0].split("%")[0])
-        if ip.is_loopback or ip.is_private or ip.is_link_local:
+        if is_local(ip):
             continue
         if not allow_remote:
             raise UserError(f"{flag}: {parts.hostname} is {ip}, outside this machine and its private network; "
@@ -117,6 +129,26 @@ def check_private(url: str, allow_remote: bool, flag: str, has_key: bool = False
         if has_key and parts.scheme != "https":
             raise UserError(f"{flag}: the API key would cross the internet unencrypted; use https://")
     return parts.hostname, port
+
+
+def is_local(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether `ip` is in LOCAL_NETWORKS (an IPv4 address written as IPv6, ::ffff:a.b.c.d, as itself)."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in LOCAL_NETWORKS)
+
+
+def check_timeout(seconds: float, flag: str = "--timeout") -> None:
+    """Refuse a timeout that is no number of seconds above 0 (`nan`, `inf` and negatives parse as floats)."""
+    if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
+        shown = format(seconds, "g") if isinstance(seconds, (int, float)) else repr(seconds)
+        raise UserError(f"{flag} {shown}: must be a number of seconds above 0, e.g. {flag} 120")
+
+
+def check_count(value: int, flag: str, least: int) -> None:
+    """Refuse a count such as `--retries` or `--concurrency` below `least` (or not a whole number)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise UserError(f"{flag} {value}: must be a whole number of at least {least}")
 
 
 class ChatClient:
@@ -128,6 +160,8 @@ class ChatClient:
         every error message starts with it."""
         import httpx2
 
+        check_timeout(timeout)
+        check_count(retries, "--retries", 0)
         self.url = chat_url(url)
         self.model = model
         self.flag = flag

@@ -68,3 +68,32 @@ def _check_writable(folder: Path, what: str) -> None:
     except OSError as e:
         reason = e.strerror.lower() if e.strerror else type(e).__name__
         raise UserError(f"{what}: cannot write in {folder} ({reason}); choose a folder you can write to") from None
+
+
+KERNEL_FOLDERS = (Path("/proc"), Path("/sys"))
+"""Views of the kernel, not folders for files: writing there fails or, worse, changes a setting."""
+
+
+def check_not_kernel_folder(path: Path | str, flag: str) -> None:
+    """Refuse an output path in /proc or /sys before any other check (their errors say little)."""
+    path = Path(path).absolute()
+    for folder in KERNEL_FOLDERS:
+        if path == folder or folder in path.parents:
+            raise UserError(f"{flag} {path}: {folder} is the kernel's view of the system, not a folder for files; "
+                            f"choose a folder on disk")
+
+
+def check_output_beside(path: Path, flag: str, value: Path | str, role: str, folder: bool = False) -> None:
+    """Refuse a file (or, with `folder`, a folder) that a command writes beside its output
+    `flag value` (a cache, a decisions file) when a folder (a file) stands in its place or it
+    cannot be written; the message names the flag to change."""
+    where = f"{flag} {value}: {role} {path}"
+    if folder and path.exists() and not path.is_dir():
+        raise UserError(f"{where} is a file; move it away or choose another {flag}")
+    if not folder and path.is_dir():
+        raise UserError(f"{where} is a folder; move it away or choose another {flag}")
+    if not folder and path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"{where} is read-only; make it writable or choose another {flag}")
+    container = path if folder and path.is_dir() else path.parent
+    if container.is_dir():
+        _check_writable(container, where)

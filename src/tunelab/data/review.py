@@ -13,10 +13,12 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
-from tunelab.errors import UserError
+from tunelab.errors import UserError, check_not_kernel_folder, check_output_beside, check_output_file
+from tunelab.teacher.ask import read_appended
 
 CHOICES = "[a]ccept  [e]dit  [r]eject  [q]uit > "
 
@@ -26,14 +28,25 @@ def decisions_path(out: Path) -> Path:
 
 
 def load_decisions(path: Path) -> dict[str, dict]:
-    if not path.exists():
-        return {}
-    decisions = {}
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        if line.endswith("\n"):  # a line cut short by a kill is not a decision
-            record = json.loads(line)
-            decisions[record["key"]] = record
-    return decisions
+    """The decisions saved in `path`. A line cut short by a kill is cut off the file (so the next
+    decision does not glue onto it); a damaged line is skipped with a warning naming it, and its
+    pair is asked again."""
+    return {record["key"]: record for record in read_appended(path, _decision, "their pairs are asked again")}
+
+
+def _decision(line: bytes) -> dict | None:
+    """The decision a line holds, or None when the line is damaged."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # not JSON, or not UTF-8
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("key"), str):
+        return None
+    if record.get("decision") in ("accepted", "rejected"):
+        return record
+    if record.get("decision") == "edited" and isinstance(record.get("answer"), str):
+        return record
+    return None
 
 
 def ask_new_answer(answer: str) -> str | None:
@@ -44,10 +57,17 @@ def ask_new_answer(answer: str) -> str | None:
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:
             f.write(answer + "\n")
         try:
-            if subprocess.run([*shlex.split(editor), f.name]).returncode != 0:
+            try:
+                returncode = subprocess.run([*shlex.split(editor), f.name]).returncode
+            except (OSError, ValueError) as e:  # no such program, not executable, unbalanced quotes
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                print(f"tunelab: cannot start the editor {editor!r} ($VISUAL or $EDITOR: {reason}); "
+                      "the pair stays undecided", file=sys.stderr)
+                return None
+            if returncode != 0:
                 print("The editor failed; the answer is unchanged.")
                 return None
-            text = Path(f.name).read_text(encoding="utf-8").strip()
+            text = Path(f.name).read_text(encoding="utf-8", errors="replace").strip()
         finally:
             os.unlink(f.name)
     else:
@@ -137,8 +157,11 @@ def cli_review(path: Path, out: Path) -> None:
     from tunelab.config import DataOptions
     from tunelab.data.check import run_check
 
+    check_not_kernel_folder(out, "--out")
+    check_output_file(out, "--out")
     if out.exists():
         raise UserError(f"--out {out}: already exists; remove it or choose another name")
+    check_output_beside(decisions_path(out), "--out", out, "the decisions file")
     if out.suffix.lower() != ".jsonl":
         raise UserError(f"--out {out}: the reviewed file is JSON lines; name it e.g. {out.with_suffix('.jsonl')}")
     finished, counts = review(path, out)

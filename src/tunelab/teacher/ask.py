@@ -12,15 +12,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tunelab.client import ChatClient, Failure, content
+from tunelab.client import ChatClient, Failure, check_count, check_timeout, content
+from tunelab.errors import UserError
+
+
+REFUSED_PREFIX = "response_format refused by "
+"""The cache key, before the URL, of the note that an endpoint refuses structured output."""
 
 
 @dataclass
@@ -46,6 +52,14 @@ class Teacher:
     reasks: int = 2
     """Times an answer that does not match the schema is asked for again."""
 
+    def __post_init__(self) -> None:
+        # Checked here rather than by whatever parsed the flags, so no caller can pass a value
+        # that would hang (a NaN timeout), spin (no thread) or never ask (-1 retries).
+        check_count(self.concurrency, "--concurrency", 1)
+        check_timeout(self.timeout)
+        check_count(self.retries, "--retries", 0)
+        check_count(self.reasks, "reasks", 0)
+
     def prompt_hash(self) -> str:
         """Identifies the prompt (system, examples, schema) a row was labelled with."""
         prompt = {"system": self.system, "shots": self.shots, "schema": self.schema}
@@ -63,22 +77,22 @@ class Cache:
     """Every answer, one JSON line each, appended with one write as it arrives.
 
     A write cut short by a kill leaves a line without its newline: it is cut off on the next
-    start, so the next append does not glue onto it.
+    start, so the next append does not glue onto it. A damaged line (a cut write, bytes changed
+    on disk, an edit by hand) is skipped with a warning naming it: its request is asked again.
     """
 
     def __init__(self, folder: Path):
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / "answers.jsonl"
         self.records: dict[str, dict[str, Any]] = {}
-        data = self.path.read_bytes() if self.path.exists() else b""
-        complete = data[: data.rfind(b"\n") + 1]
-        for line in complete.splitlines():
-            record = json.loads(line)
+        for record in read_appended(self.path, _cache_record, "their requests are asked again"):
             self.records[record["key"]] = record
-        if len(complete) != len(data):
-            os.truncate(self.path, len(complete))
         self._lock = threading.Lock()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def answers(self) -> int:
+        """Answers held (the notes of an endpoint refusing structured output aside)."""
+        return sum("answer" in record for record in self.records.values())
 
     def get(self, key: str) -> dict[str, Any] | None:
         return self.records.get(key)
@@ -93,6 +107,54 @@ class Cache:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+def read_appended(path: Path, parse: Callable[[bytes], dict | None], then: str) -> list[dict]:
+    """The records of a file that is appended one JSON line at a time (the answer cache, the
+    decisions of `data review`); `parse` gives a line's record, or None when the line is damaged.
+
+    A last line cut short by a kill is cut off the file, so the next append starts a line of its
+    own. Damaged lines are skipped with one warning naming the file, the lines and what `then`
+    happens to them: a damaged file costs a few answers asked again, never the run.
+    """
+    if not path.exists():
+        return []
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise UserError(f"{path}: cannot read it ({reason}); move it away to start afresh") from None
+    complete = data[: data.rfind(b"\n") + 1]
+    records, damaged = [], []
+    for number, line in enumerate(complete.splitlines(), start=1):
+        record = parse(line)
+        if record is None:
+            damaged.append(number)
+        else:
+            records.append(record)
+    if len(complete) != len(data):
+        damaged.append(complete.count(b"\n") + 1)
+        os.truncate(path, len(complete))
+    if damaged:
+        lines = ", ".join(map(str, damaged[:5])) + (f" and {len(damaged) - 5} more" if len(damaged) > 5 else "")
+        print(f"tunelab: warning: {path}:{damaged[0]}: {len(damaged)} damaged line(s) skipped (line {lines}); {then}",
+              file=sys.stderr)
+    return records
+
+
+def _cache_record(line: bytes) -> dict[str, Any] | None:
+    """The record a cache line holds, or None when the line is damaged."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # not JSON, or not UTF-8
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("key"), str):
+        return None
+    if "answer" in record and not (isinstance(record["answer"], str) and isinstance(record.get("time"), str)):
+        return None
+    if "answer" not in record and not record["key"].startswith(REFUSED_PREFIX):
+        return None
+    return record
 
 
 def request_key(url: str, body: dict[str, Any]) -> str:
@@ -123,7 +185,7 @@ class TeacherClient:
         self.cached = 0
         """Answers taken from the cache."""
         self._count_lock = threading.Lock()
-        self._refused_key = "response_format refused by " + self.url
+        self._refused_key = REFUSED_PREFIX + self.url
 
     @property
     def asked(self) -> int:
@@ -170,6 +232,9 @@ def run_pool(client: TeacherClient, items: list, work: Callable) -> list:
     """`work(item)` for every item on `concurrency` threads: its result or its Failure, in item order.
 
     A UserError (wrong URL, refused access) stops the run: it would be the same for every item.
+    On Ctrl-C no new request starts and none is retried, but the requests in flight are waited
+    for (each ends within --timeout), so the answers they bring are cached. A second Ctrl-C ends
+    the wait; Python still lets those threads finish their one request before it exits.
     """
     results: list = [None] * len(items)
 
@@ -184,6 +249,11 @@ def run_pool(client: TeacherClient, items: list, work: Callable) -> list:
     try:
         for future in futures:
             future.result()
+    except KeyboardInterrupt:
+        client.chat.stopping.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        wait([future for future in futures if not future.cancelled()])  # a cancelled one never counts as done
+        raise
     except BaseException:
         client.chat.stopping.set()
         pool.shutdown(wait=False, cancel_futures=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.client import Failure
-from tunelab.errors import UserError
+from tunelab.errors import UserError, check_not_kernel_folder, check_output_beside, check_output_file
 from tunelab.teacher.ask import Cache, Teacher, TeacherClient, connect, run_pool
 from tunelab.teacher.schema import answer_problem, strip_fence
 
@@ -76,19 +76,25 @@ class Paths:
 
 
 def prepare(teacher: Teacher, out: Path, allow_remote: bool, api_key: str | None) -> tuple[Paths, TeacherClient]:
-    """The run's files and its client, once --out and the teacher are checked (nothing sent yet)."""
+    """The run's files and its client, once every file it writes and the teacher are checked
+    (nothing sent yet)."""
+    paths = Paths(out)
+    check_not_kernel_folder(out, "--out")
+    check_output_file(out, "--out")
     if out.suffix.lower() != ".jsonl":
         raise UserError(f"--out {out}: the training file is JSON lines; name it e.g. {out.with_suffix('.jsonl')}")
     if out.exists():
         raise UserError(f"--out {out}: already exists; remove it or choose another name "
-                        f"(answers already received stay cached in {Paths(out).cache})")
-    if not out.parent.is_dir():
-        raise UserError(f"--out {out}: folder {out.parent} does not exist")
-    if teacher.concurrency < 1:
-        raise UserError(f"--concurrency {teacher.concurrency}: must be at least 1")
+                        f"(answers already received stay cached in {paths.cache})")
+    check_output_beside(paths.cache, "--out", out, "the answer cache", folder=True)
+    check_output_beside(paths.cache / "answers.jsonl", "--out", out, "the cached answers")
+    check_output_beside(paths.rejects, "--out", out, "the rejects file")
     chat = connect(teacher, allow_remote, api_key)
-    paths = Paths(out)
-    return paths, TeacherClient(teacher, chat, Cache(paths.cache))
+    try:
+        return paths, TeacherClient(teacher, chat, Cache(paths.cache))
+    except BaseException:
+        chat.close()
+        raise
 
 
 def label_one(client: TeacherClient, conversation: list[dict[str, str]]) -> tuple[str, str]:
@@ -160,5 +166,14 @@ def cli_label(inputs_path: Path, teacher: Teacher, out: Path, allow_remote: bool
     paths, client = prepare(teacher, out, allow_remote, api_key)
     try:
         return label(inputs, client, paths)
+    except KeyboardInterrupt:
+        say_interrupted(client, paths)
+        raise
     finally:
         client.close()
+
+
+def say_interrupted(client: TeacherClient, paths: Paths) -> None:
+    """The one line after Ctrl-C: what is kept and how to go on (the CLI then exits with 130)."""
+    print(f"tunelab: interrupted: {client.cache.answers()} answers are cached in {paths.cache}; "
+          "run the same command to continue (cached answers are not asked again)", file=sys.stderr)

@@ -18,10 +18,19 @@ from tunelab.errors import UserError
 def read_schema(path: Path) -> dict:
     """The JSON schema in `path`, checked against its own meta-schema."""
     path = Path(path)
+    where = f"--json-schema {path}"
+    if path.is_dir():
+        raise UserError(f"{where}: is a folder; name the JSON schema file")
     try:
-        schema = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
+        raise UserError(f"{where}: file not found") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{where}: not a text file (not UTF-8); --json-schema takes a JSON schema file") from None
+    except OSError as e:
+        raise UserError(f"{where}: cannot read it ({e.strerror or type(e).__name__})") from None
+    try:
+        schema = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); --json-schema takes a JSON schema") from None
     if not isinstance(schema, dict):

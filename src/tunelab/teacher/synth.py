@@ -17,7 +17,7 @@ from pathlib import Path
 from tunelab.client import Failure
 from tunelab.errors import UserError
 from tunelab.teacher.ask import Teacher, TeacherClient, run_pool
-from tunelab.teacher.label import label, prepare, read_inputs, read_shots
+from tunelab.teacher.label import label, prepare, read_inputs, read_shots, say_interrupted
 from tunelab.teacher.schema import strip_fence
 
 SYNTH_PER_ROUND = 10
@@ -114,5 +114,8 @@ def cli_synth(examples_path: Path, n: int, teacher: Teacher, out: Path, allow_re
             raise UserError(f"--teacher {teacher.url}: no usable new inputs came back; see the reasons above")
         inputs = [(i + 1, [{"role": "user", "content": text}]) for i, text in enumerate(texts)]
         return label(inputs, client, paths, extra={"synthesized": True})
+    except KeyboardInterrupt:
+        say_interrupted(client, paths)
+        raise
     finally:
         client.close()
