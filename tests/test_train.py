@@ -76,7 +76,7 @@ def test_an_example_dropped_for_length_is_not_in_train_jsonl(tmp_path, tiny_mode
     split = json.loads((out / "split.json").read_text())
     assert 4 in split["train_lines"]  # the split chose it for training (seed 0) ...
     assert "dropped (lines 4)" in capsys.readouterr().out
-    trained = [json.loads(line)["line"] for line in (out / "train.jsonl").read_text().splitlines()]
+    trained = [json.loads(line)["metadata"]["line"] for line in (out / "train.jsonl").read_text().splitlines()]
     assert 4 not in trained  # ... and training dropped it, so train.jsonl leaves it out
     assert sorted(trained) == sorted(set(split["train_lines"]) - {4})
     assert json.loads((out / "run.json").read_text())["train_examples"] == len(trained)
