@@ -11,12 +11,11 @@ import json
 import os
 import sys
 import typing
-import warnings
 from collections.abc import Collection
 from pathlib import Path
 
 from tunelab.config import DataOptions, Precision, TrainConfig
-from tunelab.errors import UserError, check_output_file, check_output_folder
+from tunelab.errors import UserError, check_output_file, check_output_folder, hide_known_warnings
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -91,11 +90,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     config_file = args.config or (saved if saved and saved.exists() else None)
     # Checked before training's heavy imports, so a mistyped option fails at once.
     config = TrainConfig.from_yaml(config_file, **flags) if config_file else TrainConfig.build(flags=flags, **flags)
-    from tunelab.train.loop import default_out, train
+    from tunelab.train.loop import default_out, is_main_process, train
 
     out = Path(args.out) if args.out else default_out(Path(args.data))
     train(config, Path(args.data), out, overwrite=args.overwrite, resume=args.resume, force=args.force)
-    print(f"Run saved in {out}. Next: tunelab eval {out}")
+    if is_main_process():
+        print(f"Run saved in {out}. Next: tunelab eval {out}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -486,19 +486,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weights (default: f32 for merged, f16 for gguf and ollama; q8_0 is GGUF only)")
     export.set_defaults(func=cmd_export)
     return parser
-
-
-KNOWN_HARMLESS_WARNINGS = [
-    # peft asks each model whether gradient checkpointing is on through the property name that
-    # transformers 5 deprecated; nothing for a tunelab user to change.
-    (FutureWarning, r"`is_gradient_checkpointing` is deprecated", r"transformers\.modeling_utils"),
-]
-"""(category, message regex, module regex) of library warnings that the CLI does not show."""
-
-
-def hide_known_warnings() -> None:
-    for category, message, module in KNOWN_HARMLESS_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
 def main(argv: list[str] | None = None) -> int:
