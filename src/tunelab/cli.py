@@ -542,24 +542,47 @@ COMMANDS: dict[str, Command | CommandGroup] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    return command_parsers()["tunelab"]
+
+
+def command_parsers() -> dict[str, argparse.ArgumentParser]:
+    """The parser of `tunelab` and of each sub-command, by its name (`tunelab data check`)."""
     parser = Parser(prog="tunelab", description="Fine-tune small language models locally.")
-    add_commands(parser, COMMANDS, dest="command", metavar="COMMAND")
-    return parser
+    return {"tunelab": parser, **add_commands(parser, COMMANDS, dest="command", metavar="COMMAND")}
 
 
 def add_commands(parser: argparse.ArgumentParser, commands: dict[str, Command | CommandGroup], dest: str,
-                 metavar: str) -> None:
+                 metavar: str) -> dict[str, argparse.ArgumentParser]:
     subparsers = parser.add_subparsers(dest=dest, required=True, metavar=metavar)
+    added = {}
     for name, command in commands.items():
         if isinstance(command, CommandGroup):
-            group = subparsers.add_parser(name, help=command.help)
-            add_commands(group, command.commands, dest=f"{name}_command", metavar="ACTION")
+            group = added[f"{parser.prog} {name}"] = subparsers.add_parser(name, help=command.help)
+            added |= add_commands(group, command.commands, dest=f"{name}_command", metavar="ACTION")
             continue
-        sub = subparsers.add_parser(name, help=command.help, description=command.description)
+        sub = added[f"{parser.prog} {name}"] = subparsers.add_parser(name, help=command.help,
+                                                                     description=command.description)
         add_flags(sub, command.options)
         if command.config:
             add_config_flags(sub, command.config)
         sub.set_defaults(tunelab_command=command)
+    return added
+
+
+REFERENCE_COLUMNS = 100
+"""The terminal width docs/CLI.md is written at, so that it reads the same wherever it is made."""
+
+
+def reference() -> str:
+    """docs/CLI.md: every command's `--help`, as printed at REFERENCE_COLUMNS columns."""
+    from unittest import mock
+
+    sections = ["# Command-line reference\n\nEvery command's `--help`, generated from the parser by\n"
+                "`python docs/cli_reference.py`; edit the options in the code, not here.\n"]
+    with mock.patch.dict(os.environ, {"COLUMNS": str(REFERENCE_COLUMNS)}):
+        for name, parser in command_parsers().items():
+            sections.append(f"## {name}\n\n```text\n{parser.format_help().rstrip()}\n```\n")
+    return "\n".join(sections)
 
 
 def run_command(args: argparse.Namespace) -> None:
