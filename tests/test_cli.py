@@ -94,6 +94,14 @@ def test_eval_compares_base_and_tuned(trained_run, capsys):
     assert set(results["samples"][0]["answers"]) == {"zero-shot", "few-shot", "retrieval", "tuned"}
 
 
+def test_a_runs_own_test_split_is_a_data_file_eval_accepts(trained_run, capsys):
+    out, _ = trained_run
+    assert main(["eval", str(out), "--data", str(out / "test.jsonl"), "--no-base", "--no-forgetting"]) == 0
+    results = json.loads((out / "eval.json").read_text())
+    assert results["examples_evaluated"] == 8 and [c["name"] for c in results["contenders"]] == ["tuned"]
+    assert "tunelab: error" not in capsys.readouterr().err
+
+
 def test_chat_streams_with_the_saved_template(trained_run):
     out, _ = trained_run
     result = subprocess.run([sys.executable, "-m", "tunelab.cli", "chat", str(out), "--max-new-tokens", "8"],

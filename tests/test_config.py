@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import typing
 import subprocess
 import sys
 
@@ -164,3 +165,55 @@ def test_data_check_flags_come_from_the_data_options(tmp_path, rows):
     report = json.loads((tmp_path / "report" / "data_check.json").read_text())
     assert report["options"] == DataOptions(test_size=5, seed=3).model_dump()
     assert report["split"]["test"] == 5
+
+
+def commands():
+    """(words, Command) of every sub-command, `data check` as ("data", "check")."""
+    from tunelab.cli import COMMANDS, CommandGroup
+
+    for name, command in COMMANDS.items():
+        if isinstance(command, CommandGroup):
+            yield from (((name, sub), c) for sub, c in command.commands.items())
+        else:
+            yield (name,), command
+
+
+def is_positional(field) -> bool:
+    return any(getattr(m, "positional", False) for m in field.metadata)
+
+
+@pytest.mark.parametrize("words, command", list(commands()), ids=[" ".join(w) for w, _ in commands()])
+def test_every_command_takes_its_flags_and_defaults_from_one_options_model(words, command, capsys):
+    """Every field is an argument and every flag a field; what argparse leaves out, the model fills."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*words, "--help"])
+    entries = help_entries(capsys.readouterr().out)
+    fields = {**command.options.model_fields, **(command.config.model_fields if command.config else {})}
+    assert set(entries) - {"--help"} == {"--" + n.replace("_", "-") for n, f in fields.items() if not is_positional(f)}
+    # Only the required arguments given: every other value is the model's default.
+    argv, required = [*words], {}
+    for name, field in command.options.model_fields.items():
+        if field.is_required():
+            required[name] = "3" if field.annotation is int else "x"
+            argv += [required[name]] if is_positional(field) else ["--" + name.replace("_", "-"), required[name]]
+    options = command.options.build(**config_flags(build_parser().parse_args(argv), command.options))
+    for name, field in command.options.model_fields.items():
+        expected = field.default if name not in required else \
+            [required[name]] if typing.get_origin(field.annotation) is list else int(required[name]) \
+            if field.annotation is int else required[name]
+        assert getattr(options, name) == expected, name
+
+
+def test_a_command_option_refused_by_its_model_is_named_as_its_flag(tmp_path):
+    from tunelab.cli import EvalOptions
+
+    with pytest.raises(UserError, match=r"^--shots -1: must be greater than or equal to 0$"):
+        EvalOptions.build(flags={"shots"}, run="r", shots="-1")
+    assert EvalOptions.build(run="r", shots="2", precision="bf16").shots == 2
+    assert one_error(cli("serve", str(tmp_path), "--port", "70000")) == \
+        "tunelab: error: --port 70000: must be less than or equal to 65535"
+
+
+def test_a_flag_is_never_abbreviated(tmp_path, rows):
+    assert one_error(cli("train", str(rows), "--epoch", "2")) == \
+        "tunelab: error: tunelab train: unrecognized arguments: --epoch 2; see `tunelab train --help`"

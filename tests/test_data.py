@@ -118,9 +118,20 @@ def test_duplicates_never_straddle_the_split():
 
 def test_jsonl_round_trip(tmp_path):
     examples = _examples(3)
+    examples[1].group = "acme"
     data.write_jsonl(tmp_path / "s.jsonl", examples)
     assert data.read_jsonl(tmp_path / "s.jsonl") == examples
-    assert json.loads((tmp_path / "s.jsonl").read_text().splitlines()[0])["line"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert rows[0]["metadata"] == {"line": 1} and rows[1]["metadata"] == {"line": 2, "group": "acme"}
+    # A run's split is a data file like any other: the data reader accepts it as it stands.
+    assert [e.messages for e in data.load_examples(tmp_path / "s.jsonl")] == [e.messages for e in examples]
+
+
+def test_a_split_written_before_metadata_still_reads(tmp_path):
+    old = tmp_path / "test.jsonl"
+    old.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                               "line": 7, "group": "acme"}) + "\n" + json.dumps({"text": "doc", "line": 9}) + "\n")
+    assert [(e.line, e.group, e.text) for e in data.read_jsonl(old)] == [(7, "acme", None), (9, None, "doc")]
 
 
 def test_raw_text_shape_and_metadata_keys(tmp_path, write_jsonl):

@@ -76,7 +76,7 @@ def test_an_example_dropped_for_length_is_not_in_train_jsonl(tmp_path, tiny_mode
     split = json.loads((out / "split.json").read_text())
     assert 4 in split["train_lines"]  # the split chose it for training (seed 0) ...
     assert "dropped (lines 4)" in capsys.readouterr().out
-    trained = [json.loads(line)["line"] for line in (out / "train.jsonl").read_text().splitlines()]
+    trained = [json.loads(line)["metadata"]["line"] for line in (out / "train.jsonl").read_text().splitlines()]
     assert 4 not in trained  # ... and training dropped it, so train.jsonl leaves it out
     assert sorted(trained) == sorted(set(split["train_lines"]) - {4})
     assert json.loads((out / "run.json").read_text())["train_examples"] == len(trained)
@@ -148,3 +148,19 @@ def test_checkpoints_are_refused_under_sharding(kind):
     train_mod.refuse_sharded_checkpoints(DistributedType[kind], TrainConfig(), resuming=False)
     for allowed in ("NO", "MULTI_CPU", "MULTI_GPU"):
         train_mod.refuse_sharded_checkpoints(DistributedType[allowed], TrainConfig(save_every=10), resuming=True)
+
+
+def test_python_api_hides_the_known_library_warning_and_no_other(tiny_model_dir, pairs_file, tmp_path, recwarn):
+    """peft's FutureWarning about a property transformers 5 renamed is nothing a user can act on;
+    the Python API drops it where it arises, and leaves every warning filter as it found it."""
+    import warnings
+
+    warnings.simplefilter("always")
+    before = list(warnings.filters)
+    run = tunelab.finetune(pairs_file, out=tmp_path / "api", base=str(tiny_model_dir), method="lora", max_steps=1,
+                           batch_size=4, test_size=4, gradient_checkpointing=True, precision="fp32")
+    run.generate("Country of Paris? (0)", max_new_tokens=1)  # the adapter loaded by peft again
+    assert not [w for w in recwarn if "is_gradient_checkpointing" in str(w.message)], [str(w.message) for w in recwarn]
+    assert warnings.filters == before
+    with pytest.warns(FutureWarning, match="the user's own"):
+        warnings.warn("the user's own", FutureWarning)

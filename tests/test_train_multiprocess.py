@@ -109,8 +109,11 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path, tiny_model_d
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", str(data), "--base", str(tiny_model_dir), "--out", str(one),
                  "--batch-size", "8", *ARGS]) == 0
-    finish(launch("train", str(data), "--base", str(tiny_model_dir), "--out", str(two),
-                  "--batch-size", "2", "--grad-accum", "2", *ARGS))
+    log = finish(launch("train", str(data), "--base", str(tiny_model_dir), "--out", str(two),
+                        "--batch-size", "2", "--grad-accum", "2", *ARGS))
+    # One process speaks for the run: the data check, held-out losses and the last line once each.
+    assert log.count("Data check of") == 1, log[-3000:]
+    assert log.count("step 0: held-out loss") == 1 and log.count("Run saved in") == 1, log[-3000:]
 
     # Each process accumulates 2 micro-batches of 2: 8 examples a step, as the single process.
     single = losses(one)

@@ -1,7 +1,10 @@
 """The `tunelab` command: one sub-command per pipeline stage.
 
-Heavy libraries are imported inside the functions that need them, so `--help` is instant.
-A UserError (bad data, path or flag) prints one line per problem and exits with code 2.
+Each command is a function and one typed options model (`COMMANDS`, at the end): its flags are
+built from the model's fields (`add_flags`), so a default, a choice or a bound is written once
+and the model validates what the flags give. Shared options live in config.py; the rest beside
+their command. Heavy libraries are imported inside the functions that need them, so `--help` is
+instant. A UserError (bad data, path or flag) prints one line per problem and exits with code 2.
 """
 
 from __future__ import annotations
@@ -10,158 +13,229 @@ import argparse
 import json
 import os
 import sys
+import types
 import typing
-import warnings
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any
 
-from tunelab.config import DataOptions, Precision, TrainConfig
-from tunelab.errors import UserError, check_output_file, check_output_folder
+from pydantic import Field
+from pydantic_core import PydanticUndefined
+
+from tunelab.config import (Arg, DataOptions, EndpointAccess, GenerationPrecision, Method, NoCopyConstraint, Options,
+                            RunFolder, TeacherOptions, TrainConfig)
+from tunelab.errors import UserError, check_output_file, check_output_folder, hide_known_warnings
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
+class DemoOptions(Options):
+    out: str = "runs/demo"
+    """run folder"""
+    examples: int = Field(1200, ge=1)
+    """examples to generate"""
+    method: Method = "full"
+    """fine-tuning method"""
+    max_steps: int = Field(100, ge=1)
+    """optimizer steps of 8 examples (100 take about 6 minutes on 2 CPU cores)"""
+    eval_limit: int = Field(100, ge=1)
+    """held-out examples to evaluate"""
+
+
+def cmd_demo(o: DemoOptions) -> None:
     from tunelab.demo import run_demo
 
-    run_demo(Path(args.out), examples=args.examples, method=args.method, max_steps=args.max_steps,
-             eval_limit=args.eval_limit)
+    run_demo(Path(o.out), examples=o.examples, method=o.method, max_steps=o.max_steps, eval_limit=o.eval_limit)
 
 
-def cmd_data_check(args: argparse.Namespace) -> None:
+class DataCheckOptions(Options):
+    data: Annotated[str, Arg(positional=True)]
+    """JSONL, CSV or Parquet file"""
+    base: str | None = None
+    """also run the token-level checks with this base model's tokenizer and template"""
+    out: str | None = None
+    """save the report here (data_check.json, length histogram)"""
+
+
+def cmd_data_check(o: DataCheckOptions, flags: dict[str, Any]) -> None:
     from tunelab.data.check import cli_check
 
-    if args.out:
-        check_output_folder(Path(args.out), "--out")
-    flags = config_flags(args, DataOptions)
+    if o.out:
+        check_output_folder(Path(o.out), "--out")
     options = DataOptions.build(flags=flags, **flags)
-    cli_check(Path(args.data), options, args.base, Path(args.out) if args.out else None)
+    cli_check(Path(o.data), options, o.base, Path(o.out) if o.out else None)
 
 
-def teacher_from_args(args: argparse.Namespace, shots: str | None):
+def teacher_from_options(o: TeacherOptions, shots: str | None):
     from tunelab.teacher.ask import Teacher
     from tunelab.teacher.label import read_shots
     from tunelab.teacher.schema import read_schema
 
-    return Teacher(url=args.teacher, model=args.model, system=args.system,
+    return Teacher(url=o.teacher, model=o.model, system=o.system,
                    shots=read_shots(Path(shots)) if shots else [],
-                   schema=read_schema(Path(args.json_schema)) if args.json_schema else None,
-                   concurrency=args.concurrency, timeout=args.timeout, retries=args.retries)
+                   schema=read_schema(Path(o.json_schema)) if o.json_schema else None,
+                   concurrency=o.concurrency, timeout=o.timeout, retries=o.retries)
 
 
-def api_key_from_args(args: argparse.Namespace) -> str | None:
+def api_key_from_options(o: EndpointAccess) -> str | None:
     from tunelab.client import api_key
 
-    return api_key(args.api_key_env, Path(args.api_key_file) if args.api_key_file else None)
+    return api_key(o.api_key_env, Path(o.api_key_file) if o.api_key_file else None)
 
 
-def cmd_data_label(args: argparse.Namespace) -> None:
+class LabelOptions(TeacherOptions):
+    inputs: Annotated[str, Arg(positional=True)]
+    """a .txt file (one input per line), or JSONL, CSV or Parquet rows in any accepted shape (answers not needed)"""
+    examples: Annotated[str | None, Arg(metavar="FILE")] = None
+    """few-shot examples: rows with answers"""
+
+
+def cmd_data_label(o: LabelOptions) -> None:
     from tunelab.teacher.label import cli_label
 
-    cli_label(Path(args.inputs), teacher_from_args(args, args.examples), Path(args.out), args.allow_remote,
-              api_key_from_args(args))
+    cli_label(Path(o.inputs), teacher_from_options(o, o.examples), Path(o.out), o.allow_remote, api_key_from_options(o))
 
 
-def cmd_data_synth(args: argparse.Namespace) -> None:
+class SynthOptions(TeacherOptions):
+    examples: Annotated[str, Arg(metavar="FILE")]
+    """example inputs (.txt, one per line, or data rows; rows with answers also serve as few-shot examples for
+    labelling)"""
+    n: int = Field(ge=1)
+    """number of new inputs to write and label"""
+    seed: int = Field(0, ge=0)
+    """seed for the examples shown in each request"""
+
+
+def cmd_data_synth(o: SynthOptions) -> None:
     from tunelab.teacher.synth import cli_synth
 
     # synth's --examples are inputs; cli_synth makes their answers, if they have any, few-shot examples.
-    cli_synth(Path(args.examples), args.n, teacher_from_args(args, None), Path(args.out), args.allow_remote, args.seed,
-              api_key_from_args(args))
+    cli_synth(Path(o.examples), o.n, teacher_from_options(o, None), Path(o.out), o.allow_remote, o.seed,
+              api_key_from_options(o))
 
 
-def cmd_data_review(args: argparse.Namespace) -> None:
+class ReviewOptions(Options):
+    file: Annotated[str, Arg(positional=True)]
+    """data file of pairs (e.g. the output of `tunelab data label`)"""
+    out: Annotated[str, Arg(metavar="FILE")]
+    """reviewed training file to write (.jsonl)"""
+
+
+def cmd_data_review(o: ReviewOptions) -> None:
     from tunelab.data.review import cli_review
 
-    cli_review(Path(args.file), Path(args.out))
+    cli_review(Path(o.file), Path(o.out))
 
 
-def add_teacher_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher", required=True, metavar="URL",
-                        help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1 (loopback or private "
-                             "addresses only, unless --allow-remote)")
-    parser.add_argument("--model", required=True, metavar="NAME", help="model name sent to the teacher")
-    parser.add_argument("--system", default=None, metavar="TEXT", help="system prompt for the teacher")
-    parser.add_argument("--json-schema", default=None, metavar="FILE",
-                        help="JSON schema every answer must match (asked as structured output, checked locally)")
-    parser.add_argument("--concurrency", type=int, default=4, metavar="N", help="requests in flight (default: 4)")
-    parser.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
-                        help="seconds to wait for one answer before retrying (default: 120)")
-    parser.add_argument("--retries", type=int, default=5, metavar="N",
-                        help="retries of a request on 429, 5xx, timeouts (default: 5)")
-    add_endpoint_access_flags(parser, "a teacher")
-    parser.add_argument("--out", required=True, metavar="FILE", help="training file to write (.jsonl)")
+class TrainOptions(Options):
+    """What `tunelab train` takes besides the TrainConfig (whose flags it also has)."""
+
+    data: Annotated[str, Arg(positional=True)]
+    """JSONL, CSV or Parquet file of examples"""
+    out: str | None = None
+    """run folder (default: runs/<data>-<time>)"""
+    config: str | None = None
+    """YAML file of the options below; flags override it"""
+    overwrite: bool = False
+    """replace a run already in --out"""
+    resume: bool = False
+    """continue the run in --out from its newest complete checkpoint (see --save-every); options not given are
+    those of the run"""
+    force: bool = False
+    """with --resume: continue even though the data or options changed since the checkpoint"""
 
 
-def add_endpoint_access_flags(parser: argparse.ArgumentParser, what: str) -> None:
-    """--allow-remote and where the API key comes from: never a flag's value, which the shell
-    history and the process list would show."""
-    parser.add_argument("--allow-remote", action="store_true",
-                        help=f"allow {what} outside this machine and its private network (your data leaves home)")
-    parser.add_argument("--api-key-env", default=None, metavar="NAME",
-                        help="environment variable holding the API key, sent as 'Authorization: Bearer' "
-                             "(default: TUNELAB_API_KEY, else OPENAI_API_KEY, if set)")
-    parser.add_argument("--api-key-file", default=None, metavar="FILE", help="file holding the API key")
-
-
-def cmd_train(args: argparse.Namespace) -> None:
-    flags = config_flags(args, TrainConfig)
-    if args.resume and not args.out:
+def cmd_train(o: TrainOptions, flags: dict[str, Any]) -> None:
+    if o.resume and not o.out:
         raise UserError("--resume needs --out RUN, the run folder to continue")
     # A resumed run starts from its own options; flags given now override them (and are checked).
-    saved = Path(args.out) / "config.yaml" if args.resume else None
-    config_file = args.config or (saved if saved and saved.exists() else None)
+    saved = Path(o.out) / "config.yaml" if o.resume else None
+    config_file = o.config or (saved if saved and saved.exists() else None)
     # Checked before training's heavy imports, so a mistyped option fails at once.
     config = TrainConfig.from_yaml(config_file, **flags) if config_file else TrainConfig.build(flags=flags, **flags)
-    from tunelab.train.loop import default_out, train
+    from tunelab.train.loop import default_out, is_main_process, train
 
-    out = Path(args.out) if args.out else default_out(Path(args.data))
-    train(config, Path(args.data), out, overwrite=args.overwrite, resume=args.resume, force=args.force)
-    print(f"Run saved in {out}. Next: tunelab eval {out}")
+    out = Path(o.out) if o.out else default_out(Path(o.data))
+    train(config, Path(o.data), out, overwrite=o.overwrite, resume=o.resume, force=o.force)
+    if is_main_process():
+        print(f"Run saved in {out}. Next: tunelab eval {out}")
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
+class EvalOptions(EndpointAccess):
+    run: RunFolder
+    data: str | None = None
+    """evaluate this labelled file (any accepted shape) instead of the run's held-out split"""
+    limit: int | None = Field(None, ge=1)
+    """evaluate only the first N examples"""
+    shots: int = Field(3, ge=0)
+    """training examples in the few-shot and retrieval prompts; 0 skips both"""
+    no_retrieval: bool = False
+    """skip the retrieval contender"""
+    no_base: bool = False
+    """skip the base model's contenders"""
+    contender: Annotated[list[str], Arg(metavar="NAME=URL[#MODEL]")] = []
+    """also ask a model behind an OpenAI-compatible endpoint (repeatable)"""
+    contender_model: str | None = None
+    """model name for contenders whose URL has no #MODEL"""
+    assertions: Annotated[str | None, Arg(metavar="FILE")] = None
+    """YAML rules (regex, must_contain, must_not_contain, json_schema) or a Python file with check(prompt, answer),
+    applied to every answer"""
+    forgetting: Annotated[str | None, Arg(metavar="FILE")] = None
+    """multiple-choice JSONL for the forgetting check (default: the bundled questions)"""
+    no_forgetting: bool = False
+    """skip the forgetting check"""
+    judge: Annotated[str | None, Arg(metavar="URL[#MODEL]")] = None
+    """grade answers against references with a model behind an OpenAI-compatible endpoint"""
+    judge_model: str | None = None
+    """model name for --judge when its URL has no #MODEL"""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """token limit per answer (default: 1.5 times the longest reference, at most 512)"""
+    batch_size: int = Field(32, ge=1)
+    """prompts per batch"""
+    no_copy_constraint: NoCopyConstraint = False
+    precision: GenerationPrecision = None
+
+
+def cmd_eval(o: EvalOptions) -> None:
     from tunelab.evaluate.core import format_report
     from tunelab.evaluate.endpoint import Endpoint
     from tunelab.evaluate.forgetting import DEFAULT_QUESTIONS
     from tunelab.report.html import write_report
     from tunelab.run import Run
 
-    key = api_key_from_args(args) if args.contender or args.judge else None
-    endpoints = [Endpoint.contender(spec, args.contender_model, key) for spec in args.contender]
+    key = api_key_from_options(o) if o.contender or o.judge else None
+    endpoints = [Endpoint.contender(spec, o.contender_model, key) for spec in o.contender]
     names = [e.name for e in endpoints]
     taken = [n for n in names if names.count(n) > 1 or n in ("zero-shot", "few-shot", "retrieval", "tuned")]
     if taken:
         raise UserError(f"--contender {taken[0]}=...: the name is already taken; choose another NAME")
-    judge = Endpoint.judge(args.judge, args.judge_model, key) if args.judge else None
+    judge = Endpoint.judge(o.judge, o.judge_model, key) if o.judge else None
     for endpoint in [*endpoints, *([judge] if judge else [])]:
-        endpoint.check(args.allow_remote)
-    run = Run(args.run, args.precision)
+        endpoint.check(o.allow_remote)
+    run = Run(o.run, o.precision)
     check_output_file(run.files.eval, "the results file")  # written at the end: check before the work
     results = run.evaluate(
-        limit=args.limit, include_base=not args.no_base, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, data=Path(args.data) if args.data else None, shots=args.shots,
-        retrieval=not args.no_retrieval, endpoints=endpoints, assertions=args.assertions and Path(args.assertions),
-        forgetting=None if args.no_forgetting else Path(args.forgetting or DEFAULT_QUESTIONS), judge=judge,
-        copy_constraint=not args.no_copy_constraint,
+        limit=o.limit, include_base=not o.no_base, max_new_tokens=o.max_new_tokens,
+        batch_size=o.batch_size, data=Path(o.data) if o.data else None, shots=o.shots,
+        retrieval=not o.no_retrieval, endpoints=endpoints, assertions=o.assertions and Path(o.assertions),
+        forgetting=None if o.no_forgetting else Path(o.forgetting or DEFAULT_QUESTIONS), judge=judge,
+        copy_constraint=not o.no_copy_constraint,
     )
     print(format_report(results))
     print(f"\nResults saved in {run.files.eval}; report written to {write_report(run.path)}")
 
 
-def non_negative_int(text: str) -> int:
-    """An argparse type: a whole number of at least 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 0")
-    return value
+class ReportOptions(Options):
+    runs: Annotated[list[str], Arg(positional=True, metavar="RUN")]
+    """run folder(s)"""
+    out: str | None = None
+    """HTML file to write (default: RUN/report.html for one run; for several, comparison.html in the current
+    folder, each run's report.html rebuilt too)"""
 
 
-def cmd_report(args: argparse.Namespace) -> None:
+def cmd_report(o: ReportOptions) -> None:
     from tunelab.report.html import COMPARISON_FILE, write_comparison, write_report
 
-    runs, out = [Path(run) for run in args.runs], Path(args.out) if args.out else None
+    runs, out = [Path(run) for run in o.runs], Path(o.out) if o.out else None
     path = write_report(runs[0], out) if len(runs) == 1 else write_comparison(runs, out or Path(COMPARISON_FILE))
     for run in runs:
         if not (run / "eval.json").exists():
@@ -170,34 +244,48 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"Report written to {path}")
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
+class GenerateOptions(Options):
+    run: RunFolder
+    prompt: str | None = None
+    """one prompt"""
+    input: str | None = None
+    """a .txt file (one prompt per line), or JSONL, CSV or Parquet rows in any accepted shape"""
+    output: str | None = None
+    """write JSON lines here instead of standard output"""
+    max_new_tokens: int = Field(256, ge=1)
+    """token limit per answer"""
+    no_copy_constraint: NoCopyConstraint = False
+    precision: GenerationPrecision = None
+
+
+def cmd_generate(o: GenerateOptions) -> None:
     """Answers go out one JSON line each, in input order, as soon as they are made, so an
     interrupted run keeps every answer written; every path is checked before the model loads."""
     from tunelab.run import Run
     from tunelab.runfolder import RunFiles
     from tunelab.teacher.label import read_inputs
 
-    if (args.prompt is None) == (args.input is None):
+    if (o.prompt is None) == (o.input is None):
         raise UserError("tunelab generate: pass exactly one of --prompt TEXT or --input FILE")
-    if args.output is not None:
-        if args.input is None:
+    if o.output is not None:
+        if o.input is None:
             raise UserError("--output goes with --input FILE; the answer to --prompt is printed")
-        check_output_file(Path(args.output), "--output")
-        if Path(args.output).resolve() == Path(args.input).resolve():
-            raise UserError(f"--output {args.output}: is the --input file; choose another --output")
-    RunFiles(Path(args.run)).check()
+        check_output_file(Path(o.output), "--output")
+        if Path(o.output).resolve() == Path(o.input).resolve():
+            raise UserError(f"--output {o.output}: is the --input file; choose another --output")
+    RunFiles(Path(o.run)).check()
     # A .txt file holds one prompt per line, as for `tunelab data label`.
-    inputs = read_inputs(Path(args.input)) if args.input is not None else []
-    run = Run(args.run, args.precision)
-    if args.prompt is not None:
-        print(run.generate(args.prompt, max_new_tokens=args.max_new_tokens, copy_constraint=not args.no_copy_constraint))
+    inputs = read_inputs(Path(o.input)) if o.input is not None else []
+    run = Run(o.run, o.precision)
+    if o.prompt is not None:
+        print(run.generate(o.prompt, max_new_tokens=o.max_new_tokens, copy_constraint=not o.no_copy_constraint))
         return
     from tunelab.decoding.generate import generate_answers
 
     answers = generate_answers(run.model(), run.template, (conversation for _, conversation in inputs),
-                               max_new_tokens=args.max_new_tokens, copying=run.copy_rule(not args.no_copy_constraint),
+                               max_new_tokens=o.max_new_tokens, copying=run.copy_rule(not o.no_copy_constraint),
                                precision=run.precision)
-    write_answers([line for line, _ in inputs], answers, Path(args.output) if args.output else None)
+    write_answers([line for line, _ in inputs], answers, Path(o.output) if o.output else None)
 
 
 def write_answers(lines: list[int], answers, output: Path | None) -> None:
@@ -231,14 +319,24 @@ def write_answers(lines: list[int], answers, output: Path | None) -> None:
     print(f"{written} answers written to {where}", file=sys.stderr)
 
 
-def cmd_chat(args: argparse.Namespace) -> None:
+class ChatOptions(Options):
+    run: RunFolder
+    system: str | None = None
+    """system message"""
+    max_new_tokens: int = Field(512, ge=1)
+    """token limit per reply"""
+    no_copy_constraint: NoCopyConstraint = False
+    precision: GenerationPrecision = None
+
+
+def cmd_chat(o: ChatOptions) -> None:
     from tunelab.decoding.generate import stream_reply
     from tunelab.run import Run
 
-    run = Run(args.run, args.precision)
+    run = Run(o.run, o.precision)
     model = run.model()
-    copying = run.copy_rule(not args.no_copy_constraint)
-    conversation = [{"role": "system", "content": args.system}] if args.system else []
+    copying = run.copy_rule(not o.no_copy_constraint)
+    conversation = [{"role": "system", "content": o.system}] if o.system else []
     print("Chatting with the fine-tuned model. Ctrl-C stops a reply; an empty line, Ctrl-D or Ctrl-C "
           "at the prompt leaves.", file=sys.stderr)
     while True:
@@ -253,7 +351,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         print("model> ", end="", flush=True)
         reply = ""
         try:
-            for piece in stream_reply(model, run.template, conversation, args.max_new_tokens, copying=copying,
+            for piece in stream_reply(model, run.template, conversation, o.max_new_tokens, copying=copying,
                                       precision=run.precision):
                 reply += piece
                 print(piece, end="", flush=True)
@@ -268,78 +366,124 @@ def cmd_chat(args: argparse.Namespace) -> None:
             conversation.pop()
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
+class ServeCommandOptions(Options):
+    runs: Annotated[list[str], Arg(positional=True, metavar="RUN")]
+    """run folders; each is served as the model named by its folder"""
+    host: str = "127.0.0.1"
+    """address to bind (any but loopback needs --api-key)"""
+    port: int = Field(8000, ge=0, le=65535)
+    """port (0 picks a free one)"""
+    api_key: str | None = None
+    """key clients send as `Authorization: Bearer KEY` (visible in ps: prefer --api-key-file or $TUNELAB_API_KEY)"""
+    api_key_file: Annotated[str | None, Arg(metavar="FILE")] = None
+    """file whose first line is the API key"""
+    cors_origin: Annotated[list[str], Arg(metavar="ORIGIN")] = []
+    """let web pages of this origin (https://app.example.com) call the API; repeatable"""
+    max_queue: int = Field(32, ge=1)
+    """requests waiting or answered at once; more get 429"""
+    batch_size: int = Field(8, ge=1)
+    """most requests answered by one batched generation"""
+    rules: str | None = None
+    """YAML moderation rules: input/output words and patterns"""
+    no_copy_constraint: NoCopyConstraint = False
+    precision: GenerationPrecision = None
+
+
+def cmd_serve(o: ServeCommandOptions) -> None:
     from tunelab.serve.app import ServeOptions, serve
 
-    serve(ServeOptions(runs=[Path(r) for r in args.runs], host=args.host, port=args.port, api_key=args.api_key,
-                       api_key_file=Path(args.api_key_file) if args.api_key_file else None,
-                       cors_origins=args.cors_origin, max_queue=args.max_queue, batch_size=args.batch_size,
-                       rules=Path(args.rules) if args.rules else None, copy_constraint=not args.no_copy_constraint,
-                       precision=args.precision))
+    serve(ServeOptions(runs=[Path(r) for r in o.runs], host=o.host, port=o.port, api_key=o.api_key,
+                       api_key_file=Path(o.api_key_file) if o.api_key_file else None, cors_origins=o.cors_origin,
+                       max_queue=o.max_queue, batch_size=o.batch_size, rules=Path(o.rules) if o.rules else None,
+                       copy_constraint=not o.no_copy_constraint, precision=o.precision))
 
 
-def cmd_export(args: argparse.Namespace) -> None:
+class ExportOptions(Options):
+    run: RunFolder
+    format: Annotated[str, Arg(metavar="{merged,gguf,ollama}")]
+    """merged: Hugging Face folder; gguf: llama.cpp file; ollama: GGUF and Modelfile"""
+    out: str
+    """new folder to write (refused if it exists)"""
+    dtype: Annotated[str | None, Arg(metavar="{f32,f16,q8_0}")] = None
+    """weights (default: f32 for merged, f16 for gguf and ollama; q8_0 is GGUF only)"""
+
+
+def cmd_export(o: ExportOptions) -> None:
     from tunelab.export import export
     from tunelab.export.ollama import ollama_name
 
-    out = export(args.run, args.format, args.out, dtype=args.dtype)
-    print(f"Exported {args.run} as {args.format} to {out}; see {out / 'README.md'}")
-    if args.format == "ollama":
+    out = export(o.run, o.format, o.out, dtype=o.dtype)
+    print(f"Exported {o.run} as {o.format} to {out}; see {out / 'README.md'}")
+    if o.format == "ollama":
         print(f"Import it: ollama create {ollama_name(out)} -f {out / 'Modelfile'}")
 
 
-def add_config_flags(parser, model: type[DataOptions], exclude: Collection[str] = ()) -> None:
-    """A flag for every field of `model` (`max_steps` -> `--max-steps`), its help the field's
-    docstring and its choices the field's. Values stay strings for the model to validate (one
-    kind of error message for YAML and flags alike); defaults are left out of the namespace, so
-    a flag overrides the YAML config only when it is given."""
+# ----------------------------------------------------------------------------- flags from options
+
+def add_flags(parser, model: type[Options], exclude: Collection[str] = (), negatable: bool = False) -> None:
+    """An argument for every field of `model` (`max_steps` -> `--max-steps`, an `Arg(positional=True)`
+    field by position), its help the field's docstring and its choices the field's `Literal`. A
+    field without a default is a required flag. Values stay strings for the model to validate
+    (one kind of error message for YAML and flags alike); defaults are left out of the namespace,
+    so the model's default applies, and a flag overrides a YAML config only when it is given. A
+    yes/no field is a switch (`--overwrite`); with `negatable` (options a YAML file may have
+    turned on) it also has its `--no-` form."""
     for name, field in model.model_fields.items():
         if name in exclude:
             continue
+        arg = next((m for m in field.metadata if isinstance(m, Arg)), Arg())
+        listed = typing.get_origin(field.annotation) is list
+        help = (field.description or "").replace("%", "%%")
+        if arg.positional:
+            parser.add_argument(name, nargs="+" if listed else None, metavar=arg.metavar, help=help)
+            continue
         flag = "--" + name.replace("_", "-")
         if field.annotation is bool:
-            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, action=argparse.BooleanOptionalAction,
-                                help=f"{field.description} (default: {'on' if field.default else 'off'})")
+            if negatable:
+                parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, action=argparse.BooleanOptionalAction,
+                                    help=f"{help} (default: {'on' if field.default else 'off'})")
+            else:
+                parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, action="store_true", help=help)
             continue
-        choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else ()
-        metavar = "{" + ",".join(choices) + "}" if choices else name.upper()
+        choices = literal_choices(field.annotation)
+        metavar = arg.metavar or ("{" + ",".join(choices) + "}" if choices else name.upper())
         # A default of None is explained in the description ("default 1e-3 for LoRA ...").
-        default = f" (default: {field.default})" if field.default is not None else ""
+        shown = field.default not in (None, PydanticUndefined) and not listed
         parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar=metavar,
-                            help=field.description + default)
+                            required=field.is_required(), action="append" if listed else "store",
+                            help=help + (f" (default: {field.default})" if shown else ""))
 
 
-def config_flags(args: argparse.Namespace, model: type[DataOptions]) -> dict[str, typing.Any]:
-    """The fields of `model` given as flags."""
+def literal_choices(annotation) -> tuple[str, ...]:
+    """The values of a `Literal[...]` annotation, or of `Literal[...] | None`; () for any other."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return next(filter(None, map(literal_choices, typing.get_args(annotation))), ())
+    return typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else ()
+
+
+def add_config_flags(parser, config: type[DataOptions]) -> None:
+    """The flags of the run's options: the data options (as `tunelab data check` has them), and
+    for training the rest of TrainConfig in a group of their own."""
+    rest = config.model_fields.keys() - DataOptions.model_fields.keys()
+    title = "data options (as for `tunelab data check`)" if rest else "data options"
+    add_flags(parser.add_argument_group(title), DataOptions, negatable=True)
+    if rest:
+        add_flags(parser.add_argument_group("training options"), config, exclude=DataOptions.model_fields,
+                  negatable=True)
+
+
+def config_flags(args: argparse.Namespace, model: type[Options]) -> dict[str, typing.Any]:
+    """The fields of `model` given as flags (or arguments)."""
     return {name: getattr(args, name) for name in model.model_fields if hasattr(args, name)}
 
 
-def add_copy_flag(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--no-copy-constraint", action="store_true",
-                        help=f"let {what} hold any value in the fields that the training data copies from the input "
-                             "(by default such values stay substrings of the input; the data check lists the fields)")
-
-
-def add_precision_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--precision", choices=typing.get_args(Precision), default=None,
-                        help="arithmetic of generation: bf16 (matmuls in bf16, as in mixed-precision training; "
-                             "generation about 2x faster on CPUs with AVX512-BF16) or fp32; auto picks bf16 where "
-                             "the hardware computes it natively (default: the run's --precision setting)")
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
-    return value
-
-
 class Parser(argparse.ArgumentParser):
-    """A flag mistake is one line like any other user error (sub-commands inherit this class)."""
+    """A flag mistake is one line like any other user error (sub-commands inherit this class).
+    A flag is spelled in full: an abbreviation (`--epoch` for `--epochs`) is an unknown flag."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def parse_known_args(self, args=None, namespace=None):
         namespace, extras = super().parse_known_args(args, namespace)
@@ -353,180 +497,119 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"tunelab: error: {command}{message}; see `{self.prog} --help`\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="tunelab", description="Fine-tune small language models locally.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+# ----------------------------------------------------------------------------- the commands
 
-    demo = commands.add_parser("demo", help="fine-tune smollm2-135m on the bundled example task and compare")
-    demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
-    demo.add_argument("--examples", type=positive_int, default=1200, help="examples to generate (default: 1200)")
-    demo.add_argument("--method", choices=("lora", "full"), default="full", help="fine-tuning method (default: full)")
-    demo.add_argument("--max-steps", type=positive_int, default=100,
-                      help="optimizer steps of 8 examples (default: 100, about 6 minutes on 2 CPU cores)")
-    demo.add_argument("--eval-limit", type=positive_int, default=100,
-                      help="held-out examples to evaluate (default: 100)")
-    demo.set_defaults(func=cmd_demo)
+@dataclass(frozen=True)
+class Command:
+    """A sub-command: the function that does it, called with its validated options."""
 
-    data = commands.add_parser("data", help="check a data file before training; label, grow and review data")
-    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    check = data_commands.add_parser(
-        "check", help="find format errors, token-level problems, duplicates and leakage before training",
-        description="Check a data file as `tunelab train` would, print a summary and list every problem. "
-                    "Exit code 2 if there is an error.")
-    check.add_argument("data", help="JSONL, CSV or Parquet file")
-    check.add_argument("--base", default=None,
-                       help="also run the token-level checks with this base model's tokenizer and template")
-    add_config_flags(check, DataOptions)
-    check.add_argument("--out", default=None,
-                       help="save the report here (data_check.json, length histogram)")
-    check.set_defaults(func=cmd_data_check)
+    run: Callable[..., None]
+    options: type[Options]
+    help: str
+    description: str | None = None
+    config: type[DataOptions] | None = None
+    """Run options the command also takes as flags; `run` gets those given, as a dict, to
+    validate with what else it reads (train: the YAML config)."""
 
-    label = data_commands.add_parser(
-        "label", help="answer inputs with a bigger model (the teacher) and write a training file",
-        description="Send each input to an OpenAI-compatible endpoint with your system prompt and few-shot "
-                    "examples; write the answers as a chat training file in input order. Answers are cached "
-                    "beside --out, so a run stopped at any point and started again asks nothing twice.")
-    label.add_argument("inputs", help="a .txt file (one input per line), or JSONL, CSV or Parquet rows in any "
-                                      "accepted shape (answers not needed)")
-    label.add_argument("--examples", default=None, metavar="FILE", help="few-shot examples: rows with answers")
-    add_teacher_flags(label)
-    label.set_defaults(func=cmd_data_label)
 
-    synth = data_commands.add_parser(
-        "synth", help="grow a handful of example inputs into N new ones with the teacher, then label them",
-        description="Ask the teacher for new inputs in the style of the examples, drop near duplicates (as the "
-                    "data check finds them), then label the first N as `tunelab data label` does.")
-    synth.add_argument("--examples", required=True, metavar="FILE",
-                       help="example inputs (.txt, one per line, or data rows; rows with answers also serve "
-                            "as few-shot examples for labelling)")
-    synth.add_argument("--n", type=int, required=True, help="number of new inputs to write and label")
-    synth.add_argument("--seed", type=int, default=0, help="seed for the examples shown in each request (default: 0)")
-    add_teacher_flags(synth)
-    synth.set_defaults(func=cmd_data_synth)
+@dataclass(frozen=True)
+class CommandGroup:
+    help: str
+    commands: dict[str, Command]
 
-    review = data_commands.add_parser(
-        "review", help="accept, edit or reject each pair in the terminal, then check the reviewed file",
-        description="Show each pair; [a]ccept, [e]dit ($EDITOR, or type the answer), [r]eject or [q]uit. "
-                    "Decisions are saved as you go: run the same command again to continue.")
-    review.add_argument("file", help="data file of pairs (e.g. the output of `tunelab data label`)")
-    review.add_argument("--out", required=True, metavar="FILE", help="reviewed training file to write (.jsonl)")
-    review.set_defaults(func=cmd_data_review)
 
-    train = commands.add_parser("train", help="fine-tune a base model on a data file")
-    train.add_argument("data", help="JSONL, CSV or Parquet file of examples")
-    train.add_argument("--out", default=None, help="run folder (default: runs/<data>-<time>)")
-    train.add_argument("--config", default=None, help="YAML file of the options below; flags override it")
-    train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    train.add_argument("--resume", action="store_true",
-                       help="continue the run in --out from its newest complete checkpoint (see --save-every); "
-                            "options not given are those of the run")
-    train.add_argument("--force", action="store_true",
-                       help="with --resume: continue even though the data or options changed since the checkpoint")
-    add_config_flags(train.add_argument_group("data options (as for `tunelab data check`)"), DataOptions)
-    add_config_flags(train.add_argument_group("training options"), TrainConfig, exclude=DataOptions.model_fields)
-    train.set_defaults(func=cmd_train)
-
-    evaluate = commands.add_parser(
-        "eval", help="compare the fine-tuned model with prompting the base model, and other models",
+COMMANDS: dict[str, Command | CommandGroup] = {
+    "demo": Command(cmd_demo, DemoOptions, "fine-tune smollm2-135m on the bundled example task and compare"),
+    "data": CommandGroup("check a data file before training; label, grow and review data", {
+        "check": Command(
+            cmd_data_check, DataCheckOptions, config=DataOptions,
+            help="find format errors, token-level problems, duplicates and leakage before training",
+            description="Check a data file as `tunelab train` would, print a summary and list every problem. "
+                        "Exit code 2 if there is an error."),
+        "label": Command(
+            cmd_data_label, LabelOptions,
+            help="answer inputs with a bigger model (the teacher) and write a training file",
+            description="Send each input to an OpenAI-compatible endpoint with your system prompt and few-shot "
+                        "examples; write the answers as a chat training file in input order. Answers are cached "
+                        "beside --out, so a run stopped at any point and started again asks nothing twice."),
+        "synth": Command(
+            cmd_data_synth, SynthOptions,
+            help="grow a handful of example inputs into N new ones with the teacher, then label them",
+            description="Ask the teacher for new inputs in the style of the examples, drop near duplicates (as the "
+                        "data check finds them), then label the first N as `tunelab data label` does."),
+        "review": Command(
+            cmd_data_review, ReviewOptions,
+            help="accept, edit or reject each pair in the terminal, then check the reviewed file",
+            description="Show each pair; [a]ccept, [e]dit ($EDITOR, or type the answer), [r]eject or [q]uit. "
+                        "Decisions are saved as you go: run the same command again to continue."),
+    }),
+    "train": Command(cmd_train, TrainOptions, "fine-tune a base model on a data file", config=TrainConfig),
+    "eval": Command(
+        cmd_eval, EvalOptions, help="compare the fine-tuned model with prompting the base model, and other models",
         description="Answer the held-out examples (or --data) with the base model zero-shot, few-shot and with "
                     "retrieved examples, the fine-tuned model and any --contender; print and save the metrics "
-                    "with 95% intervals, error buckets, cost per request and a forgetting check.")
-    evaluate.add_argument("run", help="run folder")
-    evaluate.add_argument("--data", default=None, help="evaluate this labelled file (any accepted shape) "
-                                                       "instead of the run's held-out split")
-    evaluate.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N examples")
-    evaluate.add_argument("--shots", type=non_negative_int, default=3,
-                          help="training examples in the few-shot and retrieval prompts; 0 skips both (default: 3)")
-    evaluate.add_argument("--no-retrieval", action="store_true", help="skip the retrieval contender")
-    evaluate.add_argument("--no-base", action="store_true", help="skip the base model's contenders")
-    evaluate.add_argument("--contender", action="append", default=[], metavar="NAME=URL[#MODEL]",
-                          help="also ask a model behind an OpenAI-compatible endpoint (repeatable)")
-    evaluate.add_argument("--contender-model", default=None, help="model name for contenders whose URL has no #MODEL")
-    evaluate.add_argument("--assertions", default=None, metavar="FILE",
-                          help="YAML rules (regex, must_contain, must_not_contain, json_schema) or a Python file "
-                               "with check(prompt, answer), applied to every answer")
-    evaluate.add_argument("--forgetting", default=None, metavar="FILE",
-                          help="multiple-choice JSONL for the forgetting check (default: the bundled questions)")
-    evaluate.add_argument("--no-forgetting", action="store_true", help="skip the forgetting check")
-    evaluate.add_argument("--judge", default=None, metavar="URL[#MODEL]",
-                          help="grade answers against references with a model behind an OpenAI-compatible endpoint")
-    evaluate.add_argument("--judge-model", default=None, help="model name for --judge when its URL has no #MODEL")
-    add_endpoint_access_flags(evaluate, "a --contender or --judge")
-    evaluate.add_argument("--max-new-tokens", type=positive_int, default=None,
-                          help="token limit per answer (default: 1.5 times the longest reference, at most 512)")
-    evaluate.add_argument("--batch-size", type=positive_int, default=32, help="prompts per batch (default: 32)")
-    add_copy_flag(evaluate, "the local contenders' answers")
-    add_precision_flag(evaluate)
-    evaluate.set_defaults(func=cmd_eval)
-
-    report = commands.add_parser("report", help="write a run's HTML report, or compare several runs side by side")
-    report.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s)")
-    report.add_argument("--out", default=None,
-                        help="HTML file to write (default: RUN/report.html for one run; for several, "
-                             "comparison.html in the current folder, each run's report.html rebuilt too)")
-    report.set_defaults(func=cmd_report)
-
-    generate = commands.add_parser("generate", help="answer a prompt or a file of prompts with the fine-tuned model")
-    generate.add_argument("run", help="run folder")
-    generate.add_argument("--prompt", default=None, help="one prompt")
-    generate.add_argument("--input", default=None,
-                          help="a .txt file (one prompt per line), or JSONL, CSV or Parquet rows in any accepted shape")
-    generate.add_argument("--output", default=None, help="write JSON lines here instead of standard output")
-    generate.add_argument("--max-new-tokens", type=positive_int, default=256)
-    add_copy_flag(generate, "answers")
-    add_precision_flag(generate)
-    generate.set_defaults(func=cmd_generate)
-
-    chat = commands.add_parser("chat", help="talk to the fine-tuned model, streaming")
-    chat.add_argument("run", help="run folder")
-    chat.add_argument("--system", default=None, help="system message")
-    chat.add_argument("--max-new-tokens", type=positive_int, default=512)
-    add_copy_flag(chat, "replies")
-    add_precision_flag(chat)
-    chat.set_defaults(func=cmd_chat)
-
-    serve = commands.add_parser("serve", help="OpenAI-compatible server and chat page for one or more runs")
-    serve.add_argument("runs", nargs="+", metavar="RUN", help="run folders; each is served as the model named "
-                                                              "by its folder")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; any other "
-                                                           "needs --api-key)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
-    serve.add_argument("--api-key", default=None, help="key clients send as `Authorization: Bearer KEY` "
-                                                       "(visible in ps: prefer --api-key-file or $TUNELAB_API_KEY)")
-    serve.add_argument("--api-key-file", default=None, metavar="FILE", help="file whose first line is the API key")
-    serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                       help="let web pages of this origin (https://app.example.com) call the API; repeatable")
-    serve.add_argument("--max-queue", type=positive_int, default=32,
-                       help="requests waiting or answered at once; more get 429 (default: 32)")
-    serve.add_argument("--batch-size", type=positive_int, default=8,
-                       help="most requests answered by one batched generation (default: 8)")
-    serve.add_argument("--rules", default=None, help="YAML moderation rules: input/output words and patterns")
-    add_copy_flag(serve, "answers")
-    add_precision_flag(serve)
-    serve.set_defaults(func=cmd_serve)
-
-    export = commands.add_parser("export", help="write the fine-tuned model for transformers, llama.cpp or Ollama")
-    export.add_argument("run", help="run folder")
-    export.add_argument("--format", required=True, metavar="{merged,gguf,ollama}",
-                        help="merged: Hugging Face folder; gguf: llama.cpp file; ollama: GGUF and Modelfile")
-    export.add_argument("--out", required=True, help="new folder to write (refused if it exists)")
-    export.add_argument("--dtype", metavar="{f32,f16,q8_0}", default=None,
-                        help="weights (default: f32 for merged, f16 for gguf and ollama; q8_0 is GGUF only)")
-    export.set_defaults(func=cmd_export)
-    return parser
+                    "with 95% intervals, error buckets, cost per request and a forgetting check."),
+    "report": Command(cmd_report, ReportOptions, "write a run's HTML report, or compare several runs side by side"),
+    "generate": Command(cmd_generate, GenerateOptions, "answer a prompt or a file of prompts with the fine-tuned model"),
+    "chat": Command(cmd_chat, ChatOptions, "talk to the fine-tuned model, streaming"),
+    "serve": Command(cmd_serve, ServeCommandOptions, "OpenAI-compatible server and chat page for one or more runs"),
+    "export": Command(cmd_export, ExportOptions, "write the fine-tuned model for transformers, llama.cpp or Ollama"),
+}
 
 
-KNOWN_HARMLESS_WARNINGS = [
-    # peft asks each model whether gradient checkpointing is on through the property name that
-    # transformers 5 deprecated; nothing for a tunelab user to change.
-    (FutureWarning, r"`is_gradient_checkpointing` is deprecated", r"transformers\.modeling_utils"),
-]
-"""(category, message regex, module regex) of library warnings that the CLI does not show."""
+def build_parser() -> argparse.ArgumentParser:
+    return command_parsers()["tunelab"]
 
 
-def hide_known_warnings() -> None:
-    for category, message, module in KNOWN_HARMLESS_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+def command_parsers() -> dict[str, argparse.ArgumentParser]:
+    """The parser of `tunelab` and of each sub-command, by its name (`tunelab data check`)."""
+    parser = Parser(prog="tunelab", description="Fine-tune small language models locally.")
+    return {"tunelab": parser, **add_commands(parser, COMMANDS, dest="command", metavar="COMMAND")}
+
+
+def add_commands(parser: argparse.ArgumentParser, commands: dict[str, Command | CommandGroup], dest: str,
+                 metavar: str) -> dict[str, argparse.ArgumentParser]:
+    subparsers = parser.add_subparsers(dest=dest, required=True, metavar=metavar)
+    added = {}
+    for name, command in commands.items():
+        if isinstance(command, CommandGroup):
+            group = added[f"{parser.prog} {name}"] = subparsers.add_parser(name, help=command.help)
+            added |= add_commands(group, command.commands, dest=f"{name}_command", metavar="ACTION")
+            continue
+        sub = added[f"{parser.prog} {name}"] = subparsers.add_parser(name, help=command.help,
+                                                                     description=command.description)
+        add_flags(sub, command.options)
+        if command.config:
+            add_config_flags(sub, command.config)
+        sub.set_defaults(tunelab_command=command)
+    return added
+
+
+REFERENCE_COLUMNS = 100
+"""The terminal width docs/CLI.md is written at, so that it reads the same wherever it is made."""
+
+
+def reference() -> str:
+    """docs/CLI.md: every command's `--help`, as printed at REFERENCE_COLUMNS columns."""
+    from unittest import mock
+
+    sections = ["# Command-line reference\n\nEvery command's `--help`, generated from the parser by\n"
+                "`python docs/cli_reference.py`; edit the options in the code, not here.\n"]
+    with mock.patch.dict(os.environ, {"COLUMNS": str(REFERENCE_COLUMNS)}):
+        for name, parser in command_parsers().items():
+            sections.append(f"## {name}\n\n```text\n{parser.format_help().rstrip()}\n```\n")
+    return "\n".join(sections)
+
+
+def run_command(args: argparse.Namespace) -> None:
+    """Validate the parsed arguments into the command's options and run it."""
+    command: Command = args.tunelab_command
+    given = config_flags(args, command.options)
+    options = command.options.build(flags=given, **given)
+    if command.config:
+        command.run(options, config_flags(args, command.config))
+    else:
+        command.run(options)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -535,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        args.func(args)
+        run_command(args)
     except UserError as e:
         for line in e.lines():
             print(f"tunelab: error: {line}", file=sys.stderr)

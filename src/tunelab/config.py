@@ -1,11 +1,13 @@
-"""The typed configuration of a fine-tuning run.
+"""The typed options of every command, and the configuration of a fine-tuning run.
 
-`DataOptions` says how a data file is read, split and encoded; `tunelab data check` takes
-exactly these. `TrainConfig` adds the model and training options. YAML files (`--config`) and
-command-line flags fill the same model, flags winning; pydantic validates and coerces the values
-(`lr: 1e-3`, a string to PyYAML, becomes 0.001), and every value it refuses becomes one line
-naming the option, the value and what is allowed. Each field's docstring is what
-`tunelab train --help` prints.
+Each `tunelab` command takes one options model (a subclass of `Options`); its flags are built
+from the model's fields (cli.py), so a default, a choice or a bound is written once, here or
+beside the command, and each field's docstring is the flag's `--help` line. `DataOptions` says
+how a data file is read, split and encoded; `tunelab data check` takes exactly these.
+`TrainConfig` adds the model and training options. YAML files (`--config`) and command-line
+flags fill the same model, flags winning; pydantic validates and coerces the values (`lr: 1e-3`,
+a string to PyYAML, becomes 0.001), and every value it refuses becomes one line naming the
+option, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import difflib
 import os
 import typing
 from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
@@ -32,30 +35,32 @@ Method = Literal["lora", "full"]
 Precision = Literal["auto", "fp32", "bf16"]
 
 
-class DataOptions(BaseModel):
-    """How a data file is read, split and encoded: shared by `tunelab data check` and training."""
+@dataclass(frozen=True)
+class Arg:
+    """How a field is written on the command line where its name and type do not say it
+    (`Annotated[str, Arg(positional=True)]`). A list is repeatable as a flag, one or more
+    values as a positional argument."""
+
+    positional: bool = False
+    metavar: str | None = None
+
+
+# Options several commands share, each described once.
+GenerationPrecision = Annotated[Precision | None, Field(
+    description="arithmetic of generation: bf16 (matmuls in bf16, as in mixed-precision training; generation "
+                "about 2x faster on CPUs with AVX512-BF16) or fp32; auto picks bf16 where the hardware computes "
+                "it natively (default: the run's --precision setting)")]
+NoCopyConstraint = Annotated[bool, Field(
+    description="let answers hold any value in the fields that the training data copies from the input (by "
+                "default such values stay substrings of the input; the data check lists the fields)")]
+RunFolder = Annotated[str, Arg(positional=True), Field(description="run folder")]
+
+
+class Options(BaseModel):
+    """A command's options: validated as a whole, each refused value one line naming its flag."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False,
                               validate_assignment=True)
-
-    format: Format = "auto"
-    """Shape of the data rows; 'auto' detects it from the keys ('text': raw documents)."""
-    template: TemplateName = "auto"
-    """Prompt template: 'auto' is the model's own chat template (alpaca when it has none)."""
-    test_size: float = 0.1
-    """Held-out fraction in [0, 1), or a whole count >= 1, of examples."""
-    split_by: str | None = None
-    """Split by this field of the rows, so that no value of it is on both sides (held-out data
-    that looks like the future): a key of the row such as 'id', or of its metadata, written
-    'metadata.customer'. --test-size then applies to rows, met as nearly as whole groups allow."""
-    seed: int = Field(0, ge=0)
-    """Seed for the split, data order and initialisation."""
-    max_length: int = Field(1024, ge=8)
-    """Longest example in tokens; longer ones are handled by --truncation."""
-    truncation: Truncation = "drop"
-    """What to do with examples longer than --max-length: drop them, cut them, or stop."""
-    train_on_prompt: StrictBool = False
-    """Also train on the prompt tokens, not only the response tokens."""
 
     @field_validator("*", mode="before")
     @classmethod
@@ -64,30 +69,6 @@ class DataOptions(BaseModel):
         kind = cls.model_fields[info.field_name].annotation
         if isinstance(value, bool) and {int, float} & {kind, *typing.get_args(kind)}:
             raise ValueError("must be a number, not true or false")
-        return value
-
-    @field_validator("test_size")
-    @classmethod
-    def _fraction_or_count(cls, value: float) -> float:
-        # 1.5 used to be read as a count of 1; it is more likely a mistyped fraction.
-        if value < 0 or (value >= 1 and not value.is_integer()):
-            raise ValueError("must be a fraction in [0, 1) or a whole count >= 1")
-        return value
-
-    @field_validator("split_by")
-    @classmethod
-    def _a_field_of_the_rows(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        keys = [*dict.fromkeys(k for keys in SHAPE_KEYS.values() for k in keys), *METADATA_KEYS]
-        first, *rest = value.split(".")
-        if not all(value.split(".")) or first not in keys:
-            close = difflib.get_close_matches(value, keys, n=1)
-            hint = f"'{close[0]}', " if close and close[0] != "metadata" else ""
-            raise ValueError(f"must be a field of the rows: {hint}'id', or a key of their metadata written "
-                             f"'metadata.{value.split('.')[-1] or 'KEY'}'")
-        if first == "metadata" and not rest:
-            raise ValueError("must name a key of the metadata, e.g. 'metadata.customer'")
         return value
 
     @classmethod
@@ -124,6 +105,88 @@ class DataOptions(BaseModel):
             shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
             return f"{source}: {key}: {shown} {allowed}"
         return f"{key}={value!r}: {allowed}"
+
+
+class EndpointAccess(Options):
+    """How a model behind an OpenAI-compatible endpoint is reached: --allow-remote, and where
+    the API key comes from (never a flag's value, which the shell history and `ps` would show)."""
+
+    allow_remote: bool = False
+    """allow an endpoint outside this machine and its private network (your data leaves home)"""
+    api_key_env: Annotated[str | None, Arg(metavar="NAME")] = None
+    """environment variable holding the API key, sent as 'Authorization: Bearer' (default: TUNELAB_API_KEY, else
+    OPENAI_API_KEY, if set)"""
+    api_key_file: Annotated[str | None, Arg(metavar="FILE")] = None
+    """file holding the API key"""
+
+
+class TeacherOptions(EndpointAccess):
+    """How `tunelab data label` and `data synth` reach and prompt the teacher."""
+
+    teacher: Annotated[str, Arg(metavar="URL")]
+    """OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1 (loopback or private addresses only,
+    unless --allow-remote)"""
+    model: Annotated[str, Arg(metavar="NAME")]
+    """model name sent to the teacher"""
+    system: Annotated[str | None, Arg(metavar="TEXT")] = None
+    """system prompt for the teacher"""
+    json_schema: Annotated[str | None, Arg(metavar="FILE")] = None
+    """JSON schema every answer must match (asked as structured output, checked locally)"""
+    concurrency: Annotated[int, Arg(metavar="N")] = Field(4, ge=1)
+    """requests in flight"""
+    timeout: Annotated[float, Arg(metavar="SECONDS")] = Field(120.0, gt=0)
+    """seconds to wait for one answer before retrying"""
+    retries: Annotated[int, Arg(metavar="N")] = Field(5, ge=0)
+    """retries of a request on 429, 5xx, timeouts"""
+    out: Annotated[str, Arg(metavar="FILE")]
+    """training file to write (.jsonl)"""
+
+
+class DataOptions(Options):
+    """How a data file is read, split and encoded: shared by `tunelab data check` and training."""
+
+    format: Format = "auto"
+    """Shape of the data rows; 'auto' detects it from the keys ('text': raw documents)."""
+    template: TemplateName = "auto"
+    """Prompt template: 'auto' is the model's own chat template (alpaca when it has none)."""
+    test_size: float = 0.1
+    """Held-out fraction in [0, 1), or a whole count >= 1, of examples."""
+    split_by: str | None = None
+    """Split by this field of the rows, so that no value of it is on both sides (held-out data
+    that looks like the future): a key of the row such as 'id', or of its metadata, written
+    'metadata.customer'. --test-size then applies to rows, met as nearly as whole groups allow."""
+    seed: int = Field(0, ge=0)
+    """Seed for the split, data order and initialisation."""
+    max_length: int = Field(1024, ge=8)
+    """Longest example in tokens; longer ones are handled by --truncation."""
+    truncation: Truncation = "drop"
+    """What to do with examples longer than --max-length: drop them, cut them, or stop."""
+    train_on_prompt: StrictBool = False
+    """Also train on the prompt tokens, not only the response tokens."""
+
+    @field_validator("test_size")
+    @classmethod
+    def _fraction_or_count(cls, value: float) -> float:
+        # 1.5 used to be read as a count of 1; it is more likely a mistyped fraction.
+        if value < 0 or (value >= 1 and not value.is_integer()):
+            raise ValueError("must be a fraction in [0, 1) or a whole count >= 1")
+        return value
+
+    @field_validator("split_by")
+    @classmethod
+    def _a_field_of_the_rows(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        keys = [*dict.fromkeys(k for keys in SHAPE_KEYS.values() for k in keys), *METADATA_KEYS]
+        first, *rest = value.split(".")
+        if not all(value.split(".")) or first not in keys:
+            close = difflib.get_close_matches(value, keys, n=1)
+            hint = f"'{close[0]}', " if close and close[0] != "metadata" else ""
+            raise ValueError(f"must be a field of the rows: {hint}'id', or a key of their metadata written "
+                             f"'metadata.{value.split('.')[-1] or 'KEY'}'")
+        if first == "metadata" and not rest:
+            raise ValueError("must name a key of the metadata, e.g. 'metadata.customer'")
+        return value
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()

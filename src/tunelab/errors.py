@@ -1,14 +1,43 @@
 """Errors a user can cause. The CLI prints them as one line each and exits with code 2.
 
 The checks below look at output paths before any long work (a model load, a data check,
-training, generation) starts, so a bad path never costs the time already spent.
+training, generation) starts, so a bad path never costs the time already spent. Library
+warnings that no user can act on are hidden where they arise (`known_warnings_hidden`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
+
+KNOWN_HARMLESS_WARNINGS = [
+    # peft asks each model whether gradient checkpointing is on through the property name that
+    # transformers 5 deprecated; nothing for a tunelab user to change.
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated", r"transformers\.modeling_utils"),
+    # transformers 5 renamed gradient_checkpointing_enable; the new name is not in every 5.x that
+    # tunelab accepts, so the old one is called and its notice dropped.
+    (FutureWarning, r"`gradient_checkpointing_enable` is deprecated", r"transformers\.modeling_utils"),
+]
+"""(category, message regex, module regex) of library warnings that tunelab does not show."""
+
+
+def hide_known_warnings() -> None:
+    """Drop the known harmless warnings for the rest of the process (the CLI's own process)."""
+    for category, message, module in KNOWN_HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+@contextlib.contextmanager
+def known_warnings_hidden() -> Iterator[None]:
+    """Drop the known harmless warnings inside the block only: the Python API calls libraries
+    within it and leaves the caller's warning filters, and the caller's own warnings, as they were."""
+    with warnings.catch_warnings():
+        hide_known_warnings()
+        yield
 
 
 class UserError(Exception):

@@ -7,6 +7,7 @@ import json
 import typing
 from pathlib import Path
 
+from tunelab.errors import known_warnings_hidden
 from tunelab.runfolder import RunFiles
 
 if typing.TYPE_CHECKING:
@@ -62,7 +63,8 @@ class Run:
             if self.files.adapter.exists():
                 from peft import PeftModel
 
-                model = PeftModel.from_pretrained(load_model(self.base_path()), str(self.files.adapter))
+                with known_warnings_hidden():
+                    model = PeftModel.from_pretrained(load_model(self.base_path()), str(self.files.adapter))
                 model = model.merge_and_unload()
             else:
                 model = load_model(self.files.model)

@@ -6,7 +6,8 @@
     RUN/template.json    the prompt template (name and Jinja source)
     RUN/tokenizer/       the tokenizer
     RUN/split.json       which source lines went to train and test
-    RUN/train.jsonl, RUN/test.jsonl   the examples of each split, as chat messages
+    RUN/train.jsonl, RUN/test.jsonl   the examples of each split, as chat messages with their source
+                         line under `metadata` (data files tunelab reads back: eval --data, data check)
     RUN/augmented.jsonl  with --copy-augment: the variants trained besides train.jsonl (augment.py)
     RUN/adapter/ or RUN/model/        LoRA adapter or full weights (safetensors)
     RUN/metrics.jsonl    training and held-out loss per step

@@ -509,10 +509,12 @@ def plot_histogram(bins: list[tuple[int, int, int]], unit: str, path: Path) -> b
 
 
 def run_check(path: Path, options: DataOptions, template=None, out: Path | None = None,
-              keep_examples: bool = False) -> Report:
-    """Check, print the table, save the report in `out` if given, raise on errors."""
+              keep_examples: bool = False, show: bool = True) -> Report:
+    """Check, print the table (unless not `show`: training's other processes), save the report
+    in `out` if given, raise on errors."""
     report = check(path, options, template, keep_examples)
-    print(report.table())
+    if show:
+        print(report.table())
     saved = report.save(out) if out is not None else None
     if saved:
         print(f"Report saved in {saved}")

@@ -503,14 +503,22 @@ def split_rank(key: str, seed: int) -> int:
 
 
 def write_jsonl(path: Path, examples: list[Example]) -> None:
+    """Write a run's split (train.jsonl, test.jsonl) as data rows that tunelab itself reads: the
+    source line and --split-by group go under `metadata`, so `tunelab eval RUN --data RUN/test.jsonl`
+    and `tunelab data check RUN/train.jsonl` accept the file."""
     with Path(path).open("w", encoding="utf-8") as f:
         for e in examples:
             row = {"text": e.text} if e.is_raw else {"messages": e.messages}
             group = {"group": e.group} if e.group is not None else {}
-            f.write(json.dumps({**row, "line": e.line, **group}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({**row, "metadata": {"line": e.line, **group}}, ensure_ascii=False) + "\n")
 
 
 def read_jsonl(path: Path) -> list[Example]:
+    """Read back a split written by `write_jsonl`; run folders written before the source line
+    moved under `metadata` keep it at the top level, and still open."""
+    examples = []
     with Path(path).open(encoding="utf-8") as f:
-        return [Example(row.get("messages", []), row["line"], row.get("text"), row.get("group"))
-                for row in map(json.loads, f)]
+        for row in map(json.loads, f):
+            where = row.get("metadata") if isinstance(row.get("metadata"), dict) and "line" in row["metadata"] else row
+            examples.append(Example(row.get("messages", []), where["line"], row.get("text"), where.get("group")))
+    return examples

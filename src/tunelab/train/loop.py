@@ -33,7 +33,7 @@ from tunelab.train.checkpoint import Checkpoint, Checkpoints, Position, process_
 from tunelab.config import TrainConfig
 from tunelab.data.load import Example
 from tunelab.data.check import Report, run_check
-from tunelab.errors import UserError, check_output_folder
+from tunelab.errors import UserError, check_output_folder, known_warnings_hidden
 from tunelab.train.loss import backward_step, heldout_loss
 from tunelab.models import load_model, load_tokenizer, resolve_base
 from tunelab.runfolder import MetricsWriter, RunFiles
@@ -78,14 +78,21 @@ class Prepared:
         return self.template.tokenizer
 
 
-def prepare(config: TrainConfig, data_path: Path, out: Path | None = None) -> Prepared:
-    """Check the data (errors stop here, with the report saved in `out`), then split and encode."""
+def is_main_process() -> bool:
+    """Whether this is the process that prints and writes the run folder: the only one, or rank 0
+    under `accelerate launch` (as accelerate decides, known before it is set up)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def prepare(config: TrainConfig, data_path: Path, out: Path | None = None, show: bool = True) -> Prepared:
+    """Check the data (errors stop here, with the report saved in `out`), then split and encode.
+    Every process of a launched run prepares the same data; only the one that `show`s prints."""
     data_mod.check_data_file(data_path)  # before the base model is converted or loaded
     base_path = resolve_base(config.base)
     template = Template.for_model(load_tokenizer(base_path), config.template)
     data_path = Path(data_path)
     in_memory = data_path.is_file() and data_path.stat().st_size <= IN_MEMORY_BYTES
-    report = run_check(data_path, config, template, out, keep_examples=in_memory)
+    report = run_check(data_path, config, template, out, keep_examples=in_memory, show=show)
     checked = {item.example.line: item for item in report.examples or []}
     if in_memory:
         examples = [item.example for item in report.examples if item.example.line not in report.duplicate_lines]
@@ -100,7 +107,7 @@ def prepare(config: TrainConfig, data_path: Path, out: Path | None = None) -> Pr
                 example, template, config.max_length, config.truncation, config.train_on_prompt))
 
     train_encoded, stats = collect_encoded(encoded(train), config.max_length, str(data_path))
-    if stats.dropped or stats.truncated:
+    if show and (stats.dropped or stats.truncated):
         print(f"{data_path}: {len(stats.dropped)} example(s) over --max-length {config.max_length} dropped "
               f"(lines {', '.join(map(str, stats.dropped[:10]))}{'...' if len(stats.dropped) > 10 else ''}), "
               f"{stats.truncated} truncated")
@@ -109,7 +116,8 @@ def prepare(config: TrainConfig, data_path: Path, out: Path | None = None) -> Pr
     augmented = []
     if config.copy_augment:
         augmentation = copy_variants(train, test, config.copy_augment, config.seed)
-        print(f"{data_path}: {augmentation.summary(len(train), config.copy_augment)}")
+        if show:
+            print(f"{data_path}: {augmentation.summary(len(train), config.copy_augment)}")
         for variant in augmentation.variants:
             _, pieces, outcome = encode_one(variant, template, config.max_length, config.truncation,
                                             config.train_on_prompt)
@@ -222,8 +230,9 @@ def set_up(config: TrainConfig, prepared: Prepared, resuming: bool) -> Training:
     accelerator = device.make_accelerator(config.grad_accum, config.precision)
     refuse_sharded_checkpoints(accelerator.distributed_type, config, resuming)
     set_seed(config.seed)
-    model = build_model(config, prepared.base_path)
-    model = device.prepare_model(model, config.gradient_checkpointing, config.compile, accelerator.device)
+    with known_warnings_hidden():
+        model = build_model(config, prepared.base_path)
+        model = device.prepare_model(model, config.gradient_checkpointing, config.compile, accelerator.device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = device.make_optimizer(trainable, config.learning_rate, config.weight_decay, accelerator.device)
@@ -270,9 +279,10 @@ def evaluate(training: Training, step: int, batch_size: int, metrics: MetricsWri
     training.model.eval()
     loss = heldout_loss(training.accelerator.unwrap_model(training.model), training.eval_set, batch_size)
     training.model.train()
+    if training.accelerator.is_main_process:
+        bar.write(f"step {step}: held-out loss {loss:.4f}")
     if metrics:
         metrics.write({"step": step, "eval_loss": round(loss, 5)})
-    bar.write(f"step {step}: held-out loss {loss:.4f}")
     return loss
 
 
@@ -358,11 +368,12 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
     out = Path(out)
     files = RunFiles(out)
     check_out(files, overwrite, resume, force)
-    # The data check's report goes into --out only where it cannot mix with an earlier run's files.
-    prepared = prepare(config, data_path, out if not files.config.exists() else None)
+    main = is_main_process()
+    # The data check's report goes into --out only where it cannot mix with an earlier run's files,
+    # and is written and printed by one process.
+    prepared = prepare(config, data_path, out if main and not files.config.exists() else None, show=main)
     checkpoints = Checkpoints(out, config, data_path)
     start = checkpoints.resume_point(force) if resume else None
-    main = int(os.environ.get("RANK", "0")) == 0  # as accelerate decides, known before it is set up
     try:
         training = set_up(config, prepared, resuming=start is not None)
         metrics = open_run_folder(files, config, prepared, overwrite, start, resume) if main else None
