@@ -11,6 +11,9 @@ What a new process would have fresh is made fresh for the call and put back afte
 input (empty unless given, as under pytest), output and error streams, the working directory,
 environment variables, and the warning filters (pytest records warnings instead of printing them;
 a command's warnings belong on its standard error, where the tests look for them or their absence).
+What cannot be made fresh: a library's once-per-process messages (transformers' `warning_once`) show
+only in the first command that meets them, so a test that a command prints no warning starts a
+new process.
 """
 
 from __future__ import annotations

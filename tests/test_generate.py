@@ -16,11 +16,6 @@ import torch
 from tunelab.decoding.generate import Request, generate_answers, generate_batch, generate_rows
 
 
-def cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tunelab.cli", *map(str, args)], capture_output=True, text=True,
-                          input=stdin, timeout=300)
-
-
 def prompts(n: int) -> list[list[dict[str, str]]]:
     """Conversations of very different lengths, so batches need left padding."""
     return [[{"role": "user", "content": f"Question {i}: " + "tell me more " * (i * 7 % 23)}] for i in range(n)]
@@ -45,15 +40,18 @@ def tiny(tokenizer):
 
 @pytest.fixture(scope="module")
 def to_standard_output(tiny_run, tmp_path_factory, write_jsonl):
-    """`tunelab generate RUN --input FILE`, the README's form, once for the tests below."""
+    """`tunelab generate RUN --input FILE`, the README's form, once for the tests below, in a new
+    process: library warnings that show once per process would not show in this one again."""
     folder = tmp_path_factory.mktemp("generate")
     rows = [{"prompt": "Country of Paris?", "completion": "not used"}, {"instruction": "Country of Rome?"},
             {"messages": [{"role": "user", "content": "Country of Oslo?"}]}]
     inputs = write_jsonl(folder / "prompts.jsonl", rows)
-    return cli("generate", tiny_run, "--input", inputs, "--max-new-tokens", "6"), inputs
+    command = [sys.executable, "-m", "tunelab.cli", "generate", str(tiny_run), "--input", str(inputs),
+               "--max-new-tokens", "6"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300), inputs
 
 
-def test_answers_go_to_standard_output_in_input_order(to_standard_output, tiny_run, tmp_path):
+def test_answers_go_to_standard_output_in_input_order(to_standard_output, tiny_run, tmp_path, cli):
     result, inputs = to_standard_output
     assert result.returncode == 0, result.stderr
     answers = [json.loads(line) for line in result.stdout.splitlines()]
