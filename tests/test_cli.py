@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from clirun import run_cli
 import tunelab
 from tunelab.cli import main
 from tunelab.run import Run
@@ -15,7 +16,7 @@ from tunelab.template import NAMED
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True, timeout=300)
+    return run_cli(*args)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from clirun import run_cli
 from tunelab.report.page import read_run, render_run, word_diff, write_comparison, write_report
 
 HOSTILE = "<script>alert('x')</script> & \"quotes\""
@@ -160,8 +161,7 @@ def make_run(folder: Path, eval_json: dict | None, config: str = CONFIG, final_l
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True,
-                          timeout=120, cwd=cwd)
+    return run_cli(*args, cwd=cwd)
 
 
 def sections(html: str) -> list[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 import shlex
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from clirun import run_cli
 from tunelab.cli import main
 from tunelab.teacher.label import Cache, check_private, minimal_errors
 
@@ -152,8 +152,7 @@ def server():
 
 
 def cli(*args: str, cwd: Path | None = None, stdin: str = "", env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True, timeout=120,
-                          cwd=cwd, input=stdin, env={**os.environ, **(env or {})})
+    return run_cli(*args, cwd=cwd, stdin=stdin, env=env)
 
 
 def rows(path: Path) -> list[dict]:
