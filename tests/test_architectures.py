@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 from tunelab import device
-from tunelab.train.batching import encode_examples, pack
 from tunelab.cli import main
 from tunelab.data.load import Example
-from tunelab.train.loss import backward_step, chunked_token_loss, heldout_loss, token_loss
 from tunelab.models import load_model
 from tunelab.run import Run
 from tunelab.template import IGNORE, Template
+from tunelab.train.batching import encode_examples, pack
+from tunelab.train.loss import backward_step, chunked_token_loss, heldout_loss, token_loss
 
 WINDOW = 16
 """Sliding-window layers get a window shorter than the examples, so the window matters."""

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tunelab.train.checkpoint import PAUSE_ENV, Checkpoint, kept, trim_metrics
 from tunelab.cli import main
+from tunelab.train.checkpoint import PAUSE_ENV, Checkpoint, kept, trim_metrics
 
 TIMING = ("tokens_per_s", "elapsed_s")
 
@@ -44,7 +44,7 @@ def start(data: Path, out: Path, flags: list[str], *extra: str, pause: str | Non
     env = {k: v for k, v in os.environ.items() if k != PAUSE_ENV}
     if pause:
         env[PAUSE_ENV] = pause
-    log = open(out.parent / f"{out.name}-{time.monotonic_ns()}.log", "w+")
+    log = open(out.parent / f"{out.name}-{time.monotonic_ns()}.log", "w+")  # noqa: SIM115 (the process's, read after)
     process = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "train", str(data), "--out", str(out),
                                 *flags, *extra], stdout=log, stderr=subprocess.STDOUT, env=env)
     process.log = log

@@ -263,7 +263,7 @@ def test_ctrl_c_stops_a_chat_reply_and_the_chat_goes_on(tiny_run):
         process.stdin.flush()
         _read_until(process, output, replying(turn))  # far from its 5000 tokens
         process.send_signal(signal.SIGINT)
-        _read_until(process, output, lambda text: text.count("[stopped]\nyou> ") == turn)
+        _read_until(process, output, lambda text, turn=turn: text.count("[stopped]\nyou> ") == turn)
     process.stdin.close()  # Ctrl-D leaves
     process.wait(timeout=240)
     stderr = process.stderr.read()

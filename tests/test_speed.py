@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from tunelab.train import loss
 from tunelab import device
-from tunelab.train.batching import encode_examples, pack
-from tunelab.train.loss import token_loss
 from tunelab.models import load_model
 from tunelab.template import IGNORE, Template
+from tunelab.train import loss
+from tunelab.train.batching import encode_examples, pack
+from tunelab.train.loss import token_loss
 
 
 @pytest.fixture(scope="module")

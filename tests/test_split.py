@@ -77,7 +77,8 @@ def test_the_python_split_names_the_first_row_without_the_field(tmp_path, write_
 
 def test_the_data_check_prints_groups_and_novelty_and_saves_them(tmp_path, write_jsonl, cli):
     path = write_jsonl(tmp_path / "d.jsonl", rows_of([f"c{i % 20}" for i in range(100)]))
-    result = cli("data", "check", path, "--split-by", "metadata.customer", "--test-size", "0.2", "--out", tmp_path / "r")
+    result = cli("data", "check", path, "--split-by", "metadata.customer", "--test-size", "0.2",
+                 "--out", tmp_path / "r")
     assert result.returncode == 0, result.stderr
     split_line = next(line for line in result.stdout.splitlines() if line.strip().startswith("split "))
     assert "train 80 / test 20 (--split-by metadata.customer: 16 / 4 groups)" in split_line
