@@ -17,7 +17,7 @@ import csv
 import difflib
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -502,7 +502,7 @@ def split_rank(key: str, seed: int) -> int:
     return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:16], 16)
 
 
-def write_jsonl(path: Path, examples: list[Example]) -> None:
+def write_jsonl(path: Path, examples: Iterable[Example]) -> None:
     with Path(path).open("w", encoding="utf-8") as f:
         for e in examples:
             row = {"text": e.text} if e.is_raw else {"messages": e.messages}
