@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 import tunelab
+from clirun import run_cli
 
 ROOT = Path(__file__).parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -289,6 +290,8 @@ unactivated virtual environment, `python -m` runs wherever the tests run."""
 
 def run_line(workdir: Path, line: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     words = shlex.split(line)
+    if words[0] == "tunelab":  # in this process: a new one would first spend seconds importing torch
+        return run_cli(*words[1:], cwd=workdir, env=environment(workdir), stdin=stdin)
     if words[:2] == ["accelerate", "launch"]:  # the module is the launch sub-command itself
         words = ["accelerate", *words[2:]]
     words = [sys.executable, "-m", CONSOLE_SCRIPTS[words[0]], *words[1:]]
