@@ -128,6 +128,7 @@ def resume(cli, data: Path, out: Path, flags: list[str]) -> str:
     return result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_killed_between_and_during_saves_resumes_to_identical_weights(tmp_path, tiny_model_dir, data,
                                                                       full_reference, cli):
     out, flags = tmp_path / "run", full_flags(tiny_model_dir)
@@ -143,6 +144,7 @@ def test_killed_between_and_during_saves_resumes_to_identical_weights(tmp_path, 
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000004", "step-000006"]
 
 
+@pytest.mark.slow
 def test_lora_with_dropout_and_accumulation_resumes_mid_epoch(tmp_path, tiny_model_dir, data, lora_reference, cli):
     out, flags = tmp_path / "run", lora_flags(tiny_model_dir)
     # During the very first save: nothing to resume from, so the resumed run starts again.
@@ -158,6 +160,7 @@ def test_lora_with_dropout_and_accumulation_resumes_mid_epoch(tmp_path, tiny_mod
     assert_same_run(out, lora_reference)
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights_other_seed_other_weights(tmp_path, tiny_model_dir, data, lora_reference):
     flags = lora_flags(tiny_model_dir)
     same = reference(tmp_path / "same", data, flags)

@@ -35,6 +35,7 @@ def trained_run(tmp_path_factory, tiny_model_dir, write_jsonl):
     return out, data
 
 
+@pytest.mark.slow
 def test_run_folder_is_complete_and_loss_goes_down(trained_run):
     out, _ = trained_run
     for name in ("config.yaml", "run.json", "template.json", "split.json", "train.jsonl", "test.jsonl",
@@ -51,6 +52,7 @@ def test_run_folder_is_complete_and_loss_goes_down(trained_run):
     assert Run(out).config.lr == 0.003  # the YAML filled the rest
 
 
+@pytest.mark.slow
 def test_generation_uses_the_saved_template(trained_run, capsys):
     out, _ = trained_run
     run = Run(out)
@@ -68,6 +70,7 @@ def test_generation_uses_the_saved_template(trained_run, capsys):
     assert capsys.readouterr().out.strip() == expected_text == "Italy"
 
 
+@pytest.mark.slow
 def test_batch_generation_keeps_order_and_ignores_references(trained_run, tmp_path, capsys, write_jsonl):
     out, _ = trained_run
     rows = [{"prompt": "Country of Paris? (1)", "completion": "WRONG"},
@@ -81,6 +84,7 @@ def test_batch_generation_keeps_order_and_ignores_references(trained_run, tmp_pa
     assert [a["answer"] for a in answers] == ["France", "Germany", "Spain"]
 
 
+@pytest.mark.slow
 def test_eval_compares_base_and_tuned(trained_run, capsys):
     out, _ = trained_run
     assert main(["eval", str(out)]) == 0
@@ -95,6 +99,7 @@ def test_eval_compares_base_and_tuned(trained_run, capsys):
     assert set(results["samples"][0]["answers"]) == {"zero-shot", "few-shot", "retrieval", "tuned"}
 
 
+@pytest.mark.slow
 def test_chat_streams_with_the_saved_template(trained_run):
     out, _ = trained_run
     result = subprocess.run([sys.executable, "-m", "tunelab.cli", "chat", str(out), "--max-new-tokens", "8"],

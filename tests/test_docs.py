@@ -311,6 +311,7 @@ RUNNABLE = [pytest.param(form, marks=pytest.mark.xfail(reason=how.xfail, strict=
             for form, how in FORMS.items() if how is not None]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", RUNNABLE)
 def test_a_documented_command_runs(form, workdir, ran, request):
     how = FORMS[form]
@@ -332,6 +333,7 @@ def test_a_documented_command_runs(form, workdir, ran, request):
             assert_worked(ran[line, attempt], line, how.expect)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(documented()[1])))
 def test_a_documented_python_snippet_runs(index, workdir, tmp_path):
     """Each snippet runs as written, in a folder of its own holding data.jsonl."""

@@ -75,6 +75,7 @@ def server():
     httpd.server_close()
 
 
+@pytest.mark.slow
 def test_eval_with_shots_and_assertions_through_the_cli(trained_run, tmp_path):
     rules = tmp_path / "checks.yaml"
     rules.write_text("- name: one word\n  regex: '^\\w+$'\n- must_not_contain: [sorry]\n"

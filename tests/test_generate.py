@@ -51,6 +51,7 @@ def to_standard_output(tiny_run, tmp_path_factory, write_jsonl):
     return subprocess.run(command, capture_output=True, text=True, timeout=300), inputs
 
 
+@pytest.mark.slow
 def test_answers_go_to_standard_output_in_input_order(to_standard_output, tiny_run, tmp_path, cli):
     result, inputs = to_standard_output
     assert result.returncode == 0, result.stderr
@@ -70,6 +71,7 @@ def test_answers_go_to_standard_output_in_input_order(to_standard_output, tiny_r
     assert [json.loads(line)["answer"] for line in from_text.stdout.splitlines()] == [a["answer"] for a in answers]
 
 
+@pytest.mark.slow
 def test_generate_shows_no_library_warnings(to_standard_output):
     result, _ = to_standard_output
     assert result.returncode == 0
@@ -237,6 +239,7 @@ def _start(args: list, stdin: bool = False) -> tuple[subprocess.Popen, list[str]
     return process, output
 
 
+@pytest.mark.slow
 def test_interrupted_generate_keeps_every_answer_written_and_says_how_far(tiny_run, tmp_path, write_jsonl):
     rows = [{"prompt": f"Question {i}"} for i in range(64)]  # one window: the first batch leaves first
     inputs = write_jsonl(tmp_path / "prompts.jsonl", rows)
@@ -252,6 +255,7 @@ def test_interrupted_generate_keeps_every_answer_written_and_says_how_far(tiny_r
     assert "Traceback" not in stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_a_chat_reply_and_the_chat_goes_on(tiny_run):
     process, output = _start(["chat", tiny_run, "--max-new-tokens", "5000"], stdin=True)
 

@@ -488,6 +488,7 @@ def png_pixels(path: Path) -> tuple[int, int, list[bytes]]:
     return width, height, rows
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package (apt-get install chromium)")
 def test_report_renders_in_headless_chromium(tmp_path):
     html_path = write_report(make_run(tmp_path / "run", rich_eval()))

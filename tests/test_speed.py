@@ -128,6 +128,7 @@ print(outside, inside, mmapped())
 """
 
 
+@pytest.mark.slow
 def test_large_blocks_come_from_the_heap_while_training():
     """In a fresh process: a heap that earlier tests left with large free chunks would serve the
     block without mmap either way."""

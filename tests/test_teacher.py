@@ -205,6 +205,7 @@ def test_label_in_input_order_with_retries(tmp_path, server):
     assert rows(out) == labelled
 
 
+@pytest.mark.slow
 def test_sigkill_half_way_then_restart_asks_nothing_twice(tmp_path, server):
     inputs = tmp_path / "inputs.txt"
     inputs.write_text("".join(f"ticket number {i}\n" for i in range(20)))

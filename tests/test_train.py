@@ -110,6 +110,7 @@ def interrupt(process: subprocess.Popen) -> tuple[int, str]:
     return process.returncode, err
 
 
+@pytest.mark.slow
 def test_ctrl_c_names_the_last_checkpoint_and_how_to_resume(tmp_path, tiny_model_dir, pairs_file):
     out = tmp_path / "run"
     # The save of step 3 stalls before its rename: Ctrl-C lands in the middle of writing it.
@@ -126,6 +127,7 @@ def test_ctrl_c_names_the_last_checkpoint_and_how_to_resume(tmp_path, tiny_model
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_without_checkpoints_suggests_save_every(tmp_path, tiny_model_dir, pairs_file):
     out = tmp_path / "run"
     process = start_training(pairs_file, out, "--base", str(tiny_model_dir), "--method", "full",
