@@ -75,6 +75,7 @@ def train(data, base, out, *flags: str) -> None:
                  "--test-size", "4", "--eval-every", "100", "--lr", "0.01", *flags]) == 0
 
 
+@pytest.mark.slow
 def test_lora_trains_resumes_generates_and_evaluates(family, data, tmp_path, capsys):
     name, base = family
     out = tmp_path / "lora"
@@ -105,6 +106,7 @@ def test_lora_trains_resumes_generates_and_evaluates(family, data, tmp_path, cap
     assert math.isfinite(base) and math.isfinite(tuned) and tuned != base
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_changes_every_weight_tensor(family, data, tmp_path):
     name, base = family
     out = tmp_path / "full"

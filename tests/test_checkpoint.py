@@ -176,6 +176,7 @@ def copy_run(reference: Path, tmp_path: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_changed_data_or_options_are_refused_unless_forced(tmp_path, tiny_model_dir, data, full_reference, capsys,
                                                            write_jsonl):
     out, flags = copy_run(full_reference, tmp_path), full_flags(tiny_model_dir)
@@ -230,6 +231,7 @@ def test_a_crafted_pickle_is_refused(tmp_path, data, full_reference, capsys):
     assert marker.exists()
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir, data, full_reference,
                                                                monkeypatch, capsys):
     out, flags, real_save, calls = tmp_path / "run", full_flags(tiny_model_dir), torch.save, []

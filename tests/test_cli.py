@@ -110,6 +110,7 @@ def test_chat_streams_with_the_saved_template(trained_run):
     assert len(replies) == 2 and replies[1].endswith("Italy")
 
 
+@pytest.mark.slow
 def test_python_api_lora(tiny_model_dir, pairs_file, tmp_path, assert_trained):
     run = tunelab.finetune(pairs_file, out=tmp_path / "api", base=str(tiny_model_dir), method="lora",
                            max_steps=3, batch_size=4, test_size=4)
@@ -132,6 +133,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,rows,flags,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, name, rows, flags, message, write_jsonl):
     data = write_jsonl(tmp_path / f"{name}.jsonl", rows)

@@ -141,6 +141,7 @@ def test_each_local_contender_answers_an_uncounted_warm_up_request_before_it_is_
     assert len(contender.answers) == 4
 
 
+@pytest.mark.slow
 def test_eval_on_another_labelled_file(trained_run, tmp_path, capsys, write_jsonl, monkeypatch):
     from tunelab.evaluate import core as evaluate
     from tunelab.decoding import generate
@@ -171,6 +172,7 @@ def test_eval_on_another_labelled_file(trained_run, tmp_path, capsys, write_json
     assert [s["reference"] for s in results["samples"]] == ["Italy", "France", "Spain"]
 
 
+@pytest.mark.slow
 def test_endpoint_contender_and_judge_on_a_loopback_server(trained_run, server, capsys):
     url = f"http://127.0.0.1:{server.server_port}/v1"
     # tunelab eval RUN --no-base --contender big=URL#big-model --judge URL#judge-model
@@ -194,6 +196,7 @@ def test_endpoint_contender_and_judge_on_a_loopback_server(trained_run, server, 
     assert "big" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_python_assertions_and_own_forgetting_questions(trained_run, tmp_path, write_jsonl):
     check = tmp_path / "check.py"
     check.write_text("def check(prompt, answer):\n    return True if answer in ('France', 'Italy') else "
@@ -222,6 +225,7 @@ def run_bad(capsys, *args) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_data_without_references(run_copy, tmp_path, capsys, write_jsonl):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Country of Rome?"}, {"prompt": "Country of Oslo?"}])
     err = run_bad(capsys, str(run_copy), "--data", str(prompts))
@@ -229,6 +233,7 @@ def test_data_without_references(run_copy, tmp_path, capsys, write_jsonl):
     assert not (run_copy / "eval.json").exists()
 
 
+@pytest.mark.slow
 def test_unreachable_contender(run_copy, capsys):
     err = run_bad(capsys, str(run_copy), "--contender", "down=http://127.0.0.1:9/v1")
     assert "down (http://127.0.0.1:9/v1/chat/completions)" in err and "after 3 tries" in err
@@ -247,6 +252,7 @@ def test_unreachable_contender(run_copy, capsys):
     ("nocheck.py", "def test(prompt, answer):\n    return True\n", "nocheck.py: define a function `def check"),
     ("broken.py", "def check(prompt, answer)\n    return True\n", "broken.py:1: Python syntax error"),
 ])
+@pytest.mark.slow
 def test_malformed_assertions(run_copy, tmp_path, capsys, name, text, message):
     path = tmp_path / name
     path.write_text(text)
@@ -255,6 +261,7 @@ def test_malformed_assertions(run_copy, tmp_path, capsys, name, text, message):
     assert not (run_copy / "eval.json").exists()
 
 
+@pytest.mark.slow
 def test_run_without_heldout_examples(run_copy, capsys):
     (run_copy / "test.jsonl").write_text("")
     err = run_bad(capsys, str(run_copy))

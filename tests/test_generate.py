@@ -78,6 +78,7 @@ def test_generate_shows_no_library_warnings(to_standard_output):
     assert not [line for line in result.stderr.splitlines() if "Warning" in line], result.stderr
 
 
+@pytest.mark.slow
 def test_batched_answers_equal_one_by_one_answers_in_input_order(tiny):
     model, template = tiny
     conversations = prompts(11)
@@ -87,6 +88,7 @@ def test_batched_answers_equal_one_by_one_answers_in_input_order(tiny):
     assert len(set(alone)) == len(alone)  # the prompts really get different answers
 
 
+@pytest.mark.slow
 def test_answers_longer_than_the_caches_room_equal_transformers_generate(tiny):
     """The cache keeps room for the next tokens and moves to a larger buffer when it runs out:
     an answer that crosses that move several times is transformers' own greedy answer."""
@@ -189,6 +191,7 @@ def test_precision_flag_reaches_generation(tiny_run, monkeypatch, capsys):
         tunelab.load(tiny_run, precision="half")
 
 
+@pytest.mark.slow
 def test_input_is_read_one_window_at_a_time(tiny):
     model, template = tiny
     taken = []
@@ -284,6 +287,7 @@ def _one_by_one(model, template, conversation, max_new_tokens):
     return out[0, ids.shape[1]:].tolist()
 
 
+@pytest.mark.slow
 def test_rows_that_stop_leave_the_batch_and_the_shared_prefix_is_reused(tiny):
     import copy
 
@@ -330,6 +334,7 @@ def test_greedy_rows_equal_transformers_generate_for_prompts_of_different_length
         assert answer.finish_reason == ("stop" if tokens[-1] in stops else "length")
 
 
+@pytest.mark.slow
 def test_sampling_repeats_with_a_seed_whatever_shares_the_batch(tiny):
     model, template = tiny
     prompt = template.encode_prompt(prompts(3)[2])

@@ -119,6 +119,7 @@ def test_a_label_set_is_not_warned_about(tmp_path, write_jsonl, cli):
     assert "W_SEEN_VALUES" not in result.stdout
 
 
+@pytest.mark.slow
 def test_training_splits_by_the_field_as_the_check_does(tmp_path, tiny_model_dir, write_jsonl, cli):
     path = write_jsonl(tmp_path / "d.jsonl", rows_of([f"c{i % 10}" for i in range(60)]))
     out = tmp_path / "run"

@@ -46,6 +46,7 @@ def test_each_example_is_tokenised_once(tmp_path, tiny_model_dir, pairs_file, mo
     assert sorted(calls) == sorted(prompts)
 
 
+@pytest.mark.slow
 def test_a_file_too_large_for_memory_is_streamed_twice(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
     calls = count_encodings(monkeypatch)
     monkeypatch.setattr(train_mod, "IN_MEMORY_BYTES", pairs_file.stat().st_size - 1)
