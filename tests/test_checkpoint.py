@@ -201,6 +201,7 @@ def test_changed_data_or_options_are_refused_unless_forced(tmp_path, tiny_model_
     assert metrics(out)[-1]["step"] == 8
 
 
+@pytest.mark.slow
 def test_resume_needs_a_run_and_excludes_overwrite(tmp_path, data, full_reference, capsys):
     assert main(["train", str(data), "--out", str(tmp_path / "none"), "--resume"]) == 2
     assert "no run to resume" in capsys.readouterr().err
@@ -217,6 +218,7 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_a_crafted_pickle_is_refused(tmp_path, data, full_reference, capsys):
     out = copy_run(full_reference, tmp_path)
     state, marker = out / "checkpoints" / "step-000006" / "state.pt", tmp_path / "code-ran"

@@ -156,6 +156,7 @@ def test_missing_run_folder_and_help(tmp_path):
         assert command in result.stdout
 
 
+@pytest.mark.slow
 def test_raw_text_trains_end_to_end_after_the_data_check(tiny_model_dir, tmp_path, capsys, write_jsonl):
     documents = [{"text": f"Document {i}. " + "The cat sat on the mat and looked around. " * (1 + i % 5)}
                  for i in range(12)]
