@@ -82,11 +82,11 @@ def main() -> None:
     from transformers import DynamicCache
 
     import tunelab.decoding.generate as generate
-    from tunelab.evaluate.baselines import few_shot_prompts
     from tunelab.data.load import Example
     from tunelab.demo import bookings
-    from tunelab.models import for_inference, load_model, load_tokenizer, resolve_base
     from tunelab.device import computes_bf16
+    from tunelab.evaluate.baselines import few_shot_prompts
+    from tunelab.models import for_inference, load_model, load_tokenizer, resolve_base
     from tunelab.template import Template
 
     path = resolve_base(args.base)

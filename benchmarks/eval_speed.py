@@ -137,11 +137,11 @@ def main() -> None:
 
     import torch
 
-    from tunelab.evaluate.baselines import few_shot_prompts
     from tunelab.data.load import Example
     from tunelab.demo import bookings
-    from tunelab.models import load_model, load_tokenizer, resolve_base
     from tunelab.device import computes_bf16
+    from tunelab.evaluate.baselines import few_shot_prompts
+    from tunelab.models import load_model, load_tokenizer, resolve_base
     from tunelab.template import Template
 
     torch.set_grad_enabled(False)
@@ -194,10 +194,10 @@ def main() -> None:
                              "answers_per_second": len(prompts) / seconds[way],
                              "same_as_first": sum(a == b for a, b in zip(answers[way], reference))}
             print(f"{form:10} {way:11} {seconds[way]:8.1f} s  {len(prompts) / seconds[way]:7.2f} answers/s  "
-                  f"CPU {cpu[way]:8.1f} s  same answers as {chosen[0]}: {rows_out[way]['same_as_first']}/{len(prompts)}",
-                  flush=True)
+                  f"CPU {cpu[way]:8.1f} s  "
+                  f"same answers as {chosen[0]}: {rows_out[way]['same_as_first']}/{len(prompts)}", flush=True)
         if "one-by-one" in rows_out:
-            for way, row in rows_out.items():
+            for row in rows_out.values():
                 row["speedup"] = rows_out["one-by-one"]["seconds"] / row["seconds"]
                 row["cpu_speedup"] = rows_out["one-by-one"]["cpu_seconds"] / row["cpu_seconds"]
             print(f"{form:10} speed-up over one-by-one, wall time: "

@@ -322,9 +322,9 @@ def parse_settings(pairs: list[str]) -> dict:
 
 def run_task(task: str, args, settings: dict) -> dict:
     from tunelab.config import TrainConfig
+    from tunelab.device import computes_bf16
     from tunelab.evaluate.metrics import exact_match
     from tunelab.run import Run
-    from tunelab.device import computes_bf16
     from tunelab.train.loop import train as train_run
 
     folder = Path(args.out) / args.label / task
@@ -375,7 +375,8 @@ def run_task(task: str, args, settings: dict) -> dict:
             "generate_s": round(fp32_s, 1)},
         "without_copy_constraint": None if free is None else {
             "em_novel": rate(novel, free), "em_seen": rate([not n for n in novel], free),
-            "em_all": rate([True] * len(novel), free), "answers_changed": sum(a != b for a, b in zip(answers, unconstrained))},
+            "em_all": rate([True] * len(novel), free),
+            "answers_changed": sum(a != b for a, b in zip(answers, unconstrained))},
         "misses": [{"prompt": row["prompt"].split("\n", 1)[1], "reference": row["completion"], "answer": a,
                     "novel": n} for a, row, c, n in zip(answers, test_rows, correct, novel) if not c][:12],
     }
@@ -468,7 +469,8 @@ def main() -> None:
             write_jsonl(out / task / "train.jsonl", train_rows)
             write_jsonl(out / task / "test.jsonl", test_rows)
             novel = sum(novel_rows(train_rows, test_rows))
-            print(f"{task}: {len(train_rows)} training rows, {len(test_rows)} test rows ({novel} novel) in {out / task}")
+            print(f"{task}: {len(train_rows)} training rows, {len(test_rows)} test rows ({novel} novel) "
+                  f"in {out / task}")
         return
     settings = parse_settings(args.set)
     results = []

@@ -43,21 +43,21 @@ def run(variant: str, steps: int) -> dict:
 
         configure_threads()
     from tunelab import device
-    from tunelab.encoding import encode_examples
-    from tunelab.train.batching import pack
     from tunelab.config import TrainConfig
     from tunelab.data.load import Example
     from tunelab.demo import bookings
-    from tunelab.train.loss import token_loss
     from tunelab.models import load_tokenizer, resolve_base
     from tunelab.template import Template
+    from tunelab.encoding import encode_examples
+    from tunelab.train.batching import pack
     from tunelab.train.loop import build_model
+    from tunelab.train.loss import token_loss
 
     base = resolve_base("smollm2-135m")
     template = Template.for_model(load_tokenizer(base))
     rows = bookings.make_examples(8 * steps)
-    examples = [Example([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}], i)
-                for i, r in enumerate(rows)]
+    examples = [Example([{"role": "user", "content": r["prompt"]},
+                         {"role": "assistant", "content": r["completion"]}], i) for i, r in enumerate(rows)]
     encoded = encode_examples(examples, template, 1024)[0]
     torch.manual_seed(0)
     model = build_model(TrainConfig(method="lora" if "lora" in words else "full"), base)
@@ -82,7 +82,8 @@ def run(variant: str, steps: int) -> dict:
     after = resource.getrusage(resource.RUSAGE_SELF)
     return {"variant": variant, "first_s": times[0], "min_s": steady[0], "median_s": steady[len(steady) // 2],
             "losses": losses, "system_s_per_step": (after.ru_stime - usage.ru_stime) / steps,
-            "page_faults_per_step": (after.ru_minflt - usage.ru_minflt) / steps, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+            "page_faults_per_step": (after.ru_minflt - usage.ru_minflt) / steps,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
             "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
 
 
@@ -113,7 +114,8 @@ def main() -> None:
             continue
         r = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"| {variant} | {r['first_s']:.1f} | {r['min_s']:.2f} | {r['median_s']:.2f} | "
-              f"{' '.join(map(str, r['losses'][:4]))} | {r['system_s_per_step']:.2f} | {r['page_faults_per_step']:.0f} | "
+              f"{' '.join(map(str, r['losses'][:4]))} | {r['system_s_per_step']:.2f} | "
+              f"{r['page_faults_per_step']:.0f} | "
               f"{r['peak_rss_gb']:.2f} | {load:.1f} |", flush=True)
 
 

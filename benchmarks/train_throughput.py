@@ -33,8 +33,8 @@ import resource
 import subprocess
 import sys
 import time
-from statistics import mean, stdev
 from pathlib import Path
+from statistics import mean, stdev
 
 STARTED = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -223,8 +223,8 @@ def model_flops(method: str, encoded, config, lora_params: int) -> float:
 
 
 def heldout(setting: str, weights: str, test_encoded) -> float:
-    from tunelab.train.loss import heldout_loss
     from tunelab.models import load_model, resolve_base
+    from tunelab.train.loss import heldout_loss
 
     _, method = split_setting(setting)
     if method == "lora":
@@ -285,8 +285,8 @@ def main() -> None:
     import torch
     from transformers import AutoConfig
 
-    from tunelab.train.loss import heldout_loss
     from tunelab.models import load_model, resolve_base
+    from tunelab.train.loss import heldout_loss
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work.mkdir(parents=True, exist_ok=True)
@@ -352,15 +352,16 @@ def main() -> None:
         }
     for setting, r in results.items():
         _, method = split_setting(setting)
-        trl = [o["wall_s"] for s, o in results.items() if split_setting(s) in (("trl", method), ("trl-packing", method))]
+        trl = [o["wall_s"] for s, o in results.items()
+               if split_setting(s) in (("trl", method), ("trl-packing", method))]
         tuned = [o["wall_s"] for s, o in results.items() if split_setting(s) == ("trl-tuned", method)]
         r["faster_trl_wall_over_this"] = min(trl) / r["wall_s"] if trl else None
         r["trl_tuned_wall_over_this"] = tuned[0] / r["wall_s"] if tuned else None
 
     print(f"\nbase model held-out loss {base_loss:.4f}; {useful} useful tokens per epoch; "
           f"{len(seeds)} seed(s): {', '.join(map(str, seeds))}\n")
-    print("| setting | steps | useful tok/s | train loop s | whole run s | faster TRL / this | trl-tuned / this | peak RSS GB | "
-          "held-out loss | MFU (fp32 peak) | MFU (bf16 peak) | load before, after |")
+    print("| setting | steps | useful tok/s | train loop s | whole run s | faster TRL / this | trl-tuned / this | "
+          "peak RSS GB | held-out loss | MFU (fp32 peak) | MFU (bf16 peak) | load before, after |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for setting, r in results.items():
         ratio = f"{r['faster_trl_wall_over_this']:.2f}x" if r["faster_trl_wall_over_this"] else "-"
@@ -372,7 +373,8 @@ def main() -> None:
         print("\n| setting | " + " | ".join(f"seed {seed}: held-out loss, whole run s" for seed in seeds) + " |")
         print("|---|" + "---|" * len(seeds))
         for setting in settings:
-            cells = [f"{runs[setting, seed]['heldout_loss']:.4f}, {runs[setting, seed]['wall_s']:.0f}" for seed in seeds]
+            cells = [f"{runs[setting, seed]['heldout_loss']:.4f}, {runs[setting, seed]['wall_s']:.0f}"
+                     for seed in seeds]
             print(f"| {setting} | " + " | ".join(cells) + " |")
     for setting in settings:
         r = runs[setting, seeds[0]]

@@ -8,11 +8,20 @@ from pathlib import Path
 
 import pytest
 
+from clirun import run_cli
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Keep conversions out of the user's cache unless a test asks for the shared one."""
     os.environ.setdefault("TUNELAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """`cli("data", "check", path, ...)`: the command run in this process (no new Python to import
+    torch), giving `subprocess.run`'s CompletedProcess: returncode, stdout, stderr. See clirun.py."""
+    return run_cli
 
 
 @pytest.fixture(scope="session")

@@ -10,14 +10,14 @@ import torch
 from safetensors.torch import load_file
 
 from tunelab import device
-from tunelab.encoding import encode_examples
-from tunelab.train.batching import pack
 from tunelab.cli import main
 from tunelab.data.load import Example
-from tunelab.train.loss import backward_step, chunked_token_loss, heldout_loss, token_loss
 from tunelab.models import load_model
 from tunelab.run import Run
 from tunelab.template import IGNORE, Template
+from tunelab.encoding import encode_examples
+from tunelab.train.batching import pack
+from tunelab.train.loss import backward_step, chunked_token_loss, heldout_loss, token_loss
 
 WINDOW = 16
 """Sliding-window layers get a window shorter than the examples, so the window matters."""
@@ -76,6 +76,7 @@ def train(data, base, out, *flags: str) -> None:
                  "--test-size", "4", "--eval-every", "100", "--lr", "0.01", *flags]) == 0
 
 
+@pytest.mark.slow
 def test_lora_trains_resumes_generates_and_evaluates(family, data, tmp_path, capsys):
     name, base = family
     out = tmp_path / "lora"
@@ -106,6 +107,7 @@ def test_lora_trains_resumes_generates_and_evaluates(family, data, tmp_path, cap
     assert math.isfinite(base) and math.isfinite(tuned) and tuned != base
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_changes_every_weight_tensor(family, data, tmp_path):
     name, base = family
     out = tmp_path / "full"

@@ -8,6 +8,8 @@ import json
 import random
 import re
 
+import pytest
+
 from tunelab.data.augment import copied_words, copy_variants, fresh_surrogate, surrogate, training_vocabulary
 from tunelab.cli import main
 from tunelab.data.load import Example
@@ -136,6 +138,7 @@ def test_a_fraction_gives_a_variant_to_that_share_of_the_rows():
     assert copy_variants(train, [], 0, seed=0).variants == []
 
 
+@pytest.mark.slow
 def test_training_with_and_without_copy_augmentation(tmp_path, tiny_model_dir, write_jsonl, capsys):
     names = [("Cyrus Halden", "Halifax"), ("Odette Marchbanks", "Tromso"), ("Bram Okonkwo", "Ghent"),
              ("Linnea Drummond", "Cuenca"), ("Tobias Yardley", "Hobart"), ("Greta Szabo", "Kaunas")]

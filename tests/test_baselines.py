@@ -1,7 +1,7 @@
 """Few-shot and retrieval prompts: the examples as earlier turns, rendered by the run's Template."""
 
-from tunelab.evaluate.baselines import BM25, few_shot_prompts, retrieval_prompts
 from tunelab.data.load import Example
+from tunelab.evaluate.baselines import BM25, few_shot_prompts, retrieval_prompts
 from tunelab.template import Template
 
 

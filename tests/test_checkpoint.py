@@ -1,5 +1,6 @@
 """Checkpoints: real training processes killed with SIGKILL at chosen moments, resumed, and
-compared bit for bit with runs that were never interrupted."""
+compared bit for bit with runs that were never interrupted (those, and the resumes that run to the
+end, train in the test's own process)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tunelab.train.checkpoint import PAUSE_ENV, Checkpoint, kept, trim_metrics
 from tunelab.cli import main
+from tunelab.train.checkpoint import PAUSE_ENV, Checkpoint, kept, trim_metrics
 
 TIMING = ("tokens_per_s", "elapsed_s")
 
@@ -43,19 +44,11 @@ def start(data: Path, out: Path, flags: list[str], *extra: str, pause: str | Non
     env = {k: v for k, v in os.environ.items() if k != PAUSE_ENV}
     if pause:
         env[PAUSE_ENV] = pause
-    log = open(out.parent / f"{out.name}-{time.monotonic_ns()}.log", "w+")
+    log = open(out.parent / f"{out.name}-{time.monotonic_ns()}.log", "w+")  # noqa: SIM115 (the process's, read after)
     process = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "train", str(data), "--out", str(out),
                                 *flags, *extra], stdout=log, stderr=subprocess.STDOUT, env=env)
     process.log = log
     return process
-
-
-def finish(process: subprocess.Popen) -> str:
-    try:
-        assert process.wait(timeout=300) == 0, output(process)
-    finally:
-        process.kill()
-    return output(process)
 
 
 def output(process: subprocess.Popen) -> str:
@@ -113,7 +106,7 @@ def data(pairs_file) -> Path:
 
 
 def reference(folder: Path, data: Path, flags: list[str]) -> Path:
-    """A run never interrupted, trained in this process: the resumed ones run in others."""
+    """A run never interrupted, trained in this process: the killed ones run in others."""
     assert main(["train", str(data), "--out", str(folder / "run"), *flags]) == 0
     return folder / "run"
 
@@ -128,14 +121,22 @@ def lora_reference(tmp_path_factory, tiny_model_dir, data) -> Path:
     return reference(tmp_path_factory.mktemp("lora"), data, lora_flags(tiny_model_dir))
 
 
+def resume(cli, data: Path, out: Path, flags: list[str]) -> str:
+    """The last resume, run to its end in this process (the kills were the point): what it printed."""
+    result = cli("train", data, "--out", out, *flags, "--resume")
+    assert result.returncode == 0, result.stderr
+    return result.stdout + result.stderr
+
+
+@pytest.mark.slow
 def test_killed_between_and_during_saves_resumes_to_identical_weights(tmp_path, tiny_model_dir, data,
-                                                                      full_reference):
+                                                                      full_reference, cli):
     out, flags = tmp_path / "run", full_flags(tiny_model_dir)
     # Right after the first checkpoint appeared, in the middle of the next interval.
     kill_when(start(data, out, flags, pause="6:600"), complete(out, 2))
     # During a later save, every file written but not yet renamed into place.
     kill_when(start(data, out, flags, "--resume", pause="4:600"), half_saved(out, 4))
-    log = finish(start(data, out, flags, "--resume"))
+    log = resume(cli, data, out, flags)
     assert "left by an interrupted save; ignored and removed" in log
     assert "step-000002 (step 2)" in log
     assert not list((out / "checkpoints").glob(".*"))
@@ -143,7 +144,8 @@ def test_killed_between_and_during_saves_resumes_to_identical_weights(tmp_path, 
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000004", "step-000006"]
 
 
-def test_lora_with_dropout_and_accumulation_resumes_mid_epoch(tmp_path, tiny_model_dir, data, lora_reference):
+@pytest.mark.slow
+def test_lora_with_dropout_and_accumulation_resumes_mid_epoch(tmp_path, tiny_model_dir, data, lora_reference, cli):
     out, flags = tmp_path / "run", lora_flags(tiny_model_dir)
     # During the very first save: nothing to resume from, so the resumed run starts again.
     kill_when(start(data, out, flags, pause="2:600"), half_saved(out, 2))
@@ -151,13 +153,14 @@ def test_lora_with_dropout_and_accumulation_resumes_mid_epoch(tmp_path, tiny_mod
     resumed = start(data, out, flags, "--resume", pause="6:600")
     kill_when(resumed, complete(out, 4))  # step 4 is 3 micro-batches into the second epoch
     assert "no complete checkpoint to resume from" in output(resumed)
-    log = finish(start(data, out, flags, "--resume"))
+    log = resume(cli, data, out, flags)
     assert "step-000004 (step 4)" in log
     saved = json.loads((out / "checkpoints" / "step-000006" / "checkpoint.json").read_text())
     assert saved["position"]["epoch"] == 1 and saved["position"]["batch"] == 8  # the short last step
     assert_same_run(out, lora_reference)
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights_other_seed_other_weights(tmp_path, tiny_model_dir, data, lora_reference):
     flags = lora_flags(tiny_model_dir)
     same = reference(tmp_path / "same", data, flags)
@@ -173,6 +176,7 @@ def copy_run(reference: Path, tmp_path: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_changed_data_or_options_are_refused_unless_forced(tmp_path, tiny_model_dir, data, full_reference, capsys,
                                                            write_jsonl):
     out, flags = copy_run(full_reference, tmp_path), full_flags(tiny_model_dir)
@@ -197,6 +201,7 @@ def test_changed_data_or_options_are_refused_unless_forced(tmp_path, tiny_model_
     assert metrics(out)[-1]["step"] == 8
 
 
+@pytest.mark.slow
 def test_resume_needs_a_run_and_excludes_overwrite(tmp_path, data, full_reference, capsys):
     assert main(["train", str(data), "--out", str(tmp_path / "none"), "--resume"]) == 2
     assert "no run to resume" in capsys.readouterr().err
@@ -213,6 +218,7 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_a_crafted_pickle_is_refused(tmp_path, data, full_reference, capsys):
     out = copy_run(full_reference, tmp_path)
     state, marker = out / "checkpoints" / "step-000006" / "state.pt", tmp_path / "code-ran"
@@ -227,6 +233,7 @@ def test_a_crafted_pickle_is_refused(tmp_path, data, full_reference, capsys):
     assert marker.exists()
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir, data, full_reference,
                                                                monkeypatch, capsys):
     out, flags, real_save, calls = tmp_path / "run", full_flags(tiny_model_dir), torch.save, []

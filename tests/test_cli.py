@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from clirun import run_cli
 import tunelab
 from tunelab.cli import main
 from tunelab.run import Run
@@ -15,7 +16,7 @@ from tunelab.template import NAMED
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True, timeout=300)
+    return run_cli(*args)
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,7 @@ def trained_run(tmp_path_factory, tiny_model_dir, write_jsonl):
     return out, data
 
 
+@pytest.mark.slow
 def test_run_folder_is_complete_and_loss_goes_down(trained_run):
     out, _ = trained_run
     for name in ("config.yaml", "run.json", "template.json", "split.json", "train.jsonl", "test.jsonl",
@@ -50,6 +52,7 @@ def test_run_folder_is_complete_and_loss_goes_down(trained_run):
     assert Run(out).config.lr == 0.003  # the YAML filled the rest
 
 
+@pytest.mark.slow
 def test_generation_uses_the_saved_template(trained_run, capsys):
     out, _ = trained_run
     run = Run(out)
@@ -67,6 +70,7 @@ def test_generation_uses_the_saved_template(trained_run, capsys):
     assert capsys.readouterr().out.strip() == expected_text == "Italy"
 
 
+@pytest.mark.slow
 def test_batch_generation_keeps_order_and_ignores_references(trained_run, tmp_path, capsys, write_jsonl):
     out, _ = trained_run
     rows = [{"prompt": "Country of Paris? (1)", "completion": "WRONG"},
@@ -80,6 +84,7 @@ def test_batch_generation_keeps_order_and_ignores_references(trained_run, tmp_pa
     assert [a["answer"] for a in answers] == ["France", "Germany", "Spain"]
 
 
+@pytest.mark.slow
 def test_eval_compares_base_and_tuned(trained_run, capsys):
     out, _ = trained_run
     assert main(["eval", str(out)]) == 0
@@ -94,6 +99,7 @@ def test_eval_compares_base_and_tuned(trained_run, capsys):
     assert set(results["samples"][0]["answers"]) == {"zero-shot", "few-shot", "retrieval", "tuned"}
 
 
+@pytest.mark.slow
 def test_a_runs_own_test_split_is_a_data_file_eval_accepts(trained_run, capsys):
     out, _ = trained_run
     assert main(["eval", str(out), "--data", str(out / "test.jsonl"), "--no-base", "--no-forgetting"]) == 0
@@ -102,6 +108,7 @@ def test_a_runs_own_test_split_is_a_data_file_eval_accepts(trained_run, capsys):
     assert "tunelab: error" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_chat_streams_with_the_saved_template(trained_run):
     out, _ = trained_run
     result = subprocess.run([sys.executable, "-m", "tunelab.cli", "chat", str(out), "--max-new-tokens", "8"],
@@ -112,6 +119,7 @@ def test_chat_streams_with_the_saved_template(trained_run):
     assert len(replies) == 2 and replies[1].endswith("Italy")
 
 
+@pytest.mark.slow
 def test_python_api_lora(tiny_model_dir, pairs_file, tmp_path, assert_trained):
     run = tunelab.finetune(pairs_file, out=tmp_path / "api", base=str(tiny_model_dir), method="lora",
                            max_steps=3, batch_size=4, test_size=4)
@@ -135,6 +143,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,rows,flags,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, name, rows, flags, message, write_jsonl):
     data = write_jsonl(tmp_path / f"{name}.jsonl", rows)
@@ -157,6 +166,7 @@ def test_missing_run_folder_and_help(tmp_path):
         assert command in result.stdout
 
 
+@pytest.mark.slow
 def test_raw_text_trains_end_to_end_after_the_data_check(tiny_model_dir, tmp_path, capsys, write_jsonl):
     documents = [{"text": f"Document {i}. " + "The cat sat on the mat and looked around. " * (1 + i % 5)}
                  for i in range(12)]

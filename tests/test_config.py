@@ -1,14 +1,13 @@
 """The typed config: YAML and flags fill one model; every refused value is one line, exit 2."""
 
 import json
-import os
 import re
 import typing
 import subprocess
-import sys
 
 import pytest
 
+from clirun import run_cli
 import tunelab
 from tunelab.data import load as data
 from tunelab.train.checkpoint import fingerprint
@@ -18,9 +17,7 @@ from tunelab.errors import UserError
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "1000"}  # help lines unwrapped, one per option
-    return subprocess.run([sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True, timeout=120,
-                          env=env)
+    return run_cli(*args, env={"COLUMNS": "1000"})  # help lines unwrapped, one per option
 
 
 def one_error(result: subprocess.CompletedProcess) -> str:

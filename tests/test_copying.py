@@ -236,6 +236,7 @@ def copy_run(tmp_path_factory, copier_dir, write_jsonl):
     return folder / "run"
 
 
+@pytest.mark.slow
 def test_training_records_the_copied_fields(copy_run):
     assert json.loads((copy_run / "run.json").read_text())["copied_fields"] == ["person"]
     check = json.loads((copy_run / "data_check.json").read_text())["copying"]
@@ -243,6 +244,7 @@ def test_training_records_the_copied_fields(copy_run):
     assert check["answer_fields"][0]["share"] == 1.0
 
 
+@pytest.mark.slow
 def test_generate_keeps_the_field_a_copy_unless_turned_off(copy_run):
     constrained = cli("generate", copy_run, "--prompt", "Cyrus flew to Oslo.")
     assert constrained.returncode == 0, constrained.stderr
@@ -254,6 +256,7 @@ def test_generate_keeps_the_field_a_copy_unless_turned_off(copy_run):
     assert json.loads(other.stdout) == {"person": "Cy"}
 
 
+@pytest.mark.slow
 def test_eval_counts_the_answers_the_constraint_changed(copy_run):
     data = copy_run.parent / "cyrus.jsonl"
     result = cli("eval", copy_run, "--data", data, "--no-base", "--no-forgetting")
@@ -272,12 +275,14 @@ def test_eval_counts_the_answers_the_constraint_changed(copy_run):
     assert results["metrics"]["tuned"]["exact_match"]["value"] == 0.0
 
 
+@pytest.mark.slow
 def test_chat_keeps_the_field_a_copy(copy_run):
     result = cli("chat", copy_run, stdin="Cyrus flew to Oslo.\n")
     assert result.returncode == 0, result.stderr
     assert 'model> {"person": "Cyrus"}' in result.stdout
 
 
+@pytest.mark.slow
 def test_the_servers_loop_applies_the_constraint_greedy_and_sampled(copy_run):
     from tunelab.decoding.generate import Request, generate_rows, stream_reply
     from tunelab.run import Run

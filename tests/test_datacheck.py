@@ -201,6 +201,7 @@ def test_the_command_prints_a_summary_and_saves_the_report(tmp_path, tiny_model_
     assert histogram.startswith("Example length in tokens (--max-length 64)") and "<- --max-length" in histogram
 
 
+@pytest.mark.slow
 def test_training_splits_exactly_as_the_report_says(tmp_path, tiny_model_dir, write_jsonl):
     """RUN/split.json holds the lines of the report's split, and every W_LEAK pair straddles it."""
     rows = [chat(f"Question {sentence(i)}", f"Answer {i}") for i in range(40)]

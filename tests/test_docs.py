@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 import tunelab
+from clirun import run_cli
 
 ROOT = Path(__file__).parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -297,6 +298,8 @@ unactivated virtual environment, `python -m` runs wherever the tests run."""
 
 def run_line(workdir: Path, line: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     words = shlex.split(line)
+    if words[0] == "tunelab":  # in this process: a new one would first spend seconds importing torch
+        return run_cli(*words[1:], cwd=workdir, env=environment(workdir), stdin=stdin)
     if words[:2] == ["accelerate", "launch"]:  # the module is the launch sub-command itself
         words = ["accelerate", *words[2:]]
     words = [sys.executable, "-m", CONSOLE_SCRIPTS[words[0]], *words[1:]]
@@ -316,6 +319,7 @@ RUNNABLE = [pytest.param(form, marks=pytest.mark.xfail(reason=how.xfail, strict=
             for form, how in FORMS.items() if how is not None]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", RUNNABLE)
 def test_a_documented_command_runs(form, workdir, ran, request):
     how = FORMS[form]
@@ -337,6 +341,7 @@ def test_a_documented_command_runs(form, workdir, ran, request):
             assert_worked(ran[line, attempt], line, how.expect)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(documented()[1])))
 def test_a_documented_python_snippet_runs(index, workdir, tmp_path):
     """Each snippet runs as written, in a folder of its own holding data.jsonl."""

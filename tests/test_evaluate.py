@@ -92,6 +92,7 @@ def server():
     httpd.server_close()
 
 
+@pytest.mark.slow
 def test_eval_with_shots_and_assertions_through_the_cli(trained_run, tmp_path):
     rules = tmp_path / "checks.yaml"
     rules.write_text("- name: one word\n  regex: '^\\w+$'\n- must_not_contain: [sorry]\n"
@@ -185,6 +186,7 @@ def test_score_builds_the_typed_results_without_a_model(tmp_path, write_jsonl):
     assert EvalResults.model_validate_json(results.model_dump_json()) == results
 
 
+@pytest.mark.slow
 def test_eval_on_another_labelled_file(trained_run, tmp_path, capsys, write_jsonl, monkeypatch):
     from tunelab.evaluate import core as evaluate
     from tunelab.decoding import generate
@@ -215,6 +217,7 @@ def test_eval_on_another_labelled_file(trained_run, tmp_path, capsys, write_json
     assert [s["reference"] for s in results["samples"]] == ["Italy", "France", "Spain"]
 
 
+@pytest.mark.slow
 def test_endpoint_contender_and_judge_on_a_loopback_server(trained_run, server, capsys, monkeypatch):
     """The contender and the judge ask through the shared client: the API key from the
     environment in every request, a 429 retried after its Retry-After, and the key in no file."""
@@ -250,6 +253,7 @@ def test_endpoint_contender_and_judge_on_a_loopback_server(trained_run, server, 
             assert "sk-test-eval-key" not in path.read_text(errors="replace"), path
 
 
+@pytest.mark.slow
 def test_python_assertions_and_own_forgetting_questions(trained_run, tmp_path, write_jsonl):
     check = tmp_path / "check.py"
     check.write_text("def check(prompt, answer):\n    return True if answer in ('France', 'Italy') else "
@@ -278,6 +282,7 @@ def run_bad(capsys, *args) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_data_without_references(run_copy, tmp_path, capsys, write_jsonl):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Country of Rome?"}, {"prompt": "Country of Oslo?"}])
     err = run_bad(capsys, str(run_copy), "--data", str(prompts))
@@ -285,6 +290,7 @@ def test_data_without_references(run_copy, tmp_path, capsys, write_jsonl):
     assert not (run_copy / "eval.json").exists()
 
 
+@pytest.mark.slow
 def test_unreachable_contender(run_copy, capsys):
     err = run_bad(capsys, str(run_copy), "--contender", "down=http://127.0.0.1:9/v1")
     assert "--contender down=http://127.0.0.1:9/v1: cannot reach 127.0.0.1:9" in err
@@ -307,6 +313,7 @@ def test_unreachable_contender(run_copy, capsys):
     ("nocheck.py", "def test(prompt, answer):\n    return True\n", "nocheck.py: define a function `def check"),
     ("broken.py", "def check(prompt, answer)\n    return True\n", "broken.py:1: Python syntax error"),
 ])
+@pytest.mark.slow
 def test_malformed_assertions(run_copy, tmp_path, capsys, name, text, message):
     path = tmp_path / name
     path.write_text(text)
@@ -315,6 +322,7 @@ def test_malformed_assertions(run_copy, tmp_path, capsys, name, text, message):
     assert not (run_copy / "eval.json").exists()
 
 
+@pytest.mark.slow
 def test_run_without_heldout_examples(run_copy, capsys):
     (run_copy / "test.jsonl").write_text("")
     err = run_bad(capsys, str(run_copy))

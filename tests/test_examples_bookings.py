@@ -4,7 +4,17 @@ import re
 import pytest
 
 from tunelab.demo.bookings import (
-    FIRST_NAMES, INSTRUCTION, NAME_POOLS, NUMBER_WORDS, SURNAMES, WEEKDAYS, describe, make_examples, time_phrases, to_24h, words_to_int,
+    FIRST_NAMES,
+    INSTRUCTION,
+    NAME_POOLS,
+    NUMBER_WORDS,
+    SURNAMES,
+    WEEKDAYS,
+    describe,
+    make_examples,
+    time_phrases,
+    to_24h,
+    words_to_int,
 )
 
 ROWS = make_examples()

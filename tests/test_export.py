@@ -54,6 +54,7 @@ def leftovers(folder) -> list[str]:
     return [p.name for p in folder.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_merged_lora_is_a_transformers_folder_with_the_run_template(runs, tmp_path, capsys):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -95,6 +96,7 @@ def test_merged_lora_is_a_transformers_folder_with_the_run_template(runs, tmp_pa
     assert capsys.readouterr().out.strip() == run.generate("...", max_new_tokens=24)
 
 
+@pytest.mark.slow
 def test_merged_full_run_in_f16(runs, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -119,6 +121,7 @@ def gguf_fields(path) -> dict:
     return fields
 
 
+@pytest.mark.slow
 def test_gguf_reads_back_with_the_merged_logits_and_the_same_tokenizer(runs, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -147,6 +150,7 @@ def test_gguf_reads_back_with_the_merged_logits_and_the_same_tokenizer(runs, tmp
     assert set(fields["tensors"].values()) == {"F32"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype, tolerance", [("f16", 2e-2), ("q8_0", 1e-1)])
 def test_gguf_f16_and_q8_0(runs, tmp_path, dtype, tolerance):
     from transformers import AutoModelForCausalLM
@@ -270,6 +274,7 @@ def as_ollama_sends(messages: list[dict], system: str | None) -> list[dict]:
     return messages
 
 
+@pytest.mark.slow
 def test_ollama_modelfile_renders_the_run_template(runs, tmp_path, capsys):
     out = tmp_path / "ollama"
     assert main(["export", str(runs["lora"]), "--format", "ollama", "--out", str(out)]) == 0
@@ -329,6 +334,7 @@ def test_pre_tokenizer_names_and_refusal(tiny_model_dir, tokenizer):
         check_gguf_supported(config, words)
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path, capsys):
     no_weights = tmp_path / "no-weights"
     shutil.copytree(runs["lora"], no_weights, ignore=shutil.ignore_patterns("adapter"))
@@ -356,6 +362,7 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "mistral", "no-weights"]
 
 
+@pytest.mark.slow
 def test_an_export_that_fails_midway_leaves_nothing(runs, tmp_path, monkeypatch):
     import tunelab.export.gguf
 
@@ -369,6 +376,7 @@ def test_an_export_that_fails_midway_leaves_nothing(runs, tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_llama_cpp_answers_like_tunelab_generate(tmp_path, tiny_model_dir, write_jsonl):
     """llama.cpp itself (through llama-cpp-python) loads the GGUF, tokenizes the run's prompts as
     tunelab does and answers the held-out prompts with the same greedy text. The run is trained

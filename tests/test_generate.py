@@ -16,11 +16,6 @@ import torch
 from tunelab.decoding.generate import Request, generate_answers, generate_batch, generate_rows
 
 
-def cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tunelab.cli", *map(str, args)], capture_output=True, text=True,
-                          input=stdin, timeout=300)
-
-
 def prompts(n: int) -> list[list[dict[str, str]]]:
     """Conversations of very different lengths, so batches need left padding."""
     return [[{"role": "user", "content": f"Question {i}: " + "tell me more " * (i * 7 % 23)}] for i in range(n)]
@@ -45,15 +40,19 @@ def tiny(tokenizer):
 
 @pytest.fixture(scope="module")
 def to_standard_output(tiny_run, tmp_path_factory, write_jsonl):
-    """`tunelab generate RUN --input FILE`, the README's form, once for the tests below."""
+    """`tunelab generate RUN --input FILE`, the README's form, once for the tests below, in a new
+    process: library warnings that show once per process would not show in this one again."""
     folder = tmp_path_factory.mktemp("generate")
     rows = [{"prompt": "Country of Paris?", "completion": "not used"}, {"instruction": "Country of Rome?"},
             {"messages": [{"role": "user", "content": "Country of Oslo?"}]}]
     inputs = write_jsonl(folder / "prompts.jsonl", rows)
-    return cli("generate", tiny_run, "--input", inputs, "--max-new-tokens", "6"), inputs
+    command = [sys.executable, "-m", "tunelab.cli", "generate", str(tiny_run), "--input", str(inputs),
+               "--max-new-tokens", "6"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300), inputs
 
 
-def test_answers_go_to_standard_output_in_input_order(to_standard_output, tiny_run, tmp_path):
+@pytest.mark.slow
+def test_answers_go_to_standard_output_in_input_order(to_standard_output, tiny_run, tmp_path, cli):
     result, inputs = to_standard_output
     assert result.returncode == 0, result.stderr
     answers = [json.loads(line) for line in result.stdout.splitlines()]
@@ -72,12 +71,14 @@ def test_answers_go_to_standard_output_in_input_order(to_standard_output, tiny_r
     assert [json.loads(line)["answer"] for line in from_text.stdout.splitlines()] == [a["answer"] for a in answers]
 
 
+@pytest.mark.slow
 def test_generate_shows_no_library_warnings(to_standard_output):
     result, _ = to_standard_output
     assert result.returncode == 0
     assert not [line for line in result.stderr.splitlines() if "Warning" in line], result.stderr
 
 
+@pytest.mark.slow
 def test_batched_answers_equal_one_by_one_answers_in_input_order(tiny):
     model, template = tiny
     conversations = prompts(11)
@@ -87,6 +88,7 @@ def test_batched_answers_equal_one_by_one_answers_in_input_order(tiny):
     assert len(set(alone)) == len(alone)  # the prompts really get different answers
 
 
+@pytest.mark.slow
 def test_answers_longer_than_the_caches_room_equal_transformers_generate(tiny):
     """The cache keeps room for the next tokens and moves to a larger buffer when it runs out:
     an answer that crosses that move several times is transformers' own greedy answer."""
@@ -194,6 +196,7 @@ def test_precision_flag_reaches_generation(tiny_run, monkeypatch, capsys):
         tunelab.load(tiny_run, precision="half")
 
 
+@pytest.mark.slow
 def test_input_is_read_one_window_at_a_time(tiny):
     model, template = tiny
     taken = []
@@ -244,6 +247,7 @@ def _start(args: list, stdin: bool = False) -> tuple[subprocess.Popen, list[str]
     return process, output
 
 
+@pytest.mark.slow
 def test_interrupted_generate_keeps_every_answer_written_and_says_how_far(tiny_run, tmp_path, write_jsonl):
     rows = [{"prompt": f"Question {i}"} for i in range(64)]  # one window: the first batch leaves first
     inputs = write_jsonl(tmp_path / "prompts.jsonl", rows)
@@ -259,6 +263,7 @@ def test_interrupted_generate_keeps_every_answer_written_and_says_how_far(tiny_r
     assert "Traceback" not in stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_a_chat_reply_and_the_chat_goes_on(tiny_run):
     process, output = _start(["chat", tiny_run, "--max-new-tokens", "5000"], stdin=True)
 
@@ -270,7 +275,7 @@ def test_ctrl_c_stops_a_chat_reply_and_the_chat_goes_on(tiny_run):
         process.stdin.flush()
         _read_until(process, output, replying(turn))  # far from its 5000 tokens
         process.send_signal(signal.SIGINT)
-        _read_until(process, output, lambda text: text.count("[stopped]\nyou> ") == turn)
+        _read_until(process, output, lambda text, turn=turn: text.count("[stopped]\nyou> ") == turn)
     process.stdin.close()  # Ctrl-D leaves
     process.wait(timeout=240)
     stderr = process.stderr.read()
@@ -287,6 +292,7 @@ def _one_by_one(model, template, conversation, max_new_tokens):
     return out[0, ids.shape[1]:].tolist()
 
 
+@pytest.mark.slow
 def test_rows_that_stop_leave_the_batch_and_the_shared_prefix_is_reused(tiny):
     import copy
 
@@ -333,6 +339,7 @@ def test_greedy_rows_equal_transformers_generate_for_prompts_of_different_length
         assert answer.finish_reason == ("stop" if tokens[-1] in stops else "length")
 
 
+@pytest.mark.slow
 def test_sampling_repeats_with_a_seed_whatever_shares_the_batch(tiny):
     model, template = tiny
     prompt = template.encode_prompt(prompts(3)[2])

@@ -22,6 +22,7 @@ def lively_model(tokenizer):
     return LlamaForCausalLM(config).eval()
 
 
+@pytest.mark.slow
 def test_batched_answers_equal_one_by_one_answers_for_very_different_lengths(lively_model, tokenizer):
     template = Template.for_model(tokenizer)
     prompts = ["Hi", "Describe the weather in Paris today. " * 12, "Name a colour.",

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
+from clirun import run_cli
 from tunelab.data import novelty
 from tunelab.evaluate.core import format_report
 from tunelab.evaluate.metrics import accuracy_by_kind
@@ -44,8 +44,7 @@ def test_novelty_of_hand_made_rows():
 
 
 def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tunelab.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
+    return run_cli(*args)
 
 
 @pytest.fixture(scope="module")

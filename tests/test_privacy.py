@@ -16,6 +16,8 @@ import pytest
 
 from tunelab import OFFLINE_ENVIRONMENT
 
+pytestmark = pytest.mark.slow
+
 NONET = Path(__file__).parent / "nonet"
 
 

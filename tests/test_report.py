@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from markupsafe import escape
 
+from clirun import run_cli
 from tunelab.evaluate.results import EvalResults
 from tunelab.report.html import render_run, write_comparison, write_report
 from tunelab.report.runs import read_run
@@ -164,8 +165,7 @@ def make_run(folder: Path, eval_json: dict | None, config: str = CONFIG, final_l
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True,
-                          timeout=120, cwd=cwd)
+    return run_cli(*args, cwd=cwd)
 
 
 def sections(html: str) -> list[str]:
@@ -584,6 +584,7 @@ def png_pixels(path: Path) -> tuple[int, int, list[bytes]]:
     return width, height, rows
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package (apt-get install chromium)")
 def test_report_renders_in_headless_chromium(tmp_path):
     html_path = write_report(make_run(tmp_path / "run", rich_eval()))

@@ -24,6 +24,9 @@ from pathlib import Path
 import pytest
 
 import tunelab
+from clirun import run_cli
+
+pytestmark = pytest.mark.slow
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
@@ -39,7 +42,7 @@ def free_port() -> int:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True, timeout=300)
+    return run_cli(*args)
 
 
 class ServerProcess:

@@ -30,9 +30,11 @@ def test_answers_the_capital_of_france(smollm2):
 
 def test_one_lora_step(smollm2, tmp_path, assert_trained):
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Say {w}", "completion": w}) + "\n" for w in ["yes", "no", "ok"] * 4))
+    data.write_text("".join(json.dumps({"prompt": f"Say {w}", "completion": w}) + "\n"
+                            for w in ["yes", "no", "ok"] * 4))
     out = tmp_path / "run"
-    assert main(["train", str(data), "--out", str(out), "--max-steps", "1", "--batch-size", "4", "--test-size", "2"]) == 0
+    assert main(["train", str(data), "--out", str(out), "--max-steps", "1", "--batch-size", "4",
+                 "--test-size", "2"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1]
     assert (out / "adapter" / "adapter_model.safetensors").exists()

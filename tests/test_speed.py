@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from tunelab.train import loss
 from tunelab import device
+from tunelab.models import load_model
+from tunelab.template import IGNORE, Template
+from tunelab.train import loss
 from tunelab.encoding import encode_examples
 from tunelab.train.batching import pack
 from tunelab.train.loss import token_loss
-from tunelab.models import load_model
-from tunelab.template import IGNORE, Template
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +129,7 @@ print(outside, inside, mmapped())
 """
 
 
+@pytest.mark.slow
 def test_large_blocks_come_from_the_heap_while_training():
     """In a fresh process: a heap that earlier tests left with large free chunks would serve the
     block without mmap either way."""

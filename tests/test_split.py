@@ -1,12 +1,10 @@
 """`--split-by`: whole groups of a field on one side of the split, in the data check and in
-training alike; and the data check's novelty line and warning, through the real CLI."""
+training alike; and the data check's novelty line and warning, through the CLI."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from collections import Counter
 
 import numpy as np
@@ -24,11 +22,6 @@ def noise(i: int) -> str:
 def rows_of(customers: list[str], values=lambda i, c: {"customer": c, "order": i}) -> list[dict]:
     return [{"prompt": f"Who placed order {i}? {noise(i)}", "completion": json.dumps(values(i, c)),
              "metadata": {"customer": c}} for i, c in enumerate(customers)]
-
-
-def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tunelab.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
 
 
 def grouped(path, seed=0, test_size=0.2, split_by="metadata.customer"):
@@ -82,9 +75,10 @@ def test_the_python_split_names_the_first_row_without_the_field(tmp_path, write_
         grouped(write_jsonl(tmp_path / "d.jsonl", rows))
 
 
-def test_the_data_check_prints_groups_and_novelty_and_saves_them(tmp_path, write_jsonl):
+def test_the_data_check_prints_groups_and_novelty_and_saves_them(tmp_path, write_jsonl, cli):
     path = write_jsonl(tmp_path / "d.jsonl", rows_of([f"c{i % 20}" for i in range(100)]))
-    result = cli("data", "check", path, "--split-by", "metadata.customer", "--test-size", "0.2", "--out", tmp_path / "r")
+    result = cli("data", "check", path, "--split-by", "metadata.customer", "--test-size", "0.2",
+                 "--out", tmp_path / "r")
     assert result.returncode == 0, result.stderr
     split_line = next(line for line in result.stdout.splitlines() if line.strip().startswith("split "))
     assert "train 80 / test 20 (--split-by metadata.customer: 16 / 4 groups)" in split_line
@@ -99,7 +93,7 @@ def test_the_data_check_prints_groups_and_novelty_and_saves_them(tmp_path, write
                                 "rows_without_values": 0, "training_values": 96}
 
 
-def test_a_random_split_that_repeats_training_values_is_warned_about(tmp_path, write_jsonl):
+def test_a_random_split_that_repeats_training_values_is_warned_about(tmp_path, write_jsonl, cli):
     # 60 customers in 600 rows, answers without a row-unique value: a random split holds out
     # customers that training shows, and the check says so, with the fix.
     rows = rows_of([f"customer {i % 60}" for i in range(600)], values=lambda i, c: {"customer": c, "size": i % 3})
@@ -116,7 +110,7 @@ def test_a_random_split_that_repeats_training_values_is_warned_about(tmp_path, w
     assert "novelty              50% of 120 held-out answer values" in grouped_check.stdout
 
 
-def test_a_label_set_is_not_warned_about(tmp_path, write_jsonl):
+def test_a_label_set_is_not_warned_about(tmp_path, write_jsonl, cli):
     """Classes repeat by nature: a held-out 'positive' seen in training is no leak."""
     rows = [{"prompt": f"Review {noise(i)}: {'great' if i % 2 else 'awful'}", "completion": json.dumps(
         {"sentiment": "positive" if i % 2 else "negative"})} for i in range(200)]
@@ -125,7 +119,8 @@ def test_a_label_set_is_not_warned_about(tmp_path, write_jsonl):
     assert "W_SEEN_VALUES" not in result.stdout
 
 
-def test_training_splits_by_the_field_as_the_check_does(tmp_path, tiny_model_dir, write_jsonl):
+@pytest.mark.slow
+def test_training_splits_by_the_field_as_the_check_does(tmp_path, tiny_model_dir, write_jsonl, cli):
     path = write_jsonl(tmp_path / "d.jsonl", rows_of([f"c{i % 10}" for i in range(60)]))
     out = tmp_path / "run"
     result = cli("train", path, "--base", tiny_model_dir, "--out", out, "--max-steps", "1", "--batch-size", "4",
@@ -141,7 +136,7 @@ def test_training_splits_by_the_field_as_the_check_does(tmp_path, tiny_model_dir
     assert "metadata.customer" in (out / "config.yaml").read_text()
 
 
-def test_training_stops_on_a_row_without_the_field(tmp_path, tiny_model_dir, write_jsonl):
+def test_training_stops_on_a_row_without_the_field(tmp_path, tiny_model_dir, write_jsonl, cli):
     rows = rows_of(["a", "b", "c", "d"])
     del rows[2]["metadata"]
     result = cli("train", write_jsonl(tmp_path / "d.jsonl", rows), "--base", tiny_model_dir, "--out", tmp_path / "run",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 import shlex
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from clirun import run_cli
 from tunelab.cli import main
 from tunelab.client import check_private, retry_after
 from tunelab.errors import UserError
@@ -160,8 +160,7 @@ def server():
 
 
 def cli(*args: str, cwd: Path | None = None, stdin: str = "", env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True, timeout=120,
-                          cwd=cwd, input=stdin, env={**os.environ, **(env or {})})
+    return run_cli(*args, cwd=cwd, stdin=stdin, env=env)
 
 
 def rows(path: Path) -> list[dict]:
@@ -214,6 +213,7 @@ def test_label_in_input_order_with_retries(tmp_path, server):
     assert rows(out) == labelled
 
 
+@pytest.mark.slow
 def test_sigkill_half_way_then_restart_asks_nothing_twice(tmp_path, server):
     inputs = tmp_path / "inputs.txt"
     inputs.write_text("".join(f"ticket number {i}\n" for i in range(20)))

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 import tunelab
-from tunelab.train import loop as train_mod
-from tunelab.train.checkpoint import PAUSE_ENV
 from tunelab.cli import main
 from tunelab.config import TrainConfig
 from tunelab.errors import UserError
 from tunelab.template import Template
+from tunelab.train import loop as train_mod
+from tunelab.train.checkpoint import PAUSE_ENV
 
 QUICK = ["--method", "full", "--max-steps", "2", "--batch-size", "8", "--test-size", "4", "--eval-every", "100",
          "--precision", "fp32"]
@@ -46,6 +46,7 @@ def test_each_example_is_tokenised_once(tmp_path, tiny_model_dir, pairs_file, mo
     assert sorted(calls) == sorted(prompts)
 
 
+@pytest.mark.slow
 def test_a_file_too_large_for_memory_is_streamed_twice(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
     calls = count_encodings(monkeypatch)
     monkeypatch.setattr(train_mod, "IN_MEMORY_BYTES", pairs_file.stat().st_size - 1)
@@ -57,13 +58,15 @@ def test_a_file_too_large_for_memory_is_streamed_twice(tmp_path, tiny_model_dir,
     monkeypatch.undo()
     assert main(["train", str(pairs_file), "--base", str(tiny_model_dir), "--out", str(tmp_path / "once"),
                  *QUICK]) == 0
+    def untimed(name: str, text: str):
+        if name != "metrics.jsonl":
+            return text
+        return [{k: v for k, v in json.loads(row).items() if k not in ("tokens_per_s", "elapsed_s")}
+                for row in text.splitlines()]
+
     for name in ("train.jsonl", "test.jsonl", "split.json", "run.json", "metrics.jsonl"):
-        if name == "metrics.jsonl":
-            strip = lambda text: [{k: v for k, v in json.loads(row).items() if k not in ("tokens_per_s", "elapsed_s")}
-                                  for row in text.splitlines()]
-        else:
-            strip = lambda text: text
-        assert strip((tmp_path / "run" / name).read_text()) == strip((tmp_path / "once" / name).read_text()), name
+        assert untimed(name, (tmp_path / "run" / name).read_text()) == \
+            untimed(name, (tmp_path / "once" / name).read_text()), name
 
 
 def test_an_example_dropped_for_length_is_not_in_train_jsonl(tmp_path, tiny_model_dir, capsys, write_jsonl):
@@ -108,6 +111,7 @@ def interrupt(process: subprocess.Popen) -> tuple[int, str]:
     return process.returncode, err
 
 
+@pytest.mark.slow
 def test_ctrl_c_names_the_last_checkpoint_and_how_to_resume(tmp_path, tiny_model_dir, pairs_file):
     out = tmp_path / "run"
     # The save of step 3 stalls before its rename: Ctrl-C lands in the middle of writing it.
@@ -124,6 +128,7 @@ def test_ctrl_c_names_the_last_checkpoint_and_how_to_resume(tmp_path, tiny_model
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_without_checkpoints_suggests_save_every(tmp_path, tiny_model_dir, pairs_file):
     out = tmp_path / "run"
     process = start_training(pairs_file, out, "--base", str(tiny_model_dir), "--method", "full",

@@ -21,6 +21,8 @@ import tunelab
 from tunelab.train.checkpoint import PAUSE_ENV
 from tunelab.cli import main
 
+pytestmark = pytest.mark.slow
+
 ARGS = ["--method", "full", "--lr", "0.003", "--epochs", "2", "--test-size", "8", "--eval-every", "100", "--precision", "fp32",
         "--seed", "3"]
 

@@ -1,6 +1,7 @@
 """Every mistake a user can make: one line `tunelab: error: ...`, exit code 2, no traceback,
-nothing lost. Each case of the corpus writes its bad input into tmp_path and runs the real CLI
-in a subprocess; most fail before any model loads."""
+nothing lost. Each case of the corpus writes its bad input into tmp_path and runs the CLI's
+`main` as the `tunelab` command would (in the test's process: clirun.run_cli); most fail before
+any model loads."""
 
 from __future__ import annotations
 
@@ -15,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from clirun import run_cli
 
 GOOD_ROWS = [{"prompt": f"Country of {city}? ({i})", "completion": country}
              for i in range(3) for city, country in (("Paris", "France"), ("Rome", "Italy"))]
 
 
 def cli(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tunelab.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+    return run_cli(*args, cwd=cwd)
 
 
 @dataclass

@@ -22,14 +22,15 @@ from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 
 from tunelab.data.load import METADATA_KEYS, SHAPE_KEYS, SHAPES
 from tunelab.errors import UserError
 from tunelab.template import NAMED
 
 # The allowed values of each choice, written here once; the CLI's choices come from these.
-Format = Literal[("auto", *SHAPES)]
-TemplateName = Literal[("auto", *NAMED)]
+Format = Literal[("auto", *SHAPES)]  # type: ignore[valid-type]  # built at run time: Any to mypy
+TemplateName = Literal[("auto", *NAMED)]  # type: ignore[valid-type]
 Truncation = Literal["drop", "truncate", "error"]
 Method = Literal["lora", "full"]
 Precision = Literal["auto", "fp32", "bf16"]
@@ -83,7 +84,7 @@ class Options(BaseModel):
             raise UserError(lines[0], lines[1:]) from None
 
     @classmethod
-    def _explain(cls, error: dict, source: str | None, flags: Collection[str]) -> str:
+    def _explain(cls, error: ErrorDetails, source: str | None, flags: Collection[str]) -> str:
         key = str(error["loc"][0]) if error["loc"] else ""
         value = error["input"]
         where = f"{source}: " if source and key not in flags else ""

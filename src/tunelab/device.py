@@ -117,10 +117,11 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
 def use_packed_attention(model, per_example: bool = True) -> bool:
     """Switch a transformers model (or a peft model around one) to `packed_sdpa`, keeping
     FlashAttention where it is already chosen, and SDPA when `per_example` is False (on a GPU,
-    where one kernel over the row's block-diagonal mask is faster than a loop). Returns whether the model attends within each
-    example of a packed row by itself; where it cannot (its attention is not SDPA, e.g. Gemma 2's
-    soft-capped scores), it keeps its own attention, says so on stderr, and `loss.backward_step` runs
-    each example of a micro-batch as its own forward pass (`one_example_batches`)."""
+    where one kernel over the row's block-diagonal mask is faster than a loop). Returns whether
+    the model attends within each example of a packed row by itself; where it cannot (its
+    attention is not SDPA, e.g. Gemma 2's soft-capped scores), it keeps its own attention, says so
+    on stderr, and `loss.backward_step` runs each example of a micro-batch as its own forward pass
+    (`one_example_batches`)."""
     import sys
 
     from transformers import AttentionInterface

@@ -21,6 +21,7 @@ This module knows the layout only; training (train.py), checkpoints (checkpoint.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -95,8 +96,8 @@ class RunFiles:
         return self.root / "eval.json"
 
     def create(self, config: TrainConfig, template: Template, base_path: Path, train: list[Example],
-               test: list[Example], dropped: list[int], trained_pieces: int, augmented: list[Example] = (),
-               copied_fields: list[str] = ()) -> None:
+               test: list[Example], dropped: list[int], trained_pieces: int, augmented: Sequence[Example] = (),
+               copied_fields: Sequence[str] = ()) -> None:
         """Write what a run starts with: config, template, tokenizer, the split and its examples.
         `train` and `test` are the two sides of the split; train.jsonl leaves out the `dropped`
         lines (over --max-length), which are not trained; `trained_pieces` counts what the trained

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,7 +149,7 @@ class Template:
         return self._special_pattern.findall(text) if self._special_pattern else []
 
     def _tokenize(
-        self, messages: list[dict[str, str]], text: str, add_generation_prompt: bool = False, cuts: list[int] = ()
+        self, messages: list[dict[str, str]], text: str, add_generation_prompt: bool = False, cuts: Sequence[int] = ()
     ) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and character offsets of `text`, the rendering of `messages`.
 
@@ -170,7 +171,7 @@ class Template:
                 return f"{_MARK_OPEN}{len(hidden) - 1}{_MARK_CLOSE}"
 
             masked = [{**m, "content": self._special_pattern.sub(hide, m["content"])} for m in messages]
-        if hidden:
+        if hidden and self._special_pattern is not None:
             rendered = self.render(masked, add_generation_prompt=add_generation_prompt)
             pieces = [(piece if k % 2 else _MARKER.sub(lambda m: hidden[int(m.group(1))], piece), bool(k % 2))
                       for k, piece in enumerate(self._special_pattern.split(rendered))]

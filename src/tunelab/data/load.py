@@ -17,7 +17,7 @@ import csv
 import difflib
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -502,7 +502,7 @@ def split_rank(key: str, seed: int) -> int:
     return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:16], 16)
 
 
-def write_jsonl(path: Path, examples: list[Example]) -> None:
+def write_jsonl(path: Path, examples: Iterable[Example]) -> None:
     """Write a run's split (train.jsonl, test.jsonl) as data rows that tunelab itself reads: the
     source line and --split-by group go under `metadata`, so `tunelab eval RUN --data RUN/test.jsonl`
     and `tunelab data check RUN/train.jsonl` accept the file."""
