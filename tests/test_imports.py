@@ -13,7 +13,7 @@ import tunelab
 PACKAGE = Path(tunelab.__file__).parent
 
 LAYERS = [
-    {"errors", "text"},
+    {"errors", "text", "files"},
     {"data.load", "data.dedup", "template", "models", "client"},
     {"encoding", "teacher.schema"},
     {"config"},

@@ -13,7 +13,6 @@ option, the value and what is allowed.
 from __future__ import annotations
 
 import difflib
-import os
 import typing
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pydantic_core import ErrorDetails
 
 from tunelab.data.load import METADATA_KEYS, SHAPE_KEYS, SHAPES
 from tunelab.errors import UserError
+from tunelab.files import write_text_atomic
 from tunelab.template import NAMED
 
 # The allowed values of each choice, written here once; the CLI's choices come from these.
@@ -250,9 +250,7 @@ class TrainConfig(DataOptions):
 
     def save(self, path: Path) -> None:
         # Written beside and renamed: `tunelab train --resume` reads it back after a crash.
-        staging = path.with_name(f".{path.name}.tmp")
-        staging.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(staging, path)
+        write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def from_yaml(cls, path: Path, **flags: Any) -> TrainConfig:

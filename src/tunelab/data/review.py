@@ -146,7 +146,7 @@ def write_reviewed(path: Path, out: Path) -> int:
         metadata = source.get("metadata") if isinstance(source.get("metadata"), dict) else {}
         row = {"id": source["id"]} if "id" in source else {}
         rows.append({**row, "messages": messages, "metadata": {**metadata, "review": record["decision"]}})
-    from tunelab.teacher.label import write_jsonl_atomic
+    from tunelab.files import write_jsonl_atomic
 
     write_jsonl_atomic(out, rows)
     return len(rows)

@@ -15,13 +15,13 @@ by `EvalResults`'s own validator, so a run evaluated by an older tunelab still s
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tunelab.errors import UserError
+from tunelab.files import write_text_atomic
 
 SCHEMA = 2
 """The shape `tunelab eval` writes; 1 marks a file converted from the first shape."""
@@ -265,10 +265,7 @@ class EvalResults(Part):
 
     def write(self, path: Path) -> None:
         """Write beside and rename: a crash or Ctrl-C leaves the old file or none, never half of one."""
-        path = Path(path)
-        partial = path.with_name(f".{path.name}.partial")
-        partial.write_text(self.model_dump_json(indent=2), encoding="utf-8")
-        os.replace(partial, path)
+        write_text_atomic(Path(path), self.model_dump_json(indent=2))
 
 
 def as_results(results: EvalResults | dict) -> EvalResults:

@@ -26,6 +26,7 @@ from urllib.parse import quote
 import jinja2
 
 from tunelab.errors import UserError
+from tunelab.files import write_text_atomic
 from tunelab.report import plots, sections
 from tunelab.report.runs import RunData, read_run
 
@@ -50,7 +51,7 @@ def write_report(run_folder: Path, out: Path | None = None) -> Path:
     if out:
         check_folder(Path(out))
     path = Path(out) if out else run.path / REPORT_FILE
-    write_atomically(path, render_run(run))
+    write_text_atomic(path, render_run(run))
     return path
 
 
@@ -60,20 +61,14 @@ def write_comparison(run_folders: list[Path], out: Path) -> Path:
     check_folder(out)
     runs = [read_run(folder) for folder in run_folders]
     for run in runs:
-        write_atomically(run.path / REPORT_FILE, render_run(run))
-    write_atomically(out, render_comparison(runs, out))
+        write_text_atomic(run.path / REPORT_FILE, render_run(run))
+    write_text_atomic(out, render_comparison(runs, out))
     return out
 
 
 def check_folder(path: Path) -> None:
     if not path.parent.is_dir():
         raise UserError(f"--out {path}: the folder {path.parent} does not exist; create it or choose another path")
-
-
-def write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
 
 
 # ---- a run's page -------------------------------------------------------------------------------

@@ -13,8 +13,6 @@ Synthesis of new inputs (`tunelab data synth`) is in synth.py and ends here, in 
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from typing import Any
 
 from tunelab.client import Failure
 from tunelab.errors import UserError, check_not_kernel_folder, check_output_beside, check_output_file
+from tunelab.files import write_jsonl_atomic
 from tunelab.teacher.ask import Cache, Teacher, TeacherClient, connect, run_pool
 from tunelab.teacher.schema import answer_problem, strip_fence
 
@@ -148,15 +147,6 @@ def label(inputs: list[tuple[int, list[dict[str, str]]]], client: TeacherClient,
         print(f"tunelab: {sum(failures.values())} inputs failed ({counts}); listed in {paths.rejects}. "
               f"Remove {paths.out} and run again to retry them; answers received are kept.", file=sys.stderr)
     return failures
-
-
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    """Rows as JSON lines, written beside `path` and renamed, so `path` is never half-written."""
-    partial = path.with_name(f".{path.name}.partial")
-    with partial.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(partial, path)
 
 
 def cli_label(inputs_path: Path, teacher: Teacher, out: Path, allow_remote: bool,

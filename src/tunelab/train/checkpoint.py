@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tunelab.errors import UserError
+from tunelab.files import write_text_atomic
 from tunelab.runfolder import RunFiles
 
 # Options that may change when a run is resumed: they decide what is saved and measured, never
@@ -313,9 +314,7 @@ def trim_metrics(path: Path, step: int) -> None:
             continue
         if row.get("step", 0) <= step:
             rows.append(line + "\n")
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text("".join(rows), encoding="utf-8")
-    os.replace(staging, path)
+    write_text_atomic(path, "".join(rows))
 
 
 def warn(message: str) -> None:
