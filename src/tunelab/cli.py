@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Collection
 from pathlib import Path
 
-from tunelab.config import DataOptions, Precision, TrainConfig
+from tunelab.config import DataOptions, Device, Precision, TrainConfig
 from tunelab.errors import UserError, check_output_file, check_output_folder
 
 
@@ -134,7 +134,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     judge = Endpoint.judge(args.judge, args.judge_model, key) if args.judge else None
     for endpoint in [*endpoints, *([judge] if judge else [])]:
         endpoint.check(args.allow_remote)
-    run = Run(args.run, args.precision)
+    run = Run(args.run, args.precision, args.device)
     check_output_file(run.files.eval, "the results file")  # written at the end: check before the work
     results = run.evaluate(
         limit=args.limit, include_base=not args.no_base, max_new_tokens=args.max_new_tokens,
@@ -188,7 +188,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     RunFiles(Path(args.run)).check()
     # A .txt file holds one prompt per line, as for `tunelab data label`.
     inputs = read_inputs(Path(args.input)) if args.input is not None else []
-    run = Run(args.run, args.precision)
+    run = Run(args.run, args.precision, args.device)
     if args.prompt is not None:
         print(run.generate(args.prompt, max_new_tokens=args.max_new_tokens, copy_constraint=not args.no_copy_constraint))
         return
@@ -235,7 +235,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from tunelab.decoding.generate import stream_reply
     from tunelab.run import Run
 
-    run = Run(args.run, args.precision)
+    run = Run(args.run, args.precision, args.device)
     model = run.model()
     copying = run.copy_rule(not args.no_copy_constraint)
     conversation = [{"role": "system", "content": args.system}] if args.system else []
@@ -275,7 +275,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                        api_key_file=Path(args.api_key_file) if args.api_key_file else None,
                        cors_origins=args.cors_origin, max_queue=args.max_queue, batch_size=args.batch_size,
                        rules=Path(args.rules) if args.rules else None, copy_constraint=not args.no_copy_constraint,
-                       precision=args.precision))
+                       precision=args.precision, device=args.device))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -325,6 +325,9 @@ def add_precision_flag(parser: argparse.ArgumentParser) -> None:
                         help="arithmetic of generation: bf16 (matmuls in bf16, as in mixed-precision training; "
                              "generation about 2x faster on CPUs with AVX512-BF16) or fp32; auto picks bf16 where "
                              "the hardware computes it natively (default: the run's --precision setting)")
+    # Where the model answers; beside --precision since every command that takes one runs a model.
+    parser.add_argument("--device", choices=typing.get_args(Device), default="auto",
+                        help="where the model runs: auto picks a CUDA GPU, then Apple's GPU (mps), then the CPU")
 
 
 def positive_int(text: str) -> int:

@@ -30,6 +30,7 @@ TemplateName = Literal[("auto", *NAMED)]
 Truncation = Literal["drop", "truncate", "error"]
 Method = Literal["lora", "full"]
 Precision = Literal["auto", "fp32", "bf16"]
+Device = Literal["auto", "cuda", "mps", "cpu"]
 
 
 class DataOptions(BaseModel):
