@@ -93,7 +93,7 @@ def run_tunelab(method: str, seed: int, work: Path, out: Path) -> dict:
     # The training split only (test_size 0): the held-out examples were set apart by prepare_data.
     # No held-out loss during training (TRL does none either); it is measured afterwards for all.
     config = TrainConfig(base=BASE, method=method, batch_size=BATCH, epochs=1, max_length=MAX_LENGTH, test_size=0,
-                         seed=seed, warmup_ratio=WARMUP, eval_examples=0)
+                         seed=seed, warmup_ratio=WARMUP)
     train(config, work / "train.jsonl", out, overwrite=True, quiet=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if "loss" in r][-1]

@@ -209,7 +209,7 @@ def test_eval_on_another_labelled_file(trained_run, tmp_path, capsys, write_json
     assert main(["eval", str(trained_run), "--data", str(harder), "--no-base", "--precision", "bf16"]) == 0
     assert asked and set(asked) == {"bf16"}
     assert json.loads((trained_run / "eval.json").read_text())["precision"] == "bf16"
-    assert "cost per request (bf16)" in capsys.readouterr().out
+    assert "cost per request (bf16 on cpu)" in capsys.readouterr().out
     assert forgetting_in_bf16 == [False]  # close log-likelihoods: the forgetting check stays in fp32
     results = json.loads((trained_run / "eval.json").read_text())
     assert results["data"] == str(harder) and results["examples_evaluated"] == 3

@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 import tunelab
 from clirun import run_cli
@@ -166,6 +167,9 @@ def test_models_and_health(server):
     status, health = server.get("/health")
     assert status == 200 and health["status"] == "ok"
     assert health["loaded_models"] == 1  # two runs, one copy of the base
+    assert set(health["answering"]) == {"alpha", "beta"}  # where and in what arithmetic each model answers
+    assert {a["device"] for a in health["answering"].values()} == {"cuda" if torch.cuda.is_available() else "cpu"}
+    assert all(a["precision"] in ("bf16", "fp32") for a in health["answering"].values())
 
 
 def test_served_runs_generate_in_their_training_precision_or_the_one_asked(runs):

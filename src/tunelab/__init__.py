@@ -49,9 +49,10 @@ def finetune(data: str | Path, out: str | Path | None = None, overwrite: bool = 
     return Run(out)
 
 
-def load(path: str | Path, precision: str | None = None) -> Run:
+def load(path: str | Path, precision: str | None = None, device: str = "auto") -> Run:
     """Open a finished run folder; `precision` ("auto", "bf16" or "fp32") is the arithmetic of its
-    generation and evaluation, by default the run's own --precision setting."""
+    generation and evaluation, by default the run's own --precision setting; `device` ("auto":
+    CUDA, then Apple's MPS, then the CPU; or "cuda", "mps", "cpu") is where its models answer."""
     from tunelab.run import Run
 
-    return Run(path, precision)
+    return Run(path, precision, device)

@@ -23,8 +23,8 @@ from typing import Annotated, Any
 from pydantic import Field
 from pydantic_core import PydanticUndefined
 
-from tunelab.config import (Arg, DataOptions, EndpointAccess, GenerationPrecision, Method, NoCopyConstraint, Options,
-                            RunFolder, TeacherOptions, TrainConfig)
+from tunelab.config import (Arg, DataOptions, EndpointAccess, GenerationPrecision, GenerationDevice, Method, NoCopyConstraint,
+                            Options, RunFolder, TeacherOptions, TrainConfig)
 from tunelab.errors import UserError, check_output_file, check_output_folder, hide_known_warnings
 
 
@@ -193,6 +193,7 @@ class EvalOptions(EndpointAccess):
     """prompts per batch"""
     no_copy_constraint: NoCopyConstraint = False
     precision: GenerationPrecision = None
+    device: GenerationDevice = "auto"
 
 
 def cmd_eval(o: EvalOptions) -> None:
@@ -211,7 +212,7 @@ def cmd_eval(o: EvalOptions) -> None:
     judge = Endpoint.judge(o.judge, o.judge_model, key) if o.judge else None
     for endpoint in [*endpoints, *([judge] if judge else [])]:
         endpoint.check(o.allow_remote)
-    run = Run(o.run, o.precision)
+    run = Run(o.run, o.precision, o.device)
     check_output_file(run.files.eval, "the results file")  # written at the end: check before the work
     results = run.evaluate(
         limit=o.limit, include_base=not o.no_base, max_new_tokens=o.max_new_tokens,
@@ -256,6 +257,7 @@ class GenerateOptions(Options):
     """token limit per answer"""
     no_copy_constraint: NoCopyConstraint = False
     precision: GenerationPrecision = None
+    device: GenerationDevice = "auto"
 
 
 def cmd_generate(o: GenerateOptions) -> None:
@@ -276,7 +278,7 @@ def cmd_generate(o: GenerateOptions) -> None:
     RunFiles(Path(o.run)).check()
     # A .txt file holds one prompt per line, as for `tunelab data label`.
     inputs = read_inputs(Path(o.input)) if o.input is not None else []
-    run = Run(o.run, o.precision)
+    run = Run(o.run, o.precision, o.device)
     if o.prompt is not None:
         print(run.generate(o.prompt, max_new_tokens=o.max_new_tokens, copy_constraint=not o.no_copy_constraint))
         return
@@ -327,13 +329,14 @@ class ChatOptions(Options):
     """token limit per reply"""
     no_copy_constraint: NoCopyConstraint = False
     precision: GenerationPrecision = None
+    device: GenerationDevice = "auto"
 
 
 def cmd_chat(o: ChatOptions) -> None:
     from tunelab.decoding.generate import stream_reply
     from tunelab.run import Run
 
-    run = Run(o.run, o.precision)
+    run = Run(o.run, o.precision, o.device)
     model = run.model()
     copying = run.copy_rule(not o.no_copy_constraint)
     conversation = [{"role": "system", "content": o.system}] if o.system else []
@@ -387,6 +390,7 @@ class ServeCommandOptions(Options):
     """YAML moderation rules: input/output words and patterns"""
     no_copy_constraint: NoCopyConstraint = False
     precision: GenerationPrecision = None
+    device: GenerationDevice = "auto"
 
 
 def cmd_serve(o: ServeCommandOptions) -> None:
@@ -395,7 +399,7 @@ def cmd_serve(o: ServeCommandOptions) -> None:
     serve(ServeOptions(runs=[Path(r) for r in o.runs], host=o.host, port=o.port, api_key=o.api_key,
                        api_key_file=Path(o.api_key_file) if o.api_key_file else None, cors_origins=o.cors_origin,
                        max_queue=o.max_queue, batch_size=o.batch_size, rules=Path(o.rules) if o.rules else None,
-                       copy_constraint=not o.no_copy_constraint, precision=o.precision))
+                       copy_constraint=not o.no_copy_constraint, precision=o.precision, device=o.device))
 
 
 class ExportOptions(Options):

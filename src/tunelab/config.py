@@ -34,6 +34,7 @@ TemplateName = Literal[("auto", *NAMED)]  # type: ignore[valid-type]
 Truncation = Literal["drop", "truncate", "error"]
 Method = Literal["lora", "full"]
 Precision = Literal["auto", "fp32", "bf16"]
+Device = Literal["auto", "cuda", "mps", "cpu"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ GenerationPrecision = Annotated[Precision | None, Field(
     description="arithmetic of generation: bf16 (matmuls in bf16, as in mixed-precision training; generation "
                 "about 2x faster on CPUs with AVX512-BF16) or fp32; auto picks bf16 where the hardware computes "
                 "it natively (default: the run's --precision setting)")]
+GenerationDevice = Annotated[Device, Field(
+    description="where the model runs: auto picks a CUDA GPU, then Apple's GPU (mps), then the CPU")]
 NoCopyConstraint = Annotated[bool, Field(
     description="let answers hold any value in the fields that the training data copies from the input (by "
                 "default such values stay substrings of the input; the data check lists the fields)")]

@@ -29,7 +29,8 @@ import typing
 
 import torch
 
-from tunelab.config import Precision
+from tunelab.config import Device, Precision
+from tunelab.errors import UserError
 
 PACKED_ATTENTION = "tunelab_packed_sdpa"
 
@@ -174,6 +175,22 @@ def make_optimizer(params, lr: float, weight_decay: float, device: torch.device)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
+def inference_device(choice: str = "auto") -> torch.device:
+    """Where a model answers (generation, evaluation, serving): `choice` "cuda", "mps" or "cpu"
+    as asked, or for "auto" the best present: an NVIDIA (or ROCm) GPU, then Apple's GPU (MPS),
+    then the CPU. Training picks its device through accelerate, which follows the same order.
+    A device asked for that this machine does not have is a user error, before any model loads."""
+    if choice not in typing.get_args(Device):
+        raise UserError(f"--device {choice}: choose one of {', '.join(typing.get_args(Device))}")
+    present = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if choice == "auto":
+        return torch.device(next(name for name, here in present.items() if here))
+    if not present[choice]:
+        hint = "this torch sees no GPU" if choice == "cuda" else "MPS needs Apple silicon and macOS 12.3 or later"
+        raise UserError(f"--device {choice}: not available on this machine ({hint}); use --device auto or cpu")
+    return torch.device(choice)
+
+
 def native_bf16(device: torch.device | None = None) -> bool:
     """Whether bf16 matmuls run natively on `device` (by default the one training uses: the GPU
     if there is one): fast on GPUs with bf16 and CPUs with AVX512-BF16 or AMX (training steps
@@ -181,6 +198,8 @@ def native_bf16(device: torch.device | None = None) -> bool:
     on_gpu = torch.cuda.is_available() if device is None else device.type == "cuda"
     if on_gpu:
         return torch.cuda.is_bf16_supported()
+    if device is not None and device.type == "mps":
+        return False  # bf16 on Apple's GPU is not measured here: "auto" stays fp32 there
     # A private probe, the only one torch has: tests/test_private_hooks.py fails if it goes.
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
@@ -189,7 +208,8 @@ def autocast(precision: str, device: torch.device):
     """The arithmetic of a forward pass on `device` outside training (generation, the held-out
     loss), chosen as --precision chooses training's: bf16 autocast (matmuls in bf16; weights,
     norms and softmax in fp32) for "bf16", and for "auto" where `device` computes bf16 natively
-    (generation about 2x faster on a CPU with AVX512-BF16); plain fp32 otherwise."""
+    (generation about 2x faster on a CPU with AVX512-BF16); plain fp32 otherwise. The same on
+    every device: CUDA, MPS (where "auto" means fp32) and the CPU."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=computes_bf16(precision, device))
 
 

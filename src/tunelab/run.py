@@ -21,10 +21,12 @@ class Run:
     >>> run.generate("Extract the booking ...")
     """
 
-    def __init__(self, path: Path | str, precision: str | None = None):
+    def __init__(self, path: Path | str, precision: str | None = None, device: str = "auto"):
         """`precision` is the arithmetic of generation and evaluation ("auto", "bf16" or "fp32",
-        as `device.autocast` reads it); by default the run's own --precision setting."""
+        as `device.autocast` reads it); by default the run's own --precision setting. `device`
+        ("auto", "cuda", "mps" or "cpu") is where the models answer (`device.inference_device`)."""
         from tunelab.config import Precision, TrainConfig
+        from tunelab.device import inference_device
         from tunelab.errors import UserError
         from tunelab.models import load_tokenizer
         from tunelab.template import Template
@@ -38,6 +40,7 @@ class Run:
         self.tokenizer = load_tokenizer(self.files.tokenizer)
         self.template = Template.load(self.files.template, self.tokenizer)
         self.precision = precision or self.config.precision
+        self.device = inference_device(device)
         self._tuned = None
 
     @property
@@ -53,10 +56,10 @@ class Run:
     def base_model(self):
         from tunelab.models import for_inference, load_model
 
-        return for_inference(load_model(self.base_path()))
+        return for_inference(load_model(self.base_path())).to(self.device)
 
     def model(self):
-        """The fine-tuned model, LoRA adapters merged for speed; loaded once."""
+        """The fine-tuned model, LoRA adapters merged for speed, on `self.device`; loaded once."""
         if self._tuned is None:
             from tunelab.models import for_inference, load_model
 
@@ -68,7 +71,7 @@ class Run:
                 model = model.merge_and_unload()
             else:
                 model = load_model(self.files.model)
-            self._tuned = for_inference(model)
+            self._tuned = for_inference(model).to(self.device)
         return self._tuned
 
     @property

@@ -183,6 +183,7 @@ def evaluate(run, limit: int | None = None, batch_size: int = 32, max_new_tokens
     results = scored.model_copy(update={
         "run": str(run.path), "data": str(source), "max_new_tokens": max_new_tokens, "shots": shots,
         "precision": "bf16" if computes_bf16(run.precision, tuned_model.device) else "fp32",
+        "device": tuned_model.device.type,
         "forgetting": Forgetting(file=str(forgetting), questions=len(questions),
                                  results={name: ForgettingScore.model_validate(found)
                                           for name, found in forgotten.items()}) if questions else None,
@@ -339,8 +340,9 @@ def format_cost(results: EvalResults) -> str:
             ["generated tokens", *[f"{cost[n].generated_tokens:.1f}" for n in names]],
             ["seconds / request", *[f"{cost[n].seconds_per_request:.3f}" for n in names]],
             ["requests / second", *[f"{cost[n].requests_per_second:.1f}" for n in names]]]
-    # The arithmetic of the local contenders' answers (older eval.json files do not say).
-    title = f"cost per request ({results.precision})" if results.precision else "cost per request"
+    # The arithmetic and the device of the local contenders' answers (older eval.json files do not say).
+    said = " on ".join(part for part in (results.precision, results.device) if part)
+    title = f"cost per request ({said})" if said else "cost per request"
     return _grid([title, *names], rows)
 
 

@@ -188,6 +188,8 @@ class EvalResults(Part):
     shots: int | None = None
     precision: Literal["bf16", "fp32"] | None = None
     """The arithmetic of the local contenders' answers and held-out losses (older files: None)."""
+    device: Literal["cuda", "mps", "cpu"] | None = None
+    """Where the local contenders answered (`--device`; older files: None)."""
     contenders: list[Contender] = []
     metrics: dict[str, dict[str, Interval]] = {}
     """{contender: {metric: value}}: exact_match, token_f1, rouge_l; valid_json and field_accuracy

@@ -119,7 +119,7 @@ def write_gguf(model, tokenizer, template: Template, path: Path, dtype: str, tok
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise ValueError(f"no GGUF name for Llama tensor {hf_name}")
-        data = data.numpy()
+        data = data.cpu().numpy()  # a model evaluated on a GPU is exported from there
         # Norms (1-D) stay f32 as in llama.cpp's own files; rows that are not whole Q8_0 blocks
         # (32 values) fall back to f16, as llama.cpp's converter does.
         if data.ndim == 1 or dtype == "f32":

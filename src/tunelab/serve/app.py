@@ -81,6 +81,8 @@ class ServeOptions:
     last user message (copying.py); False is `--no-copy-constraint`."""
     precision: str | None = None
     """Arithmetic of generation, "auto", "bf16" or "fp32"; None: each run's training precision."""
+    device: str = "auto"
+    """Where the models answer: "auto" (CUDA, then Apple's MPS, then the CPU), "cuda", "mps" or "cpu"."""
 
 
 # ----------------------------------------------------------------------------- models
@@ -104,14 +106,16 @@ class Served:
     """The arithmetic of its generation (`Run.precision`)."""
 
 
-def load_served(paths: list[Path], copy_constraint: bool = True, precision: str | None = None) -> dict[str, Served]:
-    """Load each run once; LoRA runs on the same base share one base model in memory."""
+def load_served(paths: list[Path], copy_constraint: bool = True, precision: str | None = None,
+                device: str = "auto") -> dict[str, Served]:
+    """Load each run once, on `device` (`device.inference_device`); LoRA runs on the same base
+    share one base model in memory."""
     from peft import PeftModel
 
     from tunelab.models import for_inference, load_model
     from tunelab.run import Run
 
-    runs = [Run(p, precision) for p in paths]  # checks every folder before loading any weights
+    runs = [Run(p, precision, device) for p in paths]  # checks every folder before loading any weights
     served: dict[str, Served] = {}
     shared: dict[Path, Any] = {}
     for run in runs:
@@ -128,7 +132,7 @@ def load_served(paths: list[Path], copy_constraint: bool = True, precision: str 
             model, adapter = shared[base], name
         else:
             model, adapter = load_model(run.files.model), None
-        for_inference(model)
+        for_inference(model).to(run.device)
         context = getattr(model.config, "max_position_embeddings", None) or run.config.max_length
         served[name] = Served(name, run.template, model, adapter, context, run.copy_rule(copy_constraint),
                               run.precision)
@@ -266,9 +270,15 @@ class Server:
     async def health(self, request):
         from starlette.responses import JSONResponse
 
+        from tunelab.device import computes_bf16
+
         loaded = len({id(s.model) for s in self.served.values()})
+        # Where each model answers and in what arithmetic, as eval.json says it for evaluation.
+        answering = {name: {"device": s.model.device.type,
+                            "precision": "bf16" if computes_bf16(s.precision, s.model.device) else "fp32"}
+                     for name, s in self.served.items()}
         return JSONResponse({"status": "ok", "models": list(self.served), "loaded_models": loaded,
-                             **self.scheduler.stats()})
+                             "answering": answering, **self.scheduler.stats()})
 
     async def models(self, request):
         from starlette.responses import JSONResponse
@@ -492,7 +502,7 @@ def serve(options: ServeOptions) -> None:
         RunFiles(path).check()
     sock = bind(options.host, options.port)
 
-    server = Server(load_served(options.runs, options.copy_constraint, options.precision), options, moderation, key)
+    server = Server(load_served(options.runs, options.copy_constraint, options.precision, options.device), options, moderation, key)
     port = sock.getsockname()[1]
     host = f"[{options.host}]" if ":" in options.host else options.host
     print(f"Serving {', '.join(server.served)} on http://{host}:{port} (chat page at /, API at /v1); "
