@@ -277,6 +277,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
                        precision=args.precision))
 
 
+def cmd_ui(args: argparse.Namespace) -> None:
+    from tunelab.ui.app import UIOptions, run_ui
+
+    run_ui(UIOptions(runs=Path(args.runs), data=Path(args.data), host=args.host, port=args.port, jobs=args.jobs,
+                     api_key=args.api_key))
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from tunelab.export import export
     from tunelab.export.ollama import ollama_name
@@ -499,6 +506,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_copy_flag(serve, "answers")
     add_precision_flag(serve)
     serve.set_defaults(func=cmd_serve)
+
+    ui = commands.add_parser("ui", help="the whole loop in the browser: data, training, evaluation, chat")
+    ui.add_argument("--runs", default="runs", metavar="DIR", help="folder of run folders (default: runs)")
+    ui.add_argument("--data", default="data", metavar="DIR", help="folder of data files (default: data)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; any other needs "
+                                                        "a key: --api-key, or one printed at start)")
+    ui.add_argument("--port", type=int, default=7860, help="port (default: 7860; 0 picks a free one)")
+    ui.add_argument("--jobs", type=positive_int, default=1,
+                    help="trainings and evaluations run at once; the rest wait in order (default: 1)")
+    ui.add_argument("--api-key", default=None, help="key to log in with off loopback (open /?key=KEY once)")
+    ui.set_defaults(func=cmd_ui)
 
     export = commands.add_parser("export", help="write the fine-tuned model for transformers, llama.cpp or Ollama")
     export.add_argument("run", help="run folder")

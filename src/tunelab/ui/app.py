@@ -1,0 +1,687 @@
+"""`tunelab ui`: the loop (data, training, evaluation, chat) as pages in a local web app.
+
+    GET  /data                the data folder: upload a file, check one
+    GET  /checks/ID           a data check's report (errors with their rows, split, lengths)
+    GET  /train               the training form, defaults and help from TrainConfig
+    GET  /runs, /runs/NAME    runs; one run's live loss curve, tokens/s and ETA, its report
+    GET  /jobs, /jobs/ID      the queue and every job's command, state and log
+    GET  /chat?run=NAME       talk to a run
+    GET  .../events           server-sent events: a run's metrics.jsonl, a job's state and log
+    GET  /files/runs/PATH, /files/data/PATH   files of the two folders (reports)
+    POST /api/...             what the pages' buttons do (each needs the session token)
+
+Pages are Jinja2 templates with autoescape; the one script (static/ui.js) is served from the
+package, nothing from the network. Everything that takes more than a moment is a job
+(jobs.py): the same `tunelab` command a terminal runs, and each page shows that command. Only
+chat runs in this process, in a worker thread, through the same `Run.generate` as `tunelab
+generate`. The security rules are in guard.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from tunelab.config import TrainConfig
+from tunelab.errors import UserError, check_output_folder
+from tunelab.ui.guard import Guard, allowed_hosts, inside
+from tunelab.ui.jobs import Job, JobStore
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+MAX_UPLOAD_BYTES = 1 << 30
+MAX_JSON_BYTES = 1 << 20
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+"""A run's or an uploaded file's name: one path component, no leading dot."""
+TRAIN_FIELDS = ("base", "method", "epochs", "lr", "max_steps", "save_every")
+"""The TrainConfig fields the Train page offers; the rest keep their defaults (see the CLI)."""
+PAGE_DEFAULTS = {"save_every": 10}
+"""Where the page pre-fills something other than TrainConfig's default, and why: checkpoints
+are what Stop and Resume rely on."""
+TICK_S = 0.5
+
+
+@dataclass
+class UIOptions:
+    """The options of `tunelab ui`."""
+
+    runs: Path = Path("runs")
+    """Folder of run folders (made if missing); jobs live in RUNS/.jobs."""
+    data: Path = Path("data")
+    """Folder of data files: uploads go here, and files here can be picked."""
+    host: str = "127.0.0.1"
+    """Address to bind; anything but loopback needs a key (`api_key`, or one printed at start)."""
+    port: int = 7860
+    """Port to bind; 0 picks a free one."""
+    jobs: int = 1
+    """Heavy jobs (training, evaluation) run at once; the rest wait in order."""
+    api_key: str | None = None
+    """The key browsers log in with off loopback."""
+    cwd: Path = field(default_factory=Path.cwd)
+    """Where jobs run: the folder the relative paths above are relative to."""
+
+
+class TrainRequest(BaseModel):
+    """The Train page's form."""
+
+    data: str
+    name: str
+    base: str = ""
+    method: str = ""
+    epochs: str = ""
+    lr: str = ""
+    max_steps: str = ""
+    save_every: str = ""
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=20_000)
+
+
+class ChatRequest(BaseModel):
+    run: str
+    messages: list[ChatMessage] = Field(min_length=1, max_length=200)
+    max_new_tokens: int = Field(256, gt=0, le=1024)
+
+
+@dataclass
+class RunView:
+    """What the pages show of one run folder."""
+
+    name: str
+    path: Path
+    status: str
+    """queued, training, evaluating, trained, evaluated, stopped (resumable) or incomplete."""
+    last: dict[str, Any]
+    """The last training row of metrics.jsonl (step, loss, tokens/s, ...), or {}."""
+    trained: bool
+    evaluated: bool
+    report: bool
+    resumable: bool
+    active: Job | None
+    """The run's queued or running job."""
+    jobs: list[Job]
+    config: dict[str, Any]
+
+
+class UI:
+    """The app's state: the options, the jobs folder, the session token and the chat model."""
+
+    def __init__(self, options: UIOptions, token: str | None = None):
+        import jinja2
+
+        self.options = options
+        self.token = token or secrets.token_urlsafe(24)
+        self.store = JobStore(options.runs / ".jobs", options.jobs)
+        self.templates = jinja2.Environment(loader=jinja2.PackageLoader("tunelab.ui", "templates"), autoescape=True,
+                                            undefined=jinja2.StrictUndefined)
+        self.templates.filters["when"] = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
+        self.chat_lock = threading.Lock()
+        self.chat_run = None
+
+    # ------------------------------------------------------------------ the app
+
+    def app(self, hosts: set[str], login_key: str | None = None):
+        from contextlib import asynccontextmanager
+
+        from starlette.applications import Starlette
+        from starlette.exceptions import HTTPException
+        from starlette.routing import Mount, Route
+        from starlette.staticfiles import StaticFiles
+
+        @asynccontextmanager
+        async def lifespan(app):
+            self.store.recover()
+            stop = threading.Event()
+            ticker = threading.Thread(target=self.tick_until, args=(stop,), daemon=True, name="tunelab-ui-jobs")
+            ticker.start()
+            yield
+            stop.set()
+            ticker.join()
+            self.store.stop_all()
+
+        routes = [
+            Route("/", lambda request: redirect("/data")),
+            Route("/data", self.data_page),
+            Route("/checks/{job_id}", self.check_page),
+            Route("/train", self.train_page),
+            Route("/runs", self.runs_page),
+            Route("/runs/{name}", self.run_page),
+            Route("/runs/{name}/events", self.run_events),
+            Route("/jobs", self.jobs_page),
+            Route("/jobs/{job_id}", self.job_page),
+            Route("/jobs/{job_id}/events", self.job_events),
+            Route("/chat", self.chat_page),
+            Route("/files/runs/{path:path}", self.run_file),
+            Route("/files/data/{path:path}", self.data_file),
+            Route("/api/data", self.upload, methods=["POST"]),
+            Route("/api/check", self.start_check, methods=["POST"]),
+            Route("/api/train", self.start_train, methods=["POST"]),
+            Route("/api/runs/{name}/eval", self.start_eval, methods=["POST"]),
+            Route("/api/runs/{name}/resume", self.start_resume, methods=["POST"]),
+            Route("/api/jobs/{job_id}/cancel", self.cancel_job, methods=["POST"]),
+            Route("/api/chat", self.chat, methods=["POST"]),
+            Mount("/static", StaticFiles(packages=[("tunelab.ui", "static")]), name="static"),
+        ]
+        handlers = {Exception: self.on_error, HTTPException: self.on_error, UserError: self.on_error}
+        app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+        return Guard(app, hosts, self.token, login_key)
+
+    def tick_until(self, stop: threading.Event) -> None:
+        while not stop.wait(TICK_S):
+            try:
+                self.store.tick()
+            except Exception:  # a bug here must not stop the queue; the terminal shows it
+                traceback.print_exc()
+
+    async def on_error(self, request, exc: Exception):
+        """Every error as a message: JSON for the API and event streams, a page otherwise; a
+        traceback only on the terminal, for bugs."""
+        from starlette.exceptions import HTTPException
+        from starlette.responses import JSONResponse
+
+        if isinstance(exc, UserError):
+            status, message = 400, str(exc)
+        elif isinstance(exc, HTTPException):
+            status, message = exc.status_code, ("no such page" if exc.status_code == 404 else str(exc.detail))
+        else:
+            traceback.print_exception(exc)
+            status, message = 500, (f"unexpected error ({type(exc).__name__}); the terminal running `tunelab ui` "
+                                    "shows the details")
+        if request.url.path.startswith("/api/") or request.url.path.endswith("/events"):
+            return JSONResponse({"error": message}, status_code=status)
+        return self.page("error.html", "Error", status=status, message=message)
+
+    def page(self, template: str, title: str, status: int = 200, **values):
+        from starlette.responses import HTMLResponse
+
+        html = self.templates.get_template(template).render(title=title, token=self.token, **values)
+        return HTMLResponse(html, status_code=status)
+
+    # ------------------------------------------------------------------ data
+
+    def data_files(self) -> list[dict[str, Any]]:
+        folder = self.options.data
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES) if folder.is_dir() else []
+        checks = [job for job in self.store.all() if job.kind == "check"]
+        found = []
+        for p in files:
+            check = next((job for job in reversed(checks) if Path(job.argv[2]).name == p.name), None)
+            report = self.store.path(check.id) / "check" / "data_check.json" if check else None
+            errors = len(json.loads(report.read_text())["errors"]) if report and report.exists() else None
+            found.append({"name": p.name, "size": p.stat().st_size, "check": check, "errors": errors})
+        return found
+
+    async def data_page(self, request):
+        return self.page("data.html", "Data", files=self.data_files(), data=self.options.data,
+                         suffixes=", ".join(DATA_SUFFIXES))
+
+    async def upload(self, request):
+        """The body is the file itself; `?name=` its name. An existing file is never replaced:
+        the upload gets a free name beside it."""
+        from starlette.responses import JSONResponse
+
+        name = Path(request.query_params.get("name", "")).name
+        if not NAME.fullmatch(name) or Path(name).suffix.lower() not in DATA_SUFFIXES:
+            raise UserError(f"file name {name!r}: give a data file ({', '.join(DATA_SUFFIXES)}) a plain name "
+                            "of letters, digits, '.', '-' and '_'")
+        folder = self.options.data
+        check_output_folder(folder, "--data")
+        folder.mkdir(parents=True, exist_ok=True)
+        target = free_name(folder / name)
+        partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+        size = 0
+        try:
+            with partial.open("wb") as out:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > MAX_UPLOAD_BYTES:
+                        raise UserError(f"{name}: larger than {MAX_UPLOAD_BYTES >> 20} MB; copy it into {folder} instead")
+                    out.write(chunk)
+            partial.rename(target)
+        finally:
+            partial.unlink(missing_ok=True)
+        return JSONResponse({"name": target.name})
+
+    async def start_check(self, request):
+        from starlette.responses import JSONResponse
+
+        body = await read_json(request)
+        name = str(body.get("file", ""))
+        path = self.data_path(name)
+        job = self.store.create("check", [], self.options.cwd)
+        job.argv = ["data", "check", self.data_arg(path), "--out",
+                    str(self.options.runs / ".jobs" / job.id / "check")]
+        self.store.save(job)
+        return JSONResponse({"job": job.id, "url": f"/checks/{job.id}"})
+
+    async def check_page(self, request):
+        job = self.store.get(request.path_params["job_id"])
+        if job.kind != "check":
+            raise UserError(f"job {job.id} is not a data check")
+        report_file = self.store.path(job.id) / "check" / "data_check.json"
+        report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.exists() else None
+        rows = {}
+        if report:
+            data = Path(job.cwd) / job.argv[2]
+            rows = source_lines(data, {e["line"] for e in report["errors"] + report["warnings"] if e.get("line")})
+        return self.page("check.html", f"Data check of {Path(job.argv[2]).name}", job=job, report=report, rows=rows,
+                         histogram=histogram_bars(report["lengths"]["histogram"]) if report else None)
+
+    def data_arg(self, path: Path) -> str:
+        """A data file as the command line names it: under the --data folder as given."""
+        return str(self.options.data / path.relative_to(self.options.data.resolve()))
+
+    def data_path(self, name: str) -> Path:
+        path = inside(self.options.data, name, "data file")
+        if not path.is_file():
+            raise UserError(f"no data file {name!r} in {self.options.data}")
+        return path
+
+    # ------------------------------------------------------------------ training
+
+    async def train_page(self, request):
+        fields = []
+        for name in TRAIN_FIELDS:
+            info = TrainConfig.model_fields[name]
+            default = PAGE_DEFAULTS.get(name, info.default)
+            help_text = " ".join((info.description or "").split())
+            if name in PAGE_DEFAULTS:
+                help_text += f" This page fills in {default} (the default is {info.default}) so that Stop and Resume work."
+            fields.append({"name": name, "flag": "--" + name.replace("_", "-"), "value": "" if default is None else default,
+                           "default": "" if info.default is None else info.default, "help": help_text,
+                           "choices": choices_of(info.annotation)})
+        return self.page("train.html", "Train", fields=fields, files=self.data_files(), runs=self.options.runs,
+                         data=self.options.data, name=time.strftime("run-%Y%m%d-%H%M%S"),
+                         picked=request.query_params.get("data", ""))
+
+    def train_argv(self, form: TrainRequest) -> tuple[list[str], str]:
+        """The `tunelab train` arguments of the form, values checked by TrainConfig as the CLI
+        checks them; a flag only where the value differs from the default."""
+        data = self.data_path(form.data)
+        if not NAME.fullmatch(form.name):
+            raise UserError(f"run name {form.name!r}: use letters, digits, '.', '-' and '_'")
+        folder = inside(self.options.runs, form.name, "run")
+        taken = [job for job in self.store.all() if job.run == form.name and not job.finished]
+        if folder.exists() or taken:
+            raise UserError(f"run {form.name!r} exists already in {self.options.runs}; choose another name")
+        given = {name: value.strip() for name in TRAIN_FIELDS if (value := getattr(form, name)).strip()}
+        config = TrainConfig.build(flags=given, **given)
+        argv = ["train", self.data_arg(data), "--out", str(self.options.runs / form.name)]
+        for name in TRAIN_FIELDS:
+            value = getattr(config, name)
+            if name in given and value != TrainConfig.model_fields[name].default:
+                argv += ["--" + name.replace("_", "-"), given[name]]
+        return argv, form.name
+
+    async def start_train(self, request):
+        from starlette.responses import JSONResponse
+
+        try:
+            form = TrainRequest.model_validate(await read_json(request))
+        except ValidationError as e:
+            raise UserError(f"the training form is incomplete: {e.errors()[0]['loc'][0]} is missing") from None
+        argv, name = self.train_argv(form)
+        job = self.store.create("train", argv, self.options.cwd, run=name)
+        return JSONResponse({"job": job.id, "url": f"/runs/{name}", "command": job.command})
+
+    # ------------------------------------------------------------------ runs
+
+    def run_folder(self, name: str) -> Path:
+        path = inside(self.options.runs, name, "run")
+        if not NAME.fullmatch(name) or path.parent != self.options.runs.resolve():
+            raise UserError(f"no run {name!r}")
+        return path
+
+    def run_view(self, name: str, jobs: list[Job] | None = None) -> RunView:
+        import yaml
+
+        folder = self.run_folder(name)
+        jobs = [job for job in (self.store.all() if jobs is None else jobs) if job.run == name]
+        active = next((job for job in jobs if not job.finished), None)
+        if not folder.exists() and not active and not jobs:
+            raise UserError(f"no run {name!r} in {self.options.runs}: it may have been deleted")
+        trained = (folder / "adapter").exists() or (folder / "model").exists()
+        evaluated = (folder / "eval.json").exists()
+        resumable = (not trained and not active and any(job.kind == "train" for job in jobs)
+                     and any((folder / "checkpoints").glob("step-*/checkpoint.json")))
+        if active:
+            verb = {"train": "training", "eval": "evaluating"}.get(active.kind, active.kind)
+            status = "queued" if active.state == "queued" else verb
+        elif trained:
+            status = "evaluated" if evaluated else "trained"
+        else:
+            status = "stopped (resumable)" if resumable else "incomplete"
+        rows = [row for row in read_rows(folder / "metrics.jsonl") if "loss" in row]
+        try:
+            config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            config = {}
+        return RunView(name, folder, status, rows[-1] if rows else {}, trained, evaluated,
+                       (folder / "report.html").exists(), resumable, active, jobs, config)
+
+    def run_names(self) -> list[str]:
+        folder = self.options.runs
+        names = {p.name for p in folder.iterdir() if (p / "config.yaml").exists()} if folder.is_dir() else set()
+        names |= {job.run for job in self.store.all() if job.run and not job.finished}
+        return sorted(n for n in names if NAME.fullmatch(n))
+
+    async def runs_page(self, request):
+        jobs = self.store.all()
+        return self.page("runs.html", "Runs", runs=[self.run_view(name, jobs) for name in self.run_names()])
+
+    async def run_page(self, request):
+        view = self.run_view(request.path_params["name"])
+        return self.page("run.html", view.name, run=view, runs=self.options.runs,
+                         command=f"tunelab eval {self.options.runs / view.name}")
+
+    def total_steps(self, view: RunView) -> int | None:
+        """The run's optimizer steps: --max-steps, else what the training progress bar shows."""
+        if view.config.get("max_steps"):
+            return int(view.config["max_steps"])
+        train = [job for job in view.jobs if job.kind == "train"]
+        if train:
+            found = re.findall(r"training:.*?\|\s*\d+/(\d+)", self.store.log(train[-1].id, 4000))
+            if found:
+                return int(found[-1])
+        return None
+
+    async def run_events(self, request):
+        """The run's metrics.jsonl as it grows, and its status whenever it changes; the
+        stream ends when no job of the run is left to change either."""
+        name = request.path_params["name"]
+        self.run_view(name)
+
+        async def stream():
+            offset, last = 0, None
+            while True:
+                rows, offset, reset = await asyncio.to_thread(read_new_rows,
+                                                              self.run_folder(name) / "metrics.jsonl", offset)
+                if reset:
+                    yield event("reset", {})
+                if rows:
+                    yield event("metrics", rows)
+                view = await asyncio.to_thread(self.run_view, name)
+                state = {"status": view.status, "total_steps": self.total_steps(view)}
+                if state != last:
+                    yield event("state", state)
+                    last = state
+                if view.active is None:
+                    yield event("end", {})
+                    return
+                await asyncio.sleep(TICK_S)
+
+        return event_stream(stream())
+
+    async def start_eval(self, request):
+        from starlette.responses import JSONResponse
+
+        view = self.run_view(request.path_params["name"])
+        if not view.trained or view.active:
+            raise UserError(f"run {view.name} is {view.status}: it can be evaluated once training has finished")
+        job = self.store.create("eval", ["eval", str(self.options.runs / view.name)], self.options.cwd, run=view.name)
+        return JSONResponse({"job": job.id, "url": f"/runs/{view.name}", "command": job.command})
+
+    async def start_resume(self, request):
+        from starlette.responses import JSONResponse
+
+        view = self.run_view(request.path_params["name"])
+        if not view.resumable:
+            raise UserError(f"run {view.name} is {view.status}: only a stopped run with a checkpoint can be resumed")
+        trained_with = [job for job in view.jobs if job.kind == "train"][-1]
+        argv = ["train", trained_with.argv[1], "--out", str(self.options.runs / view.name), "--resume"]
+        job = self.store.create("train", argv, self.options.cwd, run=view.name)
+        return JSONResponse({"job": job.id, "url": f"/runs/{view.name}", "command": job.command})
+
+    async def run_file(self, request):
+        return self.file(self.options.runs, request.path_params["path"])
+
+    async def data_file(self, request):
+        return self.file(self.options.data, request.path_params["path"])
+
+    def file(self, folder: Path, relative: str):
+        """A file of the runs or data folder, in a sandbox (guard.FILE_POLICY); never the jobs'
+        logs and state by this route (the job pages show those)."""
+        from starlette.responses import FileResponse
+
+        from tunelab.ui.guard import FILE_POLICY
+
+        path = inside(folder, relative)
+        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder.resolve()).parts):
+            raise UserError(f"no such file: {relative}")
+        return FileResponse(path, headers={"content-security-policy": FILE_POLICY, "cache-control": "no-store"})
+
+    # ------------------------------------------------------------------ jobs
+
+    async def jobs_page(self, request):
+        jobs = self.store.all()
+        queue = [job.id for job in self.store.queue()]
+        return self.page("jobs.html", "Jobs", jobs=list(reversed(jobs)), queue=queue, slots=self.options.jobs)
+
+    async def job_page(self, request):
+        job = self.store.get(request.path_params["job_id"])
+        queue = [j.id for j in self.store.queue()]
+        return self.page("job.html", f"Job {job.id}", job=job, log=self.store.log(job.id),
+                         place=queue.index(job.id) + 1 if job.id in queue else None)
+
+    async def job_events(self, request):
+        """The job's state when it changes and its log as it grows; ends with the job."""
+        job_id = request.path_params["job_id"]
+        self.store.get(job_id)
+        log_file = self.store.path(job_id) / "log.txt"
+
+        async def stream():
+            offset, last = log_file.stat().st_size if log_file.exists() else 0, None
+            while True:
+                job = await asyncio.to_thread(self.store.get, job_id)
+                text, offset = await asyncio.to_thread(read_new_text, log_file, offset)
+                if text:
+                    yield event("log", text)
+                if job.state != last:
+                    yield event("state", {"state": job.state, "error": job.error})
+                    last = job.state
+                if job.finished:
+                    yield event("end", {})
+                    return
+                await asyncio.sleep(TICK_S)
+
+        return event_stream(stream())
+
+    async def cancel_job(self, request):
+        from starlette.responses import JSONResponse
+
+        job = self.store.cancel(request.path_params["job_id"])
+        return JSONResponse({"job": job.id, "state": job.state})
+
+    # ------------------------------------------------------------------ chat
+
+    async def chat_page(self, request):
+        jobs = self.store.all()
+        runs = [view for view in (self.run_view(name, jobs) for name in self.run_names()) if view.trained]
+        picked = request.query_params.get("run") or (runs[0].name if runs else "")
+        return self.page("chat.html", "Chat", runs=runs, picked=picked, runs_folder=self.options.runs)
+
+    async def chat(self, request):
+        from starlette.responses import JSONResponse
+
+        try:
+            body = ChatRequest.model_validate(await read_json(request))
+        except ValidationError as e:
+            raise UserError(f"chat request: {e.errors()[0]['msg']}") from None
+        if body.messages[-1].role != "user":
+            raise UserError("chat request: the last message must be the user's")
+        folder = self.run_folder(body.run)
+        messages = [m.model_dump() for m in body.messages]
+        reply = await asyncio.to_thread(self.reply, folder, messages, body.max_new_tokens)
+        return JSONResponse({"reply": reply})
+
+    def reply(self, folder: Path, messages: list[dict[str, str]], max_new_tokens: int) -> str:
+        """One reply, as `tunelab chat` makes it; one model is kept loaded (the last one used)."""
+        from tunelab.run import Run
+
+        with self.chat_lock:
+            if self.chat_run is None or self.chat_run.path != folder:
+                self.chat_run = None  # the old model's memory is freed before the next loads
+                self.chat_run = Run(folder)
+            return self.chat_run.generate(messages, max_new_tokens=max_new_tokens)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def redirect(url: str):
+    from starlette.responses import RedirectResponse
+
+    return RedirectResponse(url, status_code=303)
+
+
+async def read_json(request) -> dict[str, Any]:
+    body = await request.body()
+    if len(body) > MAX_JSON_BYTES:
+        raise UserError("request too large")
+    try:
+        value = json.loads(body or b"{}")
+    except ValueError:
+        raise UserError("the request is not JSON") from None
+    if not isinstance(value, dict):
+        raise UserError("the request is not a JSON object")
+    return value
+
+
+def event(kind: str, data: Any) -> str:
+    """One server-sent event; JSON never holds a raw newline, so it is one data line."""
+    return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+
+
+def event_stream(events):
+    from starlette.responses import StreamingResponse
+
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    rows, _, _ = read_new_rows(path, 0)
+    return rows
+
+
+def read_new_rows(path: Path, offset: int) -> tuple[list[dict[str, Any]], int, bool]:
+    """The complete JSON lines of `path` after byte `offset`: (rows, new offset, whether the
+    file was replaced, e.g. by a run trained again with --overwrite, and is read from its start)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return [], 0, offset > 0
+    reset = size < offset
+    offset = 0 if reset else offset
+    with path.open("rb") as f:
+        f.seek(offset)
+        chunk = f.read()
+    complete = chunk[: chunk.rfind(b"\n") + 1]
+    rows = []
+    for line in complete.decode("utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows, offset + len(complete), reset
+
+
+def read_new_text(path: Path, offset: int) -> tuple[str, int]:
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            chunk = f.read(1 << 20)
+    except FileNotFoundError:
+        return "", offset
+    return chunk.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n"), offset + len(chunk)
+
+
+def source_lines(path: Path, wanted: set[int], max_chars: int = 400) -> dict[int, str]:
+    """The text of the given 1-based lines of a text data file (none for Parquet), each cut to
+    `max_chars`: the rows the data check's errors point at."""
+    if path.suffix.lower() == ".parquet" or not wanted or not path.is_file():
+        return {}
+    found = {}
+    with path.open("r", encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if number in wanted:
+                text = line.rstrip("\n")
+                found[number] = text if len(text) <= max_chars else text[:max_chars] + " ..."
+            if number >= max(wanted):
+                break
+    return found
+
+
+def histogram_bars(bins: list, width: int = 600, height: int = 160) -> list[dict[str, Any]]:
+    """SVG rectangles of the data check's length histogram ([low, high, count] bins)."""
+    if not bins:
+        return []
+    top = max(count for _, _, count in bins) or 1
+    step = width / len(bins)
+    return [{"x": round(i * step, 1), "w": round(step - 2, 1), "h": round(count / top * height, 1),
+             "y": round(height - count / top * height, 1), "low": low, "high": high, "count": count}
+            for i, (low, high, count) in enumerate(bins)]
+
+
+def choices_of(annotation) -> list[str]:
+    import typing
+
+    return [str(c) for c in typing.get_args(annotation)] if typing.get_origin(annotation) is Literal else []
+
+
+def free_name(path: Path) -> Path:
+    """`path`, or `stem-2.suffix`, `stem-3.suffix`, ... : the first that does not exist."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
+def build_app(options: UIOptions, port: int | None = None, login_key: str | None = None,
+              token: str | None = None) -> tuple[Any, UI]:
+    """The ASGI app for `options` (bound to `port`, by default options.port) and its state."""
+    ui = UI(options, token)
+    return ui.app(allowed_hosts(options.host, options.port if port is None else port), login_key), ui
+
+
+def run_ui(options: UIOptions) -> None:
+    """`tunelab ui`: bind, print the address (and the login link off loopback), serve until Ctrl-C."""
+    try:
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise UserError("tunelab ui needs starlette and uvicorn: pip install 'tunelab[ui]'") from None
+    from tunelab.serve.app import bind, is_loopback
+
+    for folder, flag in ((options.runs, "--runs"), (options.data, "--data")):
+        check_output_folder(folder, flag)
+        folder.mkdir(parents=True, exist_ok=True)
+    login_key = None if is_loopback(options.host) else (options.api_key or secrets.token_urlsafe(16))
+    sock = bind(options.host, options.port)
+    port = sock.getsockname()[1]
+    app, _ = build_app(options, port, login_key)
+    host = f"[{options.host}]" if ":" in options.host else options.host
+    address = f"http://{host}:{port}/"
+    if login_key and not options.api_key:
+        print(f"tunelab ui on {address}; log in at {address}?key={login_key}", flush=True)
+    else:
+        print(f"tunelab ui on {address}", flush=True)
+    print(f"runs in {options.runs}, data in {options.data}, {options.jobs} heavy job(s) at a time; Ctrl-C stops",
+          file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3)
+    uvicorn.Server(config).run(sockets=[sock])
