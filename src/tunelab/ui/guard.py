@@ -37,21 +37,23 @@ FILE_POLICY = "sandbox allow-scripts allow-popups; frame-ancestors 'self'"
 """For files served from the runs and data folders: an HTML report runs in an opaque origin."""
 
 
-def allowed_hosts(host: str, port: int) -> set[str]:
-    """The Host header values that name this server."""
+def allowed_hosts(host: str, port: int) -> set[str] | None:
+    """The Host header values that name this server; None (any) on a wildcard address such as
+    0.0.0.0, where the machine's names are not known and the login key guards instead."""
+    if host in ("0.0.0.0", "::", ""):
+        return None
     names = {f"[{host}]" if ":" in host else host}
     if host in ("127.0.0.1", "::1", "localhost"):
         names |= {"127.0.0.1", "localhost", "[::1]"}
-    return {f"{name}:{port}" for name in names} | ({f"{name}" for name in names} if port == 80 else set())
+    return {f"{name}:{port}" for name in names} | (names if port == 80 else set())
 
 
 class Guard:
     """ASGI middleware applying the rules above before the app sees a request."""
 
-    def __init__(self, app, hosts: set[str], token: str, login_key: str | None = None):
+    def __init__(self, app, hosts: set[str] | None, token: str, login_key: str | None = None):
         self.app = app
-        self.hosts = {h.lower() for h in hosts}
-        self.origins = {f"http://{h}" for h in self.hosts}
+        self.hosts = None if hosts is None else {h.lower() for h in hosts}
         self.token = token
         self.login_key = login_key
 
@@ -93,13 +95,13 @@ class Guard:
     def refusal(self, scope, headers: dict[str, str]) -> str | None:
         """Why the request is refused, or None."""
         host = headers.get("host", "").lower()
-        if host not in self.hosts:
+        if self.hosts is not None and host not in self.hosts:
             return (f"tunelab ui: refused a request for host {host!r}; open the address `tunelab ui` printed "
                     f"({sorted(self.hosts)[0]})")
         if scope["method"] in SAFE_METHODS:
             return None
         origin = headers.get("origin")
-        if origin is not None and origin.lower() not in self.origins:
+        if origin is not None and origin.lower() != f"http://{host}":
             return f"tunelab ui: refused a request from another site ({origin})"
         if headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
             return "tunelab ui: refused a request from another site"
