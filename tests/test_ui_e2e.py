@@ -161,14 +161,16 @@ def browser():
 SIZES = {"desktop": (1280, 800), "phone": (390, 844)}
 
 
-def test_the_pages_in_a_browser(tmp_path, browser, tiny_run, pairs_file):
-    """Upload a file with a bad line and see its error row; train nothing (the test above does),
-    but show a finished run, its jobs and chat; a screenshot of each page at both widths."""
-    shots = Path(os.environ.get("TUNELAB_UI_SCREENSHOTS") or tmp_path / "shots")
+def test_the_pages_in_a_browser(tmp_path, browser, tiny_run, pairs_file, monkeypatch):
+    """Upload a file with a bad line and see its error row; train nothing (the tests above do),
+    but show a finished run, its jobs and chat; a screenshot of each page at both widths. The
+    server runs in the test's folder with relative paths, as a user starts it."""
+    shots = Path(os.environ.get("TUNELAB_UI_SCREENSHOTS") or tmp_path / "shots").resolve()
     shots.mkdir(parents=True, exist_ok=True)
     bad = tmp_path / "orders.jsonl"
     bad.write_text(pairs_file.read_text() + '{"prompt": "<script>alert(1)</script>", "completion": \n')
-    with serving(tmp_path) as server:
+    monkeypatch.chdir(tmp_path)
+    with serving(Path(".")) as server:
         shutil.copytree(tiny_run, tmp_path / "runs" / "cities")
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         errors = []
@@ -196,11 +198,16 @@ def test_the_pages_in_a_browser(tmp_path, browser, tiny_run, pairs_file):
         for width_name, (width, height) in SIZES.items():
             page.set_viewport_size({"width": width, "height": height})
             for name, url in [("data", "/data"), ("check", check_url), ("train", "/train"), ("runs", "/runs"),
-                              ("run", "/runs/cities"), ("jobs", "/jobs"), ("chat", "/chat?run=cities")]:
+                              ("run", "/runs/cities"), ("jobs", "/jobs"), ("job", "/jobs/" + check_url.rsplit("/", 1)[1]),
+                              ("chat", "/chat?run=cities")]:
                 page.goto(url if url.startswith("http") else server.url + url)
                 page.wait_for_load_state("networkidle")
                 if name == "run":
                     page.wait_for_selector("#curve polyline")
+                if name == "chat":
+                    page.fill("#chat-text", "Country of Rome? (1)")
+                    page.click("#chat-form button[type=submit]")
+                    page.wait_for_selector("#conversation li.assistant:not(.pending)", timeout=120_000)
                 page.screenshot(path=str(shots / f"{name}-{width_name}.png"), full_page=width_name == "phone")
                 overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
                 assert overflow <= 1, f"{name} at {width_name} width scrolls sideways by {overflow}px"

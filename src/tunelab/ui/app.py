@@ -45,6 +45,7 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 """A run's or an uploaded file's name: one path component, no leading dot."""
 TRAIN_FIELDS = ("base", "method", "epochs", "lr", "max_steps", "save_every")
 """The TrainConfig fields the Train page offers; the rest keep their defaults (see the CLI)."""
+TITLES = {"base": "Base model", "lr": "Learning rate"}
 PAGE_DEFAULTS = {"save_every": 10}
 """Where the page pre-fills something other than TrainConfig's default, and why: checkpoints
 are what Stop and Resume rely on."""
@@ -298,8 +299,8 @@ class UI:
             default = PAGE_DEFAULTS.get(name, info.default)
             help_text = " ".join((info.description or "").split())
             if name in PAGE_DEFAULTS:
-                help_text += f" This page fills in {default} (the default is {info.default}) so that Stop and Resume work."
-            fields.append({"name": name, "flag": "--" + name.replace("_", "-"), "value": "" if default is None else default,
+                help_text += f" This page fills in {default} (the command's default is none) so that Stop and Resume work."
+            fields.append({"name": name, "title": TITLES.get(name, name.replace("_", " ").capitalize()), "flag": "--" + name.replace("_", "-"), "value": "" if default is None else default,
                            "default": "" if info.default is None else info.default, "help": help_text,
                            "choices": choices_of(info.annotation)})
         return self.page("train.html", "Train", fields=fields, files=self.data_files(), runs=self.options.runs,

@@ -225,8 +225,8 @@ if (chatForm) {
     button.disabled = true;
     try {
       const answer = await post("/api/chat", {run: picker.value, messages});
-      pending.textContent = answer.reply;
-      pending.className = "assistant";
+      pending.textContent = answer.reply || "(an empty reply: the model ended its answer at once)";
+      pending.className = answer.reply ? "assistant" : "assistant empty";
       messages.push({role: "assistant", content: answer.reply});
     } catch (err) {
       pending.remove();
