@@ -240,7 +240,8 @@ def test_jobs_survive_the_server(folders):
         check = client.post("/api/check", json={"file": "ok.jsonl"}).json()["job"]
         long = state.store.create("train", ["ui", "--port", "0", "--runs", str(folders / "r2"), "--data",
                                             str(folders / "d2")], folders, run="long")
-        assert "Rows" in wait_for(client, f"/checks/{check}", "Rows")
+        assert "state-done" in wait_for(client, f"/jobs/{check}", "state-done")
+        assert "Rows" in client.get(f"/checks/{check}").text
         assert "running" in wait_for(client, f"/jobs/{long.id}", "state-running")
     app, state = build_app(options)  # a new server: a new token, the same folders
     with TestClient(app, base_url=BASE) as client:
@@ -250,3 +251,22 @@ def test_jobs_survive_the_server(folders):
         job = state.store.get(long.id)
         assert job.state == "interrupted" and job.error == "`tunelab ui` stopped while it ran"
         assert "state-interrupted" in client.get(f"/jobs/{long.id}").text
+
+
+def test_a_run_streams_its_metrics_and_status(ui, folders):
+    """The events of a run nobody trains now: the complete rows of metrics.jsonl (not a line
+    still being written), the status with the run's step count, and the end of the stream."""
+    client, _ = ui
+    run = folders / "runs" / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text("max_steps: 4\n")
+    rows = [{"step": 0, "eval_loss": 2.5}, {"step": 1, "loss": 2.4, "tokens_per_s": 90.0, "elapsed_s": 1.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 2, "lo')
+    stream = client.get("/runs/r/events")
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    events = [(block.split("\n")[0].removeprefix("event: "), json.loads(block.split("\n")[1].removeprefix("data: ")))
+              for block in stream.text.strip().split("\n\n")]
+    assert events == [("metrics", rows), ("state", {"status": "incomplete", "total_steps": 4}), ("end", {})]
+    page = client.get("/runs/r").text
+    assert 'data-events="/runs/r/events"' in page and "incomplete" in page
+    assert "r" in client.get("/runs").text

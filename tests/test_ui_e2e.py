@@ -161,10 +161,10 @@ def browser():
 SIZES = {"desktop": (1280, 800), "phone": (390, 844)}
 
 
-def test_the_pages_in_a_browser(tmp_path, browser, tiny_run, pairs_file, monkeypatch):
-    """Upload a file with a bad line and see its error row; train nothing (the tests above do),
-    but show a finished run, its jobs and chat; a screenshot of each page at both widths. The
-    server runs in the test's folder with relative paths, as a user starts it."""
+def test_the_pages_in_a_browser(tmp_path, browser, tiny_run, tiny_model_dir, pairs_file, monkeypatch):
+    """Upload a file with a bad line and see its error row; train a run through the form and see
+    its curve; evaluate a run and see its report; chat; a screenshot of each page at both widths.
+    The server runs in the test's folder with relative paths, as a user starts it."""
     shots = Path(os.environ.get("TUNELAB_UI_SCREENSHOTS") or tmp_path / "shots").resolve()
     shots.mkdir(parents=True, exist_ok=True)
     bad = tmp_path / "orders.jsonl"
@@ -188,6 +188,29 @@ def test_the_pages_in_a_browser(tmp_path, browser, tiny_run, pairs_file, monkeyp
         assert "tunelab train" in page.locator("#train-command").inner_text()
         page.fill("input[name=max_steps]", "7")
         assert "--max-steps 7" in page.locator("#train-command").inner_text()
+
+        # Train through the form: the page follows the run over server-sent events until it is trained.
+        upload(server, pairs_file)
+        page.goto(server.url + "/train?data=pairs.jsonl")
+        page.fill("input[name=name]", "from-the-form")
+        page.fill("input[name=base]", str(tiny_model_dir))
+        page.fill("input[name=max_steps]", "3")
+        assert page.locator("#train-command").inner_text() == (
+            f"tunelab train data/pairs.jsonl --out runs/from-the-form --base {tiny_model_dir} --max-steps 3 "
+            "--save-every 10")
+        page.click("#train-form button[type=submit]")
+        page.wait_for_url("**/runs/from-the-form")
+        page.wait_for_selector("#status:text-is('trained')", timeout=300_000)
+        page.wait_for_selector("#curve polyline.train-line")
+        assert page.locator("#step").inner_text() == "3 of 3"
+
+        # Evaluate a run: the report appears in the page.
+        page.goto(server.url + "/runs/cities")
+        page.click("button:text-is('Evaluate')")
+        page.wait_for_selector("iframe.report", timeout=300_000)
+        assert page.locator("#status").inner_text() == "evaluated"
+        report = page.frame_locator("iframe.report")
+        assert "cities" in report.locator("body").inner_text()
 
         page.goto(server.url + "/chat?run=cities")
         page.fill("#chat-text", "Country of Paris? (0)")

@@ -143,3 +143,15 @@ def test_the_error_line_is_the_commands_own():
     assert error_line("loading\ntunelab: error: data.jsonl:3: E_JSON bad\n") == "tunelab: error: data.jsonl:3: E_JSON bad"
     assert error_line("Traceback (most recent call last):\n  ...\nValueError: boom\n") == "ValueError: boom"
     assert error_line("") is None
+
+
+def test_a_job_killed_from_outside_fails_with_the_signal_named(store, tmp_path):
+    import os
+    import signal
+
+    job = store.create("train", long_argv(tmp_path), tmp_path)
+    store.tick()
+    os.killpg(store.get(job.id).pid, signal.SIGKILL)
+    job = tick_until(store, job.id, {"failed"})
+    assert job.state == "failed" and job.exit_code == -9
+    assert job.error == "killed by SIGKILL (not by tunelab ui)"

@@ -566,9 +566,18 @@ def event(kind: str, data: Any) -> str:
 
 
 def event_stream(events):
+    """A stream of server-sent events; a user error on the way (a run deleted while shown) is
+    its last event, as the page's message."""
     from starlette.responses import StreamingResponse
 
-    return StreamingResponse(events, media_type="text/event-stream",
+    async def guarded():
+        try:
+            async for item in events:
+                yield item
+        except UserError as e:
+            yield event("error", {"error": str(e)})
+
+    return StreamingResponse(guarded(), media_type="text/event-stream",
                              headers={"cache-control": "no-store", "x-accel-buffering": "no"})
 
 

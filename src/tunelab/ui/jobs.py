@@ -256,6 +256,8 @@ class JobStore:
             job.state, job.error = "interrupted", "it ended while `tunelab ui` was restarted; its exit code is unknown"
         elif code == 0:
             job.state = "done"
+        elif code < 0:  # killed from outside (the out-of-memory killer, `kill -9`)
+            job.state, job.error = "failed", f"killed by {signal.Signals(-code).name} (not by tunelab ui)"
         else:
             job.state, job.error = "failed", error_line(self.log(job.id, 20_000)) or f"exit code {code}"
         self.save(job)

@@ -169,6 +169,9 @@ if (runCard) {
     refresh();
   });
   events.addEventListener("end", () => events.close());
+  events.addEventListener("error", (e) => {
+    if (e.data) { showMessage(JSON.parse(e.data).error); events.close(); }
+  });
   refresh();
 }
 
@@ -190,6 +193,9 @@ if (jobCard) {
   events.addEventListener("end", () => {
     events.close();
     if (initial === undefined) location.reload();
+  });
+  events.addEventListener("error", (e) => {
+    if (e.data) { showMessage(JSON.parse(e.data).error); events.close(); }
   });
 }
 
