@@ -270,3 +270,24 @@ def test_a_run_streams_its_metrics_and_status(ui, folders):
     page = client.get("/runs/r").text
     assert 'data-events="/runs/r/events"' in page and "incomplete" in page
     assert "r" in client.get("/runs").text
+
+
+def test_runs_are_compared_side_by_side(ui, folders, tiny_run):
+    client, state = ui
+    for name in ("one", "two"):
+        shutil.copytree(tiny_run, folders / "runs" / name)
+    (folders / "runs" / "untrained").mkdir()
+    (folders / "runs" / "untrained" / "config.yaml").write_text("max_steps: 2\n")
+    runs_page = client.get("/runs").text
+    assert 'value="one"' in runs_page and "Compare the ticked runs" in runs_page
+    assert client.post("/api/compare", json={"runs": ["one"]}).status_code == 400
+    refused = client.post("/api/compare", json={"runs": ["one", "untrained"]})
+    assert refused.status_code == 400 and "untrained has no trained weights" in refused.json()["error"]
+    answer = client.post("/api/compare", json={"runs": ["one", "two"]}).json()
+    runs = folders / "runs"
+    assert answer["command"] == f"tunelab report {runs}/one {runs}/two --out {runs}/comparison.html"
+    page = wait_for(client, answer["url"], "iframe")
+    assert '<iframe class="report" src="/files/runs/comparison.html"' in page
+    comparison = client.get("/files/runs/comparison.html")
+    assert comparison.status_code == 200 and "one" in comparison.text and "two" in comparison.text
+    assert state.store.get(answer["job"]).state == "done"

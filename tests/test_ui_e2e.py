@@ -212,6 +212,15 @@ def test_the_pages_in_a_browser(tmp_path, browser, tiny_run, tiny_model_dir, pai
         report = page.frame_locator("iframe.report")
         assert "cities" in report.locator("body").inner_text()
 
+        # Two finished runs side by side.
+        page.goto(server.url + "/runs")
+        page.check("input[value=cities]")
+        page.check("input[value=from-the-form]")
+        page.click("#compare-form button[type=submit]")
+        page.wait_for_selector("iframe.report", timeout=120_000)
+        compare_url = page.url
+        assert "from-the-form" in page.frame_locator("iframe.report").locator("body").inner_text()
+
         page.goto(server.url + "/chat?run=cities")
         page.fill("#chat-text", "Country of Paris? (0)")
         page.click("#chat-form button[type=submit]")
@@ -221,7 +230,7 @@ def test_the_pages_in_a_browser(tmp_path, browser, tiny_run, tiny_model_dir, pai
         for width_name, (width, height) in SIZES.items():
             page.set_viewport_size({"width": width, "height": height})
             for name, url in [("data", "/data"), ("check", check_url), ("train", "/train"), ("runs", "/runs"),
-                              ("run", "/runs/cities"), ("jobs", "/jobs"), ("job", "/jobs/" + check_url.rsplit("/", 1)[1]),
+                              ("run", "/runs/cities"), ("compare", compare_url), ("jobs", "/jobs"), ("job", "/jobs/" + check_url.rsplit("/", 1)[1]),
                               ("chat", "/chat?run=cities")]:
                 page.goto(url if url.startswith("http") else server.url + url)
                 page.wait_for_load_state("networkidle")

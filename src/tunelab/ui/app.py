@@ -4,6 +4,7 @@
     GET  /checks/ID           a data check's report (errors with their rows, split, lengths)
     GET  /train               the training form, defaults and help from TrainConfig
     GET  /runs, /runs/NAME    runs; one run's live loss curve, tokens/s and ETA, its report
+    GET  /compare?job=ID      runs side by side: the comparison report of `tunelab report RUN RUN...`
     GET  /jobs, /jobs/ID      the queue and every job's command, state and log
     GET  /chat?run=NAME       talk to a run
     GET  .../events           server-sent events: a run's metrics.jsonl, a job's state and log
@@ -50,6 +51,8 @@ PAGE_DEFAULTS = {"save_every": 10}
 """Where the page pre-fills something other than TrainConfig's default, and why: checkpoints
 are what Stop and Resume rely on."""
 TICK_S = 0.5
+COMPARISON = "comparison.html"
+"""The comparison report, in the runs folder (its links to each run's report are relative)."""
 
 
 @dataclass
@@ -160,6 +163,7 @@ class UI:
             Route("/runs", self.runs_page),
             Route("/runs/{name}", self.run_page),
             Route("/runs/{name}/events", self.run_events),
+            Route("/compare", self.compare_page),
             Route("/jobs", self.jobs_page),
             Route("/jobs/{job_id}", self.job_page),
             Route("/jobs/{job_id}/events", self.job_events),
@@ -171,6 +175,7 @@ class UI:
             Route("/api/train", self.start_train, methods=["POST"]),
             Route("/api/runs/{name}/eval", self.start_eval, methods=["POST"]),
             Route("/api/runs/{name}/resume", self.start_resume, methods=["POST"]),
+            Route("/api/compare", self.start_compare, methods=["POST"]),
             Route("/api/jobs/{job_id}/cancel", self.cancel_job, methods=["POST"]),
             Route("/api/chat", self.chat, methods=["POST"]),
             Mount("/static", StaticFiles(packages=[("tunelab.ui", "static")]), name="static"),
@@ -444,6 +449,28 @@ class UI:
         argv = ["train", trained_with.argv[1], "--out", str(self.options.runs / view.name), "--resume"]
         job = self.store.create("train", argv, self.options.cwd, run=view.name)
         return JSONResponse({"job": job.id, "url": f"/runs/{view.name}", "command": job.command})
+
+    async def start_compare(self, request):
+        """`tunelab report RUN RUN... --out RUNS/comparison.html`: the latest comparison, one file."""
+        from starlette.responses import JSONResponse
+
+        names = (await read_json(request)).get("runs")
+        if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
+            raise UserError("pick two runs or more to compare")
+        views = [self.run_view(name) for name in names]
+        unfinished = [view.name for view in views if not view.trained]
+        if unfinished:
+            raise UserError(f"run {unfinished[0]} has no trained weights yet; compare finished runs")
+        argv = ["report", *(str(self.options.runs / view.name) for view in views),
+                "--out", str(self.options.runs / COMPARISON)]
+        job = self.store.create("report", argv, self.options.cwd)
+        return JSONResponse({"job": job.id, "url": f"/compare?job={job.id}", "command": job.command})
+
+    async def compare_page(self, request):
+        job = self.store.get(request.query_params.get("job", ""))
+        if job.kind != "report":
+            raise UserError(f"job {job.id} is not a comparison")
+        return self.page("compare.html", "Runs side by side", job=job, file=f"/files/runs/{COMPARISON}")
 
     async def run_file(self, request):
         return self.file(self.options.runs, request.path_params["path"])

@@ -95,6 +95,17 @@ if (trainForm) {
   });
 }
 
+// Runs page: compare the ticked runs.
+const compareForm = document.getElementById("compare-form");
+if (compareForm) {
+  compareForm.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const runs = [...compareForm.querySelectorAll("input[name=run]:checked")].map((box) => box.value);
+    const answer = await post("/api/compare", {runs}).catch(() => null);
+    if (answer) location.href = answer.url;
+  });
+}
+
 // Run page: metrics.jsonl over server-sent events, drawn as two curves.
 const SVG = "http://www.w3.org/2000/svg";
 
