@@ -27,6 +27,14 @@ def tick_until(store: JobStore, job_id: str, states: set[str], timeout: float = 
         time.sleep(0.2)
 
 
+def wait_alive(pid: int) -> None:
+    """Until the child has started `python -m tunelab.cli` (before that it is a fork of this process)."""
+    deadline = time.monotonic() + 30
+    while not tunelab_process_alive(pid):
+        assert time.monotonic() < deadline, "the job's process did not start"
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def store(tmp_path):
     store = JobStore(tmp_path / "runs" / ".jobs", slots=1)
@@ -64,7 +72,7 @@ def test_heavy_jobs_wait_in_order_light_ones_do_not_and_a_cancelled_job_stops(st
     store.cancel(third.id)  # cancelling a queued job is immediate
     assert store.get(third.id).state == "cancelled"
     pid = store.get(first.id).pid
-    assert tunelab_process_alive(pid)
+    wait_alive(pid)
     stopped = tick_until(store, store.cancel(first.id).id, {"cancelled"})
     assert stopped.state == "cancelled" and not tunelab_process_alive(pid)
     store.tick()
@@ -121,6 +129,7 @@ def test_a_job_found_running_at_start_is_followed_until_it_ends(tmp_path):
     first = JobStore(folder)
     job = first.create("train", long_argv(tmp_path), tmp_path)
     first.tick()
+    wait_alive(first.get(job.id).pid)
     first.processes.clear()  # as if this server were gone: its job runs on, unowned
     second = JobStore(folder)
     assert second.recover() == []

@@ -266,10 +266,9 @@ class UI:
         body = await read_json(request)
         name = str(body.get("file", ""))
         path = self.data_path(name)
-        job = self.store.create("check", [], self.options.cwd)
-        job.argv = ["data", "check", self.data_arg(path), "--out",
-                    str(self.options.runs / ".jobs" / job.id / "check")]
-        self.store.save(job)
+        job_id = self.store.new_id()
+        argv = ["data", "check", self.data_arg(path), "--out", str(self.options.runs / ".jobs" / job_id / "check")]
+        job = self.store.create("check", argv, self.options.cwd, job_id=job_id)
         return JSONResponse({"job": job.id, "url": f"/checks/{job.id}"})
 
     async def check_page(self, request):

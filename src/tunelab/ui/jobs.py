@@ -153,10 +153,14 @@ class JobStore:
 
     # ------------------------------------------------------------------ changing state
 
-    def create(self, kind: JobKind, argv: list[str], cwd: Path, run: str | None = None) -> Job:
-        now = time.time()
-        job_id = time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + "-" + secrets.token_hex(3)
-        job = Job(id=job_id, kind=kind, argv=argv, cwd=str(cwd), run=run, created=now)
+    @staticmethod
+    def new_id() -> str:
+        return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+    def create(self, kind: JobKind, argv: list[str], cwd: Path, run: str | None = None,
+               job_id: str | None = None) -> Job:
+        """Queue a job; `job_id` (from new_id()) when its arguments name its own folder."""
+        job = Job(id=job_id or self.new_id(), kind=kind, argv=argv, cwd=str(cwd), run=run, created=time.time())
         with self.lock:
             self.save(job)
         return job
