@@ -32,9 +32,9 @@ LAYERS = [
     {"evaluate.core"},
     {"run"},
     {"report.runs", "report.plots", "serve.app", "export.merged", "export.gguf", "demo.bookings", "ui.guard",
-     "ui.jobs"},
-    {"report.sections", "export.ollama", "ui.app"},
-    {"report.html", "export.card"},
+     "ui.jobs", "ui.follow"},
+    {"report.sections", "export.ollama", "ui.runs"},
+    {"report.html", "export.card", "ui.app"},
     {"demo", "export"},
     {"cli", "__init__"},
 ]

@@ -230,7 +230,8 @@ def test_the_pages_in_a_browser(tmp_path, browser, tiny_run, tiny_model_dir, pai
         for width_name, (width, height) in SIZES.items():
             page.set_viewport_size({"width": width, "height": height})
             for name, url in [("data", "/data"), ("check", check_url), ("train", "/train"), ("runs", "/runs"),
-                              ("run", "/runs/cities"), ("compare", compare_url), ("jobs", "/jobs"), ("job", "/jobs/" + check_url.rsplit("/", 1)[1]),
+                              ("run", "/runs/cities"), ("compare", compare_url), ("jobs", "/jobs"),
+                              ("job", "/jobs/" + check_url.rsplit("/", 1)[1]),
                               ("chat", "/chat?run=cities")]:
                 page.goto(url if url.startswith("http") else server.url + url)
                 page.wait_for_load_state("networkidle")

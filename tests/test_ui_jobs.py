@@ -149,7 +149,8 @@ def test_job_ids_are_checked_before_they_name_a_folder(store):
 
 
 def test_the_error_line_is_the_commands_own():
-    assert error_line("loading\ntunelab: error: data.jsonl:3: E_JSON bad\n") == "tunelab: error: data.jsonl:3: E_JSON bad"
+    line = "tunelab: error: data.jsonl:3: E_JSON bad"
+    assert error_line(f"loading\n{line}\n") == line
     assert error_line("Traceback (most recent call last):\n  ...\nValueError: boom\n") == "ValueError: boom"
     assert error_line("") is None
 

@@ -15,14 +15,14 @@ Pages are Jinja2 templates with autoescape; the one script (static/ui.js) is ser
 package, nothing from the network. Everything that takes more than a moment is a job
 (jobs.py): the same `tunelab` command a terminal runs, and each page shows that command. Only
 chat runs in this process, in a worker thread, through the same `Run.generate` as `tunelab
-generate`. The security rules are in guard.py.
+generate`. The security rules are in guard.py; runs.py reads a run's status from its folder
+and jobs, follow.py the files that grow.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
 import secrets
 import sys
 import threading
@@ -36,14 +36,15 @@ from pydantic import BaseModel, Field, ValidationError
 
 from tunelab.config import TrainConfig
 from tunelab.errors import UserError, check_output_folder
+from tunelab.ui.follow import (event, event_stream, free_name, histogram_bars, read_new_rows, read_new_text,
+                               source_lines)
 from tunelab.ui.guard import Guard, allowed_hosts, inside
-from tunelab.ui.jobs import Job, JobStore
+from tunelab.ui.jobs import JobStore
+from tunelab.ui.runs import NAME, RunsFolder
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 MAX_UPLOAD_BYTES = 1 << 30
 MAX_JSON_BYTES = 1 << 20
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-"""A run's or an uploaded file's name: one path component, no leading dot."""
 TRAIN_FIELDS = ("base", "method", "epochs", "lr", "max_steps", "save_every")
 """The TrainConfig fields the Train page offers; the rest keep their defaults (see the CLI)."""
 TITLES = {"base": "Base model", "lr": "Learning rate"}
@@ -99,26 +100,6 @@ class ChatRequest(BaseModel):
     max_new_tokens: int = Field(256, gt=0, le=1024)
 
 
-@dataclass
-class RunView:
-    """What the pages show of one run folder."""
-
-    name: str
-    path: Path
-    status: str
-    """queued, training, evaluating, trained, evaluated, stopped (resumable) or incomplete."""
-    last: dict[str, Any]
-    """The last training row of metrics.jsonl (step, loss, tokens/s, ...), or {}."""
-    trained: bool
-    evaluated: bool
-    report: bool
-    resumable: bool
-    active: Job | None
-    """The run's queued or running job."""
-    jobs: list[Job]
-    config: dict[str, Any]
-
-
 class UI:
     """The app's state: the options, the jobs folder, the session token and the chat model."""
 
@@ -128,6 +109,7 @@ class UI:
         self.options = options
         self.token = token or secrets.token_urlsafe(24)
         self.store = JobStore(options.runs / ".jobs", options.jobs)
+        self.runs = RunsFolder(options.runs, self.store)
         self.templates = jinja2.Environment(loader=jinja2.PackageLoader("tunelab.ui", "templates"), autoescape=True,
                                             undefined=jinja2.StrictUndefined)
         self.templates.filters["when"] = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
@@ -219,7 +201,9 @@ class UI:
 
     def data_files(self) -> list[dict[str, Any]]:
         folder = self.options.data
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES) if folder.is_dir() else []
+        if not folder.is_dir():
+            return []
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
         checks = [job for job in self.store.all() if job.kind == "check"]
         found = []
         for p in files:
@@ -253,7 +237,8 @@ class UI:
                 async for chunk in request.stream():
                     size += len(chunk)
                     if size > MAX_UPLOAD_BYTES:
-                        raise UserError(f"{name}: larger than {MAX_UPLOAD_BYTES >> 20} MB; copy it into {folder} instead")
+                        raise UserError(f"{name}: larger than {MAX_UPLOAD_BYTES >> 20} MB; "
+                                        f"copy it into {folder} instead")
                     out.write(chunk)
             partial.rename(target)
         finally:
@@ -303,8 +288,10 @@ class UI:
             default = PAGE_DEFAULTS.get(name, info.default)
             help_text = " ".join((info.description or "").split())
             if name in PAGE_DEFAULTS:
-                help_text += f" This page fills in {default} (the command's default is none) so that Stop and Resume work."
-            fields.append({"name": name, "title": TITLES.get(name, name.replace("_", " ").capitalize()), "flag": "--" + name.replace("_", "-"), "value": "" if default is None else default,
+                help_text += (f" This page fills in {default} (the command's default is none) so that Stop "
+                              "and Resume work.")
+            fields.append({"name": name, "title": TITLES.get(name, name.replace("_", " ").capitalize()),
+                           "flag": "--" + name.replace("_", "-"), "value": "" if default is None else default,
                            "default": "" if info.default is None else info.default, "help": help_text,
                            "choices": choices_of(info.annotation)})
         return self.page("train.html", "Train", fields=fields, files=self.data_files(), runs=self.options.runs,
@@ -343,82 +330,31 @@ class UI:
 
     # ------------------------------------------------------------------ runs
 
-    def run_folder(self, name: str) -> Path:
-        path = inside(self.options.runs, name, "run")
-        if not NAME.fullmatch(name) or path.parent != self.options.runs.resolve():
-            raise UserError(f"no run {name!r}")
-        return path
-
-    def run_view(self, name: str, jobs: list[Job] | None = None) -> RunView:
-        import yaml
-
-        folder = self.run_folder(name)
-        jobs = [job for job in (self.store.all() if jobs is None else jobs) if job.run == name]
-        active = next((job for job in jobs if not job.finished), None)
-        if not folder.exists() and not active and not jobs:
-            raise UserError(f"no run {name!r} in {self.options.runs}: it may have been deleted")
-        trained = (folder / "adapter").exists() or (folder / "model").exists()
-        evaluated = (folder / "eval.json").exists()
-        resumable = (not trained and not active and any(job.kind == "train" for job in jobs)
-                     and any((folder / "checkpoints").glob("step-*/checkpoint.json")))
-        if active:
-            verb = {"train": "training", "eval": "evaluating"}.get(active.kind, active.kind)
-            status = "queued" if active.state == "queued" else verb
-        elif trained:
-            status = "evaluated" if evaluated else "trained"
-        else:
-            status = "stopped (resumable)" if resumable else "incomplete"
-        rows = [row for row in read_rows(folder / "metrics.jsonl") if "loss" in row]
-        try:
-            config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            config = {}
-        return RunView(name, folder, status, rows[-1] if rows else {}, trained, evaluated,
-                       (folder / "report.html").exists(), resumable, active, jobs, config)
-
-    def run_names(self) -> list[str]:
-        folder = self.options.runs
-        names = {p.name for p in folder.iterdir() if (p / "config.yaml").exists()} if folder.is_dir() else set()
-        names |= {job.run for job in self.store.all() if job.run and not job.finished}
-        return sorted(n for n in names if NAME.fullmatch(n))
-
     async def runs_page(self, request):
         jobs = self.store.all()
-        return self.page("runs.html", "Runs", runs=[self.run_view(name, jobs) for name in self.run_names()])
+        return self.page("runs.html", "Runs", runs=[self.runs.view(name, jobs) for name in self.runs.names()])
 
     async def run_page(self, request):
-        view = self.run_view(request.path_params["name"])
-        return self.page("run.html", view.name, run=view, runs=self.options.runs,
-                         command=f"tunelab eval {self.options.runs / view.name}")
-
-    def total_steps(self, view: RunView) -> int | None:
-        """The run's optimizer steps: --max-steps, else what the training progress bar shows."""
-        if view.config.get("max_steps"):
-            return int(view.config["max_steps"])
-        train = [job for job in view.jobs if job.kind == "train"]
-        if train:
-            found = re.findall(r"training:.*?\|\s*\d+/(\d+)", self.store.log(train[-1].id, 4000))
-            if found:
-                return int(found[-1])
-        return None
+        view = self.runs.view(request.path_params["name"])
+        return self.page("run.html", view.name, run=view, runs=self.options.runs)
 
     async def run_events(self, request):
         """The run's metrics.jsonl as it grows, and its status whenever it changes; the
         stream ends when no job of the run is left to change either."""
         name = request.path_params["name"]
-        self.run_view(name)
+        self.runs.view(name)
 
         async def stream():
             offset, last = 0, None
             while True:
                 rows, offset, reset = await asyncio.to_thread(read_new_rows,
-                                                              self.run_folder(name) / "metrics.jsonl", offset)
+                                                              self.runs.folder(name) / "metrics.jsonl", offset)
                 if reset:
                     yield event("reset", {})
                 if rows:
                     yield event("metrics", rows)
-                view = await asyncio.to_thread(self.run_view, name)
-                state = {"status": view.status, "total_steps": self.total_steps(view)}
+                view = await asyncio.to_thread(self.runs.view, name)
+                state = {"status": view.status, "total_steps": self.runs.total_steps(view)}
                 if state != last:
                     yield event("state", state)
                     last = state
@@ -432,7 +368,7 @@ class UI:
     async def start_eval(self, request):
         from starlette.responses import JSONResponse
 
-        view = self.run_view(request.path_params["name"])
+        view = self.runs.view(request.path_params["name"])
         if not view.trained or view.active:
             raise UserError(f"run {view.name} is {view.status}: it can be evaluated once training has finished")
         job = self.store.create("eval", ["eval", str(self.options.runs / view.name)], self.options.cwd, run=view.name)
@@ -441,7 +377,7 @@ class UI:
     async def start_resume(self, request):
         from starlette.responses import JSONResponse
 
-        view = self.run_view(request.path_params["name"])
+        view = self.runs.view(request.path_params["name"])
         if not view.resumable:
             raise UserError(f"run {view.name} is {view.status}: only a stopped run with a checkpoint can be resumed")
         trained_with = [job for job in view.jobs if job.kind == "train"][-1]
@@ -456,7 +392,7 @@ class UI:
         names = (await read_json(request)).get("runs")
         if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
             raise UserError("pick two runs or more to compare")
-        views = [self.run_view(name) for name in names]
+        views = [self.runs.view(name) for name in names]
         unfinished = [view.name for view in views if not view.trained]
         if unfinished:
             raise UserError(f"run {unfinished[0]} has no trained weights yet; compare finished runs")
@@ -535,7 +471,7 @@ class UI:
 
     async def chat_page(self, request):
         jobs = self.store.all()
-        runs = [view for view in (self.run_view(name, jobs) for name in self.run_names()) if view.trained]
+        runs = [view for view in (self.runs.view(name, jobs) for name in self.runs.names()) if view.trained]
         picked = request.query_params.get("run") or (runs[0].name if runs else "")
         return self.page("chat.html", "Chat", runs=runs, picked=picked, runs_folder=self.options.runs)
 
@@ -548,7 +484,7 @@ class UI:
             raise UserError(f"chat request: {e.errors()[0]['msg']}") from None
         if body.messages[-1].role != "user":
             raise UserError("chat request: the last message must be the user's")
-        folder = self.run_folder(body.run)
+        folder = self.runs.folder(body.run)
         messages = [m.model_dump() for m in body.messages]
         reply = await asyncio.to_thread(self.reply, folder, messages, body.max_new_tokens)
         return JSONResponse({"reply": reply})
@@ -586,106 +522,10 @@ async def read_json(request) -> dict[str, Any]:
     return value
 
 
-def event(kind: str, data: Any) -> str:
-    """One server-sent event; JSON never holds a raw newline, so it is one data line."""
-    return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
-
-
-def event_stream(events):
-    """A stream of server-sent events; a user error on the way (a run deleted while shown) is
-    its last event, as the page's message."""
-    from starlette.responses import StreamingResponse
-
-    async def guarded():
-        try:
-            async for item in events:
-                yield item
-        except UserError as e:
-            yield event("error", {"error": str(e)})
-
-    return StreamingResponse(guarded(), media_type="text/event-stream",
-                             headers={"cache-control": "no-store", "x-accel-buffering": "no"})
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    rows, _, _ = read_new_rows(path, 0)
-    return rows
-
-
-def read_new_rows(path: Path, offset: int) -> tuple[list[dict[str, Any]], int, bool]:
-    """The complete JSON lines of `path` after byte `offset`: (rows, new offset, whether the
-    file was replaced, e.g. by a run trained again with --overwrite, and is read from its start)."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return [], 0, offset > 0
-    reset = size < offset
-    offset = 0 if reset else offset
-    with path.open("rb") as f:
-        f.seek(offset)
-        chunk = f.read()
-    complete = chunk[: chunk.rfind(b"\n") + 1]
-    rows = []
-    for line in complete.decode("utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows, offset + len(complete), reset
-
-
-def read_new_text(path: Path, offset: int) -> tuple[str, int]:
-    try:
-        with path.open("rb") as f:
-            f.seek(offset)
-            chunk = f.read(1 << 20)
-    except FileNotFoundError:
-        return "", offset
-    return chunk.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n"), offset + len(chunk)
-
-
-def source_lines(path: Path, wanted: set[int], max_chars: int = 400) -> dict[int, str]:
-    """The text of the given 1-based lines of a text data file (none for Parquet), each cut to
-    `max_chars`: the rows the data check's errors point at."""
-    if path.suffix.lower() == ".parquet" or not wanted or not path.is_file():
-        return {}
-    found = {}
-    with path.open("r", encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if number in wanted:
-                text = line.rstrip("\n")
-                found[number] = text if len(text) <= max_chars else text[:max_chars] + " ..."
-            if number >= max(wanted):
-                break
-    return found
-
-
-def histogram_bars(bins: list, width: int = 600, height: int = 160) -> list[dict[str, Any]]:
-    """SVG rectangles of the data check's length histogram ([low, high, count] bins)."""
-    if not bins:
-        return []
-    top = max(count for _, _, count in bins) or 1
-    step = width / len(bins)
-    return [{"x": round(i * step, 1), "w": round(step - 2, 1), "h": round(count / top * height, 1),
-             "y": round(height - count / top * height, 1), "low": low, "high": high, "count": count}
-            for i, (low, high, count) in enumerate(bins)]
-
-
 def choices_of(annotation) -> list[str]:
     import typing
 
     return [str(c) for c in typing.get_args(annotation)] if typing.get_origin(annotation) is Literal else []
-
-
-def free_name(path: Path) -> Path:
-    """`path`, or `stem-2.suffix`, `stem-3.suffix`, ... : the first that does not exist."""
-    candidate, n = path, 1
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
-    return candidate
 
 
 def build_app(options: UIOptions, port: int | None = None, login_key: str | None = None,
@@ -698,7 +538,7 @@ def build_app(options: UIOptions, port: int | None = None, login_key: str | None
 def run_ui(options: UIOptions) -> None:
     """`tunelab ui`: bind, print the address (and the login link off loopback), serve until Ctrl-C."""
     try:
-        import starlette  # noqa: F401
+        import starlette  # noqa: F401  (checked here for the one-line error)
         import uvicorn
     except ImportError:
         raise UserError("tunelab ui needs starlette and uvicorn: pip install 'tunelab[ui]'") from None

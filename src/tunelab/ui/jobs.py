@@ -20,7 +20,6 @@ last complete checkpoint and `tunelab train DATA --out RUN --resume` continues f
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
