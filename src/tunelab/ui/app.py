@@ -183,8 +183,7 @@ class UI:
             status, message = 400, str(exc)
         elif isinstance(exc, HTTPException):
             status, message = exc.status_code, ("no such page" if exc.status_code == 404 else str(exc.detail))
-        else:
-            traceback.print_exception(exc)
+        else:  # a bug: Starlette raises it again after this page, and uvicorn prints its traceback
             status, message = 500, (f"unexpected error ({type(exc).__name__}); the terminal running `tunelab ui` "
                                     "shows the details")
         if request.url.path.startswith("/api/") or request.url.path.endswith("/events"):
