@@ -292,3 +292,24 @@ def test_runs_are_compared_side_by_side(ui, folders, tiny_run):
     comparison = client.get("/files/runs/comparison.html")
     assert comparison.status_code == 200 and "one" in comparison.text and "two" in comparison.text
     assert state.store.get(answer["job"]).state == "done"
+
+
+def test_a_sweep_queues_one_run_per_learning_rate(ui, folders):
+    client, state = ui
+    (folders / "data" / "pairs.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    form = {"data": "pairs.jsonl", "name": "sweep", "base": "smollm2-135m", "max_steps": "3"}
+    for bad, why in (("1e-3", "2 to 4 different"), ("1e-3, 1e-3", "2 to 4 different"), ("1e-3, fast", "lr"),
+                     ("1,2,3,4,5", "2 to 4 different")):
+        refused = client.post("/api/train", json={**form, "sweep_lr": bad})
+        assert refused.status_code == 400 and why in refused.json()["error"], bad
+    both = client.post("/api/train", json={**form, "lr": "1e-3", "sweep_lr": "1e-4, 1e-3"})
+    assert both.status_code == 400 and "not both" in both.json()["error"]
+    assert state.store.all() == []  # nothing queued by a refused sweep
+    answer = client.post("/api/train", json={**form, "sweep_lr": "1e-4, 3e-4"}).json()
+    for job in state.store.all():
+        state.store.cancel(job.id)  # no need to train smollm2 here
+    runs, data = folders / "runs", folders / "data"
+    assert answer["url"] == "/jobs" and answer["commands"] == [
+        f"tunelab train {data}/pairs.jsonl --out {runs}/sweep-lr-{lr} --lr {lr} --max-steps 3"
+        for lr in ("1e-4", "3e-4")]
+    assert [job.run for job in state.store.all()] == ["sweep-lr-1e-4", "sweep-lr-3e-4"]

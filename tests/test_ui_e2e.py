@@ -198,6 +198,11 @@ def test_the_pages_in_a_browser(tmp_path, browser, tiny_run, tiny_model_dir, pai
         assert page.locator("#train-command").inner_text() == (
             f"tunelab train data/pairs.jsonl --out runs/from-the-form --base {tiny_model_dir} --max-steps 3 "
             "--save-every 10")
+        page.fill("#sweep", "1e-4, 1e-3")  # a sweep: one command per learning rate
+        assert page.locator("#train-command").inner_text().splitlines() == [
+            f"tunelab train data/pairs.jsonl --out runs/from-the-form-lr-{lr} --base {tiny_model_dir} --lr {lr} "
+            "--max-steps 3 --save-every 10" for lr in ("1e-4", "1e-3")]
+        page.fill("#sweep", "")
         page.click("#train-form button[type=submit]")
         page.wait_for_url("**/runs/from-the-form")
         page.wait_for_selector("#status:text-is('trained')", timeout=300_000)

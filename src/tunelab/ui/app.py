@@ -52,6 +52,8 @@ PAGE_DEFAULTS = {"save_every": 10}
 """Where the page pre-fills something other than TrainConfig's default, and why: checkpoints
 are what Stop and Resume rely on."""
 TICK_S = 0.5
+MAX_SWEEP = 4
+"""Most runs one sweep queues: on a CPU each takes as long as a run of its own."""
 COMPARISON = "comparison.html"
 """The comparison report, in the runs folder (its links to each run's report are relative)."""
 
@@ -87,6 +89,8 @@ class TrainRequest(BaseModel):
     lr: str = ""
     max_steps: str = ""
     save_every: str = ""
+    sweep_lr: str = ""
+    """Comma-separated learning rates: one run each (a small sweep), instead of `lr`."""
 
 
 class ChatMessage(BaseModel):
@@ -316,6 +320,20 @@ class UI:
                 argv += ["--" + name.replace("_", "-"), given[name]]
         return argv, form.name
 
+    def sweep(self, form: TrainRequest) -> list[TrainRequest]:
+        """The form's runs: itself, or with `sweep_lr` one run per learning rate, each named
+        NAME-lr-VALUE. Every one is checked before any is queued."""
+        values = [v.strip() for v in form.sweep_lr.split(",") if v.strip()]
+        if not values:
+            return [form]
+        if form.lr.strip():
+            raise UserError("give either a learning rate or learning rates to sweep, not both")
+        if not 2 <= len(values) <= MAX_SWEEP or len(set(values)) < len(values):
+            raise UserError(f"sweep {form.sweep_lr!r}: give 2 to {MAX_SWEEP} different learning rates, "
+                            "separated by commas")
+        return [form.model_copy(update={"name": f"{form.name}-lr-{value}", "lr": value, "sweep_lr": ""})
+                for value in values]
+
     async def start_train(self, request):
         from starlette.responses import JSONResponse
 
@@ -323,9 +341,11 @@ class UI:
             form = TrainRequest.model_validate(await read_json(request))
         except ValidationError as e:
             raise UserError(f"the training form is incomplete: {e.errors()[0]['loc'][0]} is missing") from None
-        argv, name = self.train_argv(form)
-        job = self.store.create("train", argv, self.options.cwd, run=name)
-        return JSONResponse({"job": job.id, "url": f"/runs/{name}", "command": job.command})
+        planned = [self.train_argv(run) for run in self.sweep(form)]
+        jobs = [self.store.create("train", argv, self.options.cwd, run=name) for argv, name in planned]
+        url = f"/runs/{planned[0][1]}" if len(jobs) == 1 else "/jobs"
+        return JSONResponse({"job": jobs[0].id, "url": url, "command": jobs[0].command,
+                             "commands": [job.command for job in jobs]})
 
     # ------------------------------------------------------------------ runs
 

@@ -75,15 +75,20 @@ if (trainForm) {
   const command = document.getElementById("train-command");
   const update = () => {
     const form = new FormData(trainForm);
-    const words = ["tunelab", "train", trainForm.dataset.data + "/" + form.get("data"),
-                   "--out", trainForm.dataset.runs + "/" + form.get("name")];
-    for (const input of trainForm.querySelectorAll("[data-flag]")) {
-      const value = input.value.trim();
-      if (value !== "" && value !== input.dataset.default && Number(value) !== Number(input.dataset.default || NaN)) {
-        words.push(input.dataset.flag, value);
+    const sweep = form.get("sweep_lr").split(",").map((v) => v.trim()).filter((v) => v);
+    const lines = (sweep.length ? sweep : [null]).map((lr) => {
+      const name = lr === null ? form.get("name") : `${form.get("name")}-lr-${lr}`;
+      const words = ["tunelab", "train", trainForm.dataset.data + "/" + form.get("data"),
+                     "--out", trainForm.dataset.runs + "/" + name];
+      for (const input of trainForm.querySelectorAll("[data-flag]")) {
+        const value = input.name === "lr" && lr !== null ? lr : input.value.trim();
+        if (value !== "" && value !== input.dataset.default && Number(value) !== Number(input.dataset.default || NaN)) {
+          words.push(input.dataset.flag, value);
+        }
       }
-    }
-    command.textContent = words.map(shellQuote).join(" ");
+      return words.map(shellQuote).join(" ");
+    });
+    command.textContent = lines.join("\n");
   };
   trainForm.addEventListener("input", update);
   update();
