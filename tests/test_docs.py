@@ -209,6 +209,11 @@ FORMS: dict[str, Form | None] = {
         "tunelab serve runs/bookings runs/support --port 8000 --api-key sk-local-123",
         "tunelab serve runs/bookings --port 8000 --max-queue 1",
         "tunelab serve runs/bookings --port 8000 --rules rules.yaml")},
+    # docs/UI.md: a server that runs until stopped; tests/test_ui.py starts `tunelab ui` (a port in use, a login
+    # link off loopback) and tests/test_ui_e2e.py drives its app on a real server and in a browser
+    **{form: Form(skip="a server that runs until stopped: tests/test_ui.py and tests/test_ui_e2e.py run it") for form in (
+        "tunelab ui --runs runs --data data --port 7860 --jobs 1",
+        "tunelab ui --host 0.0.0.0 --api-key KEY")},
     # docs/DEMO.md: a second demo into the same folder, as a user re-runs it with more steps
     "tunelab demo --max-steps 135": Form([f"tunelab demo {SMALL_DEMO} --max-steps 3"], needs_run=False,
                                          expect="Wall time"),
@@ -237,6 +242,7 @@ FORMS: dict[str, Form | None] = {
     "tunelab eval/generate/chat": None,
     "tunelab report": None,
     "tunelab serve": None,
+    "tunelab ui": None,
 }
 
 

@@ -32,9 +32,10 @@ LAYERS = [
     {"evaluate.core"},
     {"run"},
     {"serve.protocol", "serve.moderation", "serve.scheduler"},
-    {"report.runs", "report.plots", "serve.app", "export.merged", "export.gguf", "demo.bookings"},
-    {"report.sections", "export.ollama"},
-    {"report.html", "export.card"},
+    {"report.runs", "report.plots", "serve.app", "export.merged", "export.gguf", "demo.bookings", "ui.guard",
+     "ui.jobs", "ui.follow"},
+    {"report.sections", "export.ollama", "ui.runs"},
+    {"report.html", "export.card", "ui.app"},
     {"demo", "export"},
     {"cli", "__init__"},
 ]

@@ -402,6 +402,27 @@ def cmd_serve(o: ServeCommandOptions) -> None:
                        copy_constraint=not o.no_copy_constraint, precision=o.precision, device=o.device))
 
 
+class UICommandOptions(Options):
+    runs: Annotated[str, Arg(metavar="DIR")] = "runs"
+    """folder of run folders"""
+    data: Annotated[str, Arg(metavar="DIR")] = "data"
+    """folder of data files"""
+    host: str = "127.0.0.1"
+    """address to bind (any other needs a key: --api-key, or one printed at start)"""
+    port: int = Field(7860, ge=0, le=65535)
+    """port (0 picks a free one)"""
+    jobs: int = Field(1, ge=1)
+    """trainings and evaluations run at once; the rest wait in order"""
+    api_key: str | None = None
+    """key to log in with off loopback (open /?key=KEY once)"""
+
+
+def cmd_ui(o: UICommandOptions) -> None:
+    from tunelab.ui.app import UIOptions, run_ui
+
+    run_ui(UIOptions(runs=Path(o.runs), data=Path(o.data), host=o.host, port=o.port, jobs=o.jobs, api_key=o.api_key))
+
+
 class ExportOptions(Options):
     run: RunFolder
     format: Annotated[str, Arg(metavar="{merged,gguf,ollama}")]
@@ -557,6 +578,7 @@ COMMANDS: dict[str, Command | CommandGroup] = {
     "generate": Command(cmd_generate, GenerateOptions, "answer a prompt or a file of prompts with the fine-tuned model"),
     "chat": Command(cmd_chat, ChatOptions, "talk to the fine-tuned model, streaming"),
     "serve": Command(cmd_serve, ServeCommandOptions, "OpenAI-compatible server and chat page for one or more runs"),
+    "ui": Command(cmd_ui, UICommandOptions, "the whole loop in the browser: data, training, evaluation, chat"),
     "export": Command(cmd_export, ExportOptions, "write the fine-tuned model for transformers, llama.cpp or Ollama"),
 }
 

@@ -1,0 +1,582 @@
+"""`tunelab ui`: the loop (data, training, evaluation, chat) as pages in a local web app.
+
+    GET  /data                the data folder: upload a file, check one
+    GET  /checks/ID           a data check's report (errors with their rows, split, lengths)
+    GET  /train               the training form, defaults and help from TrainConfig
+    GET  /runs, /runs/NAME    runs; one run's live loss curve, tokens/s and ETA, its report
+    GET  /compare?job=ID      runs side by side: the comparison report of `tunelab report RUN RUN...`
+    GET  /jobs, /jobs/ID      the queue and every job's command, state and log
+    GET  /chat?run=NAME       talk to a run
+    GET  .../events           server-sent events: a run's metrics.jsonl, a job's state and log
+    GET  /files/runs/PATH, /files/data/PATH   files of the two folders (reports)
+    POST /api/...             what the pages' buttons do (each needs the session token)
+
+Pages are Jinja2 templates with autoescape; the one script (static/ui.js) is served from the
+package, nothing from the network. Everything that takes more than a moment is a job
+(jobs.py): the same `tunelab` command a terminal runs, and each page shows that command. Only
+chat runs in this process, in a worker thread, through the same `Run.generate` as `tunelab
+generate`. The security rules are in guard.py; runs.py reads a run's status from its folder
+and jobs, follow.py the files that grow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from tunelab.config import TrainConfig
+from tunelab.errors import UserError, check_output_folder
+from tunelab.ui.follow import (event, event_stream, free_name, histogram_bars, read_new_rows, read_new_text,
+                               source_lines)
+from tunelab.ui.guard import Guard, allowed_hosts, inside
+from tunelab.ui.jobs import JobStore
+from tunelab.ui.runs import NAME, RunsFolder
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+MAX_UPLOAD_BYTES = 1 << 30
+MAX_JSON_BYTES = 1 << 20
+TRAIN_FIELDS = ("base", "method", "epochs", "lr", "max_steps", "save_every")
+"""The TrainConfig fields the Train page offers; the rest keep their defaults (see the CLI)."""
+TITLES = {"base": "Base model", "lr": "Learning rate"}
+PAGE_DEFAULTS = {"save_every": 10}
+"""Where the page pre-fills something other than TrainConfig's default, and why: checkpoints
+are what Stop and Resume rely on."""
+TICK_S = 0.5
+MAX_SWEEP = 4
+"""Most runs one sweep queues: on a CPU each takes as long as a run of its own."""
+COMPARISON = "comparison.html"
+"""The comparison report, in the runs folder (its links to each run's report are relative)."""
+
+
+@dataclass
+class UIOptions:
+    """The options of `tunelab ui`."""
+
+    runs: Path = Path("runs")
+    """Folder of run folders (made if missing); jobs live in RUNS/.jobs."""
+    data: Path = Path("data")
+    """Folder of data files: uploads go here, and files here can be picked."""
+    host: str = "127.0.0.1"
+    """Address to bind; anything but loopback needs a key (`api_key`, or one printed at start)."""
+    port: int = 7860
+    """Port to bind; 0 picks a free one."""
+    jobs: int = 1
+    """Heavy jobs (training, evaluation) run at once; the rest wait in order."""
+    api_key: str | None = None
+    """The key browsers log in with off loopback."""
+    cwd: Path = field(default_factory=Path.cwd)
+    """Where jobs run: the folder the relative paths above are relative to."""
+
+
+class TrainRequest(BaseModel):
+    """The Train page's form."""
+
+    data: str
+    name: str
+    base: str = ""
+    method: str = ""
+    epochs: str = ""
+    lr: str = ""
+    max_steps: str = ""
+    save_every: str = ""
+    sweep_lr: str = ""
+    """Comma-separated learning rates: one run each (a small sweep), instead of `lr`."""
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=20_000)
+
+
+class ChatRequest(BaseModel):
+    run: str
+    messages: list[ChatMessage] = Field(min_length=1, max_length=200)
+    max_new_tokens: int = Field(256, gt=0, le=1024)
+
+
+class UI:
+    """The app's state: the options, the jobs folder, the session token and the chat model."""
+
+    def __init__(self, options: UIOptions, token: str | None = None):
+        import jinja2
+
+        self.options = options
+        self.token = token or secrets.token_urlsafe(24)
+        self.store = JobStore(options.runs / ".jobs", options.jobs)
+        self.runs = RunsFolder(options.runs, self.store)
+        self.templates = jinja2.Environment(loader=jinja2.PackageLoader("tunelab.ui", "templates"), autoescape=True,
+                                            undefined=jinja2.StrictUndefined)
+        self.templates.filters["when"] = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
+        self.chat_lock = threading.Lock()
+        self.chat_run = None
+
+    # ------------------------------------------------------------------ the app
+
+    def app(self, hosts: set[str], login_key: str | None = None):
+        from contextlib import asynccontextmanager
+
+        from starlette.applications import Starlette
+        from starlette.exceptions import HTTPException
+        from starlette.routing import Mount, Route
+        from starlette.staticfiles import StaticFiles
+
+        @asynccontextmanager
+        async def lifespan(app):
+            self.store.recover()
+            stop = threading.Event()
+            ticker = threading.Thread(target=self.tick_until, args=(stop,), daemon=True, name="tunelab-ui-jobs")
+            ticker.start()
+            yield
+            stop.set()
+            ticker.join()
+            self.store.stop_all()
+
+        routes = [
+            Route("/", lambda request: redirect("/data")),
+            Route("/data", self.data_page),
+            Route("/checks/{job_id}", self.check_page),
+            Route("/train", self.train_page),
+            Route("/runs", self.runs_page),
+            Route("/runs/{name}", self.run_page),
+            Route("/runs/{name}/events", self.run_events),
+            Route("/compare", self.compare_page),
+            Route("/jobs", self.jobs_page),
+            Route("/jobs/{job_id}", self.job_page),
+            Route("/jobs/{job_id}/events", self.job_events),
+            Route("/chat", self.chat_page),
+            Route("/files/runs/{path:path}", self.run_file),
+            Route("/files/data/{path:path}", self.data_file),
+            Route("/api/data", self.upload, methods=["POST"]),
+            Route("/api/check", self.start_check, methods=["POST"]),
+            Route("/api/train", self.start_train, methods=["POST"]),
+            Route("/api/runs/{name}/eval", self.start_eval, methods=["POST"]),
+            Route("/api/runs/{name}/resume", self.start_resume, methods=["POST"]),
+            Route("/api/compare", self.start_compare, methods=["POST"]),
+            Route("/api/jobs/{job_id}/cancel", self.cancel_job, methods=["POST"]),
+            Route("/api/chat", self.chat, methods=["POST"]),
+            Mount("/static", StaticFiles(packages=[("tunelab.ui", "static")]), name="static"),
+        ]
+        handlers = {Exception: self.on_error, HTTPException: self.on_error, UserError: self.on_error}
+        app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+        return Guard(app, hosts, self.token, login_key)
+
+    def tick_until(self, stop: threading.Event) -> None:
+        while not stop.wait(TICK_S):
+            try:
+                self.store.tick()
+            except Exception:  # a bug here must not stop the queue; the terminal shows it
+                traceback.print_exc()
+
+    async def on_error(self, request, exc: Exception):
+        """Every error as a message: JSON for the API and event streams, a page otherwise; a
+        traceback only on the terminal, for bugs."""
+        from starlette.exceptions import HTTPException
+        from starlette.responses import JSONResponse
+
+        if isinstance(exc, UserError):
+            status, message = 400, str(exc)
+        elif isinstance(exc, HTTPException):
+            status, message = exc.status_code, ("no such page" if exc.status_code == 404 else str(exc.detail))
+        else:  # a bug: Starlette raises it again after this page, and uvicorn prints its traceback
+            status, message = 500, (f"unexpected error ({type(exc).__name__}); the terminal running `tunelab ui` "
+                                    "shows the details")
+        if request.url.path.startswith("/api/") or request.url.path.endswith("/events"):
+            return JSONResponse({"error": message}, status_code=status)
+        return self.page("error.html", "Error", status=status, message=message)
+
+    def page(self, template: str, title: str, status: int = 200, **values):
+        from starlette.responses import HTMLResponse
+
+        html = self.templates.get_template(template).render(title=title, token=self.token, **values)
+        return HTMLResponse(html, status_code=status)
+
+    # ------------------------------------------------------------------ data
+
+    def data_files(self) -> list[dict[str, Any]]:
+        folder = self.options.data
+        if not folder.is_dir():
+            return []
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
+        checks = [job for job in self.store.all() if job.kind == "check"]
+        found = []
+        for p in files:
+            check = next((job for job in reversed(checks) if Path(job.argv[2]).name == p.name), None)
+            report = self.store.path(check.id) / "check" / "data_check.json" if check else None
+            errors = len(json.loads(report.read_text())["errors"]) if report and report.exists() else None
+            found.append({"name": p.name, "size": p.stat().st_size, "check": check, "errors": errors})
+        return found
+
+    async def data_page(self, request):
+        return self.page("data.html", "Data", files=self.data_files(), data=self.options.data,
+                         suffixes=", ".join(DATA_SUFFIXES))
+
+    async def upload(self, request):
+        """The body is the file itself; `?name=` its name. An existing file is never replaced:
+        the upload gets a free name beside it."""
+        from starlette.responses import JSONResponse
+
+        name = Path(request.query_params.get("name", "")).name
+        if not NAME.fullmatch(name) or Path(name).suffix.lower() not in DATA_SUFFIXES:
+            raise UserError(f"file name {name!r}: give a data file ({', '.join(DATA_SUFFIXES)}) a plain name "
+                            "of letters, digits, '.', '-' and '_'")
+        folder = self.options.data
+        check_output_folder(folder, "--data")
+        folder.mkdir(parents=True, exist_ok=True)
+        target = free_name(folder / name)
+        partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+        size = 0
+        try:
+            with partial.open("wb") as out:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > MAX_UPLOAD_BYTES:
+                        raise UserError(f"{name}: larger than {MAX_UPLOAD_BYTES >> 20} MB; "
+                                        f"copy it into {folder} instead")
+                    out.write(chunk)
+            partial.rename(target)
+        finally:
+            partial.unlink(missing_ok=True)
+        return JSONResponse({"name": target.name})
+
+    async def start_check(self, request):
+        from starlette.responses import JSONResponse
+
+        body = await read_json(request)
+        name = str(body.get("file", ""))
+        path = self.data_path(name)
+        job_id = self.store.new_id()
+        argv = ["data", "check", self.data_arg(path), "--out", str(self.options.runs / ".jobs" / job_id / "check")]
+        job = self.store.create("check", argv, self.options.cwd, job_id=job_id)
+        return JSONResponse({"job": job.id, "url": f"/checks/{job.id}"})
+
+    async def check_page(self, request):
+        job = self.store.get(request.path_params["job_id"])
+        if job.kind != "check":
+            raise UserError(f"job {job.id} is not a data check")
+        report_file = self.store.path(job.id) / "check" / "data_check.json"
+        report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.exists() else None
+        rows = {}
+        if report:
+            data = Path(job.cwd) / job.argv[2]
+            rows = source_lines(data, {e["line"] for e in report["errors"] + report["warnings"] if e.get("line")})
+        return self.page("check.html", f"Data check of {Path(job.argv[2]).name}", job=job, report=report, rows=rows,
+                         histogram=histogram_bars(report["lengths"]["histogram"]) if report else None)
+
+    def data_arg(self, path: Path) -> str:
+        """A data file as the command line names it: under the --data folder as given."""
+        return str(self.options.data / path.relative_to(self.options.data.resolve()))
+
+    def data_path(self, name: str) -> Path:
+        path = inside(self.options.data, name, "data file")
+        if not path.is_file():
+            raise UserError(f"no data file {name!r} in {self.options.data}")
+        return path
+
+    # ------------------------------------------------------------------ training
+
+    async def train_page(self, request):
+        fields = []
+        for name in TRAIN_FIELDS:
+            info = TrainConfig.model_fields[name]
+            default = PAGE_DEFAULTS.get(name, info.default)
+            help_text = " ".join((info.description or "").split())
+            if name in PAGE_DEFAULTS:
+                help_text += (f" This page fills in {default} (the command's default is none) so that Stop "
+                              "and Resume work.")
+            fields.append({"name": name, "title": TITLES.get(name, name.replace("_", " ").capitalize()),
+                           "flag": "--" + name.replace("_", "-"), "value": "" if default is None else default,
+                           "default": "" if info.default is None else info.default, "help": help_text,
+                           "choices": choices_of(info.annotation)})
+        return self.page("train.html", "Train", fields=fields, files=self.data_files(), runs=self.options.runs,
+                         data=self.options.data, name=time.strftime("run-%Y%m%d-%H%M%S"),
+                         picked=request.query_params.get("data", ""))
+
+    def train_argv(self, form: TrainRequest) -> tuple[list[str], str]:
+        """The `tunelab train` arguments of the form, values checked by TrainConfig as the CLI
+        checks them; a flag only where the value differs from the default."""
+        data = self.data_path(form.data)
+        if not NAME.fullmatch(form.name):
+            raise UserError(f"run name {form.name!r}: use letters, digits, '.', '-' and '_'")
+        folder = inside(self.options.runs, form.name, "run")
+        taken = [job for job in self.store.all() if job.run == form.name and not job.finished]
+        if folder.exists() or taken:
+            raise UserError(f"run {form.name!r} exists already in {self.options.runs}; choose another name")
+        given = {name: value.strip() for name in TRAIN_FIELDS if (value := getattr(form, name)).strip()}
+        config = TrainConfig.build(flags=given, **given)
+        argv = ["train", self.data_arg(data), "--out", str(self.options.runs / form.name)]
+        for name in TRAIN_FIELDS:
+            value = getattr(config, name)
+            if name in given and value != TrainConfig.model_fields[name].default:
+                argv += ["--" + name.replace("_", "-"), given[name]]
+        return argv, form.name
+
+    def sweep(self, form: TrainRequest) -> list[TrainRequest]:
+        """The form's runs: itself, or with `sweep_lr` one run per learning rate, each named
+        NAME-lr-VALUE. Every one is checked before any is queued."""
+        values = [v.strip() for v in form.sweep_lr.split(",") if v.strip()]
+        if not values:
+            return [form]
+        if form.lr.strip():
+            raise UserError("give either a learning rate or learning rates to sweep, not both")
+        if not 2 <= len(values) <= MAX_SWEEP or len(set(values)) < len(values):
+            raise UserError(f"sweep {form.sweep_lr!r}: give 2 to {MAX_SWEEP} different learning rates, "
+                            "separated by commas")
+        return [form.model_copy(update={"name": f"{form.name}-lr-{value}", "lr": value, "sweep_lr": ""})
+                for value in values]
+
+    async def start_train(self, request):
+        from starlette.responses import JSONResponse
+
+        try:
+            form = TrainRequest.model_validate(await read_json(request))
+        except ValidationError as e:
+            raise UserError(f"the training form is incomplete: {e.errors()[0]['loc'][0]} is missing") from None
+        planned = [self.train_argv(run) for run in self.sweep(form)]
+        jobs = [self.store.create("train", argv, self.options.cwd, run=name) for argv, name in planned]
+        url = f"/runs/{planned[0][1]}" if len(jobs) == 1 else "/jobs"
+        return JSONResponse({"job": jobs[0].id, "url": url, "command": jobs[0].command,
+                             "commands": [job.command for job in jobs]})
+
+    # ------------------------------------------------------------------ runs
+
+    async def runs_page(self, request):
+        jobs = self.store.all()
+        return self.page("runs.html", "Runs", runs=[self.runs.view(name, jobs) for name in self.runs.names()])
+
+    async def run_page(self, request):
+        view = self.runs.view(request.path_params["name"])
+        return self.page("run.html", view.name, run=view, runs=self.options.runs)
+
+    async def run_events(self, request):
+        """The run's metrics.jsonl as it grows, and its status whenever it changes; the
+        stream ends when no job of the run is left to change either."""
+        name = request.path_params["name"]
+        self.runs.view(name)
+
+        async def stream():
+            offset, last = 0, None
+            while True:
+                rows, offset, reset = await asyncio.to_thread(read_new_rows,
+                                                              self.runs.folder(name) / "metrics.jsonl", offset)
+                if reset:
+                    yield event("reset", {})
+                if rows:
+                    yield event("metrics", rows)
+                view = await asyncio.to_thread(self.runs.view, name)
+                state = {"status": view.status, "total_steps": self.runs.total_steps(view)}
+                if state != last:
+                    yield event("state", state)
+                    last = state
+                if view.active is None:
+                    yield event("end", {})
+                    return
+                await asyncio.sleep(TICK_S)
+
+        return event_stream(stream())
+
+    async def start_eval(self, request):
+        from starlette.responses import JSONResponse
+
+        view = self.runs.view(request.path_params["name"])
+        if not view.trained or view.active:
+            raise UserError(f"run {view.name} is {view.status}: it can be evaluated once training has finished")
+        job = self.store.create("eval", ["eval", str(self.options.runs / view.name)], self.options.cwd, run=view.name)
+        return JSONResponse({"job": job.id, "url": f"/runs/{view.name}", "command": job.command})
+
+    async def start_resume(self, request):
+        from starlette.responses import JSONResponse
+
+        view = self.runs.view(request.path_params["name"])
+        if not view.resumable:
+            raise UserError(f"run {view.name} is {view.status}: only a stopped run with a checkpoint can be resumed")
+        trained_with = [job for job in view.jobs if job.kind == "train"][-1]
+        argv = ["train", trained_with.argv[1], "--out", str(self.options.runs / view.name), "--resume"]
+        job = self.store.create("train", argv, self.options.cwd, run=view.name)
+        return JSONResponse({"job": job.id, "url": f"/runs/{view.name}", "command": job.command})
+
+    async def start_compare(self, request):
+        """`tunelab report RUN RUN... --out RUNS/comparison.html`: the latest comparison, one file."""
+        from starlette.responses import JSONResponse
+
+        names = (await read_json(request)).get("runs")
+        if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
+            raise UserError("pick two runs or more to compare")
+        views = [self.runs.view(name) for name in names]
+        unfinished = [view.name for view in views if not view.trained]
+        if unfinished:
+            raise UserError(f"run {unfinished[0]} has no trained weights yet; compare finished runs")
+        argv = ["report", *(str(self.options.runs / view.name) for view in views),
+                "--out", str(self.options.runs / COMPARISON)]
+        job = self.store.create("report", argv, self.options.cwd)
+        return JSONResponse({"job": job.id, "url": f"/compare?job={job.id}", "command": job.command})
+
+    async def compare_page(self, request):
+        job = self.store.get(request.query_params.get("job", ""))
+        if job.kind != "report":
+            raise UserError(f"job {job.id} is not a comparison")
+        return self.page("compare.html", "Runs side by side", job=job, file=f"/files/runs/{COMPARISON}")
+
+    async def run_file(self, request):
+        return self.file(self.options.runs, request.path_params["path"])
+
+    async def data_file(self, request):
+        return self.file(self.options.data, request.path_params["path"])
+
+    def file(self, folder: Path, relative: str):
+        """A file of the runs or data folder, in a sandbox (guard.FILE_POLICY); never the jobs'
+        logs and state by this route (the job pages show those)."""
+        from starlette.responses import FileResponse
+
+        from tunelab.ui.guard import FILE_POLICY
+
+        path = inside(folder, relative)
+        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder.resolve()).parts):
+            raise UserError(f"no such file: {relative}")
+        return FileResponse(path, headers={"content-security-policy": FILE_POLICY, "cache-control": "no-store"})
+
+    # ------------------------------------------------------------------ jobs
+
+    async def jobs_page(self, request):
+        jobs = self.store.all()
+        queue = [job.id for job in self.store.queue()]
+        return self.page("jobs.html", "Jobs", jobs=list(reversed(jobs)), queue=queue, slots=self.options.jobs)
+
+    async def job_page(self, request):
+        job = self.store.get(request.path_params["job_id"])
+        queue = [j.id for j in self.store.queue()]
+        return self.page("job.html", f"Job {job.id}", job=job, log=self.store.log(job.id),
+                         place=queue.index(job.id) + 1 if job.id in queue else None)
+
+    async def job_events(self, request):
+        """The job's state when it changes and its log as it grows; ends with the job."""
+        job_id = request.path_params["job_id"]
+        self.store.get(job_id)
+        log_file = self.store.path(job_id) / "log.txt"
+
+        async def stream():
+            offset, last = log_file.stat().st_size if log_file.exists() else 0, None
+            while True:
+                job = await asyncio.to_thread(self.store.get, job_id)
+                text, offset = await asyncio.to_thread(read_new_text, log_file, offset)
+                if text:
+                    yield event("log", text)
+                if job.state != last:
+                    yield event("state", {"state": job.state, "error": job.error})
+                    last = job.state
+                if job.finished:
+                    yield event("end", {})
+                    return
+                await asyncio.sleep(TICK_S)
+
+        return event_stream(stream())
+
+    async def cancel_job(self, request):
+        from starlette.responses import JSONResponse
+
+        job = self.store.cancel(request.path_params["job_id"])
+        return JSONResponse({"job": job.id, "state": job.state})
+
+    # ------------------------------------------------------------------ chat
+
+    async def chat_page(self, request):
+        jobs = self.store.all()
+        runs = [view for view in (self.runs.view(name, jobs) for name in self.runs.names()) if view.trained]
+        picked = request.query_params.get("run") or (runs[0].name if runs else "")
+        return self.page("chat.html", "Chat", runs=runs, picked=picked, runs_folder=self.options.runs)
+
+    async def chat(self, request):
+        from starlette.responses import JSONResponse
+
+        try:
+            body = ChatRequest.model_validate(await read_json(request))
+        except ValidationError as e:
+            raise UserError(f"chat request: {e.errors()[0]['msg']}") from None
+        if body.messages[-1].role != "user":
+            raise UserError("chat request: the last message must be the user's")
+        folder = self.runs.folder(body.run)
+        messages = [m.model_dump() for m in body.messages]
+        reply = await asyncio.to_thread(self.reply, folder, messages, body.max_new_tokens)
+        return JSONResponse({"reply": reply})
+
+    def reply(self, folder: Path, messages: list[dict[str, str]], max_new_tokens: int) -> str:
+        """One reply, as `tunelab chat` makes it; one model is kept loaded (the last one used)."""
+        from tunelab.run import Run
+
+        with self.chat_lock:
+            if self.chat_run is None or self.chat_run.path != folder:
+                self.chat_run = None  # the old model's memory is freed before the next loads
+                self.chat_run = Run(folder)
+            return self.chat_run.generate(messages, max_new_tokens=max_new_tokens)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def redirect(url: str):
+    from starlette.responses import RedirectResponse
+
+    return RedirectResponse(url, status_code=303)
+
+
+async def read_json(request) -> dict[str, Any]:
+    body = await request.body()
+    if len(body) > MAX_JSON_BYTES:
+        raise UserError("request too large")
+    try:
+        value = json.loads(body or b"{}")
+    except ValueError:
+        raise UserError("the request is not JSON") from None
+    if not isinstance(value, dict):
+        raise UserError("the request is not a JSON object")
+    return value
+
+
+def choices_of(annotation) -> list[str]:
+    import typing
+
+    return [str(c) for c in typing.get_args(annotation)] if typing.get_origin(annotation) is Literal else []
+
+
+def build_app(options: UIOptions, port: int | None = None, login_key: str | None = None,
+              token: str | None = None) -> tuple[Any, UI]:
+    """The ASGI app for `options` (bound to `port`, by default options.port) and its state."""
+    ui = UI(options, token)
+    return ui.app(allowed_hosts(options.host, options.port if port is None else port), login_key), ui
+
+
+def run_ui(options: UIOptions) -> None:
+    """`tunelab ui`: bind, print the address (and the login link off loopback), serve until Ctrl-C."""
+    try:
+        import starlette  # noqa: F401  (checked here for the one-line error)
+        import uvicorn
+    except ImportError:
+        raise UserError("tunelab ui needs starlette and uvicorn: pip install 'tunelab[ui]'") from None
+    from tunelab.serve.app import bind, is_loopback
+
+    for folder, flag in ((options.runs, "--runs"), (options.data, "--data")):
+        check_output_folder(folder, flag)
+        folder.mkdir(parents=True, exist_ok=True)
+    login_key = None if is_loopback(options.host) else (options.api_key or secrets.token_urlsafe(16))
+    sock = bind(options.host, options.port)
+    port = sock.getsockname()[1]
+    app, _ = build_app(options, port, login_key)
+    host = f"[{options.host}]" if ":" in options.host else options.host
+    address = f"http://{host}:{port}/"
+    if login_key and not options.api_key:
+        print(f"tunelab ui on {address}; log in at {address}?key={login_key}", flush=True)
+    else:
+        print(f"tunelab ui on {address}", flush=True)
+    print(f"runs in {options.runs}, data in {options.data}, {options.jobs} heavy job(s) at a time; Ctrl-C stops",
+          file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3)
+    uvicorn.Server(config).run(sockets=[sock])

@@ -1,0 +1,259 @@
+// tunelab ui: the buttons, the upload, the training form's command, live curves and chat.
+// User data only ever reaches the page through textContent and SVG attributes, never as HTML.
+"use strict";
+
+const token = document.querySelector('meta[name="tunelab-token"]').content;
+
+function showMessage(text) {
+  const box = document.getElementById("message");
+  box.textContent = text;
+  box.hidden = !text;
+  if (text) box.scrollIntoView({block: "nearest"});
+}
+
+// POST with the session token (guard.py refuses any POST without it); resolves to the JSON
+// answer or shows the error line and rejects.
+async function post(url, body, contentType = "application/json") {
+  let response;
+  try {
+    response = await fetch(url, {
+      method: "POST", body: contentType === "application/json" ? JSON.stringify(body || {}) : body,
+      headers: {"X-Tunelab-Token": token, "Content-Type": contentType},
+    });
+  } catch (e) {
+    showMessage("tunelab ui is not answering: is it still running?");
+    throw e;
+  }
+  const text = await response.text();
+  let answer;
+  try { answer = JSON.parse(text); } catch (e) { answer = {error: text}; }
+  if (!response.ok) {
+    showMessage(answer.error || `error ${response.status}`);
+    throw new Error(answer.error);
+  }
+  return answer;
+}
+
+// Buttons that do one thing: data-post="URL" [data-body='JSON'] [data-then="reload"].
+document.addEventListener("click", async (e) => {
+  const button = e.target.closest("button[data-post]");
+  if (!button) return;
+  button.disabled = true;
+  try {
+    const answer = await post(button.dataset.post, JSON.parse(button.dataset.body || "{}"));
+    if (button.dataset.then === "reload" || !answer.url) location.reload();
+    else location.href = answer.url;
+  } catch (err) {
+    button.disabled = false;
+  }
+});
+
+// Data page: upload the chosen file, then check it.
+const upload = document.getElementById("upload");
+if (upload) {
+  upload.addEventListener("change", async () => {
+    const file = upload.files[0];
+    if (!file) return;
+    showMessage(`Uploading ${file.name} …`);
+    try {
+      const saved = await post("/api/data?name=" + encodeURIComponent(file.name), file, "application/octet-stream");
+      const check = await post("/api/check", {file: saved.name});
+      location.href = check.url;
+    } catch (err) {
+      upload.value = "";
+    }
+  });
+}
+
+function shellQuote(text) {
+  return /^[\w@%+=:,./-]+$/.test(text) ? text : "'" + text.replace(/'/g, "'\"'\"'") + "'";
+}
+
+// Train page: the command line the form equals, as the server will build it.
+const trainForm = document.getElementById("train-form");
+if (trainForm) {
+  const command = document.getElementById("train-command");
+  const update = () => {
+    const form = new FormData(trainForm);
+    const sweep = form.get("sweep_lr").split(",").map((v) => v.trim()).filter((v) => v);
+    const lines = (sweep.length ? sweep : [null]).map((lr) => {
+      const name = lr === null ? form.get("name") : `${form.get("name")}-lr-${lr}`;
+      const words = ["tunelab", "train", trainForm.dataset.data + "/" + form.get("data"),
+                     "--out", trainForm.dataset.runs + "/" + name];
+      for (const input of trainForm.querySelectorAll("[data-flag]")) {
+        const value = input.name === "lr" && lr !== null ? lr : input.value.trim();
+        if (value !== "" && value !== input.dataset.default && Number(value) !== Number(input.dataset.default || NaN)) {
+          words.push(input.dataset.flag, value);
+        }
+      }
+      return words.map(shellQuote).join(" ");
+    });
+    command.textContent = lines.join("\n");
+  };
+  trainForm.addEventListener("input", update);
+  update();
+  trainForm.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const body = Object.fromEntries(new FormData(trainForm).entries());
+    const answer = await post("/api/train", body).catch(() => null);
+    if (answer) location.href = answer.url;
+  });
+}
+
+// Runs page: compare the ticked runs.
+const compareForm = document.getElementById("compare-form");
+if (compareForm) {
+  compareForm.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const runs = [...compareForm.querySelectorAll("input[name=run]:checked")].map((box) => box.value);
+    const answer = await post("/api/compare", {runs}).catch(() => null);
+    if (answer) location.href = answer.url;
+  });
+}
+
+// Run page: metrics.jsonl over server-sent events, drawn as two curves.
+const SVG = "http://www.w3.org/2000/svg";
+
+function svgElement(name, attributes, text) {
+  const element = document.createElementNS(SVG, name);
+  for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, value);
+  if (text !== undefined) element.textContent = text;
+  return element;
+}
+
+function drawCurve(svg, rows) {
+  svg.replaceChildren();
+  const train = rows.filter((r) => r.loss !== undefined);
+  const held = rows.filter((r) => r.eval_loss !== undefined);
+  const all = [...train.map((r) => r.loss), ...held.map((r) => r.eval_loss)];
+  if (!all.length) {
+    svg.append(svgElement("text", {x: 300, y: 130, "text-anchor": "middle"}, "waiting for the first step …"));
+    return;
+  }
+  const [w, h, left, bottom] = [600, 260, 48, 24];
+  const maxStep = Math.max(1, ...rows.map((r) => r.step || 0));
+  const low = Math.min(...all), high = Math.max(...all);
+  const span = high - low || 1;
+  const x = (step) => left + (step / maxStep) * (w - left - 8);
+  const y = (loss) => 8 + (1 - (loss - low) / span) * (h - bottom - 16);
+  svg.append(svgElement("line", {x1: left, y1: h - bottom, x2: w, y2: h - bottom, class: "axis"}));
+  svg.append(svgElement("line", {x1: left, y1: 0, x2: left, y2: h - bottom, class: "axis"}));
+  svg.append(svgElement("text", {x: left - 4, y: 14, "text-anchor": "end"}, high.toFixed(2)));
+  svg.append(svgElement("text", {x: left - 4, y: h - bottom, "text-anchor": "end"}, low.toFixed(2)));
+  svg.append(svgElement("text", {x: w, y: h - 4, "text-anchor": "end"}, `step ${maxStep}`));
+  for (const [points, key, name] of [[train, "loss", "train-line"], [held, "eval_loss", "eval-line"]]) {
+    if (!points.length) continue;
+    svg.append(svgElement("polyline", {class: name, points: points.map((r) => `${x(r.step)},${y(r[key])}`).join(" ")}));
+    for (const r of points) svg.append(svgElement("circle", {class: name, cx: x(r.step), cy: y(r[key]), r: 2.5}));
+  }
+}
+
+function formatSeconds(s) {
+  if (!isFinite(s)) return "–";
+  if (s < 90) return `${Math.round(s)} s`;
+  if (s < 5400) return `${Math.round(s / 60)} min`;
+  return `${(s / 3600).toFixed(1)} h`;
+}
+
+const runCard = document.getElementById("run");
+if (runCard) {
+  const svg = document.getElementById("curve");
+  let rows = [], totalSteps = null;
+  const set = (id, text) => { document.getElementById(id).textContent = text; };
+  const refresh = () => {
+    drawCurve(svg, rows);
+    const train = rows.filter((r) => r.loss !== undefined);
+    const held = rows.filter((r) => r.eval_loss !== undefined);
+    const last = train[train.length - 1];
+    if (held.length) set("eval-loss", held[held.length - 1].eval_loss);
+    if (!last) return;
+    set("step", totalSteps ? `${last.step} of ${totalSteps}` : last.step);
+    set("loss", last.loss);
+    set("speed", last.tokens_per_s);
+    if (totalSteps && last.step && runCard.dataset.status === "training") {
+      set("eta", formatSeconds((last.elapsed_s / last.step) * (totalSteps - last.step)));
+    }
+  };
+  const events = new EventSource(runCard.dataset.events);
+  events.addEventListener("metrics", (e) => { rows = rows.concat(JSON.parse(e.data)); refresh(); });
+  events.addEventListener("reset", () => { rows = []; refresh(); });
+  events.addEventListener("state", (e) => {
+    const state = JSON.parse(e.data);
+    totalSteps = state.total_steps;
+    // A new status brings other buttons: the page is drawn again from the files.
+    if (state.status !== runCard.dataset.status) { events.close(); location.reload(); return; }
+    refresh();
+  });
+  events.addEventListener("end", () => events.close());
+  events.addEventListener("error", (e) => {
+    if (e.data) { showMessage(JSON.parse(e.data).error); events.close(); }
+  });
+  refresh();
+}
+
+// Job and check pages: the log as it grows; the page is drawn again when the job ends.
+const jobCard = document.querySelector("[data-job-events]");
+if (jobCard) {
+  const log = document.getElementById("log");
+  const events = new EventSource(jobCard.dataset.jobEvents);
+  const initial = jobCard.dataset.state;
+  events.addEventListener("log", (e) => {
+    if (!log) return;
+    log.textContent += JSON.parse(e.data);
+    log.scrollTop = log.scrollHeight;
+  });
+  events.addEventListener("state", (e) => {
+    const state = JSON.parse(e.data).state;
+    if (initial !== undefined && state !== initial) { events.close(); location.reload(); }
+  });
+  events.addEventListener("end", () => {
+    events.close();
+    if (initial === undefined) location.reload();
+  });
+  events.addEventListener("error", (e) => {
+    if (e.data) { showMessage(JSON.parse(e.data).error); events.close(); }
+  });
+}
+
+// Chat page: the conversation lives in the page; each turn is one POST of all of it.
+const chatForm = document.getElementById("chat-form");
+if (chatForm) {
+  const list = document.getElementById("conversation");
+  const text = document.getElementById("chat-text");
+  const picker = document.getElementById("chat-run");
+  let messages = [];
+  const showCommand = () => {
+    document.getElementById("chat-command").textContent = picker.selectedOptions[0].dataset.command;
+  };
+  const add = (role, content) => {
+    const item = document.createElement("li");
+    item.className = role;
+    item.textContent = content;
+    list.append(item);
+    return item;
+  };
+  picker.addEventListener("change", () => { messages = []; list.replaceChildren(); showCommand(); });
+  document.getElementById("chat-clear").addEventListener("click", () => { messages = []; list.replaceChildren(); });
+  showCommand();
+  chatForm.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const content = text.value.trim();
+    if (!content) return;
+    messages.push({role: "user", content});
+    add("user", content);
+    text.value = "";
+    const pending = add("assistant pending", "…");
+    const button = chatForm.querySelector("button[type=submit]");
+    button.disabled = true;
+    try {
+      const answer = await post("/api/chat", {run: picker.value, messages});
+      pending.textContent = answer.reply || "(an empty reply: the model ended its answer at once)";
+      pending.className = answer.reply ? "assistant" : "assistant empty";
+      messages.push({role: "assistant", content: answer.reply});
+    } catch (err) {
+      pending.remove();
+      messages.pop();
+    }
+    button.disabled = false;
+  });
+}
