@@ -14,7 +14,7 @@ PACKAGE = Path(tunelab.__file__).parent
 
 LAYERS = [
     {"errors"},
-    {"data.load", "data.dedup", "template", "models", "evaluate.metrics", "client", "teacher.schema"},
+    {"data.load", "data.dedup", "template", "models", "evaluate.metrics", "client", "teacher.schema", "runlock"},
     {"config", "data.novelty", "decoding.copying", "teacher.ask"},
     {"device", "runfolder", "data.augment", "train.batching"},
     {"data.check", "teacher.label"},

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -28,7 +29,8 @@ from tunelab.data import load as data_mod
 from tunelab import device
 from tunelab.data.augment import copy_variants
 from tunelab.train.batching import EncodedExample, collect_encoded, encode_one, pack
-from tunelab.train.checkpoint import Checkpoint, Checkpoints, Position, process_rng_states, trim_metrics
+from tunelab.train.checkpoint import (Checkpoint, Checkpoints, Position, finished_run, process_rng_states,
+                                     trim_metrics)
 from tunelab.config import TrainConfig
 from tunelab.data.load import Example
 from tunelab.data.check import Report, run_check
@@ -36,6 +38,7 @@ from tunelab.errors import UserError, check_output_folder
 from tunelab.train.loss import backward_step, heldout_loss
 from tunelab.models import load_model, load_tokenizer, resolve_base
 from tunelab.runfolder import MetricsWriter, RunFiles
+from tunelab.runlock import LOCK_FILE, RunLock
 from tunelab.template import Encoded, Template
 
 if TYPE_CHECKING:
@@ -248,13 +251,19 @@ def set_up(config: TrainConfig, prepared: Prepared, resuming: bool) -> Training:
 
 
 def open_run_folder(files: RunFiles, config: TrainConfig, prepared: Prepared, overwrite: bool,
-                    start: Checkpoint | None, resume: bool) -> MetricsWriter:
+                    start: Checkpoint | None, resume: bool, fingerprint: dict | None = None) -> MetricsWriter:
     """Lay out the run folder (main process only) and open its metrics for appending."""
     if overwrite and files.config.exists():  # only ever delete what is known to be a run
-        shutil.rmtree(files.root)
+        for path in files.root.iterdir():
+            if path.name == LOCK_FILE:  # this training's own lock stays
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     files.create(config, prepared.template, prepared.base_path, prepared.train, prepared.test, prepared.dropped,
                  len(prepared.train_encoded) - len(prepared.augmented), prepared.augmented,
-                 [f.path for f in prepared.report.copied])
+                 [f.path for f in prepared.report.copied], fingerprint)
     prepared.report.save(files.root)
     if resume:
         trim_metrics(files.metrics, start.step if start else -1)
@@ -353,18 +362,30 @@ def where_the_run_stands(checkpoints: Checkpoints, data_path: Path, out: Path) -
 def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = False, quiet: bool = False,
           resume: bool = False, force: bool = False) -> Path:
     """Train and save a run in `out`. `resume` continues the run there from its newest complete
-    checkpoint; `force` lets it continue although the data or options changed."""
+    checkpoint; `force` lets it continue although the data or options changed. The main process
+    holds the run folder's lock (runlock.py) throughout, so a second training into it is refused."""
     out = Path(out)
+    check_output_folder(out, "--out")
+    main = int(os.environ.get("RANK", "0")) == 0  # as accelerate decides, known before it is set up
+    with RunLock(out) if main else contextlib.nullcontext():
+        return _train(config, data_path, out, overwrite, quiet, resume, force, main)
+
+
+def _train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool, quiet: bool, resume: bool,
+           force: bool, main: bool) -> Path:
     files = RunFiles(out)
     check_out(files, overwrite, resume, force)
+    if resume and (finished := finished_run(files, config, data_path)):
+        print(finished)
+        return out
     # The data check's report goes into --out only where it cannot mix with an earlier run's files.
     prepared = prepare(config, data_path, out if not files.config.exists() else None)
     checkpoints = Checkpoints(out, config, data_path)
     start = checkpoints.resume_point(force) if resume else None
-    main = int(os.environ.get("RANK", "0")) == 0  # as accelerate decides, known before it is set up
     try:
         training = set_up(config, prepared, resuming=start is not None)
-        metrics = open_run_folder(files, config, prepared, overwrite, start, resume) if main else None
+        metrics = open_run_folder(files, config, prepared, overwrite, start, resume,
+                                  checkpoints.fingerprint) if main else None
         run_loop(training, config, checkpoints, start, metrics, quiet)
         save_final(training, files, config.method)
     except KeyboardInterrupt:
