@@ -111,19 +111,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     config_file = args.config or (saved if saved and saved.exists() else None)
     # Checked before training's heavy imports, so a mistyped option fails at once.
     config = TrainConfig.from_yaml(config_file, **flags) if config_file else TrainConfig.build(flags=flags, **flags)
-    from tunelab.runfolder import RunFiles
-    from tunelab.runlock import RunLock
-    from tunelab.train.checkpoint import finished_run
-    from tunelab.train.loop import default_out, train
+    from tunelab.train.loop import default_out, finished, train
 
     out = Path(args.out) if args.out else default_out(Path(args.data))
-    if args.resume and not args.overwrite:
-        check_output_folder(out, "--out")
-        with RunLock(out):
-            finished = finished_run(RunFiles(out), config, Path(args.data))
-        if finished:
-            print(finished)  # the one line: there is no new run to announce
-            return
+    if args.resume and not args.overwrite and (line := finished(config, Path(args.data), out)):
+        print(line)  # the one line: there is no new run to announce
+        return
     train(config, Path(args.data), out, overwrite=args.overwrite, resume=args.resume, force=args.force)
     print(f"Run saved in {out}. Next: tunelab eval {out}")
 

@@ -359,6 +359,20 @@ def where_the_run_stands(checkpoints: Checkpoints, data_path: Path, out: Path) -
             f"continue with: {command}")
 
 
+def is_main_process() -> bool:
+    """As accelerate decides, known before it is set up."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def finished(config: TrainConfig, data_path: Path, out: Path) -> str | None:
+    """For `--resume`: the line saying the run in `out` is already finished with this data and
+    these options (checkpoint.finished_run), asked under the run folder's lock; None when there
+    is something to train."""
+    check_output_folder(out, "--out")
+    with RunLock(out) if is_main_process() else contextlib.nullcontext():
+        return finished_run(RunFiles(out), config, data_path)
+
+
 def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = False, quiet: bool = False,
           resume: bool = False, force: bool = False) -> Path:
     """Train and save a run in `out`. `resume` continues the run there from its newest complete
@@ -366,7 +380,7 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
     holds the run folder's lock (runlock.py) throughout, so a second training into it is refused."""
     out = Path(out)
     check_output_folder(out, "--out")
-    main = int(os.environ.get("RANK", "0")) == 0  # as accelerate decides, known before it is set up
+    main = is_main_process()
     with RunLock(out) if main else contextlib.nullcontext():
         return _train(config, data_path, out, overwrite, quiet, resume, force, main)
 
