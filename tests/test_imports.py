@@ -14,7 +14,7 @@ PACKAGE = Path(tunelab.__file__).parent
 
 LAYERS = [
     {"errors", "text", "files"},
-    {"data.load", "data.dedup", "template", "models", "client"},
+    {"data.load", "data.dedup", "template", "models", "client", "runlock"},
     {"encoding", "teacher.schema"},
     {"config"},
     {"device", "runfolder", "teacher.ask"},

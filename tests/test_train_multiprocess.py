@@ -85,11 +85,36 @@ def launch(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     return process
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc)."""
+    found = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            for child in map(int, children.read_text().split()):
+                found += [child, *descendants(child)]
+    return found
+
+
 def kill(process: subprocess.Popen) -> None:
-    """The launcher and every process it started."""
+    """The launcher and every process it started: torch's launcher starts each worker in a
+    session of its own, out of reach of the launcher's process group, and a worker left alive
+    would still hold the run folder's lock."""
+    workers = descendants(process.pid)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     process.wait()
+    for pid in workers:  # gone, so their locks are released
+        while Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid):
+            time.sleep(0.01)
+
+
+def _state(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].splitlines()[0].lower()
+    return "zombie"
 
 
 def output(process: subprocess.Popen) -> str:

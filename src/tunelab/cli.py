@@ -152,9 +152,12 @@ def cmd_train(o: TrainOptions, flags: dict[str, Any]) -> None:
     config_file = o.config or (saved if saved and saved.exists() else None)
     # Checked before training's heavy imports, so a mistyped option fails at once.
     config = TrainConfig.from_yaml(config_file, **flags) if config_file else TrainConfig.build(flags=flags, **flags)
-    from tunelab.train.loop import default_out, is_main_process, train
+    from tunelab.train.loop import default_out, finished, is_main_process, train
 
     out = Path(o.out) if o.out else default_out(Path(o.data))
+    if o.resume and not o.overwrite and (line := finished(config, Path(o.data), out)):
+        print(line)  # the one line: there is no new run to announce
+        return
     train(config, Path(o.data), out, overwrite=o.overwrite, resume=o.resume, force=o.force)
     if is_main_process():
         print(f"Run saved in {out}. Next: tunelab eval {out}")

@@ -121,17 +121,62 @@ def load_tokenizer(path: Path):
     return tokenizer
 
 
-def load_model(path: Path, dtype=None):
+def load_model(path: Path, dtype=None, fix: str = "copy the model folder again"):
+    """The model in folder `path`; weights cut short or damaged are one line naming the file and
+    `fix`, what to do about them."""
+    import pickle
+
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     try:
         return AutoModelForCausalLM.from_pretrained(
             str(path), dtype=dtype or torch.float32, trust_remote_code=False
         )
+    except SafetensorError:
+        check_weight_files(Path(path), fix)
+        raise  # no file could be named: a bug to see whole
+    except pickle.UnpicklingError as e:
+        bins = sorted(Path(path).glob("*.bin"))
+        raise refused_pickle(bins[0] if len(bins) == 1 else Path(path), e) from None
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"{path}: cannot load the model ({_first_line(e)}); the folder needs config.json and the "
                         "weights (*.safetensors) saved together") from None
+
+
+def check_weight_files(folder: Path, fix: str) -> None:
+    """Refuse (UserError) the first weights file in `folder` that cannot be read, before any long
+    work: a safetensors file cut short or damaged (its header and size are checked, nothing more
+    is read), or a pickle `.bin` holding more than tensors, which `weights_only` loading refuses."""
+    import pickle
+
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(file, "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{file}: cannot read the weights ({_first_line(e)}); the file is cut short or "
+                            f"damaged: {fix}") from None
+    for file in sorted(folder.glob("*.bin")):
+        import torch
+
+        try:
+            torch.load(file, map_location="cpu", weights_only=True, mmap=True)  # mmap: tensors are not read
+        except pickle.UnpicklingError as e:
+            raise refused_pickle(file, e) from None
+        except (RuntimeError, OSError):
+            pass  # an older torch format mmap cannot map: loading the model checks it
+
+
+def refused_pickle(file: Path, error: Exception) -> UserError:
+    # torch's message is a paragraph; the line naming what was refused is the useful one.
+    lines = [line for line in str(error).splitlines() if "GLOBAL" in line] or str(error).splitlines()[:1]
+    return UserError(f"{file}: refused, a pickle file that holds more than tensors and could run code when read "
+                     f"({lines[0].strip()}); convert it to safetensors where you trust it "
+                     "(`model.save_pretrained(folder, safe_serialization=True)`) or remove it")
 
 
 def for_inference(model):

@@ -35,8 +35,12 @@ class Run:
             raise UserError(f"precision {precision!r}: choose one of {', '.join(typing.get_args(Precision))}")
         self.files = RunFiles(Path(path))
         self.files.check()
+        self.check_weights()
         self.config = TrainConfig.from_yaml(self.files.config)
-        self.info = json.loads(self.files.info.read_text())
+        try:
+            self.info = json.loads(self.files.info.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise self.files.damaged(self.files.info, f"not valid JSON ({_first_line(e)})") from None
         self.tokenizer = load_tokenizer(self.files.tokenizer)
         self.template = Template.load(self.files.template, self.tokenizer)
         self.precision = precision or self.config.precision
@@ -61,18 +65,35 @@ class Run:
     def model(self):
         """The fine-tuned model, LoRA adapters merged for speed, on `self.device`; loaded once."""
         if self._tuned is None:
-            from tunelab.models import for_inference, load_model
+            from tunelab.models import check_weight_files, for_inference, load_model
 
             if self.files.adapter.exists():
                 from peft import PeftModel
+                from safetensors import SafetensorError
 
-                with known_warnings_hidden():
-                    model = PeftModel.from_pretrained(load_model(self.base_path()), str(self.files.adapter))
+                base = load_model(self.base_path())
+                try:
+                    with known_warnings_hidden():
+                        model = PeftModel.from_pretrained(base, str(self.files.adapter))
+                except SafetensorError:
+                    check_weight_files(self.files.adapter, self.retrain)  # names the file
+                    raise
                 model = model.merge_and_unload()
             else:
-                model = load_model(self.files.model)
+                model = load_model(self.files.model, fix=self.retrain)
             self._tuned = for_inference(model).to(self.device)
         return self._tuned
+
+    @property
+    def retrain(self) -> str:
+        """What to do about damaged weights of this run."""
+        return f"train the run again with `tunelab train DATA --out {self.path} --overwrite`"
+
+    def check_weights(self) -> None:
+        """Refuse weights cut short or damaged before any long work (models.check_weight_files)."""
+        from tunelab.models import check_weight_files
+
+        check_weight_files(self.files.adapter if self.files.adapter.exists() else self.files.model, self.retrain)
 
     @property
     def copied_fields(self) -> list[str]:
@@ -106,3 +127,8 @@ class Run:
         from tunelab.evaluate.core import evaluate
 
         return evaluate(self, limit=limit, **kwargs)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

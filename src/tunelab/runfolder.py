@@ -13,6 +13,7 @@
     RUN/metrics.jsonl    training and held-out loss per step
     RUN/checkpoints/     step-000010/ ... with --save-every (see checkpoint.py)
     RUN/eval.json        results of `tunelab eval`
+    RUN/training.lock    while a training writes the folder (runlock.py)
 
 This module knows the layout only; training (train.py), checkpoints (checkpoint.py) and the
 `Run` facade (run.py) build on it.
@@ -30,6 +31,7 @@ from tunelab.data import load as data_mod
 from tunelab.config import TrainConfig
 from tunelab.data.load import Example
 from tunelab.errors import UserError
+from tunelab.runlock import check_not_training
 from tunelab.template import Template
 
 
@@ -97,13 +99,15 @@ class RunFiles:
 
     def create(self, config: TrainConfig, template: Template, base_path: Path, train: list[Example],
                test: list[Example], dropped: list[int], trained_pieces: int, augmented: Sequence[Example] = (),
-               copied_fields: Sequence[str] = ()) -> None:
+               copied_fields: Sequence[str] = (), fingerprint: dict | None = None) -> None:
         """Write what a run starts with: config, template, tokenizer, the split and its examples.
         `train` and `test` are the two sides of the split; train.jsonl leaves out the `dropped`
         lines (over --max-length), which are not trained; `trained_pieces` counts what the trained
         examples became after encoding (a raw document may be cut into several); `augmented`, the
         variants copy augmentation added, each with its original's line; `copied_fields`, the
-        answer fields that decoding keeps copies of the input (the data check found them)."""
+        answer fields that decoding keeps copies of the input (the data check found them);
+        `fingerprint`, the hashes of the data and options trained on (checkpoint.fingerprint), by
+        which `--resume` tells a finished run from one to continue."""
         self.root.mkdir(parents=True, exist_ok=True)
         config.save(self.config)
         template.save(self.template)
@@ -121,6 +125,7 @@ class RunFiles:
             "base": config.base, "base_path": str(Path(base_path).resolve()),
             "method": config.method, "train_examples": trained_pieces, "test_examples": len(test),
             "augmented_examples": len(augmented), "copied_fields": list(copied_fields),
+            **({"fingerprint": fingerprint} if fingerprint else {}),
         }, indent=2))
 
     def metrics_writer(self) -> MetricsWriter:
@@ -130,7 +135,13 @@ class RunFiles:
         target = self.adapter if method == "lora" else self.model
         model.save_pretrained(target, safe_serialization=True, state_dict=state_dict)
 
+    def damaged(self, path: Path, problem: str) -> UserError:
+        """The error for a file of this run that is cut short or damaged: train the run again."""
+        return UserError(f"{path}: {problem}; the file is cut short or damaged: train the run again with "
+                         f"`tunelab train DATA --out {self.root} --overwrite`")
+
     def check(self) -> None:
+        """Refuse (UserError) what is not a finished run folder, or one a training is writing now."""
         if self.root.is_file():
             raise UserError(f"{self.root}: is a file, not a run folder; pass the folder given to `tunelab train --out`")
         if not self.root.is_dir():
@@ -141,6 +152,7 @@ class RunFiles:
         if missing:
             raise UserError(f"{self.root}: incomplete run folder (no {', '.join(missing)}); train it again with "
                             "`tunelab train DATA --out RUN --overwrite`")
+        check_not_training(self.root)
         if not (self.adapter.exists() or self.model.exists()):
             resumable = self.checkpoints.exists()
             hint = f"; once it has stopped, `tunelab train DATA --out {self.root} --resume` continues it" if resumable else ""

@@ -19,6 +19,7 @@ end of this module: the same numbers, contenders as columns.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -33,6 +34,7 @@ from tunelab.text import parse_json_answer
 from tunelab.data.load import Example, iter_examples, load_examples, read_jsonl
 from tunelab.evaluate.endpoint import Endpoint
 from tunelab.errors import UserError
+from tunelab.runfolder import RunFiles
 from tunelab.evaluate.forgetting import DEFAULT_QUESTIONS
 from tunelab.decoding.generate import Answer, generate_detailed
 from tunelab.train.loss import heldout_loss
@@ -77,6 +79,27 @@ def load_labelled(path: Path) -> list[Example]:
                         "references, so give every row a completion, output or last assistant turn") from None
 
 
+def read_run_examples(files: RunFiles, path: Path) -> list[Example]:
+    """The run's train.jsonl or test.jsonl, as training wrote it; a file cut short or damaged is
+    one line naming its first bad line."""
+    try:
+        return read_jsonl(path)
+    except FileNotFoundError:
+        raise files.damaged(path, "missing") from None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        pass
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+                row["messages"], row["line"]
+            except (ValueError, KeyError, TypeError) as e:
+                problem = e.msg if isinstance(e, json.JSONDecodeError) else f"no {e}"
+                raise files.damaged(Path(f"{path}:{number}"), f"not an example as training writes them "
+                                                              f"({problem})") from None
+    raise files.damaged(path, "not UTF-8 text")
+
+
 def _progress(total: int, name: str, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -104,19 +127,39 @@ def evaluate(run, limit: int | None = None, batch_size: int = 32, max_new_tokens
              endpoints: list[Endpoint] = (), assertions: Path | None = None, forgetting: Path | None = DEFAULT_QUESTIONS,
              judge: Endpoint | None = None, progress: bool = True, copy_constraint: bool = True) -> EvalResults:
     """Every contender on the same examples; results saved to RUN/eval.json and returned.
-    `copy_constraint=False` decodes without the run's copy constraint."""
+    `copy_constraint=False` decodes without the run's copy constraint. Nothing is written before
+    the end, so Ctrl-C leaves the run as it was (one line says so); a judge that fails once the
+    answers are made leaves them saved, ungraded (one line says so)."""
+    try:
+        results = _evaluate(run, limit, batch_size, max_new_tokens, include_base, data, shots, retrieval, endpoints,
+                            assertions, forgetting, judge, progress, copy_constraint)
+    except KeyboardInterrupt:
+        before = "the eval.json from before is unchanged" if run.files.eval.exists() else "there is no eval.json"
+        print(f"tunelab: interrupted: nothing was saved (eval.json is written only at the end; {before}); run "
+              f"`tunelab eval {run.path}` again, with --limit N to evaluate fewer examples", file=sys.stderr)
+        raise
+    if results.judge and results.judge.failed:
+        print(f"tunelab: warning: the judge failed after every answer was made ({results.judge.failed}); "
+              f"{run.files.eval} keeps the answers and metrics without the judge's grades", file=sys.stderr)
+    return results
+
+
+def _evaluate(run, limit: int | None, batch_size: int, max_new_tokens: int | None, include_base: bool,
+              data: Path | None, shots: int, retrieval: bool, endpoints: list[Endpoint], assertions: Path | None,
+              forgetting: Path | None, judge: Endpoint | None, progress: bool, copy_constraint: bool) -> EvalResults:
     from tunelab.evaluate import assertions as assertions_mod
     from tunelab.evaluate import forgetting as forgetting_mod
 
     # Every input is read and checked before the first model loads.
     source = Path(data) if data else run.files.test
-    examples = (load_labelled(source) if data else read_jsonl(source))[:limit]
+    examples = (load_labelled(source) if data else read_run_examples(run.files, source))[:limit]
     if not examples:
         raise UserError(f"{run.path}: the run has no held-out examples; train with --test-size above 0, "
                         "or evaluate a labelled file with --data FILE")
     if any(e.is_raw for e in examples):
         raise UserError(f"{run.path}: a raw-text run has no answers to compare; its held-out loss is in "
                         f"{run.files.metrics}")
+    train = read_run_examples(run.files, run.files.train)  # for the few-shot prompts and the novelty
     rules = assertions_mod.load_rules(assertions) if assertions else None
     questions = forgetting_mod.load_questions(forgetting) if forgetting else None
     tokenizer = run.tokenizer
@@ -147,7 +190,6 @@ def evaluate(run, limit: int | None = None, batch_size: int = 32, max_new_tokens
     if include_base:
         base_path = str(run.base_path())
         base = run.base_model()
-        train = read_jsonl(run.files.train) if shots else []
         variants = [("zero-shot", prompts)]
         if shots and train:
             variants.append(("few-shot", few_shot_prompts(prompts, train, shots)))
@@ -190,7 +232,7 @@ def evaluate(run, limit: int | None = None, batch_size: int = 32, max_new_tokens
         "copy_constraint": CopyConstraint(fields=sorted(copying.fields),
                                           changed={c.name: sum(a.copy_changed for a in c.answers) for c in local})
         if copying else None,
-        "novelty": novelty_results(examples, run.files.train, scored.samples),
+        "novelty": novelty_results(examples, run.files.train, scored.samples, train),
     })
     results.write(run.files.eval)
     return results
@@ -236,8 +278,12 @@ def score(examples: list[Example], contenders: list[Contender], judge: Endpoint 
             out.assertions.results[c.name] = RuleResults.model_validate(checked.as_dict(len(texts)))
             table["assertions_passed"] = _summary([float(not f) for f in failures])
         grades = [None] * len(texts)
-        if judge:
-            grades = grade(judge, questions, references, texts)
+        if judge and not out.judge.failed:
+            try:
+                grades = grade(judge, questions, references, texts)
+            except UserError as e:
+                # Every answer is made by now: keep them, without grades, rather than lose them all.
+                out.judge.failed = str(e)
             graded = [g for g in grades if g is not None]
             out.judge.ungraded[c.name] = len(grades) - len(graded)
             if graded:
@@ -259,6 +305,13 @@ def score(examples: list[Example], contenders: list[Contender], judge: Endpoint 
                 text=a.text, bucket=buckets[i], **{m: rows[m][i] for m in SCORES}, prompt_tokens=a.prompt_tokens,
                 generated_tokens=a.generated_tokens, stopped=a.stopped, copy_changed=a.copy_changed,
                 assertions_failed=failures[i], judge=grades[i])
+    if judge and out.judge.failed:  # a column graded in part would not compare
+        out.judge.ungraded = {}
+        for table in out.metrics.values():
+            table.pop("judge", None)
+        for sample in out.samples:
+            for answer in sample.answers.values():
+                answer.judge = None
     if "tuned" in per_example:
         tuned_right = {i for i, d in enumerate(per_example["tuned"]["exact_match"]) if d}
         for c in contenders:
@@ -275,11 +328,13 @@ def score(examples: list[Example], contenders: list[Contender], judge: Endpoint 
     return out
 
 
-def novelty_results(examples: list[Example], train_file: Path, samples: list[Sample]) -> Novelty:
-    """eval.json's "novelty": the examples' answer values against the run's training answers, and
-    each contender's exact match on rows with a novel value and rows with only seen ones. Marks
-    each sample with its row's kind."""
-    training = (novelty.value_hashes(e.reference) for e in read_jsonl(train_file) if not e.is_raw)
+def novelty_results(examples: list[Example], train_file: Path, samples: list[Sample],
+                    train: list[Example] | None = None) -> Novelty:
+    """eval.json's "novelty": the examples' answer values against the run's training answers
+    (`train`, read from `train_file` if not given), and each contender's exact match on rows with
+    a novel value and rows with only seen ones. Marks each sample with its row's kind."""
+    train = read_jsonl(train_file) if train is None else train
+    training = (novelty.value_hashes(e.reference) for e in train if not e.is_raw)
     measured = novelty.measure(training, (novelty.value_hashes(e.reference) for e in examples))
     for sample, kind in zip(samples, measured.kinds):
         sample.novelty = kind

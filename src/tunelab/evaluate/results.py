@@ -100,6 +100,9 @@ class Judge(Part):
     model: str
     ungraded: dict[str, int] = {}
     """Per contender, answers the judge's reply gave no grade for."""
+    failed: str | None = None
+    """Why the judge stopped answering, when it did: then no answer has a grade (a column graded
+    in part would not compare), and everything else in the file stands."""
 
 
 class ForgettingScore(Part):

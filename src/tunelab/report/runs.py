@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from tunelab.errors import UserError
+from tunelab.runlock import check_not_training
 from tunelab.evaluate.results import EvalResults
 
 
@@ -77,24 +78,31 @@ def read_run(folder: Path) -> RunData:
     config_file = folder / "config.yaml"
     if not folder.is_dir() or not config_file.exists():
         raise UserError(f"{folder}: not a tunelab run folder (no config.yaml); train one with `tunelab train`")
+    check_not_training(folder)
     try:
         config = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{config_file}: not valid YAML ({str(e).splitlines()[0]})") from None
     results = folder / "eval.json"
     return RunData(path=folder, config=config if isinstance(config, dict) else {},
-                   info=read_json(folder / "run.json") or {}, steps=read_jsonl(folder / "metrics.jsonl"),
-                   data_check=read_json(folder / "data_check.json"),
+                   info=read_json(folder / "run.json", RETRAIN) or {}, steps=read_jsonl(folder / "metrics.jsonl"),
+                   data_check=read_json(folder / "data_check.json", "run `tunelab data check DATA --out RUN` to "
+                                                                    "rewrite it"),
                    eval=EvalResults.read(results) if results.exists() else None)
 
 
-def read_json(path: Path) -> dict | None:
+RETRAIN = "the run is damaged: train it again with `tunelab train DATA --out RUN --overwrite`"
+
+
+def read_json(path: Path, fix: str) -> dict | None:
+    """A JSON file of the run, or None if it has none; a damaged one is refused with `fix`."""
     if not path.exists():
         return None
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); rewrite it with the command that made it")
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}; the file is cut short or damaged); "
+                        f"{fix}") from None
     return value if isinstance(value, dict) else None
 
 

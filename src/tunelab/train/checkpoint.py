@@ -91,6 +91,36 @@ def fingerprint(config, data_path: Path) -> dict:
     }
 
 
+def finished_run(files: RunFiles, config, data_path: Path) -> str | None:
+    """For --resume on a run that finished and has no checkpoint to continue from: the line saying
+    so when the data and options are those it was trained with (run.json keeps their fingerprint),
+    so nothing is trained again and its eval.json and report stay true. Other data or options are
+    refused as a checkpoint refuses them, --force included: with no checkpoint, continuing would be
+    training from the start, which is --overwrite. None when --resume has something to continue.
+    Asked with the run folder's lock held (runlock.py), so no training changes the run meanwhile."""
+    from tunelab.data.load import check_data_file
+
+    if not (files.adapter.exists() or files.model.exists()):
+        return None
+    check_data_file(data_path)
+    checkpoints = Checkpoints(files.root, config, data_path)
+    if checkpoints.complete():
+        return None
+    try:
+        info = json.loads(files.info.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        info = {}
+    if not isinstance(info, dict) or "fingerprint" not in info:
+        return (f"{files.root}: the run is finished; nothing to resume (an older tunelab trained it and kept no "
+                "record of its data: pass --overwrite instead of --resume to train it again)")
+    changes = checkpoints.changes(info)
+    if changes:
+        raise UserError(f"{files.root}: the run finished with other data or options and has no checkpoint to "
+                        "continue from; pass --overwrite instead of --resume to train it again", changes)
+    return (f"{files.root}: the run is finished, trained on the same data and options; nothing to resume. "
+            f"Next: tunelab eval {files.root}")
+
+
 def kept(checkpoints: list[Checkpoint], keep: int) -> list[Checkpoint]:
     """The last `keep` checkpoints (oldest first in `checkpoints`) and the one with the lowest
     held-out loss."""

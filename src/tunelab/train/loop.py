@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -29,7 +30,8 @@ from tunelab import device
 from tunelab.data.augment import copy_variants
 from tunelab.encoding import EncodedExample, collect_encoded, encode_one
 from tunelab.train.batching import pack
-from tunelab.train.checkpoint import Checkpoint, Checkpoints, Position, process_rng_states, trim_metrics
+from tunelab.train.checkpoint import (Checkpoint, Checkpoints, Position, finished_run, process_rng_states,
+                                     trim_metrics)
 from tunelab.config import TrainConfig
 from tunelab.data.load import Example
 from tunelab.data.check import Report, run_check
@@ -37,6 +39,7 @@ from tunelab.errors import UserError, check_output_folder, known_warnings_hidden
 from tunelab.train.loss import backward_step, heldout_loss
 from tunelab.models import load_model, load_tokenizer, resolve_base
 from tunelab.runfolder import MetricsWriter, RunFiles
+from tunelab.runlock import LOCK_FILE, RunLock
 from tunelab.template import Encoded, Template
 
 if TYPE_CHECKING:
@@ -258,13 +261,19 @@ def set_up(config: TrainConfig, prepared: Prepared, resuming: bool) -> Training:
 
 
 def open_run_folder(files: RunFiles, config: TrainConfig, prepared: Prepared, overwrite: bool,
-                    start: Checkpoint | None, resume: bool) -> MetricsWriter:
+                    start: Checkpoint | None, resume: bool, fingerprint: dict | None = None) -> MetricsWriter:
     """Lay out the run folder (main process only) and open its metrics for appending."""
     if overwrite and files.config.exists():  # only ever delete what is known to be a run
-        shutil.rmtree(files.root)
+        for path in files.root.iterdir():
+            if path.name == LOCK_FILE:  # this training's own lock stays
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     files.create(config, prepared.template, prepared.base_path, prepared.train, prepared.test, prepared.dropped,
                  len(prepared.train_encoded) - len(prepared.augmented), prepared.augmented,
-                 [f.path for f in prepared.report.copied])
+                 [f.path for f in prepared.report.copied], fingerprint)
     prepared.report.save(files.root)
     if resume:
         trim_metrics(files.metrics, start.step if start else -1)
@@ -361,14 +370,35 @@ def where_the_run_stands(checkpoints: Checkpoints, data_path: Path, out: Path) -
             f"continue with: {command}")
 
 
+def finished(config: TrainConfig, data_path: Path, out: Path) -> str | None:
+    """For `--resume`: the line saying the run in `out` is already finished with this data and
+    these options (checkpoint.finished_run), asked under the run folder's lock; None when there
+    is something to train."""
+    check_output_folder(out, "--out")
+    with RunLock(out) if is_main_process() else contextlib.nullcontext():
+        return finished_run(RunFiles(out), config, data_path)
+
+
 def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = False, quiet: bool = False,
           resume: bool = False, force: bool = False) -> Path:
     """Train and save a run in `out`. `resume` continues the run there from its newest complete
-    checkpoint; `force` lets it continue although the data or options changed."""
+    checkpoint; `force` lets it continue although the data or options changed. The main process
+    holds the run folder's lock (runlock.py) throughout, so a second training into it is refused."""
     out = Path(out)
+    check_output_folder(out, "--out")
+    main = is_main_process()
+    with RunLock(out) if main else contextlib.nullcontext():
+        return _train(config, data_path, out, overwrite, quiet, resume, force, main)
+
+
+def _train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool, quiet: bool, resume: bool,
+           force: bool, main: bool) -> Path:
     files = RunFiles(out)
     check_out(files, overwrite, resume, force)
-    main = is_main_process()
+    if resume and (finished := finished_run(files, config, data_path)):
+        if main:
+            print(finished)
+        return out
     # The data check's report goes into --out only where it cannot mix with an earlier run's files,
     # and is written and printed by one process.
     prepared = prepare(config, data_path, out if main and not files.config.exists() else None, show=main)
@@ -376,7 +406,8 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
     start = checkpoints.resume_point(force) if resume else None
     try:
         training = set_up(config, prepared, resuming=start is not None)
-        metrics = open_run_folder(files, config, prepared, overwrite, start, resume) if main else None
+        metrics = open_run_folder(files, config, prepared, overwrite, start, resume,
+                                  checkpoints.fingerprint) if main else None
         run_loop(training, config, checkpoints, start, metrics, quiet)
         save_final(training, files, config.method)
     except KeyboardInterrupt:
