@@ -49,8 +49,7 @@ def step_ms(model, rows: int, prompt_tokens: int, precision: str, steps: int = 1
     import torch
 
     from tunelab.decoding.generate import _new_cache
-    from tunelab.device import casts_kept
-    from tunelab.device import autocast
+    from tunelab.device import autocast, casts_kept
 
     ids = torch.randint(100, 1000, (rows, prompt_tokens))
     mask = torch.ones_like(ids)

@@ -46,9 +46,9 @@ def run(variant: str, steps: int) -> dict:
     from tunelab.config import TrainConfig
     from tunelab.data.load import Example
     from tunelab.demo import bookings
+    from tunelab.encoding import encode_examples
     from tunelab.models import load_tokenizer, resolve_base
     from tunelab.template import Template
-    from tunelab.encoding import encode_examples
     from tunelab.train.batching import pack
     from tunelab.train.loop import build_model
     from tunelab.train.loss import token_loss

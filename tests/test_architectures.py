@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from tunelab import device
 from tunelab.cli import main
 from tunelab.data.load import Example
+from tunelab.encoding import encode_examples
 from tunelab.models import load_model
 from tunelab.run import Run
 from tunelab.template import IGNORE, Template
-from tunelab.encoding import encode_examples
 from tunelab.train.batching import pack
 from tunelab.train.loss import backward_step, chunked_token_loss, heldout_loss, token_loss
 

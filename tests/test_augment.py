@@ -10,8 +10,8 @@ import re
 
 import pytest
 
-from tunelab.data.augment import copied_words, copy_variants, fresh_surrogate, surrogate, training_vocabulary
 from tunelab.cli import main
+from tunelab.data.augment import copied_words, copy_variants, fresh_surrogate, surrogate, training_vocabulary
 from tunelab.data.load import Example
 
 INSTRUCTION = "Extract the person and the city as JSON with keys name, city."

@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from tunelab.encoding import encode_examples
-from tunelab.train.batching import pack
 from tunelab.data.load import Example
+from tunelab.encoding import encode_examples
 from tunelab.errors import UserError
-from tunelab.train.loss import heldout_loss, token_loss
 from tunelab.models import load_model
 from tunelab.template import IGNORE, Template
+from tunelab.train.batching import pack
+from tunelab.train.loss import heldout_loss, token_loss
 
 
 @pytest.fixture(scope="module")

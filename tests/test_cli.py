@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from clirun import run_cli
 import tunelab
+from clirun import run_cli
 from tunelab.cli import main
 from tunelab.run import Run
 from tunelab.template import NAMED

@@ -2,18 +2,18 @@
 
 import json
 import re
-import typing
 import subprocess
+import typing
 
 import pytest
 
-from clirun import run_cli
 import tunelab
-from tunelab.data import load as data
-from tunelab.train.checkpoint import fingerprint
+from clirun import run_cli
 from tunelab.cli import build_parser, config_flags
 from tunelab.config import DataOptions, TrainConfig
+from tunelab.data import load as data
 from tunelab.errors import UserError
+from tunelab.train.checkpoint import fingerprint
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

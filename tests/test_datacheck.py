@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.data import load as data
 from tunelab.cli import main
 from tunelab.config import DataOptions
+from tunelab.data import load as data
 from tunelab.data.check import check
 from tunelab.template import NAMED, Template
 

@@ -146,8 +146,8 @@ def test_eval_with_shots_and_assertions_through_the_cli(trained_run, tmp_path):
 
 
 def test_each_local_contender_answers_an_uncounted_warm_up_request_before_it_is_timed(monkeypatch):
-    from tunelab.evaluate import core as evaluate
     from tunelab.decoding.generate import Answer
+    from tunelab.evaluate import core as evaluate
 
     calls = []
 
@@ -188,8 +188,8 @@ def test_score_builds_the_typed_results_without_a_model(tmp_path, write_jsonl):
 
 @pytest.mark.slow
 def test_eval_on_another_labelled_file(trained_run, tmp_path, capsys, write_jsonl, monkeypatch):
-    from tunelab.evaluate import core as evaluate
     from tunelab.decoding import generate
+    from tunelab.evaluate import core as evaluate
 
     harder = write_jsonl(tmp_path / "harder.jsonl", [
         {"messages": [{"role": "user", "content": "Country of Rome? (11)"}, {"role": "assistant", "content": "Italy"}]},

@@ -5,8 +5,17 @@ import json
 import pytest
 
 from tunelab.evaluate import metrics
-from tunelab.evaluate.metrics import (bootstrap_interval, bucket, exact_match, extractive_paths, hallucinated_values,
-                             json_fields, repetition_loop, rouge_l, token_f1)
+from tunelab.evaluate.metrics import (
+    bootstrap_interval,
+    bucket,
+    exact_match,
+    extractive_paths,
+    hallucinated_values,
+    json_fields,
+    repetition_loop,
+    rouge_l,
+    token_f1,
+)
 
 BOOKING_PROMPT = "Extract the booking: table for Priya Patel, 4 people, friday at 19:30"
 BOOKING = json.dumps({"name": "Priya Patel", "guests": 4, "day": "friday", "time": "19:30"})

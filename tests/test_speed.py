@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from tunelab import device
+from tunelab.encoding import encode_examples
 from tunelab.models import load_model
 from tunelab.template import IGNORE, Template
 from tunelab.train import loss
-from tunelab.encoding import encode_examples
 from tunelab.train.batching import pack
 from tunelab.train.loss import token_loss
 

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import json
 
-from tunelab.text import (answer_values, dotted, field_path, input_text, json_leaves, normalise_answer,
-                          normalise_for_dedup, parse_json_answer, quoted_spans)
+from tunelab.text import (
+    answer_values,
+    dotted,
+    field_path,
+    input_text,
+    json_leaves,
+    normalise_answer,
+    normalise_for_dedup,
+    parse_json_answer,
+    quoted_spans,
+)
 
 
 def test_input_text_is_the_last_user_message():

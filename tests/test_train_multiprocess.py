@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import tunelab
-from tunelab.train.checkpoint import PAUSE_ENV
 from tunelab.cli import main
+from tunelab.train.checkpoint import PAUSE_ENV
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,6 @@ any model loads."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -23,8 +23,19 @@ from typing import Annotated, Any
 from pydantic import Field
 from pydantic_core import PydanticUndefined
 
-from tunelab.config import (Arg, DataOptions, EndpointAccess, GenerationPrecision, GenerationDevice, Method, NoCopyConstraint,
-                            Options, RunFolder, TeacherOptions, TrainConfig)
+from tunelab.config import (
+    Arg,
+    DataOptions,
+    EndpointAccess,
+    GenerationDevice,
+    GenerationPrecision,
+    Method,
+    NoCopyConstraint,
+    Options,
+    RunFolder,
+    TeacherOptions,
+    TrainConfig,
+)
 from tunelab.errors import UserError, check_output_file, check_output_folder, hide_known_warnings
 
 

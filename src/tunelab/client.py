@@ -25,7 +25,7 @@ import random
 import socket
 import threading
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -254,7 +254,7 @@ def retry_after(value: str | None) -> float:
         from email.utils import parsedate_to_datetime
 
         try:
-            seconds = (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds()
+            seconds = (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds()
         except (TypeError, ValueError):
             return 0.0
     return min(max(seconds, 0.0), RETRY_AFTER_CAP)

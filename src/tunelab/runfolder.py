@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from tunelab.data import load as data_mod
 from tunelab.config import TrainConfig
+from tunelab.data import load as data_mod
 from tunelab.data.load import Example
 from tunelab.errors import UserError
 from tunelab.runlock import check_not_training

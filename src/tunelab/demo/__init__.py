@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 from tunelab.config import TrainConfig
+from tunelab.demo import bookings
 from tunelab.errors import check_output_folder
 from tunelab.evaluate.core import format_report
 from tunelab.evaluate.results import EvalResults
-from tunelab.demo import bookings
 
 
 def write_dataset(path: Path, n: int) -> Path:

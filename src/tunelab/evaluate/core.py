@@ -26,22 +26,35 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunelab.evaluate import metrics
 from tunelab.data import novelty
-from tunelab.evaluate.baselines import few_shot_prompts, retrieval_prompts, user_text
-from tunelab.encoding import encode_examples
-from tunelab.text import parse_json_answer
 from tunelab.data.load import Example, iter_examples, load_examples, read_jsonl
-from tunelab.evaluate.endpoint import Endpoint
-from tunelab.errors import UserError
-from tunelab.runfolder import RunFiles
-from tunelab.evaluate.forgetting import DEFAULT_QUESTIONS
 from tunelab.decoding.generate import Answer, generate_detailed
-from tunelab.train.loss import heldout_loss
 from tunelab.device import autocast, casts_kept, computes_bf16
+from tunelab.encoding import encode_examples
+from tunelab.errors import UserError
+from tunelab.evaluate import metrics
 from tunelab.evaluate import results as saved  # saved.Contender, saved.Answer: as eval.json holds them
-from tunelab.evaluate.results import (Assertions, CopyConstraint, Cost, Difference, EvalResults, Forgetting,
-                                      ForgettingScore, Interval, Judge, Novelty, RuleResults, Sample, as_results)
+from tunelab.evaluate.baselines import few_shot_prompts, retrieval_prompts, user_text
+from tunelab.evaluate.endpoint import Endpoint
+from tunelab.evaluate.forgetting import DEFAULT_QUESTIONS
+from tunelab.evaluate.results import (
+    Assertions,
+    CopyConstraint,
+    Cost,
+    Difference,
+    EvalResults,
+    Forgetting,
+    ForgettingScore,
+    Interval,
+    Judge,
+    Novelty,
+    RuleResults,
+    Sample,
+    as_results,
+)
+from tunelab.runfolder import RunFiles
+from tunelab.text import parse_json_answer
+from tunelab.train.loss import heldout_loss
 
 LOCAL = ("zero-shot", "few-shot", "retrieval", "tuned")
 WARM_UP_TOKENS = 2

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from tunelab.train.batching import pack
-from tunelab.errors import UserError
-from tunelab.train.loss import token_loss
 from tunelab.device import one_example_batches, runs_packed
+from tunelab.errors import UserError
 from tunelab.template import Template
+from tunelab.train.batching import pack
+from tunelab.train.loss import token_loss
 
 DEFAULT_QUESTIONS = Path(__file__).parent / "general_knowledge.jsonl"
 

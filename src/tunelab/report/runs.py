@@ -18,8 +18,8 @@ from pathlib import Path
 import yaml
 
 from tunelab.errors import UserError
-from tunelab.runlock import check_not_training
 from tunelab.evaluate.results import EvalResults
+from tunelab.runlock import check_not_training
 
 
 @dataclass

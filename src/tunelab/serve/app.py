@@ -38,8 +38,16 @@ from typing import Any
 
 from tunelab.errors import UserError
 from tunelab.serve.moderation import Moderation
-from tunelab.serve.protocol import (DEFAULT_MAX_TOKENS, MAX_BODY_BYTES, ChatRequest, CompletionRequest, Refused,
-                                    Reply, Sampling, parse)
+from tunelab.serve.protocol import (
+    DEFAULT_MAX_TOKENS,
+    MAX_BODY_BYTES,
+    ChatRequest,
+    CompletionRequest,
+    Refused,
+    Reply,
+    Sampling,
+    parse,
+)
 from tunelab.serve.scheduler import Job, Scheduler
 
 API_KEY_VARIABLE = "TUNELAB_API_KEY"

@@ -17,13 +17,12 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from tunelab.client import ChatClient, Failure, check_count, check_timeout, content
 from tunelab.errors import UserError
-
 
 REFUSED_PREFIX = "response_format refused by "
 """The cache key, before the URL, of the note that an endpoint refuses structured output."""
@@ -219,7 +218,7 @@ class TeacherClient:
                 self.cached += 1
             return record["answer"], record["time"]
         answer = content(self.chat.post(body))
-        received = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        received = datetime.now(UTC).isoformat(timespec="seconds")
         self.cache.put({"key": key, "answer": answer, "time": received})
         return answer, received
 

@@ -25,22 +25,21 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tunelab.data import load as data_mod
 from tunelab import device
-from tunelab.data.augment import copy_variants
-from tunelab.encoding import EncodedExample, collect_encoded, encode_one
-from tunelab.train.batching import pack
-from tunelab.train.checkpoint import (Checkpoint, Checkpoints, Position, finished_run, process_rng_states,
-                                     trim_metrics)
 from tunelab.config import TrainConfig
-from tunelab.data.load import Example
+from tunelab.data import load as data_mod
+from tunelab.data.augment import copy_variants
 from tunelab.data.check import Report, run_check
+from tunelab.data.load import Example
+from tunelab.encoding import EncodedExample, collect_encoded, encode_one
 from tunelab.errors import UserError, check_output_folder, known_warnings_hidden
-from tunelab.train.loss import backward_step, heldout_loss
 from tunelab.models import load_model, load_tokenizer, resolve_base
 from tunelab.runfolder import MetricsWriter, RunFiles
 from tunelab.runlock import LOCK_FILE, RunLock
 from tunelab.template import Encoded, Template
+from tunelab.train.batching import pack
+from tunelab.train.checkpoint import Checkpoint, Checkpoints, Position, finished_run, process_rng_states, trim_metrics
+from tunelab.train.loss import backward_step, heldout_loss
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

@@ -15,9 +15,9 @@ import contextlib
 
 import torch
 
-from tunelab.train.batching import pack
 from tunelab.device import one_example_batches, runs_packed
 from tunelab.template import IGNORE, Encoded
+from tunelab.train.batching import pack
 
 LOSS_CHUNK = 1024
 """Trained positions per chunk of output projection + cross-entropy (49k-vocabulary logits of

@@ -36,8 +36,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from tunelab.config import TrainConfig
 from tunelab.errors import UserError, check_output_folder
-from tunelab.ui.follow import (event, event_stream, free_name, histogram_bars, read_new_rows, read_new_text,
-                               source_lines)
+from tunelab.ui.follow import event, event_stream, free_name, histogram_bars, read_new_rows, read_new_text, source_lines
 from tunelab.ui.guard import Guard, allowed_hosts, inside
 from tunelab.ui.jobs import JobStore
 from tunelab.ui.runs import NAME, RunsFolder
