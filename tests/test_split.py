@@ -130,7 +130,7 @@ def test_training_splits_by_the_field_as_the_check_does(tmp_path, tiny_model_dir
     split = json.loads((out / "split.json").read_text())
     assert split["split_by"] == "metadata.customer"
     assert len(split["test_lines"]) == check["split"]["test"] == 12
-    groups = {name: {json.loads(line)["group"] for line in (out / f"{name}.jsonl").read_text().splitlines()}
+    groups = {name: {json.loads(line)["metadata"]["group"] for line in (out / f"{name}.jsonl").read_text().splitlines()}
               for name in ("train", "test")}
     assert len(groups["test"]) == 2 and not groups["train"] & groups["test"]
     assert "metadata.customer" in (out / "config.yaml").read_text()

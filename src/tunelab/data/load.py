@@ -516,9 +516,11 @@ def write_jsonl(path: Path, examples: Iterable[Example]) -> None:
 def read_jsonl(path: Path) -> list[Example]:
     """Read back a split written by `write_jsonl`; run folders written before the source line
     moved under `metadata` keep it at the top level, and still open."""
-    examples = []
     with Path(path).open(encoding="utf-8") as f:
-        for row in map(json.loads, f):
-            where = row.get("metadata") if isinstance(row.get("metadata"), dict) and "line" in row["metadata"] else row
-            examples.append(Example(row.get("messages", []), where["line"], row.get("text"), where.get("group")))
-    return examples
+        return [split_example(json.loads(line)) for line in f]
+
+
+def split_example(row: dict[str, Any]) -> Example:
+    """One row of a split file as an Example; KeyError or TypeError when it is not one."""
+    where = row.get("metadata") if isinstance(row.get("metadata"), dict) and "line" in row["metadata"] else row
+    return Example(row.get("messages", []), where["line"], row.get("text"), where.get("group"))

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunelab.data import novelty
-from tunelab.data.load import Example, iter_examples, load_examples, read_jsonl
+from tunelab.data.load import Example, iter_examples, load_examples, read_jsonl, split_example
 from tunelab.decoding.generate import Answer, generate_detailed
 from tunelab.device import autocast, casts_kept, computes_bf16
 from tunelab.encoding import encode_examples
@@ -104,8 +104,7 @@ def read_run_examples(files: RunFiles, path: Path) -> list[Example]:
     with path.open(encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
             try:
-                row = json.loads(line)
-                row["messages"], row["line"]
+                split_example(json.loads(line))
             except (ValueError, KeyError, TypeError) as e:
                 problem = e.msg if isinstance(e, json.JSONDecodeError) else f"no {e}"
                 raise files.damaged(Path(f"{path}:{number}"), f"not an example as training writes them "
