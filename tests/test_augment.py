@@ -160,8 +160,8 @@ def test_training_with_and_without_copy_augmentation(tmp_path, tiny_model_dir, w
     train_rows, copying = len(trained), len(answers)
     distinct = len({word for answer in answers for value in answer.values() for word in value.split()})
     assert printed == [f"{data}: copy augmentation (--copy-augment 1): {copying} of {train_rows} training examples "
-                       f"copy names from their input ({distinct} distinct); added {copying} variant(s) with those names "
-                       "replaced by made-up ones"]
+                       f"copy names from their input ({distinct} distinct); added {copying} variant(s) "
+                       "with those names replaced by made-up ones"]
     # The held-out side and the training file are the same with and without; the variants are apart.
     for name in ("test.jsonl", "train.jsonl", "split.json"):
         assert (on / name).read_text() == (off / name).read_text(), name

@@ -64,7 +64,8 @@ def test_generation_uses_the_saved_template(trained_run, capsys):
     ids = run.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         expected = run.model().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                                        eos_token_id=run.template.stop_token_ids, pad_token_id=run.tokenizer.pad_token_id)
+                                        eos_token_id=run.template.stop_token_ids,
+                                        pad_token_id=run.tokenizer.pad_token_id)
     expected_text = run.tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True).strip()
     assert main(["generate", str(out), "--prompt", prompt, "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.strip() == expected_text == "Italy"
@@ -136,10 +137,14 @@ BAD_INPUTS = [
     ("empty", [], [], "empty.jsonl: E_EMPTY no examples found"),
     ("shape", [{"question": "q", "answer": "a"}], [], "shape.jsonl:1: E_SHAPE unknown shape"),
     ("missing", [{"prompt": "p", "completion": "c"}, {"prompt": "p"}], [], "missing.jsonl:2: E_SHAPE unknown shape"),
-    ("fields", [{"messages": [{"role": "user"}]}], [], "fields.jsonl:1: E_CONTENT_MISSING message 0 needs 'role' and 'content'"),
-    ("model", [{"prompt": "p", "completion": "c"}] * 3, ["--base", "/no/such/model"], "base model '/no/such/model' not found"),
-    ("flag", [{"prompt": "p", "completion": "c"}] * 3, ["--method", "magic"], "--method magic: must be 'lora' or 'full'"),
-    ("value", [{"prompt": "p", "completion": "c"}] * 3, ["--batch-size", "0"], "--batch-size 0: must be greater than 0"),
+    ("fields", [{"messages": [{"role": "user"}]}], [],
+     "fields.jsonl:1: E_CONTENT_MISSING message 0 needs 'role' and 'content'"),
+    ("model", [{"prompt": "p", "completion": "c"}] * 3, ["--base", "/no/such/model"],
+     "base model '/no/such/model' not found"),
+    ("flag", [{"prompt": "p", "completion": "c"}] * 3, ["--method", "magic"],
+     "--method magic: must be 'lora' or 'full'"),
+    ("value", [{"prompt": "p", "completion": "c"}] * 3, ["--batch-size", "0"],
+     "--batch-size 0: must be greater than 0"),
 ]
 
 

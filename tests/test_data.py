@@ -65,7 +65,8 @@ def test_every_bad_line_is_listed(tmp_path, write_jsonl):
         data.load_examples(write_jsonl(tmp_path / "d.jsonl", rows))
     lines = caught.value.lines()
     assert len(lines) == 7
-    assert lines[0].endswith("d.jsonl:2: E_JSON not valid JSON (Expecting property name enclosed in double quotes at column 2)")
+    assert lines[0].endswith("d.jsonl:2: E_JSON not valid JSON "
+                             "(Expecting property name enclosed in double quotes at column 2)")
     assert "d.jsonl:3: E_NOT_OBJECT expected a JSON object, got list" in lines[1]
     assert "d.jsonl:4: E_SHAPE unknown shape" in lines[2]
     assert "d.jsonl:5: E_EMPTY_CONTENT field 'completion' is empty" in lines[3]

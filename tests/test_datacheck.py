@@ -46,8 +46,10 @@ def test_every_format_error_is_listed_with_its_line_and_code(tmp_path, capsys, w
     # The command lists the first 20, saves them all, exits with 2 and trains nothing.
     assert main(["data", "check", str(path), "--out", str(tmp_path / "report")]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err[0].endswith("d.jsonl:2: E_JSON not valid JSON (Expecting property name enclosed in double quotes at column 2)")
-    assert err[-1].endswith(f"... and {len(expected) - 20} more; all are listed in {tmp_path / 'report' / 'data_check.json'}")
+    assert err[0].endswith("d.jsonl:2: E_JSON not valid JSON "
+                           "(Expecting property name enclosed in double quotes at column 2)")
+    assert err[-1].endswith(f"... and {len(expected) - 20} more; "
+                            f"all are listed in {tmp_path / 'report' / 'data_check.json'}")
     saved = json.loads((tmp_path / "report" / "data_check.json").read_text())
     assert [(e["line"], e["code"]) for e in saved["errors"]] == expected
     assert saved["error_counts"]["E_JSON"] == 26
@@ -195,7 +197,7 @@ def test_the_command_prints_a_summary_and_saves_the_report(tmp_path, tiny_model_
     assert saved["duplicates"]["exact"]["pairs"] == [[1, 12]]
     assert saved["truncation"] == {"policy": "drop", "kept": 11, "dropped": 1}  # the copy is counted here too
     assert saved["lengths"]["unit"] == "tokens" and sum(c for _, _, c in saved["lengths"]["histogram"]) == 11
-    assert not main(["data", "check", str(path), "--base", str(tiny_model_dir), "--max-length", "8"]) == 0
+    assert main(["data", "check", str(path), "--base", str(tiny_model_dir), "--max-length", "8"]) != 0
     assert "E_ALL_DROPPED every example is longer than --max-length 8" in capsys.readouterr().err
     histogram = (out / "length_histogram.txt").read_text()
     assert histogram.startswith("Example length in tokens (--max-length 64)") and "<- --max-length" in histogram

@@ -141,10 +141,11 @@ FORMS: dict[str, Form | None] = {
     "tunelab eval RUN [--data FILE] [--shots K] [--contender NAME=URL#MODEL]": Form(
         ["tunelab eval runs/mine --shots 2"], twice=True, expect="exact match"),
     # docs/EVALUATION.md
-    "tunelab eval RUN --shots 2 --assertions checks.yaml": Form(skip="run in exactly this form by tests/test_evaluate.py (files and a loopback endpoint it makes)"),
-    "tunelab eval RUN --data harder.jsonl --no-base": Form(skip="run in exactly this form by tests/test_evaluate.py (files and a loopback endpoint it makes)"),
-    "tunelab eval RUN --no-base --contender big=http://localhost:8000/v1": Form(skip="run in exactly this form by tests/test_evaluate.py (files and a loopback endpoint it makes)"),
-    "tunelab eval RUN --no-base --assertions check.py --forgetting questions.jsonl": Form(skip="run in exactly this form by tests/test_evaluate.py (files and a loopback endpoint it makes)"),
+    **{form: Form(skip="run in exactly this form by tests/test_evaluate.py (files and a loopback endpoint it makes)")
+       for form in ("tunelab eval RUN --shots 2 --assertions checks.yaml",
+                    "tunelab eval RUN --data harder.jsonl --no-base",
+                    "tunelab eval RUN --no-base --contender big=http://localhost:8000/v1",
+                    "tunelab eval RUN --no-base --assertions check.py --forgetting questions.jsonl")},
     "tunelab generate RUN --prompt TEXT": Form([f"tunelab generate runs/mine --prompt {shlex.quote(PROMPT)}"],
                                               twice=True),
     "tunelab generate RUN --input FILE": Form(
@@ -211,9 +212,9 @@ FORMS: dict[str, Form | None] = {
         "tunelab serve runs/bookings --port 8000 --rules rules.yaml")},
     # docs/UI.md: a server that runs until stopped; tests/test_ui.py starts `tunelab ui` (a port in use, a login
     # link off loopback) and tests/test_ui_e2e.py drives its app on a real server and in a browser
-    **{form: Form(skip="a server that runs until stopped: tests/test_ui.py and tests/test_ui_e2e.py run it") for form in (
-        "tunelab ui --runs runs --data data --port 7860 --jobs 1",
-        "tunelab ui --host 0.0.0.0 --api-key KEY")},
+    **{form: Form(skip="a server that runs until stopped: tests/test_ui.py and tests/test_ui_e2e.py run it")
+       for form in ("tunelab ui --runs runs --data data --port 7860 --jobs 1",
+                    "tunelab ui --host 0.0.0.0 --api-key KEY")},
     # docs/DEMO.md: a second demo into the same folder, as a user re-runs it with more steps
     "tunelab demo --max-steps 135": Form([f"tunelab demo {SMALL_DEMO} --max-steps 3"], needs_run=False,
                                          expect="Wall time"),

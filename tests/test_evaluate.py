@@ -125,7 +125,8 @@ def test_eval_with_shots_and_assertions_through_the_cli(trained_run, tmp_path):
     cost = results["cost"]
     assert cost["few-shot"]["prompt_tokens"] > cost["zero-shot"]["prompt_tokens"] + 10
     assert cost["tuned"]["prompt_tokens"] == cost["zero-shot"]["prompt_tokens"]
-    assert results["metrics"]["tuned"]["heldout_loss"]["value"] < results["metrics"]["zero-shot"]["heldout_loss"]["value"]
+    metrics = results["metrics"]
+    assert metrics["tuned"]["heldout_loss"]["value"] < metrics["zero-shot"]["heldout_loss"]["value"]
     differences = {(d["contender"], d["metric"]): d for d in results["differences"]}
     assert set(differences) == {(n, m) for n in names[:3] for m in ("exact_match", "token_f1", "rouge_l")}
     zero = differences[("zero-shot", "exact_match")]
@@ -141,7 +142,8 @@ def test_eval_with_shots_and_assertions_through_the_cli(trained_run, tmp_path):
     assert json.loads(typed.model_dump_json()) == results and typed.names == names
     assert typed.samples[0].answers["tuned"].bucket in BUCKETS and typed.forgetting.questions == 42
     report = (trained_run / "report.html").read_text()  # written by `tunelab eval` from the same file
-    assert {"Metrics", "Assertions", "Forgetting check", "Answers side by side"} <= set(re.findall(r"<h2>(.*?)</h2>", report))
+    sections = set(re.findall(r"<h2>(.*?)</h2>", report))
+    assert {"Metrics", "Assertions", "Forgetting check", "Answers side by side"} <= sections
 
 
 
@@ -174,11 +176,13 @@ def test_score_builds_the_typed_results_without_a_model(tmp_path, write_jsonl):
                                                  for city, country in COUNTRIES.items()])
     rules = tmp_path / "rules.yaml"
     rules.write_text("- must_not_contain: sorry\n")
-    tuned = core.Contender("tuned", "local", "run", "fine-tuned", [Answer(k, 5, 1, "stop") for k in COUNTRIES.values()], 1.0)
+    tuned = core.Contender("tuned", "local", "run", "fine-tuned",
+                           [Answer(k, 5, 1, "stop") for k in COUNTRIES.values()], 1.0)
     base = core.Contender("zero-shot", "local", "base", "zero-shot", [Answer("sorry", 5, 1, "stop")] * 4, 2.0)
     results = core.score(load_examples(data), [base, tuned], rules=load_rules(rules), rules_file=rules)
     assert results.names == ["zero-shot", "tuned"] and results.examples_evaluated == 4
-    assert results.metrics["tuned"]["exact_match"].value == 1.0 and results.metrics["zero-shot"]["exact_match"].value == 0
+    metrics = results.metrics
+    assert metrics["tuned"]["exact_match"].value == 1.0 and metrics["zero-shot"]["exact_match"].value == 0
     assert results.assertions.file == str(rules)
     assert {n: r.all_passed for n, r in results.assertions.results.items()} == {"zero-shot": 0, "tuned": 4}
     assert results.differences[0].tuned_only_right == [0, 1, 2, 3] and results.cost["zero-shot"].seconds == 2.0

@@ -70,7 +70,7 @@ def test_merged_lora_is_a_transformers_folder_with_the_run_template(runs, tmp_pa
     assert (logits(model, ids) - logits(run.base_model(), ids)).abs().max() > 1e-3  # the LoRA was folded in
     # Tied embeddings stay tied: one tensor in the file and in the loaded model.
     with safe_open(out / "model.safetensors", "pt") as f:
-        assert not [k for k in f.keys() if k.startswith("lm_head")]
+        assert not [k for k in f.keys() if k.startswith("lm_head")]  # noqa: SIM118 - safe_open is not iterable
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert set(run.template.stop_token_ids) <= set(model.generation_config.eos_token_id)
 

@@ -70,26 +70,27 @@ def test_a_training_holds_its_folder_against_a_second_training_and_readers(tmp_p
     """A real training, paused in its first checkpoint save, against a second one started meanwhile."""
     out = tmp_path / "x"
     env = {**os.environ, PAUSE_ENV: "1:120"}
-    log = open(tmp_path / "first.log", "w+")
-    first = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "train", str(data), "--out", str(out),
-                              *flags(tiny_model_dir, "full"), "--save-every", "1"], stdout=log,
-                             stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 240
-        while not any((out / "checkpoints").glob(".step-000001-*/checkpoint.json")):
-            assert first.poll() is None and time.monotonic() < deadline, log.seek(0) or log.read()
-            time.sleep(0.05)
-        before = snapshot(out)
-        assert (out / LOCK_FILE).read_text().split()[0] == str(first.pid)
+    with open(tmp_path / "first.log", "w+") as log:
+        first = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "train", str(data), "--out", str(out),
+                                  *flags(tiny_model_dir, "full"), "--save-every", "1"], stdout=log,
+                                 stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 240
+            while not any((out / "checkpoints").glob(".step-000001-*/checkpoint.json")):
+                assert first.poll() is None and time.monotonic() < deadline, log.seek(0) or log.read()
+                time.sleep(0.05)
+            before = snapshot(out)
+            assert (out / LOCK_FILE).read_text().split()[0] == str(first.pid)
 
-        line = one_error(capsys, "train", str(data), "--out", str(out), *flags(tiny_model_dir, "full"), "--overwrite")
-        assert line == (f"tunelab: error: {out}: process {first.pid} on {os.uname().nodename} is training into this "
-                        "run folder; wait for it to finish, or choose another --out")
-        assert one_error(capsys, "train", str(data), "--out", str(out), "--resume").endswith("choose another --out")
-        assert snapshot(out) == before  # the first training's folder is as it was
-    finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait()
+            line = one_error(capsys, "train", str(data), "--out", str(out), *flags(tiny_model_dir, "full"),
+                             "--overwrite")
+            assert line == (f"tunelab: error: {out}: process {first.pid} on {os.uname().nodename} is training "
+                            "into this run folder; wait for it to finish, or choose another --out")
+            assert one_error(capsys, "train", str(data), "--out", str(out), "--resume").endswith("choose another --out")
+            assert snapshot(out) == before  # the first training's folder is as it was
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait()
     # Killed, it leaves its lock file; the next training takes it over.
     assert (out / LOCK_FILE).exists()
     assert main(["train", str(data), "--out", str(out), "--resume"]) == 0
@@ -118,7 +119,8 @@ def test_a_stale_lock_file_does_not_block(runs, tmp_path, data, tiny_model_dir, 
     (out / LOCK_FILE).write_text(f"{gone.pid} somehost\n")
     assert main(["train", str(data), "--out", str(out), *flags(tiny_model_dir, "lora")]) == 0
     captured = capsys.readouterr()
-    assert f"tunelab: note: {out / LOCK_FILE}: left by process {gone.pid} on somehost, which has stopped" in captured.err
+    note = f"tunelab: note: {out / LOCK_FILE}: left by process {gone.pid} on somehost, which has stopped"
+    assert note in captured.err
     assert captured.out.strip().splitlines()[-1].startswith(f"Run saved in {out}")
     assert not (out / LOCK_FILE).exists()
 

@@ -17,7 +17,8 @@ def test_values_are_json_leaves_or_quoted_spans_and_plain_text_has_none():
     assert novelty.compared_values('{"name": "Chloe Souza", "guests": 7, "vip": true, "note": null, '
                                  '"items": [{"dish": "Pad Thai"}], "time": "21:00"}') == \
         ["chloe souza", "7", "pad thai", "2100"]
-    assert novelty.compared_values('The guest is "Chloe Souza", arriving at \u201cnine\u201d.') == ["chloe souza", "nine"]
+    assert novelty.compared_values('The guest is "Chloe Souza", arriving at \u201cnine\u201d.') == \
+        ["chloe souza", "nine"]
     assert novelty.compared_values("A table for seven on Saturday.") == []
     assert novelty.value_hashes('{"a": "X", "b": "x"}') == novelty.value_hashes('{"c": "x"}')  # one value, once
 

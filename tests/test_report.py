@@ -82,8 +82,10 @@ def rich_eval() -> dict:
     answers = {
         "zero-shot": ["I can help with that!", "", "Saturday, 6 people"],
         "few-shot": ['{"people": 4, "day": "Friday"}', '{"people": 2}', '{"people": 6, "day": "Sat"}'],
-        "retrieval": ['{"people": 4, "day": "Friday"}', '{"people": 2, "day": "tomorrow"}', '{"people": 6, "day": "Sat"}'],
-        "tuned": ['{"people": 4, "day": "Friday"}', '{"people": 2, "day": "tomorrow"}', '{"people": 6, "day": "sunday"}'],
+        "retrieval": ['{"people": 4, "day": "Friday"}', '{"people": 2, "day": "tomorrow"}',
+                      '{"people": 6, "day": "Sat"}'],
+        "tuned": ['{"people": 4, "day": "Friday"}', '{"people": 2, "day": "tomorrow"}',
+                  '{"people": 6, "day": "sunday"}'],
     }
     buckets = {
         "zero-shot": ["invalid format", "empty", "invalid format"],
@@ -130,16 +132,18 @@ def rich_eval() -> dict:
     results["judge"] = {"url": "http://127.0.0.1:8000/v1", "model": "grader", "ungraded": {n: 0 for n in names}}
     results["metrics"]["tuned"]["judge"] = metric(0.8, 0.6, 1.0)
     results["forgetting"] = {"file": "general_knowledge.jsonl", "questions": 40, "results": {
-        "zero-shot": {"accuracy": 0.45, "accuracy_per_token": 0.5}, "tuned": {"accuracy": 0.425, "accuracy_per_token": 0.5}}}
+        "zero-shot": {"accuracy": 0.45, "accuracy_per_token": 0.5},
+        "tuned": {"accuracy": 0.425, "accuracy_per_token": 0.5}}}
     results["novelty"] = {"training_file": "runs/mine/train.jsonl", "values": 6, "novel_values": 2, "share": 1 / 3,
                           "novel_rows": 2, "seen_rows": 1, "rows_without_values": 0, "training_values": 40,
                           "accuracy": {n: {"novel": metric(0.5 if n == "tuned" else 0.0, 0.0, 1.0) | {"rows": 2},
                                            "seen": metric(1.0 if i else 0.0, 1.0 if i else 0.0, 1.0) | {"rows": 1}}
                                        for i, n in enumerate(names)}}
     results["samples"] = [
-        {"index": k, "novelty": ["novel", "seen", "novel"][k], **sample, "answers": {n: {"text": answers[n][k], "bucket": buckets[n][k], "stopped": True,
-                                                "assertions_failed": [] if n != "zero-shot" else ["valid JSON"],
-                                                "judge": 0.75 if n == "tuned" else None} for n in names}}
+        {"index": k, "novelty": ["novel", "seen", "novel"][k], **sample,
+         "answers": {n: {"text": answers[n][k], "bucket": buckets[n][k], "stopped": True,
+                         "assertions_failed": [] if n != "zero-shot" else ["valid JSON"],
+                         "judge": 0.75 if n == "tuned" else None} for n in names}}
         for k, sample in enumerate(SAMPLES)]
     return results
 
@@ -224,8 +228,8 @@ def test_user_text_is_escaped(tmp_path):
 def test_rich_eval_json_shows_intervals_buckets_cost_differences_and_forgetting(tmp_path):
     html = write_report(make_run(tmp_path / "run", rich_eval())).read_text()
     assert sections(html) == ["Loss", "Metrics", "Differences: tuned against each contender", "Novelty",
-                              "Answer buckets", "Cost per request", "Assertions", "Forgetting check", "Answers side by side",
-                              "Data check", "Settings"]
+                              "Answer buckets", "Cost per request", "Assertions", "Forgetting check",
+                              "Answers side by side", "Data check", "Settings"]
     assert ("On exact match, the tuned model beats zero-shot (+60.0 points); cannot be told apart from few-shot "
             "(+20.0 points), retrieval (+20.0 points)") in html
     metrics = html[html.index("<h2>Metrics"):html.index("<h2>Differences")]
@@ -240,7 +244,8 @@ def test_rich_eval_json_shows_intervals_buckets_cost_differences_and_forgetting(
     assert row.count("class=best") == 1 and re.search(r"class=best>15\.0%", row)
     row = re.search(r"<tr><th>held-out loss</th>(.*?)</tr>", metrics).group(1)
     assert row == "<td>2.310</td><td class=na>–</td><td class=na>–</td><td class=best>0.520</td>"
-    assert re.search(r"<tr><th><code>day</code></th><td>30.0%</td><td>60.0%</td><td class=best>90.0%</td></tr>", metrics)
+    assert re.search(r"<tr><th><code>day</code></th><td>30.0%</td><td>60.0%</td><td class=best>90.0%</td></tr>",
+                     metrics)
     differences = html[html.index("<h2>Differences"):html.index("<h2>Answer buckets")]
     row = re.search(r"<tr><th>tuned − zero-shot</th>(.*?)</tr>", differences).group(1)
     assert row.startswith("<td class=up>+60.0 <span class=ci>[+30.0, +90.0]</span></td>")
@@ -327,7 +332,8 @@ def test_markup_in_answers_data_and_run_names_shows_as_text(tmp_path):
         sample["answers"]["tuned"]["text"] = f"<script>alert({sample['line']})</script>"
         sample["reference"] = "<img src=x onerror=alert(1)>"
     config = CONFIG.replace("format: auto", "format: '<script>alert(2)</script>'")
-    runs = [make_run(tmp_path / "a" / "<script>x", results, config=config), make_run(tmp_path / "b" / "<script>x", None)]
+    runs = [make_run(tmp_path / "a" / "<script>x", results, config=config),
+            make_run(tmp_path / "b" / "<script>x", None)]
     own = write_report(runs[0]).read_text()
     compared = write_comparison(runs, tmp_path / "cmp.html").read_text()
     for html in (own, compared):
@@ -384,9 +390,9 @@ def test_typed_results_round_trip_through_the_file_under_the_same_keys(tmp_path)
     results.write(tmp_path / "eval.json")
     written = json.loads((tmp_path / "eval.json").read_text())
     assert list(written) == ["schema", "run", "data", "examples_evaluated", "max_new_tokens", "shots", "precision",
-                             "device", "contenders", "metrics", "fields", "extractive_fields", "buckets", "bucket_examples",
-                             "differences", "cost", "assertions", "judge", "forgetting", "copy_constraint", "novelty",
-                             "samples"]
+                             "device", "contenders", "metrics", "fields", "extractive_fields", "buckets",
+                             "bucket_examples", "differences", "cost", "assertions", "judge", "forgetting",
+                             "copy_constraint", "novelty", "samples"]
     assert EvalResults.read(tmp_path / "eval.json") == results
     assert written["metrics"]["tuned"]["exact_match"] == rich_eval()["metrics"]["tuned"]["exact_match"]
     assert written["novelty"]["accuracy"]["tuned"] == rich_eval()["novelty"]["accuracy"]["tuned"]

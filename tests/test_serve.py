@@ -462,7 +462,8 @@ def test_a_long_conversation_is_answered_or_refused_at_once_while_health_answers
     for count, word in ((1600, "1024"), (1001, "context")):
         body = conversation(count)
         answered: list[tuple[int, bytes]] = []
-        thread = threading.Thread(target=lambda: answered.append(server.post("/v1/chat/completions", body)))
+        # The thread is joined within the iteration, so the closure sees this iteration's values.
+        thread = threading.Thread(target=lambda: answered.append(server.post("/v1/chat/completions", body)))  # noqa: B023
         start = time.monotonic()
         thread.start()
         assert server.get("/health")[0] == 200
@@ -578,7 +579,8 @@ class Chromium:
         os.close(writing)
         args = ["--headless=new", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
                 f"--user-data-dir={profile}", "--window-size=900,600", "about:blank"]
-        self.proc = subprocess.Popen(["bash", "-c", f'exec "$0" "$@" 3<&{to_browser_r} 4>&{from_browser_w}', exe, *args],
+        command = ["bash", "-c", f'exec "$0" "$@" 3<&{to_browser_r} 4>&{from_browser_w}', exe, *args]
+        self.proc = subprocess.Popen(command,
                                      pass_fds=(to_browser_r, from_browser_w), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         os.close(to_browser_r)

@@ -480,7 +480,9 @@ def test_a_txt_file_from_notepad_or_in_latin1(tmp_path, server):
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("Ana in Rome\nCaf\xe9 in Paris\n".encode("latin-1"))
     asked = len(server.requests())
-    result = cli("data", "label", str(latin1), "--teacher", server.url, "--model", "m", "--out", str(tmp_path / "b.jsonl"))
+    result = cli("data", "label", str(latin1), "--teacher", server.url, "--model", "m",
+                 "--out", str(tmp_path / "b.jsonl"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == "tunelab: error: " + f"{latin1}:2: not UTF-8 text (byte 0xe9 at column 4); save the file as UTF-8"
+    assert result.stderr.strip() == \
+        f"tunelab: error: {latin1}:2: not UTF-8 text (byte 0xe9 at column 4); save the file as UTF-8"
     assert len(server.requests()) == asked

@@ -89,7 +89,8 @@ def test_control_tokens_written_in_messages_are_plain_text(tokenizer, name):
     assert trained_text(template, encoded).startswith(f"OK {forged}")
     prompt = template.encode_prompt(conversation[:1])  # what generate, chat and serving send
     assert encoded.input_ids[: len(prompt)] == prompt
-    assert prompt.count(tokenizer.eos_token_id) == template.encode_prompt(plain_messages[:1]).count(tokenizer.eos_token_id)
+    plain_prompt = template.encode_prompt(plain_messages[:1])
+    assert prompt.count(tokenizer.eos_token_id) == plain_prompt.count(tokenizer.eos_token_id)
     assert template.control_tokens_in(forged) == ["<|im_end|>", "<|im_start|>"]
 
 

@@ -168,4 +168,4 @@ def test_python_api_hides_the_known_library_warning_and_no_other(tiny_model_dir,
     assert not [w for w in recwarn if "is_gradient_checkpointing" in str(w.message)], [str(w.message) for w in recwarn]
     assert warnings.filters == before
     with pytest.warns(FutureWarning, match="the user's own"):
-        warnings.warn("the user's own", FutureWarning)
+        warnings.warn("the user's own", FutureWarning, stacklevel=1)

@@ -23,8 +23,8 @@ from tunelab.train.checkpoint import PAUSE_ENV
 
 pytestmark = pytest.mark.slow
 
-ARGS = ["--method", "full", "--lr", "0.003", "--epochs", "2", "--test-size", "8", "--eval-every", "100", "--precision", "fp32",
-        "--seed", "3"]
+ARGS = ["--method", "full", "--lr", "0.003", "--epochs", "2", "--test-size", "8", "--eval-every", "100",
+        "--precision", "fp32", "--seed", "3"]
 
 
 def varied_answers(path: Path) -> Path:
@@ -74,7 +74,8 @@ def launch(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     torchrun-style launcher; without a GPU tunelab runs its processes on the CPU with gloo. The
     launcher and its processes form their own process group, so a test can kill them all."""
     env = {**os.environ, "PYTHONPATH": str(Path(tunelab.__file__).parents[1]), **(env or {})}
-    log = tempfile.TemporaryFile("w+")  # a pipe nobody reads while it runs could fill and stall it
+    # A file, since a pipe nobody reads while it runs could fill and stall it; it lives on as process.log.
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115
     process = subprocess.Popen(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",

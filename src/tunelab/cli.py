@@ -589,7 +589,8 @@ COMMANDS: dict[str, Command | CommandGroup] = {
                     "retrieved examples, the fine-tuned model and any --contender; print and save the metrics "
                     "with 95% intervals, error buckets, cost per request and a forgetting check."),
     "report": Command(cmd_report, ReportOptions, "write a run's HTML report, or compare several runs side by side"),
-    "generate": Command(cmd_generate, GenerateOptions, "answer a prompt or a file of prompts with the fine-tuned model"),
+    "generate": Command(cmd_generate, GenerateOptions,
+                        "answer a prompt or a file of prompts with the fine-tuned model"),
     "chat": Command(cmd_chat, ChatOptions, "talk to the fine-tuned model, streaming"),
     "serve": Command(cmd_serve, ServeCommandOptions, "OpenAI-compatible server and chat page for one or more runs"),
     "ui": Command(cmd_ui, UICommandOptions, "the whole loop in the browser: data, training, evaluation, chat"),

@@ -155,7 +155,8 @@ class RunFiles:
         check_not_training(self.root)
         if not (self.adapter.exists() or self.model.exists()):
             resumable = self.checkpoints.exists()
-            hint = f"; once it has stopped, `tunelab train DATA --out {self.root} --resume` continues it" if resumable else ""
+            hint = (f"; once it has stopped, `tunelab train DATA --out {self.root} --resume` continues it"
+                    if resumable else "")
             raise UserError(f"{self.root}: the run has no trained weights yet (training is still going or stopped "
                             f"before the end{hint})")
 
@@ -169,7 +170,7 @@ class MetricsWriter:
     """The open metrics file, appended to."""
 
     def __post_init__(self) -> None:
-        self.file = Path(self.path).open("a", encoding="utf-8")
+        self.file = Path(self.path).open("a", encoding="utf-8")  # noqa: SIM115 - open until close()
 
     def write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")

@@ -179,8 +179,7 @@ def _read_csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
         return  # an empty file: the caller reports that there are no examples
     _check_csv_header(path, header)
     # Row 1 is the header, so data rows are numbered from 2 as a spreadsheet shows them.
-    for number, row in enumerate(reader, start=2):
-        yield number, row
+    yield from enumerate(reader, start=2)
 
 
 def _check_csv_header(path: Path, header: list[str]) -> None:
@@ -250,7 +249,8 @@ def _convert(row: dict[str, Any], shape: str) -> list[dict[str, str]]:
         _text(row.get("text"), "text")
         return []
     if shape == "prompt_completion":
-        return [_message("user", row.get("prompt"), "prompt"), _message("assistant", row.get("completion"), "completion")]
+        return [_message("user", row.get("prompt"), "prompt"),
+                _message("assistant", row.get("completion"), "completion")]
     if shape == "alpaca":
         instruction = _text(row.get("instruction"), "instruction")
         extra_input = row.get("input")
@@ -278,7 +278,8 @@ def _convert(row: dict[str, Any], shape: str) -> list[dict[str, str]]:
             raise RowError("E_UNKNOWN_KEY", f"message {i} has unknown field(s) {', '.join(map(repr, extra))}; "
                            "allowed: 'role', 'content'")
         if m["role"] not in ROLES:
-            raise RowError("E_UNKNOWN_ROLE", f"message {i} has unknown role {m['role']!r}; use system, user or assistant")
+            raise RowError("E_UNKNOWN_ROLE",
+                           f"message {i} has unknown role {m['role']!r}; use system, user or assistant")
         out.append(_message(m["role"], m["content"], f"message {i} content"))
     if not any(m["role"] == "assistant" for m in out):
         raise RowError("E_NO_ASSISTANT", "no assistant message to learn from")
@@ -322,7 +323,8 @@ def iter_examples(path: Path, shape: str = "auto", require_answer: bool = True,
             continue
         if not require_answer:
             if row_shape == "text":
-                yield Problem(number, "E_SHAPE", "a raw 'text' row asks nothing; give prompts as 'prompt' or 'messages'")
+                yield Problem(number, "E_SHAPE",
+                              "a raw 'text' row asks nothing; give prompts as 'prompt' or 'messages'")
                 continue
             row = _with_placeholder_answer(row, row_shape)
         try:
@@ -376,9 +378,9 @@ def _with_placeholder_answer(row: dict[str, Any], shape: str) -> dict[str, Any]:
     if shape == "alpaca":
         return {**row, "output": "-"}
     messages = row.get("messages")
-    if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
-        if messages[-1].get("role") != "assistant":
-            return {**row, "messages": [*messages, {"role": "assistant", "content": "-"}]}
+    if (isinstance(messages, list) and messages and isinstance(messages[-1], dict)
+            and messages[-1].get("role") != "assistant"):
+        return {**row, "messages": [*messages, {"role": "assistant", "content": "-"}]}
     return row
 
 
@@ -484,7 +486,8 @@ def group_value(row: dict[str, Any], split_by: str) -> str | None:
 def missing_group_message(split_by: str, count: int) -> str:
     """What to say about `count` rows without the --split-by field (after the first one's line)."""
     more = f", and {count - 1} more {'row lacks' if count == 2 else 'rows lack'} it" if count > 1 else ""
-    return f"no {split_by} to split by (--split-by {split_by}){more}; give every row that field, or leave out --split-by"
+    return (f"no {split_by} to split by (--split-by {split_by}){more}; "
+            "give every row that field, or leave out --split-by")
 
 
 def group_rank(value: str, seed: int) -> int:

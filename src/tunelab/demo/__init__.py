@@ -66,6 +66,7 @@ def run_demo(out: Path, examples: int = 1200, method: str = "full", max_steps: i
     print(format_report(results))
     print()
     print(f"Report written to {report}")
-    print(f"Wall time {minutes:.1f} min (evaluation {evaluation / 60:.1f} min), peak memory {peak_memory_gib():.2f} GiB")
+    print(f"Wall time {minutes:.1f} min (evaluation {evaluation / 60:.1f} min), "
+          f"peak memory {peak_memory_gib():.2f} GiB")
     print(f"Run folder: {out}  (try: tunelab chat {out})")
     return results

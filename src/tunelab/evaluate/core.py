@@ -8,9 +8,10 @@ Contenders answer the same questions with greedy decoding:
 - any model behind an OpenAI-compatible endpoint (`--contender NAME=URL#MODEL`).
 Where the run has copied fields (copying.py), every local contender decodes with the copy
 constraint (it comes from the user's data, not from the fine-tune, so the comparison stays
-fair), unless `--no-copy-constraint`. The base model is loaded once for its three contenders; prompt building is in baselines.py,
-metrics and buckets in metrics.py, assertions in assertions.py, the multiple-choice forgetting
-check in forgetting.py, endpoints and the judge in judge.py.
+fair), unless `--no-copy-constraint`. The base model is loaded once for its three contenders;
+prompt building is in baselines.py, metrics and buckets in metrics.py, assertions in
+assertions.py, the multiple-choice forgetting check in forgetting.py, endpoints and the judge
+in judge.py.
 
 RUN/eval.json is an `EvalResults` (results.py, where each section is described), written
 beside and renamed, so it is either whole or absent. The text `tunelab eval` prints is at the
@@ -136,8 +137,9 @@ def _generate(model, template, prompts, max_new_tokens: int, batch_size: int, co
 
 def evaluate(run, limit: int | None = None, batch_size: int = 32, max_new_tokens: int | None = None,
              include_base: bool = True, data: Path | None = None, shots: int = 3, retrieval: bool = True,
-             endpoints: list[Endpoint] = (), assertions: Path | None = None, forgetting: Path | None = DEFAULT_QUESTIONS,
-             judge: Endpoint | None = None, progress: bool = True, copy_constraint: bool = True) -> EvalResults:
+             endpoints: list[Endpoint] = (), assertions: Path | None = None,
+             forgetting: Path | None = DEFAULT_QUESTIONS, judge: Endpoint | None = None, progress: bool = True,
+             copy_constraint: bool = True) -> EvalResults:
     """Every contender on the same examples; results saved to RUN/eval.json and returned.
     `copy_constraint=False` decodes without the run's copy constraint. Nothing is written before
     the end, so Ctrl-C leaves the run as it was (one line says so); a judge that fails once the

@@ -52,8 +52,9 @@ def load_questions(path: Path) -> list[Question]:
             row = json.loads(line)
         except ValueError:
             raise UserError(f"{where}: not valid JSON") from None
-        if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not isinstance(row.get("choices"), list) \
-                or len(row["choices"]) < 2 or not all(isinstance(c, str) and c for c in row["choices"]):
+        if (not isinstance(row, dict) or not isinstance(row.get("question"), str)
+                or not isinstance(row.get("choices"), list) or len(row["choices"]) < 2
+                or not all(isinstance(c, str) and c for c in row["choices"])):
             raise UserError(f'{where}: expected {{"question": "...", "choices": ["...", "..."], "answer": 0}}')
         answer = row.get("answer")
         if isinstance(answer, str) and len(answer) == 1 and answer.isalpha():

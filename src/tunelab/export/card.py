@@ -68,7 +68,8 @@ def _data_summary(run) -> str:
 
 
 def _loss_summary(run) -> list[str]:
-    rows = [json.loads(line) for line in run.files.metrics.read_text().splitlines()] if run.files.metrics.exists() else []
+    metrics = run.files.metrics
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     train = [r["loss"] for r in rows if "loss" in r]
     held_out = [r["eval_loss"] for r in rows if "eval_loss" in r]
     lines = []

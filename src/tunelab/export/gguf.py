@@ -59,7 +59,8 @@ def check_gguf_supported(config, tokenizer) -> str:
 def _permute(weight, heads: int):
     """Hugging Face orders the rows of each Q/K head as two halves that RoPE rotates together;
     llama.cpp rotates adjacent pairs: interleave the halves (as llama.cpp's converter does)."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    halves = weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+    return halves.swapaxes(1, 2).reshape(weight.shape)
 
 
 def write_gguf(model, tokenizer, template: Template, path: Path, dtype: str, tokenizer_pre: str, name: str) -> None:

@@ -510,7 +510,8 @@ def serve(options: ServeOptions) -> None:
         RunFiles(path).check()
     sock = bind(options.host, options.port)
 
-    server = Server(load_served(options.runs, options.copy_constraint, options.precision, options.device), options, moderation, key)
+    served = load_served(options.runs, options.copy_constraint, options.precision, options.device)
+    server = Server(served, options, moderation, key)
     port = sock.getsockname()[1]
     host = f"[{options.host}]" if ":" in options.host else options.host
     print(f"Serving {', '.join(server.served)} on http://{host}:{port} (chat page at /, API at /v1); "

@@ -67,8 +67,8 @@ class Message(BaseModel):
 
 
 NEUTRAL = {"tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
-           "logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}), "echo": (None, False), "suffix": (None, ""),
-           "best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
+           "logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}), "echo": (None, False),
+           "suffix": (None, ""), "best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
 """OpenAI's fields that tunelab does not honour, with the values that ask for nothing."""
 
 

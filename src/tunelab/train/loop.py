@@ -101,7 +101,8 @@ def prepare(config: TrainConfig, data_path: Path, out: Path | None = None, show:
     else:
         examples = [e for e in data_mod.load_examples(data_path, config.format, split_by=config.split_by)
                     if e.line not in report.duplicate_lines]
-    train, test = data_mod.split(examples, config.test_size, config.seed, groups=report.groups, split_by=config.split_by)
+    train, test = data_mod.split(examples, config.test_size, config.seed, groups=report.groups,
+                                 split_by=config.split_by)
 
     def encoded(examples: list[Example]):
         for example in examples:

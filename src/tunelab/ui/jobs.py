@@ -207,7 +207,7 @@ class JobStore:
     def stop_all(self, reason: str = "`tunelab ui` stopped while it ran") -> None:
         """On shutdown: stop the jobs this server started and mark them interrupted."""
         with self.lock:
-            for job_id, process in list(self.processes.items()):
+            for process in list(self.processes.values()):
                 signal_group(process.pid, signal.SIGTERM)
             deadline = time.monotonic() + GRACE_S
             for job_id, process in list(self.processes.items()):
@@ -242,7 +242,7 @@ class JobStore:
 
     def _follow(self, job: Job) -> None:
         process = self.processes.get(job.id)
-        if process is not None:
+        if process is not None:  # noqa: SIM108 - two cases, each with its own reason, read better apart
             code = process.poll()
         else:  # found running at start (the server was killed, its job was not): no exit code to read
             code = None if tunelab_process_alive(job.pid) else -1
