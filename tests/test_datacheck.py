@@ -217,7 +217,7 @@ def test_training_splits_exactly_as_the_report_says(tmp_path, tiny_model_dir, wr
     assert split["train_lines"] == report.train_lines.tolist()
     assert split["test_lines"] == report.test_lines.tolist()
     for name in ("train", "test"):
-        written = [json.loads(line)["line"] for line in (out / f"{name}.jsonl").read_text().splitlines()]
+        written = [json.loads(line)["metadata"]["line"] for line in (out / f"{name}.jsonl").read_text().splitlines()]
         assert written == split[f"{name}_lines"]
     saved = json.loads((out / "data_check.json").read_text())
     assert (saved["split"]["train"], saved["split"]["test"]) == (len(split["train_lines"]), len(split["test_lines"]))
