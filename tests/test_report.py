@@ -511,7 +511,7 @@ def test_cli_report_one_run_and_several(tmp_path):
     (["report", "{tmp}/nowhere"],
      "{tmp}/nowhere: not a tunelab run folder (no config.yaml); train one with `tunelab train`"),
     (["report", "{tmp}/run", "--out", "{tmp}/missing/r.html"],
-     "--out {tmp}/missing/r.html: the folder {tmp}/missing does not exist; create it or choose another path"),
+     "--out {tmp}/missing/r.html: folder {tmp}/missing does not exist; create it (mkdir -p {tmp}/missing)"),
     (["report", "{tmp}/run", "{tmp}/nowhere"], "{tmp}/nowhere: not a tunelab run folder"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):

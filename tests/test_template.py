@@ -32,6 +32,21 @@ def test_only_assistant_turns_and_their_end_token_are_trained(tokenizer):
     assert everything.labels == everything.input_ids
 
 
+@pytest.mark.parametrize("name", ["auto", *NAMED])
+def test_a_greeting_after_the_system_message_is_trained_and_none_before_it(tokenizer, name):
+    """A greeting is a real assistant turn: after a system message it is trained (its prompt is
+    the system message). With nothing before it no template can render its prompt (an empty
+    conversation), so it is refused in one line; the data check calls it E_ASSISTANT_FIRST."""
+    template = Template.for_model(tokenizer, name)
+    greeting = {"role": "assistant", "content": "Welcome!"}
+    rest = [{"role": "user", "content": "Book a table"}, {"role": "assistant", "content": "Done"}]
+    trained = trained_text(template, template.encode([{"role": "system", "content": "You book tables."}, greeting,
+                                                      *rest]))
+    assert trained.startswith("Welcome!") and "Done" in trained and "Book a table" not in trained
+    with pytest.raises(UserError, match="starts with an assistant message"):
+        template.encode([greeting, *rest])
+
+
 def test_prompt_encoding_is_a_prefix_of_training_encoding(tokenizer):
     for name in ("auto", *NAMED):
         template = Template.for_model(tokenizer, name)

@@ -108,7 +108,11 @@ def check_private(url: str, allow_remote: bool, flag: str, has_key: bool = False
     """(host, port) of `url`, or a UserError when its host is outside this machine and its
     private network and the user did not allow it, or when a key would go there unencrypted.
     The host name is resolved by the local resolver: nothing is sent to it."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.hostname  # noqa: B018 (parsed here: a bad [IPv6] address raises)
+    except ValueError as e:
+        raise UserError(f"{flag}: not a valid URL ({e}); pass e.g. http://127.0.0.1:8080/v1") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UserError(f"{flag}: not an http(s) URL; pass e.g. http://127.0.0.1:8080/v1")
     try:

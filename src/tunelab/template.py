@@ -128,6 +128,9 @@ class Template:
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
+            if i == 0:  # data/load.py refuses such rows (E_ASSISTANT_FIRST); this guards other callers
+                raise UserError("the conversation starts with an assistant message, which nothing asks for; "
+                                "start it with a system or user message")
             before = self.render(messages[:i], add_generation_prompt=True)
             through = self.render(messages[: i + 1])
             if not (through.startswith(before) and text.startswith(through)):

@@ -158,28 +158,53 @@ def _read_jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
                             f"one object per line (convert it with: jq -c '.[]' {path} > {path.stem}-lines.jsonl)")
         first = False
         try:
-            yield number, json.loads(line)
+            row = json.loads(line)
         except json.JSONDecodeError as e:
             yield number, _Invalid(f"not valid JSON ({e.msg} at column {e.colno})")
+        except ValueError:  # Python reads no integer of more than 4,300 digits (a guard against slow parsing)
+            yield number, _Invalid("a number too long to read (over 4,300 digits); write it as a string")
+        except RecursionError:
+            yield number, _Invalid("nested too deeply to read (lists or objects inside each other thousands deep)")
+        else:
+            if "\\u" in line and _has_lone_surrogate(row):
+                yield number, _Invalid("a \\u escape between \\ud800 and \\udfff stands alone, so it is no character; "
+                                       "fix or remove that escape")
+            else:
+                yield number, row
 
 
 def _is_json(line: str) -> bool:
     try:
         json.loads(line)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
         return False
     return True
+
+
+def _has_lone_surrogate(row: Any) -> bool:
+    """Whether a string in `row` holds half of a UTF-16 pair (JSON allows the escape; no text
+    encoding can write it, so hashing or tokenizing the row would fail)."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _read_csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
     lines = (line for _, line in text_lines(path))
     reader = csv.DictReader(lines)
-    header = reader.fieldnames
-    if header is None:
-        return  # an empty file: the caller reports that there are no examples
-    _check_csv_header(path, header)
-    # Row 1 is the header, so data rows are numbered from 2 as a spreadsheet shows them.
-    yield from enumerate(reader, start=2)
+    try:
+        header = reader.fieldnames
+        if header is None:
+            return  # an empty file: the caller reports that there are no examples
+        _check_csv_header(path, header)
+        # Row 1 is the header, so data rows are numbered from 2 as a spreadsheet shows them.
+        yield from enumerate(reader, start=2)
+    except csv.Error as e:  # a cell over the csv module's limit (131,072 characters), a stray NUL byte
+        hint = "; an unclosed quote makes one cell of the rest of the file" if "field larger" in str(e) else ""
+        raise UserError(f"{path}:{reader.reader.line_num}: cannot read this CSV row ({e}){hint}; "
+                        "fix the row, or give very long texts as JSONL") from None
 
 
 def _check_csv_header(path: Path, header: list[str]) -> None:
@@ -283,6 +308,11 @@ def _convert(row: dict[str, Any], shape: str) -> list[dict[str, str]]:
         out.append(_message(m["role"], m["content"], f"message {i} content"))
     if not any(m["role"] == "assistant" for m in out):
         raise RowError("E_NO_ASSISTANT", "no assistant message to learn from")
+    if out[0]["role"] == "assistant":
+        # Nothing comes before it to prompt for it: a chat template renders no empty
+        # conversation, and chat and serving never ask for a turn before the first message.
+        raise RowError("E_ASSISTANT_FIRST", "message 0 is the assistant's, with nothing before it to answer; "
+                       "start with a system message (a greeting after it is trained) or a user message")
     return out
 
 

@@ -43,8 +43,12 @@ def load_questions(path: Path) -> list[Question]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--forgetting {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"--forgetting {path}: not UTF-8 text; give a JSONL file of questions") from None
     questions = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{number}"

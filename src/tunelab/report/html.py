@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 import jinja2
 
-from tunelab.errors import UserError
+from tunelab.errors import UserError, check_not_kernel_folder, check_output_file
 from tunelab.files import write_text_atomic
 from tunelab.report import plots, sections
 from tunelab.report.runs import RunData, read_run
@@ -67,8 +67,10 @@ def write_comparison(run_folders: list[Path], out: Path) -> Path:
 
 
 def check_folder(path: Path) -> None:
-    if not path.parent.is_dir():
-        raise UserError(f"--out {path}: the folder {path.parent} does not exist; create it or choose another path")
+    """Refuse an --out the page cannot be written to (a folder in its place, /proc, a missing or
+    read-only folder around it) before anything is written."""
+    check_not_kernel_folder(path, "--out")
+    check_output_file(path, "--out")
 
 
 # ---- a run's page -------------------------------------------------------------------------------

@@ -100,6 +100,9 @@ def read_json(path: Path, fix: str) -> dict | None:
         return None
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text, so the file is damaged; rewrite it with the command that made it") \
+            from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}; the file is cut short or damaged); "
                         f"{fix}") from None
@@ -110,7 +113,10 @@ def read_jsonl(path: Path) -> list[dict]:
     rows: list[dict] = []
     if not path.exists():
         return rows
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text, so the file is damaged; train the run again") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue

@@ -69,6 +69,8 @@ class Moderation:
             rules = Rules.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
         except yaml.YAMLError as e:
             raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except UnicodeDecodeError:
+            raise UserError(f"--rules {path}: not UTF-8 text; a rules file is YAML saved as UTF-8") from None
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
