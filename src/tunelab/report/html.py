@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 import jinja2
 
-from tunelab.errors import UserError, check_not_kernel_folder, check_output_file
+from tunelab.errors import check_not_kernel_folder, check_output_file
 from tunelab.files import write_text_atomic
 from tunelab.report import plots, sections
 from tunelab.report.runs import RunData, read_run
