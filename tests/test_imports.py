@@ -17,6 +17,7 @@ LAYERS = [
     {"data.load", "data.dedup", "template", "models", "client", "runlock"},
     {"encoding", "teacher.schema"},
     {"config"},
+    {"serve.options", "ui.options"},
     {"device", "runfolder", "teacher.ask"},
     {"data.novelty", "data.augment", "data.copied"},
     {"data.check"},

@@ -37,6 +37,8 @@ from tunelab.config import (
     TrainConfig,
 )
 from tunelab.errors import UserError, check_output_file, check_output_folder, hide_known_warnings
+from tunelab.serve.options import ServeOptions
+from tunelab.ui.options import UIOptions
 
 
 class DemoOptions(Options):
@@ -383,58 +385,16 @@ def cmd_chat(o: ChatOptions) -> None:
             conversation.pop()
 
 
-class ServeCommandOptions(Options):
-    runs: Annotated[list[str], Arg(positional=True, metavar="RUN")]
-    """run folders; each is served as the model named by its folder"""
-    host: str = "127.0.0.1"
-    """address to bind (any but loopback needs --api-key)"""
-    port: int = Field(8000, ge=0, le=65535)
-    """port (0 picks a free one)"""
-    api_key: str | None = None
-    """key clients send as `Authorization: Bearer KEY` (visible in ps: prefer --api-key-file or $TUNELAB_API_KEY)"""
-    api_key_file: Annotated[str | None, Arg(metavar="FILE")] = None
-    """file whose first line is the API key"""
-    cors_origin: Annotated[list[str], Arg(metavar="ORIGIN")] = []
-    """let web pages of this origin (https://app.example.com) call the API; repeatable"""
-    max_queue: int = Field(32, ge=1)
-    """requests waiting or answered at once; more get 429"""
-    batch_size: int = Field(8, ge=1)
-    """most requests answered by one batched generation"""
-    rules: str | None = None
-    """YAML moderation rules: input/output words and patterns"""
-    no_copy_constraint: NoCopyConstraint = False
-    precision: GenerationPrecision = None
-    device: GenerationDevice = "auto"
+def cmd_serve(o: ServeOptions) -> None:
+    from tunelab.serve.app import serve
+
+    serve(o)
 
 
-def cmd_serve(o: ServeCommandOptions) -> None:
-    from tunelab.serve.app import ServeOptions, serve
+def cmd_ui(o: UIOptions) -> None:
+    from tunelab.ui.app import run_ui
 
-    serve(ServeOptions(runs=[Path(r) for r in o.runs], host=o.host, port=o.port, api_key=o.api_key,
-                       api_key_file=Path(o.api_key_file) if o.api_key_file else None, cors_origins=o.cors_origin,
-                       max_queue=o.max_queue, batch_size=o.batch_size, rules=Path(o.rules) if o.rules else None,
-                       copy_constraint=not o.no_copy_constraint, precision=o.precision, device=o.device))
-
-
-class UICommandOptions(Options):
-    runs: Annotated[str, Arg(metavar="DIR")] = "runs"
-    """folder of run folders"""
-    data: Annotated[str, Arg(metavar="DIR")] = "data"
-    """folder of data files"""
-    host: str = "127.0.0.1"
-    """address to bind (any other needs a key: --api-key, or one printed at start)"""
-    port: int = Field(7860, ge=0, le=65535)
-    """port (0 picks a free one)"""
-    jobs: int = Field(1, ge=1)
-    """trainings and evaluations run at once; the rest wait in order"""
-    api_key: str | None = None
-    """key to log in with off loopback (open /?key=KEY once)"""
-
-
-def cmd_ui(o: UICommandOptions) -> None:
-    from tunelab.ui.app import UIOptions, run_ui
-
-    run_ui(UIOptions(runs=Path(o.runs), data=Path(o.data), host=o.host, port=o.port, jobs=o.jobs, api_key=o.api_key))
+    run_ui(o)
 
 
 class ExportOptions(Options):
@@ -471,6 +431,8 @@ def add_flags(parser, model: type[Options], exclude: Collection[str] = (), negat
         if name in exclude:
             continue
         arg = next((m for m in field.metadata if isinstance(m, Arg)), Arg())
+        if not arg.flag:
+            continue
         listed = typing.get_origin(field.annotation) is list
         help = (field.description or "").replace("%", "%%")
         if arg.positional:
@@ -592,8 +554,8 @@ COMMANDS: dict[str, Command | CommandGroup] = {
     "generate": Command(cmd_generate, GenerateOptions,
                         "answer a prompt or a file of prompts with the fine-tuned model"),
     "chat": Command(cmd_chat, ChatOptions, "talk to the fine-tuned model, streaming"),
-    "serve": Command(cmd_serve, ServeCommandOptions, "OpenAI-compatible server and chat page for one or more runs"),
-    "ui": Command(cmd_ui, UICommandOptions, "the whole loop in the browser: data, training, evaluation, chat"),
+    "serve": Command(cmd_serve, ServeOptions, "OpenAI-compatible server and chat page for one or more runs"),
+    "ui": Command(cmd_ui, UIOptions, "the whole loop in the browser: data, training, evaluation, chat"),
     "export": Command(cmd_export, ExportOptions, "write the fine-tuned model for transformers, llama.cpp or Ollama"),
 }
 

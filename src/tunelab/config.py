@@ -41,10 +41,12 @@ Device = Literal["auto", "cuda", "mps", "cpu"]
 class Arg:
     """How a field is written on the command line where its name and type do not say it
     (`Annotated[str, Arg(positional=True)]`). A list is repeatable as a flag, one or more
-    values as a positional argument."""
+    values as a positional argument. `flag=False`: not on the command line at all, a value only
+    the Python caller sets (the folder `tunelab ui` runs its jobs in)."""
 
     positional: bool = False
     metavar: str | None = None
+    flag: bool = True
 
 
 # Options several commands share, each described once.

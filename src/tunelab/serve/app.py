@@ -32,12 +32,13 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunelab.errors import UserError
 from tunelab.serve.moderation import Moderation
+from tunelab.serve.options import ServeOptions
 from tunelab.serve.protocol import (
     DEFAULT_MAX_TOKENS,
     MAX_BODY_BYTES,
@@ -58,39 +59,6 @@ HEAD_TIMEOUT = 5.0
 timeout, 5 s, closes only a connection idle between requests)."""
 BODY_TIMEOUT = 30.0
 """Seconds a client may take to send a request's body (408 beyond)."""
-
-
-@dataclass
-class ServeOptions:
-    """The options of `tunelab serve`."""
-
-    runs: list[Path]
-    """Run folders to serve; each is the model named by its folder's name."""
-    host: str = "127.0.0.1"
-    """Address to bind; anything but loopback needs an API key."""
-    port: int = 8000
-    """Port to bind; 0 picks a free one (printed at start)."""
-    api_key: str | None = None
-    """Key every request but /health and the page must send as `Authorization: Bearer KEY`; without
-    it, the key is read from `api_key_file`, else from $TUNELAB_API_KEY."""
-    api_key_file: Path | None = None
-    """A file that holds the API key (its first line)."""
-    cors_origins: list[str] = field(default_factory=list)
-    """Origins (`https://app.example.com`) whose pages may call the API from a browser; any other
-    page's requests are refused with 403."""
-    max_queue: int = 32
-    """Requests waiting or being answered at once; more get 429 at once."""
-    batch_size: int = 8
-    """Most requests answered by one batched generation."""
-    rules: Path | None = None
-    """YAML moderation rules (moderation.py)."""
-    copy_constraint: bool = True
-    """Keep the fields a run's training data copies from the input substrings of the request's
-    last user message (copying.py); False is `--no-copy-constraint`."""
-    precision: str | None = None
-    """Arithmetic of generation, "auto", "bf16" or "fp32"; None: each run's training precision."""
-    device: str = "auto"
-    """Where the models answer: "auto" (CUDA, then Apple's MPS, then the CPU), "cuda", "mps" or "cpu"."""
 
 
 # ----------------------------------------------------------------------------- models
@@ -263,9 +231,9 @@ class Server:
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
         ]
-        middleware = [Middleware(Guard, hosts=hosts, origins=set(self.options.cors_origins))]
-        if self.options.cors_origins:
-            middleware.append(Middleware(CORSMiddleware, allow_origins=self.options.cors_origins,
+        middleware = [Middleware(Guard, hosts=hosts, origins=set(self.options.cors_origin))]
+        if self.options.cors_origin:
+            middleware.append(Middleware(CORSMiddleware, allow_origins=self.options.cors_origin,
                                          allow_methods=["GET", "POST"],
                                          allow_headers=["Authorization", "Content-Type"]))
         return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
@@ -494,7 +462,7 @@ def serve(options: ServeOptions) -> None:
     if not is_loopback(options.host) and not key:
         raise UserError(f"--host {options.host}: serving beyond this machine needs an API key: --api-key-file "
                         f"FILE, ${API_KEY_VARIABLE} or --api-key KEY (clients send it as `Authorization: Bearer KEY`)")
-    for origin in options.cors_origins:
+    for origin in options.cors_origin:
         if not origin.startswith(("http://", "https://")) or origin.count("/") != 2:
             raise UserError(f"--cors-origin {origin}: an origin is a scheme and a host, such as "
                             "https://app.example.com (no path)")
@@ -510,7 +478,7 @@ def serve(options: ServeOptions) -> None:
         RunFiles(path).check()
     sock = bind(options.host, options.port)
 
-    served = load_served(options.runs, options.copy_constraint, options.precision, options.device)
+    served = load_served(options.runs, not options.no_copy_constraint, options.precision, options.device)
     server = Server(served, options, moderation, key)
     port = sock.getsockname()[1]
     host = f"[{options.host}]" if ":" in options.host else options.host

@@ -28,7 +28,6 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +38,7 @@ from tunelab.errors import UserError, check_output_folder
 from tunelab.ui.follow import event, event_stream, free_name, histogram_bars, read_new_rows, read_new_text, source_lines
 from tunelab.ui.guard import Guard, allowed_hosts, inside
 from tunelab.ui.jobs import JobStore
+from tunelab.ui.options import UIOptions
 from tunelab.ui.runs import NAME, RunsFolder
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -55,26 +55,6 @@ MAX_SWEEP = 4
 """Most runs one sweep queues: on a CPU each takes as long as a run of its own."""
 COMPARISON = "comparison.html"
 """The comparison report, in the runs folder (its links to each run's report are relative)."""
-
-
-@dataclass
-class UIOptions:
-    """The options of `tunelab ui`."""
-
-    runs: Path = Path("runs")
-    """Folder of run folders (made if missing); jobs live in RUNS/.jobs."""
-    data: Path = Path("data")
-    """Folder of data files: uploads go here, and files here can be picked."""
-    host: str = "127.0.0.1"
-    """Address to bind; anything but loopback needs a key (`api_key`, or one printed at start)."""
-    port: int = 7860
-    """Port to bind; 0 picks a free one."""
-    jobs: int = 1
-    """Heavy jobs (training, evaluation) run at once; the rest wait in order."""
-    api_key: str | None = None
-    """The key browsers log in with off loopback."""
-    cwd: Path = field(default_factory=Path.cwd)
-    """Where jobs run: the folder the relative paths above are relative to."""
 
 
 class TrainRequest(BaseModel):
