@@ -365,6 +365,8 @@ ROWS = [
     # serve, export, ui, demo
     ("serve-port-high", ["serve", "{run}", "--port", "70000"], {}, 2, E + "--port 70000: "),
     ("serve-port-negative", ["serve", "{run}", "--port", "-1"], {}, 2, E + "--port -1: "),
+    ("serve-empty-key", ["serve", "{run}", "--api-key", ""], {}, 2, E + "--api-key : must not be empty"),
+    ("ui-empty-key", ["ui", "--api-key", ""], {}, 2, E + "--api-key : must not be empty"),
     ("serve-not-a-run", ["serve", "{tmp}/f"], {"f": None}, 2, E + "{tmp}/f: not a tunelab run folder"),
     (
         "serve-rules-binary",

@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import typing
+from pathlib import Path
 
 import pytest
 
@@ -179,6 +180,11 @@ def is_positional(field) -> bool:
     return any(getattr(m, "positional", False) for m in field.metadata)
 
 
+def is_flag(field) -> bool:
+    """Not a value only the Python API sets (`Arg(flag=False)`)."""
+    return all(getattr(m, "flag", True) for m in field.metadata)
+
+
 @pytest.mark.parametrize("words, command", list(commands()), ids=[" ".join(w) for w, _ in commands()])
 def test_every_command_takes_its_flags_and_defaults_from_one_options_model(words, command, capsys):
     """Every field is an argument and every flag a field; what argparse leaves out, the model fills."""
@@ -186,7 +192,8 @@ def test_every_command_takes_its_flags_and_defaults_from_one_options_model(words
         build_parser().parse_args([*words, "--help"])
     entries = help_entries(capsys.readouterr().out)
     fields = {**command.options.model_fields, **(command.config.model_fields if command.config else {})}
-    assert set(entries) - {"--help"} == {"--" + n.replace("_", "-") for n, f in fields.items() if not is_positional(f)}
+    assert set(entries) - {"--help"} == {"--" + n.replace("_", "-") for n, f in fields.items()
+                                             if not is_positional(f) and is_flag(f)}
     # Only the required arguments given: every other value is the model's default.
     argv, required = [*words], {}
     for name, field in command.options.model_fields.items():
@@ -195,10 +202,16 @@ def test_every_command_takes_its_flags_and_defaults_from_one_options_model(words
             argv += [required[name]] if is_positional(field) else ["--" + name.replace("_", "-"), required[name]]
     options = command.options.build(**config_flags(build_parser().parse_args(argv), command.options))
     for name, field in command.options.model_fields.items():
+        if not is_flag(field):
+            continue
         expected = field.default if name not in required else \
             [required[name]] if typing.get_origin(field.annotation) is list else int(required[name]) \
             if field.annotation is int else required[name]
-        assert getattr(options, name) == expected, name
+        value = getattr(options, name)
+        if name in required:  # a path given on the command line arrives as a Path
+            value = [str(v) for v in value] if isinstance(value, list) \
+                else str(value) if isinstance(value, Path) else value
+        assert value == expected, name
 
 
 def test_a_command_option_refused_by_its_model_is_named_as_its_flag(tmp_path):

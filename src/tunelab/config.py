@@ -103,6 +103,8 @@ class Options(BaseModel):
             allowed = "must be a number"
         elif error["type"] in ("bool_type", "bool_parsing"):
             allowed = "must be true or false (without quotes)"
+        elif error["type"] == "string_too_short":
+            allowed = "must not be empty"
         else:
             allowed = error["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
         if key in flags:

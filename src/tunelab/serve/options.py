@@ -22,7 +22,7 @@ class ServeOptions(Options):
     """address to bind (any but loopback needs --api-key)"""
     port: int = Field(8000, ge=0, le=65535)
     """port (0 picks a free one)"""
-    api_key: str | None = None
+    api_key: str | None = Field(None, min_length=1)
     """key clients send as `Authorization: Bearer KEY` (visible in ps: prefer --api-key-file or $TUNELAB_API_KEY)"""
     api_key_file: Annotated[Path | None, Arg(metavar="FILE")] = None
     """file whose first line is the API key"""

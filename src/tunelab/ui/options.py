@@ -25,7 +25,7 @@ class UIOptions(Options):
     """port (0 picks a free one)"""
     jobs: int = Field(1, ge=1)
     """trainings and evaluations run at once; the rest wait in order"""
-    api_key: str | None = None
+    api_key: str | None = Field(None, min_length=1)
     """key to log in with off loopback (open /?key=KEY once)"""
     cwd: Annotated[Path, Arg(flag=False)] = Field(default_factory=Path.cwd)
     """where jobs run: the folder the relative paths above are relative to (the current one)"""
