@@ -13,7 +13,8 @@ import tunelab
 PACKAGE = Path(tunelab.__file__).parent
 
 LAYERS = [
-    {"errors", "text", "files"},
+    {"errors", "text"},
+    {"files"},
     {"data.load", "data.dedup", "template", "models", "client", "runlock"},
     {"encoding", "teacher.schema"},
     {"config"},

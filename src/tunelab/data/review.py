@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from tunelab.errors import UserError, check_not_kernel_folder, check_output_beside, check_output_file
-from tunelab.teacher.ask import read_appended
+from tunelab.files import read_appended
 
 CHOICES = "[a]ccept  [e]dit  [r]eject  [q]uit > "
 
@@ -34,19 +34,10 @@ def load_decisions(path: Path) -> dict[str, dict]:
     return {record["key"]: record for record in read_appended(path, _decision, "their pairs are asked again")}
 
 
-def _decision(line: bytes) -> dict | None:
-    """The decision a line holds, or None when the line is damaged."""
-    try:
-        record = json.loads(line)
-    except ValueError:  # not JSON, or not UTF-8
-        return None
-    if not isinstance(record, dict) or not isinstance(record.get("key"), str):
-        return None
-    if record.get("decision") in ("accepted", "rejected"):
-        return record
-    if record.get("decision") == "edited" and isinstance(record.get("answer"), str):
-        return record
-    return None
+def _decision(record: dict) -> bool:
+    """Whether a decision record is whole: accepted, rejected, or edited with its answer."""
+    return record.get("decision") in ("accepted", "rejected") or (
+        record.get("decision") == "edited" and isinstance(record.get("answer"), str))
 
 
 def ask_new_answer(answer: str) -> str | None:

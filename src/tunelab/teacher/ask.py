@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.client import ChatClient, Failure, check_count, check_timeout, content
-from tunelab.errors import UserError
+from tunelab.files import read_appended
 
 REFUSED_PREFIX = "response_format refused by "
 """The cache key, before the URL, of the note that an endpoint refuses structured output."""
@@ -108,52 +107,11 @@ class Cache:
         os.close(self._fd)
 
 
-def read_appended(path: Path, parse: Callable[[bytes], dict | None], then: str) -> list[dict]:
-    """The records of a file that is appended one JSON line at a time (the answer cache, the
-    decisions of `data review`); `parse` gives a line's record, or None when the line is damaged.
-
-    A last line cut short by a kill is cut off the file, so the next append starts a line of its
-    own. Damaged lines are skipped with one warning naming the file, the lines and what `then`
-    happens to them: a damaged file costs a few answers asked again, never the run.
-    """
-    if not path.exists():
-        return []
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        reason = e.strerror or type(e).__name__
-        raise UserError(f"{path}: cannot read it ({reason}); move it away to start afresh") from None
-    complete = data[: data.rfind(b"\n") + 1]
-    records, damaged = [], []
-    for number, line in enumerate(complete.splitlines(), start=1):
-        record = parse(line)
-        if record is None:
-            damaged.append(number)
-        else:
-            records.append(record)
-    if len(complete) != len(data):
-        damaged.append(complete.count(b"\n") + 1)
-        os.truncate(path, len(complete))
-    if damaged:
-        lines = ", ".join(map(str, damaged[:5])) + (f" and {len(damaged) - 5} more" if len(damaged) > 5 else "")
-        print(f"tunelab: warning: {path}:{damaged[0]}: {len(damaged)} damaged line(s) skipped (line {lines}); {then}",
-              file=sys.stderr)
-    return records
-
-
-def _cache_record(line: bytes) -> dict[str, Any] | None:
-    """The record a cache line holds, or None when the line is damaged."""
-    try:
-        record = json.loads(line)
-    except ValueError:  # not JSON, or not UTF-8
-        return None
-    if not isinstance(record, dict) or not isinstance(record.get("key"), str):
-        return None
-    if "answer" in record and not (isinstance(record["answer"], str) and isinstance(record.get("time"), str)):
-        return None
-    if "answer" not in record and not record["key"].startswith(REFUSED_PREFIX):
-        return None
-    return record
+def _cache_record(record: dict[str, Any]) -> bool:
+    """Whether a cache record is whole: an answer with its time, or a remembered refusal."""
+    if "answer" in record:
+        return isinstance(record["answer"], str) and isinstance(record.get("time"), str)
+    return record["key"].startswith(REFUSED_PREFIX)
 
 
 def request_key(url: str, body: dict[str, Any]) -> str:
