@@ -27,10 +27,8 @@ from tunelab.config import (
     Arg,
     DataOptions,
     EndpointAccess,
-    GenerationDevice,
-    GenerationPrecision,
+    GenerationOptions,
     Method,
-    NoCopyConstraint,
     Options,
     RunFolder,
     TeacherOptions,
@@ -176,7 +174,7 @@ def cmd_train(o: TrainOptions, flags: dict[str, Any]) -> None:
         print(f"Run saved in {out}. Next: tunelab eval {out}")
 
 
-class EvalOptions(EndpointAccess):
+class EvalOptions(EndpointAccess, GenerationOptions):
     run: RunFolder
     data: str | None = None
     """evaluate this labelled file (any accepted shape) instead of the run's held-out split"""
@@ -207,9 +205,6 @@ class EvalOptions(EndpointAccess):
     """token limit per answer (default: 1.5 times the longest reference, at most 512)"""
     batch_size: int = Field(32, ge=1)
     """prompts per batch"""
-    no_copy_constraint: NoCopyConstraint = False
-    precision: GenerationPrecision = None
-    device: GenerationDevice = "auto"
 
 
 def cmd_eval(o: EvalOptions) -> None:
@@ -261,7 +256,7 @@ def cmd_report(o: ReportOptions) -> None:
     print(f"Report written to {path}")
 
 
-class GenerateOptions(Options):
+class GenerateOptions(GenerationOptions):
     run: RunFolder
     prompt: str | None = None
     """one prompt"""
@@ -271,9 +266,6 @@ class GenerateOptions(Options):
     """write JSON lines here instead of standard output"""
     max_new_tokens: int = Field(256, ge=1)
     """token limit per answer"""
-    no_copy_constraint: NoCopyConstraint = False
-    precision: GenerationPrecision = None
-    device: GenerationDevice = "auto"
 
 
 def cmd_generate(o: GenerateOptions) -> None:
@@ -337,15 +329,12 @@ def write_answers(lines: list[int], answers, output: Path | None) -> None:
     print(f"{written} answers written to {where}", file=sys.stderr)
 
 
-class ChatOptions(Options):
+class ChatOptions(GenerationOptions):
     run: RunFolder
     system: str | None = None
     """system message"""
     max_new_tokens: int = Field(512, ge=1)
     """token limit per reply"""
-    no_copy_constraint: NoCopyConstraint = False
-    precision: GenerationPrecision = None
-    device: GenerationDevice = "auto"
 
 
 def cmd_chat(o: ChatOptions) -> None:

@@ -50,15 +50,6 @@ class Arg:
 
 
 # Options several commands share, each described once.
-GenerationPrecision = Annotated[Precision | None, Field(
-    description="arithmetic of generation: bf16 (matmuls in bf16, as in mixed-precision training; generation "
-                "about 2x faster on CPUs with AVX512-BF16) or fp32; auto picks bf16 where the hardware computes "
-                "it natively (default: the run's --precision setting)")]
-GenerationDevice = Annotated[Device, Field(
-    description="where the model runs: auto picks a CUDA GPU, then Apple's GPU (mps), then the CPU")]
-NoCopyConstraint = Annotated[bool, Field(
-    description="let answers hold any value in the fields that the training data copies from the input (by "
-                "default such values stay substrings of the input; the data check lists the fields)")]
 RunFolder = Annotated[str, Arg(positional=True), Field(description="run folder")]
 
 
@@ -113,6 +104,20 @@ class Options(BaseModel):
             shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
             return f"{source}: {key}: {shown} {allowed}"
         return f"{key}={value!r}: {allowed}"
+
+
+class GenerationOptions(Options):
+    """How a command that answers with a run's model generates: eval, generate, chat and serve."""
+
+    no_copy_constraint: bool = False
+    """let answers hold any value in the fields that the training data copies from the input (by default such
+    values stay substrings of the input; the data check lists the fields)"""
+    precision: Precision | None = None
+    """arithmetic of generation: bf16 (matmuls in bf16, as in mixed-precision training; generation about 2x faster
+    on CPUs with AVX512-BF16) or fp32; auto picks bf16 where the hardware computes it natively (default: the run's
+    --precision setting)"""
+    device: Device = "auto"
+    """where the model runs: auto picks a CUDA GPU, then Apple's GPU (mps), then the CPU"""
 
 
 class EndpointAccess(Options):

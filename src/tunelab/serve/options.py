@@ -8,10 +8,10 @@ from typing import Annotated
 
 from pydantic import Field
 
-from tunelab.config import Arg, GenerationDevice, GenerationPrecision, NoCopyConstraint, Options
+from tunelab.config import Arg, GenerationOptions
 
 
-class ServeOptions(Options):
+class ServeOptions(GenerationOptions):
     """The options of `tunelab serve` (serve/app.py). Without `api_key`, the key is read from
     `api_key_file`, else from $TUNELAB_API_KEY; every request but /health and the page must send
     it. A page of an origin not in `cors_origin` that calls the API is refused with 403."""
@@ -34,6 +34,3 @@ class ServeOptions(Options):
     """most requests answered by one batched generation"""
     rules: Path | None = None
     """YAML moderation rules: input/output words and patterns"""
-    no_copy_constraint: NoCopyConstraint = False
-    precision: GenerationPrecision = None
-    device: GenerationDevice = "auto"
