@@ -233,7 +233,7 @@ def _read_until(process: subprocess.Popen, output: list[str], condition) -> None
         time.sleep(0.02)
 
 
-def _start(args: list, stdin: bool = False) -> tuple[subprocess.Popen, list[str]]:
+def _start(args: list, stdin: bool = False) -> tuple[subprocess.Popen, list[str], threading.Thread]:
     process = subprocess.Popen([sys.executable, "-m", "tunelab.cli", *map(str, args)], text=True, bufsize=1,
                                stdin=subprocess.PIPE if stdin else None, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
@@ -243,18 +243,20 @@ def _start(args: list, stdin: bool = False) -> tuple[subprocess.Popen, list[str]
         while piece := process.stdout.read(1):
             output.append(piece)
 
-    threading.Thread(target=read, daemon=True).start()
-    return process, output
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return process, output, reader
 
 
 @pytest.mark.slow
 def test_interrupted_generate_keeps_every_answer_written_and_says_how_far(tiny_run, tmp_path, write_jsonl):
     rows = [{"prompt": f"Question {i}"} for i in range(64)]  # one window: the first batch leaves first
     inputs = write_jsonl(tmp_path / "prompts.jsonl", rows)
-    process, output = _start(["generate", tiny_run, "--input", inputs, "--max-new-tokens", "300"])
+    process, output, reader = _start(["generate", tiny_run, "--input", inputs, "--max-new-tokens", "300"])
     _read_until(process, output, lambda text: text.count("\n") >= 1)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=240)
+    reader.join(timeout=30)  # the last answers may still be in the pipe when the process has ended
     lines = "".join(output).splitlines()
     assert process.returncode == 130
     assert 1 <= len(lines) < 64
@@ -265,7 +267,7 @@ def test_interrupted_generate_keeps_every_answer_written_and_says_how_far(tiny_r
 
 @pytest.mark.slow
 def test_ctrl_c_stops_a_chat_reply_and_the_chat_goes_on(tiny_run):
-    process, output = _start(["chat", tiny_run, "--max-new-tokens", "5000"], stdin=True)
+    process, output, _ = _start(["chat", tiny_run, "--max-new-tokens", "5000"], stdin=True)
 
     def replying(turn: int):
         return lambda text: text.count("model> ") == turn and len(text.rsplit("model> ", 1)[-1]) >= 3

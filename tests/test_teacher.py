@@ -81,6 +81,8 @@ class TeacherServer:
 
     def handle(self, handler: BaseHTTPRequestHandler) -> None:
         raw = handler.rfile.read(int(handler.headers["Content-Length"]))
+        if not raw:
+            return  # the client dropped this request before sending its body (it had stopped on another answer)
         body = json.loads(raw)
         key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         with self.lock:
