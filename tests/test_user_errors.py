@@ -192,6 +192,7 @@ CASES = {
                                             s.tmp / "good.jsonl"], ["is the --input file"]),
     "generate-prompt-and-input": (lambda s: ["generate", s.run, "--prompt", "hi", "--input", s.good_data()],
                                   ["exactly one of --prompt"]),
+    "generate-prompt-empty": (lambda s: ["generate", s.run, "--prompt", "  "], ["--prompt is empty"]),
     "generate-input-latin1": (lambda s: ["generate", s.run, "--input", _latin1_second_line(s)],
                               ["latin1.jsonl:2:", "save the file as UTF-8"]),
     "generate-input-empty": (lambda s: ["generate", s.run, "--input", s.write("prompts.jsonl", "\n")],

@@ -277,6 +277,8 @@ def cmd_generate(o: GenerateOptions) -> None:
 
     if (o.prompt is None) == (o.input is None):
         raise UserError("tunelab generate: pass exactly one of --prompt TEXT or --input FILE")
+    if o.prompt is not None and not o.prompt.strip():
+        raise UserError("tunelab generate: --prompt is empty; give the text to answer")
     if o.output is not None:
         if o.input is None:
             raise UserError("--output goes with --input FILE; the answer to --prompt is printed")
