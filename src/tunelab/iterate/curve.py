@@ -215,9 +215,9 @@ def write_pages(curve: CurveResults, out: Path) -> None:
     from tunelab.report.html import COMPARISON_FILE, REPORT_FILE, SERIES_COLOURS, relative_link, write_comparison
 
     write_comparison([Path(p.run) for p in curve.points], out / COMPARISON_FILE)
-    series = []
+    series: list[plots.Series] = []
     for i, (label, key) in enumerate(TABLE[:2]):
-        measured = [(p.examples, p.metrics[key]) for p in curve.points if key in p.metrics]
+        measured = [(float(p.examples), p.metrics[key]) for p in curve.points if key in p.metrics]
         if not measured:
             continue
         series.append((label, [(x, 100 * m.value) for x, m in measured], SERIES_COLOURS[i], True))
