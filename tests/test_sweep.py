@@ -25,6 +25,7 @@ def test_an_unknown_grid_key_is_refused_with_the_closest_option(cli, tmp_path):
     ("lr=1e-3,1e-3", [], "a value is repeated"),
     ("lr=1e-3,3e-3", ["--lr", "1e-3"], "--lr is also given as a flag"),
     ("train_examples=8,16", [], "tunelab curve"),
+    ("seed=0,1", [], "--seed changes the held-out split"),
 ])
 def test_a_bad_grid_is_one_line_before_anything_runs(cli, tmp_path, write_jsonl, grid, flags, message):
     data = write_jsonl(tmp_path / "data.jsonl", [{"prompt": "a", "completion": "b"}] * 4)

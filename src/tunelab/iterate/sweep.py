@@ -6,9 +6,9 @@
     DIR/comparison.html              the runs side by side (`tunelab report`'s comparison)
 
 Every combination of the --grid values runs one after the other, each with the other flags as
-given, and is evaluated on the same held-out rows (the split depends on the data and --seed,
-never on the swept settings, unless a grid sweeps --seed or --test-size). Every key and value is
-checked through TrainConfig before anything runs. The winner has the best mean --metric on the
+given, and is evaluated on the same held-out rows (the split depends on the data, --seed,
+--test-size and --split-by, which a grid may not sweep). Every key and value is checked through
+TrainConfig before anything runs. The winner has the best mean --metric on the
 held-out rows, held-out loss breaking a tie; its lead over the runner-up gets a paired bootstrap
 interval over those rows' scores (metrics.bootstrap_interval on the per-row differences): a lead
 whose interval covers 0 is "not distinguishable". With --budget-minutes, no run starts once the
@@ -32,6 +32,8 @@ from tunelab.evaluate.results import EvalResults, Interval
 from tunelab.files import write_text_atomic
 from tunelab.iterate.runs import heldout_lines, train_and_evaluate, tuned_scores
 
+SPLIT_KEYS = ("seed", "test_size", "split_by")
+"""Options that decide the held-out split: a sweep over them would compare runs on different rows."""
 METRICS = ("exact_match", "token_f1", "rouge_l")
 """What a sweep can rank by: the metrics scored per held-out row."""
 
@@ -93,9 +95,13 @@ def parse_grid(items: list[str], given: dict) -> dict[str, list[str]]:
             raise UserError(f"--grid {item}: '{key}' is already in the grid; give all its values in one --grid")
         if key in given:
             raise UserError(f"--grid {item}: --{key.replace('_', '-')} is also given as a flag; keep one of them")
-        if key == "train_examples" or len(set(listed)) != len(listed):
-            raise UserError(f"--grid {item}: a value is repeated" if key != "train_examples" else
-                            f"--grid {item}: to vary the amount of data, use `tunelab curve DATA --sizes ...`")
+        if key in SPLIT_KEYS:
+            raise UserError(f"--grid {item}: --{key.replace('_', '-')} changes the held-out split, so the runs would "
+                            "not be measured on the same rows; run one sweep per value")
+        if key == "train_examples":
+            raise UserError(f"--grid {item}: to vary the amount of data, use `tunelab curve DATA --sizes ...`")
+        if len(set(listed)) != len(listed):
+            raise UserError(f"--grid {item}: a value is repeated")
         grid[key] = listed
     return grid
 
@@ -134,8 +140,8 @@ def run_sweep(data: Path, grid: dict[str, list[str]], given: dict, out: Path, me
         status = train_and_evaluate(config, data, folder, assertions)
         results = EvalResults.read(folder / "eval.json")
         if lines is not None and heldout_lines(results) != lines:
-            raise UserError(f"{folder}: evaluated on other held-out rows than the runs before it (the grid changes "
-                            "the split); sweep --seed or --test-size in separate sweeps")
+            raise UserError(f"{folder}: evaluated on other held-out rows than the runs before it; delete its "
+                            "eval.json and run the command again")
         lines = heldout_lines(results)
         scores[name] = (tuned_scores(results, metric), results.tuned_metrics())
         runs.append(Combination(name=name, settings=settings, run=str(folder), status=status,
