@@ -124,3 +124,18 @@ def test_the_forecast_says_what_doubling_is_likely_to_buy():
     nothing = forecast([100, 200], rows([0.0, 0.0], 20), "token_f1")
     assert "token F1 is 0 at every size" in nothing.words
     assert forecast([100], rows([0.5]), "exact_match") is None
+
+
+def test_the_first_n_training_examples_nest_whatever_the_file_order(conversations):
+    from tunelab.errors import UserError
+    from tunelab.train.loop import first_examples
+
+    examples = conversations(50)
+    chosen = [[e.line for e in first_examples(examples, n, 0, Path("data.jsonl"))] for n in (10, 20, 40)]
+    assert [len(lines) for lines in chosen] == [10, 20, 40]
+    assert set(chosen[0]) < set(chosen[1]) < set(chosen[2])
+    assert chosen[0] == sorted(chosen[0]) and chosen[0] != list(range(1, 11))  # file order; not the file's first
+    assert [e.line for e in first_examples(examples[::-1], 10, 0, Path("data.jsonl"))] == chosen[0][::-1]
+    assert {e.line for e in first_examples(examples, 10, 1, Path("data.jsonl"))} != set(chosen[0])
+    with pytest.raises(UserError, match="--train-examples 51: the training split of data.jsonl has 50 examples"):
+        first_examples(examples, 51, 0, Path("data.jsonl"))
