@@ -117,6 +117,13 @@ def orders_file(workdir: Path) -> None:
         json.dumps({**row, "metadata": {"customer": f"customer-{i % 8}"}}) + "\n" for i, row in enumerate(rows)))
 
 
+def bookings_file(workdir: Path) -> None:
+    """runs/demo-data/bookings.jsonl as `tunelab demo` writes it, 60 rows of it."""
+    from tunelab.demo import write_dataset
+
+    write_dataset(workdir / "runs" / "demo-data" / "bookings.jsonl", 60)
+
+
 FORMS: dict[str, Form | None] = {
     # README, the walk-through (its report line is with docs/REPORT.md's below)
     "tunelab data check data.jsonl": Form(["tunelab data check data.jsonl"], twice=True, needs_run=False,
@@ -231,6 +238,24 @@ FORMS: dict[str, Form | None] = {
     "torchrun --nproc_per_node 2 -m tunelab.cli train data.jsonl --batch-size 4": Form(
         ["torchrun --nproc_per_node 2 -m tunelab.cli train data.jsonl --batch-size 4"],
         needs_run=False, expect=TRAIN_DONE),
+    # docs/ITERATE.md and the README's table: small sizes and few steps on the 40-row data; each runs twice, as
+    # a stopped curve or sweep is run again (the second reuses every run)
+    **{form: Form(["tunelab curve data.jsonl --sizes 8,16 --out runs/curve --max-steps 2"], twice=True,
+                  needs_run=False, expect="Curve saved in runs/curve/curve.json")
+       for form in ("tunelab curve data.jsonl --sizes 100,200,400,800 --out runs/curve",
+                    "tunelab curve DATA [--sizes N,N,...] [flags]")},
+    **{form: Form(["tunelab sweep data.jsonl --grid lr=3e-4,1e-3 --grid lora_rank=8 --budget-minutes 60 "
+                   "--out runs/sweep --max-steps 2"], twice=True, needs_run=False, expect="winner: ")
+       for form in ("tunelab sweep data.jsonl --grid lr=3e-4,1e-3,3e-3 --grid lora_rank=8,32 --budget-minutes 60 "
+                    "--out runs/sweep", "tunelab sweep DATA --grid KEY=V1,V2 [--budget-minutes N] [flags]")},
+    "tunelab curve runs/demo-data/bookings.jsonl --sizes 100,200,400 --method full --max-steps 50 --max-length 256 "
+    "--split-by metadata.name_pool --out runs/bookings-curve": Form(
+        ["tunelab curve runs/demo-data/bookings.jsonl --sizes 16,32 --method full --max-steps 2 --max-length 256 "
+         "--split-by metadata.name_pool --out runs/bookings-curve"], needs_run=False, setup=bookings_file,
+        expect="Curve saved in runs/bookings-curve/curve.json"),
+    "tunelab train DATA --train-examples N": Form(
+        ["tunelab train data.jsonl --train-examples 8 --max-steps 2 --out runs/eight --overwrite"], needs_run=False,
+        expect=TRAIN_DONE),
     # Names of commands in running text, not command lines: each must be a command that exists.
     "tunelab train": None,
     "tunelab eval": None,
@@ -244,6 +269,8 @@ FORMS: dict[str, Form | None] = {
     "tunelab report": None,
     "tunelab serve": None,
     "tunelab ui": None,
+    "tunelab curve": None,
+    "tunelab sweep": None,
 }
 
 

@@ -38,6 +38,8 @@ LAYERS = [
      "ui.jobs", "ui.follow"},
     {"report.sections", "export.ollama", "ui.runs"},
     {"report.html", "export.card", "ui.app"},
+    {"iterate.runs"},
+    {"iterate.curve", "iterate.sweep"},
     {"demo", "export"},
     {"cli", "__init__"},
 ]

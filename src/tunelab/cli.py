@@ -18,7 +18,7 @@ import typing
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 from pydantic_core import PydanticUndefined
@@ -408,6 +408,55 @@ def cmd_export(o: ExportOptions) -> None:
         print(f"Import it: ollama create {ollama_name(out)} -f {out / 'Modelfile'}")
 
 
+class CurveOptions(Options):
+    data: Annotated[str, Arg(positional=True)]
+    """JSONL, CSV or Parquet file of examples"""
+    sizes: Annotated[str, Arg(metavar="N,N,...")] = "100,200,400,800"
+    """training examples of each run (each size trains on the smaller ones' examples and more)"""
+    out: str | None = None
+    """curve folder, one run folder per size (default: runs/<data>-curve); run the command again to continue it"""
+    assertions: Annotated[str | None, Arg(metavar="FILE")] = None
+    """rules every answer is checked against, as for `tunelab eval --assertions`"""
+
+
+def cmd_curve(o: CurveOptions, flags: dict[str, Any]) -> None:
+    from tunelab.iterate.curve import format_curve, parse_sizes, run_curve
+
+    sizes = parse_sizes(o.sizes)
+    config = TrainConfig.build(flags=flags, **flags)
+    out = Path(o.out) if o.out else Path("runs") / f"{Path(o.data).stem}-curve"
+    curve = run_curve(Path(o.data), sizes, out, config, Path(o.assertions) if o.assertions else None)
+    print(format_curve(curve))
+    print(f"\nCurve saved in {out / 'curve.json'}; plot in {out / 'curve.html'}")
+
+
+class SweepOptions(Options):
+    data: Annotated[str, Arg(positional=True)]
+    """JSONL, CSV or Parquet file of examples"""
+    grid: Annotated[list[str], Arg(metavar="KEY=V1,V2,...")]
+    """a training option and its values to try (repeatable: every combination runs)"""
+    budget_minutes: float | None = Field(None, gt=0)
+    """start no run once this many minutes are spent"""
+    metric: Literal["exact_match", "token_f1", "rouge_l"] = "exact_match"
+    """what the winner is chosen by, on the held-out rows"""
+    out: str | None = None
+    """sweep folder, one run folder per combination (default: runs/<data>-sweep); run the command again to
+    continue it"""
+    assertions: Annotated[str | None, Arg(metavar="FILE")] = None
+    """rules every answer is checked against, as for `tunelab eval --assertions`"""
+
+
+def cmd_sweep(o: SweepOptions, flags: dict[str, Any]) -> None:
+    from tunelab.iterate.sweep import format_sweep, parse_grid, run_sweep
+
+    grid = parse_grid(o.grid, flags)
+    out = Path(o.out) if o.out else Path("runs") / f"{Path(o.data).stem}-sweep"
+    sweep = run_sweep(Path(o.data), grid, flags, out, o.metric, o.budget_minutes,
+                      Path(o.assertions) if o.assertions else None)
+    print(format_sweep(sweep))
+    print(f"\nSweep saved in {out / 'sweep.json'}; runs compared in {out / 'comparison.html'}")
+
+
 # ----------------------------------------------------------------------------- flags from options
 
 def add_flags(parser, model: type[Options], exclude: Collection[str] = (), negatable: bool = False) -> None:
@@ -542,6 +591,10 @@ COMMANDS: dict[str, Command | CommandGroup] = {
                     "retrieved examples, the fine-tuned model and any --contender; print and save the metrics "
                     "with 95% intervals, error buckets, cost per request and a forgetting check."),
     "report": Command(cmd_report, ReportOptions, "write a run's HTML report, or compare several runs side by side"),
+    "curve": Command(cmd_curve, CurveOptions, config=TrainConfig,
+                     help="train on growing nested subsets of the data: what would more data buy?"),
+    "sweep": Command(cmd_sweep, SweepOptions, config=TrainConfig,
+                     help="train every combination of a grid of settings and name the winner"),
     "generate": Command(cmd_generate, GenerateOptions,
                         "answer a prompt or a file of prompts with the fine-tuned model"),
     "chat": Command(cmd_chat, ChatOptions, "talk to the fine-tuned model, streaming"),

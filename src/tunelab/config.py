@@ -236,6 +236,9 @@ class TrainConfig(DataOptions):
     """Dropout on the LoRA path."""
     lora_targets: str = "all-linear"
     """Comma-separated module names to adapt, or 'all-linear'."""
+    train_examples: int | None = Field(None, ge=1)
+    """Train on only the first N examples of the training split, in an order drawn from --seed
+    (the held-out split unchanged), so that runs with growing N train on nested sets (`tunelab curve`)."""
     copy_augment: float = Field(0.0, ge=0, le=16)
     """Variants added per training example whose answer copies names from its input, with those
     names made up anew, so that copying fits and reciting memorised names does not (0: off; 0.5:

@@ -103,6 +103,8 @@ def prepare(config: TrainConfig, data_path: Path, out: Path | None = None, show:
                     if e.line not in report.duplicate_lines]
     train, test = data_mod.split(examples, config.test_size, config.seed, groups=report.groups,
                                  split_by=config.split_by)
+    if config.train_examples is not None:
+        train = first_examples(train, config.train_examples, config.seed, data_path)
 
     def encoded(examples: list[Example]):
         for example in examples:
@@ -129,6 +131,17 @@ def prepare(config: TrainConfig, data_path: Path, out: Path | None = None, show:
                 train_encoded += pieces
                 augmented.append(variant)
     return Prepared(base_path, template, train, test, train_encoded, test_encoded, stats.dropped, report, augmented)
+
+
+def first_examples(train: list[Example], n: int, seed: int, data_path: Path) -> list[Example]:
+    """The first `n` training examples in an order drawn from `seed` (a hash of each example's
+    content, as the split ranks them, salted apart from the split's), kept in file order. A
+    smaller `n` takes a subset of a larger one's, whatever the row order of the file."""
+    if n > len(train):
+        raise UserError(f"--train-examples {n}: the training split of {data_path} has {len(train)} examples")
+    order = sorted(train, key=lambda e: data_mod.split_rank(f"subset:{e.key}", seed))
+    chosen = {e.line for e in order[:n]}
+    return [e for e in train if e.line in chosen]
 
 
 def build_model(config: TrainConfig, base_path: Path):

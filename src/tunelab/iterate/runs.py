@@ -1,0 +1,53 @@
+"""One run of a curve or a sweep: trained in its own folder (or continued, or reused), then
+evaluated once, by the same `train` and `evaluate` as `tunelab train` and `tunelab eval`.
+
+A curve or sweep folder holds ordinary run folders, so every command reads them (`tunelab eval`,
+`report`, `chat`), and running the command again continues where it stopped:
+- a run whose weights are saved, trained on the same data and options, is reused as it is;
+- a run stopped before its end continues from its newest checkpoint (`--save-every N`), or
+  starts again when it has none;
+- a run's eval.json is reused when the run was not trained again (delete it to evaluate again).
+Only the tuned model answers (no baselines, no forgetting check): a curve or sweep compares
+runs with each other, not with the base model.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from tunelab.config import TrainConfig
+from tunelab.errors import UserError
+from tunelab.evaluate.results import EvalResults
+from tunelab.runfolder import RunFiles
+
+
+def train_and_evaluate(config: TrainConfig, data: Path, folder: Path, assertions: Path | None) -> str:
+    """Make `folder` a finished, evaluated run of `config` on `data`; returns what it took:
+    "reused" (trained and evaluated before), "evaluated" (trained before) or "trained"."""
+    from tunelab.run import Run
+    from tunelab.train.loop import finished, train
+
+    files = RunFiles(folder)
+    try:
+        done = files.config.exists() and finished(config, data, folder) is not None
+    except UserError as e:  # its advice (--overwrite) is train's; here the folder is the command's
+        raise UserError(f"{folder}: trained on other data or options than these; run the command again with "
+                        "the same data and flags, or choose another --out", e.details) from None
+    if not done:
+        print(f"Training {folder}", file=sys.stderr)
+        train(config, data, folder, resume=files.config.exists())
+        files.eval.unlink(missing_ok=True)  # measured on weights that are no more
+    if files.eval.exists():
+        return "reused"
+    Run(folder).evaluate(include_base=False, forgetting=None, assertions=assertions)
+    return "evaluated" if done else "trained"
+
+
+def tuned_scores(results: EvalResults, metric: str) -> list[float]:
+    """The tuned model's score on each evaluated row (exact_match, token_f1 or rouge_l), in order."""
+    return [float(getattr(sample.answers["tuned"], metric) or 0.0) for sample in results.samples]
+
+
+def heldout_lines(results: EvalResults) -> list[int | None]:
+    return [sample.line for sample in results.samples]

@@ -1,0 +1,141 @@
+"""`tunelab curve`: nested sizes on one held-out split, resuming a stopped curve, the refusals,
+and the forecast's words."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tunelab.iterate.curve import FLAT, forecast
+
+TRAIN = ["--test-size", "8", "--batch-size", "4", "--method", "full", "--template", "alpaca"]
+
+
+def lines_of(path: Path) -> list[int]:
+    return [json.loads(row)["metadata"]["line"] for row in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def curve(tmp_path_factory, cli, tiny_model_dir, pairs_file):
+    """A curve of three sizes on the 40-row country task (32 training rows, 8 held out)."""
+    out = tmp_path_factory.mktemp("curve") / "curve"
+    result = cli("curve", pairs_file, "--sizes", "24,8,16", "--out", out, "--base", tiny_model_dir, *TRAIN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+@pytest.mark.slow
+def test_sizes_nest_and_share_the_heldout_rows(curve):
+    out, result = curve
+    trained = {n: lines_of(out / f"n{n}" / "train.jsonl") for n in (8, 16, 24)}
+    assert {n: len(lines) for n, lines in trained.items()} == {8: 8, 16: 16, 24: 24}
+    assert set(trained[8]) < set(trained[16]) < set(trained[24])
+    held_out = {n: (out / f"n{n}" / "test.jsonl").read_text() for n in (8, 16, 24)}
+    assert held_out[8] == held_out[16] == held_out[24] and len(lines_of(out / "n8" / "test.jsonl")) == 8
+    assert not set(trained[24]) & set(lines_of(out / "n8" / "test.jsonl"))
+    evaluated = [[s["line"] for s in json.loads((out / f"n{n}" / "eval.json").read_text())["samples"]]
+                 for n in (8, 16, 24)]
+    assert evaluated[0] == evaluated[1] == evaluated[2] == lines_of(out / "n8" / "test.jsonl")
+    saved = json.loads((out / "curve.json").read_text())
+    assert [p["examples"] for p in saved["points"]] == [8, 16, 24]
+    assert saved["heldout_examples"] == 8 and saved["training_split"] == 32
+    assert {"exact_match", "token_f1", "heldout_loss"} <= set(saved["points"][0]["metrics"])
+    assert [f["metric"] for f in saved["forecasts"]] == ["exact_match", "token_f1"]
+    assert saved["forecasts"][0]["to_examples"] == 48
+    page = (out / "curve.html").read_text()
+    assert "<svg" in page and "n8/report.html" in page and (out / "comparison.html").exists()
+    table = result.stdout.splitlines()
+    assert any(line.split()[:1] == ["16"] for line in table) and "exact match" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_stopped_curve_continues_with_the_sizes_it_has_not_finished(curve, cli, tiny_model_dir, pairs_file,
+                                                                        tmp_path, monkeypatch):
+    """A curve interrupted while training its second size (Ctrl-C, after that run's first
+    checkpoint) reuses the first size as it is, resumes the second from its checkpoint, and
+    trains the third."""
+    import shutil
+
+    from tunelab.train import loop
+
+    out = tmp_path / "curve"
+    shutil.copytree(curve[0] / "n8", out / "n8")  # finished and evaluated, with these very options
+    kept = ["eval.json", "metrics.jsonl", "model/model.safetensors"]  # report.html is rebuilt: not these
+    before = {name: (out / "n8" / name).stat().st_mtime_ns for name in kept}
+    save_final = loop.save_final
+
+    def stopped_at_16(training, files, method):
+        if files.root.name == "n16":
+            raise KeyboardInterrupt
+        save_final(training, files, method)
+
+    flags = ["--sizes", "8,16,24", "--out", out, "--base", tiny_model_dir, *TRAIN]
+    with monkeypatch.context() as patched:
+        patched.setattr(loop, "save_final", stopped_at_16)
+        stopped = cli("curve", pairs_file, *flags, "--save-every", "1")
+    assert stopped.returncode == 130
+    assert (out / "n16" / "checkpoints").exists() and not (out / "n16" / "model").exists()
+    assert not (out / "n24").exists()
+    resumed = cli("curve", pairs_file, *flags, "--save-every", "1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stderr and "Training " + str(out / "n8") not in resumed.stderr
+    assert {name: (out / "n8" / name).stat().st_mtime_ns for name in kept} == before
+    assert all((out / f"n{n}" / "eval.json").exists() for n in (16, 24))
+    assert [p["examples"] for p in json.loads((out / "curve.json").read_text())["points"]] == [8, 16, 24]
+
+
+def test_sizes_it_cannot_train_are_refused(cli, pairs_file, tmp_path):
+    """Refused before the base model or the data is read."""
+    too_few = cli("curve", pairs_file, "--sizes", "4,16", "--out", tmp_path / "c")
+    assert too_few.returncode == 2 and too_few.stderr.count("\n") == 1 and "4 is too few" in too_few.stderr
+    not_numbers = cli("curve", pairs_file, "--sizes", "8,lots", "--out", tmp_path / "c")
+    assert not_numbers.returncode == 2 and "whole numbers" in not_numbers.stderr
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_a_size_larger_than_the_training_split_is_refused_before_training(cli, tiny_model_dir, pairs_file,
+                                                                           tmp_path):
+    too_many = cli("curve", pairs_file, "--sizes", "8,40", "--out", tmp_path / "c", "--base", tiny_model_dir, *TRAIN)
+    assert too_many.returncode == 2 and too_many.stderr.count("\n") == 1
+    assert "40 is more than the 32 examples" in too_many.stderr
+    assert not (tmp_path / "c").exists()
+
+
+def rows(rates: list[float], n: int = 400) -> np.ndarray:
+    """Per-row scores of n held-out rows with the given share right at each size."""
+    return np.array([[1.0] * round(r * n) + [0.0] * (n - round(r * n)) for r in rates])
+
+
+def test_the_forecast_says_what_doubling_is_likely_to_buy():
+    rising = forecast([100, 200, 400, 800], rows([0.2, 0.3, 0.4, 0.5]), "exact_match")
+    assert rising.to_examples == 1600 and rising.gain == pytest.approx(0.1)
+    assert 0 < rising.low < 0.1 < rising.high
+    assert "doubling to 1600 examples: +" in rising.words and "has not flattened" in rising.words
+    flat = forecast([100, 200, 400, 800], rows([0.6, 0.6, 0.6, 0.6]), "exact_match")
+    assert flat.high < FLAT and "flattened at 60%" in flat.words and "not the amount" in flat.words
+    bending = forecast([100, 200, 400, 800], rows([0.1, 0.3, 0.4, 0.41]), "exact_match")
+    assert "bending" in bending.words
+    noisy = forecast([100, 200], rows([0.5, 0.55], 20), "exact_match")
+    assert noisy.low <= 0 and "cannot tell" in noisy.words
+    nothing = forecast([100, 200], rows([0.0, 0.0], 20), "token_f1")
+    assert "token F1 is 0 at every size" in nothing.words
+    assert forecast([100], rows([0.5]), "exact_match") is None
+
+
+def test_the_first_n_training_examples_nest_whatever_the_file_order(conversations):
+    from tunelab.errors import UserError
+    from tunelab.train.loop import first_examples
+
+    examples = conversations(50)
+    chosen = [[e.line for e in first_examples(examples, n, 0, Path("data.jsonl"))] for n in (10, 20, 40)]
+    assert [len(lines) for lines in chosen] == [10, 20, 40]
+    assert set(chosen[0]) < set(chosen[1]) < set(chosen[2])
+    assert chosen[0] == sorted(chosen[0]) and chosen[0] != list(range(1, 11))  # file order; not the file's first
+    assert [e.line for e in first_examples(examples[::-1], 10, 0, Path("data.jsonl"))] == chosen[0][::-1]
+    assert {e.line for e in first_examples(examples, 10, 1, Path("data.jsonl"))} != set(chosen[0])
+    with pytest.raises(UserError, match="--train-examples 51: the training split of data.jsonl has 50 examples"):
+        first_examples(examples, 51, 0, Path("data.jsonl"))
