@@ -118,6 +118,7 @@ def test_the_loss_plot_marks_the_saved_step_and_the_stop(tmp_path):
     assert "<circle cx=" in html and ">saved: step 2</text>" in html and ">stopped early at step 4</text>" in html
     assert "Trained 4 of 10 steps: early stopping" in html and "the saved weights are step 2&#39;s" in html
     assert "<b>W_OVERFITTING</b> at step 3: held-out loss &lt;b&gt;up&lt;/b&gt;" in html
+    assert "<th>training: saved_step</th><td>2</td>" in html and "<th>training: warnings" not in html
     # A run from before run.json said where it stopped has no marks.
     (run / "run.json").write_text(json.dumps({"method": "full"}))
     assert "saved: step" not in render_run(read_run(run))

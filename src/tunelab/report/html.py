@@ -96,7 +96,19 @@ def render_run(run: RunData) -> str:
         histogram=plots.histogram(bins, str(lengths.get("unit") or "length"),
                                   limit if isinstance(limit, int) else None),
         settings=[(str(k), yaml_value(v)) for k, v in run.settings.items()],
-        info=[(str(k), yaml_value(v)) for k, v in run.info.items()])
+        info=info_rows(run.info))
+
+
+def info_rows(info: dict) -> list[tuple[str, str]]:
+    """run.json as (name, value) lines; its `training` record one line per value, its warnings
+    left to the banners under the loss plot."""
+    rows = []
+    for key, value in info.items():
+        if key == "training" and isinstance(value, dict):
+            rows += [(f"training: {k}", yaml_value(v)) for k, v in value.items() if k != "warnings"]
+        else:
+            rows.append((str(key), yaml_value(value)))
+    return rows
 
 
 def training_summary(training, heldout: list[tuple[float, float]]) -> tuple[str, list[plots.Mark]]:
