@@ -87,6 +87,9 @@ def test_default_evaluations_are_denser_when_they_decide():
     assert every == 100 // EVALS_PER_RUN and note.startswith("held-out loss every 10 steps")
     assert eval_every(TrainConfig(keep_best=True), 100)[0] == 10
     assert eval_every(TrainConfig(keep_best=True, eval_every=7), 100) == (7, None)
+    every, note = eval_every(TrainConfig(early_stopping=11), 100)
+    assert every == 10 and note.startswith("tunelab: note: --early-stopping 11 cannot stop this run: it measures")
+    assert eval_every(TrainConfig(early_stopping=10), 100)[1].startswith("held-out loss every 10 steps")
 
 
 @pytest.mark.parametrize("flags, asked", [(["--early-stopping", "3"], "--early-stopping 3: needs"),

@@ -259,7 +259,7 @@ def set_up(config: TrainConfig, prepared: Prepared, resuming: bool) -> Training:
     trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP swaps in sharded ones
     every, note = eval_every(config, total_steps)
     if note and accelerator.is_main_process:
-        print(note)
+        print(note, file=sys.stderr if note.startswith("tunelab: note:") else sys.stdout)
     return Training(accelerator, model, optimizer, scheduler, loader, generator, trainable, total_steps,
                     eval_every=every, eval_set=prepared.test_encoded[: config.eval_examples])
 

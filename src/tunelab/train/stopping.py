@@ -66,14 +66,18 @@ def refuse_without_heldout(config, heldout: int | None = None) -> None:
 
 def eval_every(config, total_steps: int) -> tuple[int, str | None]:
     """Steps between held-out evaluations, and a note when the default was chosen for
-    --early-stopping or --keep-best (the user did not set it, and it decides when they act)."""
-    if config.eval_every:
-        return config.eval_every, None
+    --early-stopping or --keep-best (the user did not set it, and it decides when they act), or
+    when --early-stopping can never act, its patience over the run's evaluations."""
     watching = config.early_stopping or config.keep_best
-    every = max(1, total_steps // (EVALS_PER_RUN if watching else 4))
-    note = (f"held-out loss every {every} steps ({total_steps // every} times in {total_steps}; --eval-every "
-            "sets it)") if watching else None
-    return every, note
+    every = config.eval_every or max(1, total_steps // (EVALS_PER_RUN if watching else 4))
+    evaluations = total_steps // every
+    if config.early_stopping and config.early_stopping > evaluations:
+        return every, (f"tunelab: note: --early-stopping {config.early_stopping} cannot stop this run: it measures the "
+                       f"held-out loss {evaluations} times after the start (every {every} of {total_steps} steps); "
+                       "lower the patience or --eval-every")
+    if watching and not config.eval_every:
+        return every, f"held-out loss every {every} steps ({evaluations} times in {total_steps}; --eval-every sets it)"
+    return every, None
 
 
 @dataclass
