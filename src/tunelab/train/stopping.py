@@ -184,14 +184,19 @@ class BestWeights:
         self.prune(set() if resumed_best is None else {resumed_best})
 
     def save(self, step: int, model, method: str, state_dict: dict | None) -> None:
-        staging = self.root / f".step-{step:06d}-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        RunFiles(staging).save_weights(model, method, state_dict)
-        target = self.folder(step)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        staging, target = self.root / f".step-{step:06d}-{os.getpid()}", self.folder(step)
+        try:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            RunFiles(staging).save_weights(model, method, state_dict)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        except OSError as e:  # a full disk, a quota: the user's to fix, as for a checkpoint
+            shutil.rmtree(staging, ignore_errors=True)
+            free = shutil.disk_usage(self.root.parent).free / 2**20
+            raise UserError(f"{target}: cannot write the best weights ({e.strerror or e}; {free:.0f} MiB free); "
+                            "free some space and continue with --resume, or train without --keep-best") from None
         self.prune({step} | ({self.pinned} if self.pinned is not None else set()))
 
     def prune(self, keep: set[int]) -> None:
