@@ -460,7 +460,7 @@ def _train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool, qui
         metrics = open_run_folder(files, config, prepared, overwrite, start, resume,
                                   checkpoints.fingerprint) if main else None
         watch = run_loop(training, config, checkpoints, start, metrics, quiet)
-        saved_step = watch.best_step if config.keep_best else watch.step
+        saved_step = watch.best_step if config.keep_best and watch.best_step is not None else watch.step
         save_final(training, files, config.method, saved_step if config.keep_best else None)
     except KeyboardInterrupt:
         if main:
