@@ -179,6 +179,10 @@ FORMS: dict[str, Form | None] = {
     "tunelab train DATA --out RUN --resume": Form(
         ["tunelab train data.jsonl --out runs/crashed --resume"], needs_run=False, expect=TRAIN_DONE,
         setup=crashed_run),
+    # docs/TRAINING.md, when to stop
+    "tunelab train data.jsonl --out runs/best --early-stopping 3 --keep-best": Form(
+        ["tunelab train data.jsonl --out runs/best --early-stopping 3 --keep-best"], needs_run=False,
+        expect="(--keep-best)"),
     # docs/REPORT.md
     "tunelab report runs/mine": Form(["tunelab report runs/mine"], twice=True,
                                      expect="Report written to runs/mine/report.html"),

@@ -24,7 +24,7 @@ LAYERS = [
     {"data.check"},
     {"teacher.label"},
     {"data.review", "teacher.synth"},
-    {"train.batching", "train.checkpoint"},
+    {"train.batching", "train.checkpoint", "train.stopping"},
     {"train.loss"},
     {"train.loop"},
     {"decoding.copying"},

@@ -244,9 +244,15 @@ class TrainConfig(DataOptions):
     names made up anew, so that copying fits and reciting memorised names does not (0: off; 0.5:
     every other such example)."""
     eval_every: int | None = Field(None, gt=0)
-    """Held-out loss every N optimizer steps (default: 4 times a run)."""
+    """Held-out loss every N optimizer steps (default: 4 times a run, 10 with --early-stopping or --keep-best)."""
     eval_examples: int = Field(64, gt=0)
     """Held-out examples used for the loss during training."""
+    early_stopping: Annotated[int | None, Arg(metavar="PATIENCE")] = Field(None, gt=0)
+    """Stop training when the held-out loss has not improved for this many evaluations in a row
+    (needs held-out data; without --eval-every, the held-out loss is then measured 10 times a run)."""
+    keep_best: StrictBool = False
+    """Save the weights of the step with the lowest held-out loss instead of the last step's
+    (kept on disk in RUN/best while training, not in memory)."""
     save_every: int | None = Field(None, gt=0)
     """Save a checkpoint (RUN/checkpoints) every N optimizer steps; see --resume."""
     keep: int = Field(2, gt=0)

@@ -82,6 +82,7 @@ def render_run(run: RunData) -> str:
     last = [f"{label} {points[-1][1]:.4f} at step {points[-1][0]}" for label, points, _, _ in series]
     best = min(heldout, key=lambda p: p[1]) if heldout else None
     loss_note = "; ".join(last) + (f"; lowest held-out loss {best[1]:.4f} at step {best[0]}" if best else "")
+    stopping, marks = training_summary(run.info.get("training"), heldout)
     check = run.data_check
     lengths = (check or {}).get("lengths") or {}
     limit = ((check or {}).get("options") or {}).get("max_length") if (check or {}).get("template") else None
@@ -89,12 +90,42 @@ def render_run(run: RunData) -> str:
     return _environment.get_template("run.html").render(
         run=run, results=run.eval, base=run.info.get("base") or run.config.get("base", "?"),
         method=run.info.get("method") or run.config.get("method", "?"),
-        loss_chart=plots.line_chart(series, "step", "loss"), loss_note=loss_note,
+        loss_chart=plots.line_chart(series, "step", "loss", marks=marks), loss_note=loss_note, stopping=stopping,
+        training_warnings=[w for w in (run.info.get("training") or {}).get("warnings") or [] if isinstance(w, dict)],
         data_check=data_check_rows(check) if check else None, problems=data_check_problems(check or {}),
         histogram=plots.histogram(bins, str(lengths.get("unit") or "length"),
                                   limit if isinstance(limit, int) else None),
         settings=[(str(k), yaml_value(v)) for k, v in run.settings.items()],
-        info=[(str(k), yaml_value(v)) for k, v in run.info.items()])
+        info=info_rows(run.info))
+
+
+def info_rows(info: dict) -> list[tuple[str, str]]:
+    """run.json as (name, value) lines; its `training` record one line per value, its warnings
+    left to the banners under the loss plot."""
+    rows = []
+    for key, value in info.items():
+        if key == "training" and isinstance(value, dict):
+            rows += [(f"training: {k}", yaml_value(v)) for k, v in value.items() if k != "warnings"]
+        else:
+            rows.append((str(key), yaml_value(value)))
+    return rows
+
+
+def training_summary(training, heldout: list[tuple[float, float]]) -> tuple[str, list[plots.Mark]]:
+    """What run.json says about where training stopped (train/stopping.py), as a sentence, and
+    the marks on the loss plot: the step whose weights were saved when it is not the last, and
+    where early stopping stopped. Runs from before run.json said it have neither."""
+    if not isinstance(training, dict) or not isinstance(training.get("steps"), int):
+        return "", []
+    steps, saved = training["steps"], training.get("saved_step")
+    losses = dict(heldout)
+    marks, parts = [], [f"Trained {steps} of {training.get('max_steps', '?')} steps: {training.get('why', '?')}"]
+    if isinstance(saved, int) and saved != steps:
+        parts.append(f"the saved weights are step {saved}'s, the lowest held-out loss (--keep-best)")
+        marks.append(plots.Mark(saved, f"saved: step {saved}", losses.get(saved)))
+    if training.get("stopped_early"):
+        marks.append(plots.Mark(steps, f"stopped early at step {steps}"))
+    return "; ".join(parts), marks
 
 
 def data_check_rows(check: dict) -> list[tuple[str, str]]:

@@ -9,6 +9,8 @@ template inserts it as it is.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from markupsafe import Markup
 
@@ -16,10 +18,20 @@ Series = tuple[str, list[tuple[float, float]], str, bool]
 """(label, points, colour, with markers) of one line."""
 
 
-def line_chart(series: list[Series], x_label: str, y_label: str, width: int = 720, height: int = 300) -> Markup:
+class Mark(NamedTuple):
+    """A labelled place on a line chart: with `y`, a ring around that point (the best step);
+    without, a dashed line across the plot at `x` (where training stopped)."""
+
+    x: float
+    label: str
+    y: float | None = None
+
+
+def line_chart(series: list[Series], x_label: str, y_label: str, width: int = 720, height: int = 300,
+               marks: Sequence[Mark] = ()) -> Markup:
     """A line chart with round ticks on both axes; the legend sits under the plot, in HTML, so it
     can never hide a line."""
-    xs = [x for _, points, _, _ in series for x, _ in points]
+    xs = [x for _, points, _, _ in series for x, _ in points] + ([m.x for m in marks] if series else [])
     ys = [y for _, points, _, _ in series for _, y in points if math.isfinite(y)]
     if not xs or not ys:
         return Markup("")
@@ -56,6 +68,15 @@ def line_chart(series: list[Series], x_label: str, y_label: str, width: int = 72
         if markers or len(points) == 1:
             parts += [Markup("<circle cx='{x}' cy='{y}' r='3' fill='{c}' />").format(x=sx(x), y=sy(y), c=colour)
                       for x, y in points]
+    for mark in marks:
+        if mark.y is None:
+            parts.append(Markup("<line x1='{x}' x2='{x}' y1='{t}' y2='{b}' class=limit />"
+                                "<text x='{tx:.1f}' y='{ty}' text-anchor='end' class=limit>{label}</text>").format(
+                x=sx(mark.x), t=top, b=height - bottom, tx=float(sx(mark.x)) - 4, ty=top + 10, label=mark.label))
+        elif math.isfinite(mark.y):
+            parts.append(Markup("<circle cx='{x}' cy='{y}' r='7' fill='none' class=mark />"
+                                "<text x='{x}' y='{ty:.1f}' text-anchor='middle' class=mark>{label}</text>").format(
+                x=sx(mark.x), y=sy(mark.y), ty=float(sy(mark.y)) + 20, label=mark.label))
     parts.append(Markup("</svg>"))
     legend = Markup("").join(Markup("<span class=key><i style='background:{c}'></i>{label}</span>").format(
         c=colour, label=label) for label, _, colour, _ in series)

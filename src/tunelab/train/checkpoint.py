@@ -5,8 +5,8 @@
         state.pt             optimizer, scheduler and random number generator states (those of
                              every process): tensors and plain values only, read back with
                              torch.load(weights_only=True)
-        checkpoint.json      step, position in the data, held-out loss, hashes of config and data;
-                             written last
+        checkpoint.json      step, position in the data, held-out loss, hashes of config and data,
+                             the early-stopping state (stopping.py); written last
 
 A checkpoint is written into a hidden folder beside its place and renamed when complete, so a
 folder cut short by a crash or a full disk is never read as a checkpoint; such leftovers are
@@ -42,7 +42,8 @@ from tunelab.runfolder import RunFiles
 
 # Options that may change when a run is resumed: they decide what is saved and measured, never
 # the weights. Any other change needs --force, max_steps and epochs included, because they shape
-# the learning-rate schedule.
+# the learning-rate schedule; eval_every too under --early-stopping or --keep-best, where the
+# evaluations decide where training stops and which weights are saved.
 RESUMABLE_CHANGES = ("save_every", "keep", "eval_every")
 STATE = "state.pt"
 INFO = "checkpoint.json"
@@ -79,7 +80,9 @@ class Checkpoint:
 
 def fingerprint(config, data_path: Path) -> dict:
     """What a checkpoint must be resumed with: the options that shape the weights, and the data."""
-    options = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
+    watching = config.early_stopping or config.keep_best
+    free = [k for k in RESUMABLE_CHANGES if not (watching and k == "eval_every")]
+    options = {k: v for k, v in config.to_dict().items() if k not in free}
     digest = hashlib.sha256()
     with Path(data_path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -187,16 +190,17 @@ class Checkpoints:
         return found
 
     def save(self, position: Position, eval_loss: float | None, model, method: str, optimizer, scheduler,
-             epoch_rng, rng: list[dict]) -> Checkpoint:
+             epoch_rng, rng: list[dict], stopping: dict | None = None) -> Checkpoint:
         """Write a checkpoint atomically, then remove those no longer kept. `epoch_rng` is the
         loader generator's state at the start of the current epoch; `rng` every process's RNG
-        states (from `process_rng_states`), in process order."""
+        states (from `process_rng_states`), in process order; `stopping`, the early-stopping
+        state (stopping.Watch), plain values."""
         import torch
         from safetensors import SafetensorError
 
         target = self.root / f"step-{position.step:06d}"
         info = {"position": asdict(position), "eval_loss": eval_loss, "fingerprint": self.fingerprint,
-                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "stopping": stopping, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         staging = None
         try:
             self.root.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,9 @@
   split and encode it, before anything is written;
 - set_up: accelerator, model, AdamW, warmup + cosine decay, the loader; the run folder;
 - run_loop: accumulation, clipping, held-out loss at intervals, checkpoints (loss.py has the
-  forward/backward step itself);
-- save_final: the weights or adapter beside config, template, split and metrics.
+  forward/backward step itself), early stopping and the best weights (stopping.py);
+- save_final: the weights or adapter (the last step's, or with --keep-best the best) beside
+  config, template, split and metrics; where and why training stopped in run.json.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from tunelab.template import Encoded, Template
 from tunelab.train.batching import pack
 from tunelab.train.checkpoint import Checkpoint, Checkpoints, Position, finished_run, process_rng_states, trim_metrics
 from tunelab.train.loss import backward_step, heldout_loss
+from tunelab.train.stopping import BestWeights, Watch, eval_every, record, refuse_without_heldout
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -268,9 +270,11 @@ def set_up(config: TrainConfig, prepared: Prepared, resuming: bool) -> Training:
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup * per_step, total_steps * per_step)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP swaps in sharded ones
+    every, note = eval_every(config, total_steps)
+    if note and accelerator.is_main_process:
+        print(note, file=sys.stderr if note.startswith("tunelab: note:") else sys.stdout)
     return Training(accelerator, model, optimizer, scheduler, loader, generator, trainable, total_steps,
-                    eval_every=config.eval_every or max(1, total_steps // 4),
-                    eval_set=prepared.test_encoded[: config.eval_examples])
+                    eval_every=every, eval_set=prepared.test_encoded[: config.eval_examples])
 
 
 def open_run_folder(files: RunFiles, config: TrainConfig, prepared: Prepared, overwrite: bool,
@@ -309,10 +313,11 @@ def evaluate(training: Training, step: int, batch_size: int, metrics: MetricsWri
 
 
 def run_loop(training: Training, config: TrainConfig, checkpoints: Checkpoints, start: Checkpoint | None,
-             metrics: MetricsWriter | None, quiet: bool) -> None:
-    """Optimizer steps from the start (or the checkpoint) to the last, with held-out losses and
-    checkpoints on the way. Every process runs all of it: the gradient all-reduce, the held-out
-    loss and the gathering of RNG states for a checkpoint are collectives."""
+             metrics: MetricsWriter | None, quiet: bool) -> Watch:
+    """Optimizer steps from the start (or the checkpoint) to the last, or to where early stopping
+    stops, with held-out losses and checkpoints on the way. Every process runs all of it: the
+    gradient all-reduce, the held-out loss and the gathering of RNG states for a checkpoint are
+    collectives. Returns the watch over the held-out losses (stopping.py)."""
     from tqdm.auto import tqdm
 
     t, accelerator = training, training.accelerator
@@ -320,14 +325,19 @@ def run_loop(training: Training, config: TrainConfig, checkpoints: Checkpoints, 
     if start:
         position = checkpoints.load(start, accelerator.unwrap_model(t.model), config.method, t.optimizer,
                                     t.scheduler, t.generator, accelerator.process_index)
+    watch = Watch.resumed(config.early_stopping, start.info.get("stopping") if start else None)
+    watch.step = position.step
+    best = BestWeights(checkpoints.root.parent) if config.keep_best else None
+    if best and accelerator.is_main_process:
+        best.start(watch.best_step if start else None)
     step, tokens, started = position.step, position.tokens, time.perf_counter() - position.elapsed_s
     epoch, consumed = position.epoch, position.batch
     bar = tqdm(total=t.total_steps, initial=step, desc="training", unit="step",
                disable=quiet or not accelerator.is_main_process)
     if not start:
-        evaluate(t, 0, config.batch_size, metrics, bar)
+        look(t, config, watch, best, evaluate(t, 0, config.batch_size, metrics, bar), bar, checkpoints.root.parent)
     with device.reuse_freed_memory(enabled=accelerator.device.type == "cpu"), bar:
-        while step < t.total_steps:
+        while step < t.total_steps and not watch.stopped:
             epoch_rng = t.generator.get_state()  # this epoch's data order is drawn from here
             # On resume, skip the micro-batches of this epoch that the checkpoint had consumed.
             for micro_batches in step_groups(itertools.islice(t.loader, consumed, None), config.grad_accum):
@@ -342,6 +352,7 @@ def run_loop(training: Training, config: TrainConfig, checkpoints: Checkpoints, 
                 step += 1
                 elapsed = time.perf_counter() - started
                 loss_value = loss.item()
+                watch.trained(step, loss_value)
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens / elapsed:.0f}")
                 bar.update()
                 if metrics:
@@ -349,23 +360,61 @@ def run_loop(training: Training, config: TrainConfig, checkpoints: Checkpoints, 
                                    "tokens": tokens, "tokens_per_s": round(tokens / elapsed, 1),
                                    "elapsed_s": round(elapsed, 2)})
                 saving = checkpoints.due(step)
+                # A save measures the held-out loss for its checkpoint, but only the evaluations at
+                # --eval-every and the last step count for stopping (--save-every may change on resume).
+                watched = step % t.eval_every == 0 or step == t.total_steps
                 eval_loss = None
-                if step % t.eval_every == 0 or step == t.total_steps or saving:
+                if watched or saving:
                     eval_loss = evaluate(t, step, config.batch_size, metrics, bar)
+                if watched:
+                    look(t, config, watch, best, eval_loss, bar, checkpoints.root.parent)
                 if saving:
                     rng = process_rng_states(accelerator)  # a collective: every process takes part
                     if accelerator.is_main_process:
                         checkpoints.save(Position(step, epoch, consumed, tokens, elapsed), eval_loss,
                                          accelerator.unwrap_model(t.model), config.method, t.optimizer,
-                                         t.scheduler, epoch_rng, rng)
+                                         t.scheduler, epoch_rng, rng, watch.to_dict())
+                        if best:
+                            best.pinned = watch.best_step
                     accelerator.wait_for_everyone()  # none resumes from a checkpoint still being written
-                if step >= t.total_steps:
+                if step >= t.total_steps or watch.stopped:
                     break
             epoch, consumed = epoch + 1, 0
+    return watch
 
 
-def save_final(training: Training, files: RunFiles, method: str) -> None:
+def look(training: Training, config: TrainConfig, watch: Watch, best: BestWeights | None, loss: float | None,
+         bar, run: Path) -> None:
+    """Hand a held-out loss to the watch: with --keep-best, write the weights when it is the
+    lowest so far; print W_OVERFITTING, or the stop, when they come."""
+    if loss is None:
+        return
+    accelerator = training.accelerator
+    if accelerator.num_processes > 1:  # all decide alike, on the main process's number
+        from accelerate.utils import broadcast_object_list
+
+        loss = broadcast_object_list([loss])[0]
+    improved, warning = watch.observe(watch.step, loss, run)
+    main = accelerator.is_main_process
+    if improved and best:
+        state = accelerator.get_state_dict(training.model)  # gathers FSDP/DeepSpeed shards: every process
+        if main:
+            best.save(watch.step, accelerator.unwrap_model(training.model), config.method, state)
+        accelerator.wait_for_everyone()
+    if main and warning:
+        bar.write(warning)
+    if main and watch.stopped:
+        bar.write(watch.stop_line())
+
+
+def save_final(training: Training, files: RunFiles, method: str, best_step: int | None = None) -> None:
+    """Save the model's weights, or with `best_step` (--keep-best) make that step's, written to
+    RUN/best when it was measured, the run's own."""
     training.accelerator.wait_for_everyone()
+    if best_step is not None:
+        if training.accelerator.is_main_process:
+            BestWeights(files.root).publish(best_step, files, method)
+        return
     # Gathers FSDP/DeepSpeed shards: every process takes part.
     state = training.accelerator.get_state_dict(training.model)
     if training.accelerator.is_main_process:
@@ -412,21 +461,29 @@ def _train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool, qui
         if main:
             print(finished)
         return out
+    refuse_without_heldout(config)
     # The data check's report goes into --out only where it cannot mix with an earlier run's files,
     # and is written and printed by one process.
     prepared = prepare(config, data_path, out if main and not files.config.exists() else None, show=main)
+    refuse_without_heldout(config, len(prepared.test_encoded))
     checkpoints = Checkpoints(out, config, data_path)
     start = checkpoints.resume_point(force) if resume else None
     try:
         training = set_up(config, prepared, resuming=start is not None)
         metrics = open_run_folder(files, config, prepared, overwrite, start, resume,
                                   checkpoints.fingerprint) if main else None
-        run_loop(training, config, checkpoints, start, metrics, quiet)
-        save_final(training, files, config.method)
+        watch = run_loop(training, config, checkpoints, start, metrics, quiet)
+        saved_step = watch.best_step if config.keep_best and watch.best_step is not None else watch.step
+        save_final(training, files, config.method, saved_step if config.keep_best else None)
     except KeyboardInterrupt:
         if main:
             print(where_the_run_stands(checkpoints, data_path, out), file=sys.stderr)
         raise
     if metrics:
         metrics.close()
+        record(files, watch.summary(training.total_steps, saved_step))
+        if config.keep_best:
+            print(f"Saved the weights of step {saved_step}, the lowest held-out loss ({watch.best_loss:.4f}), "
+                  f"{'the last step' if saved_step == watch.step else f'not those of the last, step {watch.step}'} "
+                  "(--keep-best)")
     return out
