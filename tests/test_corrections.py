@@ -115,7 +115,7 @@ def test_a_decision_cut_short_by_a_kill_is_asked_again(cli, run):
     first, second = sorted(held_out(run))
     corrections.skip(run, first)
     with (run / "corrections.decisions.jsonl").open("a") as f:
-        f.write('{"key": "%d", "decision": "corr' % second)  # killed mid-write
+        f.write(f'{{"key": "{second}", "decision": "corr')  # killed mid-write
     assert [w.decision for w in corrections.wrong_answers(run)] == ["skipped", None]
     result = cli("data", "review", "--run", run, stdin="a\n")
     assert result.returncode == 0 and "Reviewed all 2 wrong answers: 1 corrected, 0 fixed, 1 skipped" in result.stdout
@@ -189,7 +189,7 @@ def test_the_data_check_takes_a_held_out_row_an_extra_row_shares_out_of_the_spli
     result = cli("data", "check", data, "--test-size", "4", "--data-extra", extra, "--out", tmp_path / "report")
     assert result.returncode == 0, result.stderr
     assert "train 20 / test 3" in result.stdout
-    assert f"3 from {extra}, trained, never held out; 1 held-out rows" in result.stdout
+    assert f"3 from {extra}, trained, never held out; 1 held-out row(s)" in result.stdout
     assert f"{data}:{moved}: W_EXTRA_HELD_OUT held out, and {extra}:1 has the same prompt" in result.stdout
     report = json.loads((tmp_path / "report" / "data_check.json").read_text())
     assert report["extra"] == {"file": str(extra), "rows": 3, "replaced_held_out": [[moved, 1]]}

@@ -435,10 +435,8 @@ def add_flags(parser, model: type[Options], exclude: Collection[str] = (), negat
         listed = typing.get_origin(field.annotation) is list
         help = (field.description or "").replace("%", "%%")
         if arg.positional:
-            if field.is_required():
-                nargs = "+" if listed else None
-            else:  # a positional argument with a default may be left out
-                nargs = "*" if listed else "?"
+            # A positional argument with a default may be left out.
+            nargs = ("+" if listed else None) if field.is_required() else ("*" if listed else "?")
             parser.add_argument(name, nargs=nargs, metavar=arg.metavar, help=help)
             continue
         flag = "--" + name.replace("_", "-")

@@ -203,7 +203,7 @@ class Report:
         if self.extra is not None:
             moved = len(self.extra_replaced)
             rows.append(("extra rows", f"{len(self.extra)} from {self.options.data_extra}, trained, never held out"
-                         + (f"; {moved} held-out rows with their prompt left the held-out split (W_EXTRA_HELD_OUT)"
+                         + (f"; {moved} held-out row(s) with their prompt left the held-out split (W_EXTRA_HELD_OUT)"
                             if moved else "")))
         if self.novelty:
             rows.append(("novelty", self.novelty.describe()))
