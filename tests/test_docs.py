@@ -124,6 +124,49 @@ def bookings_file(workdir: Path) -> None:
     write_dataset(workdir / "runs" / "demo-data" / "bookings.jsonl", 60)
 
 
+def evaluated(workdir: Path) -> None:
+    """runs/mine/eval.json, of the run's held-out split (a form with --data may have evaluated another file)."""
+    results = workdir / "runs" / "mine" / "eval.json"
+    if not results.exists() or json.loads(results.read_text()).get("data") != "runs/mine/test.jsonl":
+        assert_worked(run_line(workdir, "tunelab eval runs/mine"), "tunelab eval runs/mine", "exact match")
+
+
+REVIEW = "tunelab data review --run runs/mine"
+REVIEW_INPUT = "a\nt\nThe country is France\n.\nf\nA fixed reference\n.\ns\n"
+"""Accept a reference, type an answer, fix a reference, skip (the tiny model answers all 4 held-out rows wrong)."""
+
+
+def reviewed(workdir: Path) -> None:
+    """runs/mine/corrections.jsonl, from reviewing the wrong answers of runs/mine."""
+    evaluated(workdir)
+    if not (workdir / "runs" / "mine" / "corrections.jsonl").exists():
+        assert_worked(run_line(workdir, REVIEW, REVIEW_INPUT), REVIEW, "corrected")
+
+
+def corrected_run(workdir: Path) -> None:
+    """runs/corrected: trained with the corrections of runs/mine."""
+    line = "tunelab train data.jsonl --data-extra runs/mine/corrections.jsonl --out runs/corrected --overwrite"
+    reviewed(workdir)
+    if not (workdir / "runs" / "corrected" / "run.json").exists():
+        assert_worked(run_line(workdir, line), line, TRAIN_DONE)
+
+
+def extra_file(workdir: Path) -> None:
+    """extra.jsonl: two chat rows to train besides data.jsonl."""
+    (workdir / "extra.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Country of {city}?"}, {"role": "assistant", "content": country}]}) + "\n"
+        for city, country in (("Bern", "Switzerland"), ("Kyiv", "Ukraine"))))
+
+
+def _preference_rows_pending() -> str | None:
+    """Why a run's corrections.jsonl cannot be trained on yet: the loader reads no preference rows."""
+    from tunelab.data.load import detect_shape
+
+    row = {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}],
+           "rejected": [{"role": "assistant", "content": "b"}], "line": 1}
+    return None if detect_shape(row) else "the data loader reads no preference rows {prompt, chosen, rejected} yet"
+
+
 FORMS: dict[str, Form | None] = {
     # README, the walk-through (its report line is with docs/REPORT.md's below)
     "tunelab data check data.jsonl": Form(["tunelab data check data.jsonl"], twice=True, needs_run=False,
@@ -168,6 +211,19 @@ FORMS: dict[str, Form | None] = {
          f"--out checked-{policy}" for policy in ("drop", "truncate", "error")],
         needs_run=False, expect="Data check of data.jsonl"),
     "tunelab train --help": Form(["tunelab train --help"], needs_run=False, expect="--max-steps"),
+    # docs/DATA.md, learning from corrections: eval, review the wrong answers, train on the corrections
+    **{form: Form([REVIEW], twice=True, stdin=REVIEW_INPUT, setup=evaluated, expect="Reviewed all")
+       for form in (REVIEW, "tunelab data review --run RUN")},
+    "tunelab train data.jsonl --data-extra runs/mine/corrections.jsonl --out runs/corrected": Form(
+        ["tunelab train data.jsonl --data-extra runs/mine/corrections.jsonl --out runs/corrected"],
+        setup=reviewed, expect=TRAIN_DONE, skip=_preference_rows_pending()),
+    "tunelab eval runs/corrected": Form(["tunelab eval runs/corrected"], setup=corrected_run, expect="exact match",
+                                        skip=_preference_rows_pending()),
+    "tunelab eval runs/mine --data runs/corrected/test.jsonl": Form(
+        ["tunelab eval runs/mine --data runs/corrected/test.jsonl"], setup=corrected_run, expect="exact match",
+        skip=_preference_rows_pending()),
+    "tunelab train DATA --data-extra FILE": Form(["tunelab train data.jsonl --data-extra extra.jsonl --out runs/extra"],
+                                                 needs_run=False, setup=extra_file, expect=TRAIN_DONE),
     # docs/DATA.md, --split-by, on rows whose metadata names a customer
     "tunelab data check orders.jsonl --split-by metadata.customer": Form(
         ["tunelab data check orders.jsonl --split-by metadata.customer"], twice=True, needs_run=False,

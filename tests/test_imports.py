@@ -20,18 +20,18 @@ LAYERS = [
     {"config"},
     {"serve.options", "ui.options"},
     {"device", "runfolder", "teacher.ask"},
-    {"data.novelty", "data.augment", "data.copied"},
+    {"data.novelty", "data.augment", "data.copied", "data.extra"},
     {"data.check"},
     {"teacher.label"},
-    {"data.review", "teacher.synth"},
+    {"teacher.synth"},
     {"train.batching", "train.checkpoint", "train.stopping"},
     {"train.loss"},
     {"train.loop"},
     {"decoding.copying"},
     {"decoding.generate"},
     {"evaluate.metrics", "evaluate.baselines", "evaluate.assertions", "evaluate.endpoint", "evaluate.results"},
-    {"evaluate.forgetting", "evaluate.judge"},
-    {"evaluate.core"},
+    {"evaluate.forgetting", "evaluate.judge", "data.corrections"},
+    {"evaluate.core", "data.review"},
     {"run"},
     {"serve.protocol", "serve.moderation", "serve.scheduler"},
     {"report.runs", "report.plots", "serve.app", "export.merged", "export.gguf", "demo.bookings", "ui.guard",
@@ -47,8 +47,9 @@ LAYERS = [
 a higher one. At the bottom, the shared core: errors and the text helpers; reading data and
 models, the template, and tokenizing examples with it (encoding); the config, the device and the
 run folder. Above it the stages follow the pipeline: data -> teacher -> train -> decoding ->
-evaluate -> report/serve/export -> cli, with the `Run` facade above evaluation. (data.review
-reviews the pairs the teacher labelled, so it sits above teacher.label.)"""
+evaluate -> report/serve/export -> cli, with the `Run` facade above evaluation. (data.corrections
+turns a run's eval.json into training rows, and data.review reviews them as it reviews the pairs
+the teacher labelled, so both sit above evaluate.results.)"""
 
 
 def module_names() -> set[str]:

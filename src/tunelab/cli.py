@@ -125,15 +125,25 @@ def cmd_data_synth(o: SynthOptions) -> None:
 
 
 class ReviewOptions(Options):
-    file: Annotated[str, Arg(positional=True)]
+    file: Annotated[str | None, Arg(positional=True)] = None
     """data file of pairs (e.g. the output of `tunelab data label`)"""
-    out: Annotated[str, Arg(metavar="FILE")]
+    out: Annotated[str | None, Arg(metavar="FILE")] = None
     """reviewed training file to write (.jsonl)"""
+    run: Annotated[str | None, Arg(metavar="RUN")] = None
+    """instead of a file: review the wrong answers of this run's eval, writing RUN/corrections.jsonl and
+    RUN/fixes.jsonl"""
 
 
 def cmd_data_review(o: ReviewOptions) -> None:
-    from tunelab.data.review import cli_review
+    from tunelab.data.review import cli_review, cli_review_run
 
+    if o.run:
+        if o.file or o.out:
+            raise UserError("--run reviews a run's wrong answers and writes into the run; drop FILE and --out")
+        cli_review_run(Path(o.run))
+        return
+    if not o.file or not o.out:
+        raise UserError("pass a FILE of pairs and --out FILE, or --run RUN to review a run's wrong answers")
     cli_review(Path(o.file), Path(o.out))
 
 
@@ -476,7 +486,9 @@ def add_flags(parser, model: type[Options], exclude: Collection[str] = (), negat
         listed = typing.get_origin(field.annotation) is list
         help = (field.description or "").replace("%", "%%")
         if arg.positional:
-            parser.add_argument(name, nargs="+" if listed else None, metavar=arg.metavar, help=help)
+            # A positional argument with a default may be left out.
+            nargs = ("+" if listed else None) if field.is_required() else ("*" if listed else "?")
+            parser.add_argument(name, nargs=nargs, metavar=arg.metavar, help=help)
             continue
         flag = "--" + name.replace("_", "-")
         if field.annotation is bool:
@@ -580,9 +592,11 @@ COMMANDS: dict[str, Command | CommandGroup] = {
                         "data check finds them), then label the first N as `tunelab data label` does."),
         "review": Command(
             cmd_data_review, ReviewOptions,
-            help="accept, edit or reject each pair in the terminal, then check the reviewed file",
+            help="accept, edit or reject each pair in the terminal, or correct a run's wrong answers",
             description="Show each pair; [a]ccept, [e]dit ($EDITOR, or type the answer), [r]eject or [q]uit. "
-                        "Decisions are saved as you go: run the same command again to continue."),
+                        "With --run RUN, show each wrong answer of the run's eval: [a]ccept the reference, "
+                        "[t]ype a better answer (corrections.jsonl), [f]ix the reference (fixes.jsonl), [s]kip or "
+                        "[q]uit. Decisions are saved as you go: run the same command again to continue."),
     }),
     "train": Command(cmd_train, TrainOptions, "fine-tune a base model on a data file", config=TrainConfig),
     "eval": Command(

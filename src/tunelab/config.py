@@ -176,6 +176,10 @@ class DataOptions(Options):
     """What to do with examples longer than --max-length: drop them, cut them, or stop."""
     train_on_prompt: StrictBool = False
     """Also train on the prompt tokens, not only the response tokens."""
+    data_extra: Annotated[str | None, Arg(metavar="FILE")] = None
+    """Rows trained besides the training split and never held out, e.g. a run's corrections.jsonl
+    (`tunelab data review --run RUN`); a held-out row with the prompt of an extra row leaves the
+    held-out split, so that no answer is both trained and tested (W_EXTRA_HELD_OUT)."""
 
     @field_validator("test_size")
     @classmethod

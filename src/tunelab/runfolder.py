@@ -5,14 +5,20 @@
     RUN/run.json         base model location, data file, sizes, the copied fields (copying.py)
     RUN/template.json    the prompt template (name and Jinja source)
     RUN/tokenizer/       the tokenizer
-    RUN/split.json       which source lines went to train and test
+    RUN/split.json       which source lines went to train and test, and which held-out lines
+                         --data-extra rows replaced (data/extra.py)
     RUN/train.jsonl, RUN/test.jsonl   the examples of each split, as chat messages with their source
                          line under `metadata` (data files tunelab reads back: eval --data, data check)
     RUN/augmented.jsonl  with --copy-augment: the variants trained besides train.jsonl (augment.py)
+    RUN/extra.jsonl      with --data-extra: its rows, trained besides train.jsonl, the extra file's
+                         line under `metadata`
     RUN/adapter/ or RUN/model/        LoRA adapter or full weights (safetensors)
     RUN/metrics.jsonl    training and held-out loss per step
     RUN/checkpoints/     step-000010/ ... with --save-every (see checkpoint.py)
     RUN/eval.json        results of `tunelab eval`
+    RUN/corrections.jsonl, RUN/fixes.jsonl   the reviewed wrong answers of the held-out split
+                         (`tunelab data review --run RUN`, data/corrections.py), and the decisions
+                         file they are rebuilt from, RUN/corrections.decisions.jsonl
     RUN/training.lock    while a training writes the folder (runlock.py)
 
 This module knows the layout only; training (train.py), checkpoints (checkpoint.py) and the
@@ -78,6 +84,22 @@ class RunFiles:
         return self.root / "augmented.jsonl"
 
     @property
+    def extra(self) -> Path:
+        return self.root / "extra.jsonl"
+
+    @property
+    def corrections(self) -> Path:
+        return self.root / "corrections.jsonl"
+
+    @property
+    def fixes(self) -> Path:
+        return self.root / "fixes.jsonl"
+
+    @property
+    def review_decisions(self) -> Path:
+        return self.root / "corrections.decisions.jsonl"
+
+    @property
     def adapter(self) -> Path:
         return self.root / "adapter"
 
@@ -99,7 +121,8 @@ class RunFiles:
 
     def create(self, config: TrainConfig, template: Template, base_path: Path, train: list[Example],
                test: list[Example], dropped: list[int], trained_pieces: int, augmented: Sequence[Example] = (),
-               copied_fields: Sequence[str] = (), fingerprint: dict | None = None) -> None:
+               copied_fields: Sequence[str] = (), fingerprint: dict | None = None, extra: Sequence[Example] = (),
+               replaced: Sequence[tuple[int, int]] = ()) -> None:
         """Write what a run starts with: config, template, tokenizer, the split and its examples.
         `train` and `test` are the two sides of the split; train.jsonl leaves out the `dropped`
         lines (over --max-length), which are not trained; `trained_pieces` counts what the trained
@@ -107,7 +130,9 @@ class RunFiles:
         variants copy augmentation added, each with its original's line; `copied_fields`, the
         answer fields that decoding keeps copies of the input (the data check found them);
         `fingerprint`, the hashes of the data and options trained on (checkpoint.fingerprint), by
-        which `--resume` tells a finished run from one to continue."""
+        which `--resume` tells a finished run from one to continue; `extra`, the --data-extra rows
+        trained besides the split, and `replaced`, the (held-out line, extra line) pairs whose
+        held-out row left the split for an extra row with its prompt (data/extra.py)."""
         self.root.mkdir(parents=True, exist_ok=True)
         config.save(self.config)
         template.save(self.template)
@@ -117,14 +142,18 @@ class RunFiles:
         data_mod.write_jsonl(self.test, test)
         if augmented:
             data_mod.write_jsonl(self.augmented, augmented)
+        if config.data_extra:
+            data_mod.write_jsonl(self.extra, extra)
         self.split.write_text(json.dumps({
             "test_size": config.test_size, "seed": config.seed, "split_by": config.split_by,
             "train_lines": [e.line for e in train], "test_lines": [e.line for e in test],
+            "replaced_by_extra": [list(pair) for pair in replaced],
         }))
         self.info.write_text(json.dumps({
             "base": config.base, "base_path": str(Path(base_path).resolve()),
             "method": config.method, "train_examples": trained_pieces, "test_examples": len(test),
-            "augmented_examples": len(augmented), "copied_fields": list(copied_fields),
+            "augmented_examples": len(augmented), "extra_examples": len(extra), "data_extra": config.data_extra,
+            "copied_fields": list(copied_fields),
             **({"fingerprint": fingerprint} if fingerprint else {}),
         }, indent=2))
 

@@ -16,7 +16,9 @@ memory. It finds:
   held-out answers are to training (novelty.py), warning when a random split holds out answers
   that mostly repeat training values;
 - the answer fields that the training rows copy verbatim from their input (see copied.py):
-  decoding keeps those copies of the input unless --no-copy-constraint.
+  decoding keeps those copies of the input unless --no-copy-constraint;
+- with --data-extra, the extra file's bad rows, and the held-out rows whose prompt an extra row
+  shares, which leave the held-out split (see extra.py).
 Errors (codes E_...) stop training; warnings (W_...) are printed and saved.
 """
 
@@ -32,6 +34,7 @@ from tunelab.config import DataOptions
 from tunelab.data import load as data_mod
 from tunelab.data import novelty
 from tunelab.data.copied import MIN_ROWS, MIN_SHARE, CopiedField, CopyCounter, describe
+from tunelab.data.extra import prompt_hash, read_extra, replaced_held_out
 from tunelab.data.load import Example, Problem
 from tunelab.encoding import EncodedExample, encode_one
 from tunelab.errors import UserError
@@ -93,6 +96,10 @@ class Report:
     """With --split-by: the groups on each side, {"train": n, "test": n}."""
     novelty: novelty.Novelty | None = None
     """How many held-out answer values training never showed (None: no split made)."""
+    extra: list[Example] | None = None
+    """With --data-extra: the extra file's rows, all trained besides the split (None without it)."""
+    extra_replaced: list[tuple[int, int]] = field(default_factory=list)
+    """(held-out line, extra line): held-out rows that left the split for an extra row with their prompt."""
     examples: list[EncodedExample] | None = None
     """Every valid example with its encoding, in file order, when the caller keeps them
     (training, on a file that fits in memory, so that it is read and encoded once); else None."""
@@ -147,6 +154,8 @@ class Report:
                       "leaked_pairs": self.leaked_pairs, "split_by": self.options.split_by,
                       "groups": self.group_counts or None},
             "novelty": self.novelty.to_dict() if self.novelty else None,
+            "extra": {"file": self.options.data_extra, "rows": len(self.extra),
+                      "replaced_held_out": self.extra_replaced} if self.extra is not None else None,
             "lengths": {"unit": self.unit, **self.lengths, "histogram": self.histogram},
             "trainable_tokens": self.trainable, "truncation": {"policy": self.options.truncation, **self.outcomes},
             "copying": {"min_share": MIN_SHARE, "min_rows": MIN_ROWS, "copied_fields": [f.path for f in self.copied],
@@ -191,6 +200,11 @@ class Report:
             ("split", f"train {self.train_count} / test {self.test_count}{self._groups_text()}, "
                       f"{self.leaked_count} near-duplicate pairs across it"),
         ]
+        if self.extra is not None:
+            moved = len(self.extra_replaced)
+            rows.append(("extra rows", f"{len(self.extra)} from {self.options.data_extra}, trained, never held out"
+                         + (f"; {moved} held-out row(s) with their prompt left the held-out split (W_EXTRA_HELD_OUT)"
+                            if moved else "")))
         if self.novelty:
             rows.append(("novelty", self.novelty.describe()))
         if self.lengths:
@@ -230,10 +244,12 @@ def check(path: Path, options: DataOptions, template=None, keep_examples: bool =
     path = Path(path)
     report = Report(path, options, template.name if template else None)
     report.examples = [] if keep_examples and template is not None else None
+    report.extra = read_extra(Path(options.data_extra)) if options.data_extra else None  # its errors first
     near = dedup.NearDuplicates(seed=options.seed)
     lines, keys, ranks, lengths, trainable = array("q"), array("Q"), array("Q"), array("q"), array("q")
     groups = _Groups() if options.split_by else None
     values, value_ends = array("Q"), array("q")  # each row's answer value hashes, back to back
+    prompts = array("Q")  # with --data-extra: each row's prompt_hash
     for item in data_mod.iter_examples(path, options.format, split_by=options.split_by):
         report.rows += 1
         if isinstance(item, Problem):
@@ -251,6 +267,8 @@ def check(path: Path, options: DataOptions, template=None, keep_examples: bool =
         if not item.is_raw:
             values.extend(novelty.value_hashes(item.reference))
         value_ends.append(len(values))
+        if report.extra is not None:
+            prompts.append(prompt_hash(item))
         near.add(_visible_text(item))
         if template is None:
             lengths.append(len(item.text) if item.is_raw else sum(len(m["content"]) for m in item.messages))
@@ -289,7 +307,12 @@ def check(path: Path, options: DataOptions, template=None, keep_examples: bool =
         group_ranks = np.frombuffer(groups.ranks, np.uint64) if groups else None
         in_test = _split(report, line_of, np.frombuffer(ranks, np.uint64), is_copy, near_first, near_later, group_ranks)
         if in_test is not None:
-            _novelty(report, in_test, is_copy, np.frombuffer(values, np.uint64), np.frombuffer(value_ends, np.int64))
+            untrained = is_copy
+            if report.extra is not None:
+                moved = _replace_held_out(report, line_of, in_test, np.frombuffer(prompts, np.uint64))
+                in_test, untrained = in_test & ~moved, is_copy | moved
+            _novelty(report, in_test, untrained, np.frombuffer(values, np.uint64),
+                     np.frombuffer(value_ends, np.int64))
     training_rows = set(np.flatnonzero(np.isin(line_of, report.train_lines)).tolist())
     report.answer_fields = report.copies.fields(training_rows)
     report.copied = report.copies.copied_fields(training_rows)
@@ -411,6 +434,26 @@ def _split(report: Report, line_of, ranks, is_copy, near_first, near_later, grou
     return in_test
 
 
+def _replace_held_out(report: Report, line_of, in_test, prompts):
+    """Take out of the held-out split each row whose prompt an extra row shares (extra.py says
+    why); returns which rows left it. They are trained as the extra rows, not as themselves."""
+    import numpy as np
+
+    held_out: dict[int, list[int]] = {}
+    for i in np.flatnonzero(in_test):
+        held_out.setdefault(int(prompts[i]), []).append(int(line_of[i]))
+    report.extra_replaced = replaced_held_out(report.extra, held_out)
+    moved = in_test & np.isin(line_of, [held for held, _ in report.extra_replaced])
+    report.test_lines = line_of[in_test & ~moved]
+    report.test_count = len(report.test_lines)
+    for held, line in report.extra_replaced:
+        report.warn(Problem(held, "W_EXTRA_HELD_OUT", f"held out, and {report.options.data_extra}:{line} has the same "
+                            "prompt: the row leaves the held-out split and the extra row trains in its place, so the "
+                            "next eval is not comparable with one of the earlier split (compare runs on the same "
+                            "rows: tunelab eval OLD_RUN --data NEW_RUN/test.jsonl)"))
+    return moved
+
+
 class _Groups:
     """Each row's --split-by group, as the rank of its value (what the split needs), and the
     rows that lack the field."""
@@ -427,9 +470,10 @@ class _Groups:
         self.ranks.append(data_mod.group_rank(example.group or "", seed))
 
 
-def _novelty(report: Report, in_test, is_copy, values, value_ends) -> None:
+def _novelty(report: Report, in_test, untrained, values, value_ends) -> None:
     """How many held-out answer values no training answer holds; a warning when a random split
-    holds out answers that mostly repeat what training shows."""
+    holds out answers that mostly repeat what training shows. `untrained`: the rows outside the
+    test split that do not train either (copies, held-out rows an extra row replaced)."""
     import numpy as np
 
     starts = np.concatenate([[0], value_ends[:-1]])
@@ -437,7 +481,7 @@ def _novelty(report: Report, in_test, is_copy, values, value_ends) -> None:
     def hashes(rows):
         return (values[starts[i]:value_ends[i]].tolist() for i in rows)
 
-    measured = novelty.measure(hashes(np.flatnonzero(~in_test & ~is_copy)), hashes(np.flatnonzero(in_test)))
+    measured = novelty.measure(hashes(np.flatnonzero(~in_test & ~untrained)), hashes(np.flatnonzero(in_test)))
     report.novelty = measured
     if not report.options.split_by and measured.looks_familiar():
         rows = measured.novel_rows + measured.seen_rows

@@ -1,10 +1,13 @@
 """`tunelab data review FILE --out FILE`: accept, edit or reject each pair in the terminal.
+`tunelab data review --run RUN`: correct each wrong answer of a run's eval, or fix its reference.
 
 A plain line-based loop on standard input and output, so it works over ssh and can be fed
-from a script. Each decision is appended to a sidecar file beside --out as it is made, keyed
-by the pair's content hash: quitting (`q` or Ctrl-D) and running the same command again goes
-on where it stopped. When every pair has a decision, the reviewed file is written (kept pairs
-in file order, each row's `metadata` noting the decision) and the data check runs on it.
+from a script. Each decision is appended to a sidecar file as it is made, keyed by the pair's
+content hash (beside --out) or by the held-out line (in RUN, corrections.py): quitting (`q`,
+Ctrl-D or Ctrl-C) and running the same command again goes on where it stopped. When every pair
+has a decision, the reviewed file is written (kept pairs in file order, each row's `metadata`
+noting the decision) and the data check runs on it; a run's corrections and fixes are written
+after each decision (corrections.py).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from tunelab.errors import UserError, check_not_kernel_folder, check_output_besi
 from tunelab.files import read_appended
 
 CHOICES = "[a]ccept  [e]dit  [r]eject  [q]uit > "
+RUN_CHOICES = "[a]ccept the reference  [t]ype a better answer  [f]ix the reference  [s]kip  [q]uit > "
 
 
 def decisions_path(out: Path) -> Path:
@@ -166,3 +170,92 @@ def cli_review(path: Path, out: Path) -> None:
         raise UserError(f"{path}: every pair was rejected; nothing to write to {out}")
     print(f"\nReviewed: {summary}. {kept} pairs written to {out}.")
     run_check(out, DataOptions())
+
+
+# A run's wrong answers (corrections.py keeps the decisions and writes the files).
+
+def show_wrong(item, position: int, total: int) -> None:
+    print(f"\n[{position}/{total}] held-out line {item.line} ({item.bucket})")
+    for m in item.prompt:
+        print(f"{m['role']}: {m['content']}")
+    print(f"reference: {item.reference}")
+    print(f"model:     {item.answer}")
+
+
+def review_run(run: Path) -> tuple[bool, int]:
+    """Ask for a decision on every wrong answer not yet decided; (finished, wrong answers)."""
+    from tunelab.data import corrections
+
+    wrong = corrections.wrong_answers(run)
+    decided = len([w for w in wrong if w.decision])
+    for item in wrong:
+        if item.decision:
+            continue
+        decided += 1
+        show_wrong(item, decided, len(wrong))
+        while True:
+            try:
+                choice = input(RUN_CHOICES).strip().lower()
+                if choice == "a":
+                    corrections.add_correction(run, item.line, item.reference)
+                elif choice == "t":
+                    answer = ask_new_answer(item.reference)
+                    if not answer:
+                        continue
+                    corrections.add_correction(run, item.line, answer)
+                elif choice == "f":
+                    reference = ask_new_answer(item.reference)
+                    if not reference:
+                        continue
+                    corrections.add_fix(run, item.line, reference)
+                elif choice == "s":
+                    corrections.skip(run, item.line)
+                elif choice == "q":
+                    return False, len(wrong)
+                else:
+                    continue
+            except EOFError:
+                return False, len(wrong)
+            except UserError as e:  # the model's own answer typed as the correction, an unchanged reference
+                print(f"{e}; choose again")
+                continue
+            break
+    return True, len(wrong)
+
+
+def _run_counts(run: Path) -> dict[str, int]:
+    from tunelab.data import corrections
+
+    counts = dict.fromkeys(corrections.DECISIONS, 0)
+    for record in corrections.decisions(run).values():
+        counts[record["decision"]] += 1
+    return counts
+
+
+def cli_review_run(run: Path) -> None:
+    """`tunelab data review --run RUN`"""
+    from tunelab.runfolder import RunFiles
+
+    files = RunFiles(run)
+    stopped = "\nStopped: {} so far, kept in {}. Run the same command to go on."
+    try:
+        finished, wrong = review_run(run)
+    except KeyboardInterrupt:
+        print(stopped.format(_summary(_run_counts(run)), files.review_decisions))
+        raise
+    if not finished:
+        print(stopped.format(_summary(_run_counts(run)), files.review_decisions))
+        return
+    if not wrong:
+        print(f"{files.eval}: the fine-tuned model answered every held-out row right; no wrong answers to review")
+        return
+    print(f"\nReviewed all {wrong} wrong answers: {_summary(_run_counts(run))}.")
+    if files.corrections.exists():
+        print(f"Corrections in {files.corrections}: train on them with "
+              f"`tunelab train DATA --data-extra {files.corrections} --out NEW_RUN`")
+    if files.fixes.exists():
+        print(f"Fixed references in {files.fixes}: correct those lines of your data file (tunelab never changes it)")
+
+
+def _summary(counts: dict[str, int]) -> str:
+    return ", ".join(f"{count} {decision}" for decision, count in counts.items())

@@ -79,19 +79,25 @@ class Checkpoint:
 
 
 def fingerprint(config, data_path: Path) -> dict:
-    """What a checkpoint must be resumed with: the options that shape the weights, and the data."""
+    """What a checkpoint must be resumed with: the options that shape the weights, and the data
+    (with --data-extra, its file too)."""
     watching = config.early_stopping or config.keep_best
     free = [k for k in RESUMABLE_CHANGES if not (watching and k == "eval_every")]
     options = {k: v for k, v in config.to_dict().items() if k not in free}
-    digest = hashlib.sha256()
-    with Path(data_path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    extra = {"data_extra_sha256": _file_sha256(Path(config.data_extra))} if config.data_extra else {}
     return {
         "config": options,
         "config_sha256": hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest(),
-        "data_sha256": digest.hexdigest(),
+        "data_sha256": _file_sha256(Path(data_path)), **extra,
     }
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def finished_run(files: RunFiles, config, data_path: Path) -> str | None:
@@ -106,6 +112,8 @@ def finished_run(files: RunFiles, config, data_path: Path) -> str | None:
     if not (files.adapter.exists() or files.model.exists()):
         return None
     check_data_file(data_path)
+    if config.data_extra:
+        check_data_file(Path(config.data_extra))
     checkpoints = Checkpoints(files.root, config, data_path)
     if checkpoints.complete():
         return None
@@ -144,6 +152,7 @@ class Checkpoints:
         self.every = config.save_every
         self.keep = config.keep
         self.data_path = Path(data_path)
+        self.extra = config.data_extra
         self.fingerprint = fingerprint(config, data_path)
 
     def due(self, step: int) -> bool:
@@ -183,6 +192,11 @@ class Checkpoints:
         found = []
         if saved["data_sha256"] != now["data_sha256"]:
             found.append(f"{self.data_path}: its content differs from the data the checkpoint was trained on")
+        # A --data-extra given or dropped shows as a change of options below; here, a new content.
+        old_extra, new_extra = saved.get("data_extra_sha256"), now.get("data_extra_sha256")
+        if old_extra and new_extra and old_extra != new_extra:
+            found.append(f"--data-extra {self.extra}: its content differs from the extra rows the checkpoint was "
+                         "trained on")
         if saved["config_sha256"] != now["config_sha256"]:
             old, new = saved["config"], now["config"]
             found += [f"--{name.replace('_', '-')}: {old.get(name)} in the checkpoint, {new.get(name)} now"

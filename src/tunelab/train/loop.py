@@ -32,7 +32,7 @@ from tunelab.data import load as data_mod
 from tunelab.data.augment import copy_variants
 from tunelab.data.check import Report, run_check
 from tunelab.data.load import Example
-from tunelab.encoding import EncodedExample, collect_encoded, encode_one
+from tunelab.encoding import EncodedExample, collect_encoded, encode_examples, encode_one
 from tunelab.errors import UserError, check_output_folder, known_warnings_hidden
 from tunelab.models import load_model, load_tokenizer, resolve_base
 from tunelab.runfolder import MetricsWriter, RunFiles
@@ -66,7 +66,7 @@ class Prepared:
     """The held-out side of the split."""
     train_encoded: list[Encoded]
     """What is trained: the training examples encoded, cut or chunked, those too long dropped;
-    then the `augmented` variants."""
+    then the `extra` rows' pieces (`extra_pieces` of them); then the `augmented` variants."""
     test_encoded: list[Encoded]
     """The held-out examples encoded, for the held-out loss."""
     dropped: list[int]
@@ -76,6 +76,10 @@ class Prepared:
     augmented: list[Example]
     """Variants of training examples added by --copy-augment (see augment.py), one encoding each at
     the end of `train_encoded`."""
+    extra: list[Example]
+    """The --data-extra rows (data/extra.py), trained besides the split; their lines are the extra file's."""
+    extra_pieces: int = 0
+    """What the extra rows became after encoding, in `train_encoded` after the training examples'."""
 
     @property
     def tokenizer(self):
@@ -105,6 +109,8 @@ def prepare(config: TrainConfig, data_path: Path, out: Path | None = None, show:
                     if e.line not in report.duplicate_lines]
     train, test = data_mod.split(examples, config.test_size, config.seed, groups=report.groups,
                                  split_by=config.split_by)
+    replaced = {held for held, _ in report.extra_replaced}  # by extra rows with their prompt (data/extra.py)
+    test = [e for e in test if e.line not in replaced]
     if config.train_examples is not None:
         train = first_examples(train, config.train_examples, config.seed, data_path)
 
@@ -120,6 +126,16 @@ def prepare(config: TrainConfig, data_path: Path, out: Path | None = None, show:
               f"{stats.truncated} truncated")
     test_encoded = collect_encoded(encoded(test), config.max_length, str(data_path))[0] if test else []
     report.examples = None  # what training needs is taken; the rest (copies, cut-off originals) goes
+    extra = report.extra or []
+    extra_pieces = 0
+    if extra:
+        pieces, extra_stats = encode_examples(extra, template, config.max_length, config.truncation,
+                                              config.train_on_prompt, source=str(config.data_extra))
+        train_encoded += pieces
+        extra_pieces = len(pieces)
+        if show and extra_stats.dropped:
+            print(f"{config.data_extra}: {len(extra_stats.dropped)} extra row(s) over --max-length "
+                  f"{config.max_length} dropped (lines {', '.join(map(str, extra_stats.dropped[:10]))})")
     augmented = []
     if config.copy_augment:
         augmentation = copy_variants(train, test, config.copy_augment, config.seed)
@@ -132,7 +148,8 @@ def prepare(config: TrainConfig, data_path: Path, out: Path | None = None, show:
             if outcome in ("kept", "truncated"):
                 train_encoded += pieces
                 augmented.append(variant)
-    return Prepared(base_path, template, train, test, train_encoded, test_encoded, stats.dropped, report, augmented)
+    return Prepared(base_path, template, train, test, train_encoded, test_encoded, stats.dropped, report, augmented,
+                    extra, extra_pieces)
 
 
 def first_examples(train: list[Example], n: int, seed: int, data_path: Path) -> list[Example]:
@@ -289,8 +306,8 @@ def open_run_folder(files: RunFiles, config: TrainConfig, prepared: Prepared, ov
             else:
                 path.unlink()
     files.create(config, prepared.template, prepared.base_path, prepared.train, prepared.test, prepared.dropped,
-                 len(prepared.train_encoded) - len(prepared.augmented), prepared.augmented,
-                 [f.path for f in prepared.report.copied], fingerprint)
+                 len(prepared.train_encoded) - len(prepared.augmented) - prepared.extra_pieces, prepared.augmented,
+                 [f.path for f in prepared.report.copied], fingerprint, prepared.extra, prepared.report.extra_replaced)
     prepared.report.save(files.root)
     if resume:
         trim_metrics(files.metrics, start.step if start else -1)
@@ -457,6 +474,11 @@ def _train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool, qui
            force: bool, main: bool) -> Path:
     files = RunFiles(out)
     check_out(files, overwrite, resume, force)
+    extra = Path(config.data_extra).resolve() if config.data_extra else None
+    if overwrite and extra and extra.is_relative_to(out.resolve()):
+        # --overwrite empties the folder, and --resume would then find the extra file gone.
+        raise UserError(f"--data-extra {config.data_extra}: is inside --out {out}, which --overwrite empties; "
+                        "copy it out of the run folder first, or train into another --out")
     if resume and (finished := finished_run(files, config, data_path)):
         if main:
             print(finished)
