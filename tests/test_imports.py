@@ -25,7 +25,7 @@ LAYERS = [
     {"teacher.label"},
     {"data.review", "teacher.synth"},
     {"train.batching", "train.checkpoint"},
-    {"train.loss"},
+    {"train.loss", "train.preference"},
     {"train.loop"},
     {"decoding.copying"},
     {"decoding.generate"},

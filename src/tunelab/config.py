@@ -33,6 +33,7 @@ Format = Literal[("auto", *SHAPES)]  # type: ignore[valid-type]  # built at run 
 TemplateName = Literal[("auto", *NAMED)]  # type: ignore[valid-type]
 Truncation = Literal["drop", "truncate", "error"]
 Method = Literal["lora", "full"]
+Objective = Literal["sft", "dpo", "orpo"]
 Precision = Literal["auto", "fp32", "bf16"]
 Device = Literal["auto", "cuda", "mps", "cpu"]
 
@@ -212,6 +213,13 @@ class TrainConfig(DataOptions):
     """Base model: 'smollm2-135m', a local Hugging Face folder or a .gguf file."""
     method: Method = "lora"
     """Fine-tune LoRA adapters or all weights."""
+    objective: Objective = "sft"
+    """What is trained: 'sft' learns the answers (of a preference row, the chosen one); 'dpo' and 'orpo' learn
+    to prefer each chosen answer over its rejected one (rows with 'chosen' and 'rejected'; docs/TRAINING.md):
+    dpo against the base model (LoRA only: the base is the adapter switched off), orpo with no reference."""
+    beta: float = Field(0.1, gt=0)
+    """With --objective dpo: how far from the base model the preferences may pull (DPO's beta); with orpo:
+    the weight of the preference term beside the chosen answers' loss (ORPO's lambda)."""
     epochs: float = Field(1.0, gt=0)
     """Passes over the training split (ignored when --max-steps is set)."""
     max_steps: int | None = Field(None, gt=0)

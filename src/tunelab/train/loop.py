@@ -5,7 +5,7 @@
   split and encode it, before anything is written;
 - set_up: accelerator, model, AdamW, warmup + cosine decay, the loader; the run folder;
 - run_loop: accumulation, clipping, held-out loss at intervals, checkpoints (loss.py has the
-  forward/backward step itself);
+  forward/backward step itself; preference.py that of --objective dpo and orpo);
 - save_final: the weights or adapter beside config, template, split and metrics.
 """
 
@@ -38,6 +38,7 @@ from tunelab.runfolder import MetricsWriter, RunFiles
 from tunelab.runlock import LOCK_FILE, RunLock
 from tunelab.template import Encoded, Template
 from tunelab.train.batching import pack
+from tunelab.train import preference
 from tunelab.train.checkpoint import Checkpoint, Checkpoints, Position, finished_run, process_rng_states, trim_metrics
 from tunelab.train.loss import backward_step, heldout_loss
 
@@ -74,6 +75,9 @@ class Prepared:
     augmented: list[Example]
     """Variants of training examples added by --copy-augment (see augment.py), one encoding each at
     the end of `train_encoded`."""
+    train_pairs: list[preference.Pair] | None = None
+    """With --objective dpo or orpo, what is trained instead of `train_encoded`: the training
+    pairs encoded, those too long dropped."""
 
     @property
     def tokenizer(self):
@@ -90,6 +94,8 @@ def prepare(config: TrainConfig, data_path: Path, out: Path | None = None, show:
     """Check the data (errors stop here, with the report saved in `out`), then split and encode.
     Every process of a launched run prepares the same data; only the one that `show`s prints."""
     data_mod.check_data_file(data_path)  # before the base model is converted or loaded
+    if config.objective != "sft":
+        preference.check_options(config)
     base_path = resolve_base(config.base)
     template = Template.for_model(load_tokenizer(base_path), config.template)
     data_path = Path(data_path)
@@ -101,6 +107,8 @@ def prepare(config: TrainConfig, data_path: Path, out: Path | None = None, show:
     else:
         examples = [e for e in data_mod.load_examples(data_path, config.format, split_by=config.split_by)
                     if e.line not in report.duplicate_lines]
+    if config.objective != "sft":
+        preference.check_pairs(examples, config.objective, data_path)
     train, test = data_mod.split(examples, config.test_size, config.seed, groups=report.groups,
                                  split_by=config.split_by)
 
@@ -128,7 +136,10 @@ def prepare(config: TrainConfig, data_path: Path, out: Path | None = None, show:
             if outcome in ("kept", "truncated"):
                 train_encoded += pieces
                 augmented.append(variant)
-    return Prepared(base_path, template, train, test, train_encoded, test_encoded, stats.dropped, report, augmented)
+    dropped, pairs = stats.dropped, None
+    if config.objective != "sft":
+        pairs, dropped = preference.encode_pairs(train, template, config, str(data_path))
+    return Prepared(base_path, template, train, test, train_encoded, test_encoded, dropped, report, augmented, pairs)
 
 
 def build_model(config: TrainConfig, base_path: Path):
@@ -241,8 +252,10 @@ def set_up(config: TrainConfig, prepared: Prepared, resuming: bool) -> Training:
     optimizer = device.make_optimizer(trainable, config.learning_rate, config.weight_decay, accelerator.device)
 
     generator = torch.Generator().manual_seed(config.seed)
+    pairs = prepared.train_pairs is not None  # each micro-batch: --batch-size pairs, both sides of each
     loader = torch.utils.data.DataLoader(
-        prepared.train_encoded, batch_size=config.batch_size, shuffle=True, collate_fn=pack, generator=generator,
+        prepared.train_pairs if pairs else prepared.train_encoded, batch_size=config.batch_size, shuffle=True,
+        collate_fn=preference.collate if pairs else pack, generator=generator,
     )
     # Under `accelerate launch` each process takes every n-th micro-batch (one global batch is n
     # micro-batches side by side), and accelerate steps a prepared scheduler n times per step.
@@ -272,7 +285,8 @@ def open_run_folder(files: RunFiles, config: TrainConfig, prepared: Prepared, ov
             else:
                 path.unlink()
     files.create(config, prepared.template, prepared.base_path, prepared.train, prepared.test, prepared.dropped,
-                 len(prepared.train_encoded) - len(prepared.augmented), prepared.augmented,
+                 len(prepared.train_pairs if prepared.train_pairs is not None else prepared.train_encoded)
+                 - len(prepared.augmented), prepared.augmented,
                  [f.path for f in prepared.report.copied], fingerprint)
     prepared.report.save(files.root)
     if resume:
@@ -319,7 +333,12 @@ def run_loop(training: Training, config: TrainConfig, checkpoints: Checkpoints, 
             # On resume, skip the micro-batches of this epoch that the checkpoint had consumed.
             for micro_batches in step_groups(itertools.islice(t.loader, consumed, None), config.grad_accum):
                 consumed += len(micro_batches)
-                loss, step_tokens = backward_step(accelerator, t.model, micro_batches)
+                preferences: dict[str, float] = {}  # reward margin and accuracy of dpo and orpo
+                if config.objective == "sft":
+                    loss, step_tokens = backward_step(accelerator, t.model, micro_batches)
+                else:
+                    loss, step_tokens, preferences = preference.backward_step(accelerator, t.model, micro_batches,
+                                                                              config.objective, config.beta)
                 tokens += step_tokens
                 if config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(t.trainable, config.max_grad_norm)
@@ -334,7 +353,7 @@ def run_loop(training: Training, config: TrainConfig, checkpoints: Checkpoints, 
                 if metrics:
                     metrics.write({"step": step, "loss": round(loss_value, 5), "lr": t.scheduler.get_last_lr()[0],
                                    "tokens": tokens, "tokens_per_s": round(tokens / elapsed, 1),
-                                   "elapsed_s": round(elapsed, 2)})
+                                   "elapsed_s": round(elapsed, 2), **preferences})
                 saving = checkpoints.due(step)
                 eval_loss = None
                 if step % t.eval_every == 0 or step == t.total_steps or saving:
