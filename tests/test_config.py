@@ -42,7 +42,7 @@ def rows(tmp_path, write_jsonl):
     ("epoch: 2\n", "unknown option 'epoch' (did you mean 'epochs'?)"),
     ("epochs: two\n", "epochs: 'two' must be a number"),
     ("test_size: 1.5\n", "test_size: 1.5 must be a fraction in [0, 1) or a whole count >= 1"),
-    ("format: json\n", "format: 'json' must be 'auto', 'messages', 'prompt_completion', 'alpaca' or 'text'"),
+    ("format: json\n", "format: 'json' must be 'auto', 'messages', 'prompt_completion', 'alpaca', 'text' or 'preference'"),
     ("max_steps: true\n", "max_steps: true must be a number, not true or false"),
     ("batch_size:\n", "batch_size: null must be a whole number"),
     ("- lr: 0.1\n", "expected a mapping of option names to values"),

@@ -5,9 +5,8 @@ Every accepted shape becomes a list of chat messages, so one template renders th
 - prompt_completion: {"prompt": ..., "completion": ...}
 - alpaca:            {"instruction": ..., "input": ... (optional), "output": ...}
 - preference:        {"prompt": ..., "chosen": ..., "rejected": ...}, TRL's preference shape: the
-                     prompt a text or messages, each answer a text or one assistant message in a list
-- alpaca_preference: {"instruction": ..., "input": ... (optional), "chosen": ..., "rejected": ...},
-                     LLaMA-Factory's (texts)
+                     prompt a text or messages, each answer a text or one assistant message in a
+                     list; or LLaMA-Factory's, the prompt as alpaca's "instruction" and "input"
 A preference row is an Example of prompt + chosen (what SFT trains) with the rejected answer
 beside it (`Example.rejected`, what DPO and ORPO push away from); a row holding "chosen" or
 "rejected" is always a preference row, so "prompt" alone never makes it ambiguous.
@@ -31,7 +30,7 @@ from typing import Any
 
 from tunelab.errors import UserError
 
-SHAPES = ("messages", "prompt_completion", "alpaca", "text", "preference", "alpaca_preference")
+SHAPES = ("messages", "prompt_completion", "alpaca", "text", "preference")
 ROLES = ("system", "user", "assistant")
 MAX_LISTED_PROBLEMS = 20
 METADATA_KEYS = ("id", "metadata")
@@ -41,10 +40,8 @@ SHAPE_KEYS = {
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "input", "output"),
     "text": ("text",),
-    "preference": ("prompt", "chosen", "rejected"),
-    "alpaca_preference": ("instruction", "input", "chosen", "rejected"),
+    "preference": ("prompt", "chosen", "rejected", "instruction", "input"),
 }
-PREFERENCE_SHAPES = ("preference", "alpaca_preference")
 PAIR_KEYS = ("line",)
 """Keys a preference row may carry besides its shape's: RUN/corrections.jsonl (`tunelab data
 review`) keeps the held-out line each pair corrects under "line"; it is ignored here."""
@@ -263,7 +260,7 @@ class _Invalid:
 
 def detect_shape(row: dict[str, Any]) -> str | None:
     if "chosen" in row or "rejected" in row:  # a pair lacking one side is a malformed pair, not another shape
-        return "alpaca_preference" if "instruction" in row else "preference"
+        return "preference"
     if "text" in row and not {"messages", "prompt", "instruction"} & set(row):
         return "text"
     if "messages" in row:
@@ -276,7 +273,7 @@ def detect_shape(row: dict[str, Any]) -> str | None:
 
 
 def unknown_keys(row: dict[str, Any], shape: str) -> list[str]:
-    allowed = set(SHAPE_KEYS[shape]) | set(METADATA_KEYS) | set(PAIR_KEYS if shape in PREFERENCE_SHAPES else ())
+    allowed = set(SHAPE_KEYS[shape]) | set(METADATA_KEYS) | set(PAIR_KEYS if shape == "preference" else ())
     return sorted(str(k) for k in row if k not in allowed)
 
 
@@ -288,24 +285,26 @@ def to_messages(row: dict[str, Any], shape: str) -> list[dict[str, str]]:
 def convert(row: dict[str, Any], shape: str) -> tuple[list[dict[str, str]], list[dict[str, str]] | None]:
     """One row as (chat messages, the rejected answer of a preference row, else None); raise
     RowError naming what is wrong."""
-    if shape in PREFERENCE_SHAPES:
-        messages, rejected = _convert_pair(row, shape)
+    if shape == "preference":
+        messages, rejected = _convert_pair(row)
     else:
         messages, rejected = _convert(row, shape), None
     extra = unknown_keys(row, shape)
     if extra:  # a typo ('completoin') or a field the template would silently never see ('system')
         if "None" in extra and None in row:  # csv.DictReader files surplus cells under None
             raise RowError("E_UNKNOWN_KEY", "more cells than header columns")
-        pair_keys = PAIR_KEYS if shape in PREFERENCE_SHAPES else ()
+        pair_keys = PAIR_KEYS if shape == "preference" else ()
         known = ", ".join(f"'{k}'" for k in (*SHAPE_KEYS[shape], *METADATA_KEYS, *pair_keys))
         raise RowError("E_UNKNOWN_KEY", f"unknown field(s) {', '.join(map(repr, extra))} for shape {shape}; "
                        f"allowed: {known}")
     return messages, rejected
 
 
-def _convert_pair(row: dict[str, Any], shape: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+def _convert_pair(row: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """A preference row as (prompt + chosen answer, [rejected answer])."""
-    if shape == "alpaca_preference":
+    if "instruction" in row or "input" in row:  # LLaMA-Factory's keys
+        if "prompt" in row:
+            raise RowError("E_PAIR_PROMPT", "give the prompt as 'prompt', or as 'instruction' and 'input', not both")
         prompt = _convert({**row, "output": "-"}, "alpaca")[:-1]
     elif isinstance(row.get("prompt"), list):
         prompt = _convert({"messages": row["prompt"]}, "messages", answered=False)
