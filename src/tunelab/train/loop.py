@@ -37,8 +37,8 @@ from tunelab.models import load_model, load_tokenizer, resolve_base
 from tunelab.runfolder import MetricsWriter, RunFiles
 from tunelab.runlock import LOCK_FILE, RunLock
 from tunelab.template import Encoded, Template
-from tunelab.train.batching import pack
 from tunelab.train import preference
+from tunelab.train.batching import pack
 from tunelab.train.checkpoint import Checkpoint, Checkpoints, Position, finished_run, process_rng_states, trim_metrics
 from tunelab.train.loss import backward_step, heldout_loss
 
