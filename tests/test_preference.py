@@ -243,6 +243,9 @@ def test_preference_runs_refuse_what_they_cannot_train(tmp_path, tiny_model_dir,
     result = cli("train", prefs, "--out", tmp_path / "c", *flags(tiny_model_dir, "--method", "full"))
     assert result.returncode == 2 and "--objective dpo needs --method lora" in result.stderr
     assert not (tmp_path / "a" / "config.yaml").exists() and not (tmp_path / "c").exists()
+    result = cli("train", prefs, "--out", tmp_path / "d", "--method", "dpo")
+    assert result.returncode == 2 and "--method dpo: must be 'lora' or 'full'; for preference tuning pass " \
+        "--objective dpo" in result.stderr
 
 
 @pytest.mark.slow

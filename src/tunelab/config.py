@@ -264,6 +264,14 @@ class TrainConfig(DataOptions):
     compile: StrictBool = False
     """torch.compile the model: slow first steps, then faster on GPUs (not on CPU)."""
 
+    @field_validator("method", mode="before")
+    @classmethod
+    def _not_an_objective(cls, value: Any) -> Any:
+        # The method is what is trained (adapters or all weights); DPO and ORPO are what it learns.
+        if value in typing.get_args(Objective):
+            raise ValueError(f"must be 'lora' or 'full'; for preference tuning pass --objective {value}")
+        return value
+
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (1e-3 if self.method == "lora" else 1e-4)
