@@ -160,7 +160,12 @@ def test_the_dpo_loss_is_the_formula_on_the_models_own_log_probs(tiny_model_dir,
     with torch.no_grad():
         assert [(hand_logps(base, p.chosen), hand_logps(base, p.rejected)) for p in pairs] == \
             pytest.approx(reference, rel=1e-5)
-    # The loss has a gradient on the adapter only.
+    # A model that cannot run packed attention takes each sequence alone: the same log-probs.
+    with torch.no_grad():
+        packed = preference.sequence_logps(model, preference.collate(pairs))
+        alone = preference.sequence_logps(model, preference.collate(pairs), packed=False)
+    assert torch.allclose(packed[0], alone[0], atol=1e-4) and torch.equal(packed[1], alone[1])
+    # The loss reaches the adapter (the only weights a LoRA run trains).
     assert any(w.grad is not None and w.grad.abs().sum() > 0 for n, w in model.named_parameters() if "lora_" in n)
 
 
