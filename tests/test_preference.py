@@ -52,6 +52,9 @@ def test_the_loader_reads_trl_standard_and_conversational_pairs_and_alpaca_ones(
          "rejected": [{"role": "assistant", "content": "Greece"}], "line": 12},  # as RUN/corrections.jsonl
         {"instruction": "Name the country.", "input": "Lisbon", "chosen": "Portugal", "rejected": "Spain"},
         {"prompt": "Country of Paris?", "completion": "France"},  # the other shapes stay as they were
+        {"chosen": [system, {"role": "user", "content": "Country of Rome?"}, {"role": "assistant", "content": "Italy"}],
+         "rejected": [system, {"role": "user", "content": "Country of Rome?"},
+                      {"role": "assistant", "content": "Greece"}]},  # TRL's implicit prompt
     ]
     examples = list(iter_examples(write_jsonl(tmp_path / "mixed.jsonl", rows)))
     assert [(e.messages, e.rejected) for e in examples] == [
@@ -62,6 +65,8 @@ def test_the_loader_reads_trl_standard_and_conversational_pairs_and_alpaca_ones(
         ([{"role": "user", "content": "Name the country.\n\nLisbon"}, {"role": "assistant", "content": "Portugal"}],
          [{"role": "assistant", "content": "Spain"}]),
         ([{"role": "user", "content": "Country of Paris?"}, {"role": "assistant", "content": "France"}], None),
+        ([system, {"role": "user", "content": "Country of Rome?"}, {"role": "assistant", "content": "Italy"}],
+         [{"role": "assistant", "content": "Greece"}]),
     ]
     assert examples[1].rejected_messages() == [system, {"role": "user", "content": "Country of Rome?"},
                                                {"role": "assistant", "content": "Greece"}]
@@ -90,12 +95,13 @@ def test_the_data_check_names_each_malformed_pair_by_line_and_code(tmp_path, wri
         {"prompt": "Country of Oslo?", "completion": "Norway", "rejected": "Sweden"},
         {"prompt": "Country of Oslo?", "chosen": "Norway", "rejected": 7},
         {"prompt": "Country of Oslo?", "instruction": "Name it.", "chosen": "Norway", "rejected": "Sweden"},
+        {"chosen": answer, "rejected": [{"role": "assistant", "content": "Sweden"}]},  # an implicit prompt of nothing
     ]
     report = check(write_jsonl(tmp_path / "bad.jsonl", rows), DataOptions(test_size=0))
     assert [(p.line, p.code) for p in report.errors] == [
         (2, "E_PAIR_IDENTICAL"), (3, "E_PAIR_MISSING"), (4, "E_PAIR_MISSING"), (5, "E_PAIR_ROLE"),
         (6, "E_PAIR_ANSWER"), (7, "E_PAIR_PROMPT"), (8, "E_UNKNOWN_KEY"), (9, "E_PAIR_MISSING"), (10, "E_TYPE"),
-        (11, "E_PAIR_PROMPT")]
+        (11, "E_PAIR_PROMPT"), (12, "E_PAIR_PROMPT")]
     assert report.shapes == {"pair": 1}
     assert "'rejected'" in report.errors[1].message and "'chosen'" in report.errors[7].message
     assert "Data check of" in report.table() and "1 preference pair" in report.table()

@@ -6,7 +6,8 @@ Every accepted shape becomes a list of chat messages, so one template renders th
 - alpaca:            {"instruction": ..., "input": ... (optional), "output": ...}
 - preference:        {"prompt": ..., "chosen": ..., "rejected": ...}, TRL's preference shape: the
                      prompt a text or messages, each answer a text or one assistant message in a
-                     list; or LLaMA-Factory's, the prompt as alpaca's "instruction" and "input"
+                     list (or, without "prompt", two conversations whose shared turns are the
+                     prompt); or LLaMA-Factory's, the prompt as alpaca's "instruction" and "input"
 A preference row is an Example of prompt + chosen (what SFT trains) with the rejected answer
 beside it (`Example.rejected`, what DPO and ORPO push away from); a row holding "chosen" or
 "rejected" is always a preference row, so "prompt" alone never makes it ambiguous.
@@ -302,6 +303,16 @@ def convert(row: dict[str, Any], shape: str) -> tuple[list[dict[str, str]], list
 
 def _convert_pair(row: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """A preference row as (prompt + chosen answer, [rejected answer])."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if not {"prompt", "instruction", "input"} & set(row) and isinstance(chosen, list) and isinstance(rejected, list):
+        # TRL's implicit prompt: two whole conversations, the turns they share being the prompt
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        if not shared:
+            raise RowError("E_PAIR_PROMPT", "no prompt: give 'prompt', or 'chosen' and 'rejected' as conversations "
+                           "that share the turns before their answers")
+        row = {**row, "prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
     if "instruction" in row or "input" in row:  # LLaMA-Factory's keys
         if "prompt" in row:
             raise RowError("E_PAIR_PROMPT", "give the prompt as 'prompt', or as 'instruction' and 'input', not both")
