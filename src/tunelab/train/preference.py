@@ -114,6 +114,12 @@ def pair_count(batch: dict[str, torch.Tensor]) -> int:
     return (len(batch["cu_seq_lens_q"]) - 1) // 2
 
 
+def chosen_token_count(batch: dict[str, torch.Tensor]) -> int:
+    """Trained tokens of the chosen answers: those before the first rejected sequence."""
+    first_rejected = int(batch["cu_seq_lens_q"][pair_count(batch)])
+    return int((batch["targets"][0, :first_rejected] != IGNORE).sum())
+
+
 def sequence_logps(model, batch: dict[str, torch.Tensor], packed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-prob of each sequence's trained tokens, how many there are), a value per
     sequence of the packed row. As in loss.token_loss, the output projection runs only at
@@ -168,9 +174,7 @@ def backward_step(accelerator, model, micro_batches: list[dict], objective: str,
     margin chosen - rejected and the share of pairs whose chosen answer has the higher reward)."""
     packed = runs_packed(accelerator.unwrap_model(model))
     n = accelerator.num_processes
-    counts = torch.tensor([sum(pair_count(b) for b in micro_batches),
-                           sum(int((b["targets"][0, :b["cu_seq_lens_q"][pair_count(b)]] != IGNORE).sum())
-                               for b in micro_batches),
+    counts = torch.tensor([sum(pair_count(b) for b in micro_batches), sum(chosen_token_count(b) for b in micro_batches),
                            sum(b["input_ids"].numel() for b in micro_batches)], dtype=torch.float64,
                           device=accelerator.device)
     pairs, chosen_tokens, tokens = accelerator.reduce(counts, reduction="sum") if n > 1 else counts
