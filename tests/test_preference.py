@@ -212,6 +212,7 @@ def held_out_margins(run: Path, tiny_model_dir, tokenizer) -> list[float]:
     return ((policy[:half] - reference[:half]) - (policy[half:] - reference[half:])).tolist()
 
 
+@pytest.mark.slow
 def test_dpo_raises_the_margin_of_held_out_pairs_with_one_model_in_memory(tmp_path, tiny_model_dir, prefs,
                                                                          tokenizer, monkeypatch):
     from transformers import PreTrainedModel
