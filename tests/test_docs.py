@@ -167,6 +167,14 @@ def _preference_rows_pending() -> str | None:
     return None if detect_shape(row) else "the data loader reads no preference rows {prompt, chosen, rejected} yet"
 
 
+def prefs_file(workdir: Path) -> None:
+    """prefs.jsonl: the country task as pairs, each row's answer chosen over the next row's."""
+    rows = [json.loads(line) for line in (workdir / "data.jsonl").read_text().splitlines()]
+    (workdir / "prefs.jsonl").write_text("".join(
+        json.dumps({"prompt": row["prompt"], "chosen": row["completion"], "rejected": other["completion"]}) + "\n"
+        for row, other in zip(rows, rows[1:] + rows[:1]) if row["completion"] != other["completion"]))
+
+
 FORMS: dict[str, Form | None] = {
     # README, the walk-through (its report line is with docs/REPORT.md's below)
     "tunelab data check data.jsonl": Form(["tunelab data check data.jsonl"], twice=True, needs_run=False,
@@ -231,6 +239,10 @@ FORMS: dict[str, Form | None] = {
     "tunelab train orders.jsonl --split-by metadata.customer --out runs/by-customer": Form(
         ["tunelab train orders.jsonl --split-by metadata.customer --out runs/by-customer"], needs_run=False,
         setup=orders_file, expect=TRAIN_DONE),
+    # docs/TRAINING.md, preference tuning on pairs
+    "tunelab train prefs.jsonl --objective dpo --out runs/dpo": Form(
+        ["tunelab train prefs.jsonl --objective dpo --out runs/dpo"], needs_run=False, setup=prefs_file,
+        expect=TRAIN_DONE),
     # docs/TRAINING.md, after a crash: a run with checkpoints whose training stopped before its final save
     "tunelab train DATA --out RUN --resume": Form(
         ["tunelab train data.jsonl --out runs/crashed --resume"], needs_run=False, expect=TRAIN_DONE,

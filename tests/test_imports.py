@@ -25,7 +25,7 @@ LAYERS = [
     {"teacher.label"},
     {"teacher.synth"},
     {"train.batching", "train.checkpoint", "train.stopping"},
-    {"train.loss"},
+    {"train.loss", "train.preference"},
     {"train.loop"},
     {"decoding.copying"},
     {"decoding.generate"},

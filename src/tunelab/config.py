@@ -33,6 +33,7 @@ Format = Literal[("auto", *SHAPES)]  # type: ignore[valid-type]  # built at run 
 TemplateName = Literal[("auto", *NAMED)]  # type: ignore[valid-type]
 Truncation = Literal["drop", "truncate", "error"]
 Method = Literal["lora", "full"]
+Objective = Literal["sft", "dpo", "orpo"]
 Precision = Literal["auto", "fp32", "bf16"]
 Device = Literal["auto", "cuda", "mps", "cpu"]
 
@@ -216,6 +217,13 @@ class TrainConfig(DataOptions):
     """Base model: 'smollm2-135m', a local Hugging Face folder or a .gguf file."""
     method: Method = "lora"
     """Fine-tune LoRA adapters or all weights."""
+    objective: Objective = "sft"
+    """What is trained: 'sft' learns the answers (of a preference row, the chosen one); 'dpo' and 'orpo' learn
+    to prefer each chosen answer over its rejected one (rows with 'chosen' and 'rejected'; docs/TRAINING.md):
+    dpo against the base model (LoRA only: the base is the adapter switched off), orpo with no reference."""
+    beta: float = Field(0.1, gt=0)
+    """With --objective dpo: how far from the base model the preferences may pull (DPO's beta); with orpo:
+    the weight of the preference term beside the chosen answers' loss (ORPO's lambda)."""
     epochs: float = Field(1.0, gt=0)
     """Passes over the training split (ignored when --max-steps is set)."""
     max_steps: int | None = Field(None, gt=0)
@@ -268,6 +276,14 @@ class TrainConfig(DataOptions):
     where the hardware computes it natively (recent NVIDIA GPUs, CPUs with AVX512-BF16 or AMX), else fp32."""
     compile: StrictBool = False
     """torch.compile the model: slow first steps, then faster on GPUs (not on CPU)."""
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _not_an_objective(cls, value: Any) -> Any:
+        # The method is what is trained (adapters or all weights); DPO and ORPO are what it learns.
+        if value in typing.get_args(Objective):
+            raise ValueError(f"must be 'lora' or 'full'; for preference tuning pass --objective {value}")
+        return value
 
     @property
     def learning_rate(self) -> float:

@@ -152,6 +152,7 @@ class RunFiles:
         self.info.write_text(json.dumps({
             "base": config.base, "base_path": str(Path(base_path).resolve()),
             "method": config.method, "train_examples": trained_pieces, "test_examples": len(test),
+            "objective": config.objective, **({"beta": config.beta} if config.objective != "sft" else {}),
             "augmented_examples": len(augmented), "extra_examples": len(extra), "data_extra": config.data_extra,
             "copied_fields": list(copied_fields),
             **({"fingerprint": fingerprint} if fingerprint else {}),

@@ -4,7 +4,8 @@ spoil a run before it starts, and show the evidence.
 One streaming pass over the file keeps a few numbers per row (hashes, lengths, a MinHash
 signature), never the rows themselves, so a file of millions of lines is checked in bounded
 memory. It finds:
-- format errors, every one with its line and a code (see `data.Problem`);
+- format errors, every one with its line and a code (see `data.Problem`), malformed preference
+  pairs among them (E_PAIR_MISSING, E_PAIR_IDENTICAL, E_PAIR_ROLE, E_PAIR_ANSWER, E_PAIR_PROMPT);
 - with a tokenizer and template, token-level problems: examples with nothing left to train
   after truncation, assistant turns whose end-of-turn token is not trained (the model would
   never learn to stop), a doubled BOS, prompts longer than --max-length, control tokens written
@@ -185,7 +186,8 @@ class Report:
         """The short summary printed by `tunelab data check` and `tunelab train`."""
         def shape_counts(shapes: Counter) -> str:
             # Every row with answers becomes a conversation, whatever its keys; raw text stays documents.
-            names = {"chat": ("conversation", "conversations"), "text": ("raw-text document", "raw-text documents")}
+            names = {"chat": ("conversation", "conversations"), "text": ("raw-text document", "raw-text documents"),
+                     "pair": ("preference pair", "preference pairs")}
             return "".join(f", {n} {names[shape][n != 1]}" for shape, n in sorted(shapes.items()))
 
         def counts(counter: Counter) -> str:
@@ -255,7 +257,7 @@ def check(path: Path, options: DataOptions, template=None, keep_examples: bool =
         if isinstance(item, Problem):
             report.error(item)
             continue
-        report.shapes["text" if item.is_raw else "chat"] += 1
+        report.shapes["text" if item.is_raw else "pair" if item.rejected is not None else "chat"] += 1
         if not item.is_raw:
             report.copies.add(len(lines), item.messages)
         key = item.key

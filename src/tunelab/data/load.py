@@ -4,6 +4,13 @@ Every accepted shape becomes a list of chat messages, so one template renders th
 - messages:          {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
 - prompt_completion: {"prompt": ..., "completion": ...}
 - alpaca:            {"instruction": ..., "input": ... (optional), "output": ...}
+- preference:        {"prompt": ..., "chosen": ..., "rejected": ...}, TRL's preference shape: the
+                     prompt a text or messages, each answer a text or one assistant message in a
+                     list (or, without "prompt", two conversations whose shared turns are the
+                     prompt); or LLaMA-Factory's, the prompt as alpaca's "instruction" and "input"
+A preference row is an Example of prompt + chosen (what SFT trains) with the rejected answer
+beside it (`Example.rejected`, what DPO and ORPO push away from); a row holding "chosen" or
+"rejected" is always a preference row, so "prompt" alone never makes it ambiguous.
 and one shape stays plain text, for continued pretraining on a corpus of documents:
 - text:              {"text": ...}   (Example.text; every token is trained)
 
@@ -24,7 +31,7 @@ from typing import Any
 
 from tunelab.errors import UserError
 
-SHAPES = ("messages", "prompt_completion", "alpaca", "text")
+SHAPES = ("messages", "prompt_completion", "alpaca", "text", "preference")
 ROLES = ("system", "user", "assistant")
 MAX_LISTED_PROBLEMS = 20
 METADATA_KEYS = ("id", "metadata")
@@ -34,7 +41,11 @@ SHAPE_KEYS = {
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "input", "output"),
     "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected", "instruction", "input"),
 }
+PAIR_KEYS = ("line",)
+"""Keys a preference row may carry besides its shape's: RUN/corrections.jsonl (`tunelab data
+review`) keeps the held-out line each pair corrects under "line"; it is ignored here."""
 MESSAGE_KEYS = ("role", "content")
 
 
@@ -47,12 +58,21 @@ class Example:
     """The document of a raw-text row (then `messages` is empty)."""
     group: str | None = None
     """The row's value of the --split-by field, as text (None: no --split-by, or the row lacks it)."""
+    rejected: list[dict[str, str]] | None = None
+    """A preference row's rejected answer, one assistant message: the alternative to the last
+    turn of `messages` (the chosen answer). None for every other shape."""
 
     @property
     def key(self) -> str:
         """A content hash: identical examples share it wherever they appear in the file."""
-        content = self.text if self.text is not None else json.dumps(self.messages, sort_keys=True, ensure_ascii=False)
+        conversation = self.messages if self.rejected is None else [self.messages, self.rejected]
+        content = self.text if self.text is not None else json.dumps(conversation, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(content.encode()).hexdigest()
+
+    def rejected_messages(self) -> list[dict[str, str]]:
+        """The conversation with the rejected answer in place of the chosen one."""
+        assert self.rejected is not None, "not a preference row"
+        return self.prompt_messages() + self.rejected
 
     @property
     def is_raw(self) -> bool:
@@ -240,6 +260,8 @@ class _Invalid:
 
 
 def detect_shape(row: dict[str, Any]) -> str | None:
+    if "chosen" in row or "rejected" in row:  # a pair lacking one side is a malformed pair, not another shape
+        return "preference"
     if "text" in row and not {"messages", "prompt", "instruction"} & set(row):
         return "text"
     if "messages" in row:
@@ -252,24 +274,85 @@ def detect_shape(row: dict[str, Any]) -> str | None:
 
 
 def unknown_keys(row: dict[str, Any], shape: str) -> list[str]:
-    allowed = set(SHAPE_KEYS[shape]) | set(METADATA_KEYS)
+    allowed = set(SHAPE_KEYS[shape]) | set(METADATA_KEYS) | set(PAIR_KEYS if shape == "preference" else ())
     return sorted(str(k) for k in row if k not in allowed)
 
 
 def to_messages(row: dict[str, Any], shape: str) -> list[dict[str, str]]:
     """Convert one row to chat messages; raise RowError naming what is wrong."""
-    messages = _convert(row, shape)
+    return convert(row, shape)[0]
+
+
+def convert(row: dict[str, Any], shape: str) -> tuple[list[dict[str, str]], list[dict[str, str]] | None]:
+    """One row as (chat messages, the rejected answer of a preference row, else None); raise
+    RowError naming what is wrong."""
+    if shape == "preference":
+        messages, rejected = _convert_pair(row)
+    else:
+        messages, rejected = _convert(row, shape), None
     extra = unknown_keys(row, shape)
     if extra:  # a typo ('completoin') or a field the template would silently never see ('system')
         if "None" in extra and None in row:  # csv.DictReader files surplus cells under None
             raise RowError("E_UNKNOWN_KEY", "more cells than header columns")
-        known = ", ".join(f"'{k}'" for k in (*SHAPE_KEYS[shape], *METADATA_KEYS))
+        pair_keys = PAIR_KEYS if shape == "preference" else ()
+        known = ", ".join(f"'{k}'" for k in (*SHAPE_KEYS[shape], *METADATA_KEYS, *pair_keys))
         raise RowError("E_UNKNOWN_KEY", f"unknown field(s) {', '.join(map(repr, extra))} for shape {shape}; "
                        f"allowed: {known}")
-    return messages
+    return messages, rejected
 
 
-def _convert(row: dict[str, Any], shape: str) -> list[dict[str, str]]:
+def _convert_pair(row: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """A preference row as (prompt + chosen answer, [rejected answer])."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if not {"prompt", "instruction", "input"} & set(row) and isinstance(chosen, list) and isinstance(rejected, list):
+        # TRL's implicit prompt: two whole conversations, the turns they share being the prompt
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        if not shared:
+            raise RowError("E_PAIR_PROMPT", "no prompt: give 'prompt', or 'chosen' and 'rejected' as conversations "
+                           "that share the turns before their answers")
+        row = {**row, "prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
+    if "instruction" in row or "input" in row:  # LLaMA-Factory's keys
+        if "prompt" in row:
+            raise RowError("E_PAIR_PROMPT", "give the prompt as 'prompt', or as 'instruction' and 'input', not both")
+        prompt = _convert({**row, "output": "-"}, "alpaca")[:-1]
+    elif isinstance(row.get("prompt"), list):
+        prompt = _convert({"messages": row["prompt"]}, "messages", answered=False)
+        if prompt[-1]["role"] == "assistant":
+            raise RowError("E_PAIR_PROMPT", "the prompt ends with an assistant message; end it with the user turn "
+                           "that 'chosen' and 'rejected' answer")
+    else:
+        prompt = [_message("user", row.get("prompt"), "prompt")]
+    chosen, rejected = _answer(row, "chosen"), _answer(row, "rejected")
+    if chosen["content"].strip() == rejected["content"].strip():
+        raise RowError("E_PAIR_IDENTICAL", "'chosen' and 'rejected' are the same answer, so the pair prefers "
+                       "nothing; fix the rejected answer or drop the row")
+    return [*prompt, chosen], [rejected]
+
+
+def _answer(row: dict[str, Any], side: str) -> dict[str, str]:
+    """One side of a pair: a text, or a list of one assistant message (TRL's conversational shape)."""
+    value = row.get(side)
+    if isinstance(value, list):
+        if len(value) != 1 or not isinstance(value[0], dict):
+            raise RowError("E_PAIR_ANSWER", f"'{side}' must be a text or a list of one assistant message, "
+                           f"got a list of {len(value)}")
+        message = value[0]
+        if message.get("role") != "assistant":
+            raise RowError("E_PAIR_ROLE", f"'{side}' holds a message of role {message.get('role')!r}; an answer "
+                           "is the assistant's (put the user turn in 'prompt')")
+        value = message.get("content")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        other = "rejected" if side == "chosen" else "chosen"
+        raise RowError("E_PAIR_MISSING", f"no '{side}' answer, so there is no pair; give both '{other}' "
+                       f"and '{side}', or write the row as prompt + completion to train on it alone")
+    if not isinstance(value, str):
+        raise RowError("E_TYPE", f"field '{side}' must be a string, got {type(value).__name__}")
+    return {"role": "assistant", "content": value}
+
+
+def _convert(row: dict[str, Any], shape: str, answered: bool = True) -> list[dict[str, str]]:
     if shape == "text":
         _text(row.get("text"), "text")
         return []
@@ -306,7 +389,7 @@ def _convert(row: dict[str, Any], shape: str) -> list[dict[str, str]]:
             raise RowError("E_UNKNOWN_ROLE",
                            f"message {i} has unknown role {m['role']!r}; use system, user or assistant")
         out.append(_message(m["role"], m["content"], f"message {i} content"))
-    if not any(m["role"] == "assistant" for m in out):
+    if answered and not any(m["role"] == "assistant" for m in out):
         raise RowError("E_NO_ASSISTANT", "no assistant message to learn from")
     if out[0]["role"] == "assistant":
         # Nothing comes before it to prompt for it: a chat template renders no empty
@@ -349,7 +432,8 @@ def iter_examples(path: Path, shape: str = "auto", require_answer: bool = True,
         if row_shape is None:
             yield Problem(number, "E_SHAPE",
                           f"unknown shape with keys {sorted(map(str, row))}; expected 'messages', "
-                          "'prompt'+'completion', 'instruction'+'output' or 'text' (or pass --format)")
+                          "'prompt'+'completion', 'instruction'+'output', 'text' or 'prompt'+'chosen'+'rejected' "
+                          "(or pass --format)")
             continue
         if not require_answer:
             if row_shape == "text":
@@ -358,7 +442,7 @@ def iter_examples(path: Path, shape: str = "auto", require_answer: bool = True,
                 continue
             row = _with_placeholder_answer(row, row_shape)
         try:
-            messages = to_messages(row, row_shape)
+            messages, rejected = convert(row, row_shape)
         except RowError as e:
             message = str(e)
             if tabular:  # a spreadsheet user looks for a column, not a field
@@ -366,7 +450,7 @@ def iter_examples(path: Path, shape: str = "auto", require_answer: bool = True,
             yield Problem(number, e.code, message)
             continue
         group = group_value(row, split_by) if split_by else None
-        yield Example(messages, number, row["text"] if row_shape == "text" else None, group)
+        yield Example(messages, number, row["text"] if row_shape == "text" else None, group, rejected)
 
 
 def load_examples(path: Path, shape: str = "auto", require_answer: bool = True,
@@ -542,6 +626,8 @@ def write_jsonl(path: Path, examples: Iterable[Example]) -> None:
     with Path(path).open("w", encoding="utf-8") as f:
         for e in examples:
             row = {"text": e.text} if e.is_raw else {"messages": e.messages}
+            if e.rejected is not None:  # TRL's conversational preference shape
+                row = {"prompt": e.prompt_messages(), "chosen": e.messages[-1:], "rejected": e.rejected}
             group = {"group": e.group} if e.group is not None else {}
             f.write(json.dumps({**row, "metadata": {"line": e.line, **group}}, ensure_ascii=False) + "\n")
 
@@ -556,4 +642,6 @@ def read_jsonl(path: Path) -> list[Example]:
 def split_example(row: dict[str, Any]) -> Example:
     """One row of a split file as an Example; KeyError or TypeError when it is not one."""
     where = row.get("metadata") if isinstance(row.get("metadata"), dict) and "line" in row["metadata"] else row
+    if "chosen" in row:
+        return Example(row["prompt"] + row["chosen"], where["line"], None, where.get("group"), row["rejected"])
     return Example(row.get("messages", []), where["line"], row.get("text"), where.get("group"))

@@ -34,7 +34,8 @@ REPORT_FILE = "report.html"
 COMPARISON_FILE = "comparison.html"
 SERIES_COLOURS = ["#1f6fb4", "#d9730d", "#2e8b57", "#b03a8c", "#7a5c2e", "#5b5ea6", "#c0392b", "#17817a"]
 
-SHAPE_NAMES = {"chat": ("conversation", "conversations"), "text": ("raw-text document", "raw-text documents")}
+SHAPE_NAMES = {"chat": ("conversation", "conversations"), "text": ("raw-text document", "raw-text documents"),
+               "pair": ("preference pair", "preference pairs")}
 """What data_check.json's `shapes` count: every row with an answer becomes a conversation (a
 prompt and its answer, whatever its keys), raw text stays a document; as `tunelab data check`
 says it."""

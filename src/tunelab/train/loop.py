@@ -5,7 +5,8 @@
   split and encode it, before anything is written;
 - set_up: accelerator, model, AdamW, warmup + cosine decay, the loader; the run folder;
 - run_loop: accumulation, clipping, held-out loss at intervals, checkpoints (loss.py has the
-  forward/backward step itself), early stopping and the best weights (stopping.py);
+  forward/backward step itself; preference.py that of --objective dpo and orpo), early stopping
+  and the best weights (stopping.py);
 - save_final: the weights or adapter (the last step's, or with --keep-best the best) beside
   config, template, split and metrics; where and why training stopped in run.json.
 """
@@ -38,6 +39,7 @@ from tunelab.models import load_model, load_tokenizer, resolve_base
 from tunelab.runfolder import MetricsWriter, RunFiles
 from tunelab.runlock import LOCK_FILE, RunLock
 from tunelab.template import Encoded, Template
+from tunelab.train import preference
 from tunelab.train.batching import pack
 from tunelab.train.checkpoint import Checkpoint, Checkpoints, Position, finished_run, process_rng_states, trim_metrics
 from tunelab.train.loss import backward_step, heldout_loss
@@ -80,6 +82,9 @@ class Prepared:
     """The --data-extra rows (data/extra.py), trained besides the split; their lines are the extra file's."""
     extra_pieces: int = 0
     """What the extra rows became after encoding, in `train_encoded` after the training examples'."""
+    train_pairs: list[preference.Pair] | None = None
+    """With --objective dpo or orpo, what is trained instead of `train_encoded`: the training
+    pairs encoded, those too long dropped."""
 
     @property
     def tokenizer(self):
@@ -96,6 +101,8 @@ def prepare(config: TrainConfig, data_path: Path, out: Path | None = None, show:
     """Check the data (errors stop here, with the report saved in `out`), then split and encode.
     Every process of a launched run prepares the same data; only the one that `show`s prints."""
     data_mod.check_data_file(data_path)  # before the base model is converted or loaded
+    if config.objective != "sft":
+        preference.check_options(config)
     base_path = resolve_base(config.base)
     template = Template.for_model(load_tokenizer(base_path), config.template)
     data_path = Path(data_path)
@@ -107,6 +114,8 @@ def prepare(config: TrainConfig, data_path: Path, out: Path | None = None, show:
     else:
         examples = [e for e in data_mod.load_examples(data_path, config.format, split_by=config.split_by)
                     if e.line not in report.duplicate_lines]
+    if config.objective != "sft":
+        preference.check_pairs(examples, config.objective, data_path)
     train, test = data_mod.split(examples, config.test_size, config.seed, groups=report.groups,
                                  split_by=config.split_by)
     replaced = {held for held, _ in report.extra_replaced}  # by extra rows with their prompt (data/extra.py)
@@ -148,8 +157,16 @@ def prepare(config: TrainConfig, data_path: Path, out: Path | None = None, show:
             if outcome in ("kept", "truncated"):
                 train_encoded += pieces
                 augmented.append(variant)
-    return Prepared(base_path, template, train, test, train_encoded, test_encoded, stats.dropped, report, augmented,
-                    extra, extra_pieces)
+    dropped, pairs = stats.dropped, None
+    if config.objective != "sft":
+        pairs, dropped = preference.encode_pairs(train, template, config, str(data_path))
+        if extra:
+            preference.check_pairs(extra, config.objective, Path(str(config.data_extra)))
+            extra_pairs, _ = preference.encode_pairs(extra, template, config, str(config.data_extra))
+            pairs += extra_pairs
+            extra_pieces = len(extra_pairs)
+    return Prepared(base_path, template, train, test, train_encoded, test_encoded, dropped, report, augmented,
+                    extra, extra_pieces, pairs)
 
 
 def first_examples(train: list[Example], n: int, seed: int, data_path: Path) -> list[Example]:
@@ -273,8 +290,10 @@ def set_up(config: TrainConfig, prepared: Prepared, resuming: bool) -> Training:
     optimizer = device.make_optimizer(trainable, config.learning_rate, config.weight_decay, accelerator.device)
 
     generator = torch.Generator().manual_seed(config.seed)
+    pairs = prepared.train_pairs is not None  # each micro-batch: --batch-size pairs, both sides of each
     loader = torch.utils.data.DataLoader(
-        prepared.train_encoded, batch_size=config.batch_size, shuffle=True, collate_fn=pack, generator=generator,
+        prepared.train_pairs if pairs else prepared.train_encoded, batch_size=config.batch_size, shuffle=True,
+        collate_fn=preference.collate if pairs else pack, generator=generator,
     )
     # Under `accelerate launch` each process takes every n-th micro-batch (one global batch is n
     # micro-batches side by side), and accelerate steps a prepared scheduler n times per step.
@@ -306,8 +325,10 @@ def open_run_folder(files: RunFiles, config: TrainConfig, prepared: Prepared, ov
             else:
                 path.unlink()
     files.create(config, prepared.template, prepared.base_path, prepared.train, prepared.test, prepared.dropped,
-                 len(prepared.train_encoded) - len(prepared.augmented) - prepared.extra_pieces, prepared.augmented,
-                 [f.path for f in prepared.report.copied], fingerprint, prepared.extra, prepared.report.extra_replaced)
+                 (len(prepared.train_pairs) if prepared.train_pairs is not None
+                  else len(prepared.train_encoded) - len(prepared.augmented)) - prepared.extra_pieces,
+                 prepared.augmented, [f.path for f in prepared.report.copied], fingerprint, prepared.extra,
+                 prepared.report.extra_replaced)
     prepared.report.save(files.root)
     if resume:
         trim_metrics(files.metrics, start.step if start else -1)
@@ -359,7 +380,12 @@ def run_loop(training: Training, config: TrainConfig, checkpoints: Checkpoints, 
             # On resume, skip the micro-batches of this epoch that the checkpoint had consumed.
             for micro_batches in step_groups(itertools.islice(t.loader, consumed, None), config.grad_accum):
                 consumed += len(micro_batches)
-                loss, step_tokens = backward_step(accelerator, t.model, micro_batches)
+                preferences: dict[str, float] = {}  # reward margin and accuracy of dpo and orpo
+                if config.objective == "sft":
+                    loss, step_tokens = backward_step(accelerator, t.model, micro_batches)
+                else:
+                    loss, step_tokens, preferences = preference.backward_step(accelerator, t.model, micro_batches,
+                                                                              config.objective, config.beta)
                 tokens += step_tokens
                 if config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(t.trainable, config.max_grad_norm)
@@ -375,7 +401,7 @@ def run_loop(training: Training, config: TrainConfig, checkpoints: Checkpoints, 
                 if metrics:
                     metrics.write({"step": step, "loss": round(loss_value, 5), "lr": t.scheduler.get_last_lr()[0],
                                    "tokens": tokens, "tokens_per_s": round(tokens / elapsed, 1),
-                                   "elapsed_s": round(elapsed, 2)})
+                                   "elapsed_s": round(elapsed, 2), **preferences})
                 saving = checkpoints.due(step)
                 # A save measures the held-out loss for its checkpoint, but only the evaluations at
                 # --eval-every and the last step count for stopping (--save-every may change on resume).
