@@ -30,7 +30,7 @@ LAYERS = [
     {"decoding.copying"},
     {"decoding.generate"},
     {"evaluate.metrics", "evaluate.baselines", "evaluate.assertions", "evaluate.endpoint", "evaluate.results"},
-    {"evaluate.forgetting", "evaluate.judge"},
+    {"evaluate.forgetting", "evaluate.judge", "evaluate.names"},
     {"evaluate.core"},
     {"run"},
     {"serve.protocol", "serve.moderation", "serve.scheduler"},

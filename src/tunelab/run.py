@@ -105,9 +105,15 @@ class Run:
         `enabled` is False (`--no-copy-constraint`)."""
         if not enabled or not self.copied_fields:
             return None
+        from tunelab.data.copied import TEXT_ANSWER, house_words
+        from tunelab.data.load import read_jsonl
         from tunelab.decoding.copying import CopyRule
 
-        return CopyRule(self.tokenizer, frozenset(self.copied_fields), frozenset(self.template.stop_token_ids))
+        fields = frozenset(self.copied_fields)
+        # Plain-text answers may also write the house style's own words: found again in the
+        # training rows, as the data check found them.
+        house = house_words(e.messages for e in read_jsonl(self.files.train)) if TEXT_ANSWER in fields else frozenset()
+        return CopyRule(self.tokenizer, fields, frozenset(self.template.stop_token_ids), house)
 
     def generate(self, prompt: str | list[dict[str, str]], max_new_tokens: int = 256,
                  copy_constraint: bool = True) -> str:
