@@ -46,6 +46,7 @@ class Run:
         self.precision = precision or self.config.precision
         self.device = inference_device(device)
         self._tuned = None
+        self._house_words: frozenset[str] | None = None
 
     @property
     def path(self) -> Path:
@@ -110,10 +111,12 @@ class Run:
         from tunelab.decoding.copying import CopyRule
 
         fields = frozenset(self.copied_fields)
-        # Plain-text answers may also write the house style's own words: found again in the
-        # training rows, as the data check found them.
-        house = house_words(e.messages for e in read_jsonl(self.files.train)) if TEXT_ANSWER in fields else frozenset()
-        return CopyRule(self.tokenizer, fields, frozenset(self.template.stop_token_ids), house)
+        if TEXT_ANSWER in fields and self._house_words is None:
+            # Plain-text answers may also write the house style's own words: found again in the
+            # training rows (once a Run), as the data check found them.
+            self._house_words = house_words(e.messages for e in read_jsonl(self.files.train))
+        return CopyRule(self.tokenizer, fields, frozenset(self.template.stop_token_ids),
+                        self._house_words or frozenset())
 
     def generate(self, prompt: str | list[dict[str, str]], max_new_tokens: int = 256,
                  copy_constraint: bool = True) -> str:
