@@ -258,8 +258,8 @@ def recase_run(tmp_path_factory, recaser_dir, cli, write_jsonl):
                  "--batch-size", "4", "--out", folder / "run")
     assert result.returncode == 0, result.stderr
     assert "names and numbers in answers are copied from the input in 100% of rows" in result.stdout
-    write_jsonl(folder / "kwame.jsonl", [{"prompt": f"kwame oyelaran called re {topic}", "completion": "Kwame Oyelaran."}
-                                         for topic in TOPICS])
+    write_jsonl(folder / "kwame.jsonl", [{"prompt": f"kwame oyelaran called re {topic}",
+                                          "completion": "Kwame Oyelaran."} for topic in TOPICS])
     return folder / "run"
 
 

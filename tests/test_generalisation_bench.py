@@ -50,7 +50,8 @@ def entity_copied(row, any_case: bool = False) -> bool:
 
 def test_no_entity_is_a_word_of_the_notes_wording(bench):
     # TEMPLATE_WORDS leaves the notes wording out (the pools stay as measured before it).
-    wording = {w.lower() for t in [bench.NOTES_INSTRUCTION, *bench.NOTES_TEMPLATES] for w in re.findall(r"[A-Za-z]+", t)}
+    wording = {w.lower() for line in [bench.NOTES_INSTRUCTION, *bench.NOTES_TEMPLATES]
+               for w in re.findall(r"[A-Za-z]+", line)}
     entities = {w.lower() for group in bench.entity_groups(0) for words in group.values() for w in words}
     assert not wording & entities
 

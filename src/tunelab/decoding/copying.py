@@ -338,12 +338,15 @@ class CopyConstraint:
             if not (word[0].isdigit() or word[0].isupper()):
                 continue
             folded = word.casefold()
-            if match.end() < len(text):  # closed
-                if is_name_word(word) and folded not in self.words and folded not in house:
-                    return False
-            elif len(word) > 1 or word.isdigit():  # open: a lone capital may still become "I" or "A"
-                if folded not in self.prefixes and folded not in self.rule.house_prefixes():
-                    return False
+            closed = match.end() < len(text)
+            if closed and is_name_word(word):
+                known = folded in self.words or folded in house
+            elif not closed and (len(word) > 1 or word.isdigit()):  # a lone capital may still become "I" or "A"
+                known = folded in self.prefixes or folded in self.rule.house_prefixes()
+            else:
+                continue
+            if not known:
+                return False
         return True
 
     def _decoded(self, tokens: list[int], keep_partial: bool = False) -> str:
