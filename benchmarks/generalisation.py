@@ -5,7 +5,7 @@
     PYTHONPATH=src python benchmarks/generalisation.py --out runs/gen --table      # every result so far
     PYTHONPATH=src python benchmarks/generalisation.py --out runs/gen-data --write-only
 
-Three tasks of this script's own making, each a training file (`--train-rows`, 1000 by default)
+Four tasks of this script's own making, each a training file (`--train-rows`, 1000 by default)
 and a test file in tunelab's prompt/completion shape:
 
 - `people`: a sentence about a person, a city and a date -> {"person", "city", "date"} (the
@@ -13,7 +13,11 @@ and a test file in tunelab's prompt/completion shape:
 - `orders`: an order, an email or a support ticket -> {"customer", "product", "quantity", "city"}
   (the quantity written as a word or digits, an integer in the answer);
 - `rewrite`: a terse note ("mtg Okafor, Cyrus / Halifax / fri re budget") -> one formal sentence
-  that carries the note's names and place verbatim, in a fixed order.
+  that carries the note's names and place verbatim, in a fixed order;
+- `notes`: an informal call note, its name mostly in lower case ("kwame oyelaran called re
+  budget, call back 3pm") -> one sentence in a fixed style whose name must come out re-cased
+  ("Kwame Oyelaran called about the budget and asked to be called back at 3 pm."): the plain-text
+  side of the copy constraint (names kept words of the input) is what it measures.
 
 Names, surnames, cities and product brands come from large pools (syllable-built names and
 real-looking ones), dealt into entity groups; every row draws its entities from one group and
@@ -26,11 +30,14 @@ values, or the entities a rewrite must carry) occurs in no training answer, seen
 For each task the runner trains with tunelab's Python API (`tunelab.train.loop.train`, TrainConfig
 defaults, overridden by `--set key=value`), answers the test prompts greedily through the run
 (`Run.generate_batch`, the path of `tunelab generate` and `tunelab eval`), and prints exact match
-(`tunelab.evaluate.metrics.exact_match`) on novel and seen rows, training wall time and the settings.
+(`tunelab.evaluate.metrics.exact_match`; for `notes`, the answer equal to the reference as written,
+since its point is the casing that exact match ignores) on novel and seen rows, training wall
+time and the settings.
 Each result is appended to OUT/results.jsonl (misses included); `--table` prints them all.
 Answers are decoded as `tunelab generate` decodes them, with the copy constraint on the fields
-the run's training data copies (tunelab/copying.py); `--compare-copy-constraint` answers the test
-rows a second time without it and records both. Answers are computed in the run's precision (bf16
+the run's training data copies, or on the names of plain-text answers where it copies those
+(tunelab/decoding/copying.py); `--compare-copy-constraint` answers the test rows a second time
+without it and records both, with each one's generation time. Answers are computed in the run's precision (bf16
 autocast where the CPU or GPU computes bf16 natively, as in training); `--compare-precision`
 answers them a second time in fp32 and records both, with each one's generation time.
 """
@@ -46,7 +53,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-TASKS = ("people", "orders", "rewrite")
+TASKS = ("people", "orders", "rewrite", "notes")
 GROUPS = 60
 """Entity groups; the last TEST_GROUPS of them are the test file's novel rows, never trained on."""
 TEST_GROUPS = 12
@@ -246,12 +253,39 @@ def make_rewrite(rng: random.Random, parts: dict[str, str]) -> tuple[str, str, l
     return f"{REWRITE_INSTRUCTION}\nNote: {note}", answer, [f"{first} {last}", city]
 
 
-MAKERS = {"people": make_people, "orders": make_orders, "rewrite": make_rewrite}
+NOTES_INSTRUCTION = "Write the call note up in the house style."
+NOTES_TEMPLATES = [
+    "{first} {last} called re {topic}, call back {time}",
+    "call from {first} {last} abt {topic} - wants callback {time}",
+    "{last}, {first} rang about {topic}; pls ring back {time}",
+    "missed call: {first} {last} ({topic}) cb {time}",
+    "{first} {last} phoned, topic {topic}, back to them {time}",
+    "vm from {first} {last} re {topic}. callback {time}",
+    "{first} {last} on the phone about {topic}, said ring {time}",
+]
+
+
+def make_notes(rng: random.Random, parts: dict[str, str]) -> tuple[str, str, list[str]]:
+    """A call note, its name mostly in lower case (sometimes as written, sometimes in capitals),
+    -> one sentence in a fixed style with the name re-cased and the hour copied."""
+    first, last = parts["first"], parts["surname"]
+    written = rng.choice([str.lower, str.lower, str.lower, str, str.upper])
+    short, formal = rng.choice(TOPICS)
+    hour = rng.randint(1, 11)
+    time = rng.choice([f"{hour}pm", f"at {hour} pm", f"{hour}:00", f"after {hour}pm"])
+    note = rng.choice(NOTES_TEMPLATES).format(first=written(first), last=written(last), topic=short, time=time)
+    answer = f"{first} {last} called about {formal} and asked to be called back at {hour} pm."
+    return f"{NOTES_INSTRUCTION}\nNote: {note}", answer, [f"{first} {last}"]
+
+
+MAKERS = {"people": make_people, "orders": make_orders, "rewrite": make_rewrite, "notes": make_notes}
 TEMPLATE_WORDS = " ".join([PEOPLE_INSTRUCTION, *PEOPLE_TEMPLATES, *PEOPLE_NOISE, ORDERS_INSTRUCTION, *ORDERS_TEMPLATES,
                            REWRITE_INSTRUCTION, *REWRITE_TEMPLATES, *ITEMS, *MONTHS, *WEEKDAYS, *NUMBER_WORDS,
                            *CITY_PREFIXES, *(w for pair in TOPICS for w in pair)]).replace(",", " ").replace(".", " ")
 """Words of the tasks' own wording: no entity may be one of them (a test name that is also a
-template word would occur in training)."""
+template word would occur in training). The `notes` task's wording is left out, so the entity
+pools (and the other tasks' rows) stay those measured before it; tests/test_generalisation_bench.py
+checks that no entity is a word of it."""
 
 
 def make_rows(task: str, sources: list[tuple[int, dict[str, list[str]]]], n: int, rng: random.Random,
@@ -340,19 +374,24 @@ def run_task(task: str, args, settings: dict) -> dict:
     started = time.perf_counter()
     answers = run.generate_batch([row["prompt"] for row in test_rows], max_new_tokens=args.max_new_tokens)
     generate_s = time.perf_counter() - started
-    correct = [exact_match(a, row["completion"]) for a, row in zip(answers, test_rows)]
+    def same(answer: str, reference: str) -> float:
+        return float(answer.strip() == reference.strip()) if task == "notes" else exact_match(answer, reference)
+
+    correct = [same(a, row["completion"]) for a, row in zip(answers, test_rows)]
     fp32 = None
     if args.compare_precision:
         started = time.perf_counter()
         exact = Run(folder / "run", precision="fp32").generate_batch([row["prompt"] for row in test_rows],
                                                                      max_new_tokens=args.max_new_tokens)
         fp32_s = time.perf_counter() - started
-        fp32 = [exact_match(a, row["completion"]) for a, row in zip(exact, test_rows)]
+        fp32 = [same(a, row["completion"]) for a, row in zip(exact, test_rows)]
     free = None
     if args.compare_copy_constraint and run.copied_fields:
+        started = time.perf_counter()
         unconstrained = run.generate_batch([row["prompt"] for row in test_rows], max_new_tokens=args.max_new_tokens,
                                            copy_constraint=False)
-        free = [exact_match(a, row["completion"]) for a, row in zip(unconstrained, test_rows)]
+        free_s = time.perf_counter() - started
+        free = [same(a, row["completion"]) for a, row in zip(unconstrained, test_rows)]
     metrics = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = max((m["step"] for m in metrics if "loss" in m), default=0)
     eval_losses = [m["eval_loss"] for m in metrics if "eval_loss" in m]
@@ -376,7 +415,7 @@ def run_task(task: str, args, settings: dict) -> dict:
         "without_copy_constraint": None if free is None else {
             "em_novel": rate(novel, free), "em_seen": rate([not n for n in novel], free),
             "em_all": rate([True] * len(novel), free),
-            "answers_changed": sum(a != b for a, b in zip(answers, unconstrained))},
+            "answers_changed": sum(a != b for a, b in zip(answers, unconstrained)), "generate_s": round(free_s, 1)},
         "misses": [{"prompt": row["prompt"].split("\n", 1)[1], "reference": row["completion"], "answer": a,
                     "novel": n} for a, row, c, n in zip(answers, test_rows, correct, novel) if not c][:12],
     }
@@ -421,13 +460,14 @@ def format_copy_table(results: list[dict]) -> str:
     compared = [r for r in results if r.get("without_copy_constraint")]
     if not compared:
         return ""
-    lines = ["| label | task | copied fields | EM novel on / off | EM seen on / off | answers changed |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| label | task | copied fields | EM novel on / off | EM seen on / off | answers changed | "
+             "generation s on / off |", "|---|---|---|---|---|---|---|"]
     for r in compared:
         off = r["without_copy_constraint"]
+        seconds = f"{r['generate_s']:.1f} / {off['generate_s']:.1f}" if "generate_s" in off else "-"
         lines.append(f"| {r['label']} | {r['task']} | {', '.join(r['copied_fields'])} | "
                      f"{percent(r['em_novel'])} / {percent(off['em_novel'])} | "
-                     f"{percent(r['em_seen'])} / {percent(off['em_seen'])} | {off['answers_changed']} |")
+                     f"{percent(r['em_seen'])} / {percent(off['em_seen'])} | {off['answers_changed']} | {seconds} |")
     return "\n".join(lines)
 
 

@@ -30,7 +30,7 @@ LAYERS = [
     {"decoding.copying"},
     {"decoding.generate"},
     {"evaluate.metrics", "evaluate.baselines", "evaluate.assertions", "evaluate.endpoint", "evaluate.results"},
-    {"evaluate.forgetting", "evaluate.judge", "data.corrections"},
+    {"evaluate.forgetting", "evaluate.judge", "evaluate.names", "data.corrections"},
     {"evaluate.core", "data.review"},
     {"run"},
     {"serve.protocol", "serve.moderation", "serve.scheduler"},

@@ -392,7 +392,7 @@ def test_typed_results_round_trip_through_the_file_under_the_same_keys(tmp_path)
     assert list(written) == ["schema", "run", "data", "examples_evaluated", "max_new_tokens", "shots", "precision",
                              "device", "contenders", "metrics", "fields", "extractive_fields", "buckets",
                              "bucket_examples", "differences", "cost", "assertions", "judge", "forgetting",
-                             "copy_constraint", "novelty", "samples"]
+                             "copy_constraint", "invented_names", "novelty", "samples"]
     assert EvalResults.read(tmp_path / "eval.json") == results
     assert written["metrics"]["tuned"]["exact_match"] == rich_eval()["metrics"]["tuned"]["exact_match"]
     assert written["novelty"]["accuracy"]["tuned"] == rich_eval()["novelty"]["accuracy"]["tuned"]

@@ -111,8 +111,9 @@ class GenerationOptions(Options):
     """How a command that answers with a run's model generates: eval, generate, chat and serve."""
 
     no_copy_constraint: bool = False
-    """let answers hold any value in the fields that the training data copies from the input (by default such
-    values stay substrings of the input; the data check lists the fields)"""
+    """let answers hold any value in the fields, and any name in plain-text answers, that the training data copies
+    from the input (by default such values stay substrings of the input, and such names words of it; the data
+    check lists them)"""
     precision: Precision | None = None
     """arithmetic of generation: bf16 (matmuls in bf16, as in mixed-precision training; generation about 2x faster
     on CPUs with AVX512-BF16) or fp32; auto picks bf16 where the hardware computes it natively (default: the run's

@@ -46,6 +46,7 @@ class Run:
         self.precision = precision or self.config.precision
         self.device = inference_device(device)
         self._tuned = None
+        self._house_words: frozenset[str] | None = None
 
     @property
     def path(self) -> Path:
@@ -105,9 +106,17 @@ class Run:
         `enabled` is False (`--no-copy-constraint`)."""
         if not enabled or not self.copied_fields:
             return None
+        from tunelab.data.copied import TEXT_ANSWER, house_words
+        from tunelab.data.load import read_jsonl
         from tunelab.decoding.copying import CopyRule
 
-        return CopyRule(self.tokenizer, frozenset(self.copied_fields), frozenset(self.template.stop_token_ids))
+        fields = frozenset(self.copied_fields)
+        if TEXT_ANSWER in fields and self._house_words is None:
+            # Plain-text answers may also write the house style's own words: found again in the
+            # training rows (once a Run), as the data check found them.
+            self._house_words = house_words(e.messages for e in read_jsonl(self.files.train))
+        return CopyRule(self.tokenizer, fields, frozenset(self.template.stop_token_ids),
+                        self._house_words or frozenset())
 
     def generate(self, prompt: str | list[dict[str, str]], max_new_tokens: int = 256,
                  copy_constraint: bool = True) -> str:

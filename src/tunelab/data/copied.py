@@ -1,4 +1,4 @@
-"""Which answer fields the training rows copy verbatim from their input.
+"""Which answer fields, and whether the names of plain-text answers, the training rows copy from their input.
 
 An extraction task often copies some answer values verbatim from its input (a name, a city).
 Where the training rows copy a JSON field's string value from the input (`text.input_text`, the
@@ -9,12 +9,22 @@ This module finds those fields: the data check counts them over the training row
 A value is copied when it occurs in the input as whole words (`whole_copy`: "Cy" is no copy of
 "Cyrus"). Field paths join keys with dots, with `*` for a list position (`people.*.name`,
 `text.field_path`), as the copy constraint's cursor names the value being written.
+
+Plain-text answers have no fields; what they copy is their names and numbers (`name_words`:
+words that start with a capital letter or a digit), re-cased at will ("kwame oyelaran" ->
+"Kwame Oyelaran"). A row copies when each of its answer's name words is a word of its input,
+compared case-folded and word by word (so punctuation around or inside a name is free), or one
+of the house style's own words (`HouseWords`: a sentence's first "The", a "Summary:" label, a
+number every answer writes). Where nearly every training row with such words copies them, the
+pseudo-field TEXT_ANSWER joins the copied fields, and decoding keeps those words copies too.
 """
 
 from __future__ import annotations
 
+import re
 from array import array
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from tunelab.text import field_path, input_text, json_leaves, parse_json_answer
@@ -24,6 +34,73 @@ MIN_SHARE = 0.95
 training rows whose answer has it."""
 MIN_ROWS = 20
 """...and at least this many training rows have it: a handful of rows proves nothing."""
+TEXT_ANSWER = "(text)"
+"""The copied field that stands for the name words of plain-text answers (run.json lists it among
+the copied fields when the training rows copy them); no JSON path is written so."""
+HOUSE_SHARE = 0.05
+"""A name word that answers write without their input holding it, in at least this share of the
+rows with plain-text answers (and two rows at least), is the house style's own, not a name."""
+
+WORD = re.compile(r"[^\W\d_]+|\d+")
+"""A word, as names are compared: a run of letters or of digits ("4pm" is "4" and "pm", so the
+"4" an answer writes copies it)."""
+
+
+def is_name_word(word: str) -> bool:
+    """Whether a word may be a name or a number: it starts with a digit, or with a capital letter
+    and has more (a lone "I", "A" or initial is no name to check)."""
+    return word[:1].isdigit() or (word[:1].isupper() and len(word) > 1)
+
+
+def name_words(text: str) -> list[str]:
+    """The words of `text` (`WORD`) that may be names or numbers."""
+    return [w for w in WORD.findall(text) if is_name_word(w)]
+
+
+def folded_words(text: str) -> set[str]:
+    """The words of `text`, case-folded: what a name word of an answer is looked up in."""
+    return {w.casefold() for w in WORD.findall(text)}
+
+
+@dataclass
+class HouseWords:
+    """Counts, over plain-text answers, the words that a house style writes by itself: every word
+    an answer writes in lower case (so a sentence's first "The" is no name), and each name word
+    that answers write though their input lacks it, with the rows that do (a greeting's "Hello",
+    a "Summary" label, a year every answer states)."""
+
+    lower: set[str] = field(default_factory=set)
+    unsourced: Counter = field(default_factory=Counter)
+    rows: int = 0
+    """Rows with a plain-text answer."""
+
+    def add(self, answer: str, source: set[str]) -> None:
+        """Count one answer, `source` being its input's `folded_words`."""
+        self.rows += 1
+        words = WORD.findall(answer)
+        self.lower.update(w.casefold() for w in words if w.islower())
+        self.unsourced.update({w.casefold() for w in words if is_name_word(w) and w.casefold() not in source})
+
+    def words(self) -> frozenset[str]:
+        """The house words, case-folded."""
+        least = max(2, HOUSE_SHARE * self.rows)
+        return frozenset(self.lower | {w for w, rows in self.unsourced.items() if rows >= least})
+
+
+def house_words(rows: Iterable[list[dict[str, str]]]) -> frozenset[str]:
+    """The house words (`HouseWords`) of the plain-text answers of these rows' messages."""
+    house = HouseWords()
+    for messages in rows:
+        answer = _text_answer(messages)
+        if answer is not None:
+            house.add(answer, folded_words(input_text(messages)))
+    return house.words()
+
+
+def _text_answer(messages: list[dict[str, str]]) -> str | None:
+    """The last answer of a row when it is plain text (not JSON), else None."""
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    return answers[-1] if answers and parse_json_answer(answers[-1]) is None else None
 
 
 @dataclass
@@ -54,14 +131,25 @@ class CopyCounter:
     copied: array = field(default_factory=lambda: array("b"))
     """Three columns, one entry for every field of every row with a JSON answer: the row, the
     field's number, whether the row copies it."""
+    house: HouseWords = field(default_factory=HouseWords)
+    words: dict[str, int] = field(default_factory=dict)
+    """Name word (case-folded) -> its number in `name_numbers`."""
+    name_rows: array = field(default_factory=lambda: array("q"))
+    name_numbers: array = field(default_factory=lambda: array("q"))
+    name_copied: array = field(default_factory=lambda: array("b"))
+    """Three columns, one entry for every name word of every plain-text answer: the row, the
+    word's number, whether the row's input holds the word."""
 
     def add(self, row: int, messages: list[dict[str, str]]) -> None:
         """Count the fields of one row (its position in the file's valid rows, and its messages)."""
         answers = [m["content"] for m in messages if m["role"] == "assistant"]
-        parsed = parse_json_answer(answers[-1]) if answers else None
-        if parsed is None:
+        if not answers:
             return
+        parsed = parse_json_answer(answers[-1])
         source = input_text(messages)
+        if parsed is None:
+            self._add_text(row, answers[-1], folded_words(source))
+            return
         copied: dict[str, bool] = {}
         for path, value in json_leaves(parsed).items():
             if isinstance(value, str):
@@ -72,8 +160,16 @@ class CopyCounter:
             self.numbers.append(self.paths.setdefault(name, len(self.paths)))
             self.copied.append(is_copied)
 
+    def _add_text(self, row: int, answer: str, source: set[str]) -> None:
+        self.house.add(answer, source)
+        for word in dict.fromkeys(w.casefold() for w in name_words(answer)):
+            self.name_rows.append(row)
+            self.name_numbers.append(self.words.setdefault(word, len(self.words)))
+            self.name_copied.append(word in source)
+
     def fields(self, rows: set[int] | None = None) -> list[CopiedField]:
-        """Every field seen in `rows` (all rows when None), most often copied first."""
+        """Every field seen in `rows` (all rows when None), most often copied first; TEXT_ANSWER
+        among them when plain-text answers there write name words that are not house words."""
         seen: Counter = Counter()
         copied: Counter = Counter()
         for row, number, is_copied in zip(self.rows, self.numbers, self.copied):
@@ -82,7 +178,23 @@ class CopyCounter:
                 copied[number] += is_copied
         names = {number: path for path, number in self.paths.items()}
         counted = [CopiedField(names[n], seen[n], copied[n]) for n in seen]
-        return sorted(counted, key=lambda f: (-f.share, -f.rows, f.path))
+        text = self._text_field(rows)
+        return sorted(counted + ([text] if text else []), key=lambda f: (-f.share, -f.rows, f.path))
+
+    def _text_field(self, rows: set[int] | None) -> CopiedField | None:
+        """The plain-text answers as one field: the rows whose answer writes a name word that is no
+        house word, and of them those whose input holds every such word. House words are counted
+        over all rows (the streaming pass does not know the split yet)."""
+        house = self.house.words()
+        names = {number: word for word, number in self.words.items()}
+        named: set[int] = set()
+        invented: set[int] = set()
+        for row, number, is_copied in zip(self.name_rows, self.name_numbers, self.name_copied):
+            if (rows is None or row in rows) and names[number] not in house:
+                named.add(row)
+                if not is_copied:
+                    invented.add(row)
+        return CopiedField(TEXT_ANSWER, len(named), len(named) - len(invented)) if named else None
 
     def copied_fields(self, rows: set[int] | None = None) -> list[CopiedField]:
         """The fields the constraint applies to: copied in at least MIN_SHARE of at least
@@ -92,10 +204,17 @@ class CopyCounter:
 
 def describe(fields: list[CopiedField]) -> str:
     """One line for the data check: which fields are copied, how often, and the flag."""
-    names = ", ".join(f.path for f in fields)
-    shares = " / ".join(f"{f.share:.0%}" for f in fields)
-    return (f"{names} {'is' if len(fields) == 1 else 'are'} copied from the input in {shares} of rows: decoding "
-            "keeps them substrings of the input; --no-copy-constraint turns it off")
+    parts = []
+    json_fields = [f for f in fields if f.path != TEXT_ANSWER]
+    if json_fields:
+        names = ", ".join(f.path for f in json_fields)
+        shares = " / ".join(f"{f.share:.0%}" for f in json_fields)
+        parts.append(f"{names} {'is' if len(json_fields) == 1 else 'are'} copied from the input in {shares} of rows: "
+                     "decoding keeps them substrings of the input")
+    for text in (f for f in fields if f.path == TEXT_ANSWER):
+        parts.append(f"names and numbers in answers are copied from the input in {text.share:.0%} of rows: decoding "
+                     "keeps them words of the input")
+    return "; ".join(parts) + "; --no-copy-constraint turns it off"
 
 
 def whole_copy(value: str, source: str) -> bool:

@@ -19,6 +19,14 @@ string value, the value so far must stay a substring of the input.
 Values are compared as the JSON text the model writes: the input is JSON-escaped the same way,
 so a quote or a backslash in a name is copied like any other character. Field paths join keys
 with dots, with `*` for a list position (`people.*.name`).
+
+Plain-text answers: where the training rows copy their answers' names and numbers (the copied
+field `TEXT_ANSWER`, data/copied.py), each word the model writes that starts with a capital
+letter or a digit must, case-folded, stay a prefix of a word of the input or of a house word
+(the words the training answers write by themselves: "The", "Summary"), and may end only as a
+whole one. So "Kwame Ol" is refused where the input says "kwame oyelaran", "Kwame Oyelaran"
+(re-cased) and "The customer" pass, and an answer that starts with `{`, `[` or a fence is left
+to the JSON rule. Words are compared one by one, so a name's punctuation and spacing are free.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunelab.data.copied import whole_copy
+from tunelab.data.copied import TEXT_ANSWER, WORD, folded_words, is_name_word, whole_copy
 from tunelab.text import input_text
 
 CANDIDATES = 16
@@ -136,12 +144,30 @@ class CopyRule:
     """Paths of the copied fields."""
     stop_ids: frozenset[int]
     """End-of-turn tokens: they end the answer (and are refused only inside a copied value)."""
+    house_words: frozenset[str] = frozenset()
+    """With TEXT_ANSWER among `fields`: the training answers' house words, case-folded
+    (data/copied.py `house_words`), which a plain-text answer may write though its input lacks them."""
     _texts: list[str] | None = field(default=None, repr=False)
+    _house_prefixes: frozenset[str] | None = field(default=None, repr=False)
+
+    @property
+    def text(self) -> bool:
+        """Whether plain-text answers keep their name words copies of the input."""
+        return TEXT_ANSWER in self.fields
 
     def constraint(self, conversation: list[dict[str, str]]) -> CopyConstraint | None:
         """The constraint for one prompt; None when it has no user text to copy from."""
         source = input_text(conversation)
-        return CopyConstraint(self, json.dumps(source, ensure_ascii=False)[1:-1]) if source else None
+        if not source:
+            return None
+        words = folded_words(source) if self.text else set()
+        return CopyConstraint(self, json.dumps(source, ensure_ascii=False)[1:-1], frozenset(words),
+                              frozenset(_prefixes(words)))
+
+    def house_prefixes(self) -> frozenset[str]:
+        if self._house_prefixes is None:
+            self._house_prefixes = frozenset(_prefixes(self.house_words))
+        return self._house_prefixes
 
     def token_texts(self) -> list[str]:
         """Every token's own text, decoded once (only a search of the whole vocabulary needs it)."""
@@ -158,6 +184,10 @@ class CopyConstraint:
     rule: CopyRule
     source: str
     """The input, JSON-escaped as a value copied from it is written."""
+    words: frozenset[str] = frozenset()
+    """The input's words, case-folded (for plain-text answers)."""
+    prefixes: frozenset[str] = frozenset()
+    """Every prefix of them."""
     tokens: list[int] = field(default_factory=list)
     """The answer's tokens so far."""
     text: str = ""
@@ -175,6 +205,8 @@ class CopyConstraint:
         not known until it closes): only then are tokens checked."""
         if self.finished:
             return False
+        if self._in_text(self.text):
+            return True
         cursor = self.cursor
         return ((cursor.string is not None and cursor.string_is_key) or cursor.value_path() in self.rule.fields
                 or self._after_copy(cursor))
@@ -242,7 +274,10 @@ class CopyConstraint:
         texts = self.rule.token_texts()
         value = self.cursor.string or ""
         # A first sieve on each token's own text, then the exact check on the few that pass.
-        if self._after_copy(self.cursor):
+        if self._in_text(self.text):
+            likely = [t for t, text in enumerate(texts) if t < scores.shape[-1] and t not in self.rule.stop_ids
+                      and self.keeps_names(self.text + text)] + [t for t in self.rule.stop_ids if t < scores.shape[-1]]
+        elif self._after_copy(self.cursor):
             likely = [t for t, text in enumerate(texts) if t < scores.shape[-1] and text.strip()[:1] in (",", "}")]
         else:
             likely = [t for t, text in enumerate(texts) if t < scores.shape[-1] and _extends(value, text, self.source)]
@@ -258,10 +293,14 @@ class CopyConstraint:
         """Whether appending `token` keeps every copied value written so far a substring of the
         input (and closes none empty)."""
         if token in self.rule.stop_ids:  # ending is no invention, unless it cuts a copied value short
+            if self._in_text(self.text):
+                return self.keeps_names(self.text + " ")
             return self.cursor.string is None or self.cursor.string_is_key or self.cursor.path not in self.rule.fields
         text = self._decoded([*self.tokens, token], keep_partial=True)
         if not text.startswith(self.text):
             return True  # earlier text changed; no judgement possible on this piece
+        if self._in_text(text):
+            return self.keeps_names(text.rstrip("\ufffd"))
         piece = text[len(self.text):]
         if not piece:
             return False  # a control token that writes nothing, where a value or key is due
@@ -281,9 +320,42 @@ class CopyConstraint:
             return not self.source.isascii()
         return True
 
+    def _in_text(self, text: str) -> bool:
+        """Whether an answer that reads `text` so far is plain text the name rule applies to (the
+        run copies names, and the answer has not opened JSON)."""
+        return self.rule.text and not text.lstrip().startswith(("{", "[", "`"))
+
+    def keeps_names(self, text: str) -> bool:
+        """Whether the name words of the plain-text answer `text` that go beyond `self.text` (the
+        word open at its end included) stay copies: a closed one a whole word of the input or a
+        house word, the one still open at the end a prefix of one. Case is free throughout."""
+        start = len(self.text)
+        while start and self.text[start - 1].isalnum():
+            start -= 1  # the piece may complete the word open before it
+        house = self.rule.house_words
+        for match in WORD.finditer(text, start):
+            word = match.group()
+            if not (word[0].isdigit() or word[0].isupper()):
+                continue
+            folded = word.casefold()
+            closed = match.end() < len(text)
+            if closed and is_name_word(word):
+                known = folded in self.words or folded in house
+            elif not closed and (len(word) > 1 or word.isdigit()):  # a lone capital may still become "I" or "A"
+                known = folded in self.prefixes or folded in self.rule.house_prefixes()
+            else:
+                continue
+            if not known:
+                return False
+        return True
+
     def _decoded(self, tokens: list[int], keep_partial: bool = False) -> str:
         text = self.rule.tokenizer.decode(tokens, skip_special_tokens=True)
         return text if keep_partial else text.rstrip("\ufffd")
+
+
+def _prefixes(words) -> set[str]:
+    return {word[:end] for word in words for end in range(1, len(word) + 1)}
 
 
 def _extends(value: str, text: str, source: str) -> bool:

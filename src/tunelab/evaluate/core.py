@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunelab.data import novelty
+from tunelab.data.copied import TEXT_ANSWER
 from tunelab.data.load import Example, iter_examples, load_examples, read_jsonl, split_example
 from tunelab.decoding.generate import Answer, generate_detailed
 from tunelab.device import autocast, casts_kept, computes_bf16
@@ -38,6 +39,7 @@ from tunelab.evaluate import results as saved  # saved.Contender, saved.Answer: 
 from tunelab.evaluate.baselines import few_shot_prompts, retrieval_prompts, user_text
 from tunelab.evaluate.endpoint import Endpoint
 from tunelab.evaluate.forgetting import DEFAULT_QUESTIONS
+from tunelab.evaluate.names import invented_names
 from tunelab.evaluate.results import (
     Assertions,
     CopyConstraint,
@@ -247,6 +249,7 @@ def _evaluate(run, limit: int | None, batch_size: int, max_new_tokens: int | Non
                                           changed={c.name: sum(a.copy_changed for a in c.answers) for c in local})
         if copying else None,
         "novelty": novelty_results(examples, run.files.train, scored.samples, train),
+        "invented_names": invented_names(examples, scored.samples, train),
     })
     results.write(run.files.eval)
     return results
@@ -453,8 +456,21 @@ def format_copy_constraint(results: EvalResults) -> str:
         return ""
     n = results.examples_evaluated
     counts = ", ".join(f"{name} {changed} of {n}" for name, changed in copying.changed.items())
-    return (f"copy constraint on {', '.join(copying.fields)} (values kept substrings of the input; "
+    kept = ", ".join("the names of text answers" if f == TEXT_ANSWER else f for f in copying.fields)
+    return (f"copy constraint on {kept} (values kept copies of the input; "
             f"--no-copy-constraint turns it off): answers it changed: {counts}")
+
+
+def format_invented_names(results: EvalResults) -> str:
+    found = results.invented_names
+    if not found:
+        return ""
+    n = results.examples_evaluated
+    counts = ", ".join(f"{name} {count} of {n}" for name, count in found.answers.items())
+    lines = [f"invented names (a capitalised word or number in neither the input nor the reference): {counts}"]
+    for name, shown in found.examples.items():
+        lines.append(f"  {name}: " + "; ".join(f"#{e.index} {', '.join(e.words)}" for e in shown[:3]))
+    return "\n".join(lines)
 
 
 def format_novelty(results: EvalResults) -> str:
@@ -480,5 +496,5 @@ def format_report(results: EvalResults | dict) -> str:
     results = as_results(results)
     sections = [format_table(results), format_differences(results), format_novelty(results), format_buckets(results),
                 format_cost(results), format_forgetting(results), format_copy_constraint(results),
-                format_samples(results)]
+                format_invented_names(results), format_samples(results)]
     return "\n\n".join(s for s in sections if s)

@@ -126,6 +126,23 @@ class CopyConstraint(Part):
     """Per local contender, answers the constraint changed."""
 
 
+class InventedExample(Part):
+    index: int
+    """The sample."""
+    words: list[str]
+    """Its answer's invented names."""
+
+
+class InventedNames(Part):
+    """Plain-text answers holding a capitalised word or a number that is a word of neither the
+    input, nor the reference, nor the training answers' house words (evaluate/names.py)."""
+
+    answers: dict[str, int]
+    """Per contender, answers holding one."""
+    examples: dict[str, list[InventedExample]]
+    """Per contender, the first few."""
+
+
 class KindAccuracy(Interval):
     rows: int
 
@@ -160,6 +177,9 @@ class Answer(Part):
     stopped: bool | None = None
     """False when the answer ran into the token limit."""
     copy_changed: bool | None = None
+    invented_names: list[str] = []
+    """Words of a plain-text answer that look like names or numbers and that neither the input nor
+    the reference holds (evaluate/names.py)."""
     assertions_failed: list[str] = []
     """"rule: reason" per failed assertion."""
     judge: float | None = None
@@ -217,6 +237,8 @@ class EvalResults(Part):
     """The multiple-choice check, unless --no-forgetting (computed in fp32 whatever --precision)."""
     copy_constraint: CopyConstraint | None = None
     """None when the run has no copied fields or with --no-copy-constraint."""
+    invented_names: InventedNames | None = None
+    """None for JSON references (their values are checked as hallucinated values) and older files."""
     novelty: Novelty | None = None
     samples: list[Sample] = []
     """Every evaluated example with each contender's answer, in the file's order."""

@@ -302,6 +302,19 @@ def copy_constraint_table(results: EvalResults) -> Table | None:
     return Table(list(copying.changed), [Row("answers changed", cells)])
 
 
+def invented_names_table(results: EvalResults) -> Table | None:
+    """Per contender, the plain-text answers holding an invented name (evaluate/names.py), and the
+    first few of them: the sample's line and the words."""
+    found, total = results.invented_names, results.examples_evaluated
+    if not found:
+        return None
+    lines = {s.index: s.line for s in results.samples}
+    counts = [Cell(str(count), number(count / total, "percent") if total else "") for count in found.answers.values()]
+    shown = [Cell("; ".join(f"line {lines.get(e.index) or e.index + 1}: {', '.join(e.words)}"
+                            for e in found.examples.get(name, [])) or "-") for name in found.answers]
+    return Table(list(found.answers), [Row("answers with one", counts), Row("examples", shown)])
+
+
 def answer_bucket(sample: Sample, name: str) -> str:
     """The answer's bucket; files of the first shape have none, and then an exact match says
     "correct" as `tunelab eval` decides it."""
