@@ -249,17 +249,8 @@ def test_extra_rows_train_never_held_out_and_resume_checks_them(cli, data, tmp_p
     assert inside.returncode == 2 and "which --overwrite empties" in inside.stderr
 
 
-def _loads_preference_rows() -> bool:
-    from tunelab.data.load import detect_shape
-
-    return detect_shape({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant",
-                        "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}], "line": 1}) is not None
-
-
 @pytest.mark.slow
 def test_a_runs_corrections_train_on_the_same_data_without_leaking(cli, run, tiny_run, tiny_model_dir):
-    if not _loads_preference_rows():
-        pytest.skip("the data loader reads no preference rows {prompt, chosen, rejected} yet (data/load.py)")
     lines = sorted(held_out(run))
     corrections.add_correction(run, lines[0], "the reference, corrected")
     corrections.add_correction(run, lines[1], "another answer")
@@ -271,5 +262,5 @@ def test_a_runs_corrections_train_on_the_same_data_without_leaking(cli, run, tin
     split = json.loads((out / "split.json").read_text())
     assert split["replaced_by_extra"] == [[lines[0], 1], [lines[1], 2]]
     assert not (out / "test.jsonl").read_text().strip()  # both held-out rows were corrected: none is tested
-    assert [r["messages"][-1]["content"] for r in rows(out / "extra.jsonl")] == ["the reference, corrected",
+    assert [r["chosen"][0]["content"] for r in rows(out / "extra.jsonl")] == ["the reference, corrected",
                                                                                  "another answer"]

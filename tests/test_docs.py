@@ -158,15 +158,6 @@ def extra_file(workdir: Path) -> None:
         for city, country in (("Bern", "Switzerland"), ("Kyiv", "Ukraine"))))
 
 
-def _preference_rows_pending() -> str | None:
-    """Why a run's corrections.jsonl cannot be trained on yet: the loader reads no preference rows."""
-    from tunelab.data.load import detect_shape
-
-    row = {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}],
-           "rejected": [{"role": "assistant", "content": "b"}], "line": 1}
-    return None if detect_shape(row) else "the data loader reads no preference rows {prompt, chosen, rejected} yet"
-
-
 def prefs_file(workdir: Path) -> None:
     """prefs.jsonl: the country task as pairs, each row's answer chosen over the next row's."""
     rows = [json.loads(line) for line in (workdir / "data.jsonl").read_text().splitlines()]
@@ -224,12 +215,10 @@ FORMS: dict[str, Form | None] = {
        for form in (REVIEW, "tunelab data review --run RUN")},
     "tunelab train data.jsonl --data-extra runs/mine/corrections.jsonl --out runs/corrected": Form(
         ["tunelab train data.jsonl --data-extra runs/mine/corrections.jsonl --out runs/corrected"],
-        setup=reviewed, expect=TRAIN_DONE, skip=_preference_rows_pending()),
-    "tunelab eval runs/corrected": Form(["tunelab eval runs/corrected"], setup=corrected_run, expect="exact match",
-                                        skip=_preference_rows_pending()),
+        setup=reviewed, expect=TRAIN_DONE),
+    "tunelab eval runs/corrected": Form(["tunelab eval runs/corrected"], setup=corrected_run, expect="exact match"),
     "tunelab eval runs/mine --data runs/corrected/test.jsonl": Form(
-        ["tunelab eval runs/mine --data runs/corrected/test.jsonl"], setup=corrected_run, expect="exact match",
-        skip=_preference_rows_pending()),
+        ["tunelab eval runs/mine --data runs/corrected/test.jsonl"], setup=corrected_run, expect="exact match"),
     "tunelab train DATA --data-extra FILE": Form(["tunelab train data.jsonl --data-extra extra.jsonl --out runs/extra"],
                                                  needs_run=False, setup=extra_file, expect=TRAIN_DONE),
     # docs/DATA.md, --split-by, on rows whose metadata names a customer

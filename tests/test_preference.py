@@ -96,15 +96,16 @@ def test_the_data_check_names_each_malformed_pair_by_line_and_code(tmp_path, wri
         {"prompt": "Country of Oslo?", "chosen": "Norway", "rejected": 7},
         {"prompt": "Country of Oslo?", "instruction": "Name it.", "chosen": "Norway", "rejected": "Sweden"},
         {"chosen": answer, "rejected": [{"role": "assistant", "content": "Sweden"}]},  # an implicit prompt of nothing
+        {"prompt": "Lima is the capital of?", "chosen": "Peru", "rejected": ""},  # said nothing: a pair
     ]
     report = check(write_jsonl(tmp_path / "bad.jsonl", rows), DataOptions(test_size=0))
     assert [(p.line, p.code) for p in report.errors] == [
         (2, "E_PAIR_IDENTICAL"), (3, "E_PAIR_MISSING"), (4, "E_PAIR_MISSING"), (5, "E_PAIR_ROLE"),
         (6, "E_PAIR_ANSWER"), (7, "E_PAIR_PROMPT"), (8, "E_UNKNOWN_KEY"), (9, "E_PAIR_MISSING"), (10, "E_TYPE"),
         (11, "E_PAIR_PROMPT"), (12, "E_PAIR_PROMPT")]
-    assert report.shapes == {"pair": 1}
+    assert report.shapes == {"pair": 2}
     assert "'rejected'" in report.errors[1].message and "'chosen'" in report.errors[7].message
-    assert "Data check of" in report.table() and "1 preference pair" in report.table()
+    assert "Data check of" in report.table() and "2 preference pairs" in report.table()
 
 
 def trained_text(tokenizer, encoded) -> str:

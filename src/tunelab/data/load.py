@@ -343,7 +343,9 @@ def _answer(row: dict[str, Any], side: str) -> dict[str, str]:
             raise RowError("E_PAIR_ROLE", f"'{side}' holds a message of role {message.get('role')!r}; an answer "
                            "is the assistant's (put the user turn in 'prompt')")
         value = message.get("content")
-    if value is None or (isinstance(value, str) and not value.strip()):
+    # An empty rejected answer is a real one: a model that stopped at once (a run's corrections
+    # hold such answers). An empty chosen answer would teach nothing.
+    if value is None or (side == "chosen" and isinstance(value, str) and not value.strip()):
         other = "rejected" if side == "chosen" else "chosen"
         raise RowError("E_PAIR_MISSING", f"no '{side}' answer, so there is no pair; give both '{other}' "
                        f"and '{side}', or write the row as prompt + completion to train on it alone")
