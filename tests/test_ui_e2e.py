@@ -336,8 +336,7 @@ def test_the_pages_in_a_browser(tmp_path, browser, tiny_run, tiny_model_dir, pai
         page.goto(server.url + "/arena?run=cities")
         page.fill("#arena-prompt", "Country of Paris? (0)")
         page.click("#arena-form button[type=submit]")
-        page.wait_for_function("document.querySelectorAll('#arena .reply:not(.pending)').length === 3",
-                               timeout=120_000)
+        page.locator("#arena .reply:not(.pending)").nth(2).wait_for(timeout=120_000)  # three columns answered
         assert page.locator("#arena h2").all_inner_texts() == [
             "base model, zero-shot", "base model, few-shot (3 examples)", "cities"]
 
@@ -367,8 +366,7 @@ def test_the_pages_in_a_browser(tmp_path, browser, tiny_run, tiny_model_dir, pai
                 if name == "arena":
                     page.fill("#arena-prompt", "Country of Rome? (1)")
                     page.click("#arena-form button[type=submit]")
-                    page.wait_for_function("document.querySelectorAll('#arena .reply:not(.pending)').length === 3",
-                                           timeout=120_000)
+                    page.locator("#arena .reply:not(.pending)").nth(2).wait_for(timeout=120_000)
                 if name == "chat":
                     page.fill("#chat-text", "Country of Rome? (1)")
                     page.click("#chat-form button[type=submit]")

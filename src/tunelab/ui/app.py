@@ -115,7 +115,7 @@ class FixRequest(BaseModel):
 
 
 class UI:
-    """The app's state: the options, the jobs folder, the session token and the chat model."""
+    """The app's state: the options, the jobs folder, the session token and the models chat and the arena use."""
 
     def __init__(self, options: UIOptions, token: str | None = None):
         import jinja2

@@ -352,7 +352,7 @@ if (arenaForm) {
         const answer = await post("/api/arena", {run, column: kind, prompt});
         text.textContent = answer.answer || "(an empty answer: the model ended it at once)";
         text.className = answer.answer ? "reply" : "reply empty";
-        if (kind === "few-shot") text.previousSibling.textContent += ` (${answer.shots} examples)`;
+        if (kind === "few-shot") text.parentElement.querySelector("h2").textContent += ` (${answer.shots} examples)`;
       } catch (err) {
         text.textContent = "no answer (see the message above)";
         text.className = "reply empty";
