@@ -35,7 +35,7 @@ LAYERS = [
     {"run"},
     {"serve.protocol", "serve.moderation", "serve.scheduler"},
     {"report.runs", "report.plots", "serve.app", "export.merged", "export.gguf", "demo.bookings", "ui.guard",
-     "ui.jobs", "ui.follow", "ui.repair", "ui.arena", "ui.datafix"},
+     "ui.jobs", "ui.follow", "ui.repair", "ui.arena", "ui.datafix", "ui.teacher"},
     {"report.sections", "export.ollama", "ui.runs"},
     {"report.html", "export.card", "ui.app"},
     {"demo", "export"},

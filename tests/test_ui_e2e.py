@@ -346,6 +346,21 @@ def test_the_pages_in_a_browser(tmp_path, browser, tiny_run, tiny_model_dir, pai
         page.wait_for_selector("#export code.copy", timeout=300_000)
         assert page.locator("#export code.copy").inner_text().startswith("ollama create ollama -f ")
 
+        # A teacher on the internet needs the consent box; reviewing pairs saves each decision.
+        page.goto(server.url + "/teacher")
+        page.fill("input[name=teacher]", "http://93.184.216.34/v1")
+        page.fill("input[name=model]", "big")
+        page.select_option("select[name=inputs]", "pairs.jsonl")
+        page.click("#teacher-form button[type=submit]")
+        page.wait_for_selector("#message:not([hidden])")
+        assert "Pass --allow-remote" in page.locator("#message").inner_text()
+        page.check("#allow-remote")
+        assert page.locator("#teacher-command").inner_text().endswith("--allow-remote")
+        page.goto(server.url + "/review?file=pairs.jsonl")
+        assert "40 to decide" in page.locator("#review").inner_text()
+        page.locator("section.pair").first.locator("button[data-decision=accepted]").click()
+        page.wait_for_selector("#review:has-text('39 to decide')")
+
         page.goto(server.url + "/chat?run=cities")
         page.fill("#chat-text", "Country of Paris? (0)")
         page.click("#chat-form button[type=submit]")
@@ -358,7 +373,8 @@ def test_the_pages_in_a_browser(tmp_path, browser, tiny_run, tiny_model_dir, pai
                               ("run", "/runs/cities"), ("compare", compare_url), ("jobs", "/jobs"),
                               ("job", "/jobs/" + check_url.rsplit("/", 1)[1]),
                               ("chat", "/chat?run=cities"), ("fixed", fixed_url),
-                              ("answers", "/runs/cities/answers"), ("arena", "/arena?run=cities")]:
+                              ("answers", "/runs/cities/answers"), ("arena", "/arena?run=cities"),
+                              ("teacher", "/teacher"), ("review", "/review?file=pairs.jsonl")]:
                 page.goto(url if url.startswith("http") else server.url + url)
                 page.wait_for_load_state("networkidle")
                 if name == "run":

@@ -291,3 +291,68 @@ def test_a_csv_file_is_not_fixed_in_the_page(ui, folders):
     assert "edit-row" not in page and "Save as" not in page
     refused = client.post("/api/data/fix", json={"check": job, "drop": [2]})
     assert refused.status_code == 400 and "only JSON lines files" in refused.json()["error"]
+
+
+# ---------------------------------------------------------------------- teacher and review
+
+
+def test_a_teacher_job_needs_consent_for_an_address_outside(ui, folders):
+    client, state = ui
+    (folders / "data" / "inputs.jsonl").write_text('{"prompt": "a"}\n')
+    form = {"mode": "label", "inputs": "inputs.jsonl", "teacher": "http://93.184.216.34/v1", "model": "big",
+            "out": "labelled.jsonl"}
+    refused = client.post("/api/teacher", json=form)
+    assert refused.status_code == 400 and "Pass --allow-remote" in refused.json()["error"]
+    assert state.store.all() == []
+    assert refused_across_sites(client, "/api/teacher", {**form, "allow_remote": True})
+    answer = client.post("/api/teacher", json={**form, "allow_remote": True})
+    assert answer.status_code == 200, answer.text
+    data = folders / "data"
+    assert answer.json()["command"] == (f"tunelab data label {data}/inputs.jsonl --teacher http://93.184.216.34/v1 "
+                                        f"--model big --out {data}/labelled.jsonl --allow-remote")
+    state.store.cancel(answer.json()["job"])
+    local = client.post("/api/teacher", json={**form, "teacher": "http://127.0.0.1:9/v1", "mode": "synth",
+                                              "inputs": "", "examples": "inputs.jsonl", "n": "5"})
+    assert local.json()["command"] == (f"tunelab data synth --teacher http://127.0.0.1:9/v1 --model big --out "
+                                       f"{data}/labelled.jsonl --examples {data}/inputs.jsonl --n 5")
+    state.store.cancel(local.json()["job"])
+    for bad, why in (({"out": "../x.jsonl"}, "name the new file"), ({"out": "inputs.jsonl"}, "exists already"),
+                     ({"inputs": "../../etc/passwd"}, "outside"), ({"mode": "synth", "examples": ""}, "--examples"),
+                     ({"mode": "synth", "examples": "inputs.jsonl", "n": "many"}, "--n")):
+        refused = client.post("/api/teacher", json={**form, "teacher": "http://127.0.0.1:9/v1", **bad})
+        assert refused.status_code == 400 and why in refused.json()["error"], (bad, refused.text)
+    assert "Send my data outside this machine" in client.get("/teacher").text
+
+
+def test_pairs_are_reviewed_in_the_page_with_the_decisions_file_of_data_review(ui, folders):
+    from tunelab.data.load import load_examples
+    from tunelab.data.review import decisions_path, load_decisions
+
+    client, state = ui
+    rows = [{"prompt": f"Q{i} {SCRIPT}", "completion": f"A{i}"} for i in range(3)]
+    (folders / "data" / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    keys = [e.key for e in load_examples(folders / "data" / "pairs.jsonl")]
+    page = client.get("/review?file=pairs.jsonl").text
+    assert "3 to decide" in page and SCRIPT not in page and ESCAPED in page
+    assert f"tunelab data review {folders}/data/pairs.jsonl --out {folders}/data/pairs.reviewed.jsonl" in page
+    assert refused_across_sites(client, "/api/review", {"file": "pairs.jsonl", "key": keys[0], "decision": "accepted"})
+    for key, decision, answer in zip(keys, ("accepted", "edited", "rejected"), ("", "B1", "")):
+        saved = client.post("/api/review", json={"file": "pairs.jsonl", "key": key, "decision": decision,
+                                                 "answer": answer})
+        assert saved.status_code == 200, saved.text
+        if decision == "accepted":
+            early = client.post("/api/review/write", json={"file": "pairs.jsonl"})
+            assert early.status_code == 400 and "2 pairs have no decision" in early.json()["error"]
+    decisions = load_decisions(decisions_path(folders / "data" / "pairs.reviewed.jsonl"))
+    assert {k: d["decision"] for k, d in decisions.items()} == dict(zip(keys, ("accepted", "edited", "rejected")))
+    for bad in ({"file": "pairs.jsonl", "key": "0" * 64, "decision": "accepted"},
+                {"file": "pairs.jsonl", "key": keys[0], "decision": "edited", "answer": " "},
+                {"file": "../pairs.jsonl", "key": keys[0], "decision": "accepted"},
+                {"file": "pairs.jsonl", "key": keys[0], "decision": "maybe"}):
+        assert client.post("/api/review", json=bad).status_code == 400, bad
+    written = client.post("/api/review/write", json={"file": "pairs.jsonl"}).json()
+    assert "0 to decide" in client.get("/review?file=pairs.jsonl").text
+    wait_for(client, written["url"], "state-done")
+    assert state.store.get(written["job"]).state == "done", state.store.log(written["job"])
+    out = [json.loads(line) for line in (folders / "data" / "pairs.reviewed.jsonl").read_text().splitlines()]
+    assert [row["messages"][-1]["content"] for row in out] == ["A0", "B1"]

@@ -7,6 +7,7 @@
     GET  /compare?job=ID      runs side by side: the comparison report of `tunelab report RUN RUN...`
     GET  /jobs, /jobs/ID      the queue and every job's command, state and log
     GET  /runs/NAME/answers   the tuned run's held-out answers, wrong first: rate and repair them
+    GET  /teacher, /review?file=NAME   label or grow data with a teacher; review its pairs
     GET  /chat?run=NAME       talk to a run
     GET  /arena               one prompt, answered by the base model and tuned runs side by side
     GET  .../events           server-sent events: a run's metrics.jsonl, a job's state and log
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import shlex
 import sys
 import threading
 import time
@@ -38,7 +40,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from tunelab.config import TrainConfig
 from tunelab.errors import UserError, check_output_folder
-from tunelab.ui import arena, datafix, repair
+from tunelab.ui import arena, datafix, repair, teacher
 from tunelab.ui.arena import Models
 from tunelab.ui.follow import event, event_stream, free_name, histogram_bars, read_new_rows, read_new_text, source_lines
 from tunelab.ui.guard import Guard, allowed_hosts, inside
@@ -163,6 +165,8 @@ class UI:
             Route("/jobs/{job_id}", self.job_page),
             Route("/jobs/{job_id}/events", self.job_events),
             Route("/runs/{name}/answers", self.answers_page),
+            Route("/teacher", self.teacher_page),
+            Route("/review", self.review_page),
             Route("/chat", self.chat_page),
             Route("/arena", self.arena_page),
             Route("/files/runs/{path:path}", self.run_file),
@@ -177,6 +181,9 @@ class UI:
             Route("/api/runs/{name}/fixes", self.save_fix, methods=["POST"]),
             Route("/api/compare", self.start_compare, methods=["POST"]),
             Route("/api/data/fix", self.fix_data, methods=["POST"]),
+            Route("/api/teacher", self.start_teacher, methods=["POST"]),
+            Route("/api/review", self.save_review, methods=["POST"]),
+            Route("/api/review/write", self.write_review, methods=["POST"]),
             Route("/api/jobs/{job_id}/cancel", self.cancel_job, methods=["POST"]),
             Route("/api/chat", self.chat, methods=["POST"]),
             Route("/api/arena", self.arena_answer, methods=["POST"]),
@@ -324,6 +331,57 @@ class UI:
         if not path.is_file():
             raise UserError(f"no data file {name!r} in {self.options.data}")
         return path
+
+    # ------------------------------------------------------------------ teacher
+
+    async def teacher_page(self, request):
+        return self.page("teacher.html", "Data from a teacher", files=self.data_files(), data=self.options.data,
+                         jobs=[job for job in reversed(self.store.all()) if job.kind == "teacher"][:10])
+
+    async def start_teacher(self, request):
+        """`tunelab data label|synth ... --out DATA/OUT`, the endpoint checked (and consent) first."""
+        from starlette.responses import JSONResponse
+
+        form = await read_model(request, teacher.TeacherRequest)
+        if not NAME.fullmatch(form.out) or not form.out.endswith(".jsonl"):
+            raise UserError(f"--out {form.out!r}: name the new file NAME.jsonl (letters, digits, '.', '-', '_')")
+        out = inside(self.options.data, form.out, "data file")
+        if out.exists():
+            raise UserError(f"{form.out} exists already in {self.options.data}; choose another name")
+        inputs = self.data_path(form.inputs) if form.inputs else None
+        examples = self.data_path(form.examples) if form.examples else None
+        argv = teacher.teacher_argv(form, inputs and Path(self.data_arg(inputs)),
+                                    examples and Path(self.data_arg(examples)), self.options.data / form.out)
+        job = self.store.create("teacher", argv, self.options.cwd)
+        return JSONResponse({"job": job.id, "url": f"/jobs/{job.id}", "command": job.command})
+
+    async def review_page(self, request):
+        path = self.data_path(request.query_params.get("file", ""))
+        state = await asyncio.to_thread(teacher.review_state, path)
+        command = shlex.join(["tunelab", "data", "review", self.data_arg(path), "--out",
+                              str(self.options.data / state["out"].name)])
+        return self.page("review.html", f"Review {path.name}", file=path.name, state=state, command=command,
+                         written=state["out"].exists())
+
+    async def save_review(self, request):
+        from starlette.responses import JSONResponse
+
+        body = await read_model(request, teacher.ReviewRequest)
+        record = await asyncio.to_thread(teacher.decide, self.data_path(body.file), body)
+        return JSONResponse({"saved": record})
+
+    async def write_review(self, request):
+        """`tunelab data review FILE --out FILE.reviewed.jsonl` once every pair is decided: it asks
+        nothing then, writes the kept pairs and checks them."""
+        from starlette.responses import JSONResponse
+
+        path = self.data_path(str((await read_json(request)).get("file", "")))
+        state = await asyncio.to_thread(teacher.review_state, path)
+        if state["pending"]:
+            raise UserError(f"{state['pending']} pairs have no decision yet")
+        out = self.options.data / state["out"].name
+        job = self.store.create("review", ["data", "review", self.data_arg(path), "--out", str(out)], self.options.cwd)
+        return JSONResponse({"job": job.id, "url": f"/jobs/{job.id}", "command": job.command})
 
     # ------------------------------------------------------------------ training
 

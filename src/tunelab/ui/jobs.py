@@ -11,7 +11,8 @@ server was killed) becomes `interrupted`; one whose process still runs is follow
 
 Heavy jobs (training, evaluation, export) wait in one queue, in the order they were asked for, and at
 most `slots` of them run at once: on a CPU two trainings side by side each take twice as long
-and together need twice the memory. Light jobs (the data check, a comparison of runs) start at once.
+and together need twice the memory. Light jobs (the data check, a comparison of runs, asking a
+teacher, writing a review) start at once.
 
 Cancelling sends SIGTERM to the job's process group, then SIGKILL after `GRACE_S`. Training
 writes each checkpoint beside its folder and renames it into place, so a stopped run keeps its
@@ -36,7 +37,7 @@ from pydantic import BaseModel
 from tunelab.errors import UserError
 
 JobState = Literal["queued", "running", "done", "failed", "cancelled", "interrupted"]
-JobKind = Literal["train", "eval", "export", "check", "report"]
+JobKind = Literal["train", "eval", "export", "check", "report", "teacher", "review"]
 HEAVY: frozenset[str] = frozenset({"train", "eval", "export"})
 """Kinds that wait for a slot; the others start at once."""
 FINISHED: frozenset[str] = frozenset({"done", "failed", "cancelled", "interrupted"})

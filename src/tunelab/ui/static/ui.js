@@ -361,3 +361,50 @@ if (arenaForm) {
     button.disabled = false;
   });
 }
+
+// Teacher page: the command the form equals; the endpoint and consent are checked by the server.
+const teacherForm = document.getElementById("teacher-form");
+if (teacherForm) {
+  const command = document.getElementById("teacher-command");
+  const update = () => {
+    const form = new FormData(teacherForm);
+    const folder = teacherForm.dataset.data;
+    const mode = form.get("mode");
+    const words = ["tunelab", "data", mode];
+    if (mode === "label" && form.get("inputs")) words.push(`${folder}/${form.get("inputs")}`);
+    words.push("--teacher", form.get("teacher"), "--model", form.get("model"), "--out", `${folder}/${form.get("out")}`);
+    if (form.get("system").trim()) words.push("--system", form.get("system").trim());
+    if (form.get("examples")) words.push("--examples", `${folder}/${form.get("examples")}`);
+    if (mode === "synth") words.push("--n", form.get("n").trim());
+    if (form.get("allow_remote")) words.push("--allow-remote");
+    command.textContent = words.map(shellQuote).join(" ");
+  };
+  teacherForm.addEventListener("input", update);
+  update();
+  teacherForm.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const body = Object.fromEntries(new FormData(teacherForm).entries());
+    body.allow_remote = Boolean(body.allow_remote);
+    const answer = await post("/api/teacher", body).catch(() => null);
+    if (answer) location.href = answer.url;
+  });
+}
+
+// Review page: each decision is one POST, appended to the decisions file of `tunelab data review`.
+const review = document.getElementById("review");
+if (review) {
+  document.addEventListener("click", async (e) => {
+    const button = e.target.closest("button[data-decision]");
+    if (!button) return;
+    const card = button.closest("[data-key]");
+    const body = {file: review.dataset.file, key: card.dataset.key, decision: button.dataset.decision,
+                  answer: card.querySelector("textarea").value};
+    button.disabled = true;
+    try {
+      await post("/api/review", body);
+      location.reload();
+    } catch (err) {
+      button.disabled = false;
+    }
+  });
+}
