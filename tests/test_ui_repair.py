@@ -352,6 +352,7 @@ def test_pairs_are_reviewed_in_the_page_with_the_decisions_file_of_data_review(u
         assert client.post("/api/review", json=bad).status_code == 400, bad
     written = client.post("/api/review/write", json={"file": "pairs.jsonl"}).json()
     assert "0 to decide" in client.get("/review?file=pairs.jsonl").text
+    assert "pairs.reviewed.decisions.jsonl" not in client.get("/data").text  # bookkeeping, not a data file
     wait_for(client, written["url"], "state-done")
     assert state.store.get(written["job"]).state == "done", state.store.log(written["job"])
     out = [json.loads(line) for line in (folders / "data" / "pairs.reviewed.jsonl").read_text().splitlines()]

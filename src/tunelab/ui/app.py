@@ -229,7 +229,8 @@ class UI:
         folder = self.options.data
         if not folder.is_dir():
             return []
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES
+                       and not p.name.endswith(".decisions.jsonl"))  # a review's bookkeeping, not data
         checks = [job for job in self.store.all() if job.kind == "check"]
         found = []
         for p in files:

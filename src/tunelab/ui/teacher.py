@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 from tunelab.errors import UserError
 
 Decision = Literal["accepted", "edited", "rejected"]
-SHOWN = 20
+SHOWN = 10
 """Undecided pairs shown at a time."""
 
 
