@@ -133,7 +133,7 @@ class UI:
 
     # ------------------------------------------------------------------ the app
 
-    def app(self, hosts: set[str], login_key: str | None = None):
+    def app(self, hosts: set[str] | None, login_key: str | None = None):
         from contextlib import asynccontextmanager
 
         from starlette.applications import Starlette
