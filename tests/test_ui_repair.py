@@ -5,6 +5,7 @@ Every new POST is tried without the token, from another origin and with paths ou
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 import time
@@ -258,22 +259,26 @@ def test_rows_fixed_in_the_page_are_saved_as_a_new_file_and_checked(ui, folders)
     rows = [json.dumps({"prompt": f"Country of city {i}?", "completion": f"Land {i}",
                         "metadata": {"customer": f"c{i % 4}"}}) for i in range(12)]
     rows[3] = '{"prompt": "' + SCRIPT + '", "completion": '  # line 4: not JSON
+    rows[5] = json.dumps({"prompt": "x" * 600, "completion": "", "metadata": {"customer": "c1"}})  # line 6: no answer,
+    # and longer than the page shows a row
     rows.append(rows[0])  # line 13: an exact duplicate of line 1
     original = "\n".join(rows) + "\n"
     (folders / "data" / "rows.jsonl").write_text(original)
     job, page = check(client, "rows.jsonl")
     assert "E_JSON" in page and SCRIPT not in page and ESCAPED in page
     assert 'class="edit-row" data-line="4"' in page and "Save as rows.fixed.jsonl" in page
+    long_row = html.escape(rows[5], quote=True).replace("&quot;", "&#34;")
+    assert f'aria-label="line 6, edited">{long_row}</textarea>' in page  # whole, not cut as shown
     assert "Duplicates side by side" in page and 'value="13"' in page
     assert "--split-by metadata.customer" in page  # 4 customers over 12 rows
     assert refused_across_sites(client, "/api/data/fix", {"check": job, "drop": [4]})
     fixed_row = json.dumps({"prompt": "Country of city 3?", "completion": "Land 3"})
-    answer = client.post("/api/data/fix", json={"check": job, "edits": {"4": fixed_row}, "drop": [13]})
+    answer = client.post("/api/data/fix", json={"check": job, "edits": {"4": fixed_row}, "drop": [6, 13]})
     assert answer.status_code == 200, answer.text
     assert answer.json()["name"] == "rows.fixed.jsonl" and answer.json()["edited"] == 1
     assert (folders / "data" / "rows.jsonl").read_text() == original  # never changed
     written = (folders / "data" / "rows.fixed.jsonl").read_text().splitlines()
-    assert written == rows[:3] + [fixed_row] + rows[4:12]
+    assert written == rows[:3] + [fixed_row, rows[4]] + rows[6:12]
     page = wait_for(client, answer.json()["url"], "Length of each example")
     assert "Data check of rows.fixed.jsonl" in page and 'class="good">0</dd>' in page
     again = client.post("/api/data/fix", json={"check": job, "drop": [13]})

@@ -293,17 +293,19 @@ class UI:
         report_file = self.store.path(job.id) / "check" / "data_check.json"
         report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.exists() else None
         data = Path(job.cwd) / job.argv[2]
-        rows, pairs, suggestion = {}, [], None
+        rows, editable, pairs, suggestion = {}, {}, [], None
+        fixable = data.suffix.lower() == ".jsonl" and data.is_file()
         if report:
             pairs = datafix.duplicate_pairs(report)
             wanted = {e["line"] for e in report["errors"] + report["warnings"] if e.get("line")}
             rows = source_lines(data, wanted | {p[side] for p in pairs for side in ("first", "later")})
+            if fixable:
+                editable = datafix.editable_lines(data, {e["line"] for e in report["errors"] if e.get("line")})
             if not report["split"].get("split_by"):
                 suggestion = await asyncio.to_thread(datafix.split_by_suggestion, data, report["rows"])
-        fixable = data.suffix.lower() == ".jsonl" and data.is_file()
         return self.page("check.html", f"Data check of {data.name}", job=job, report=report, rows=rows,
                          histogram=histogram_bars(report["lengths"]["histogram"]) if report else None,
-                         pairs=pairs, suggestion=suggestion, fixable=fixable, file=data.name,
+                         pairs=pairs, suggestion=suggestion, fixable=fixable, editable=editable, file=data.name,
                          fixed=datafix.fixed_name(data).name)
 
     async def fix_data(self, request):

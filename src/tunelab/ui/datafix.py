@@ -58,6 +58,15 @@ def write_fixed(path: Path, edits: dict[int, str], drop: set[int]) -> tuple[Path
     return out, len([n for n in edits if n not in drop]), len(drop)
 
 
+def editable_lines(path: Path, wanted: set[int]) -> dict[int, str]:
+    """The whole text of the given lines, for the page's edit boxes; a line over MAX_ROW_CHARS is
+    left out (it is shown cut, and an edit of the cut text would lose the rest)."""
+    from tunelab.ui.follow import source_lines
+
+    found = source_lines(path, wanted, max_chars=MAX_ROW_CHARS + 1)
+    return {line: text for line, text in found.items() if len(text) <= MAX_ROW_CHARS}
+
+
 def one_line(text: str) -> str:
     if len(text) > MAX_ROW_CHARS:
         raise UserError(f"an edited row is over {MAX_ROW_CHARS} characters")
