@@ -75,7 +75,7 @@ def test_a_state_changing_request_needs_the_token_and_the_same_origin(ui, folder
 
 def test_every_page_carries_the_token_and_a_content_security_policy(ui):
     client, state = ui
-    for url in ("/data", "/train", "/runs", "/jobs", "/chat"):
+    for url in ("/data", "/train", "/runs", "/jobs", "/chat", "/arena"):
         page = client.get(url)
         assert page.status_code == 200, url
         assert f'<meta name="tunelab-token" content="{state.token}">' in page.text

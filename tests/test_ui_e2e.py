@@ -142,6 +142,83 @@ def test_a_stopped_run_resumes_from_its_checkpoint(tmp_path, pairs_file, tiny_mo
         assert "step 0: held-out loss" not in server.state.store.log(resumed["job"])
 
 
+def test_a_server_killed_while_it_trains_comes_back_with_the_job_interrupted_and_resumable(
+        tmp_path, pairs_file, tiny_model_dir, cli):
+    """`tunelab ui` and its training both killed with SIGKILL (a crash, the out-of-memory killer;
+    the server alone killed leaves its job running in its own session, and the next server
+    follows it). The next server shows the job interrupted and the run resumable, and the resumed
+    run ends with the very weights of a run never interrupted."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    def start() -> tuple[subprocess.Popen, str, str]:
+        process = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "ui", "--port", "0"], cwd=tmp_path,
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                   start_new_session=True)
+        url = re.match(r"tunelab ui on (http://\S+)/", process.stdout.readline())[1]
+        with urllib.request.urlopen(url + "/data", timeout=60) as response:
+            token = re.search(r'name="tunelab-token" content="([^"]+)"', response.read().decode())[1]
+        return process, url, token
+
+    def post(url: str, token: str, path: str, body) -> dict:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        request = urllib.request.Request(url + path, data=data, method="POST", headers={"X-Tunelab-Token": token})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())
+
+    def job(job_id: str) -> dict:
+        return json.loads((tmp_path / "runs" / ".jobs" / job_id / "job.json").read_text())
+
+    def wait(check, what: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.02)
+
+    run = tmp_path / "runs" / "long"
+    steps = ["--base", str(tiny_model_dir), "--max-steps", "24", "--save-every", "4"]
+    server, url, token = start()
+    try:
+        post(url, token, "/api/data?name=pairs.jsonl", pairs_file.read_bytes())
+        started = post(url, token, "/api/train", {"data": "pairs.jsonl", "name": "long", "base": str(tiny_model_dir),
+                                                  "max_steps": "24", "save_every": "4"})
+        # Killed at its first checkpoint: 20 steps before its end (a few seconds on an idle machine).
+        wait(lambda: any((run / "checkpoints").glob("step-*/checkpoint.json")), "a checkpoint")
+        training = job(started["job"])
+        assert training["state"] == "running"
+        os.kill(server.pid, signal.SIGKILL)
+        os.killpg(training["pid"], signal.SIGKILL)
+    finally:
+        server.kill()
+        server.wait(30)
+    assert not (run / "adapter").exists()  # killed before the end
+
+    server, url, token = start()
+    try:
+        assert job(started["job"])["state"] == "interrupted"
+        with urllib.request.urlopen(url + "/runs/long", timeout=60) as response:
+            page = response.read().decode()
+        assert "stopped (resumable)" in page and "Resume training" in page and "state-interrupted" in page
+        resumed = post(url, token, "/api/runs/long/resume", {})
+        assert resumed["command"] == "tunelab train data/pairs.jsonl --out runs/long --resume"
+        wait(lambda: job(resumed["job"])["state"] in ("done", "failed"), "the resumed training", 600)
+        assert job(resumed["job"])["state"] == "done"
+    finally:
+        server.terminate()
+        server.wait(30)
+    done = cli("train", str(tmp_path / "data" / "pairs.jsonl"), "--out", str(tmp_path / "whole"), *steps)
+    assert done.returncode == 0, done.stderr
+    resumed_weights = load_file(run / "adapter" / "adapter_model.safetensors")
+    whole = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    assert resumed_weights.keys() == whole.keys()
+    assert all(torch.equal(resumed_weights[name], whole[name]) for name in whole)
+
+
 # ---------------------------------------------------------------------- in a real browser
 
 CHROMIUM = shutil.which("chromium")
@@ -184,6 +261,16 @@ def test_the_pages_in_a_browser(tmp_path, browser, tiny_run, tiny_model_dir, pai
         assert row.locator("td").nth(1).inner_text() == "E_JSON"
         assert "<script>alert(1)</script>" in row.locator("code.row").inner_text()  # shown as text
         check_url = page.url
+
+        # Fix the bad row in the page: saved as a new file (the original stays) and checked at once.
+        page.fill("textarea.edit-row[data-line='41']", '{"prompt": "<script>alert(1)</script>", "completion": "x"}')
+        page.click("#fix-form button[type=submit]")
+        page.wait_for_url("**/checks/**")
+        page.wait_for_selector("text=Length of each example", timeout=120_000)
+        assert page.url != check_url and "orders.fixed.jsonl" in page.locator("h1").inner_text()
+        assert page.locator("dd.good").first.inner_text() == "0"  # no errors left
+        assert (tmp_path / "data" / "orders.jsonl").read_text() == bad.read_text()
+        fixed_url = page.url
         page.goto(server.url + "/train?data=pairs.jsonl")  # no such file: the first is picked
         assert "tunelab train" in page.locator("#train-command").inner_text()
         page.fill("input[name=max_steps]", "7")
@@ -226,6 +313,57 @@ def test_the_pages_in_a_browser(tmp_path, browser, tiny_run, tiny_model_dir, pai
         compare_url = page.url
         assert "from-the-form" in page.frame_locator("iframe.report").locator("body").inner_text()
 
+        # Rate and repair: the evaluated run's wrong answers first; one repaired, shown as text.
+        page.goto(server.url + "/runs/cities")
+        page.click("text=Rate and repair its answers")
+        page.wait_for_selector("#answers")
+        first = page.locator("section.answer").first
+        assert "wrong" in first.get_attribute("class")
+        line = int(first.get_attribute("data-line"))
+        first.locator("form[data-kind=corrections] textarea").fill("<script>alert(1)</script>")
+        first.locator("form[data-kind=corrections] button").click()
+        page.wait_for_selector("#train-again:not([hidden])")
+        rows = [json.loads(x) for x in (tmp_path / "runs" / "cities" / "corrections.jsonl").read_text().splitlines()]
+        assert [(r["line"], r["chosen"]) for r in rows] == [
+            (line, [{"role": "assistant", "content": "<script>alert(1)</script>"}])]
+        page.reload()
+        assert page.locator("dd.saved-correction").first.inner_text() == "<script>alert(1)</script>"
+        page.click("#train-again")  # the next run's command adds the corrections
+        page.wait_for_url("**/train?**")
+        assert "--data-extra runs/cities/corrections.jsonl" in page.locator("#train-command").inner_text()
+
+        # The arena: the base model zero-shot and few-shot, and the tuned run, side by side.
+        page.goto(server.url + "/arena?run=cities")
+        page.fill("#arena-prompt", "Country of Paris? (0)")
+        page.click("#arena-form button[type=submit]")
+        page.locator("#arena .reply:not(.pending)").nth(2).wait_for(timeout=120_000)  # three columns answered
+        assert page.locator("#arena h2").all_inner_texts() == [
+            "base model, zero-shot", "base model, few-shot (3 examples)", "cities"]
+
+        # Export as a job; its import command to copy.
+        page.goto(server.url + "/runs/cities")
+        page.click("#export button:text-is('Ollama')")
+        page.wait_for_selector("#export code.copy", timeout=300_000)
+        assert page.locator("#export code.copy").inner_text().startswith("ollama create ollama -f ")
+
+        # A teacher on the internet needs the consent box; reviewing pairs saves each decision.
+        page.goto(server.url + "/teacher")
+        page.fill("input[name=teacher]", "http://93.184.216.34/v1")
+        page.fill("input[name=model]", "big")
+        page.select_option("select[name=inputs]", "pairs.jsonl")
+        page.click("#teacher-form button[type=submit]")
+        page.wait_for_selector("#message:not([hidden])")
+        assert "Pass --allow-remote" in page.locator("#message").inner_text()
+        refusals = [e for e in errors if "status of 400" in e]  # the browser logs the refused request
+        assert len(refusals) == 1, errors
+        errors.remove(refusals[0])
+        page.check("#allow-remote")
+        assert page.locator("#teacher-command").inner_text().endswith("--allow-remote")
+        page.goto(server.url + "/review?file=pairs.jsonl")
+        assert "40 to decide" in page.locator("#review").inner_text()
+        page.locator("section.pair").first.locator("button[data-decision=accepted]").click()
+        page.wait_for_selector("#review:has-text('39 to decide')")
+
         page.goto(server.url + "/chat?run=cities")
         page.fill("#chat-text", "Country of Paris? (0)")
         page.click("#chat-form button[type=submit]")
@@ -237,11 +375,17 @@ def test_the_pages_in_a_browser(tmp_path, browser, tiny_run, tiny_model_dir, pai
             for name, url in [("data", "/data"), ("check", check_url), ("train", "/train"), ("runs", "/runs"),
                               ("run", "/runs/cities"), ("compare", compare_url), ("jobs", "/jobs"),
                               ("job", "/jobs/" + check_url.rsplit("/", 1)[1]),
-                              ("chat", "/chat?run=cities")]:
+                              ("chat", "/chat?run=cities"), ("fixed", fixed_url),
+                              ("answers", "/runs/cities/answers"), ("arena", "/arena?run=cities"),
+                              ("teacher", "/teacher"), ("review", "/review?file=pairs.jsonl")]:
                 page.goto(url if url.startswith("http") else server.url + url)
                 page.wait_for_load_state("networkidle")
                 if name == "run":
                     page.wait_for_selector("#curve polyline")
+                if name == "arena":
+                    page.fill("#arena-prompt", "Country of Rome? (1)")
+                    page.click("#arena-form button[type=submit]")
+                    page.locator("#arena .reply:not(.pending)").nth(2).wait_for(timeout=120_000)
                 if name == "chat":
                     page.fill("#chat-text", "Country of Rome? (1)")
                     page.click("#chat-form button[type=submit]")

@@ -6,7 +6,10 @@
     GET  /runs, /runs/NAME    runs; one run's live loss curve, tokens/s and ETA, its report
     GET  /compare?job=ID      runs side by side: the comparison report of `tunelab report RUN RUN...`
     GET  /jobs, /jobs/ID      the queue and every job's command, state and log
+    GET  /runs/NAME/answers   the tuned run's held-out answers, wrong first: rate and repair them
+    GET  /teacher, /review?file=NAME   label or grow data with a teacher; review its pairs
     GET  /chat?run=NAME       talk to a run
+    GET  /arena               one prompt, answered by the base model and tuned runs side by side
     GET  .../events           server-sent events: a run's metrics.jsonl, a job's state and log
     GET  /files/runs/PATH, /files/data/PATH   files of the two folders (reports)
     POST /api/...             what the pages' buttons do (each needs the session token)
@@ -14,9 +17,10 @@
 Pages are Jinja2 templates with autoescape; the one script (static/ui.js) is served from the
 package, nothing from the network. Everything that takes more than a moment is a job
 (jobs.py): the same `tunelab` command a terminal runs, and each page shows that command. Only
-chat runs in this process, in a worker thread, through the same `Run.generate` as `tunelab
-generate`. The security rules are in guard.py; runs.py reads a run's status from its folder
-and jobs, follow.py the files that grow.
+chat and the arena run in this process, in a worker thread, through the same `Run.generate` as
+`tunelab generate` (arena.py). The security rules are in guard.py; runs.py reads a run's status
+from its folder and jobs, follow.py the files that grow; repair.py keeps the answers repaired in
+the page, datafix.py the rows fixed in it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import shlex
 import sys
 import threading
 import time
@@ -35,6 +40,8 @@ from pydantic import BaseModel, Field, ValidationError
 
 from tunelab.config import TrainConfig
 from tunelab.errors import UserError, check_output_folder
+from tunelab.ui import arena, datafix, repair, teacher
+from tunelab.ui.arena import Models
 from tunelab.ui.follow import event, event_stream, free_name, histogram_bars, read_new_rows, read_new_text, source_lines
 from tunelab.ui.guard import Guard, allowed_hosts, inside
 from tunelab.ui.jobs import JobStore
@@ -44,7 +51,7 @@ from tunelab.ui.runs import NAME, RunsFolder
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 MAX_UPLOAD_BYTES = 1 << 30
 MAX_JSON_BYTES = 1 << 20
-TRAIN_FIELDS = ("base", "method", "epochs", "lr", "max_steps", "save_every")
+TRAIN_FIELDS = ("base", "method", "epochs", "lr", "max_steps", "save_every", "split_by")
 """The TrainConfig fields the Train page offers; the rest keep their defaults (see the CLI)."""
 TITLES = {"base": "Base model", "lr": "Learning rate"}
 PAGE_DEFAULTS = {"save_every": 10}
@@ -55,6 +62,9 @@ MAX_SWEEP = 4
 """Most runs one sweep queues: on a CPU each takes as long as a run of its own."""
 COMPARISON = "comparison.html"
 """The comparison report, in the runs folder (its links to each run's report are relative)."""
+EXPORTS = {"merged": ("merged", None), "merged-f16": ("merged", "f16"), "gguf": ("gguf", None),
+           "gguf-q8_0": ("gguf", "q8_0"), "ollama": ("ollama", None)}
+"""The export buttons: name -> (--format, --dtype or the format's default); export checks them."""
 
 
 class TrainRequest(BaseModel):
@@ -68,8 +78,11 @@ class TrainRequest(BaseModel):
     lr: str = ""
     max_steps: str = ""
     save_every: str = ""
+    split_by: str = ""
     sweep_lr: str = ""
     """Comma-separated learning rates: one run each (a small sweep), instead of `lr`."""
+    data_extra: str = ""
+    """A run whose corrections.jsonl is added to the data (`--data-extra RUN/corrections.jsonl`)."""
 
 
 class ChatMessage(BaseModel):
@@ -83,8 +96,28 @@ class ChatRequest(BaseModel):
     max_new_tokens: int = Field(256, gt=0, le=1024)
 
 
+class RepairRequest(BaseModel):
+    line: int
+    text: str = Field(max_length=100_000)
+
+
+class ArenaRequest(BaseModel):
+    run: str
+    column: Literal["zero-shot", "few-shot", "tuned"]
+    prompt: str = Field(min_length=1, max_length=20_000)
+    max_new_tokens: int = Field(256, gt=0, le=1024)
+
+
+class FixRequest(BaseModel):
+    check: str
+    """The data check whose file is fixed."""
+    edits: dict[int, str] = {}
+    """Line -> its new text."""
+    drop: list[int] = []
+
+
 class UI:
-    """The app's state: the options, the jobs folder, the session token and the chat model."""
+    """The app's state: the options, the jobs folder, the session token and the models chat and the arena use."""
 
     def __init__(self, options: UIOptions, token: str | None = None):
         import jinja2
@@ -96,12 +129,11 @@ class UI:
         self.templates = jinja2.Environment(loader=jinja2.PackageLoader("tunelab.ui", "templates"), autoescape=True,
                                             undefined=jinja2.StrictUndefined)
         self.templates.filters["when"] = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
-        self.chat_lock = threading.Lock()
-        self.chat_run = None
+        self.models = Models()
 
     # ------------------------------------------------------------------ the app
 
-    def app(self, hosts: set[str], login_key: str | None = None):
+    def app(self, hosts: set[str] | None, login_key: str | None = None):
         from contextlib import asynccontextmanager
 
         from starlette.applications import Starlette
@@ -132,7 +164,11 @@ class UI:
             Route("/jobs", self.jobs_page),
             Route("/jobs/{job_id}", self.job_page),
             Route("/jobs/{job_id}/events", self.job_events),
+            Route("/runs/{name}/answers", self.answers_page),
+            Route("/teacher", self.teacher_page),
+            Route("/review", self.review_page),
             Route("/chat", self.chat_page),
+            Route("/arena", self.arena_page),
             Route("/files/runs/{path:path}", self.run_file),
             Route("/files/data/{path:path}", self.data_file),
             Route("/api/data", self.upload, methods=["POST"]),
@@ -140,9 +176,17 @@ class UI:
             Route("/api/train", self.start_train, methods=["POST"]),
             Route("/api/runs/{name}/eval", self.start_eval, methods=["POST"]),
             Route("/api/runs/{name}/resume", self.start_resume, methods=["POST"]),
+            Route("/api/runs/{name}/export", self.start_export, methods=["POST"]),
+            Route("/api/runs/{name}/corrections", self.save_correction, methods=["POST"]),
+            Route("/api/runs/{name}/fixes", self.save_fix, methods=["POST"]),
             Route("/api/compare", self.start_compare, methods=["POST"]),
+            Route("/api/data/fix", self.fix_data, methods=["POST"]),
+            Route("/api/teacher", self.start_teacher, methods=["POST"]),
+            Route("/api/review", self.save_review, methods=["POST"]),
+            Route("/api/review/write", self.write_review, methods=["POST"]),
             Route("/api/jobs/{job_id}/cancel", self.cancel_job, methods=["POST"]),
             Route("/api/chat", self.chat, methods=["POST"]),
+            Route("/api/arena", self.arena_answer, methods=["POST"]),
             Mount("/static", StaticFiles(packages=[("tunelab.ui", "static")]), name="static"),
         ]
         handlers = {Exception: self.on_error, HTTPException: self.on_error, UserError: self.on_error}
@@ -185,7 +229,8 @@ class UI:
         folder = self.options.data
         if not folder.is_dir():
             return []
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES
+                       and not p.name.endswith(".decisions.jsonl"))  # a review's bookkeeping, not data
         checks = [job for job in self.store.all() if job.kind == "check"]
         found = []
         for p in files:
@@ -232,11 +277,14 @@ class UI:
 
         body = await read_json(request)
         name = str(body.get("file", ""))
-        path = self.data_path(name)
+        job = self.check_job(self.data_path(name))
+        return JSONResponse({"job": job.id, "url": f"/checks/{job.id}"})
+
+    def check_job(self, path: Path):
+        """`tunelab data check FILE --out RUNS/.jobs/ID/check`: the report is the job's own."""
         job_id = self.store.new_id()
         argv = ["data", "check", self.data_arg(path), "--out", str(self.options.runs / ".jobs" / job_id / "check")]
-        job = self.store.create("check", argv, self.options.cwd, job_id=job_id)
-        return JSONResponse({"job": job.id, "url": f"/checks/{job.id}"})
+        return self.store.create("check", argv, self.options.cwd, job_id=job_id)
 
     async def check_page(self, request):
         job = self.store.get(request.path_params["job_id"])
@@ -244,12 +292,38 @@ class UI:
             raise UserError(f"job {job.id} is not a data check")
         report_file = self.store.path(job.id) / "check" / "data_check.json"
         report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.exists() else None
-        rows = {}
+        data = Path(job.cwd) / job.argv[2]
+        rows, editable, pairs, suggestion = {}, {}, [], None
+        fixable = data.suffix.lower() == ".jsonl" and data.is_file()
         if report:
-            data = Path(job.cwd) / job.argv[2]
-            rows = source_lines(data, {e["line"] for e in report["errors"] + report["warnings"] if e.get("line")})
-        return self.page("check.html", f"Data check of {Path(job.argv[2]).name}", job=job, report=report, rows=rows,
-                         histogram=histogram_bars(report["lengths"]["histogram"]) if report else None)
+            pairs = datafix.duplicate_pairs(report)
+            wanted = {e["line"] for e in report["errors"] + report["warnings"] if e.get("line")}
+            rows = source_lines(data, wanted | {p[side] for p in pairs for side in ("first", "later")})
+            if fixable:
+                editable = datafix.editable_lines(data, {e["line"] for e in report["errors"] if e.get("line")})
+            if not report["split"].get("split_by"):
+                suggestion = await asyncio.to_thread(datafix.split_by_suggestion, data, report["rows"])
+        return self.page("check.html", f"Data check of {data.name}", job=job, report=report, rows=rows,
+                         histogram=histogram_bars(report["lengths"]["histogram"]) if report else None,
+                         pairs=pairs, suggestion=suggestion, fixable=fixable, editable=editable, file=data.name,
+                         fixed=datafix.fixed_name(data).name)
+
+    async def fix_data(self, request):
+        """The checked file with rows edited and dropped, saved as NAME.fixed.jsonl (never over a
+        file) and checked at once."""
+        from starlette.responses import JSONResponse
+
+        body = await read_model(request, FixRequest)
+        job = self.store.get(body.check)
+        if job.kind != "check":
+            raise UserError(f"job {job.id} is not a data check")
+        if not body.edits and not body.drop:
+            raise UserError("nothing to save: edit a row or tick one to drop first")
+        path = self.data_path(Path(job.argv[2]).name)
+        out, edited, dropped = await asyncio.to_thread(datafix.write_fixed, path, body.edits, set(body.drop))
+        check = self.check_job(out)
+        return JSONResponse({"name": out.name, "edited": edited, "dropped": dropped, "job": check.id,
+                             "url": f"/checks/{check.id}"})
 
     def data_arg(self, path: Path) -> str:
         """A data file as the command line names it: under the --data folder as given."""
@@ -261,24 +335,78 @@ class UI:
             raise UserError(f"no data file {name!r} in {self.options.data}")
         return path
 
+    # ------------------------------------------------------------------ teacher
+
+    async def teacher_page(self, request):
+        return self.page("teacher.html", "Data from a teacher", files=self.data_files(), data=self.options.data,
+                         jobs=[job for job in reversed(self.store.all()) if job.kind == "teacher"][:10])
+
+    async def start_teacher(self, request):
+        """`tunelab data label|synth ... --out DATA/OUT`, the endpoint checked (and consent) first."""
+        from starlette.responses import JSONResponse
+
+        form = await read_model(request, teacher.TeacherRequest)
+        if not NAME.fullmatch(form.out) or not form.out.endswith(".jsonl"):
+            raise UserError(f"--out {form.out!r}: name the new file NAME.jsonl (letters, digits, '.', '-', '_')")
+        out = inside(self.options.data, form.out, "data file")
+        if out.exists():
+            raise UserError(f"{form.out} exists already in {self.options.data}; choose another name")
+        inputs = self.data_path(form.inputs) if form.inputs else None
+        examples = self.data_path(form.examples) if form.examples else None
+        argv = teacher.teacher_argv(form, inputs and Path(self.data_arg(inputs)),
+                                    examples and Path(self.data_arg(examples)), self.options.data / form.out)
+        job = self.store.create("teacher", argv, self.options.cwd)
+        return JSONResponse({"job": job.id, "url": f"/jobs/{job.id}", "command": job.command})
+
+    async def review_page(self, request):
+        path = self.data_path(request.query_params.get("file", ""))
+        state = await asyncio.to_thread(teacher.review_state, path)
+        command = shlex.join(["tunelab", "data", "review", self.data_arg(path), "--out",
+                              str(self.options.data / state["out"].name)])
+        return self.page("review.html", f"Review {path.name}", file=path.name, state=state, command=command,
+                         written=state["out"].exists())
+
+    async def save_review(self, request):
+        from starlette.responses import JSONResponse
+
+        body = await read_model(request, teacher.ReviewRequest)
+        record = await asyncio.to_thread(teacher.decide, self.data_path(body.file), body)
+        return JSONResponse({"saved": record})
+
+    async def write_review(self, request):
+        """`tunelab data review FILE --out FILE.reviewed.jsonl` once every pair is decided: it asks
+        nothing then, writes the kept pairs and checks them."""
+        from starlette.responses import JSONResponse
+
+        path = self.data_path(str((await read_json(request)).get("file", "")))
+        state = await asyncio.to_thread(teacher.review_state, path)
+        if state["pending"]:
+            raise UserError(f"{state['pending']} pairs have no decision yet")
+        out = self.options.data / state["out"].name
+        job = self.store.create("review", ["data", "review", self.data_arg(path), "--out", str(out)], self.options.cwd)
+        return JSONResponse({"job": job.id, "url": f"/jobs/{job.id}", "command": job.command})
+
     # ------------------------------------------------------------------ training
 
     async def train_page(self, request):
         fields = []
         for name in TRAIN_FIELDS:
             info = TrainConfig.model_fields[name]
-            default = PAGE_DEFAULTS.get(name, info.default)
+            default = request.query_params.get(name) or PAGE_DEFAULTS.get(name, info.default)
             help_text = " ".join((info.description or "").split())
-            if name in PAGE_DEFAULTS:
+            if name in PAGE_DEFAULTS and name not in request.query_params:
                 help_text += (f" This page fills in {default} (the command's default is none) so that Stop "
                               "and Resume work.")
             fields.append({"name": name, "title": TITLES.get(name, name.replace("_", " ").capitalize()),
                            "flag": "--" + name.replace("_", "-"), "value": "" if default is None else default,
                            "default": "" if info.default is None else info.default, "help": help_text,
                            "choices": choices_of(info.annotation)})
+        corrected = [{"name": name, "count": count, "file": f"{self.options.runs}/{name}/{repair.CORRECTIONS}"}
+                     for name in self.runs.names() if (count := repair.count(self.options.runs / name))]
         return self.page("train.html", "Train", fields=fields, files=self.data_files(), runs=self.options.runs,
                          data=self.options.data, name=time.strftime("run-%Y%m%d-%H%M%S"),
-                         picked=request.query_params.get("data", ""))
+                         picked=request.query_params.get("data", ""), corrected=corrected,
+                         extra=request.query_params.get("extra", ""))
 
     def train_argv(self, form: TrainRequest) -> tuple[list[str], str]:
         """The `tunelab train` arguments of the form, values checked by TrainConfig as the CLI
@@ -297,6 +425,11 @@ class UI:
             value = getattr(config, name)
             if name in given and value != TrainConfig.model_fields[name].default:
                 argv += ["--" + name.replace("_", "-"), given[name]]
+        if form.data_extra:
+            extra = self.runs.folder(form.data_extra) / repair.CORRECTIONS
+            if not extra.is_file():
+                raise UserError(f"run {form.data_extra} has no corrections yet; repair answers on its Answers page")
+            argv += ["--data-extra", str(self.options.runs / form.data_extra / repair.CORRECTIONS)]
         return argv, form.name
 
     def sweep(self, form: TrainRequest) -> list[TrainRequest]:
@@ -334,7 +467,8 @@ class UI:
 
     async def run_page(self, request):
         view = self.runs.view(request.path_params["name"])
-        return self.page("run.html", view.name, run=view, runs=self.options.runs)
+        return self.page("run.html", view.name, run=view, runs=self.options.runs, exports=self.exports(view),
+                         choices=EXPORTS, corrections=repair.count(view.path))
 
     async def run_events(self, request):
         """The run's metrics.jsonl as it grows, and its status whenever it changes; the
@@ -404,6 +538,65 @@ class UI:
         if job.kind != "report":
             raise UserError(f"job {job.id} is not a comparison")
         return self.page("compare.html", "Runs side by side", job=job, file=f"/files/runs/{COMPARISON}")
+
+    # ------------------------------------------------------------------ answers: rate and repair
+
+    async def answers_page(self, request):
+        view = self.runs.view(request.path_params["name"])
+        answers = repair.held_out(view.path)
+        data = Path(str(view.config.get("data", "")))
+        source = data.name if data.name and (self.options.data / data.name).is_file() else ""
+        return self.page("answers.html", f"Answers of {view.name}", run=view, answers=answers,
+                         wrong=sum(a.right is False for a in answers), runs=self.options.runs,
+                         corrections=repair.count(view.path), source=source)
+
+    async def save_correction(self, request):
+        """The right answer to a held-out row the tuned model got wrong: a row of RUN/corrections.jsonl."""
+        from starlette.responses import JSONResponse
+
+        view, body = self.runs.view(request.path_params["name"]), await read_model(request, RepairRequest)
+        row = await asyncio.to_thread(repair.add_correction, view.path, body.line, body.text)
+        return JSONResponse({"saved": row, "count": repair.count(view.path)})
+
+    async def save_fix(self, request):
+        """A held-out row whose reference is wrong: a row of RUN/fixes.jsonl (the data file stays as it is)."""
+        from starlette.responses import JSONResponse
+
+        view, body = self.runs.view(request.path_params["name"]), await read_model(request, RepairRequest)
+        row = await asyncio.to_thread(repair.add_fix, view.path, body.line, body.text)
+        return JSONResponse({"saved": row})
+
+    # ------------------------------------------------------------------ export
+
+    async def start_export(self, request):
+        """`tunelab export RUN --format F --out RUN/exports/F`: a heavy job, its progress in its log."""
+        from starlette.responses import JSONResponse
+
+        view = self.runs.view(request.path_params["name"])
+        choice = str((await read_json(request)).get("format", ""))
+        if choice not in EXPORTS:
+            raise UserError(f"export {choice!r}: choose one of {', '.join(EXPORTS)}")
+        if not view.trained or (view.active and view.active.kind == "train"):
+            raise UserError(f"run {view.name} is {view.status}: it can be exported once training has finished")
+        fmt, dtype = EXPORTS[choice]
+        out = free_name(view.path / "exports" / choice)
+        argv = ["export", str(self.options.runs / view.name), "--format", fmt,
+                "--out", str(self.options.runs / view.name / "exports" / out.name)]
+        job = self.store.create("export", argv + (["--dtype", dtype] if dtype else []), self.options.cwd,
+                                run=view.name)
+        return JSONResponse({"job": job.id, "url": f"/runs/{view.name}", "command": job.command})
+
+    def exports(self, view) -> list[dict[str, Any]]:
+        """The run's export jobs, newest first, with the folder and the import line each printed."""
+        found = []
+        for job in reversed([job for job in view.jobs if job.kind == "export"]):
+            out = Path(job.argv[job.argv.index("--out") + 1])
+            log = self.store.log(job.id, 20_000) if job.state == "done" else ""
+            lines = [line.removeprefix("Import it: ") for line in log.splitlines() if line.startswith("Import it: ")]
+            card = view.path / "exports" / out.name / "README.md"
+            found.append({"job": job, "out": str(out), "import": lines[-1] if lines else None,
+                          "card": f"/files/runs/{view.name}/exports/{out.name}/README.md" if card.is_file() else None})
+        return found
 
     async def run_file(self, request):
         return self.file(self.options.runs, request.path_params["path"])
@@ -484,18 +677,28 @@ class UI:
             raise UserError("chat request: the last message must be the user's")
         folder = self.runs.folder(body.run)
         messages = [m.model_dump() for m in body.messages]
-        reply = await asyncio.to_thread(self.reply, folder, messages, body.max_new_tokens)
+        reply = await asyncio.to_thread(self.models.reply, folder, messages, body.max_new_tokens)
         return JSONResponse({"reply": reply})
 
-    def reply(self, folder: Path, messages: list[dict[str, str]], max_new_tokens: int) -> str:
-        """One reply, as `tunelab chat` makes it; one model is kept loaded (the last one used)."""
-        from tunelab.run import Run
+    # ------------------------------------------------------------------ arena
 
-        with self.chat_lock:
-            if self.chat_run is None or self.chat_run.path != folder:
-                self.chat_run = None  # the old model's memory is freed before the next loads
-                self.chat_run = Run(folder)
-            return self.chat_run.generate(messages, max_new_tokens=max_new_tokens)
+    async def arena_page(self, request):
+        jobs = self.store.all()
+        runs = [view for view in (self.runs.view(name, jobs) for name in self.runs.names()) if view.trained]
+        picked = set(request.query_params.getlist("run")) or {view.name for view in runs[:2]}
+        return self.page("arena.html", "Arena", runs=runs, picked=picked, runs_folder=self.options.runs,
+                         shots=arena.SHOTS)
+
+    async def arena_answer(self, request):
+        """One column of the arena: the base model (zero-shot or few-shot, as eval prompts it) of
+        `run`, or the tuned `run` itself."""
+        from starlette.responses import JSONResponse
+
+        body = await read_model(request, ArenaRequest)
+        folder = self.runs.folder(body.run)
+        answer, shots = await asyncio.to_thread(self.models.answer, folder, body.column, body.prompt,
+                                                body.max_new_tokens)
+        return JSONResponse({"answer": answer, "shots": shots})
 
 
 # ---------------------------------------------------------------------- helpers
@@ -505,6 +708,16 @@ def redirect(url: str):
     from starlette.responses import RedirectResponse
 
     return RedirectResponse(url, status_code=303)
+
+
+async def read_model(request, model: type[BaseModel]):
+    """The request's JSON as `model`; a missing or wrong field is one line naming it."""
+    try:
+        return model.model_validate(await read_json(request))
+    except ValidationError as e:
+        error = e.errors()[0]
+        where = ".".join(map(str, error["loc"])) or "the request"
+        raise UserError(f"{where}: {error['msg'][0].lower()}{error['msg'][1:]}") from None
 
 
 async def read_json(request) -> dict[str, Any]:

@@ -28,7 +28,7 @@ class RunView:
     name: str
     path: Path
     status: str
-    """queued, training, evaluating, trained, evaluated, stopped (resumable) or incomplete."""
+    """queued, training, evaluating, exporting, trained, evaluated, stopped (resumable) or incomplete."""
     last: dict[str, Any]
     """The last training row of metrics.jsonl (step, loss, tokens/s, ...), or {}."""
     trained: bool
@@ -67,7 +67,7 @@ class RunsFolder:
         resumable = (not trained and not active and any(job.kind == "train" for job in jobs)
                      and any((folder / "checkpoints").glob("step-*/checkpoint.json")))
         if active:
-            verb = {"train": "training", "eval": "evaluating"}.get(active.kind, active.kind)
+            verb = {"train": "training", "eval": "evaluating", "export": "exporting"}.get(active.kind, active.kind)
             status = "queued" if active.state == "queued" else verb
         elif trained:
             status = "evaluated" if evaluated else "trained"

@@ -1,4 +1,5 @@
-// tunelab ui: the buttons, the upload, the training form's command, live curves and chat.
+// tunelab ui: the buttons, the upload, the training form's command, live curves, chat, the arena,
+// repairing answers and fixing rows.
 // User data only ever reaches the page through textContent and SVG attributes, never as HTML.
 "use strict";
 
@@ -86,6 +87,8 @@ if (trainForm) {
           words.push(input.dataset.flag, value);
         }
       }
+      const extra = document.getElementById("data-extra");
+      if (extra && extra.value) words.push("--data-extra", extra.selectedOptions[0].dataset.file);
       return words.map(shellQuote).join(" ");
     });
     command.textContent = lines.join("\n");
@@ -255,5 +258,153 @@ if (chatForm) {
       messages.pop();
     }
     button.disabled = false;
+  });
+}
+
+// Copy buttons: data-copy="TEXT" (the import command of an export).
+document.addEventListener("click", async (e) => {
+  const button = e.target.closest("button[data-copy]");
+  if (!button) return;
+  try {
+    await navigator.clipboard.writeText(button.dataset.copy);
+    button.textContent = "Copied";
+  } catch (err) {
+    showMessage("The browser did not let the page copy; select the command and copy it yourself.");
+  }
+});
+
+// Answers page: save a repaired answer (corrections.jsonl) or a fixed reference (fixes.jsonl).
+const answers = document.getElementById("answers");
+if (answers) {
+  for (const form of document.querySelectorAll("form.repair")) {
+    form.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      const card = form.closest("[data-line]");
+      const body = {line: Number(card.dataset.line), text: form.elements.text.value};
+      const button = form.querySelector("button");
+      button.disabled = true;
+      try {
+        const answer = await post(`/api/runs/${encodeURIComponent(answers.dataset.run)}/${form.dataset.kind}`, body);
+        button.textContent = "Saved";
+        card.classList.add("saved");
+        if (answer.count !== undefined) {
+          document.getElementById("corrections-count").firstChild.textContent =
+            `${answer.count} correction${answer.count === 1 ? "" : "s"} saved. `;
+          document.getElementById("train-again").hidden = false;
+        }
+      } catch (err) { /* the message is shown */ }
+      button.disabled = false;
+    });
+  }
+}
+
+// Data check page: edited rows and ticked rows saved as a new file, then checked.
+const fixForm = document.getElementById("fix-form");
+if (fixForm) {
+  fixForm.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const edits = {};
+    for (const area of fixForm.querySelectorAll("textarea.edit-row")) {
+      if (area.value !== area.defaultValue) edits[area.dataset.line] = area.value;
+    }
+    const drop = [...new Set([...fixForm.querySelectorAll("input.drop-row:checked")].map((box) => Number(box.value)))];
+    const answer = await post("/api/data/fix", {check: fixForm.dataset.check, edits, drop}).catch(() => null);
+    if (answer) location.href = answer.url;
+  });
+}
+
+// Arena: the same prompt to each column, one request per column, each shown when it is made.
+const arenaForm = document.getElementById("arena-form");
+if (arenaForm) {
+  const board = document.getElementById("arena");
+  const column = (title, note) => {
+    const box = document.createElement("section");
+    box.className = "card column";
+    const heading = document.createElement("h2");
+    heading.textContent = title;
+    const small = document.createElement("small");
+    small.textContent = note;
+    const text = document.createElement("p");
+    text.className = "reply pending";
+    text.textContent = "waiting …";
+    box.append(heading, small, text);
+    board.append(box);
+    return text;
+  };
+  arenaForm.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const runs = [...arenaForm.querySelectorAll("input[name=run]:checked")].map((box) => box.value);
+    const prompt = arenaForm.elements.prompt.value.trim();
+    if (!runs.length) { showMessage("Tick a run first: its base model and the run itself answer."); return; }
+    if (!prompt) return;
+    showMessage("");
+    board.replaceChildren();
+    const folder = board.dataset.runsFolder;
+    const jobs = [
+      [runs[0], "zero-shot", "base model, zero-shot", `the base of ${runs[0]}, the prompt alone`],
+      [runs[0], "few-shot", "base model, few-shot", `the base of ${runs[0]} with training examples before the prompt`],
+      ...runs.map((run) => [run, "tuned", run, `tunelab generate ${folder}/${run} --prompt ...`]),
+    ].map(([run, kind, title, note]) => [run, kind, column(title, note)]);
+    const button = arenaForm.querySelector("button[type=submit]");
+    button.disabled = true;
+    for (const [run, kind, text] of jobs) {
+      try {
+        const answer = await post("/api/arena", {run, column: kind, prompt});
+        text.textContent = answer.answer || "(an empty answer: the model ended it at once)";
+        text.className = answer.answer ? "reply" : "reply empty";
+        if (kind === "few-shot") text.parentElement.querySelector("h2").textContent += ` (${answer.shots} examples)`;
+      } catch (err) {
+        text.textContent = "no answer (see the message above)";
+        text.className = "reply empty";
+      }
+    }
+    button.disabled = false;
+  });
+}
+
+// Teacher page: the command the form equals; the endpoint and consent are checked by the server.
+const teacherForm = document.getElementById("teacher-form");
+if (teacherForm) {
+  const command = document.getElementById("teacher-command");
+  const update = () => {
+    const form = new FormData(teacherForm);
+    const folder = teacherForm.dataset.data;
+    const mode = form.get("mode");
+    const words = ["tunelab", "data", mode];
+    if (mode === "label" && form.get("inputs")) words.push(`${folder}/${form.get("inputs")}`);
+    words.push("--teacher", form.get("teacher"), "--model", form.get("model"), "--out", `${folder}/${form.get("out")}`);
+    if (form.get("system").trim()) words.push("--system", form.get("system").trim());
+    if (form.get("examples")) words.push("--examples", `${folder}/${form.get("examples")}`);
+    if (mode === "synth") words.push("--n", form.get("n").trim());
+    if (form.get("allow_remote")) words.push("--allow-remote");
+    command.textContent = words.map(shellQuote).join(" ");
+  };
+  teacherForm.addEventListener("input", update);
+  update();
+  teacherForm.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const body = Object.fromEntries(new FormData(teacherForm).entries());
+    body.allow_remote = Boolean(body.allow_remote);
+    const answer = await post("/api/teacher", body).catch(() => null);
+    if (answer) location.href = answer.url;
+  });
+}
+
+// Review page: each decision is one POST, appended to the decisions file of `tunelab data review`.
+const review = document.getElementById("review");
+if (review) {
+  document.addEventListener("click", async (e) => {
+    const button = e.target.closest("button[data-decision]");
+    if (!button) return;
+    const card = button.closest("[data-key]");
+    const body = {file: review.dataset.file, key: card.dataset.key, decision: button.dataset.decision,
+                  answer: card.querySelector("textarea").value};
+    button.disabled = true;
+    try {
+      await post("/api/review", body);
+      location.reload();
+    } catch (err) {
+      button.disabled = false;
+    }
   });
 }
