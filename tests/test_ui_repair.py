@@ -69,7 +69,8 @@ def evaluated(folders, tiny_run):
     examples = read_jsonl(run / "test.jsonl")
     answers = [f"Atlantis {SCRIPT}", examples[1].reference]
     samples = [Sample(index=i, line=e.line, prompt=user_text(e.prompt_messages()), reference=e.reference,
-                      answers={"tuned": Answer(text=answer, exact_match=float(answer == e.reference))})
+                      answers={"tuned": Answer(text=answer, exact_match=float(answer == e.reference),
+                                               bucket="correct" if answer == e.reference else "wrong")})
                for i, (e, answer) in enumerate(zip(examples, answers))]
     EvalResults(examples_evaluated=2, contenders=[Contender(name="tuned", kind="local")],
                 samples=samples).write(run / "eval.json")
@@ -106,8 +107,8 @@ def test_a_repaired_answer_is_a_row_of_corrections_jsonl(ui, evaluated):
     assert [row["chosen"][0]["content"] for row in rows] == ["Spain"]
     page = client.get("/runs/cities/answers").text
     assert "1 correction saved" in page and "Train again with the corrections" in page
-    for bad, why in (({"line": 999, "text": "x"}, "no evaluated held-out answer for line 999"),
-                     ({"line": first.line, "text": "  "}, "type the right answer first"),
+    for bad, why in (({"line": 999, "text": "x"}, "line 999: not a held-out row"),
+                     ({"line": first.line, "text": "  "}, "the correct answer is empty"),
                      ({"text": "x"}, "line: field required")):
         refused = client.post("/api/runs/cities/corrections", json=bad)
         assert refused.status_code == 400 and why in refused.json()["error"], refused.text
@@ -138,7 +139,7 @@ def test_a_run_not_evaluated_has_no_answers_yet(ui, folders, tiny_run):
     page = client.get("/runs/fresh/answers")
     assert page.status_code == 200 and "No held-out answers to rate yet" in page.text
     refused = client.post("/api/runs/fresh/corrections", json={"line": 1, "text": "x"})
-    assert refused.status_code == 400 and "no evaluated held-out answer" in refused.json()["error"]
+    assert refused.status_code == 400 and "no eval.json yet" in refused.json()["error"]
 
 
 def test_the_train_page_adds_a_runs_corrections_to_the_next_run(ui, folders, evaluated):

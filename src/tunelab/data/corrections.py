@@ -1,8 +1,9 @@
 """A run's wrong answers, and what the user makes of each: RUN/corrections.jsonl and RUN/fixes.jsonl.
 
 `tunelab data review --run RUN` (review.py) and the browser (ui/) both work through this module:
-- `wrong_answers(run)`: the held-out rows that the fine-tuned model answered wrong in RUN/eval.json
-  (any bucket but "correct"), in held-out order, each with the user's decision so far;
+- `held_out_answers(run)`: every held-out row of RUN/eval.json with the fine-tuned model's answer
+  and the user's decision so far (the browser shows them all, wrong ones first);
+  `wrong_answers(run)`: those it answered wrong (any bucket but "correct"), in held-out order;
 - `add_correction(run, line, chosen)`: the model was wrong and `chosen` is right (the reference,
   or a better answer the user typed); one row of RUN/corrections.jsonl, in TRL's conversational
   preference shape plus the held-out line:
@@ -42,8 +43,8 @@ MODEL = "tuned"
 
 
 @dataclass
-class WrongAnswer:
-    """One held-out row the fine-tuned model answered wrong."""
+class HeldOutAnswer:
+    """One held-out row, the fine-tuned model's answer to it, and what the user decided."""
 
     line: int
     """The row's line in the data file the run was trained on."""
@@ -57,14 +58,39 @@ class WrongAnswer:
     """Where eval put the answer (evaluate/metrics.py BUCKETS): wrong, empty, no stop, ..."""
     decision: str | None = None
     """corrected, fixed or skipped; None while undecided."""
+    row: dict | None = None
+    """The corrections.jsonl or fixes.jsonl row the decision wrote."""
+
+    @property
+    def right(self) -> bool:
+        return self.bucket == "correct"
+
+    @property
+    def correction(self) -> str | None:
+        """The answer the user gave as right, if the decision was a correction."""
+        return self.row["chosen"][0]["content"] if self.decision == "corrected" and self.row else None
+
+    @property
+    def fix(self) -> str | None:
+        """The corrected reference, if the decision was a fix."""
+        return self.row["messages"][-1]["content"] if self.decision == "fixed" and self.row else None
 
 
-def wrong_answers(run: Path | str) -> list[WrongAnswer]:
-    """The held-out rows the fine-tuned model got wrong in RUN/eval.json, in held-out order."""
+def held_out_answers(run: Path | str) -> list[HeldOutAnswer]:
+    """Every held-out row of RUN/eval.json with the fine-tuned model's answer, in held-out order."""
     files = RunFiles(Path(run))
     decided = decisions(run)
-    return [_wrong(example, sample, decided.get(example.line, {}).get("decision"))
-            for example, sample in _evaluated(files) if sample.answers[MODEL].bucket != "correct"]
+    return [_answer(example, sample, decided.get(example.line, {})) for example, sample in _evaluated(files)]
+
+
+def wrong_answers(run: Path | str) -> list[HeldOutAnswer]:
+    """The held-out rows the fine-tuned model got wrong in RUN/eval.json, in held-out order."""
+    return [item for item in held_out_answers(run) if not item.right]
+
+
+def count(run: Path | str) -> int:
+    """How many corrections RUN/corrections.jsonl holds."""
+    return sum(record["decision"] == "corrected" for record in decisions(run).values())
 
 
 def decisions(run: Path | str) -> dict[int, dict]:
@@ -82,6 +108,9 @@ def add_correction(run: Path | str, line: int, chosen: str) -> dict:
     wrong answer, an empty answer, or the model's own answer (then the reference is what is wrong)."""
     files = RunFiles(Path(run))
     item = _find(files, line)
+    if item.right:
+        raise UserError(f"line {line}: the fine-tuned model answered it as the reference does; if that answer is "
+                        "wrong, the reference is: fix the reference instead")
     chosen = chosen.strip()
     if not chosen:
         raise UserError(f"line {line}: the correct answer is empty")
@@ -154,18 +183,16 @@ def _evaluated(files: RunFiles) -> list[tuple[Example, Sample]]:
     return pairs
 
 
-def _wrong(example: Example, sample: Sample, decision: str | None) -> WrongAnswer:
+def _answer(example: Example, sample: Sample, decided: dict) -> HeldOutAnswer:
     answer = sample.answers[MODEL]
-    return WrongAnswer(example.line, example.prompt_messages(), example.reference, answer.text,
-                       answer.bucket or "wrong", decision)
+    return HeldOutAnswer(example.line, example.prompt_messages(), example.reference, answer.text,
+                         answer.bucket or "wrong", decided.get("decision"), decided.get("row"))
 
 
-def _find(files: RunFiles, line: int) -> WrongAnswer:
+def _find(files: RunFiles, line: int) -> HeldOutAnswer:
     for example, sample in _evaluated(files):
         if example.line == line:
-            if sample.answers[MODEL].bucket == "correct":
-                raise UserError(f"line {line}: the fine-tuned model answered it right; nothing to correct")
-            return _wrong(example, sample, None)
+            return _answer(example, sample, {})
     raise UserError(f"line {line}: not a held-out row of {files.eval}")
 
 
