@@ -19,8 +19,8 @@ package, nothing from the network. Everything that takes more than a moment is a
 (jobs.py): the same `tunelab` command a terminal runs, and each page shows that command. Only
 chat and the arena run in this process, in a worker thread, through the same `Run.generate` as
 `tunelab generate` (arena.py). The security rules are in guard.py; runs.py reads a run's status
-from its folder and jobs, follow.py the files that grow; repair.py keeps the answers repaired in
-the page, datafix.py the rows fixed in it.
+from its folder and jobs, follow.py the files that grow; repair.py lists the answers to repair (through
+data/corrections.py, as `tunelab data review --run`), datafix.py the rows fixed in the page.
 """
 
 from __future__ import annotations
