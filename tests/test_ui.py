@@ -183,6 +183,13 @@ def test_the_train_page_offers_the_config_defaults_and_queues_the_cli_command(ui
     bad = client.post("/api/train", json={"data": "pairs.jsonl", "name": "second", "lr": "fast"})
     assert bad.status_code == 400 and "lr" in bad.json()["error"]
     assert client.post("/api/train", json={"data": "pairs.jsonl", "name": "../up"}).status_code == 400
+    assert 'data-flag="--early-stopping"' in page and 'data-flag="--objective"' in page
+    stopping = client.post("/api/train", json={"data": "pairs.jsonl", "name": "third", "early_stopping": "3",
+                                                "objective": "orpo"})
+    assert stopping.status_code == 200 and stopping.json()["command"].endswith("--objective orpo --early-stopping 3")
+    client.post(f"/api/jobs/{stopping.json()['job']}/cancel")
+    wrong = client.post("/api/train", json={"data": "pairs.jsonl", "name": "fourth", "objective": "best"})
+    assert wrong.status_code == 400 and "objective" in wrong.json()["error"]
     run_page = client.get("/runs/first").text
     assert "tunelab train" in run_page and "--max-steps 3" in run_page
 

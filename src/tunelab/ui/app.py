@@ -51,7 +51,8 @@ from tunelab.ui.runs import NAME, RunsFolder
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 MAX_UPLOAD_BYTES = 1 << 30
 MAX_JSON_BYTES = 1 << 20
-TRAIN_FIELDS = ("base", "method", "epochs", "lr", "max_steps", "save_every", "split_by")
+TRAIN_FIELDS = ("base", "method", "objective", "epochs", "lr", "max_steps", "save_every", "early_stopping",
+                "split_by")
 """The TrainConfig fields the Train page offers; the rest keep their defaults (see the CLI)."""
 TITLES = {"base": "Base model", "lr": "Learning rate"}
 PAGE_DEFAULTS = {"save_every": 10}
@@ -74,10 +75,12 @@ class TrainRequest(BaseModel):
     name: str
     base: str = ""
     method: str = ""
+    objective: str = ""
     epochs: str = ""
     lr: str = ""
     max_steps: str = ""
     save_every: str = ""
+    early_stopping: str = ""
     split_by: str = ""
     sweep_lr: str = ""
     """Comma-separated learning rates: one run each (a small sweep), instead of `lr`."""
