@@ -99,7 +99,8 @@ class RunFiles:
 
     def create(self, config: TrainConfig, template: Template, base_path: Path, train: list[Example],
                test: list[Example], dropped: list[int], trained_pieces: int, augmented: Sequence[Example] = (),
-               copied_fields: Sequence[str] = (), fingerprint: dict | None = None) -> None:
+               copied_fields: Sequence[str] = (), fingerprint: dict | None = None,
+               compute: dict | None = None) -> None:
         """Write what a run starts with: config, template, tokenizer, the split and its examples.
         `train` and `test` are the two sides of the split; train.jsonl leaves out the `dropped`
         lines (over --max-length), which are not trained; `trained_pieces` counts what the trained
@@ -107,7 +108,8 @@ class RunFiles:
         variants copy augmentation added, each with its original's line; `copied_fields`, the
         answer fields that decoding keeps copies of the input (the data check found them);
         `fingerprint`, the hashes of the data and options trained on (checkpoint.fingerprint), by
-        which `--resume` tells a finished run from one to continue."""
+        which `--resume` tells a finished run from one to continue; `compute`, what trained it
+        ({"device": ..., "threads": ...})."""
         self.root.mkdir(parents=True, exist_ok=True)
         config.save(self.config)
         template.save(self.template)
@@ -125,7 +127,7 @@ class RunFiles:
             "base": config.base, "base_path": str(Path(base_path).resolve()),
             "method": config.method, "train_examples": trained_pieces, "test_examples": len(test),
             "augmented_examples": len(augmented), "copied_fields": list(copied_fields),
-            **({"fingerprint": fingerprint} if fingerprint else {}),
+            **({"fingerprint": fingerprint} if fingerprint else {}), **(compute or {}),
         }, indent=2))
 
     def metrics_writer(self) -> MetricsWriter:
