@@ -53,6 +53,12 @@ class NearDuplicates:
         if self._pending_bytes >= _BATCH_BYTES:
             self._flush()
 
+    def extend(self, other: NearDuplicates) -> None:
+        """Add the texts `other` was given, after these (both made with the same seed)."""
+        self._flush()
+        self._signatures.append(other.signatures())
+        self.count += other.count
+
     def signatures(self) -> np.ndarray:
         """(rows, PERMUTATIONS) uint16 MinHash signatures of everything added."""
         self._flush()
