@@ -57,8 +57,8 @@ def child(threads: str, steps: int, batch: int, base: str) -> dict:
     path = resolve_base(base)
     template = Template.for_model(load_tokenizer(path))
     rows = bookings.make_examples(batch * steps)
-    examples = [Example([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}], i)
-                for i, r in enumerate(rows)]
+    examples = [Example([{"role": "user", "content": r["prompt"]},
+                         {"role": "assistant", "content": r["completion"]}], i) for i, r in enumerate(rows)]
     encoded = encode_examples(examples, template, 1024)[0]
     torch.manual_seed(0)
     model = device.prepare_model(build_model(TrainConfig(method="full"), path))

@@ -115,7 +115,7 @@ def cpu_times(cpus: Collection[int]) -> dict[int, tuple[int, int]]:
         return {}
     times = {}
     for line in lines:
-        name, *fields = line.split()
+        name, *fields = line.split() or [""]
         if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
             # user nice system idle iowait irq softirq steal (guest time is counted in user already)
             ticks = [int(f) for f in fields[:8]]
