@@ -3,7 +3,8 @@ spoil a run before it starts, and show the evidence.
 
 One streaming pass over the file keeps a few numbers per row (hashes, lengths, a MinHash
 signature), never the rows themselves, so a file of millions of lines is checked in bounded
-memory. It finds:
+memory; a large JSONL file is read in parts, one process per core, and the parts' numbers are
+joined in file order (`_Scan`): the same report, sooner. It finds:
 - format errors, every one with its line and a code (see `data.Problem`);
 - with a tokenizer and template, token-level problems: examples with nothing left to train
   after truncation, assistant turns whose end-of-turn token is not trained (the model would
