@@ -53,7 +53,7 @@ def configure_threads(threads: int | None = None) -> int:
 
     Why not every core: torch splits each op over its threads and waits for the slowest, so a
     thread on a core that another program is using holds up every op. On 2 cores beside a
-    competing process, a training step with 2 threads took 7x as long as with 1
+    competing process, a training step with 2 threads took 3-7x as long as with 1
     (benchmarks/busy_cpu.py, docs/BENCHMARKS.md). The count is chosen once, at the start."""
     if threads is not None and threads < 1:
         raise UserError(f"--threads {threads}: must be 1 or more")
