@@ -2,13 +2,19 @@
 
     PYTHONPATH=src python benchmarks/data_check_scale.py                      # 10k, 100k and 1M lines
     PYTHONPATH=src python benchmarks/data_check_scale.py --lines 100000 --token-lines 2000
+    git archive COMMIT src | tar -x -C /tmp/old   # then, the same files checked by both, in turns:
+    PYTHONPATH=src python benchmarks/data_check_scale.py --lines 1000000 --token-lines 0 --compare-src /tmp/old/src
 
 The file holds booking-extraction examples (tunelab.demo.bookings, in chunks of 50,000 with
 different seeds, so chunks repeat some rows: real exact and near duplicates), plus 10 broken
 lines. Each check runs in a fresh process, exactly the command a user runs, and reports its own
-wall time and peak resident memory (getrusage ru_maxrss). Format and duplicate checks run on
+wall time and peak resident memory (getrusage ru_maxrss): `peak MiB` the checking process's,
+`worker` the largest of its worker processes' (a file of over 64 MiB is checked in parts, one
+process per usable core; 0: the check ran in one process). Format and duplicate checks run on
 every size; the token-level checks (tokenizer + template per example, with --base) are measured
-on the first --token-lines lines, since they cost about a millisecond per example.
+on the first --token-lines lines, since they cost about a millisecond per example. With
+--compare-src, each check runs again right after with tunelab from another source tree (an
+older commit), and the ratio of their times is printed.
 """
 
 from __future__ import annotations
@@ -58,12 +64,15 @@ def child(argv: list[str]) -> None:
         code = main(["data", "check", *argv])
     seconds = time.perf_counter() - started
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    print(json.dumps({"exit_code": code, "seconds": round(seconds, 1), "peak_mib": round(peak_mib)}))
+    worker_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest worker's
+    print(json.dumps({"exit_code": code, "seconds": round(seconds, 2), "peak_mib": round(peak_mib),
+                      "worker_mib": round(worker_mib)}))
 
 
-def measure(data: Path, out: Path, extra: list[str]) -> dict:
+def measure(data: Path, out: Path, extra: list[str], src: str | None = None) -> dict:
     command = [sys.executable, __file__, "--child", str(data), "--out", str(out), *extra]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    env = {**os.environ, "PYTHONPATH": src} if src else None
+    result = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     report = json.loads((out / "data_check.json").read_text())
     return {**measured, "rows": report["rows"], "errors": sum(report["error_counts"].values()),
@@ -78,13 +87,15 @@ def main() -> None:
     parser.add_argument("--lines", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--token-lines", type=int, default=20_000, help="lines for the token-level run (0: none)")
     parser.add_argument("--base", default="smollm2-135m")
+    parser.add_argument("--compare-src", default=None, help="also check with tunelab from this src folder")
     parser.add_argument("--child", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     if args.child is not None:
         child(args.child)
         return
-    print(f"{os.cpu_count()} CPUs; {sys.version.split()[0]}")
-    print(f"{'lines':>9} {'checks':<24} {'MiB file':>8} {'seconds':>8} {'lines/s':>8} {'peak MiB':>8} "
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"{os.cpu_count()} CPUs; {sys.version.split()[0]}; load average {load}")
+    print(f"{'lines':>9} {'checks':<24} {'MiB file':>8} {'seconds':>8} {'lines/s':>8} {'peak MiB':>8} {'worker':>6} "
           f"{'errors':>6} {'exact dup':>9} {'near pairs':>10} {'train/test':>15}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -96,10 +107,18 @@ def main() -> None:
         for n, label, extra in runs:
             data = tmp / f"data-{n}.jsonl"
             head(largest, data, n)
-            row = measure(data, tmp / f"report-{n}-{len(extra)}", extra)
-            print(f"{n:>9} {label:<24} {row['mib_file']:>8} {row['seconds']:>8} {round(n / row['seconds']):>8} "
-                  f"{row['peak_mib']:>8} {row['errors']:>6} {row['exact_duplicates']:>9} "
-                  f"{row['near_duplicate_pairs']:>10} {row['train']:>7}/{row['test']:<7}", flush=True)
+            sources = [("", None), (" (compared)", args.compare_src)] if args.compare_src else [("", None)]
+            seconds = []
+            for tag, src in sources:
+                row = measure(data, tmp / f"report-{n}-{len(extra)}{tag.strip(' ()')}", extra, src)
+                seconds.append(row["seconds"])
+                print(f"{n:>9} {label + tag:<24} {row['mib_file']:>8} {row['seconds']:>8} "
+                      f"{round(n / row['seconds']):>8} "
+                      f"{row['peak_mib']:>8} {row['worker_mib']:>6} {row['errors']:>6} {row['exact_duplicates']:>9} "
+                      f"{row['near_duplicate_pairs']:>10} {row['train']:>7}/{row['test']:<7}", flush=True)
+            if len(seconds) == 2:
+                print(f"{'':>9} {'compared / this':<24} {seconds[1] / seconds[0]:.2f}x the time", flush=True)
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -390,7 +390,7 @@ def test_typed_results_round_trip_through_the_file_under_the_same_keys(tmp_path)
     results.write(tmp_path / "eval.json")
     written = json.loads((tmp_path / "eval.json").read_text())
     assert list(written) == ["schema", "run", "data", "examples_evaluated", "max_new_tokens", "shots", "precision",
-                             "device", "contenders", "metrics", "fields", "extractive_fields", "buckets",
+                             "device", "threads", "contenders", "metrics", "fields", "extractive_fields", "buckets",
                              "bucket_examples", "differences", "cost", "assertions", "judge", "forgetting",
                              "copy_constraint", "invented_names", "novelty", "samples"]
     assert EvalResults.read(tmp_path / "eval.json") == results

@@ -35,24 +35,26 @@ __all__ = ["finetune", "load"]
 
 
 def finetune(data: str | Path, out: str | Path | None = None, overwrite: bool = False, resume: bool = False,
-             **options: Any) -> Run:
+             threads: int | None = None, **options: Any) -> Run:
     """Fine-tune on `data` (JSONL, CSV or Parquet); `options` are TrainConfig fields
     (base, method, epochs, lr, save_every, ...). `resume` continues the run in `out` from its
-    newest checkpoint, with the same options. Returns the finished run."""
+    newest checkpoint, with the same options; `threads`, torch's CPU threads (by default the
+    cores other programs leave free). Returns the finished run."""
     from tunelab.config import TrainConfig
     from tunelab.run import Run
     from tunelab.train.loop import default_out, train
 
     config = TrainConfig.build(**options)
     out = Path(out) if out else default_out(Path(data))
-    train(config, Path(data), out, overwrite=overwrite, resume=resume)
-    return Run(out)
+    train(config, Path(data), out, overwrite=overwrite, resume=resume, threads=threads)
+    return Run(out, threads=threads)
 
 
-def load(path: str | Path, precision: str | None = None, device: str = "auto") -> Run:
+def load(path: str | Path, precision: str | None = None, device: str = "auto", threads: int | None = None) -> Run:
     """Open a finished run folder; `precision` ("auto", "bf16" or "fp32") is the arithmetic of its
     generation and evaluation, by default the run's own --precision setting; `device` ("auto":
-    CUDA, then Apple's MPS, then the CPU; or "cuda", "mps", "cpu") is where its models answer."""
+    CUDA, then Apple's MPS, then the CPU; or "cuda", "mps", "cpu") is where its models answer;
+    `threads`, torch's CPU threads (by default the cores other programs leave free)."""
     from tunelab.run import Run
 
-    return Run(path, precision, device)
+    return Run(path, precision, device, threads)

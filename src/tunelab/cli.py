@@ -25,6 +25,7 @@ from pydantic_core import PydanticUndefined
 
 from tunelab.config import (
     Arg,
+    ComputeOptions,
     DataOptions,
     EndpointAccess,
     GenerationOptions,
@@ -39,7 +40,7 @@ from tunelab.serve.options import ServeOptions
 from tunelab.ui.options import UIOptions
 
 
-class DemoOptions(Options):
+class DemoOptions(ComputeOptions):
     out: str = "runs/demo"
     """run folder"""
     examples: int = Field(1200, ge=1)
@@ -55,7 +56,8 @@ class DemoOptions(Options):
 def cmd_demo(o: DemoOptions) -> None:
     from tunelab.demo import run_demo
 
-    run_demo(Path(o.out), examples=o.examples, method=o.method, max_steps=o.max_steps, eval_limit=o.eval_limit)
+    run_demo(Path(o.out), examples=o.examples, method=o.method, max_steps=o.max_steps, eval_limit=o.eval_limit,
+             threads=o.threads)
 
 
 class DataCheckOptions(Options):
@@ -147,7 +149,7 @@ def cmd_data_review(o: ReviewOptions) -> None:
     cli_review(Path(o.file), Path(o.out))
 
 
-class TrainOptions(Options):
+class TrainOptions(ComputeOptions):
     """What `tunelab train` takes besides the TrainConfig (whose flags it also has)."""
 
     data: Annotated[str, Arg(positional=True)]
@@ -179,7 +181,7 @@ def cmd_train(o: TrainOptions, flags: dict[str, Any]) -> None:
     if o.resume and not o.overwrite and (line := finished(config, Path(o.data), out)):
         print(line)  # the one line: there is no new run to announce
         return
-    train(config, Path(o.data), out, overwrite=o.overwrite, resume=o.resume, force=o.force)
+    train(config, Path(o.data), out, overwrite=o.overwrite, resume=o.resume, force=o.force, threads=o.threads)
     if is_main_process():
         print(f"Run saved in {out}. Next: tunelab eval {out}")
 
@@ -233,7 +235,7 @@ def cmd_eval(o: EvalOptions) -> None:
     judge = Endpoint.judge(o.judge, o.judge_model, key) if o.judge else None
     for endpoint in [*endpoints, *([judge] if judge else [])]:
         endpoint.check(o.allow_remote)
-    run = Run(o.run, o.precision, o.device)
+    run = Run(o.run, o.precision, o.device, o.threads)
     check_output_file(run.files.eval, "the results file")  # written at the end: check before the work
     results = run.evaluate(
         limit=o.limit, include_base=not o.no_base, max_new_tokens=o.max_new_tokens,
@@ -298,7 +300,7 @@ def cmd_generate(o: GenerateOptions) -> None:
     RunFiles(Path(o.run)).check()
     # A .txt file holds one prompt per line, as for `tunelab data label`.
     inputs = read_inputs(Path(o.input)) if o.input is not None else []
-    run = Run(o.run, o.precision, o.device)
+    run = Run(o.run, o.precision, o.device, o.threads)
     if o.prompt is not None:
         print(run.generate(o.prompt, max_new_tokens=o.max_new_tokens, copy_constraint=not o.no_copy_constraint))
         return
@@ -353,7 +355,7 @@ def cmd_chat(o: ChatOptions) -> None:
     from tunelab.decoding.generate import stream_reply
     from tunelab.run import Run
 
-    run = Run(o.run, o.precision, o.device)
+    run = Run(o.run, o.precision, o.device, o.threads)
     model = run.model()
     copying = run.copy_rule(not o.no_copy_constraint)
     conversation = [{"role": "system", "content": o.system}] if o.system else []

@@ -107,7 +107,14 @@ class Options(BaseModel):
         return f"{key}={value!r}: {allowed}"
 
 
-class GenerationOptions(Options):
+class ComputeOptions(Options):
+    """What every command that runs a model computes with: train, eval, generate, chat, serve, demo."""
+
+    threads: Annotated[int | None, Arg(metavar="N")] = Field(None, ge=1)
+    """CPU threads torch computes with (default: the cores that other programs leave free, measured at the start)"""
+
+
+class GenerationOptions(ComputeOptions):
     """How a command that answers with a run's model generates: eval, generate, chat and serve."""
 
     no_copy_constraint: bool = False

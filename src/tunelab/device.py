@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import typing
+from collections.abc import Collection
 
 import torch
 
@@ -35,18 +37,95 @@ from tunelab.errors import UserError
 PACKED_ATTENTION = "tunelab_packed_sdpa"
 
 
-def configure_threads() -> None:
-    """Intra-op threads = the cores this process may use (not the host's count, which is wrong
-    in containers), and one inter-op thread: the training step has no independent ops worth
-    running side by side, and a second pool only competes for the same cores. Respects an
-    explicit OMP_NUM_THREADS, and divides the cores between processes under `accelerate launch`."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(max(1, cores // local))
+IDLE_ENOUGH = 0.7
+"""Share of a core that must be idle for it to count as free: a core that something else keeps
+busy more than 30% of the time stalls every parallel region that waits for its thread."""
+SAMPLE_SECONDS = 0.1
+"""How long the CPU's busy time is sampled before choosing the thread count."""
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads, and return how many: `threads` (--threads) if given, else
+    `free_cores()`, divided between processes under `accelerate launch`; an explicit
+    OMP_NUM_THREADS is respected when --threads is not given. One inter-op thread: no step has
+    independent ops worth running side by side, and a second pool only competes for the same
+    cores.
+
+    Why not every core: torch splits each op over its threads and waits for the slowest, so a
+    thread on a core that another program is using holds up every op. On 2 cores beside a
+    competing process, a training step with 2 threads took 3-7x as long as with 1
+    (benchmarks/busy_cpu.py, docs/BENCHMARKS.md). The count is chosen once, at the start."""
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads {threads}: must be 1 or more")
+    if threads is None and os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    if threads is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        # Processes launched together would see each other starting up as load: they share the cores instead.
+        threads = max(1, usable_cores() // local) if local > 1 else free_cores()
+    torch.set_num_threads(threads)
     with contextlib.suppress(RuntimeError):  # only settable before the first parallel op
         torch.set_num_interop_threads(1)
+    return threads
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity; not the host's count, which is wrong in
+    containers and under `taskset`)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def free_cores(seconds: float = SAMPLE_SECONDS) -> int:
+    """How many of the usable cores other programs leave free (at least one): see `thread_count`."""
+    cores = usable_cores()
+    return thread_count(cores, busy_cores(cores, seconds))
+
+
+def thread_count(cores: int, busy: float) -> int:
+    """The threads for `cores` usable cores of which other programs keep `busy` (in cores) busy:
+    the idle capacity in whole cores, each at least IDLE_ENOUGH idle; never fewer than one."""
+    return max(1, min(cores, int(cores - busy + 1 - IDLE_ENOUGH)))
+
+
+def busy_cores(cores: int, seconds: float = SAMPLE_SECONDS) -> float:
+    """The cores' worth of CPU time other programs use now. On Linux, measured over `seconds`
+    from /proc/stat on the cores of this process's affinity, less this process's own CPU time:
+    what is running now, where the load average lags by a minute and counts this process too.
+    Elsewhere, the one-minute load average (0 where there is none)."""
+    if hasattr(os, "sched_getaffinity"):
+        mine = os.sched_getaffinity(0)
+        before, own_before, started = cpu_times(mine), time.process_time(), time.monotonic()
+        if before:
+            time.sleep(seconds)
+            after, own, wall = cpu_times(mine), time.process_time() - own_before, time.monotonic() - started
+            used = sum(_busy_share(before[cpu], after[cpu]) for cpu in before if cpu in after)
+            return max(0.0, used - (own / wall if wall > 0 else 0.0))
+    try:
+        return min(float(cores), os.getloadavg()[0])
+    except (AttributeError, OSError):  # Windows has no load average
+        return 0.0
+
+
+def cpu_times(cpus: Collection[int]) -> dict[int, tuple[int, int]]:
+    """(busy, total) clock ticks so far of each of `cpus`, from /proc/stat; {} where unreadable."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    times = {}
+    for line in lines:
+        name, *fields = line.split() or [""]
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            # user nice system idle iowait irq softirq steal (guest time is counted in user already)
+            ticks = [int(f) for f in fields[:8]]
+            times[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))
+    return times
+
+
+def _busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else 0.0
 
 
 @contextlib.contextmanager

@@ -21,12 +21,15 @@ class Run:
     >>> run.generate("Extract the booking ...")
     """
 
-    def __init__(self, path: Path | str, precision: str | None = None, device: str = "auto"):
+    def __init__(self, path: Path | str, precision: str | None = None, device: str = "auto",
+                 threads: int | None = None):
         """`precision` is the arithmetic of generation and evaluation ("auto", "bf16" or "fp32",
         as `device.autocast` reads it); by default the run's own --precision setting. `device`
-        ("auto", "cuda", "mps" or "cpu") is where the models answer (`device.inference_device`)."""
+        ("auto", "cuda", "mps" or "cpu") is where the models answer (`device.inference_device`).
+        `threads`: torch's CPU threads in this process (`device.configure_threads`; by default
+        the cores other programs leave free)."""
         from tunelab.config import Precision, TrainConfig
-        from tunelab.device import inference_device
+        from tunelab.device import configure_threads, inference_device
         from tunelab.errors import UserError
         from tunelab.models import load_tokenizer
         from tunelab.template import Template
@@ -45,6 +48,7 @@ class Run:
         self.template = Template.load(self.files.template, self.tokenizer)
         self.precision = precision or self.config.precision
         self.device = inference_device(device)
+        self.threads = configure_threads(threads)
         self._tuned = None
         self._house_words: frozenset[str] | None = None
 

@@ -122,7 +122,7 @@ class RunFiles:
     def create(self, config: TrainConfig, template: Template, base_path: Path, train: list[Example],
                test: list[Example], dropped: list[int], trained_pieces: int, augmented: Sequence[Example] = (),
                copied_fields: Sequence[str] = (), fingerprint: dict | None = None, extra: Sequence[Example] = (),
-               replaced: Sequence[tuple[int, int]] = ()) -> None:
+               replaced: Sequence[tuple[int, int]] = (), compute: dict | None = None) -> None:
         """Write what a run starts with: config, template, tokenizer, the split and its examples.
         `train` and `test` are the two sides of the split; train.jsonl leaves out the `dropped`
         lines (over --max-length), which are not trained; `trained_pieces` counts what the trained
@@ -132,7 +132,8 @@ class RunFiles:
         `fingerprint`, the hashes of the data and options trained on (checkpoint.fingerprint), by
         which `--resume` tells a finished run from one to continue; `extra`, the --data-extra rows
         trained besides the split, and `replaced`, the (held-out line, extra line) pairs whose
-        held-out row left the split for an extra row with its prompt (data/extra.py)."""
+        held-out row left the split for an extra row with its prompt (data/extra.py); `compute`,
+        what trained it ({"device": ..., "threads": ...})."""
         self.root.mkdir(parents=True, exist_ok=True)
         config.save(self.config)
         template.save(self.template)
@@ -155,7 +156,7 @@ class RunFiles:
             "objective": config.objective, **({"beta": config.beta} if config.objective != "sft" else {}),
             "augmented_examples": len(augmented), "extra_examples": len(extra), "data_extra": config.data_extra,
             "copied_fields": list(copied_fields),
-            **({"fingerprint": fingerprint} if fingerprint else {}),
+            **({"fingerprint": fingerprint} if fingerprint else {}), **(compute or {}),
         }, indent=2))
 
     def metrics_writer(self) -> MetricsWriter:

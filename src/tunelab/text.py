@@ -21,6 +21,7 @@ The standard library only: every layer may import this module.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import string
@@ -89,6 +90,7 @@ def dotted(path: JsonPath) -> str:
     return ".".join(map(str, path))
 
 
+@functools.lru_cache(maxsize=4096)  # a file has few fields, met in row after row
 def field_path(path: JsonPath) -> str:
     """The field a leaf belongs to, every position of a list as one: `items.*.name`."""
     return ".".join("*" if isinstance(part, int) else part for part in path)

@@ -3,7 +3,8 @@ spoil a run before it starts, and show the evidence.
 
 One streaming pass over the file keeps a few numbers per row (hashes, lengths, a MinHash
 signature), never the rows themselves, so a file of millions of lines is checked in bounded
-memory. It finds:
+memory; a large JSONL file is read in parts, one process per core, and the parts' numbers are
+joined in file order (`_Scan`): the same report, sooner. It finds:
 - format errors, every one with its line and a code (see `data.Problem`), malformed preference
   pairs among them (E_PAIR_MISSING, E_PAIR_IDENTICAL, E_PAIR_ROLE, E_PAIR_ANSWER, E_PAIR_PROMPT);
 - with a tokenizer and template, token-level problems: examples with nothing left to train
@@ -247,37 +248,31 @@ def check(path: Path, options: DataOptions, template=None, keep_examples: bool =
     report = Report(path, options, template.name if template else None)
     report.examples = [] if keep_examples and template is not None else None
     report.extra = read_extra(Path(options.data_extra)) if options.data_extra else None  # its errors first
-    near = dedup.NearDuplicates(seed=options.seed)
-    lines, keys, ranks, lengths, trainable = array("q"), array("Q"), array("Q"), array("q"), array("q")
-    groups = _Groups() if options.split_by else None
-    values, value_ends = array("Q"), array("q")  # each row's answer value hashes, back to back
-    prompts = array("Q")  # with --data-extra: each row's prompt_hash
-    for item in data_mod.iter_examples(path, options.format, split_by=options.split_by):
-        report.rows += 1
-        if isinstance(item, Problem):
-            report.error(item)
-            continue
-        report.shapes["text" if item.is_raw else "pair" if item.rejected is not None else "chat"] += 1
-        if not item.is_raw:
-            report.copies.add(len(lines), item.messages)
-        key = item.key
-        lines.append(item.line)
-        keys.append(int(key[:16], 16))
-        ranks.append(data_mod.split_rank(key, options.seed))
-        if groups:
-            groups.add(item, options.seed)
-        if not item.is_raw:
-            values.extend(novelty.value_hashes(item.reference))
-        value_ends.append(len(values))
-        if report.extra is not None:
-            prompts.append(prompt_hash(item))
-        near.add(_visible_text(item))
-        if template is None:
-            lengths.append(len(item.text) if item.is_raw else sum(len(m["content"]) for m in item.messages))
-        else:
-            length, trained = _check_tokens(item, template, options, report)
-            lengths.append(length)
-            trainable.append(trained)
+    scan = _Scan(options)
+    workers = _workers(path) if template is None else 1
+    if workers > 1:
+        for rows, problems, part in _scan_in_parallel(path, options, workers):
+            report.rows += rows
+            for problem in problems:
+                report.error(problem)
+            scan.extend(part)
+    else:
+        for item in data_mod.iter_examples(path, options.format, split_by=options.split_by):
+            report.rows += 1
+            if isinstance(item, Problem):
+                report.error(item)
+                continue
+            scan.add(item)
+            if template is None:
+                scan.lengths.append(_characters(item))
+            else:
+                length, trained = _check_tokens(item, template, options, report)
+                scan.lengths.append(length)
+                scan.trainable.append(trained)
+    report.shapes, report.copies = scan.shapes, scan.copies
+    lines, keys, ranks, lengths, trainable = scan.lines, scan.keys, scan.ranks, scan.lengths, scan.trainable
+    groups, values, value_ends, near = scan.groups, scan.values, scan.value_ends, scan.near
+    prompts = scan.prompts
     trained = sum(report.outcomes[k] for k in ("kept", "truncated", "chunked"))
     if template is not None and lines and not trained:
         report.error(Problem(0, "E_ALL_DROPPED", f"every example is longer than --max-length {options.max_length}; "
@@ -321,6 +316,127 @@ def check(path: Path, options: DataOptions, template=None, keep_examples: bool =
     _length_stats(report, np.frombuffer(lengths, np.int64)[~is_copy],
                   np.frombuffer(trainable, np.int64)[~is_copy] if template else None)
     return report
+
+
+PARALLEL_BYTES = 64 << 20
+"""Files larger than this are checked by several processes (without --base), one part each."""
+PART_BYTES = 8 << 20
+"""The size of a part: its rows' numbers are a few MiB, and a few parts are in flight at once."""
+
+
+class _Scan:
+    """What the check keeps of each valid row, in file order: its line, content hash, split rank,
+    length, answer value hashes, --split-by group, MinHash signature, and copied fields. One
+    scan reads the whole file, or each process scans a part and the parts are joined in order
+    (`extend`), which gives the same numbers."""
+
+    def __init__(self, options: DataOptions):
+        from tunelab.data import dedup
+
+        self.seed = options.seed
+        self.shapes: Counter = Counter()
+        self.copies = CopyCounter()
+        self.lines, self.keys, self.ranks = array("q"), array("Q"), array("Q")
+        self.lengths, self.trainable = array("q"), array("q")
+        self.groups = _Groups() if options.split_by else None
+        self.values, self.value_ends = array("Q"), array("q")  # each row's answer value hashes, back to back
+        self.near = dedup.NearDuplicates(seed=options.seed)
+        self.prompts = array("Q")  # with --data-extra: each row's prompt_hash, to find held-out rows it replaces
+        self.with_prompts = bool(options.data_extra)
+
+    def add(self, item: Example) -> None:
+        self.shapes["text" if item.is_raw else "pair" if item.rejected is not None else "chat"] += 1
+        if not item.is_raw:
+            self.copies.add(len(self.lines), item.messages)
+        key = item.key
+        self.lines.append(item.line)
+        self.keys.append(int(key[:16], 16))
+        self.ranks.append(data_mod.split_rank(key, self.seed))
+        if self.groups:
+            self.groups.add(item, self.seed)
+        if not item.is_raw:
+            self.values.extend(novelty.value_hashes(item.reference))
+        self.value_ends.append(len(self.values))
+        if self.with_prompts:
+            self.prompts.append(prompt_hash(item))
+        self.near.add(_visible_text(item))
+
+    def extend(self, part: _Scan) -> None:
+        """Append the rows of `part`, the scan of the lines that follow this one's."""
+        import numpy as np
+
+        self.shapes += part.shapes
+        self.copies.extend(part.copies, len(self.lines))
+        self.value_ends.frombytes((np.frombuffer(part.value_ends, np.int64) + len(self.values)).tobytes())
+        self.values.extend(part.values)
+        for name in ("lines", "keys", "ranks", "lengths", "trainable", "prompts"):
+            getattr(self, name).extend(getattr(part, name))
+        if self.groups and part.groups:
+            self.groups.ranks.extend(part.groups.ranks)
+            self.groups.first_missing = self.groups.first_missing or part.groups.first_missing
+            self.groups.missing += part.groups.missing
+        self.near.extend(part.near)
+
+
+def _characters(example: Example) -> int:
+    return len(example.text) if example.is_raw else sum(len(m["content"]) for m in example.messages)
+
+
+def _workers(path: Path) -> int:
+    """Processes for checking `path`: one per usable core for a large JSONL file, else one."""
+    import os
+
+    if path.suffix.lower() not in (".jsonl", ".json", ".ndjson") or not path.is_file():
+        return 1
+    if path.stat().st_size <= PARALLEL_BYTES:
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _spans(path: Path):
+    """The file cut into parts of about PART_BYTES, each of whole lines, with its first line's number."""
+    start, line, size = 0, 1, path.stat().st_size
+    with path.open("rb") as f:
+        while start < size:
+            f.seek(min(start + PART_BYTES, size))
+            f.readline()  # on to the end of the line
+            end = min(f.tell(), size)
+            f.seek(start)
+            lines = f.read(end - start).count(b"\n")
+            yield data_mod.Span(start, end, line)
+            start, line = end, line + lines
+
+
+def _scan_span(path: Path, options: DataOptions, span) -> tuple[int, list[Problem], _Scan]:
+    """Scan the lines of `span` (in a worker process): rows read, their problems, the scan."""
+    scan, rows, problems = _Scan(options), 0, []
+    for item in data_mod.iter_examples(path, options.format, split_by=options.split_by, span=span):
+        rows += 1
+        if isinstance(item, Problem):
+            problems.append(item)
+            continue
+        scan.add(item)
+        scan.lengths.append(_characters(item))
+    scan.near.signatures()  # computed here, in parallel
+    return rows, problems, scan
+
+
+def _scan_in_parallel(path: Path, options: DataOptions, workers: int):
+    """The scans of the file's parts, in file order, made by `workers` processes; at most a few
+    parts wait at once, so memory stays bounded. Fresh processes (spawned, not forked): the
+    caller may have threads of its own (the UI)."""
+    import collections
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        waiting: collections.deque = collections.deque()
+        for span in _spans(path):
+            waiting.append(pool.submit(_scan_span, path, options, span))
+            if len(waiting) > workers:
+                yield waiting.popleft().result()
+        while waiting:
+            yield waiting.popleft().result()
 
 
 def _visible_text(example: Example) -> str:

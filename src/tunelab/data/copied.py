@@ -160,6 +160,24 @@ class CopyCounter:
             self.numbers.append(self.paths.setdefault(name, len(self.paths)))
             self.copied.append(is_copied)
 
+    def extend(self, part: CopyCounter, offset: int) -> None:
+        """Append the counts of `part`, a counter of the rows that follow this one's (`offset` of
+        them): the data check counts a large file in parts and joins them in file order."""
+        import numpy as np
+
+        self.house.lower |= part.house.lower
+        self.house.unsourced += part.house.unsourced
+        self.house.rows += part.house.rows
+        for names, mine, rows, numbers, copied, theirs in (
+                (part.paths, self.paths, part.rows, part.numbers, part.copied, (self.rows, self.numbers, self.copied)),
+                (part.words, self.words, part.name_rows, part.name_numbers, part.name_copied,
+                 (self.name_rows, self.name_numbers, self.name_copied))):
+            # The numbers of `part` follow the order it met the fields (or words) in, as this counter's do.
+            renumber = np.array([mine.setdefault(name, len(mine)) for name in names], np.int64)
+            theirs[0].frombytes((np.frombuffer(rows, np.int64) + offset).tobytes())
+            theirs[1].frombytes(renumber[np.frombuffer(numbers, np.int64)].tobytes() if len(numbers) else b"")
+            theirs[2].extend(copied)
+
     def _add_text(self, row: int, answer: str, source: set[str]) -> None:
         self.house.add(answer, source)
         for word in dict.fromkeys(w.casefold() for w in name_words(answer)):

@@ -27,7 +27,7 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tunelab.errors import UserError
 
@@ -107,6 +107,15 @@ class RowError(ValueError):
         self.code = code
 
 
+class Span(NamedTuple):
+    """Whole lines of a JSONL file, from byte `start` up to byte `end`, the first of them line
+    number `line`: a part of a large file that the data check reads in another process."""
+
+    start: int
+    end: int
+    line: int
+
+
 def is_tabular(path: Path) -> bool:
     """CSV and Parquet rows have columns where JSON lines have fields."""
     return Path(path).suffix.lower() in (".csv", ".parquet")
@@ -123,8 +132,9 @@ def check_data_file(path: Path) -> None:
         raise UserError(f"{path}: unknown file type '{path.suffix}'; use .jsonl, .csv or .parquet")
 
 
-def read_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line or row number, parsed row) from a JSONL, CSV or Parquet file.
+def read_rows(path: Path, span: Span | None = None) -> Iterator[tuple[int, Any]]:
+    """Yield (line or row number, parsed row) from a JSONL, CSV or Parquet file (or only the
+    lines of `span`, of a JSONL file).
 
     Text files must be UTF-8; a leading byte-order mark (as Excel and Notepad write it) is
     skipped. Problems with the file as a whole (not UTF-8, a JSON array, a CSV header that fits
@@ -133,7 +143,7 @@ def read_rows(path: Path) -> Iterator[tuple[int, Any]]:
     check_data_file(path)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
-        yield from _read_jsonl_rows(path)
+        yield from _read_jsonl_rows(path, span)
     elif suffix == ".csv":
         yield from _read_csv_rows(path)
     elif suffix == ".parquet":
@@ -150,15 +160,22 @@ def read_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 yield number, row
 
 
-def text_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of each line, decoded one line at a time so that a byte that is not
-    UTF-8 is reported with its line, not as a position in some buffer."""
+def text_lines(path: Path, span: Span | None = None) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line (of `span`, if given), decoded one line at a time so
+    that a byte that is not UTF-8 is reported with its line, not as a position in some buffer."""
+    span = span or Span(0, -1, 1)
     try:
         f = path.open("rb")
     except OSError as e:
         raise UserError(f"{path}: cannot read the file ({e.strerror or e}); check its permissions") from None
     with f:
-        for number, raw in enumerate(f, start=1):
+        f.seek(span.start)
+        left = span.end - span.start
+        for number, raw in enumerate(f, start=span.line):
+            if span.end >= 0:
+                if left <= 0:
+                    break
+                left -= len(raw)
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as e:
@@ -168,9 +185,9 @@ def text_lines(path: Path) -> Iterator[tuple[int, str]]:
             yield number, line
 
 
-def _read_jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    first = True
-    for number, line in text_lines(path):
+def _read_jsonl_rows(path: Path, span: Span | None = None) -> Iterator[tuple[int, Any]]:
+    first = span is None or span.start == 0
+    for number, line in text_lines(path, span):
         if not line.strip():
             continue
         if first and line.lstrip().startswith("[") and not _is_json(line):
@@ -416,12 +433,13 @@ def _message(role: str, value: Any, name: str) -> dict[str, str]:
 
 
 def iter_examples(path: Path, shape: str = "auto", require_answer: bool = True,
-                  split_by: str | None = None) -> Iterator[Example | Problem]:
-    """Stream the file: one Example per good row, one Problem per bad row, in file order; with
-    `split_by`, each Example carries its row's value of that field (`group_value`)."""
+                  split_by: str | None = None, span: Span | None = None) -> Iterator[Example | Problem]:
+    """Stream the file (or the lines of `span`, of a JSONL file): one Example per good row, one
+    Problem per bad row, in file order; with `split_by`, each Example carries its row's value of
+    that field (`group_value`)."""
     path = Path(path)
     tabular = is_tabular(path)
-    for number, row in read_rows(path):
+    for number, row in read_rows(path, span):
         if isinstance(row, _Invalid):
             yield Problem(number, "E_JSON", row.reason)
             continue

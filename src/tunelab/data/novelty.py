@@ -21,6 +21,7 @@ memory; evaluation uses the same hashes, and scores the two kinds of rows apart
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -39,21 +40,30 @@ def compared_values(answer: str) -> list[str]:
     """The values of one answer as novelty compares them (see the module's docstring): normalised,
     none empty, in order. Unlike `text.answer_values`, a JSON answer's numbers count too: a
     held-out price or room number that training already showed is as familiar as a name."""
-    parsed = parse_json_answer(answer)
-    if parsed is not None:
-        raw = [v for v in json_leaves(parsed).values()
-               if isinstance(v, str) or (isinstance(v, int | float) and not isinstance(v, bool))]
-    else:
-        raw = quoted_spans(answer)
-    values = [normalise_answer(str(v)) for v in raw]
+    values = [normalise_answer(v) for v in _raw_values(answer)]
     return [v for v in values if v]
 
 
 def value_hashes(answer: str) -> list[int]:
     """64-bit hashes of `compared_values`, distinct, for sets that stay small in memory."""
-    hashes = [int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "big")
-              for v in compared_values(answer)]
-    return list(dict.fromkeys(hashes))
+    hashes = [_value_hash(v) for v in _raw_values(answer)]
+    return list(dict.fromkeys(h for h in hashes if h is not None))
+
+
+def _raw_values(answer: str) -> list[str]:
+    parsed = parse_json_answer(answer)
+    if parsed is None:
+        return quoted_spans(answer)
+    return [str(v) for v in json_leaves(parsed).values()
+            if isinstance(v, str) or (isinstance(v, int | float) and not isinstance(v, bool))]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _value_hash(value: str) -> int | None:
+    """The hash of a value as `compared_values` leaves it (None: nothing left), remembered: the
+    data check meets the same days, times and names in row after row (~2x faster on a million)."""
+    normalised = normalise_answer(value)
+    return int.from_bytes(hashlib.blake2b(normalised.encode(), digest_size=8).digest(), "big") if normalised else None
 
 
 @dataclass

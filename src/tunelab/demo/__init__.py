@@ -40,7 +40,7 @@ def demo_config(method: str = "full", max_steps: int | None = 100) -> TrainConfi
 
 
 def run_demo(out: Path, examples: int = 1200, method: str = "full", max_steps: int | None = 100,
-             eval_limit: int = 100) -> EvalResults:
+             eval_limit: int = 100, threads: int | None = None) -> EvalResults:
     from tunelab.report.html import write_report
     from tunelab.run import Run
     from tunelab.train.loop import train
@@ -52,8 +52,8 @@ def run_demo(out: Path, examples: int = 1200, method: str = "full", max_steps: i
     data = write_dataset(out.parent / f"{out.name}-data" / "bookings.jsonl", examples)
     print(f"Wrote {examples} examples to {data}")
     config = demo_config(method, max_steps)
-    train(config, data, out, overwrite=True)
-    run = Run(out)
+    train(config, data, out, overwrite=True, threads=threads)
+    run = Run(out, threads=threads)
     held_out = min(eval_limit, len(run.files.test.read_text(encoding="utf-8").splitlines()))
     print(f"Evaluating the base model (zero-shot, few-shot) and the fine-tuned model on {held_out} "
           "held-out examples...")

@@ -241,7 +241,7 @@ def _evaluate(run, limit: int | None, batch_size: int, max_new_tokens: int | Non
     results = scored.model_copy(update={
         "run": str(run.path), "data": str(source), "max_new_tokens": max_new_tokens, "shots": shots,
         "precision": "bf16" if computes_bf16(run.precision, tuned_model.device) else "fp32",
-        "device": tuned_model.device.type,
+        "device": tuned_model.device.type, "threads": run.threads,
         "forgetting": Forgetting(file=str(forgetting), questions=len(questions),
                                  results={name: ForgettingScore.model_validate(found)
                                           for name, found in forgotten.items()}) if questions else None,

@@ -213,6 +213,8 @@ class EvalResults(Part):
     """The arithmetic of the local contenders' answers and held-out losses (older files: None)."""
     device: Literal["cuda", "mps", "cpu"] | None = None
     """Where the local contenders answered (`--device`; older files: None)."""
+    threads: int | None = None
+    """The CPU threads torch computed with (`--threads`; older files: None)."""
     contenders: list[Contender] = []
     metrics: dict[str, dict[str, Interval]] = {}
     """{contender: {metric: value}}: exact_match, token_f1, rouge_l; valid_json and field_accuracy

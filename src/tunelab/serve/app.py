@@ -83,15 +83,15 @@ class Served:
 
 
 def load_served(paths: list[Path], copy_constraint: bool = True, precision: str | None = None,
-                device: str = "auto") -> dict[str, Served]:
-    """Load each run once, on `device` (`device.inference_device`); LoRA runs on the same base
-    share one base model in memory."""
+                device: str = "auto", threads: int | None = None) -> dict[str, Served]:
+    """Load each run once, on `device` (`device.inference_device`), computing with `threads`
+    (`device.configure_threads`); LoRA runs on the same base share one base model in memory."""
     from peft import PeftModel
 
     from tunelab.models import for_inference, load_model
     from tunelab.run import Run
 
-    runs = [Run(p, precision, device) for p in paths]  # checks every folder before loading any weights
+    runs = [Run(p, precision, device, threads) for p in paths]  # checks every folder before loading any weights
     served: dict[str, Served] = {}
     shared: dict[Path, Any] = {}
     for run in runs:
@@ -478,7 +478,8 @@ def serve(options: ServeOptions) -> None:
         RunFiles(path).check()
     sock = bind(options.host, options.port)
 
-    served = load_served(options.runs, not options.no_copy_constraint, options.precision, options.device)
+    served = load_served(options.runs, not options.no_copy_constraint, options.precision, options.device,
+                         options.threads)
     server = Server(served, options, moderation, key)
     port = sock.getsockname()[1]
     host = f"[{options.host}]" if ":" in options.host else options.host

@@ -255,6 +255,8 @@ class Training:
     eval_every: int
     eval_set: list[Encoded]
     """The held-out examples whose loss is measured during training."""
+    threads: int = 1
+    """torch's CPU threads (`device.configure_threads`), said in run.json with the device."""
 
 
 SHARDED = ("FSDP", "DEEPSPEED")
@@ -273,12 +275,13 @@ def refuse_sharded_checkpoints(distributed_type: str, config: TrainConfig, resum
                         "(`accelerate launch --multi_gpu`) to save and resume checkpoints")
 
 
-def set_up(config: TrainConfig, prepared: Prepared, resuming: bool) -> Training:
-    """Accelerator, model, optimizer, schedule and loader, as accelerate prepares them."""
+def set_up(config: TrainConfig, prepared: Prepared, resuming: bool, threads: int | None = None) -> Training:
+    """Accelerator, model, optimizer, schedule and loader, as accelerate prepares them; torch's
+    CPU threads (`threads`, by default the cores other programs leave free)."""
     from accelerate.utils import DistributedType, set_seed
     from transformers import get_cosine_schedule_with_warmup
 
-    device.configure_threads()
+    threads = device.configure_threads(threads)
     accelerator = device.make_accelerator(config.grad_accum, config.precision)
     refuse_sharded_checkpoints(accelerator.distributed_type, config, resuming)
     set_seed(config.seed)
@@ -310,12 +313,14 @@ def set_up(config: TrainConfig, prepared: Prepared, resuming: bool) -> Training:
     if note and accelerator.is_main_process:
         print(note, file=sys.stderr if note.startswith("tunelab: note:") else sys.stdout)
     return Training(accelerator, model, optimizer, scheduler, loader, generator, trainable, total_steps,
-                    eval_every=every, eval_set=prepared.test_encoded[: config.eval_examples])
+                    eval_every=every, eval_set=prepared.test_encoded[: config.eval_examples], threads=threads)
 
 
 def open_run_folder(files: RunFiles, config: TrainConfig, prepared: Prepared, overwrite: bool,
-                    start: Checkpoint | None, resume: bool, fingerprint: dict | None = None) -> MetricsWriter:
-    """Lay out the run folder (main process only) and open its metrics for appending."""
+                    start: Checkpoint | None, resume: bool, fingerprint: dict | None = None,
+                    compute: dict | None = None) -> MetricsWriter:
+    """Lay out the run folder (main process only) and open its metrics for appending; `compute`
+    says in run.json what trained it (device, threads)."""
     if overwrite and files.config.exists():  # only ever delete what is known to be a run
         for path in files.root.iterdir():
             if path.name == LOCK_FILE:  # this training's own lock stays
@@ -328,7 +333,7 @@ def open_run_folder(files: RunFiles, config: TrainConfig, prepared: Prepared, ov
                  (len(prepared.train_pairs) if prepared.train_pairs is not None
                   else len(prepared.train_encoded) - len(prepared.augmented)) - prepared.extra_pieces,
                  prepared.augmented, [f.path for f in prepared.report.copied], fingerprint, prepared.extra,
-                 prepared.report.extra_replaced)
+                 prepared.report.extra_replaced, compute)
     prepared.report.save(files.root)
     if resume:
         trim_metrics(files.metrics, start.step if start else -1)
@@ -485,19 +490,21 @@ def finished(config: TrainConfig, data_path: Path, out: Path) -> str | None:
 
 
 def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = False, quiet: bool = False,
-          resume: bool = False, force: bool = False) -> Path:
+          resume: bool = False, force: bool = False, threads: int | None = None) -> Path:
     """Train and save a run in `out`. `resume` continues the run there from its newest complete
-    checkpoint; `force` lets it continue although the data or options changed. The main process
+    checkpoint; `force` lets it continue although the data or options changed; `threads` is
+    torch's CPU threads (`device.configure_threads`; a setting of this machine, not of the run,
+    so not in the config: a resumed run measures again). The main process
     holds the run folder's lock (runlock.py) throughout, so a second training into it is refused."""
     out = Path(out)
     check_output_folder(out, "--out")
     main = is_main_process()
     with RunLock(out) if main else contextlib.nullcontext():
-        return _train(config, data_path, out, overwrite, quiet, resume, force, main)
+        return _train(config, data_path, out, overwrite, quiet, resume, force, main, threads)
 
 
 def _train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool, quiet: bool, resume: bool,
-           force: bool, main: bool) -> Path:
+           force: bool, main: bool, threads: int | None) -> Path:
     files = RunFiles(out)
     check_out(files, overwrite, resume, force)
     extra = Path(config.data_extra).resolve() if config.data_extra else None
@@ -517,9 +524,10 @@ def _train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool, qui
     checkpoints = Checkpoints(out, config, data_path)
     start = checkpoints.resume_point(force) if resume else None
     try:
-        training = set_up(config, prepared, resuming=start is not None)
+        training = set_up(config, prepared, resuming=start is not None, threads=threads)
+        compute = {"device": training.accelerator.device.type, "threads": training.threads}
         metrics = open_run_folder(files, config, prepared, overwrite, start, resume,
-                                  checkpoints.fingerprint) if main else None
+                                  checkpoints.fingerprint, compute) if main else None
         watch = run_loop(training, config, checkpoints, start, metrics, quiet)
         saved_step = watch.best_step if config.keep_best and watch.best_step is not None else watch.step
         save_final(training, files, config.method, saved_step if config.keep_best else None)
