@@ -67,10 +67,10 @@ def test_a_stopped_curve_continues_with_the_sizes_it_has_not_finished(curve, cli
     before = {name: (out / "n8" / name).stat().st_mtime_ns for name in kept}
     save_final = loop.save_final
 
-    def stopped_at_16(training, files, method):
+    def stopped_at_16(training, files, *args):
         if files.root.name == "n16":
             raise KeyboardInterrupt
-        save_final(training, files, method)
+        save_final(training, files, *args)
 
     flags = ["--sizes", "8,16,24", "--out", out, "--base", tiny_model_dir, *TRAIN]
     with monkeypatch.context() as patched:

@@ -129,6 +129,15 @@ def test_user_data_shows_as_text(ui, folders):
     assert "1 error" in data_page and "evil.jsonl" in data_page
 
 
+def test_the_check_page_says_how_novel_the_held_out_answers_are(ui):
+    client, _ = ui
+    rows = [json.dumps({"prompt": f"Who booked table {i}? Guest {i} did.",
+                        "completion": json.dumps({"name": f"Guest {i}"})}) for i in range(40)]
+    name = client.post("/api/data?name=guests.jsonl", content=("\n".join(rows) + "\n").encode()).json()["name"]
+    page = wait_for(client, client.post("/api/check", json={"file": name}).json()["url"], "Novelty")
+    assert "100% of 4 held-out answer values never occur in a training answer; 4 of 4 held-out rows hold one" in page
+
+
 def test_a_bug_is_a_message_not_a_traceback(ui, monkeypatch):
     client, state = ui
 

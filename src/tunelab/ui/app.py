@@ -39,6 +39,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from tunelab.config import TrainConfig
+from tunelab.data.novelty import Novelty
 from tunelab.errors import UserError, check_output_folder
 from tunelab.ui import arena, datafix, repair, teacher
 from tunelab.ui.arena import Models
@@ -296,9 +297,14 @@ class UI:
         report_file = self.store.path(job.id) / "check" / "data_check.json"
         report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.exists() else None
         data = Path(job.cwd) / job.argv[2]
-        rows, editable, pairs, suggestion = {}, {}, [], None
+        rows, editable, pairs, suggestion, novelty = {}, {}, [], None, None
         fixable = data.suffix.lower() == ".jsonl" and data.is_file()
         if report:
+            if report.get("novelty"):  # the line `tunelab data check` prints
+                found = report["novelty"]
+                novelty = Novelty(**{k: found[k] for k in ("values", "novel_values", "novel_rows", "seen_rows",
+                                                           "training_values")},
+                                  without_values=found["rows_without_values"]).describe()
             pairs = datafix.duplicate_pairs(report)
             wanted = {e["line"] for e in report["errors"] + report["warnings"] if e.get("line")}
             rows = source_lines(data, wanted | {p[side] for p in pairs for side in ("first", "later")})
@@ -309,7 +315,7 @@ class UI:
         return self.page("check.html", f"Data check of {data.name}", job=job, report=report, rows=rows,
                          histogram=histogram_bars(report["lengths"]["histogram"]) if report else None,
                          pairs=pairs, suggestion=suggestion, fixable=fixable, editable=editable, file=data.name,
-                         fixed=datafix.fixed_name(data).name)
+                         fixed=datafix.fixed_name(data).name, novelty=novelty)
 
     async def fix_data(self, request):
         """The checked file with rows edited and dropped, saved as NAME.fixed.jsonl (never over a
