@@ -140,3 +140,28 @@ def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
     tunelab.finetune(data, out=folder / "run", base=str(tiny_model_dir), method="lora", max_steps=2, batch_size=4,
                      test_size=2)
     return folder / "run"
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """The runs and data folders of a `tunelab ui` under test, and a file beside them that it must
+    never serve."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "secret.txt").write_text("secret")
+    return tmp_path
+
+
+@pytest.fixture
+def ui(folders):
+    """(test client, app state) of a `tunelab ui` on `folders`, the session token set on every request."""
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from tunelab.ui.app import UIOptions, build_app
+    from uiclient import BASE
+
+    app, state = build_app(UIOptions(runs=folders / "runs", data=folders / "data", cwd=folders))
+    with TestClient(app, base_url=BASE, raise_server_exceptions=False) as client:
+        client.headers["X-Tunelab-Token"] = state.token
+        yield client, state

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from bigram import save_bigram_model
 from tunelab.data.copied import TEXT_ANSWER, CopyCounter, describe, house_words
 from tunelab.data.load import Example
 from tunelab.decoding.copying import CopyRule
@@ -210,8 +211,6 @@ def recaser_dir(tmp_path_factory, tokenizer):
     """A hand-built bigram model (each token's logits depend on the last token alone) that answers
     any prompt with "Kwame Olenara.", and whose second choice after " O" leads to "Oyelaran":
     unconstrained it invents "Olenara"; constrained to an input with "oyelaran" in it, it copies."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     def token(text: str) -> int:
         ids = tokenizer.encode(text)
         assert len(ids) == 1, text
@@ -222,30 +221,7 @@ def recaser_dir(tmp_path_factory, tokenizer):
              end]
     others = {token(" O"): [token("y")], token("y"): [token("el")], token("el"): [token("aran")],
               token("aran"): [token(".")]}
-    states = sorted(set(first[:-1]) | set(others))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.zero_()
-        for norm in (model.model.norm, model.model.layers[0].input_layernorm,
-                     model.model.layers[0].post_attention_layernorm):
-            norm.weight.fill_(1.0)
-        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
-        for dim, state in enumerate(states):
-            embed[state, dim] = 1.0
-        for state, after in zip(first, first[1:]):
-            head[after, states.index(state)] = 10.0
-        for state, afters in others.items():
-            for rank, after in enumerate(afters):
-                head[after, states.index(state)] += 9.0 - rank
-    folder = tmp_path_factory.mktemp("recaser")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_bigram_model(tmp_path_factory.mktemp("recaser"), tokenizer, first, others)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import threading
 import pytest
 import torch
 
+from bigram import save_bigram_model
 from tunelab.data.copied import CopyCounter, whole_copy
 from tunelab.decoding.copying import CopyRule, JsonCursor
 
@@ -185,38 +186,13 @@ def copier_dir(tmp_path_factory, tokenizer):
     the last token alone) that answers any prompt with `{"person": "Cyops"}`, and whose next
     choices after "Cy" are "rus", then closing the value: unconstrained it invents "Cyops";
     constrained to an input with "Cyrus" in it, it copies."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     encode = tokenizer.encode
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     prefix = encode('{"person": "')
     cy, ops, rus, close = encode("Cy")[0], encode("ops")[0], encode("rus")[0], encode('"}')[0]
     first = [encode("\n")[0], *prefix, cy, ops, close, end]  # "\n": the generation prompt's last token
     others = {cy: [rus, close], rus: [close]}  # second and third choices
-    states = sorted(set(first[:-1]) | set(others))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.zero_()
-        for norm in (model.model.norm, model.model.layers[0].input_layernorm,
-                     model.model.layers[0].post_attention_layernorm):
-            norm.weight.fill_(1.0)
-        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
-        for dim, token in enumerate(states):
-            embed[token, dim] = 1.0
-        for token, after in zip(first, first[1:]):
-            head[after, states.index(token)] = 10.0
-        for token, afters in others.items():
-            for rank, after in enumerate(afters):
-                head[after, states.index(token)] += 9.0 - rank
-    folder = tmp_path_factory.mktemp("copier")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_bigram_model(tmp_path_factory.mktemp("copier"), tokenizer, first, others)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -18,35 +17,7 @@ pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
 
 from tunelab.ui.app import UIOptions, build_app  # noqa: E402
-
-BASE = "http://127.0.0.1:7860"
-SCRIPT = "<script>alert(1)</script>"
-
-
-@pytest.fixture
-def folders(tmp_path):
-    (tmp_path / "runs").mkdir()
-    (tmp_path / "data").mkdir()
-    (tmp_path / "secret.txt").write_text("secret")
-    return tmp_path
-
-
-@pytest.fixture
-def ui(folders):
-    app, state = build_app(UIOptions(runs=folders / "runs", data=folders / "data", cwd=folders))
-    with TestClient(app, base_url=BASE, raise_server_exceptions=False) as client:
-        client.headers["X-Tunelab-Token"] = state.token
-        yield client, state
-
-
-def wait_for(client: TestClient, url: str, text: str, timeout: float = 60) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        page = client.get(url).text
-        if text in page or time.monotonic() > deadline:
-            return page
-        time.sleep(0.3)
-
+from uiclient import BASE, SCRIPT, wait_for  # noqa: E402
 
 # ---------------------------------------------------------------------- the guard
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import html
 import json
 import shutil
-import time
 
 import pytest
 
@@ -16,26 +15,7 @@ pytest.importorskip("starlette")
 
 from starlette.testclient import TestClient  # noqa: E402
 
-from tunelab.ui.app import UIOptions, build_app  # noqa: E402
-
-BASE = "http://127.0.0.1:7860"
-SCRIPT = "<script>alert(1)</script>"
-ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
-
-
-@pytest.fixture
-def folders(tmp_path):
-    (tmp_path / "runs").mkdir()
-    (tmp_path / "data").mkdir()
-    return tmp_path
-
-
-@pytest.fixture
-def ui(folders):
-    app, state = build_app(UIOptions(runs=folders / "runs", data=folders / "data", cwd=folders))
-    with TestClient(app, base_url=BASE, raise_server_exceptions=False) as client:
-        client.headers["X-Tunelab-Token"] = state.token
-        yield client, state
+from uiclient import ESCAPED, SCRIPT, wait_for  # noqa: E402
 
 
 def refused_across_sites(client: TestClient, url: str, body: dict) -> bool:
@@ -46,14 +26,6 @@ def refused_across_sites(client: TestClient, url: str, body: dict) -> bool:
                client.post(url, json=body, headers={"Sec-Fetch-Site": "cross-site"})]
     return all(answer.status_code == 403 for answer in answers)
 
-
-def wait_for(client: TestClient, url: str, text: str, timeout: float = 120) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        page = client.get(url).text
-        if text in page or time.monotonic() > deadline:
-            return page
-        time.sleep(0.3)
 
 
 @pytest.fixture
