@@ -1,4 +1,4 @@
-"""A hand-built bigram model for tests of decoding: attention and MLP outputs are zero, so each
+"""Tests of decoding: scripted logits, and a hand-built bigram model: attention and MLP outputs are zero, so each
 token's logits depend on the last token alone, and the test decides exactly what it writes."""
 
 from pathlib import Path
@@ -35,3 +35,22 @@ def save_bigram_model(folder: Path, tokenizer, first: list[int], others: dict[in
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def scores(tokenizer, *preferred: str):
+    """Logits that rank the first token of each text in `preferred` in that order, every other
+    token far below (noise, so that nothing ties)."""
+    import torch
+
+    logits = torch.rand(len(tokenizer), generator=torch.Generator().manual_seed(0))
+    for rank, text in enumerate(preferred):
+        logits[tokenizer.encode(text)[0]] = 20.0 - rank
+    return logits
+
+
+def take(constraint, tokenizer, *preferred: str) -> str:
+    """The token the copy constraint lets through of logits preferring `preferred`, appended to it."""
+    logits = scores(tokenizer, *preferred)
+    token = constraint.choose(logits, int(logits.argmax()))
+    constraint.append(token)
+    return tokenizer.decode([token])

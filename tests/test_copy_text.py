@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from bigram import save_bigram_model
+from bigram import save_bigram_model, take
 from tunelab.data.copied import TEXT_ANSWER, CopyCounter, describe, house_words
 from tunelab.data.load import Example
 from tunelab.decoding.copying import CopyRule
@@ -97,21 +96,6 @@ def constrained(tokenizer):
 
     return make
 
-
-def scores(tokenizer, *preferred: str) -> torch.Tensor:
-    """Logits that rank the first token of each text in `preferred` in that order, every other
-    token far below."""
-    logits = torch.rand(len(tokenizer), generator=torch.Generator().manual_seed(0))
-    for rank, text in enumerate(preferred):
-        logits[tokenizer.encode(text)[0]] = 20.0 - rank
-    return logits
-
-
-def take(constraint, tokenizer, *preferred: str) -> str:
-    logits = scores(tokenizer, *preferred)
-    token = constraint.choose(logits, int(logits.argmax()))
-    constraint.append(token)
-    return tokenizer.decode([token])
 
 
 SOURCE = "kwame oyelaran called re billing, wants callback at 4pm"

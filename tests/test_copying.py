@@ -9,9 +9,8 @@ import sys
 import threading
 
 import pytest
-import torch
 
-from bigram import save_bigram_model
+from bigram import save_bigram_model, scores, take
 from tunelab.data.copied import CopyCounter, whole_copy
 from tunelab.decoding.copying import CopyRule, JsonCursor
 
@@ -96,22 +95,6 @@ def constrained(tokenizer):
 
     return make
 
-
-def scores(tokenizer, *preferred: str) -> torch.Tensor:
-    """Logits that rank the first token of each text in `preferred` in that order, every other
-    token far below (noise, so that nothing ties)."""
-    generator = torch.Generator().manual_seed(0)
-    logits = torch.rand(len(tokenizer), generator=generator)
-    for rank, text in enumerate(preferred):
-        logits[tokenizer.encode(text)[0]] = 20.0 - rank
-    return logits
-
-
-def take(constraint, tokenizer, *preferred: str) -> str:
-    logits = scores(tokenizer, *preferred)
-    token = constraint.choose(logits, int(logits.argmax()))
-    constraint.append(token)
-    return tokenizer.decode([token])
 
 
 def test_an_invented_name_is_refused_and_the_inputs_name_taken(constrained, tokenizer):
