@@ -178,6 +178,11 @@ CASES = {
     "eval-no-weights": (lambda s: ["eval", s.run_without("adapter")], ["has no trained weights"]),
     "generate-no-tokenizer": (lambda s: ["generate", s.run_without("tokenizer"), "--prompt", "hi"],
                               ["incomplete run folder (no tokenizer)"]),
+    "review-no-such-run": (lambda s: ["data", "review", "--run", s.tmp / "no-run"], ["no-run: no such run folder"]),
+    "review-run-is-data-file": (lambda s: ["data", "review", "--run", s.good_data()],
+                                ["good.jsonl: is a file, not a run folder"]),
+    "review-not-a-run": (lambda s: ["data", "review", "--run", s.folder("some-folder")],
+                         ["some-folder: not a tunelab run folder"]),
     "chat-not-a-run": (lambda s: ["chat", s.folder("some-folder")], ["not a tunelab run folder"]),
     "chat-no-weights": (lambda s: ["chat", s.run_without("adapter")], ["has no trained weights"]),
     # generate's input and output

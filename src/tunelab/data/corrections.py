@@ -35,7 +35,6 @@ from tunelab.errors import UserError
 from tunelab.evaluate.results import EvalResults, Sample
 from tunelab.files import read_appended, write_jsonl_atomic
 from tunelab.runfolder import RunFiles
-from tunelab.runlock import check_not_training
 
 DECISIONS = ("corrected", "fixed", "skipped")
 MODEL = "tuned"
@@ -155,10 +154,7 @@ def _whole(record: dict) -> bool:
 def _evaluated(files: RunFiles) -> list[tuple[Example, Sample]]:
     """(held-out example, its eval.json sample) for each evaluated row, in order."""
     root = files.root
-    if not root.is_dir() or not files.config.exists():
-        raise UserError(f"{root}: not a tunelab run folder (no config.yaml); pass the folder given to "
-                        "`tunelab train --out`")
-    check_not_training(root)
+    files.check()  # a run folder, finished, not training now: as eval, generate and export refuse it
     if not files.eval.exists():
         raise UserError(f"{root}: no eval.json yet; run `tunelab eval {root}` first, then review its wrong answers")
     results = EvalResults.read(files.eval)
