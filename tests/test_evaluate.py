@@ -7,11 +7,12 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 import torch
 
+from fakeapi import send_json, serve
 from tunelab.cli import main
 from tunelab.evaluate.core import WARM_UP_TOKENS
 from tunelab.evaluate.metrics import BUCKETS
@@ -66,14 +67,8 @@ class FakeModel(BaseHTTPRequestHandler):
             reply = "OK"
         else:
             reply = COUNTRIES[re.search(r"Country of (\w+)", text).group(1)]
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply},
-                                           "finish_reason": "stop"}],
-                              "usage": {"prompt_tokens": 11, "completion_tokens": 2}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        send_json(self, {"choices": [{"message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+                         "usage": {"prompt_tokens": 11, "completion_tokens": 2}})
 
     def log_message(self, *args):
         pass
@@ -81,12 +76,10 @@ class FakeModel(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeModel)
+    httpd = serve(FakeModel)
     httpd.requests = []
     httpd.throttled = {}
     httpd.lock = threading.Lock()
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
     yield httpd
     httpd.shutdown()
     httpd.server_close()

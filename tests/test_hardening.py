@@ -9,14 +9,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import torch
 
+from fakeapi import api_url, send_json, serve
 from tunelab.cli import main
 from tunelab.runlock import LOCK_FILE, RunLock
 from tunelab.train.checkpoint import PAUSE_ENV
@@ -187,13 +187,7 @@ class FailingJudge(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b"broken")
             return
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": "OK"},
-                                           "finish_reason": "stop"}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        send_json(self, {"choices": [{"message": {"role": "assistant", "content": "OK"}, "finish_reason": "stop"}]})
 
     def log_message(self, *args):
         pass
@@ -204,12 +198,11 @@ def test_a_judge_failing_after_generation_keeps_the_answers(runs, tmp_path, caps
     import tunelab.client
 
     monkeypatch.setattr(tunelab.client, "BACKOFF_BASE", 0.001)
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FailingJudge)
+    httpd = serve(FailingJudge)
     httpd.mode = mode
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
     run = copy(runs["lora"], tmp_path)
     try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/v1#judge"
+        url = api_url(httpd) + "#judge"
         assert main(["eval", str(run), "--no-forgetting", "--shots", "0", "--judge", url]) == 0
     finally:
         httpd.shutdown()

@@ -20,12 +20,13 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
 from clirun import run_cli
+from fakeapi import api_url, send_json, serve
 from tunelab.cli import main
 from tunelab.client import check_private, retry_after
 from tunelab.errors import UserError
@@ -62,10 +63,8 @@ class TeacherServer:
             def do_POST(self):
                 server.handle(self)
 
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.http.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/v1"
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        self.http = serve(Handler)
+        self.url = api_url(self.http)
 
     def close(self):
         self.release.set()
@@ -133,14 +132,8 @@ class TeacherServer:
         return json.dumps(fresh[:4] + [copies[0]] + fresh[4:] + [copies[1]])
 
     def reply(self, handler, entry, status: int, payload: dict, headers: dict | None = None) -> None:
-        data = json.dumps(payload).encode()
         try:
-            handler.send_response(status)
-            for name, value in {"Content-Type": "application/json", **(headers or {})}.items():
-                handler.send_header(name, value)
-            handler.send_header("Content-Length", str(len(data)))
-            handler.end_headers()
-            handler.wfile.write(data)
+            send_json(handler, payload, status, headers)
             handler.wfile.flush()
         except OSError:  # the client gave up (timeout) or was killed
             return

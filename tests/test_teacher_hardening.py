@@ -16,11 +16,12 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
+from fakeapi import api_url, send_json, serve
 from tunelab.cli import main
 from tunelab.client import check_private
 from tunelab.errors import UserError
@@ -51,18 +52,11 @@ class Teacher:
                     teacher.held += hold
                 if hold:
                     teacher.release.wait(60)
-                data = json.dumps({"choices": [{"index": 0, "finish_reason": "stop", "message": {
-                    "role": "assistant", "content": f"answer to: {question}"}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, {"choices": [{"index": 0, "finish_reason": "stop", "message": {
+                    "role": "assistant", "content": f"answer to: {question}"}}]})
 
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.http.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/v1"
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        self.http = serve(Handler)
+        self.url = api_url(self.http)
 
     def close(self):
         self.release.set()
