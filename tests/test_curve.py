@@ -77,6 +77,8 @@ def test_a_stopped_curve_continues_with_the_sizes_it_has_not_finished(curve, cli
         patched.setattr(loop, "save_final", stopped_at_16)
         stopped = cli("curve", pairs_file, *flags, "--save-every", "1")
     assert stopped.returncode == 130
+    assert f"interrupted in {out / 'n16'}: the runs finished before it are kept; run the same command" \
+        in stopped.stderr and "Traceback" not in stopped.stderr
     assert (out / "n16" / "checkpoints").exists() and not (out / "n16" / "model").exists()
     assert not (out / "n24").exists()
     resumed = cli("curve", pairs_file, *flags, "--save-every", "1")

@@ -34,13 +34,19 @@ def train_and_evaluate(config: TrainConfig, data: Path, folder: Path, assertions
     except UserError as e:  # its advice (--overwrite) is train's; here the folder is the command's
         raise UserError(f"{folder}: trained on other data or options than these; run the command again with "
                         "the same data and flags, or choose another --out", e.details) from None
-    if not done:
-        print(f"Training {folder}", file=sys.stderr)
-        train(config, data, folder, resume=files.config.exists())
-        files.eval.unlink(missing_ok=True)  # measured on weights that are no more
-    if files.eval.exists():
-        return "reused"
-    Run(folder).evaluate(include_base=False, forgetting=None, assertions=assertions)
+    try:
+        if not done:
+            print(f"Training {folder}", file=sys.stderr)
+            train(config, data, folder, resume=files.config.exists())
+            files.eval.unlink(missing_ok=True)  # measured on weights that are no more
+        if files.eval.exists():
+            return "reused"
+        Run(folder).evaluate(include_base=False, forgetting=None, assertions=assertions)
+    except KeyboardInterrupt:
+        # train's own line names a `tunelab train --resume`; the user ran a curve or a sweep.
+        print(f"tunelab: interrupted in {folder}: the runs finished before it are kept; run the same command "
+              "again to go on (this run from its newest checkpoint, if it has one)", file=sys.stderr)
+        raise
     return "evaluated" if done else "trained"
 
 
