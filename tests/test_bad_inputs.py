@@ -91,7 +91,7 @@ ROWS = [
         ["data", "check", "{tmp}/loop.jsonl"],
         {"loop.jsonl@{tmp}/loop.jsonl": ""},
         2,
-        E + "{tmp}/loop.jsonl: file not found",
+        E + "{tmp}/loop.jsonl: a link to nothing (its target is missing, or links loop)",
     ),
     (
         "check-csv-no-header",

@@ -125,6 +125,8 @@ def check_data_file(path: Path) -> None:
     """The checks of `read_rows` that need no reading: run before a model loads."""
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():
+            raise UserError(f"{path}: a link to nothing (its target is missing, or links loop)")
         raise UserError(f"{path}: file not found")
     if path.is_dir():
         raise UserError(f"{path}: is a folder; pass a .jsonl, .csv or .parquet file")
