@@ -317,6 +317,12 @@ FORMS: dict[str, Form | None] = {
     "tunelab train DATA --train-examples N": Form(
         ["tunelab train data.jsonl --train-examples 8 --max-steps 2 --out runs/eight --overwrite"], needs_run=False,
         expect=TRAIN_DONE),
+    # docs/TRAINING.md, the measured overfitting run: the same flags on 16 examples of the demo's bookings
+    "tunelab train runs/demo-data/bookings.jsonl --method full --train-examples 200 --epochs 5 --lr 5e-4 "
+    "--early-stopping 3 --keep-best --max-length 256 --split-by metadata.name_pool --out runs/early": Form(
+        ["tunelab train runs/demo-data/bookings.jsonl --method full --train-examples 16 --epochs 1 --lr 5e-4 "
+         "--early-stopping 3 --keep-best --max-length 256 --split-by metadata.name_pool --out runs/early"],
+        needs_run=False, setup=bookings_file, expect=TRAIN_DONE),
     # Names of commands in running text, not command lines: each must be a command that exists.
     "tunelab train": None,
     "tunelab eval": None,
