@@ -12,8 +12,8 @@ wall time, CPU time and peak resident memory (getrusage): `cpu s` the checking p
 seconds (user + system) and `worker` its worker processes' together, `peak MiB` the checking
 process's resident peak and `worker` the largest worker's (a file of over 64 MiB is checked in
 parts, one process per usable core; 0: the check ran in one process). On a machine shared with
-other work the wall time depends on the load; the CPU time much less: it is what the check
-costs, and on an idle machine a single process takes about that long. Format and duplicate checks run on
+other work the wall time depends on the load; the CPU time less (it grows too where cores and
+caches are shared): on an idle machine a single process takes about its CPU time. Format and duplicate checks run on
 every size; the token-level checks (tokenizer + template per example, with --base) are measured
 on the first --token-lines lines, since they cost about a millisecond per example. With
 --compare-src, each check runs again right after with tunelab from another source tree (an
