@@ -8,9 +8,12 @@
 The file holds booking-extraction examples (tunelab.demo.bookings, in chunks of 50,000 with
 different seeds, so chunks repeat some rows: real exact and near duplicates), plus 10 broken
 lines. Each check runs in a fresh process, exactly the command a user runs, and reports its own
-wall time and peak resident memory (getrusage ru_maxrss): `peak MiB` the checking process's,
-`worker` the largest of its worker processes' (a file of over 64 MiB is checked in parts, one
-process per usable core; 0: the check ran in one process). Format and duplicate checks run on
+wall time, CPU time and peak resident memory (getrusage): `cpu s` the checking process's CPU
+seconds (user + system) and `worker` its worker processes' together, `peak MiB` the checking
+process's resident peak and `worker` the largest worker's (a file of over 64 MiB is checked in
+parts, one process per usable core; 0: the check ran in one process). On a machine shared with
+other work the wall time depends on the load; the CPU time less (it grows too where cores and
+caches are shared): on an idle machine a single process takes about its CPU time. Format and duplicate checks run on
 every size; the token-level checks (tokenizer + template per example, with --base) are measured
 on the first --token-lines lines, since they cost about a millisecond per example. With
 --compare-src, each check runs again right after with tunelab from another source tree (an
@@ -59,14 +62,17 @@ def child(argv: list[str]) -> None:
 
     from tunelab.cli import main
 
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_before = before.ru_utime + before.ru_stime  # the imports are not the check's
     started = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         code = main(["data", "check", *argv])
     seconds = time.perf_counter() - started
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    worker_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest worker's
-    print(json.dumps({"exit_code": code, "seconds": round(seconds, 2), "peak_mib": round(peak_mib),
-                      "worker_mib": round(worker_mib)}))
+    own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(json.dumps({"exit_code": code, "seconds": round(seconds, 2), "peak_mib": round(own.ru_maxrss / 1024),
+                      "worker_mib": round(workers.ru_maxrss / 1024),  # Linux reports KiB; the largest worker's
+                      "cpu": round(own.ru_utime + own.ru_stime - cpu_before, 2),
+                      "worker_cpu": round(workers.ru_utime + workers.ru_stime, 2)}))
 
 
 def measure(data: Path, out: Path, extra: list[str], src: str | None = None) -> dict:
@@ -95,8 +101,8 @@ def main() -> None:
         return
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"{os.cpu_count()} CPUs; {sys.version.split()[0]}; load average {load}")
-    print(f"{'lines':>9} {'checks':<24} {'MiB file':>8} {'seconds':>8} {'lines/s':>8} {'peak MiB':>8} {'worker':>6} "
-          f"{'errors':>6} {'exact dup':>9} {'near pairs':>10} {'train/test':>15}")
+    print(f"{'lines':>9} {'checks':<24} {'MiB file':>8} {'seconds':>8} {'lines/s':>8} {'cpu s':>6} {'worker':>6} "
+          f"{'peak MiB':>8} {'worker':>6} {'errors':>6} {'exact dup':>9} {'near pairs':>10} {'train/test':>15}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         largest = tmp / "data.jsonl"
@@ -108,16 +114,18 @@ def main() -> None:
             data = tmp / f"data-{n}.jsonl"
             head(largest, data, n)
             sources = [("", None), (" (compared)", args.compare_src)] if args.compare_src else [("", None)]
-            seconds = []
+            seconds, cpu = [], []
             for tag, src in sources:
                 row = measure(data, tmp / f"report-{n}-{len(extra)}{tag.strip(' ()')}", extra, src)
                 seconds.append(row["seconds"])
+                cpu.append(row["cpu"] + row["worker_cpu"])
                 print(f"{n:>9} {label + tag:<24} {row['mib_file']:>8} {row['seconds']:>8} "
-                      f"{round(n / row['seconds']):>8} "
+                      f"{round(n / row['seconds']):>8} {row['cpu']:>6} {row['worker_cpu']:>6} "
                       f"{row['peak_mib']:>8} {row['worker_mib']:>6} {row['errors']:>6} {row['exact_duplicates']:>9} "
                       f"{row['near_duplicate_pairs']:>10} {row['train']:>7}/{row['test']:<7}", flush=True)
             if len(seconds) == 2:
-                print(f"{'':>9} {'compared / this':<24} {seconds[1] / seconds[0]:.2f}x the time", flush=True)
+                print(f"{'':>9} {'compared / this':<24} {seconds[1] / seconds[0]:.2f}x the time, "
+                      f"{cpu[1] / cpu[0]:.2f}x the CPU time", flush=True)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

@@ -1,4 +1,6 @@
+import hashlib
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -231,3 +233,22 @@ def test_training_splits_exactly_as_the_report_says(tmp_path, tiny_model_dir, wr
     near = [(a, b) for a, b, _ in saved["duplicates"]["near"]["pairs"]]
     assert set(leaked) < set(near)
     assert all((a in test) == (b in test) for a, b in near if (a, b) not in leaked)  # the rest: one side
+
+
+def test_the_content_hash_is_the_sha256_of_the_canonical_json():
+    # The split is made from it: written out for speed, it must stay json.dumps' text to the character.
+    rng = random.Random(0)
+    alphabet = 'ab "\\/\n\t\x00\x1f\x7f\u00e9\u2028\U0001f600{}[]:,'
+    odd = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(12))) for _ in range(300)]
+    conversations = [[{"role": "user", "content": a}, {"role": "assistant", "content": b}]
+                     for a, b in zip(odd, reversed(odd))]
+    conversations += [[{"content": "c", "role": "user"}],  # keys in the other order
+                      [{"role": "user", "content": "c", "name": "x"}],  # a key more (a hand-made Example)
+                      [{"role": "user", "content": 5}], []]
+    for messages in conversations:
+        expected = json.dumps(messages, sort_keys=True, ensure_ascii=False)
+        assert data.Example(messages, 1).key == hashlib.sha256(expected.encode()).hexdigest()
+    pair = data.Example(conversations[0], 1, rejected=[{"role": "assistant", "content": "no"}])
+    expected = json.dumps([pair.messages, pair.rejected], sort_keys=True, ensure_ascii=False)
+    assert pair.key == hashlib.sha256(expected.encode()).hexdigest()
+    assert data.Example([], 1, text="raw \u00e9").key == hashlib.sha256("raw \u00e9".encode()).hexdigest()

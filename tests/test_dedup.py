@@ -85,3 +85,12 @@ def test_the_threshold_sits_between_pairs_just_above_and_just_below_it():
     assert found <= set(above) | set(below)
     assert len(found & set(above)) >= 28  # of 40 at Jaccard 0.85-0.86
     assert len(found & set(below)) <= 12  # of 40 at Jaccard 0.75-0.76
+
+
+def test_the_shortcut_for_ascii_text_normalises_as_the_rule_does():
+    # Every ASCII character in every position, and texts that are not ASCII (the rule's own path).
+    rng = random.Random(2)
+    texts = ["".join(chr(rng.randrange(128)) for _ in range(rng.randrange(40))) for _ in range(3000)]
+    texts += ["Straße STRASSE", "Ünïcödé_words, 東京 and ß!", "tab\tnew\nline\x0bvt\x0cff\x1fus", "", "  __  "]
+    for text in texts:
+        assert dedup.normalised_bytes(text) == normalise_for_dedup(text).encode(), repr(text)

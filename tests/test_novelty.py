@@ -103,3 +103,18 @@ def test_the_run_held_out_customers_training_never_saw(customer_run):
     page = (customer_run / "report.html").read_text()
     assert "<h2>Novelty</h2>" in page and "rows with a novel value" in page
     assert "100.0% of 5 held-out answer values never occur" in page  # the data check's line
+
+
+def test_packed_rows_measure_as_lists_of_rows_do():
+    # The data check's form (all rows' hashes in one array) against `measure` on the same rows.
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rows = [list(dict.fromkeys(rng.integers(0, 1000, rng.integers(0, 5)).tolist())) for _ in range(500)]
+    values = np.array([h for row in rows for h in row], np.uint64)
+    ends = np.cumsum([len(row) for row in rows])
+    held_out = rng.random(500) < 0.2
+    training = ~held_out & (rng.random(500) < 0.9)  # some rows neither (dropped copies)
+    packed = novelty.measure_packed(values, ends, training, held_out)
+    listed = novelty.measure([r for r, t in zip(rows, training) if t], [r for r, h in zip(rows, held_out) if h])
+    assert packed == listed and packed.novel_rows and packed.seen_rows and packed.without_values

@@ -592,14 +592,7 @@ def _novelty(report: Report, in_test, untrained, values, value_ends) -> None:
     """How many held-out answer values no training answer holds; a warning when a random split
     holds out answers that mostly repeat what training shows. `untrained`: the rows outside the
     test split that do not train either (copies, held-out rows an extra row replaced)."""
-    import numpy as np
-
-    starts = np.concatenate([[0], value_ends[:-1]])
-
-    def hashes(rows):
-        return (values[starts[i]:value_ends[i]].tolist() for i in rows)
-
-    measured = novelty.measure(hashes(np.flatnonzero(~in_test & ~untrained)), hashes(np.flatnonzero(in_test)))
+    measured = novelty.measure_packed(values, value_ends, ~in_test & ~untrained, in_test)
     report.novelty = measured
     if not report.options.split_by and measured.looks_familiar():
         rows = measured.novel_rows + measured.seen_rows

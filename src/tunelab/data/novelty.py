@@ -26,7 +26,7 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from tunelab.text import json_leaves, normalise_answer, parse_json_answer, quoted_spans
+from tunelab.text import normalise_answer, parse_json_answer, quoted_spans
 
 KINDS = ("novel", "seen", "none")
 FAMILIAR_ROWS = 0.8
@@ -46,16 +46,29 @@ def compared_values(answer: str) -> list[str]:
 
 def value_hashes(answer: str) -> list[int]:
     """64-bit hashes of `compared_values`, distinct, for sets that stay small in memory."""
-    hashes = [_value_hash(v) for v in _raw_values(answer)]
-    return list(dict.fromkeys(h for h in hashes if h is not None))
+    hashes = dict.fromkeys(map(_value_hash, _raw_values(answer)))
+    hashes.pop(None, None)
+    return list(hashes)
 
 
 def _raw_values(answer: str) -> list[str]:
     parsed = parse_json_answer(answer)
     if parsed is None:
         return quoted_spans(answer)
-    return [str(v) for v in json_leaves(parsed).values()
-            if isinstance(v, str) or (isinstance(v, int | float) and not isinstance(v, bool))]
+    return _leaf_values(parsed, [])
+
+
+def _leaf_values(container: dict | list, found: list[str]) -> list[str]:
+    """The string and number leaves of a JSON object or list as text, in document order: the
+    values of `text.json_leaves` without the paths it would build for every row of the check."""
+    for item in container.values() if isinstance(container, dict) else container:
+        if isinstance(item, str):
+            found.append(item)
+        elif isinstance(item, dict | list):
+            _leaf_values(item, found)
+        elif isinstance(item, int | float) and not isinstance(item, bool):
+            found.append(str(item))
+    return found
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -128,3 +141,21 @@ def measure(training: Iterable[Iterable[int]], held_out: Iterable[Iterable[int]]
         result.kinds.append(kind)
     return result
 
+
+def measure_packed(values, ends, training, held_out) -> Novelty:
+    """`measure` of rows whose value hashes lie back to back in one array (row i's distinct
+    hashes are `values[ends[i - 1]:ends[i]]`), `training` and `held_out` boolean arrays of the
+    rows: the data check's million rows in numpy, not a Python loop per row (~1 s less)."""
+    import numpy as np
+
+    counts = np.diff(ends, prepend=0)  # values per row
+    known = np.unique(values[np.repeat(training, counts)])
+    novel_value = ~np.isin(values[np.repeat(held_out, counts)], known)
+    counts = counts[held_out]
+    ends = np.cumsum(counts)  # of the held-out rows' values, back to back
+    novel_up_to = np.concatenate([[0], np.cumsum(novel_value)])
+    novel = novel_up_to[ends] - novel_up_to[ends - counts]  # novel values per held-out row
+    kinds = np.where(counts == 0, "none", np.where(novel > 0, "novel", "seen"))
+    return Novelty(values=int(counts.sum()), novel_values=int(novel.sum()), novel_rows=int((kinds == "novel").sum()),
+                   seen_rows=int((kinds == "seen").sum()), without_values=int((kinds == "none").sum()),
+                   training_values=len(known), kinds=kinds.tolist())
