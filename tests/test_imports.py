@@ -13,7 +13,7 @@ import tunelab
 PACKAGE = Path(tunelab.__file__).parent
 
 LAYERS = [
-    {"errors", "text"},
+    {"errors", "text", "cores"},
     {"files"},
     {"data.load", "data.dedup", "template", "models", "client", "runlock"},
     {"encoding", "teacher.schema"},

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from tunelab import device
+from tunelab import cores, device
 from tunelab.cli import main
 from tunelab.errors import UserError
 
@@ -49,8 +49,8 @@ class FakeClock:
 
 
 def fake_machine(monkeypatch, affinity, before, after, wall=0.1, own=0.0):
-    monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: set(affinity), raising=False)
-    monkeypatch.setattr(device, "cpu_quota", lambda: None)  # the machine running the tests may have one
+    monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: set(affinity), raising=False)
+    monkeypatch.setattr(cores, "cpu_quota", lambda: None)  # the machine running the tests may have one
     samples = iter([before, after])
     monkeypatch.setattr(device, "cpu_times", lambda cpus: {c: t for c, t in next(samples).items() if c in cpus})
     monkeypatch.setattr(device, "time", FakeClock(wall, own))
@@ -83,17 +83,17 @@ def test_a_container_s_cpu_quota_is_read_from_cgroup_v2_or_v1(tmp_path, v2, v1, 
     for file, text in ((v2_file, v2), (v1_file, v1), (v1_file.parent / "cpu.cfs_period_us", period)):
         if text is not None:
             file.write_text(text)
-    assert device.cpu_quota((v2_file, v1_file)) == quota
+    assert cores.cpu_quota((v2_file, v1_file)) == quota
 
 
 def test_the_quota_caps_the_usable_cores_below_the_affinity(monkeypatch):
-    monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    monkeypatch.setattr(device, "cpu_quota", lambda: 1.5)
-    assert device.usable_cores() == 2
-    monkeypatch.setattr(device, "cpu_quota", lambda: 0.2)
-    assert device.usable_cores() == 1
-    monkeypatch.setattr(device, "cpu_quota", lambda: None)
-    assert device.usable_cores() == 16
+    monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(cores, "cpu_quota", lambda: 1.5)
+    assert cores.usable_cores() == 2
+    monkeypatch.setattr(cores, "cpu_quota", lambda: 0.2)
+    assert cores.usable_cores() == 1
+    monkeypatch.setattr(cores, "cpu_quota", lambda: None)
+    assert cores.usable_cores() == 16
 
 
 def test_this_process_s_own_work_is_not_counted_as_busy(monkeypatch):
@@ -104,8 +104,8 @@ def test_this_process_s_own_work_is_not_counted_as_busy(monkeypatch):
 
 
 def test_without_proc_stat_the_load_average_counts(monkeypatch):
-    monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    monkeypatch.setattr(device, "cpu_quota", lambda: None)
+    monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(cores, "cpu_quota", lambda: None)
     monkeypatch.setattr(device, "cpu_times", lambda cpus: {})
     monkeypatch.setattr(device.os, "getloadavg", lambda: (2.5, 1.0, 1.0))
     assert device.free_cores() == 1

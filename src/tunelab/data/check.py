@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunelab.config import DataOptions
+from tunelab.cores import usable_cores
 from tunelab.data import load as data_mod
 from tunelab.data import novelty
 from tunelab.data.copied import MIN_ROWS, MIN_SHARE, CopiedField, CopyCounter, describe
@@ -384,13 +385,11 @@ def _characters(example: Example) -> int:
 
 def _workers(path: Path) -> int:
     """Processes for checking `path`: one per usable core for a large JSONL file, else one."""
-    import os
-
     if path.suffix.lower() not in (".jsonl", ".json", ".ndjson") or not path.is_file():
         return 1
     if path.stat().st_size <= PARALLEL_BYTES:
         return 1
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return usable_cores()
 
 
 def _spans(path: Path):
