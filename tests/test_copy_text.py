@@ -149,6 +149,61 @@ def test_a_legitimate_word_that_is_no_copy_is_left_alone(constrained, tokenizer)
         assert not constraint.changed and constraint.text == written
 
 
+def test_only_the_case_forms_a_house_style_writes_are_copies(constrained, tokenizer):
+    # "NeilCAM" for "neilcam": the benchmark's miss. The input's own form, lower case, a capital
+    # first letter and capitals throughout are copies; any other mix of cases is not.
+    constraint = constrained("missed call: KIFLUSYIN NEILCAM (site visit), McDonald too", "")
+    for good in ("Kiflusyin Neilcam ", "KIFLUSYIN NEILCAM ", "kiflusyin neilcam ", "Kiflusyin McDonald ",
+                 "Kiflusyin Mcdonald ", "MCDONALD ", "The customer "):
+        assert constraint.keeps_names(good), good
+    for bad in ("Kiflusyin NeilCAM ", "Kiflusyin NeilC", "KIFLUSYIN NEilcam ", "McDONALD ", "ThE "):
+        assert not constraint.keeps_names(bad), bad
+    constraint = constrained("missed call: KIFLUSYIN NEILCAM (site visit)", "Kiflusyin Neil")
+    assert take(constraint, tokenizer, "CAM", "cam") == "cam"
+    assert constraint.changed and constraint.text == "Kiflusyin Neilcam"
+
+
+def test_a_lone_capital_starts_a_name_whose_next_word_is_checked(constrained, tokenizer):
+    # "R eyebvoukei" for "therbeth toxvoukei": the benchmark's miss.
+    source = "call from therbeth toxvoukei abt launch - wants callback after 1pm"
+    constraint = constrained(source, "")
+    assert not constraint.keeps_names("R eyebvoukei called")  # "R" is no initial of a word of the input
+    assert not constraint.keeps_names("R. Toxvoukei called")
+    assert not constraint.keeps_names("T eyebvoukei called")  # an initial, but the name goes on invented
+    assert not constraint.keeps_names("T. eyeb")
+    for good in ("T. Toxvoukei called", "T toxvoukei called", "Therbeth T. called", "I think Therbeth called",
+                 "A customer called"):
+        assert constraint.keeps_names(good), good
+    constraint = constrained(source, "The customer T")
+    assert take(constraint, tokenizer, " eye", " to") == " to"
+    assert constraint.changed
+    # An initial the input writes itself is a word of it; the surname after it copies as before.
+    constraint = constrained("r. smith called re billing", "")
+    assert constraint.keeps_names("R. Smith called about billing.")
+    assert not constraint.keeps_names("R. Smyth called about billing.")
+
+
+def test_a_character_split_over_byte_tokens_is_checked_whole(constrained, tokenizer):
+    lead, tail = tokenizer.convert_tokens_to_ids("Ã"), tokenizer.convert_tokens_to_ids("©")  # "é" is C3 A9
+    assert tokenizer.decode([lead, tail]) == "é" and tokenizer.decode([lead]) == "\ufffd"
+    # "X\ufffd enix" for "ixkemes": the benchmark's miss. The half character cannot continue "Ix"
+    # (no word of the input goes on with a non-ASCII letter there), nor can "Ix" end there.
+    constraint = constrained("ixkemes, andrei rang about merger", "Andrei Ix")
+    assert not constraint.keeps_copy(lead)
+    constraint.append(lead)  # were it written anyway, what follows cannot leave the character half made
+    assert constraint.text == "Andrei Ix"
+    assert not constraint.keeps_copy(tokenizer.encode(" enix")[0])
+    assert not constraint.keeps_copy(tokenizer.encode("kem")[0])
+    # A name that is spelt so is copied byte by byte, and only with the right second byte.
+    constraint = constrained("jos\u00e9 ixkemes rang about merger", "Jos")
+    assert constraint.keeps_copy(lead)
+    constraint.append(lead)
+    assert not constraint.keeps_copy(tokenizer.convert_tokens_to_ids("¨"))  # "è"
+    assert constraint.keeps_copy(tail)
+    constraint.append(tail)
+    assert constraint.text == "Jos\u00e9" and constraint.keeps_names("Jos\u00e9 Ixkemes rang")
+
+
 def test_json_answers_are_left_to_the_json_rule(constrained, tokenizer):
     constraint = constrained(SOURCE, '{"person": "')
     assert take(constraint, tokenizer, "Ol", "K") == "Ol"
