@@ -38,7 +38,7 @@ are compared one by one, so a name's punctuation and spacing are free. What the 
   ends there), and a character left half made ("X\ufffd enix") is no copy of anything.
 
 Cost: the check runs on every token of a text answer, so it works on each token's own text
-(decoded once per tokenizer, `token_texts`) and on the answer's last two words, looked up in sets
+(decoded once per tokenizer, `TokenTexts`) and on the answer's last two words, looked up in sets
 of prefixes built once per prompt; the notes benchmark measures its cost in decode time.
 """
 
@@ -57,6 +57,9 @@ from tunelab.text import input_text
 CANDIDATES = 16
 """The model's best-scoring tokens tried first; only when all are refused is the whole
 vocabulary searched."""
+WIDER = (256, 4096)
+"""For a greedy row, the rounds of best-scoring tokens tried between CANDIDATES and the whole
+vocabulary (whose search takes some 0.6 s on a 49k vocabulary, once per refused step)."""
 
 
 # ----------------------------------------------------------------------------- following the JSON
@@ -184,31 +187,44 @@ class CopyRule:
             self._house = Words.of(self.house_words, initials=False)
         return self._house
 
-    def token_texts(self) -> list[str]:
-        """Every token's own text, special tokens as "" (decoded once per tokenizer)."""
-        return _token_texts(self.tokenizer)[0]
+    @property
+    def texts(self) -> TokenTexts:
+        """The tokenizer's `TokenTexts` (one per tokenizer, kept while it lives)."""
+        texts = _TEXTS.get(self.tokenizer)
+        if texts is None:
+            texts = _TEXTS[self.tokenizer] = TokenTexts(self.tokenizer)
+        return texts
 
-    def joins_texts(self) -> bool:
-        """Whether decoding tokens gives their own texts end to end (byte-level BPE does; a
-        SentencePiece tokenizer, which drops a first space, does not): then an answer's text
-        grows by each token's own text, and is not decoded again at every step."""
-        return _token_texts(self.tokenizer)[1]
+
+class TokenTexts:
+    """Each token's own text, special tokens as "", decoded on first use; and whether decoding
+    tokens gives their own texts end to end (`joins`: byte-level BPE does, a SentencePiece
+    tokenizer that drops a first space does not, checked on a sample). Where it does, an answer's
+    text grows by each token's text instead of being decoded whole at every step."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.size = len(tokenizer)
+        self._texts: dict[int, str] = {}
+        self._all: list[str] | None = None
+        sample = tokenizer.encode(_SAMPLE, add_special_tokens=False)
+        self.joins = tokenizer.decode(sample, skip_special_tokens=True) == "".join(self[t] for t in sample)
+
+    def __getitem__(self, token: int) -> str:
+        text = self._texts.get(token)
+        if text is None:
+            text = self._texts[token] = self.tokenizer.decode([token], skip_special_tokens=True)
+        return text
+
+    def all(self) -> list[str]:
+        """Every token's text (0.6 s for a 49k vocabulary, once): for a search of the whole vocabulary."""
+        if self._all is None:
+            self._all = self.tokenizer.batch_decode([[t] for t in range(self.size)], skip_special_tokens=True)
+        return self._all
 
 
 _TEXTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _SAMPLE = 'The customer Kwame O\'Neil called, at 4 pm: {"name": "Ana \\"B\\""}.\n  Done - ok?'
-
-
-def _token_texts(tokenizer) -> tuple[list[str], bool]:
-    """(`token_texts`, `joins_texts`) of a tokenizer, worked out on its first use (0.6 s for a
-    49k vocabulary): a CopyRule is made per batch of prompts, the tokenizer lives with the run."""
-    cached = _TEXTS.get(tokenizer)
-    if cached is None:
-        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
-        sample = tokenizer.encode(_SAMPLE, add_special_tokens=False)
-        joins = tokenizer.decode(sample, skip_special_tokens=True) == "".join(texts[i] for i in sample)
-        cached = _TEXTS[tokenizer] = (texts, joins)
-    return cached
 
 
 NAME_WORD = re.compile(r"(?:[^\W\d_]|\ufffd)+|\d+")
@@ -353,19 +369,24 @@ class CopyConstraint:
     def allowed(self, scores, first_only: bool = False) -> list[int]:
         """Tokens that keep every copied value a substring of the input, best score first: among
         the CANDIDATES best, or, where all of those are refused, in the whole vocabulary. Tokens
-        scored -inf (ruled out before) are never allowed."""
+        scored -inf (ruled out before) are never allowed. For the best one alone (`first_only`,
+        greedy rows) the WIDER rounds come in between: the best allowed token is the same, and it
+        is rarely found past them."""
         import torch
 
-        best = torch.topk(scores, min(CANDIDATES, scores.shape[-1]))
-        found = []
-        for score, token in zip(best.values.tolist(), best.indices.tolist()):
-            if score != float("-inf") and self.keeps_copy(token):
-                found.append(token)
-                if first_only:
-                    return found
-        if found:
-            return found
-        texts = self.rule.token_texts()
+        found: list[int] = []
+        tried = 0
+        for size in (CANDIDATES, *WIDER) if first_only else (CANDIDATES,):
+            best = torch.topk(scores, min(size, scores.shape[-1]))
+            for score, token in zip(best.values.tolist()[tried:], best.indices.tolist()[tried:]):
+                if score != float("-inf") and self.keeps_copy(token):
+                    found.append(token)
+                    if first_only:
+                        return found
+            if found or size >= scores.shape[-1]:
+                return found
+            tried = size
+        texts = self.rule.texts.all()
         value = self.cursor.string or ""
         # A first sieve on each token's own text, then the exact check on the few that pass.
         if self._in_text(self.text):
@@ -460,9 +481,11 @@ class CopyConstraint:
     def _with(self, token: int) -> str:
         """The answer's text with `token` after it, as decoding all its tokens gives it: the first
         bytes of a character that a later token completes decode to U+FFFD at its end."""
-        texts = self.rule.token_texts() if self.rule.joins_texts() else ()
-        if not self.pending and token < len(texts) and "\ufffd" not in texts[token]:
-            return self.text + texts[token]
+        texts = self.rule.texts
+        if texts.joins and not self.pending and token < texts.size:
+            piece = texts[token]
+            if "\ufffd" not in piece:
+                return self.text + piece
         return self.rule.tokenizer.decode([*self.tokens, token], skip_special_tokens=True)
 
 
