@@ -63,7 +63,7 @@ def test_a_label_every_answer_writes_is_the_house_styles_own():
     rows = [[{"role": "user", "content": f"{first} {last} rang"},
              {"role": "assistant", "content": f"Summary: {first.title()} {last.title()} rang."}]
             for first, last in PEOPLE * 3]
-    assert "summary" in house_words(rows)
+    assert "Summary" in house_words(rows)  # as the answers write it
     counter = CopyCounter()
     for i, row in enumerate(rows):
         counter.add(i, row)
@@ -141,8 +141,10 @@ def test_re_casing_is_a_copy(constrained, tokenizer):
 
 
 def test_a_legitimate_word_that_is_no_copy_is_left_alone(constrained, tokenizer):
-    # "The" and "Customer" are in no input; the training answers write them in lower case.
-    for written in ("The customer is Kwame Oyelaran.", "Customer Kwame Oyelaran called about billing, I think."):
+    # "The" and "Customer" are in no input; the training answers write "The" so, and "customer" in
+    # lower case, which may open a sentence after another with a capital.
+    for written in ("The customer is Kwame Oyelaran.", "The customer called. Customer Kwame Oyelaran called about "
+                                                       "billing, I think.\nRefund: none."):
         constraint = constrained(SOURCE, "")
         for token in tokenizer.encode(written):
             assert take(constraint, tokenizer, tokenizer.decode([token])) == tokenizer.decode([token])
@@ -202,6 +204,16 @@ def test_a_character_split_over_byte_tokens_is_checked_whole(constrained, tokeni
     assert constraint.keeps_copy(tail)
     constraint.append(tail)
     assert constraint.text == "Jos\u00e9" and constraint.keeps_names("Jos\u00e9 Ixkemes rang")
+
+
+def test_a_house_word_opens_the_answer_only_as_the_training_answers_write_it(constrained, tokenizer):
+    # "Roadmap Toxvoukei" for "therbeth toxvoukei": the benchmark's miss. The training answers
+    # write "roadmap" in lower case only, and start with a name, never with it.
+    constraint = constrained(SOURCE, "")
+    assert not constraint.keeps_names("Refund Oyelaran called")
+    assert not constraint.keeps_names("Ref")
+    assert constraint.keeps_names("The customer Kwame Oyelaran called. Refund")
+    assert take(constraint, tokenizer, "Ref", "K") == "K"
 
 
 def test_json_answers_are_left_to_the_json_rule(constrained, tokenizer):

@@ -164,9 +164,9 @@ class CopyRule:
     stop_ids: frozenset[int]
     """End-of-turn tokens: they end the answer (and are refused only inside a copied value)."""
     house_words: frozenset[str] = frozenset()
-    """With TEXT_ANSWER among `fields`: the training answers' house words, case-folded
+    """With TEXT_ANSWER among `fields`: the training answers' house words as they write them
     (data/copied.py `house_words`), which a plain-text answer may write though its input lacks them."""
-    _house: Words | None = field(default=None, repr=False)
+    _house: tuple[Words, Words] | None = field(default=None, repr=False)
 
     @property
     def text(self) -> bool:
@@ -181,10 +181,12 @@ class CopyRule:
         names = Words.of(WORD.findall(source)) if self.text else Words.of(())
         return CopyConstraint(self, json.dumps(source, ensure_ascii=False)[1:-1], names)
 
-    def house(self) -> Words:
-        """The house words in the forms an answer may write them (built once)."""
+    def house(self) -> tuple[Words, Words]:
+        """The house words as the training answers write them, and their lower-case ones with a
+        capital first letter, which may open a sentence after another (built once)."""
         if self._house is None:
-            self._house = Words.of(self.house_words, initials=False)
+            opening = (word[0].upper() + word[1:] for word in self.house_words if word.islower())
+            self._house = (Words.of(self.house_words, forms=False), Words.of(opening, forms=False))
         return self._house
 
     @property
@@ -257,11 +259,13 @@ class Words:
     """The capitals that start a form: a lone capital among them may be an initial."""
 
     @classmethod
-    def of(cls, words: Iterable[str], initials: bool = True) -> Words:
-        forms = {form for word in words for form in case_forms(word)}
-        prefixes = {form[:end] for form in forms for end in range(1, len(form) + 1)}
-        return cls(frozenset(forms), frozenset(prefixes), frozenset(p[:-1] for p in prefixes if not p[-1].isascii()),
-                   frozenset(f[0] for f in forms if initials and f[0].isupper()))
+    def of(cls, words: Iterable[str], forms: bool = True) -> Words:
+        """The `case_forms` of words of an input (with their initials); with `forms` False, the
+        words as given (house words, written as the answers write them), and no initials."""
+        written = {form for word in words for form in (case_forms(word) if forms else (word,))}
+        prefixes = {form[:end] for form in written for end in range(1, len(form) + 1)}
+        return cls(frozenset(written), frozenset(prefixes), frozenset(p[:-1] for p in prefixes if not p[-1].isascii()),
+                   frozenset(f[0] for f in written if forms and f[0].isupper()))
 
 
 @dataclass
@@ -444,13 +448,13 @@ class CopyConstraint:
         """Whether the words of the plain-text answer `text` (`self.text` and more) from the one open
         at the end of `self.text` on stay copies. A word is judged when it starts with a capital or
         a digit, follows an initial or holds a half-made character: closed, it must be a form of a
-        word of the input or a house word (`Words`), "I" or "A", or an initial of a word of the
-        input; still open at the end, a prefix of such a form. First bytes of a character at the
-        end must go on with the word open before them, or find it whole."""
+        word of the input (`Words`), a house word as the training answers write it (or, opening a
+        sentence after another, a lower-case one with a capital), "I" or "A", or an initial of a
+        word of the input; still open at the end, a prefix of one of those. First bytes of a
+        character at the end must go on with the word open before them, or find it whole."""
         end = text.rstrip("\ufffd")
         pending = len(end) < len(text)
         follows = self.after_initial
-        house = self.rule.house()
         for match in NAME_WORD.finditer(end, self.word_start):
             word = match.group()
             judged = follows or word[0].isupper() or word[0].isdigit() or "\ufffd" in word
@@ -459,24 +463,32 @@ class CopyConstraint:
             elif match.end() < len(end):
                 if self._initial(word):
                     follows = True
-                elif word in self.names.forms or word in house.forms or word in LONE_CAPITALS:
+                elif self._known(word, "forms", end, match.start()):
                     follows = False
                 else:
                     return False
-            elif pending:
-                return (word in self.names.before_wide or word in house.before_wide or word in self.names.forms
-                        or word in house.forms or word in LONE_CAPITALS or self._initial(word))
+            elif pending:  # what comes either goes on with the word or ends it
+                return (self._known(word, "before_wide", end, match.start())
+                        or self._known(word, "forms", end, match.start()) or self._initial(word))
             else:
-                return word in self.names.prefixes or word in house.prefixes or word in LONE_CAPITALS
+                return self._known(word, "prefixes", end, match.start())
         if pending and follows:  # a name's next word starts with that character
-            return "" in self.names.before_wide or "" in house.before_wide
+            return self._known("", "before_wide", end, len(end))
         return True
+
+    def _known(self, word: str, kind: str, text: str, start: int) -> bool:
+        """Whether `word`, at `start` in `text`, is in the `kind` set ("forms", "prefixes",
+        "before_wide") of the input's words or of the house words, or is "I" or "A"."""
+        written, opening = self.rule.house()
+        if word in getattr(self.names, kind) or word in getattr(written, kind) or word in LONE_CAPITALS:
+            return True
+        return word in getattr(opening, kind) and _opens_sentence(text, start)
 
     def _initial(self, word: str) -> bool:
         """Whether `word` is a lone capital that is neither a word of the input nor a house word,
         nor "I" or "A", but starts a word of the input."""
         return (len(word) == 1 and word in self.names.initials and word not in self.names.forms
-                and word not in self.rule.house().forms and word not in LONE_CAPITALS)
+                and word not in self.rule.house()[0].forms and word not in LONE_CAPITALS)
 
     def _with(self, token: int) -> str:
         """The answer's text with `token` after it, as decoding all its tokens gives it: the first
@@ -491,6 +503,13 @@ class CopyConstraint:
 
 def _in_word(char: str) -> bool:
     return char.isalnum() or char == "\ufffd"
+
+
+def _opens_sentence(text: str, start: int) -> bool:
+    """Whether the word at `start` opens a sentence that follows another in `text` (after ".",
+    "!", "?", ":" or a line break); the answer's first word does not."""
+    before = text[:start].rstrip(" \t\"'(“‘")
+    return bool(before.strip()) and (before[-1] in ".!?:\n" or "\n" in text[len(before):start])
 
 
 def _extends(value: str, text: str, source: str) -> bool:
