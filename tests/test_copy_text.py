@@ -216,6 +216,17 @@ def test_a_house_word_opens_the_answer_only_as_the_training_answers_write_it(con
     assert take(constraint, tokenizer, "Ref", "K") == "K"
 
 
+def test_a_refused_capital_gives_way_to_an_allowed_capital(constrained, tokenizer):
+    # "Andrei ixkemes" for "Andrei Ixkemes": the benchmark's miss once " Xi" was refused. The
+    # lower-case copy scores higher, but the model meant a capital there.
+    constraint = constrained("ixkemes, andrei rang about merger", "Andrei")
+    assert take(constraint, tokenizer, " Xi", " ix", " I") == " I"
+    assert constraint.changed
+    # Where no allowed token opens a word with a capital, the best allowed one is taken.
+    constraint = constrained(SOURCE, "The customer")
+    assert take(constraint, tokenizer, " Zed", " is", " Ol") == " is"
+
+
 def test_json_answers_are_left_to_the_json_rule(constrained, tokenizer):
     constraint = constrained(SOURCE, '{"person": "')
     assert take(constraint, tokenizer, "Ol", "K") == "Ol"

@@ -348,14 +348,38 @@ class CopyConstraint:
 
     def choose(self, scores, preferred: int) -> int:
         """The token to take: `preferred` (the model's first choice) where it keeps every copied
-        value a substring of the input, else the best-scoring token that does."""
+        value a substring of the input, else the best-scoring token that does. In a plain-text
+        answer, a refused token that opens a word with a capital gives way to the best of the
+        CANDIDATES that does so too, where one is allowed: what is refused is the spelling, the
+        capital is the house style's (" Xi" for "ixkemes" becomes " I", not " ix")."""
         if not self.active or self.keeps_copy(preferred):
             return preferred
-        allowed = self.allowed(scores, first_only=True)
+        allowed = self._opening_capital(scores, preferred) or self.allowed(scores, first_only=True)
         if not allowed:  # nothing keeps the value a copy (a value that already is none): the model's
             return preferred
         self.changed = True
         return allowed[0]
+
+    def _opening_capital(self, scores, preferred: int) -> list[int]:
+        """[the best allowed of the CANDIDATES that opens a word with a capital], where `preferred`
+        does so in a plain-text answer; else []."""
+        import torch
+
+        if not self._in_text(self.text) or not self._opens_capital(preferred):
+            return []
+        best = torch.topk(scores, min(CANDIDATES, scores.shape[-1]))
+        for score, token in zip(best.values.tolist(), best.indices.tolist()):
+            if score != float("-inf") and self._opens_capital(token) and self.keeps_copy(token):
+                return [token]
+        return []
+
+    def _opens_capital(self, token: int) -> bool:
+        """Whether `token` opens a new word of the answer with a capital letter."""
+        texts = self.rule.texts
+        piece = texts[token] if token < texts.size else ""
+        word = piece.lstrip()
+        opens = len(word) < len(piece) or not self.text or not _in_word(self.text[-1])
+        return opens and word[:1].isupper()
 
     def restrict(self, scores):
         """`scores` (one row's logits) for sampling: where the next token could write a copied
