@@ -23,19 +23,26 @@ with dots, with `*` for a list position (`people.*.name`).
 Plain-text answers: where the training rows copy their answers' names and numbers (the copied
 field `TEXT_ANSWER`, data/copied.py), each word the model writes that starts with a capital
 letter or a digit must stay a prefix of a word of the input or of a house word (the words the
-training answers write by themselves: "The", "Summary"), and may end only as a whole one. So
-"Kwame Ol" is refused where the input says "kwame oyelaran", while "Kwame Oyelaran" and "The
-customer" pass; an answer that starts with `{`, `[` or a fence is left to the JSON rule. Words
-are compared one by one, so a name's punctuation and spacing are free. What the notes benchmark
-(benchmarks/generalisation.py) saw slip through a looser rule decides three details:
+training answers write by themselves: "The", "Summary", and every word they write in lower case),
+and may end only as a whole one. So "Kwame Ol" is refused where the input says "kwame oyelaran",
+while "Kwame Oyelaran" and "The customer" pass; an answer that starts with `{`, `[` or a fence is
+left to the JSON rule. Words are compared one by one, so a name's punctuation and spacing are
+free. What the notes benchmark (benchmarks/generalisation.py) saw slip through a looser rule
+decides the details:
 - case: a copy is written as the input writes it, in lower case, with a capital first letter or
-  in capitals (`case_forms`); "NeilCAM" for "neilcam" is no copy;
+  in capitals (`case_forms`); "NeilCAM" for "neilcam" is no copy. A house word is written as the
+  training answers write it; one they write in lower case may take a capital where it opens a
+  sentence after another, not where it opens the answer ("Roadmap Toxvoukei" is refused where
+  the answers write "the product roadmap" and start with a name);
 - a lone capital is a word of the input or a house word, "I" or "A", or else an initial of a word
-  of the input, and the word after an initial is checked whatever its case ("T. Toxvoukei" and
+  of the input, and the word after an initial is judged whatever its case ("T. Toxvoukei" and
   "T toxvoukei" pass, "R eyebvoukei" and "T eyebvoukei" do not);
 - a character that a byte-level tokenizer splits over tokens is judged whole: its first bytes
   may follow a word only where a word of the input goes on with a non-ASCII character there (or
-  ends there), and a character left half made ("X\ufffd enix") is no copy of anything.
+  ends there), and a character left half made ("X\ufffd enix") is no copy of anything;
+- a refused token that opens a word with a capital gives way to the best allowed one that does
+  too (" Xi" for "ixkemes" becomes " I", and the model goes on "Ixkemes", where the best allowed
+  token of all was the lower-case " ix").
 
 Cost: the check runs on every token of a text answer, so it works on each token's own text
 (decoded once per tokenizer, `TokenTexts`) and on the answer's last two words, looked up in sets
