@@ -37,13 +37,14 @@ Each result is appended to OUT/results.jsonl (misses included); `--table` prints
 Answers are decoded as `tunelab generate` decodes them, with the copy constraint on the fields
 the run's training data copies, or on the names of plain-text answers where it copies those
 (tunelab/decoding/copying.py); `--compare-copy-constraint` answers the test rows a second time
-without it and records both, with each one's generation time; with `--repeats N` both ways
-answer N times, in turns, and the median slowdown is recorded with the load average before and
-after (a decode-time cost measured on a busy machine is only a ratio taken so); `--no-train`
-answers with the run an earlier invocation trained, to measure a change to decoding alone:
+without it and records both, with each one's generation time; `--timing-rounds N` answers N
+more times, a batch of TIMING_BATCH at a time with and without the constraint back to back, and
+records the median of the batches' time ratios with the load average before and after (on a busy
+machine a decode-time cost is only worth a ratio taken so); `--no-train` answers with the run an
+earlier invocation trained, to measure a change to decoding alone:
 
     PYTHONPATH=src python benchmarks/generalisation.py --tasks notes --test-rows 100 --seen-rows 25 \
-        --compare-copy-constraint --repeats 3 --no-train --out runs/gen-notes
+        --compare-copy-constraint --timing-rounds 2 --no-train --out runs/gen-notes
 
 Answers are computed in the run's precision (bf16
 autocast where the CPU or GPU computes bf16 natively, as in training); `--compare-precision`
@@ -67,6 +68,8 @@ TASKS = ("people", "orders", "rewrite", "notes")
 GROUPS = 60
 """Entity groups; the last TEST_GROUPS of them are the test file's novel rows, never trained on."""
 TEST_GROUPS = 12
+TIMING_BATCH = 16
+"""Prompts answered at a time by --timing-rounds (generate_batch's own batch size)."""
 
 # ---------------------------------------------------------------------------------------------
 # Entity pools
@@ -405,16 +408,21 @@ def run_task(task: str, args, settings: dict) -> dict:
         unconstrained = run.generate_batch(prompts, max_new_tokens=args.max_new_tokens, copy_constraint=False)
         free_s = time.perf_counter() - started
         free = [same(a, row["completion"]) for a, row in zip(unconstrained, test_rows)]
-        # The cost in decode time: every further round answers again both ways, in turns (off then
-        # on, on then off, ...), so that a load that comes and goes weighs on both alike.
-        seconds = {True: [generate_s], False: [free_s]}
-        for repeat in range(1, args.repeats):
-            for constrained in (False, True) if repeat % 2 else (True, False):
-                started = time.perf_counter()
-                again = run.generate_batch(prompts, max_new_tokens=args.max_new_tokens, copy_constraint=constrained)
-                seconds[constrained].append(time.perf_counter() - started)
-                if again != (answers if constrained else unconstrained):
-                    sys.exit(f"{task}: greedy answers differ from one round to the next")
+        # The cost in decode time: each timing round answers the prompts again a batch at a time,
+        # with and without the constraint back to back (which goes first in turns), so that the
+        # load of the moment weighs on both sides of each ratio.
+        ratios = []
+        for _ in range(args.timing_rounds):
+            for start in range(0, len(prompts), TIMING_BATCH):
+                seconds = {}
+                for constrained in (True, False) if len(ratios) % 2 == 0 else (False, True):
+                    began = time.perf_counter()
+                    again = run.generate_batch(prompts[start:start + TIMING_BATCH], copy_constraint=constrained,
+                                               max_new_tokens=args.max_new_tokens)
+                    seconds[constrained] = time.perf_counter() - began
+                    if again != (answers if constrained else unconstrained)[start:start + TIMING_BATCH]:
+                        sys.exit(f"{task}: greedy answers differ from one round to the next")
+                ratios.append(seconds[True] / seconds[False])
     metrics = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = max((m["step"] for m in metrics if "loss" in m), default=0)
     eval_losses = [m["eval_loss"] for m in metrics if "eval_loss" in m]
@@ -439,8 +447,8 @@ def run_task(task: str, args, settings: dict) -> dict:
             "em_novel": rate(novel, free), "em_seen": rate([not n for n in novel], free),
             "em_all": rate([True] * len(novel), free),
             "answers_changed": sum(a != b for a, b in zip(answers, unconstrained)), "generate_s": round(free_s, 1),
-            "rounds_s": {"on": [round(x, 2) for x in seconds[True]], "off": [round(x, 2) for x in seconds[False]]},
-            "slowdown": round(statistics.median(seconds[True]) / statistics.median(seconds[False]) - 1, 4)},
+            "batch_ratios": [round(x, 4) for x in ratios],
+            "slowdown": round(statistics.median(ratios) - 1, 4) if ratios else None},
         "load": [*load, round(os.getloadavg()[0], 2)],
         "misses": [{"prompt": row["prompt"].split("\n", 1)[1], "reference": row["completion"], "answer": a,
                     "novel": n} for a, row, c, n in zip(answers, test_rows, correct, novel) if not c][:12],
@@ -491,12 +499,9 @@ def format_copy_table(results: list[dict]) -> str:
              "generation s on / off | decode slower | load |", "|---|---|---|---|---|---|---|---|---|"]
     for r in compared:
         off = r["without_copy_constraint"]
-        rounds = off.get("rounds_s")
-        if rounds:  # medians of the rounds
-            seconds = f"{statistics.median(rounds['on']):.1f} / {statistics.median(rounds['off']):.1f}"
-        else:
-            seconds = f"{r['generate_s']:.1f} / {off['generate_s']:.1f}" if "generate_s" in off else "-"
-        slowdown = f"{100 * off['slowdown']:+.1f}% ({len(rounds['on'])} rounds)" if rounds else "-"
+        seconds = f"{r['generate_s']:.1f} / {off['generate_s']:.1f}" if "generate_s" in off else "-"
+        ratios = off.get("batch_ratios")
+        slowdown = f"{100 * off['slowdown']:+.1f}% ({len(ratios)} batches)" if ratios else "-"
         load = " -> ".join(str(x) for x in r.get("load", [])) or "-"
         lines.append(f"| {r['label']} | {r['task']} | {', '.join(r['copied_fields'])} | "
                      f"{percent(r['em_novel'])} / {percent(off['em_novel'])} | "
@@ -519,9 +524,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--compare-copy-constraint", action="store_true",
                         help="also answer without the copy constraint and record both")
-    parser.add_argument("--repeats", type=int, default=1, metavar="N",
-                        help="with --compare-copy-constraint: answer N times each way, in turns, and record the "
-                             "decode time's median slowdown")
+    parser.add_argument("--timing-rounds", type=int, default=0, metavar="N",
+                        help="with --compare-copy-constraint: answer N more times, a batch at a time with and "
+                             "without the constraint back to back, and record the median decode slowdown")
     parser.add_argument("--no-train", action="store_true",
                         help="answer with the run trained before in OUT/LABEL/TASK/run where there is one "
                              "(to measure a change to decoding)")
