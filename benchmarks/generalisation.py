@@ -37,7 +37,16 @@ Each result is appended to OUT/results.jsonl (misses included); `--table` prints
 Answers are decoded as `tunelab generate` decodes them, with the copy constraint on the fields
 the run's training data copies, or on the names of plain-text answers where it copies those
 (tunelab/decoding/copying.py); `--compare-copy-constraint` answers the test rows a second time
-without it and records both, with each one's generation time. Answers are computed in the run's precision (bf16
+without it and records both, with each one's generation time; `--timing-rounds N` answers N
+more times, a batch of TIMING_BATCH at a time with and without the constraint back to back, and
+records the median of the batches' time ratios with the load average before and after (on a busy
+machine a decode-time cost is only worth a ratio taken so); `--no-train` answers with the run an
+earlier invocation trained, to measure a change to decoding alone:
+
+    PYTHONPATH=src python benchmarks/generalisation.py --tasks notes --test-rows 100 --seen-rows 25 \
+        --compare-copy-constraint --timing-rounds 2 --no-train --out runs/gen-notes
+
+Answers are computed in the run's precision (bf16
 autocast where the CPU or GPU computes bf16 natively, as in training); `--compare-precision`
 answers them a second time in fp32 and records both, with each one's generation time.
 """
@@ -46,7 +55,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -57,6 +68,8 @@ TASKS = ("people", "orders", "rewrite", "notes")
 GROUPS = 60
 """Entity groups; the last TEST_GROUPS of them are the test file's novel rows, never trained on."""
 TEST_GROUPS = 12
+TIMING_BATCH = 16
+"""Prompts answered at a time by --timing-rounds (generate_batch's own batch size)."""
 
 # ---------------------------------------------------------------------------------------------
 # Entity pools
@@ -366,13 +379,17 @@ def run_task(task: str, args, settings: dict) -> dict:
     data = write_jsonl(folder / "train.jsonl", train_rows)
     write_jsonl(folder / "test.jsonl", test_rows)
     novel = novel_rows(train_rows, test_rows)
-    config = TrainConfig.build(flags=settings, **settings)
-    started = time.perf_counter()
-    train_run(config, data, folder / "run", overwrite=True, quiet=True)
-    train_s = time.perf_counter() - started
+    load = [round(os.getloadavg()[0], 2)]
+    train_s = None
+    if not (args.no_train and (folder / "run" / "run.json").exists()):
+        config = TrainConfig.build(flags=settings, **settings)
+        started = time.perf_counter()
+        train_run(config, data, folder / "run", overwrite=True, quiet=True)
+        train_s = time.perf_counter() - started
     run = Run(folder / "run")
+    prompts = [row["prompt"] for row in test_rows]
     started = time.perf_counter()
-    answers = run.generate_batch([row["prompt"] for row in test_rows], max_new_tokens=args.max_new_tokens)
+    answers = run.generate_batch(prompts, max_new_tokens=args.max_new_tokens)
     generate_s = time.perf_counter() - started
     def same(answer: str, reference: str) -> float:
         return float(answer.strip() == reference.strip()) if task == "notes" else exact_match(answer, reference)
@@ -388,10 +405,24 @@ def run_task(task: str, args, settings: dict) -> dict:
     free = None
     if args.compare_copy_constraint and run.copied_fields:
         started = time.perf_counter()
-        unconstrained = run.generate_batch([row["prompt"] for row in test_rows], max_new_tokens=args.max_new_tokens,
-                                           copy_constraint=False)
+        unconstrained = run.generate_batch(prompts, max_new_tokens=args.max_new_tokens, copy_constraint=False)
         free_s = time.perf_counter() - started
         free = [same(a, row["completion"]) for a, row in zip(unconstrained, test_rows)]
+        # The cost in decode time: each timing round answers the prompts again a batch at a time,
+        # with and without the constraint back to back (which goes first in turns), so that the
+        # load of the moment weighs on both sides of each ratio.
+        ratios = []
+        for _ in range(args.timing_rounds):
+            for start in range(0, len(prompts), TIMING_BATCH):
+                seconds = {}
+                for constrained in (True, False) if len(ratios) % 2 == 0 else (False, True):
+                    began = time.perf_counter()
+                    again = run.generate_batch(prompts[start:start + TIMING_BATCH], copy_constraint=constrained,
+                                               max_new_tokens=args.max_new_tokens)
+                    seconds[constrained] = time.perf_counter() - began
+                    if again != (answers if constrained else unconstrained)[start:start + TIMING_BATCH]:
+                        sys.exit(f"{task}: greedy answers differ from one round to the next")
+                ratios.append(seconds[True] / seconds[False])
     metrics = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = max((m["step"] for m in metrics if "loss" in m), default=0)
     eval_losses = [m["eval_loss"] for m in metrics if "eval_loss" in m]
@@ -404,7 +435,7 @@ def run_task(task: str, args, settings: dict) -> dict:
         "label": args.label, "task": task, "settings": settings, "when": time.strftime("%Y-%m-%d %H:%M"),
         "em_novel": rate(novel), "em_seen": rate([not n for n in novel]), "em_all": rate([True] * len(novel)),
         "n_novel": sum(novel), "n_seen": len(novel) - sum(novel), "train_rows": args.train_rows,
-        "steps": steps, "train_s": round(train_s, 1), "generate_s": round(generate_s, 1),
+        "steps": steps, "train_s": None if train_s is None else round(train_s, 1), "generate_s": round(generate_s, 1),
         "final_eval_loss": eval_losses[-1] if eval_losses else None,
         "copied_fields": run.copied_fields, "precision": run.precision,
         "computes": "bf16" if computes_bf16(run.precision, run.model().device) else "fp32",
@@ -415,7 +446,10 @@ def run_task(task: str, args, settings: dict) -> dict:
         "without_copy_constraint": None if free is None else {
             "em_novel": rate(novel, free), "em_seen": rate([not n for n in novel], free),
             "em_all": rate([True] * len(novel), free),
-            "answers_changed": sum(a != b for a, b in zip(answers, unconstrained)), "generate_s": round(free_s, 1)},
+            "answers_changed": sum(a != b for a, b in zip(answers, unconstrained)), "generate_s": round(free_s, 1),
+            "batch_ratios": [round(x, 4) for x in ratios],
+            "slowdown": round(statistics.median(ratios) - 1, 4) if ratios else None},
+        "load": [*load, round(os.getloadavg()[0], 2)],
         "misses": [{"prompt": row["prompt"].split("\n", 1)[1], "reference": row["completion"], "answer": a,
                     "novel": n} for a, row, c, n in zip(answers, test_rows, correct, novel) if not c][:12],
     }
@@ -434,8 +468,9 @@ def format_table(results: list[dict]) -> str:
     for r in results:
         settings = " ".join(f"{k}={v}" for k, v in r["settings"].items()) or "(defaults)"
         loss = "-" if r["final_eval_loss"] is None else f"{r['final_eval_loss']:.4f}"
+        trained = "-" if r["train_s"] is None else f"{r['train_s']:.0f}"
         lines.append(f"| {r['label']} | {r['task']} | {percent(r['em_novel'])} | {percent(r['em_seen'])} | "
-                     f"{r['n_novel']}/{r['n_seen']} | {r['steps']} | {r['train_s']:.0f} | {loss} | {settings} |")
+                     f"{r['n_novel']}/{r['n_seen']} | {r['steps']} | {trained} | {loss} | {settings} |")
     return "\n".join(lines)
 
 
@@ -461,13 +496,17 @@ def format_copy_table(results: list[dict]) -> str:
     if not compared:
         return ""
     lines = ["| label | task | copied fields | EM novel on / off | EM seen on / off | answers changed | "
-             "generation s on / off |", "|---|---|---|---|---|---|---|"]
+             "generation s on / off | decode slower | load |", "|---|---|---|---|---|---|---|---|---|"]
     for r in compared:
         off = r["without_copy_constraint"]
         seconds = f"{r['generate_s']:.1f} / {off['generate_s']:.1f}" if "generate_s" in off else "-"
+        ratios = off.get("batch_ratios")
+        slowdown = f"{100 * off['slowdown']:+.1f}% ({len(ratios)} batches)" if ratios else "-"
+        load = " -> ".join(str(x) for x in r.get("load", [])) or "-"
         lines.append(f"| {r['label']} | {r['task']} | {', '.join(r['copied_fields'])} | "
                      f"{percent(r['em_novel'])} / {percent(off['em_novel'])} | "
-                     f"{percent(r['em_seen'])} / {percent(off['em_seen'])} | {off['answers_changed']} | {seconds} |")
+                     f"{percent(r['em_seen'])} / {percent(off['em_seen'])} | {off['answers_changed']} | {seconds} | "
+                     f"{slowdown} | {load} |")
     return "\n".join(lines)
 
 
@@ -485,6 +524,12 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--compare-copy-constraint", action="store_true",
                         help="also answer without the copy constraint and record both")
+    parser.add_argument("--timing-rounds", type=int, default=0, metavar="N",
+                        help="with --compare-copy-constraint: answer N more times, a batch at a time with and "
+                             "without the constraint back to back, and record the median decode slowdown")
+    parser.add_argument("--no-train", action="store_true",
+                        help="answer with the run trained before in OUT/LABEL/TASK/run where there is one "
+                             "(to measure a change to decoding)")
     parser.add_argument("--compare-precision", action="store_true",
                         help="also answer in fp32 and record both (answers are in the run's precision)")
     parser.add_argument("--write-only", action="store_true", help="write each task's train/test files and stop")

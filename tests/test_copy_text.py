@@ -63,7 +63,7 @@ def test_a_label_every_answer_writes_is_the_house_styles_own():
     rows = [[{"role": "user", "content": f"{first} {last} rang"},
              {"role": "assistant", "content": f"Summary: {first.title()} {last.title()} rang."}]
             for first, last in PEOPLE * 3]
-    assert "summary" in house_words(rows)
+    assert "Summary" in house_words(rows)  # as the answers write it
     counter = CopyCounter()
     for i, row in enumerate(rows):
         counter.add(i, row)
@@ -141,12 +141,90 @@ def test_re_casing_is_a_copy(constrained, tokenizer):
 
 
 def test_a_legitimate_word_that_is_no_copy_is_left_alone(constrained, tokenizer):
-    # "The" and "Customer" are in no input; the training answers write them in lower case.
-    for written in ("The customer is Kwame Oyelaran.", "Customer Kwame Oyelaran called about billing, I think."):
+    # "The" and "Customer" are in no input; the training answers write "The" so, and "customer" in
+    # lower case, which may open a sentence after another with a capital.
+    for written in ("The customer is Kwame Oyelaran.", "The customer called. Customer Kwame Oyelaran called about "
+                                                       "billing, I think.\nRefund: none."):
         constraint = constrained(SOURCE, "")
         for token in tokenizer.encode(written):
             assert take(constraint, tokenizer, tokenizer.decode([token])) == tokenizer.decode([token])
         assert not constraint.changed and constraint.text == written
+
+
+def test_only_the_case_forms_a_house_style_writes_are_copies(constrained, tokenizer):
+    # "NeilCAM" for "neilcam": the benchmark's miss. The input's own form, lower case, a capital
+    # first letter and capitals throughout are copies; any other mix of cases is not.
+    constraint = constrained("missed call: KIFLUSYIN NEILCAM (site visit), McDonald too", "")
+    for good in ("Kiflusyin Neilcam ", "KIFLUSYIN NEILCAM ", "kiflusyin neilcam ", "Kiflusyin McDonald ",
+                 "Kiflusyin Mcdonald ", "MCDONALD ", "The customer "):
+        assert constraint.keeps_names(good), good
+    for bad in ("Kiflusyin NeilCAM ", "Kiflusyin NeilC", "KIFLUSYIN NEilcam ", "McDONALD ", "ThE "):
+        assert not constraint.keeps_names(bad), bad
+    constraint = constrained("missed call: KIFLUSYIN NEILCAM (site visit)", "Kiflusyin Neil")
+    assert take(constraint, tokenizer, "CAM", "cam") == "cam"
+    assert constraint.changed and constraint.text == "Kiflusyin Neilcam"
+
+
+def test_a_lone_capital_starts_a_name_whose_next_word_is_checked(constrained, tokenizer):
+    # "R eyebvoukei" for "therbeth toxvoukei": the benchmark's miss.
+    source = "call from therbeth toxvoukei abt launch - wants callback after 1pm"
+    constraint = constrained(source, "")
+    assert not constraint.keeps_names("R eyebvoukei called")  # "R" is no initial of a word of the input
+    assert not constraint.keeps_names("R. Toxvoukei called")
+    assert not constraint.keeps_names("T eyebvoukei called")  # an initial, but the name goes on invented
+    assert not constraint.keeps_names("T. eyeb")
+    for good in ("T. Toxvoukei called", "T toxvoukei called", "Therbeth T. called", "I think Therbeth called",
+                 "A customer called"):
+        assert constraint.keeps_names(good), good
+    constraint = constrained(source, "The customer T")
+    assert take(constraint, tokenizer, " eye", " to") == " to"
+    assert constraint.changed
+    # An initial the input writes itself is a word of it; the surname after it copies as before.
+    constraint = constrained("r. smith called re billing", "")
+    assert constraint.keeps_names("R. Smith called about billing.")
+    assert not constraint.keeps_names("R. Smyth called about billing.")
+
+
+def test_a_character_split_over_byte_tokens_is_checked_whole(constrained, tokenizer):
+    lead, tail = tokenizer.convert_tokens_to_ids("Ã"), tokenizer.convert_tokens_to_ids("©")  # "é" is C3 A9
+    assert tokenizer.decode([lead, tail]) == "é" and tokenizer.decode([lead]) == "\ufffd"
+    # "X\ufffd enix" for "ixkemes": the benchmark's miss. The half character cannot continue "Ix"
+    # (no word of the input goes on with a non-ASCII letter there), nor can "Ix" end there.
+    constraint = constrained("ixkemes, andrei rang about merger", "Andrei Ix")
+    assert not constraint.keeps_copy(lead)
+    constraint.append(lead)  # were it written anyway, what follows cannot leave the character half made
+    assert constraint.text == "Andrei Ix"
+    assert not constraint.keeps_copy(tokenizer.encode(" enix")[0])
+    assert not constraint.keeps_copy(tokenizer.encode("kem")[0])
+    # A name that is spelt so is copied byte by byte, and only with the right second byte.
+    constraint = constrained("jos\u00e9 ixkemes rang about merger", "Jos")
+    assert constraint.keeps_copy(lead)
+    constraint.append(lead)
+    assert not constraint.keeps_copy(tokenizer.convert_tokens_to_ids("¨"))  # "è"
+    assert constraint.keeps_copy(tail)
+    constraint.append(tail)
+    assert constraint.text == "Jos\u00e9" and constraint.keeps_names("Jos\u00e9 Ixkemes rang")
+
+
+def test_a_house_word_opens_the_answer_only_as_the_training_answers_write_it(constrained, tokenizer):
+    # "Roadmap Toxvoukei" for "therbeth toxvoukei": the benchmark's miss. The training answers
+    # write "roadmap" in lower case only, and start with a name, never with it.
+    constraint = constrained(SOURCE, "")
+    assert not constraint.keeps_names("Refund Oyelaran called")
+    assert not constraint.keeps_names("Ref")
+    assert constraint.keeps_names("The customer Kwame Oyelaran called. Refund")
+    assert take(constraint, tokenizer, "Ref", "K") == "K"
+
+
+def test_a_refused_capital_gives_way_to_an_allowed_capital(constrained, tokenizer):
+    # "Andrei ixkemes" for "Andrei Ixkemes": the benchmark's miss once " Xi" was refused. The
+    # lower-case copy scores higher, but the model meant a capital there.
+    constraint = constrained("ixkemes, andrei rang about merger", "Andrei")
+    assert take(constraint, tokenizer, " Xi", " ix", " I") == " I"
+    assert constraint.changed
+    # Where no allowed token opens a word with a capital, the best allowed one is taken.
+    constraint = constrained(SOURCE, "The customer")
+    assert take(constraint, tokenizer, " Zed", " is", " Ol") == " is"
 
 
 def test_json_answers_are_left_to_the_json_rule(constrained, tokenizer):

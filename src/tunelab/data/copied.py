@@ -67,10 +67,12 @@ class HouseWords:
     """Counts, over plain-text answers, the words that a house style writes by itself: every word
     an answer writes in lower case (so a sentence's first "The" is no name), and each name word
     that answers write though their input lacks it, with the rows that do (a greeting's "Hello",
-    a "Summary" label, a year every answer states)."""
+    a "Summary" label, a year every answer states) and the ways they write it."""
 
     lower: set[str] = field(default_factory=set)
     unsourced: Counter = field(default_factory=Counter)
+    written: dict[str, set[str]] = field(default_factory=dict)
+    """Of each word of `unsourced` (case-folded), the forms the answers write it in."""
     rows: int = 0
     """Rows with a plain-text answer."""
 
@@ -79,22 +81,43 @@ class HouseWords:
         self.rows += 1
         words = WORD.findall(answer)
         self.lower.update(w.casefold() for w in words if w.islower())
-        self.unsourced.update({w.casefold() for w in words if is_name_word(w) and w.casefold() not in source})
+        unsourced = [w for w in words if is_name_word(w) and w.casefold() not in source]
+        self.unsourced.update({w.casefold() for w in unsourced})
+        for word in unsourced:
+            self.written.setdefault(word.casefold(), set()).add(word)
+
+    def join(self, other: HouseWords) -> None:
+        """Add the counts of `other` (of other rows)."""
+        self.lower |= other.lower
+        self.unsourced += other.unsourced
+        for word, forms in other.written.items():
+            self.written.setdefault(word, set()).update(forms)
+        self.rows += other.rows
+
+    def _frequent(self) -> set[str]:
+        least = max(2, HOUSE_SHARE * self.rows)
+        return {w for w, rows in self.unsourced.items() if rows >= least}
 
     def words(self) -> frozenset[str]:
         """The house words, case-folded."""
-        least = max(2, HOUSE_SHARE * self.rows)
-        return frozenset(self.lower | {w for w, rows in self.unsourced.items() if rows >= least})
+        return frozenset(self.lower | self._frequent())
+
+    def forms(self) -> frozenset[str]:
+        """The house words as the answers write them: the lower-case ones, and the forms of the
+        others ("The", "Summary", "USD")."""
+        return frozenset(self.lower | {form for word in self._frequent() for form in self.written[word]})
 
 
 def house_words(rows: Iterable[list[dict[str, str]]]) -> frozenset[str]:
-    """The house words (`HouseWords`) of the plain-text answers of these rows' messages."""
+    """The house words (`HouseWords`) of the plain-text answers of these rows' messages, as the
+    answers write them (`HouseWords.forms`; the decode-time rule keeps their case, eval's count
+    folds it)."""
     house = HouseWords()
     for messages in rows:
         answer = _text_answer(messages)
         if answer is not None:
             house.add(answer, folded_words(input_text(messages)))
-    return house.words()
+    return house.forms()
 
 
 def _text_answer(messages: list[dict[str, str]]) -> str | None:
@@ -165,9 +188,7 @@ class CopyCounter:
         them): the data check counts a large file in parts and joins them in file order."""
         import numpy as np
 
-        self.house.lower |= part.house.lower
-        self.house.unsourced += part.house.unsourced
-        self.house.rows += part.house.rows
+        self.house.join(part.house)
         for names, mine, rows, numbers, copied, theirs in (
                 (part.paths, self.paths, part.rows, part.numbers, part.copied, (self.rows, self.numbers, self.copied)),
                 (part.words, self.words, part.name_rows, part.name_numbers, part.name_copied,

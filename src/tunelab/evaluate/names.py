@@ -27,8 +27,8 @@ EXAMPLES = 5
 
 def invented_words(answer: str, prompt: str, reference: str, house: frozenset[str]) -> list[str]:
     """The name words of `answer` (each once, in order) that are words of neither `prompt`, nor
-    `reference`, nor `house` (case-folded)."""
-    known = folded_words(prompt) | folded_words(reference) | house
+    `reference`, nor `house` (compared case-folded)."""
+    known = folded_words(prompt) | folded_words(reference) | {word.casefold() for word in house}
     return [w for w in dict.fromkeys(name_words(answer)) if w.casefold() not in known]
 
 
