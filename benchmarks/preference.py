@@ -105,13 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--train-rows", type=int, default=600)
     parser.add_argument("--probe-rows", type=int, default=200)
-    parser.add_argument("--max-steps", type=int, default=None, help="per training (default: one epoch)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="per SFT training, run0 and sft (default: one epoch)")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--lr", type=float, default=None, help="per training (default: tunelab's)")
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--pair-epochs", type=float, default=4,
-                        help="epochs of the trainings on the corrections alone (a few dozen rows; "
-                             "ignored with --max-steps)")
+                        help="epochs of the trainings on the corrections alone (a few dozen pairs, "
+                             "so a few steps an epoch; --max-steps does not apply to them)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     out = args.out
@@ -145,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     with_corrections = write_jsonl(out / "train+corrections.jsonl",
                                    [json.loads(line) for line in train_file.read_text().splitlines()]
                                    + [json.loads(line) for line in corrections.read_text().splitlines()])
-    pairs = {**common, "test_size": 0, "beta": args.beta, "epochs": args.pair_epochs}
+    # The pair trainings see only the few dozen corrections: epochs, not run0's step budget.
+    pairs = {"seed": args.seed, **({"lr": args.lr} if args.lr else {}), "test_size": 0, "beta": args.beta,
+             "epochs": args.pair_epochs}
 
     variants: dict[str, tuple[Path, float]] = {}
     variants["sft"] = train(with_corrections, out / "sft", args.base, {**common, "test_size": 0})
