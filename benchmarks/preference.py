@@ -2,8 +2,8 @@
 corrections, DPO on them, or both?
 
     PYTHONPATH=src python benchmarks/preference.py --out runs/pref                 # smollm2-135m, CPU: hours
-    PYTHONPATH=src python benchmarks/preference.py --out runs/pref --train-rows 320 --probe-rows 120 \
-        --max-steps 40 --new-tokens 12 --pair-epochs 2                             # the measured one: ~1 h
+    PYTHONPATH=src python benchmarks/preference.py --out runs/pref --train-rows 320 --probe-rows 120 \\
+        --max-steps 40 --new-tokens 12 --pair-epochs 2                             # the measured one: ~35 min
     PYTHONPATH=src python benchmarks/preference.py --out runs/pref-dry --base DIR --train-rows 40 --probe-rows 24 \\
         --max-steps 30 --lr 0.01 --new-tokens 12                                   # the pipeline on a tiny model
 
