@@ -2,6 +2,8 @@
 corrections, DPO on them, or both?
 
     PYTHONPATH=src python benchmarks/preference.py --out runs/pref                 # smollm2-135m, CPU: hours
+    PYTHONPATH=src python benchmarks/preference.py --out runs/pref --train-rows 320 --probe-rows 120 \\
+        --max-steps 40 --new-tokens 12 --pair-epochs 2                             # the measured one: ~35 min
     PYTHONPATH=src python benchmarks/preference.py --out runs/pref-dry --base DIR --train-rows 40 --probe-rows 24 \\
         --max-steps 30 --lr 0.01 --new-tokens 12                                   # the pipeline on a tiny model
 
@@ -11,22 +13,25 @@ write them day first with dots ("05.03.2024"), which training never shows, so a 
 one mistake on them systematically (reading the day as the month). Steps:
 
 1. run0: LoRA SFT (tunelab defaults, `--max-steps` if given) on the training rows; answer every
-   probe row greedily (`Run.generate_batch`, no copy constraint) and score exact match;
+   probe row, and `--control-rows` month-first rows it was not trained on, greedily
+   (`Run.generate_batch`, no copy constraint) and score exact match;
 2. run0's failures are cut in two by a hash of the prompt: the *corrected* half becomes
    corrections.jsonl in the shape `tunelab data review` writes (prompt, chosen = the right answer,
    rejected = run0's answer, line), the other half stays held out, the failures to fix; the
-   probes run0 got right are the *kept* ones, to count what a variant breaks;
+   probes of either kind run0 got right are the *kept* ones, to count what a variant breaks;
 3. variants, each answering the held-out failures and the kept probes:
    - sft:      SFT on the training rows + the corrections (prompt + chosen), from the base;
    - dpo:      DPO on the corrections (`--pair-epochs` over them), from run0 merged (`tunelab
                export --format merged`), so the reference is run0 itself;
    - orpo:     ORPO on the corrections from run0 merged (its chosen-answer loss is the SFT part);
    - sft+dpo:  DPO on the corrections from the sft variant merged.
-4. prints and writes OUT/results.json: per variant, failures fixed (of the held-out ones), kept
-   probes broken, and wall time.
+4. prints and writes OUT/results.json after each variant: failures fixed (of the held-out ones),
+   kept probes broken, and training wall time. A training already done by an earlier run of the
+   script with the same data, base and options is reused (OUT/NAME/benchmark.json), so
+   `--variants` can add variants to a finished run.
 
-Nothing here is measured yet (docs/TRAINING.md#preference-tuning says so); the default objective
-stays sft until this runs on the real model and says otherwise.
+docs/TRAINING.md#preference-tuning and docs/BENCHMARKS.md#preference-tuning give what it measured
+on the real model, with the command.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ MONTHS = ["January", "February", "March", "April", "May", "June", "July", "Augus
 SENTENCES = ["The booking starts on {date}.", "Payment was received on {date}.", "We met on {date} in the office.",
              "The contract ends {date}.", "Delivery is planned for {date}."]
 INSTRUCTION = "Give the date in this sentence as YYYY-MM-DD.\n\n"
+VARIANTS = ["sft", "dpo", "orpo", "sft+dpo"]
 
 
 def rows(n: int, day_first: bool, rng: random.Random) -> list[dict]:
@@ -69,12 +75,20 @@ def write_jsonl(path: Path, items: list[dict]) -> Path:
 
 
 def train(data: Path, out: Path, base: str, options: dict) -> tuple[Path, float]:
+    """Train `out`, or reuse it when an earlier run of this script trained it from the same data,
+    base and options (the benchmark is long: a rerun with another variant list keeps run0)."""
     from tunelab.config import TrainConfig
     from tunelab.train.loop import train as run_training
 
+    record = out / "benchmark.json"
+    recipe = {"data": hashlib.sha256(data.read_bytes()).hexdigest(), "base": base, "options": options}
+    if record.exists() and json.loads(record.read_text())["recipe"] == recipe:
+        return out, json.loads(record.read_text())["seconds"]
     started = time.perf_counter()
     run_training(TrainConfig.build(base=base, **options), data, out, overwrite=True, quiet=True)
-    return out, time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    record.write_text(json.dumps({"recipe": recipe, "seconds": seconds}))
+    return out, seconds
 
 
 def merged(run: Path) -> str:
@@ -105,35 +119,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--train-rows", type=int, default=600)
     parser.add_argument("--probe-rows", type=int, default=200)
-    parser.add_argument("--max-steps", type=int, default=None, help="per training (default: one epoch)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="per SFT training, run0 and sft (default: one epoch)")
+    parser.add_argument("--control-rows", type=int, default=40,
+                        help="month-first probes, as trained, that run0 gets right: kept ones a variant can break")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--lr", type=float, default=None, help="per training (default: tunelab's)")
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--pair-epochs", type=float, default=4,
-                        help="epochs of the trainings on the corrections alone (a few dozen rows; "
-                             "ignored with --max-steps)")
+                        help="epochs of the trainings on the corrections alone (a few dozen pairs, "
+                             "so a few steps an epoch; --max-steps does not apply to them)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     args = parser.parse_args(argv)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
     train_file = write_jsonl(out / "train.jsonl", rows(args.train_rows, day_first=False, rng=rng))
     probes = rows(args.probe_rows, day_first=True, rng=rng)
+    # Month-first rows not trained on: a variant that learns "swap the two numbers" instead of
+    # "read dots day first" breaks these, which the day-first probes (all wrong in run0) cannot show.
+    probes += rows(args.control_rows, day_first=False, rng=random.Random(args.seed + 1))
     common = {"seed": args.seed, **({"max_steps": args.max_steps} if args.max_steps else {}),
               **({"lr": args.lr} if args.lr else {})}
 
     run0, seconds0 = train(train_file, out / "run0", args.base, {**common, "test_size": 0.1})
     first = answers(run0, probes, args.new_tokens)
-    failed = [i for i, (a, p) in enumerate(zip(first, probes)) if not right(a, p)]
-    kept = [i for i in range(len(probes)) if i not in set(failed)]
+    wrong = {i for i, (a, p) in enumerate(zip(first, probes)) if not right(a, p)}
+    failed = [i for i in range(args.probe_rows) if i in wrong]
+    kept = [i for i in range(len(probes)) if i not in wrong]
 
     def reviewed(i: int) -> bool:
         return hashlib.sha256(probes[i]["prompt"].encode()).digest()[0] % 2 == 0
 
     corrected = [i for i in failed if reviewed(i)]
     to_fix = [i for i in failed if not reviewed(i)]
-    print(f"run0: {len(failed)} of {len(probes)} probes wrong ({len(corrected)} corrected, {len(to_fix)} held out), "
-          f"{seconds0:.0f} s", flush=True)
+    print(f"run0: {len(failed)} of {args.probe_rows} day-first probes wrong ({len(corrected)} corrected, "
+          f"{len(to_fix)} held out), {len(wrong) - len(failed)} of {args.control_rows} month-first ones; "
+          f"{len(kept)} kept; trained in {seconds0:.0f} s", flush=True)
     if not corrected or not to_fix:
         print("too few failures to split; raise --probe-rows", file=sys.stderr)
         return 1
@@ -145,27 +168,36 @@ def main(argv: list[str] | None = None) -> int:
     with_corrections = write_jsonl(out / "train+corrections.jsonl",
                                    [json.loads(line) for line in train_file.read_text().splitlines()]
                                    + [json.loads(line) for line in corrections.read_text().splitlines()])
-    pairs = {**common, "test_size": 0, "beta": args.beta, "epochs": args.pair_epochs}
-
-    variants: dict[str, tuple[Path, float]] = {}
-    variants["sft"] = train(with_corrections, out / "sft", args.base, {**common, "test_size": 0})
-    variants["dpo"] = train(corrections, out / "dpo", merged(run0), {**pairs, "objective": "dpo"})
-    variants["orpo"] = train(corrections, out / "orpo", merged(run0), {**pairs, "objective": "orpo"})
-    variants["sft+dpo"] = train(corrections, out / "sft+dpo", merged(variants["sft"][0]),
-                                {**pairs, "objective": "dpo"})
+    # The pair trainings see only the few dozen corrections: epochs, not run0's step budget.
+    pairs = {"seed": args.seed, **({"lr": args.lr} if args.lr else {}), "test_size": 0, "beta": args.beta,
+             "epochs": args.pair_epochs}
 
     results = {"base": args.base, "probes": len(probes), "run0_wrong": len(failed), "corrected": len(corrected),
                "held_out_failures": len(to_fix), "kept": len(kept), "options": vars(args) | {"out": str(out)},
                "variants": {}}
-    print(f"{'variant':<10} {'fixed':>12} {'broken':>12} {'train s':>8}")
-    for name, (run, seconds) in variants.items():
-        checked = to_fix + kept
-        got = answers(run, [probes[i] for i in checked], args.new_tokens)
+
+    def score(name: str, trained: tuple[Path, float]) -> tuple[Path, float]:
+        """Answer the held-out failures and the kept probes with one variant; results.json is
+        rewritten after each, so a run stopped part way keeps the variants it finished."""
+        run, seconds = trained
+        got = answers(run, [probes[i] for i in to_fix + kept], args.new_tokens)
         fixed = sum(right(a, probes[i]) for a, i in zip(got[:len(to_fix)], to_fix))
         broken = sum(not right(a, probes[i]) for a, i in zip(got[len(to_fix):], kept))
         results["variants"][name] = {"fixed": fixed, "broken": broken, "train_s": round(seconds, 1)}
-        print(f"{name:<10} {fixed:>5} of {len(to_fix):<4} {broken:>5} of {len(kept):<4} {seconds:>8.0f}", flush=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        print(f"{name:<8} fixed {fixed} of {len(to_fix)}, broke {broken} of {len(kept)}, trained in {seconds:.0f} s",
+              flush=True)
+        return trained
+
+    # DPO first: it needs run0 alone and is the question; the SFT variant retrains from the base.
+    if "dpo" in args.variants:
+        score("dpo", train(corrections, out / "dpo", merged(run0), {**pairs, "objective": "dpo"}))
+    if "sft" in args.variants or "sft+dpo" in args.variants:
+        sft = score("sft", train(with_corrections, out / "sft", args.base, {**common, "test_size": 0}))
+    if "orpo" in args.variants:
+        score("orpo", train(corrections, out / "orpo", merged(run0), {**pairs, "objective": "orpo"}))
+    if "sft+dpo" in args.variants:
+        score("sft+dpo", train(corrections, out / "sft+dpo", merged(sft[0]), {**pairs, "objective": "dpo"}))
     return 0
 
 
