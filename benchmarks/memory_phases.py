@@ -86,7 +86,9 @@ def wrap(sampler: Sampler, owner, attribute: str, name, show=None) -> None:
     setattr(owner, attribute, wrapped)
 
 
-def instrument(sampler: Sampler) -> None:
+def instrument(sampler: Sampler, trimmed: list[int]) -> None:
+    """Wrap the demo's phases; the steps after which training trimmed the heap go to `trimmed`."""
+    from tunelab import device
     from tunelab.evaluate import core, forgetting
     from tunelab.run import Run
     from tunelab.train import loop
@@ -117,6 +119,15 @@ def instrument(sampler: Sampler) -> None:
         return training
 
     loop.set_up = set_up
+    after_step = device.FreedMemoryCap.after_step
+
+    def counted(cap):
+        trims = cap.trims
+        after_step(cap)
+        if cap.trims > trims:
+            trimmed.append(steps["n"])
+
+    device.FreedMemoryCap.after_step = counted
     wrap(sampler, Run, "evaluate", "evaluation (Run.evaluate)")
     wrap(sampler, Run, "base_model", "eval: base model loaded")
     wrap(sampler, Run, "model", "eval: tuned model loaded")
@@ -142,7 +153,8 @@ def main() -> None:
     from tunelab.demo import demo_config, run_demo, write_dataset
     from tunelab.train.loop import train
 
-    instrument(sampler)
+    trimmed = []
+    instrument(sampler, trimmed)
     out = Path(args.out)
     name = "the demo's training (train)" if args.train_only else "the whole demo (run_demo)"
     with contextlib.redirect_stdout(sys.stderr), sampler.phase(name, lambda p: False) as whole:
@@ -154,6 +166,7 @@ def main() -> None:
                      eval_limit=args.eval_limit)
     print(f"{name:<52} {whole['before'] / GIB:6.2f} {whole['peak'] / GIB:6.2f} {whole['after'] / GIB:6.2f}",
           file=sys.__stdout__)
+    print(f"heap trimmed by training's cap after {len(trimmed)} step(s): {trimmed}", file=sys.__stdout__)
     print(f"peak RSS of the process (getrusage ru_maxrss): "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2:.2f} GiB", file=sys.__stdout__)
 
