@@ -97,3 +97,22 @@ def test_evaluation_frees_the_base_model_before_the_tuned_one_loads(tiny_run, tm
     monkeypatch.setattr(Run, "model", recorded_model)
     Run(run).evaluate(limit=2, shots=1, retrieval=False, max_new_tokens=4, forgetting=None, progress=False)
     assert bases and alive_at_tuned_load == [False] * len(bases)
+
+
+def test_the_heap_cap_trims_only_past_the_settled_need_plus_slack(monkeypatch):
+    """The first steps set the need; later steps trim the heap only once the resident memory is
+    more than `slack` above it (trimming costs the next step its page faults)."""
+    trims = []
+
+    class FakeLibc:
+        def malloc_trim(self, pad):
+            trims.append(pad)
+
+    monkeypatch.setattr(device, "_glibc", lambda: FakeLibc())
+    resident = iter([900, 1000, 1100, 1101, 1000, 2000])
+    monkeypatch.setattr(device, "resident_bytes", lambda: next(resident))
+    cap = device.FreedMemoryCap(settle=2, slack=100)
+    for _ in range(6):
+        cap.after_step()
+    assert cap.level == 1000
+    assert trims == [0, 0] and cap.trims == 2  # after the steps at 1101 and 2000, not at 1100
