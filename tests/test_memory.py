@@ -109,10 +109,15 @@ def test_the_heap_cap_trims_only_past_the_settled_need_plus_slack(monkeypatch):
             trims.append(pad)
 
     monkeypatch.setattr(device, "_glibc", lambda: FakeLibc())
-    resident = iter([900, 1000, 1100, 1101, 1000, 2000])
+    resident = iter([900, 1000, 1100, 1101, 1000, 1150, 1300, 1400, 1401])
     monkeypatch.setattr(device, "resident_bytes", lambda: next(resident))
     cap = device.FreedMemoryCap(settle=2, slack=100)
-    for _ in range(6):
+    for _ in range(5):
         cap.after_step()
-    assert cap.level == 1000
-    assert trims == [0, 0] and cap.trims == 2  # after the steps at 1101 and 2000, not at 1100
+    assert cap.level == 1000 and trims == [0]  # after the step at 1101, not at 1100
+    cap.after_step()  # 1150: past 1000 + 100
+    cap.after_step()  # from a trimmed heap, a bigger batch: the need is now 1300
+    assert cap.level == 1300 and len(trims) == 2
+    cap.after_step()  # 1400: not past 1300 + 100
+    cap.after_step()  # 1401
+    assert len(trims) == 3 and cap.trims == 3
