@@ -146,6 +146,58 @@ def reuse_freed_memory(enabled: bool = True):
         libc.malloc_trim(0)
 
 
+class FreedMemoryCap:
+    """Within `reuse_freed_memory`, a bound on what the heap keeps. Freed blocks stay for the next
+    step's reuse, but long-lived small objects land between them, and a later step's larger
+    blocks then extend the heap instead of fitting: without a bound the demo's training grew
+    ~0.1 GiB a step (docs/BENCHMARKS.md, "Where the demo's memory goes"). The resident memory
+    after the first `settle` steps is what a step needs; `after_step` hands the free memory back
+    (as `release_freed_memory` does) once the resident memory is `slack` bytes above that, which
+    costs the next step its page faults again, now and then instead of at every step. A step
+    that starts from a trimmed heap measures the need again (a batch of longer examples needs
+    more: the demo's reach 3.97 GiB where its first two needed 3.48), so such batches are not
+    trimmed after at every step."""
+
+    def __init__(self, settle: int = 2, slack: int = 256 << 20):
+        self.settle, self.slack = settle, slack
+        self.steps, self.level, self.trims, self.trimmed = 0, 0, 0, False
+        self.libc = _glibc()
+
+    def after_step(self) -> None:
+        if self.libc is None:
+            return
+        self.steps += 1
+        now = resident_bytes()
+        if self.steps <= self.settle or self.trimmed:
+            self.level, self.trimmed = max(self.level, now), False
+        elif now > self.level + self.slack:
+            self.libc.malloc_trim(0)
+            self.trims, self.trimmed = self.trims + 1, True
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (Linux; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def release_freed_memory() -> None:
+    """Collect the objects kept only by reference cycles (a trained model and its optimizer are:
+    accelerate wraps the model's forward in a method that holds the model) and hand the
+    allocator's free memory back to the system: between phases (after a held-out pass, after
+    training, between the models of an evaluation), so what one phase freed does not stay
+    resident through the next. Linux with glibc trims; elsewhere only the collection runs."""
+    import gc
+
+    gc.collect()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def _glibc():
     import ctypes
     import sys
@@ -244,8 +296,11 @@ def one_example_batches(micro_batches: list[dict]) -> list[dict]:
 
 
 def make_optimizer(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; the fused kernel on GPUs, where it saves a launch per parameter tensor."""
-    fused = device.type == "cuda"
+    """AdamW, the fused kernel on GPUs and CPUs. On a GPU it saves a launch per parameter tensor;
+    on a CPU it saves memory: the default (foreach) AdamW builds its update in a temporary as
+    large as all the trained weights (0.5 GB for a 135M model in full fine-tuning), fused updates
+    each tensor in place (docs/BENCHMARKS.md, "Where the demo's memory goes")."""
+    fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 

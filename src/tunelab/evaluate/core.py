@@ -31,7 +31,7 @@ from tunelab.data import novelty
 from tunelab.data.copied import TEXT_ANSWER
 from tunelab.data.load import Example, iter_examples, load_examples, read_jsonl, split_example
 from tunelab.decoding.generate import Answer, generate_detailed
-from tunelab.device import autocast, casts_kept, computes_bf16
+from tunelab.device import autocast, casts_kept, computes_bf16, release_freed_memory
 from tunelab.encoding import encode_examples
 from tunelab.errors import UserError
 from tunelab.evaluate import metrics
@@ -224,6 +224,7 @@ def _evaluate(run, limit: int | None, batch_size: int, max_new_tokens: int | Non
         if questions:
             forgotten["zero-shot"] = forgetting_mod.accuracy(base, run.template, questions)
         del base
+        release_freed_memory()  # the base model's weights and caches, before the tuned model loads
     tuned_model = run.model()
     tuned = Contender("tuned", "local", str(run.path), "fine-tuned")
     _generate(tuned_model, run.template, prompts, max_new_tokens, batch_size, tuned, progress, copying, run.precision)

@@ -348,6 +348,7 @@ def evaluate(training: Training, step: int, batch_size: int, metrics: MetricsWri
     training.model.eval()
     loss = heldout_loss(training.accelerator.unwrap_model(training.model), training.eval_set, batch_size)
     training.model.train()
+    device.release_freed_memory()  # the pass's activations stay free in the heap otherwise
     if training.accelerator.is_main_process:
         bar.write(f"step {step}: held-out loss {loss:.4f}")
     if metrics:
@@ -379,7 +380,9 @@ def run_loop(training: Training, config: TrainConfig, checkpoints: Checkpoints, 
                disable=quiet or not accelerator.is_main_process)
     if not start:
         look(t, config, watch, best, evaluate(t, 0, config.batch_size, metrics, bar), bar, checkpoints.root.parent)
-    with device.reuse_freed_memory(enabled=accelerator.device.type == "cpu"), bar:
+    reuse = accelerator.device.type == "cpu"
+    heap = device.FreedMemoryCap() if reuse else None
+    with device.reuse_freed_memory(enabled=reuse), bar:
         while step < t.total_steps and not watch.stopped:
             epoch_rng = t.generator.get_state()  # this epoch's data order is drawn from here
             # On resume, skip the micro-batches of this epoch that the checkpoint had consumed.
@@ -397,6 +400,8 @@ def run_loop(training: Training, config: TrainConfig, checkpoints: Checkpoints, 
                 t.optimizer.step()
                 t.scheduler.step()
                 t.optimizer.zero_grad()
+                if heap:
+                    heap.after_step()
                 step += 1
                 elapsed = time.perf_counter() - started
                 loss_value = loss.item()
@@ -500,7 +505,13 @@ def train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool = Fal
     check_output_folder(out, "--out")
     main = is_main_process()
     with RunLock(out) if main else contextlib.nullcontext():
-        return _train(config, data_path, out, overwrite, quiet, resume, force, main, threads)
+        try:
+            return _train(config, data_path, out, overwrite, quiet, resume, force, main, threads)
+        finally:
+            # The model, its gradients and AdamW's states (4x the weights in full fine-tuning) are
+            # kept by reference cycles until a collection: gone here, before whatever comes next
+            # (the demo's evaluation) loads another model.
+            device.release_freed_memory()
 
 
 def _train(config: TrainConfig, data_path: Path, out: Path, overwrite: bool, quiet: bool, resume: bool,

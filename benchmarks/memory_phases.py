@@ -1,0 +1,175 @@
+"""Where the demo's memory goes: resident memory (RSS) before, at its peak during, and after each
+phase of `tunelab demo`, sampled every 20 ms in a thread.
+
+    PYTHONPATH=src python benchmarks/memory_phases.py                       # the demo as users run it
+    PYTHONPATH=src python benchmarks/memory_phases.py --examples 300 --max-steps 8 --eval-limit 32
+
+Runs the demo itself (tunelab.demo.run_demo) with its phases wrapped: the data check and encoding,
+the set-up, every held-out loss during training, each step's forward/backward and optimizer step,
+saving, then evaluation's model loads, generation per contender, held-out loss and forgetting
+check. A phase nested in another is indented. Steps past the first four print only when the RSS
+after them is the highest yet. The process's peak from getrusage (ru_maxrss, what the demo
+prints) closes the table. Memory does not depend on the machine's load; time does, so none is
+printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+GIB = 1024**3
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss() -> int:
+    with open("/proc/self/statm", encoding="ascii") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class Sampler(threading.Thread):
+    """Reads the RSS every `interval` s and raises the peak of every open phase."""
+
+    def __init__(self, interval: float = 0.02):
+        super().__init__(daemon=True)
+        self.interval, self.open, self.lock = interval, [], threading.Lock()
+
+    def run(self) -> None:
+        while True:
+            now = rss()
+            with self.lock:
+                for phase in self.open:
+                    phase["peak"] = max(phase["peak"], now)
+            time.sleep(self.interval)
+
+    @contextlib.contextmanager
+    def phase(self, name: str, show=lambda phase: True):
+        now = rss()
+        phase = {"name": name, "before": now, "peak": now, "depth": len(self.open)}
+        with self.lock:
+            self.open.append(phase)
+        try:
+            yield phase
+        finally:
+            phase["after"] = rss()
+            with self.lock:
+                self.open.remove(phase)
+                for outer in self.open:
+                    outer["peak"] = max(outer["peak"], phase["peak"], phase["after"])
+            phase["peak"] = max(phase["peak"], phase["after"])
+            if show(phase):
+                print(f"{'  ' * phase['depth']}{phase['name']:<{52 - 2 * phase['depth']}} "
+                      f"{phase['before'] / GIB:6.2f} {phase['peak'] / GIB:6.2f} {phase['after'] / GIB:6.2f}",
+                      file=sys.__stdout__, flush=True)
+
+
+def wrap(sampler: Sampler, owner, attribute: str, name, show=None) -> None:
+    """Replace owner.attribute by the same function run inside a phase; `name` may be a function
+    of the call's arguments."""
+    original = getattr(owner, attribute)
+
+    @functools.wraps(original)
+    def wrapped(*args, **kwargs):
+        label = name(*args, **kwargs) if callable(name) else name
+        with sampler.phase(label, show or (lambda phase: True)):
+            return original(*args, **kwargs)
+
+    setattr(owner, attribute, wrapped)
+
+
+def instrument(sampler: Sampler, trimmed: list[int]) -> None:
+    """Wrap the demo's phases; the steps after which training trimmed the heap go to `trimmed`."""
+    from tunelab import device
+    from tunelab.evaluate import core, forgetting
+    from tunelab.run import Run
+    from tunelab.train import loop
+
+    steps = {"n": 0, "highest": 0}
+
+    def step_shown(phase) -> bool:
+        shown = steps["n"] <= 4 or phase["after"] > steps["highest"]
+        steps["highest"] = max(steps["highest"], phase["after"])
+        return shown
+
+    def step_name(*args, **kwargs):
+        steps["n"] += 1
+        return f"step {steps['n']}: forward and backward"
+
+    wrap(sampler, loop, "prepare", "data check and encoding (prepare)")
+    wrap(sampler, loop, "run_loop", "training loop (run_loop)")
+    wrap(sampler, loop, "save_final", "saving the weights")
+    wrap(sampler, loop, "evaluate", lambda training, step, *a, **k: f"held-out loss at step {step}")
+    wrap(sampler, loop, "backward_step", step_name, show=step_shown)
+    original_set_up = loop.set_up
+
+    def set_up(*args, **kwargs):
+        with sampler.phase("model and optimizer set up (set_up)"):
+            training = original_set_up(*args, **kwargs)
+        inner = training.optimizer.optimizer  # accelerate's wrapper calls this one's step
+        wrap(sampler, inner, "step", lambda *a, **k: f"step {steps['n']}: optimizer step", show=step_shown)
+        return training
+
+    loop.set_up = set_up
+    after_step = device.FreedMemoryCap.after_step
+
+    def counted(cap):
+        trims = cap.trims
+        after_step(cap)
+        if cap.trims > trims:
+            trimmed.append(steps["n"])
+
+    device.FreedMemoryCap.after_step = counted
+    wrap(sampler, Run, "evaluate", "evaluation (Run.evaluate)")
+    wrap(sampler, Run, "base_model", "eval: base model loaded")
+    wrap(sampler, Run, "model", "eval: tuned model loaded")
+    wrap(sampler, core, "_generate", lambda model, template, prompts, n, b, contender, *a, **k:
+         f"eval: {contender.name} answers ({len(prompts)})")
+    wrap(sampler, core, "heldout_loss", "eval: held-out loss")
+    wrap(sampler, forgetting, "accuracy", "eval: forgetting check")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=1200, help="generated examples (the demo's: %(default)s)")
+    parser.add_argument("--max-steps", type=int, default=100, help="training steps (the demo's: %(default)s)")
+    parser.add_argument("--eval-limit", type=int, default=100, help="held-out examples evaluated (%(default)s)")
+    parser.add_argument("--method", default="full", choices=("full", "lora"))
+    parser.add_argument("--out", default="runs/memory-phases/demo", help="run folder (overwritten)")
+    parser.add_argument("--train-only", action="store_true", help="the demo's training alone, no evaluation")
+    args = parser.parse_args()
+
+    sampler = Sampler()
+    sampler.start()
+    print(f"{'phase':<52} {'before':>6} {'peak':>6} {'after':>6}   (RSS, GiB)", flush=True)
+    from tunelab.demo import demo_config, run_demo, write_dataset
+    from tunelab.train.loop import train
+
+    trimmed = []
+    instrument(sampler, trimmed)
+    out = Path(args.out)
+    name = "the demo's training (train)" if args.train_only else "the whole demo (run_demo)"
+    with contextlib.redirect_stdout(sys.stderr), sampler.phase(name, lambda p: False) as whole:
+        if args.train_only:
+            data = write_dataset(out.parent / f"{out.name}-data" / "bookings.jsonl", args.examples)
+            train(demo_config(args.method, args.max_steps), data, out, overwrite=True)
+        else:
+            run_demo(out, examples=args.examples, method=args.method, max_steps=args.max_steps,
+                     eval_limit=args.eval_limit)
+    print(f"{name:<52} {whole['before'] / GIB:6.2f} {whole['peak'] / GIB:6.2f} {whole['after'] / GIB:6.2f}",
+          file=sys.__stdout__)
+    print(f"heap trimmed by training's cap after {len(trimmed)} step(s): {trimmed}", file=sys.__stdout__)
+    print(f"peak RSS of the process (getrusage ru_maxrss): "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2:.2f} GiB", file=sys.__stdout__)
+
+
+if __name__ == "__main__":
+    main()
