@@ -187,3 +187,22 @@ def test_a_bad_value_in_the_config_file_is_one_line_naming_it(cli, pairs_file, t
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert f"{config}: lr: 'fast' must be a number" in result.stderr
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_the_benchmark_checks_a_prediction_of_the_last_size_against_it(curve):
+    """benchmarks/curve_forecast.py on a finished curve: the first two sizes fitted, the third predicted."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "curve_forecast.py"
+    spec = importlib.util.spec_from_file_location("curve_forecast", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out, _ = curve
+    printed = script.report(out, None, ["exact_match", "token_f1"]).splitlines()
+    assert "sizes 8, 16, 24; 8 held-out rows" in printed[0] and "predicted at 24" in printed[2]
+    assert len(printed) == 5 and printed[3].startswith("exact match") and printed[4].startswith("token F1")
+    assert all(" 8,16 " in line and " log " in line and line.endswith(" points") for line in printed[3:])
+    saved = json.loads((out / "curve.json").read_text())
+    measured = saved["points"][-1]["metrics"]["token_f1"]["value"] * 100
+    assert f"{measured:.1f} (" in printed[4]

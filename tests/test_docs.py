@@ -309,8 +309,11 @@ FORMS: dict[str, Form | None] = {
                    "--out runs/sweep --max-steps 2"], twice=True, needs_run=False, expect="winner: ")
        for form in ("tunelab sweep data.jsonl --grid lr=3e-4,1e-3,3e-3 --grid lora_rank=8,32 --budget-minutes 60 "
                     "--out runs/sweep", "tunelab sweep DATA --grid KEY=V1,V2 [--budget-minutes N] [flags]")},
-    "tunelab curve runs/demo-data/bookings.jsonl --sizes 100,200,400 --method full --max-steps 50 --max-length 256 "
-    "--split-by metadata.name_pool --out runs/bookings-curve": Form(
+    "tunelab curve data.jsonl --config train.yaml --sizes 100,200,400,800 --out runs/curve": Form(
+        ["tunelab curve data.jsonl --config train.yaml --sizes 8,16 --out runs/curve-configured --max-steps 2"],
+        needs_run=False, expect="Curve saved in runs/curve-configured/curve.json"),
+    "tunelab curve runs/demo-data/bookings.jsonl --sizes 50,100,200,400,800 --method full --max-steps 50 "
+    "--max-length 256 --split-by metadata.name_pool --out runs/bookings-curve": Form(
         ["tunelab curve runs/demo-data/bookings.jsonl --sizes 16,32 --method full --max-steps 2 --max-length 256 "
          "--split-by metadata.name_pool --out runs/bookings-curve"], needs_run=False, setup=bookings_file,
         expect="Curve saved in runs/bookings-curve/curve.json"),
