@@ -206,3 +206,16 @@ def test_the_benchmark_checks_a_prediction_of_the_last_size_against_it(curve):
     saved = json.loads((out / "curve.json").read_text())
     measured = saved["points"][-1]["metrics"]["token_f1"]["value"] * 100
     assert f"{measured:.1f} (" in printed[4]
+
+
+@pytest.mark.slow
+def test_a_finished_size_trained_with_other_options_is_refused(curve, cli, tiny_model_dir, pairs_file, tmp_path):
+    """A size trained to its end is reused only with the same data and options, checkpoints or not."""
+    import shutil
+
+    out = tmp_path / "curve"
+    shutil.copytree(curve[0] / "n8", out / "n8")
+    result = cli("curve", pairs_file, "--sizes", "8", "--out", out, "--base", tiny_model_dir, *TRAIN, "--lr", "0.5")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"{out / 'n8'}: trained on other data or options than these" in result.stderr
+    assert "--lr: " in result.stderr and " 0.5 now" in result.stderr
