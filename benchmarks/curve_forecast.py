@@ -10,7 +10,8 @@ log curve to 3 sizes, the saturating curve to 4 or more) and prints the predicte
 at the last size with its 95% interval, the measured score with its own, and measured minus
 predicted with a 95% interval that resamples the held-out rows of every size together (paired,
 as the forecast does): an interval of the error that covers 0 means the prediction held.
-Scores are read from each size's eval.json (the tuned model's answers, row by row).
+Scores are read from each size's eval.json (the tuned model's answers, row by row); a curve
+stopped before its end (no curve.json) is read from its evaluated DIR/nN folders.
 """
 
 from __future__ import annotations
@@ -34,16 +35,25 @@ def run_folder(curve_dir: Path, recorded: str) -> Path:
     return Path(recorded) if (Path(recorded) / "eval.json").exists() else curve_dir / Path(recorded).name
 
 
+def evaluated_sizes(curve_dir: Path) -> tuple[str, list[int], list[EvalResults]]:
+    """The data file, the sizes and their eval.json: those curve.json lists, or, for a curve
+    stopped before its end (no curve.json yet), every evaluated DIR/nN."""
+    if (curve_dir / "curve.json").exists():
+        curve = CurveResults.model_validate_json((curve_dir / "curve.json").read_text())
+        return (curve.data, [p.examples for p in curve.points],
+                [EvalResults.read(run_folder(curve_dir, p.run) / "eval.json") for p in curve.points])
+    sizes = sorted(int(f.parent.name[1:]) for f in curve_dir.glob("n*/eval.json") if f.parent.name[1:].isdigit())
+    return str(curve_dir), sizes, [EvalResults.read(curve_dir / f"n{n}" / "eval.json") for n in sizes]
+
+
 def report(curve_dir: Path, firsts: list[int] | None, metrics: list[str]) -> str:
-    curve = CurveResults.model_validate_json((curve_dir / "curve.json").read_text())
-    sizes = [p.examples for p in curve.points]
+    data, sizes, results = evaluated_sizes(curve_dir)
     if len(sizes) < 3:
         raise SystemExit(f"{curve_dir}: {len(sizes)} sizes; a prediction needs 2 to fit and 1 to check")
-    results = [EvalResults.read(run_folder(curve_dir, p.run) / "eval.json") for p in curve.points]
     firsts = firsts or list(range(3, len(sizes))) or [2]
     if not all(2 <= first < len(sizes) for first in firsts):
         raise SystemExit(f"--first: between 2 and {len(sizes) - 1} (the sizes before the last)")
-    lines = [f"{curve.data}: sizes {', '.join(map(str, sizes))}; {curve.heldout_examples} held-out rows", "",
+    lines = [f"{data}: sizes {', '.join(map(str, sizes))}; {len(results[0].samples)} held-out rows", "",
              f"{'metric':<12} {'fitted on':<16} {'model':<11} {'predicted at ' + str(sizes[-1]):<22} "
              f"{'measured':<22} measured - predicted"]
 

@@ -190,9 +190,10 @@ def test_a_bad_value_in_the_config_file_is_one_line_naming_it(cli, pairs_file, t
 
 
 @pytest.mark.slow
-def test_the_benchmark_checks_a_prediction_of_the_last_size_against_it(curve):
+def test_the_benchmark_checks_a_prediction_of_the_last_size_against_it(curve, tmp_path):
     """benchmarks/curve_forecast.py on a finished curve: the first two sizes fitted, the third predicted."""
     import importlib.util
+    import shutil
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "curve_forecast.py"
     spec = importlib.util.spec_from_file_location("curve_forecast", path)
@@ -206,6 +207,11 @@ def test_the_benchmark_checks_a_prediction_of_the_last_size_against_it(curve):
     saved = json.loads((out / "curve.json").read_text())
     measured = saved["points"][-1]["metrics"]["token_f1"]["value"] * 100
     assert f"{measured:.1f} (" in printed[4]
+    stopped = tmp_path / "stopped"  # a curve stopped before its end has no curve.json: its nN folders are read
+    for n in (8, 16, 24):
+        (stopped / f"n{n}").mkdir(parents=True)
+        shutil.copy(out / f"n{n}" / "eval.json", stopped / f"n{n}" / "eval.json")
+    assert script.report(stopped, None, ["exact_match", "token_f1"]).splitlines()[1:] == printed[1:]
 
 
 @pytest.mark.slow
