@@ -4,12 +4,13 @@ and the forecast's words."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-
-from tunelab.iterate.curve import FLAT, forecast
 
 TRAIN = ["--test-size", "8", "--batch-size", "4", "--method", "full", "--template", "alpaca"]
 
@@ -107,27 +108,6 @@ def test_a_size_larger_than_the_training_split_is_refused_before_training(cli, t
     assert not (tmp_path / "c").exists()
 
 
-def rows(rates: list[float], n: int = 400) -> np.ndarray:
-    """Per-row scores of n held-out rows with the given share right at each size."""
-    return np.array([[1.0] * round(r * n) + [0.0] * (n - round(r * n)) for r in rates])
-
-
-def test_the_forecast_says_what_doubling_is_likely_to_buy():
-    rising = forecast([100, 200, 400, 800], rows([0.2, 0.3, 0.4, 0.5]), "exact_match")
-    assert rising.to_examples == 1600 and rising.gain == pytest.approx(0.1)
-    assert 0 < rising.low < 0.1 < rising.high
-    assert "doubling to 1600 examples: +" in rising.words and "has not flattened" in rising.words
-    flat = forecast([100, 200, 400, 800], rows([0.6, 0.6, 0.6, 0.6]), "exact_match")
-    assert flat.high < FLAT and "flattened at 60%" in flat.words and "not the amount" in flat.words
-    bending = forecast([100, 200, 400, 800], rows([0.1, 0.3, 0.4, 0.41]), "exact_match")
-    assert "bending" in bending.words
-    noisy = forecast([100, 200], rows([0.5, 0.55], 20), "exact_match")
-    assert noisy.low <= 0 and "cannot tell" in noisy.words
-    nothing = forecast([100, 200], rows([0.0, 0.0], 20), "token_f1")
-    assert "token F1 is 0 at every size" in nothing.words
-    assert forecast([100], rows([0.5]), "exact_match") is None
-
-
 def test_the_first_n_training_examples_nest_whatever_the_file_order(conversations):
     from tunelab.errors import UserError
     from tunelab.train.loop import first_examples
@@ -141,3 +121,107 @@ def test_the_first_n_training_examples_nest_whatever_the_file_order(conversation
     assert {e.line for e in first_examples(examples, 10, 1, Path("data.jsonl"))} != set(chosen[0])
     with pytest.raises(UserError, match="--train-examples 51: the training split of data.jsonl has 50 examples"):
         first_examples(examples, 51, 0, Path("data.jsonl"))
+
+
+def start_curve(args: list) -> tuple[subprocess.Popen, Path]:
+    """`tunelab curve` in its own process, its output in a log file beside --out."""
+    out = Path(args[args.index("--out") + 1])
+    log = out.parent / f"{out.name}-{time.monotonic_ns()}.log"
+    with open(log, "w") as sink:
+        process = subprocess.Popen([sys.executable, "-m", "tunelab.cli", *map(str, args)], stdout=sink,
+                                   stderr=subprocess.STDOUT)
+    return process, log
+
+
+def kill_when(process: subprocess.Popen, log: Path, condition, timeout: float = 300) -> None:
+    """SIGKILL `process` as soon as `condition()` holds (polled every 10 ms)."""
+    deadline = time.monotonic() + timeout
+    try:
+        while not condition():
+            assert process.poll() is None, f"finished before the kill:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.01)
+    finally:
+        process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+
+
+def checkpointed(folder: Path) -> bool:
+    return any((folder / "checkpoints").glob("step-*"))
+
+
+@pytest.mark.slow
+def test_a_curve_killed_mid_size_continues_with_the_same_command(cli, tiny_model_dir, pairs_file, tmp_path):
+    """SIGKILL while the second size trains (after its first checkpoint): the same command reuses
+    the first size as it is, resumes the second from its checkpoint and trains the third. The
+    training options come from --config, a flag overriding one of them."""
+    config = tmp_path / "curve.yaml"
+    config.write_text("method: full\nbatch-size: 4\ntest_size: 8\ntemplate: alpaca\nmax_steps: 30\nlr: 0.5\n"
+                      "save_every: 1\n")
+    out = tmp_path / "curve"
+    args = ["curve", pairs_file, "--sizes", "8,16,24", "--out", out, "--base", tiny_model_dir,
+            "--config", config, "--lr", "1e-3"]
+    process, log = start_curve(args)
+    kill_when(process, log, lambda: checkpointed(out / "n16"))
+    assert (out / "n8" / "eval.json").exists() and not (out / "n16" / "model").exists()
+    assert not (out / "n24").exists() and not (out / "curve.json").exists()
+    kept = {name: (out / "n8" / name).stat().st_mtime_ns for name in ("eval.json", "model/model.safetensors")}
+
+    again = cli(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"Training {out / 'n8'}" not in again.stderr and "Resuming from" in again.stderr
+    assert f"Training {out / 'n24'}" in again.stderr
+    assert {name: (out / "n8" / name).stat().st_mtime_ns for name in kept} == kept
+    saved = json.loads((out / "curve.json").read_text())
+    assert [p["examples"] for p in saved["points"]] == [8, 16, 24]
+    for n in (8, 16, 24):
+        run = json.loads((out / f"n{n}" / "run.json").read_text())
+        assert run["fingerprint"]["config"]["max_steps"] == 30 and run["fingerprint"]["config"]["lr"] == 1e-3
+        assert run["training"]["steps"] == 30 and run["train_examples"] == n
+
+
+def test_a_bad_value_in_the_config_file_is_one_line_naming_it(cli, pairs_file, tmp_path):
+    config = tmp_path / "curve.yaml"
+    config.write_text("lr: fast\n")
+    result = cli("curve", pairs_file, "--sizes", "8,16", "--config", config, "--out", tmp_path / "c")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert f"{config}: lr: 'fast' must be a number" in result.stderr
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_the_benchmark_checks_a_prediction_of_the_last_size_against_it(curve, tmp_path):
+    """benchmarks/curve_forecast.py on a finished curve: the first two sizes fitted, the third predicted."""
+    import importlib.util
+    import shutil
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "curve_forecast.py"
+    spec = importlib.util.spec_from_file_location("curve_forecast", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out, _ = curve
+    printed = script.report(out, None, ["exact_match", "token_f1"]).splitlines()
+    assert "sizes 8, 16, 24; 8 held-out rows" in printed[0] and "predicted at 24" in printed[2]
+    assert len(printed) == 5 and printed[3].startswith("exact match") and printed[4].startswith("token F1")
+    assert all(" 8,16 " in line and " log " in line and line.endswith(" points") for line in printed[3:])
+    saved = json.loads((out / "curve.json").read_text())
+    measured = saved["points"][-1]["metrics"]["token_f1"]["value"] * 100
+    assert f"{measured:.1f} (" in printed[4]
+    stopped = tmp_path / "stopped"  # a curve stopped before its end has no curve.json: its nN folders are read
+    for n in (8, 16, 24):
+        (stopped / f"n{n}").mkdir(parents=True)
+        shutil.copy(out / f"n{n}" / "eval.json", stopped / f"n{n}" / "eval.json")
+    assert script.report(stopped, None, ["exact_match", "token_f1"]).splitlines()[1:] == printed[1:]
+
+
+@pytest.mark.slow
+def test_a_finished_size_trained_with_other_options_is_refused(curve, cli, tiny_model_dir, pairs_file, tmp_path):
+    """A size trained to its end is reused only with the same data and options, checkpoints or not."""
+    import shutil
+
+    out = tmp_path / "curve"
+    shutil.copytree(curve[0] / "n8", out / "n8")
+    result = cli("curve", pairs_file, "--sizes", "8", "--out", out, "--base", tiny_model_dir, *TRAIN, "--lr", "0.5")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"{out / 'n8'}: trained on other data or options than these" in result.stderr
+    assert "--lr: " in result.stderr and " 0.5 now" in result.stderr

@@ -124,6 +124,14 @@ def bookings_file(workdir: Path) -> None:
     write_dataset(workdir / "runs" / "demo-data" / "bookings.jsonl", 60)
 
 
+def people_file(workdir: Path) -> None:
+    """runs/gen-data/people/train.jsonl as benchmarks/generalisation.py writes it: rows in entity groups."""
+    rows = [json.loads(line) for line in (workdir / "data.jsonl").read_text().splitlines()]
+    (workdir / "runs" / "gen-data" / "people").mkdir(parents=True, exist_ok=True)
+    (workdir / "runs" / "gen-data" / "people" / "train.jsonl").write_text("".join(
+        json.dumps({**row, "metadata": {"group": f"g{i % 8}"}}) + "\n" for i, row in enumerate(rows)))
+
+
 def evaluated(workdir: Path) -> None:
     """runs/mine/eval.json, of the run's held-out split (a form with --data may have evaluated another file)."""
     results = workdir / "runs" / "mine" / "eval.json"
@@ -309,11 +317,19 @@ FORMS: dict[str, Form | None] = {
                    "--out runs/sweep --max-steps 2"], twice=True, needs_run=False, expect="winner: ")
        for form in ("tunelab sweep data.jsonl --grid lr=3e-4,1e-3,3e-3 --grid lora_rank=8,32 --budget-minutes 60 "
                     "--out runs/sweep", "tunelab sweep DATA --grid KEY=V1,V2 [--budget-minutes N] [flags]")},
-    "tunelab curve runs/demo-data/bookings.jsonl --sizes 100,200,400 --method full --max-steps 50 --max-length 256 "
-    "--split-by metadata.name_pool --out runs/bookings-curve": Form(
+    "tunelab curve data.jsonl --config train.yaml --sizes 100,200,400,800 --out runs/curve": Form(
+        ["tunelab curve data.jsonl --config train.yaml --sizes 8,16 --out runs/curve-configured --max-steps 2"],
+        needs_run=False, expect="Curve saved in runs/curve-configured/curve.json"),
+    "tunelab curve runs/demo-data/bookings.jsonl --sizes 50,100,200,400,800 --method full --max-steps 50 "
+    "--max-length 256 --split-by metadata.name_pool --out runs/bookings-curve": Form(
         ["tunelab curve runs/demo-data/bookings.jsonl --sizes 16,32 --method full --max-steps 2 --max-length 256 "
          "--split-by metadata.name_pool --out runs/bookings-curve"], needs_run=False, setup=bookings_file,
         expect="Curve saved in runs/bookings-curve/curve.json"),
+    "tunelab curve runs/gen-data/people/train.jsonl --sizes 50,100,200,400 --max-steps 40 --split-by metadata.group "
+    "--out runs/people-curve": Form(
+        ["tunelab curve runs/gen-data/people/train.jsonl --sizes 8,16 --max-steps 2 --split-by metadata.group "
+         "--out runs/people-curve"], needs_run=False, setup=people_file,
+        expect="Curve saved in runs/people-curve/curve.json"),
     "tunelab train DATA --train-examples N": Form(
         ["tunelab train data.jsonl --train-examples 8 --max-steps 2 --out runs/eight --overwrite"], needs_run=False,
         expect=TRAIN_DONE),

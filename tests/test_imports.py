@@ -38,7 +38,7 @@ LAYERS = [
      "ui.jobs", "ui.follow", "ui.repair", "ui.arena", "ui.teacher"},
     {"report.sections", "export.ollama", "ui.runs", "ui.datafix"},
     {"report.html", "export.card", "ui.app"},
-    {"iterate.runs"},
+    {"iterate.runs", "iterate.forecast"},
     {"iterate.curve", "iterate.sweep"},
     {"demo", "export"},
     {"cli", "__init__"},

@@ -70,3 +70,55 @@ def test_a_sweep_names_the_planted_winner_within_its_budget_and_continues(cli, t
     assert all("yes" in s["answers"]["tuned"]["text"] for s in samples)
     page = (out / "comparison.html").read_text()
     assert "lr=1e-9" in page and "lr=1e-2" in page
+
+
+def test_the_config_file_is_under_the_flags_and_the_grid(tmp_path):
+    """--config's options, then the flags, then the grid's values, each overriding the one before;
+    a bad value in the file is named with the file."""
+    from tunelab.errors import UserError
+    from tunelab.iterate.sweep import plan
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text("lr: 0.5\nmax-steps: 7\nlora_rank: 4\nmethod: full\n")
+    combinations = plan({"lr": ["1e-3", "1e-2"]}, {"max_steps": 3}, config)
+    assert [(s, c.lr, c.max_steps, c.lora_rank, c.method) for s, c in combinations] == [
+        ({"lr": "1e-3"}, 1e-3, 3, 4, "full"), ({"lr": "1e-2"}, 1e-2, 3, 4, "full")]
+    config.write_text("lora_rank: many\n")
+    with pytest.raises(UserError, match=f"{config}: lora_rank: 'many' must be a whole number"):
+        plan({"lr": ["1e-3"]}, {}, config)
+
+
+def test_a_bad_config_file_is_one_line_before_anything_runs(cli, tmp_path, write_jsonl):
+    data = write_jsonl(tmp_path / "data.jsonl", [{"prompt": "a", "completion": "b"}] * 4)
+    result = cli("sweep", data, "--grid", "lr=1e-3,1e-2", "--config", tmp_path / "missing.yaml",
+                 "--out", tmp_path / "sweep")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "missing.yaml: config file not found" in result.stderr and not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_mid_run_continues_with_the_same_command(cli, tiny_model_dir, pairs_file, tmp_path):
+    """SIGKILL while the second combination trains (after its first checkpoint): the same command
+    reuses the first as it is, resumes the second and runs the third."""
+    from test_curve import checkpointed, kill_when, start_curve
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text("method: full\nbatch_size: 4\ntest_size: 8\ntemplate: alpaca\nmax_steps: 30\n")
+    out = tmp_path / "sweep"
+    args = ["sweep", pairs_file, "--grid", "lr=1e-9,1e-3,1e-2", "--metric", "token_f1", "--out", out,
+            "--base", tiny_model_dir, "--config", config, "--save-every", "1"]
+    process, log = start_curve(args)
+    kill_when(process, log, lambda: checkpointed(out / "lr=1e-3"))
+    assert (out / "lr=1e-9" / "eval.json").exists() and not (out / "lr=1e-3" / "model").exists()
+    assert not (out / "lr=1e-2").exists() and not (out / "sweep.json").exists()
+    first = (out / "lr=1e-9" / "eval.json").stat().st_mtime_ns
+
+    again = cli(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Resuming from" in again.stderr and f"Training {out / 'lr=1e-9'}" not in again.stderr
+    assert (out / "lr=1e-9" / "eval.json").stat().st_mtime_ns == first
+    saved = json.loads((out / "sweep.json").read_text())
+    assert [(r["name"], r["status"]) for r in saved["runs"]] == [
+        ("lr=1e-9", "reused"), ("lr=1e-3", "trained"), ("lr=1e-2", "trained")]
+    for name in ("lr=1e-3", "lr=1e-2"):
+        assert json.loads((out / name / "run.json").read_text())["training"]["steps"] == 30

@@ -427,6 +427,8 @@ class CurveOptions(Options):
     """training examples of each run (each size trains on the smaller ones' examples and more)"""
     out: str | None = None
     """curve folder, one run folder per size (default: runs/<data>-curve); run the command again to continue it"""
+    config: Annotated[str | None, Arg(metavar="FILE")] = None
+    """YAML file of the training options below, as `tunelab train --config` reads it; flags override it"""
     assertions: Annotated[str | None, Arg(metavar="FILE")] = None
     """rules every answer is checked against, as for `tunelab eval --assertions`"""
 
@@ -435,7 +437,7 @@ def cmd_curve(o: CurveOptions, flags: dict[str, Any]) -> None:
     from tunelab.iterate.curve import format_curve, parse_sizes, run_curve
 
     sizes = parse_sizes(o.sizes)
-    config = TrainConfig.build(flags=flags, **flags)
+    config = TrainConfig.from_yaml(Path(o.config), **flags) if o.config else TrainConfig.build(flags=flags, **flags)
     out = Path(o.out) if o.out else Path("runs") / f"{Path(o.data).stem}-curve"
     curve = run_curve(Path(o.data), sizes, out, config, Path(o.assertions) if o.assertions else None)
     print(format_curve(curve))
@@ -454,6 +456,8 @@ class SweepOptions(Options):
     out: str | None = None
     """sweep folder, one run folder per combination (default: runs/<data>-sweep); run the command again to
     continue it"""
+    config: Annotated[str | None, Arg(metavar="FILE")] = None
+    """YAML file of the training options below, as `tunelab train --config` reads it; flags and --grid override it"""
     assertions: Annotated[str | None, Arg(metavar="FILE")] = None
     """rules every answer is checked against, as for `tunelab eval --assertions`"""
 
@@ -464,7 +468,7 @@ def cmd_sweep(o: SweepOptions, flags: dict[str, Any]) -> None:
     grid = parse_grid(o.grid, flags)
     out = Path(o.out) if o.out else Path("runs") / f"{Path(o.data).stem}-sweep"
     sweep = run_sweep(Path(o.data), grid, flags, out, o.metric, o.budget_minutes,
-                      Path(o.assertions) if o.assertions else None)
+                      Path(o.assertions) if o.assertions else None, Path(o.config) if o.config else None)
     print(format_sweep(sweep))
     print(f"\nSweep saved in {out / 'sweep.json'}; runs compared in {out / 'comparison.html'}")
 

@@ -11,13 +11,10 @@ whole file, and a size of N trains on the first N training examples in an order 
 from one size to the next is only the amount of training data (and, with --epochs, the number
 of steps; --max-steps trains every size for the same steps).
 
-The forecast fits score = a + b * ln(examples) by least squares to the sizes' mean scores:
-doubling the data adds b * ln 2. Its 95% interval comes from resampling the held-out rows
-(paired: the same rows for every size, as metrics.bootstrap_interval does for one mean) and
-fitting each resample again. A log curve never flattens, so the last measured step is checked
-against it: when the last doubling bought less than half of what the fit says, the fit's number
-is called optimistic. With an interval wholly under FLAT the curve has flattened, and more of
-the same data is unlikely to help.
+The forecast (iterate/forecast.py) fits a saturating curve, score = ceiling - b * n^-c, to
+four sizes or more (score = a + b * ln n to two or three) and says what doubling the largest size
+is likely to add, with a 95% interval from resampling the held-out rows, or that the curve has
+flattened and the data, not its amount, is the problem.
 """
 
 from __future__ import annotations
@@ -32,19 +29,17 @@ from tunelab.config import TrainConfig
 from tunelab.errors import UserError, check_output_folder
 from tunelab.evaluate.results import EvalResults, Interval
 from tunelab.files import write_text_atomic
+from tunelab.iterate.forecast import Forecast, forecast
 from tunelab.iterate.runs import heldout_lines, train_and_evaluate, tuned_scores
 
 MIN_SIZE = 8
 """Fewer training examples than this are refused: one micro-batch at the default --batch-size,
 and too few for a fine-tune to say anything about the next size."""
-FLAT = 0.01
-"""A doubling whose whole 95% interval of gain is under this (1 point) means the curve has flattened."""
 FORECAST_METRICS = ("exact_match", "token_f1")
 """The metrics forecast: those scored per held-out row."""
 TABLE = [("exact match", "exact_match"), ("token F1", "token_f1"), ("field accuracy", "field_accuracy"),
          ("valid JSON", "valid_json"), ("assertions passed", "assertions_passed"), ("held-out loss", "heldout_loss")]
 """The columns of the table, each shown when some size has it."""
-RESAMPLES = 2000
 
 
 class Point(BaseModel):
@@ -56,22 +51,6 @@ class Point(BaseModel):
     """The run folder."""
     metrics: dict[str, Interval]
     """The tuned model's metrics, as in the run's eval.json."""
-
-
-class Forecast(BaseModel):
-    """What doubling the largest size is likely to add to one metric (see the module docstring)."""
-
-    metric: str
-    to_examples: int
-    """Twice the largest size."""
-    gain: float
-    """b * ln 2 of the log fit."""
-    low: float
-    high: float
-    """95% interval of the gain, resampling the held-out rows."""
-    last_step_gain: float
-    """What the last measured step added, per doubling of the examples."""
-    words: str
 
 
 class CurveResults(BaseModel):
@@ -127,56 +106,12 @@ def run_curve(data: Path, sizes: list[int], out: Path, config: TrainConfig,
                             "delete it and run the command again")
         points.append(Point(examples=n, run=str(folder), metrics=results.tuned_metrics()))
         scores[n] = {m: tuned_scores(results, m) for m in FORECAST_METRICS}
-    forecasts = [forecast(sizes, np.array([scores[n][m] for n in sizes]), m) for m in FORECAST_METRICS]
+    forecasts = [forecast(sizes, np.array([scores[n][m] for n in sizes]), m, points[-1].run) for m in FORECAST_METRICS]
     curve = CurveResults(data=str(data), heldout_examples=len(lines or []), training_split=available, points=points,
                          forecasts=[f for f in forecasts if f])
     write_text_atomic(out / "curve.json", curve.model_dump_json(indent=2))
     write_pages(curve, out)
     return curve
-
-
-def forecast(sizes: list[int], scores: np.ndarray, metric: str) -> Forecast | None:
-    """The gain from doubling the largest size, from `scores` (one row per size, one column per
-    held-out row); None with fewer than two sizes."""
-    if len(sizes) < 2 or scores.size == 0:
-        return None
-    x = np.log(np.asarray(sizes, dtype=float))
-    centred = x - x.mean()
-
-    def slopes(means: np.ndarray) -> np.ndarray:  # least-squares slope of each column of means on x
-        return centred @ (means - means.mean(axis=0)) / (centred @ centred)
-
-    means = scores.mean(axis=1)
-    gain = float(slopes(means[:, None])[0]) * math.log(2)
-    picks = np.random.default_rng(0).integers(0, scores.shape[1], size=(RESAMPLES, scores.shape[1]))
-    resampled = scores[:, picks].mean(axis=2)  # sizes x resamples, the same rows for every size
-    low, high = (float(v) * math.log(2) for v in np.percentile(slopes(resampled), [2.5, 97.5]))
-    last = float(means[-1] - means[-2]) / math.log2(sizes[-1] / sizes[-2])
-    found = Forecast(metric=metric, to_examples=2 * sizes[-1], gain=gain, low=low, high=high, last_step_gain=last,
-                     words="")
-    found.words = describe(found, float(means[-1]), len(scores[0]), bool(scores.any()))
-    return found
-
-
-def describe(f: Forecast, now: float, rows: int, any_right: bool) -> str:
-    """The forecast in one sentence."""
-    name = {"exact_match": "exact match", "token_f1": "token F1"}.get(f.metric, f.metric)
-    if not any_right:
-        return f"{name} is 0 at every size: no trend to extrapolate; look at the answers (curve.html links each run)"
-
-    def points(value: float) -> str:
-        return f"{value * 100:+.0f}"
-
-    doubling = f"doubling to {f.to_examples} examples: {points(f.low)} to {points(f.high)} points {name}"
-    if f.high < FLAT:
-        return (f"{name} has flattened at {now:.0%}: {doubling}; more of the same data is unlikely to help, so the "
-                "data (its labels, its coverage, its format), not the amount, is the problem")
-    if f.low <= 0:
-        return (f"{doubling} (from {now:.0%}); the interval covers 0, so these {rows} held-out rows cannot tell "
-                "whether more data helps (more held-out rows, or sizes further apart, would)")
-    bending = (f"; but the last step bought only {points(f.last_step_gain)} points a doubling, so the curve is "
-               "bending and the upper end is optimistic") if f.last_step_gain < f.gain / 2 else ""
-    return f"{doubling} (from {now:.0%}); the curve has not flattened{bending}"
 
 
 def format_table(curve: CurveResults) -> str:

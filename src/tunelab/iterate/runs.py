@@ -3,7 +3,9 @@ evaluated once, by the same `train` and `evaluate` as `tunelab train` and `tunel
 
 A curve or sweep folder holds ordinary run folders, so every command reads them (`tunelab eval`,
 `report`, `chat`), and running the command again continues where it stopped:
-- a run whose weights are saved, trained on the same data and options, is reused as it is;
+- a run whose weights are saved, trained to its end on the same data and options, is reused as
+  it is, even when it kept checkpoints (`--save-every`): `train --resume` would continue from the
+  newest one and train again the steps after it, new weights that would need evaluating again;
 - a run stopped before its end continues from its newest checkpoint (`--save-every N`), or
   starts again when it has none;
 - a run's eval.json is reused when the run was not trained again (delete it to evaluate again).
@@ -13,6 +15,7 @@ runs with each other, not with the base model.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -30,7 +33,8 @@ def train_and_evaluate(config: TrainConfig, data: Path, folder: Path, assertions
 
     files = RunFiles(folder)
     try:
-        done = files.config.exists() and finished(config, data, folder) is not None
+        done = files.config.exists() and (ran_to_its_end(config, data, files)
+                                          or finished(config, data, folder) is not None)
     except UserError as e:  # its advice (--overwrite) is train's; here the folder is the command's
         raise UserError(f"{folder}: trained on other data or options than these; run the command again with "
                         "the same data and flags, or choose another --out", e.details) from None
@@ -48,6 +52,25 @@ def train_and_evaluate(config: TrainConfig, data: Path, folder: Path, assertions
               "again to go on (this run from its newest checkpoint, if it has one)", file=sys.stderr)
         raise
     return "evaluated" if done else "trained"
+
+
+def ran_to_its_end(config: TrainConfig, data: Path, files: RunFiles) -> bool:
+    """Whether the run's weights are saved and its run.json records the end of its training (written
+    after the weights), trained on `data` with `config`; other data or options are refused."""
+    from tunelab.train.checkpoint import Checkpoints
+
+    if not (files.adapter.exists() or files.model.exists()):
+        return False
+    try:
+        info = json.loads(files.info.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(info, dict) or "training" not in info or "fingerprint" not in info:
+        return False
+    changes = Checkpoints(files.root, config, data).changes(info)
+    if changes:
+        raise UserError(f"{files.root}: trained on other data or options", changes)
+    return True
 
 
 def tuned_scores(results: EvalResults, metric: str) -> list[float]:

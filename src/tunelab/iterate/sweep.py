@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tunelab.config import TrainConfig
+from tunelab.config import TrainConfig, read_yaml
 from tunelab.errors import UserError, check_output_folder
 from tunelab.evaluate import metrics
 from tunelab.evaluate.results import EvalResults, Interval
@@ -111,23 +111,31 @@ def folder_name(settings: dict[str, str]) -> str:
     return ",".join(f"{key}={re.sub(r'[^A-Za-z0-9.+-]', '-', value)}" for key, value in settings.items())
 
 
-def plan(grid: dict[str, list[str]], given: dict) -> list[tuple[dict[str, str], TrainConfig]]:
-    """Every combination with its validated TrainConfig; a bad value is one line naming it."""
+def plan(grid: dict[str, list[str]], given: dict, config_file: Path | None = None
+         ) -> list[tuple[dict[str, str], TrainConfig]]:
+    """Every combination with its validated TrainConfig: the YAML `config_file`'s options, then
+    the flags `given`, then the grid's values, each overriding the one before (as flags override
+    `tunelab train --config`); a bad value is one line naming it and where it came from."""
+    from_file = read_yaml(config_file) if config_file else {}
+    source = str(config_file) if config_file else None
     combinations = []
     for values in itertools.product(*grid.values()):
         settings = dict(zip(grid, values))
         # The grid's values are named as flags are: "--lr abc: must be a number".
-        combinations.append((settings, TrainConfig.build(flags=[*given, *settings], **{**given, **settings})))
+        combinations.append((settings, TrainConfig.build(source=source, flags=[*given, *settings],
+                                                         **{**from_file, **given, **settings})))
     return combinations
 
 
 def run_sweep(data: Path, grid: dict[str, list[str]], given: dict, out: Path, metric: str = "exact_match",
-              budget_minutes: float | None = None, assertions: Path | None = None) -> SweepResults:
-    """Run (or reuse) every combination in `out`, then write sweep.json and comparison.html."""
+              budget_minutes: float | None = None, assertions: Path | None = None,
+              config_file: Path | None = None) -> SweepResults:
+    """Run (or reuse) every combination in `out`, then write sweep.json and comparison.html.
+    `config_file` is a YAML file of training options under the flags `given` (see `plan`)."""
     from tunelab.report.html import COMPARISON_FILE, write_comparison
 
     check_output_folder(out, "--out")
-    combinations = plan(grid, given)
+    combinations = plan(grid, given, config_file)
     started = time.monotonic()
     runs, scores, lines = [], {}, None
     for settings, config in combinations:
