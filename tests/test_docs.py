@@ -333,6 +333,12 @@ FORMS: dict[str, Form | None] = {
     "tunelab train DATA --train-examples N": Form(
         ["tunelab train data.jsonl --train-examples 8 --max-steps 2 --out runs/eight --overwrite"], needs_run=False,
         expect=TRAIN_DONE),
+    # docs/ITERATE.md, the measured sweep: the same grid on 16 examples of the demo's bookings, 2 steps a run
+    "tunelab sweep runs/demo-data/bookings.jsonl --grid lr=2e-5,1e-4,5e-4 --method full --max-steps 50 "
+    "--max-length 256 --split-by metadata.name_pool --train-examples 200 --out runs/lr-sweep": Form(
+        ["tunelab sweep runs/demo-data/bookings.jsonl --grid lr=2e-5,1e-4,5e-4 --method full --max-steps 2 "
+         "--max-length 256 --split-by metadata.name_pool --train-examples 16 --out runs/lr-sweep"],
+        needs_run=False, setup=bookings_file, expect="winner: "),
     # docs/TRAINING.md, the measured overfitting run: the same flags on 16 examples of the demo's bookings
     "tunelab train runs/demo-data/bookings.jsonl --method full --train-examples 200 --epochs 5 --lr 5e-4 "
     "--early-stopping 3 --keep-best --max-length 256 --split-by metadata.name_pool --out runs/early": Form(

@@ -122,3 +122,29 @@ def test_a_sweep_killed_mid_run_continues_with_the_same_command(cli, tiny_model_
         ("lr=1e-9", "reused"), ("lr=1e-3", "trained"), ("lr=1e-2", "trained")]
     for name in ("lr=1e-3", "lr=1e-2"):
         assert json.loads((out / name / "run.json").read_text())["training"]["steps"] == 30
+
+
+@pytest.mark.parametrize(
+    ("winner_rows", "runner_rows", "says"),
+    [
+        # the same answers right on every row: no interval to give
+        ([1, 0, 1, 0], [1, 0, 1, 0], "tied on exact match with the runner-up b, 50%: ahead on held-out loss only "
+                                     "(0.100 vs 0.200)"),
+        # the same mean from different rows: the paired interval is wide, held-out loss still decides
+        ([1, 1, 0, 0], [0, 0, 1, 1], "runner-up b, 50%; tied on exact match (95% paired bootstrap interval of the "
+                                     "difference -100 to +100 points over 4 held-out rows): ahead on held-out "
+                                     "loss only (0.100 vs 0.200)"),
+    ],
+)
+def test_a_tie_on_the_metric_says_that_held_out_loss_chose_the_winner(winner_rows, runner_rows, says):
+    from tunelab.evaluate.results import Interval
+    from tunelab.iterate.sweep import Lead, SweepResults, verdict
+
+    scores = {"a": (winner_rows, {"heldout_loss": Interval(value=0.1)}),
+              "b": (runner_rows, {"heldout_loss": Interval(value=0.2)})}
+    low, high = (0.0, 0.0) if winner_rows == runner_rows else (-1.0, 1.0)
+    sweep = SweepResults(data="d.jsonl", grid={"lr": ["1", "2"]}, metric="exact_match", runs=[], winner="a",
+                         runner_up="b", lead=Lead(difference=0.0, low=low, high=high, distinguishable=False),
+                         verdict="")
+    line = verdict(sweep, scores, 4)
+    assert line.startswith("winner: a, exact match 50%") and says in line and "not distinguishable" in line

@@ -191,10 +191,14 @@ def verdict(sweep: SweepResults, scores: dict, rows: int) -> str:
     lead = sweep.lead
     interval = (f"{lead.difference * 100:+.0f} points (95% paired bootstrap interval {lead.low * 100:+.0f} to "
                 f"{lead.high * 100:+.0f} over {rows} held-out rows)")
-    if lead.difference == 0 and lead.low == lead.high == 0:
+    if abs(lead.difference) < 1e-12:
         first, other = loss(scores[sweep.winner][1]), loss(scores[sweep.runner_up][1])
-        return (f"{won}; tied on {name} with the {second}: ahead on held-out loss only ({first:.3f} vs "
-                f"{other:.3f}), which has no per-row interval: not distinguishable on {name}")
+        tie = f"ahead on held-out loss only ({first:.3f} vs {other:.3f}), which has no per-row interval"
+        if lead.low == lead.high == 0:  # the same answer right and wrong on every row
+            return f"{won}; tied on {name} with the {second}: {tie}: not distinguishable on {name}"
+        return (f"{won}; {second}; tied on {name} (95% paired bootstrap interval of the difference "
+                f"{lead.low * 100:+.0f} to {lead.high * 100:+.0f} points over {rows} held-out rows): {tie}: "
+                f"not distinguishable on {name}")
     if lead.distinguishable:
         return f"{won}; {second}; the lead is {interval}: a real lead"
     return f"{won}; {second}; the lead is {interval}: not distinguishable, the interval covers 0"
