@@ -47,6 +47,11 @@ TRL_VARIANTS = {
     # per step (so as many optimizer steps as tunelab), no gradient checkpointing.
     "trl-tuned": {"packing": True, "gradient_checkpointing": False, "per_device_train_batch_size": 1},
 }
+TUNELAB_VARIANTS = {
+    "tunelab": {},
+    # Activations recomputed in backward, as TRL's default does: the like-for-like memory comparison.
+    "tunelab-gc": {"gradient_checkpointing": True},
+}
 DEFAULT_SETTINGS = [f"{tool}-{method}" for method in METHODS for tool in ("tunelab", "trl", "trl-packing", "trl-tuned")]
 BATCH, MAX_LENGTH, TEST_SIZE, SEED, WARMUP = 8, 1024, 0.1, 0, 0.05
 BASE = "smollm2-135m"
@@ -56,7 +61,7 @@ LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
 def split_setting(setting: str) -> tuple[str, str]:
     tool, method = setting.rsplit("-", 1)
-    if method not in METHODS or (tool != "tunelab" and tool not in TRL_VARIANTS):
+    if method not in METHODS or (tool not in TUNELAB_VARIANTS and tool not in TRL_VARIANTS):
         raise SystemExit(f"unknown setting {setting}")
     return tool, method
 
@@ -86,14 +91,14 @@ def prepare_data(work: Path, examples: int):
 
 # ---- one setting, in its own process ----
 
-def run_tunelab(method: str, seed: int, work: Path, out: Path) -> dict:
+def run_tunelab(variant: str, method: str, seed: int, work: Path, out: Path) -> dict:
     from tunelab.config import TrainConfig
     from tunelab.train.loop import train
 
     # The training split only (test_size 0): the held-out examples were set apart by prepare_data.
     # No held-out loss during training (TRL does none either); it is measured afterwards for all.
     config = TrainConfig(base=BASE, method=method, batch_size=BATCH, epochs=1, max_length=MAX_LENGTH, test_size=0,
-                         seed=seed, warmup_ratio=WARMUP)
+                         seed=seed, warmup_ratio=WARMUP, **TUNELAB_VARIANTS[variant])
     train(config, work / "train.jsonl", out, overwrite=True, quiet=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if "loss" in r][-1]
@@ -170,8 +175,8 @@ def child(run: str, work: Path) -> None:
     setting, seed = run.rsplit("@", 1)
     tool, method = split_setting(setting)
     out = work / f"{setting}-seed{seed}"
-    if tool == "tunelab":
-        result = run_tunelab(method, int(seed), work, out)
+    if tool in TUNELAB_VARIANTS:
+        result = run_tunelab(tool, method, int(seed), work, out)
     else:
         result = run_trl(tool, method, int(seed), work, out)
     result["wall_s"] = time.perf_counter() - STARTED

@@ -144,8 +144,10 @@ def runs(tmp_path_factory, tiny_model_dir, write_jsonl) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(runs):
-    # The README's form: tunelab serve runs/bookings runs/support --port 8000 --api-key sk-local-123
-    process = ServerProcess([runs["alpha"], runs["beta"]], "--api-key", KEY)
+    # The README's form: tunelab serve runs/bookings runs/support --port 8000 --api-key sk-local-123, in fp32 on
+    # one thread, as the answers it is compared with are computed: the tiny model's next tokens are near-ties,
+    # and bf16 matmuls of another shape (a batch's cache) or a sum split over other threads can tip them.
+    process = ServerProcess([runs["alpha"], runs["beta"]], "--api-key", KEY, "--threads", "1", "--precision", "fp32")
     yield process
     process.stop()
 
@@ -184,7 +186,7 @@ def test_chat_is_rendered_by_the_template_and_matches_generate(server, runs):
     client = server.client()
     for name in ("alpha", "beta"):
         response = chat(client, name, "Country of Paris? (0)", max_tokens=8)
-        run = tunelab.load(runs[name])
+        run = tunelab.load(runs[name], threads=1, precision="fp32")
         assert response.model == name and response.object == "chat.completion"
         assert response.choices[0].message.content == run.generate("Country of Paris? (0)", max_new_tokens=8)
         assert response.choices[0].finish_reason in ("stop", "length")
@@ -199,7 +201,8 @@ def test_serve_answers_as_tunelab_generate_does(server, runs):
     """One generation loop: a greedy request gets the command line's answer, alone or batched
     with requests of other settings."""
     prompt = "Country of Madrid? (4)"
-    expected = cli("generate", str(runs["alpha"]), "--prompt", prompt, "--max-new-tokens", "10")
+    expected = cli("generate", str(runs["alpha"]), "--prompt", prompt, "--max-new-tokens", "10", "--threads", "1",
+                   "--precision", "fp32")
     assert expected.returncode == 0, expected.stderr
     client = server.client()
     assert chat(client, "alpha", prompt, max_tokens=10).choices[0].message.content == expected.stdout.strip()
