@@ -294,6 +294,11 @@ def test_the_pages_in_a_browser(tmp_path, browser, tiny_run, tiny_model_dir, pai
         assert page.locator("#curve-command").inner_text() == (
             f"tunelab curve data/pairs.jsonl --sizes 8,16 --out runs/from-the-form-curve --base {tiny_model_dir} "
             "--max-steps 3 --save-every 10")
+        page.fill("#grid", "lr=1e-4, 1e-3\nepochs=1,2")  # a sweep: one --grid a line
+        assert page.locator("#sweep-command").inner_text() == (
+            f"tunelab sweep data/pairs.jsonl --grid lr=1e-4,1e-3 --grid epochs=1,2 --out runs/from-the-form-sweep "
+            f"--base {tiny_model_dir} --max-steps 3 --save-every 10")
+        page.fill("#grid", "")
         page.fill("#sizes", "4, 16")
         page.click("#start-curve")  # too small a size: a message, nothing queued
         page.wait_for_selector("#message:not([hidden])")

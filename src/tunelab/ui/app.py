@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import shlex
 import sys
@@ -65,8 +66,9 @@ MAX_SWEEP = 4
 MIN_CURVE_SIZE = 8
 """The smallest size `tunelab curve` trains (iterate/curve.py MIN_SIZE; ui sits below iterate in
 the layers, so the number is repeated here and a test keeps the two equal)."""
-CURVE_SUFFIX = "-curve"
-"""A curve from the Train page goes to RUNS/NAME-curve: its own folder of size runs, beside the runs."""
+CURVE_SUFFIX, SWEEP_SUFFIX = "-curve", "-sweep"
+"""A curve or sweep from the Train page goes to RUNS/NAME-curve or RUNS/NAME-sweep: its own folder
+of runs (one per size or combination), beside the runs."""
 COMPARISON = "comparison.html"
 """The comparison report, in the runs folder (its links to each run's report are relative)."""
 EXPORTS = {"merged": ("merged", None), "merged-f16": ("merged", "f16"), "gguf": ("gguf", None),
@@ -92,6 +94,8 @@ class TrainRequest(BaseModel):
     """Comma-separated learning rates: one run each (a small sweep), instead of `lr`."""
     sizes: str = ""
     """Comma-separated training-set sizes of a learning curve (`tunelab curve --sizes`)."""
+    grid: str = ""
+    """A sweep's settings, one `KEY=V1,V2` a line (`tunelab sweep --grid`, once per line)."""
     data_extra: str = ""
     """A run whose corrections.jsonl is added to the data (`--data-extra RUN/corrections.jsonl`)."""
 
@@ -186,6 +190,7 @@ class UI:
             Route("/api/check", self.start_check, methods=["POST"]),
             Route("/api/train", self.start_train, methods=["POST"]),
             Route("/api/curve", self.start_curve, methods=["POST"]),
+            Route("/api/sweep", self.start_grid_sweep, methods=["POST"]),
             Route("/api/runs/{name}/eval", self.start_eval, methods=["POST"]),
             Route("/api/runs/{name}/resume", self.start_resume, methods=["POST"]),
             Route("/api/runs/{name}/export", self.start_export, methods=["POST"]),
@@ -453,11 +458,47 @@ class UI:
         if len(set(sizes)) < 2 or min(sizes) < MIN_CURVE_SIZE:
             raise UserError(f"sizes {form.sizes!r}: give at least 2 different sizes of {MIN_CURVE_SIZE} examples "
                             "or more, separated by commas, e.g. 100,200,400")
-        if any(job.kind == "curve" and curve_folder(job) == name and not job.finished for job in self.store.all()):
-            raise UserError(f"the curve {name} is queued or running already; see the Jobs page")
+        self.check_not_queued("curve", name)
         argv = ["curve", self.data_arg(data), "--sizes", ",".join(str(n) for n in sizes),
                 "--out", str(self.options.runs / name)]
         return argv + self.training_flags(form), name
+
+    def grid_sweep_argv(self, form: TrainRequest) -> tuple[list[str], str]:
+        """`tunelab sweep DATA --grid KEY=V1,V2 ... --out RUNS/NAME-sweep` and the form's training
+        flags. The keys are checked here (a training option, not also set in the form); the
+        command checks the values and the rest, its one-line error on the job page. Like a curve,
+        the same name again continues a stopped sweep."""
+        data = self.data_path(form.data)
+        name = self.checked_name(form.name) + SWEEP_SUFFIX
+        inside(self.options.runs, name, "sweep")
+        if form.sweep_lr.strip():
+            raise UserError("give the learning rates to sweep in the grid (lr=1e-4,3e-4), not in both")
+        lines = [re.sub(r"\s+", "", line) for line in form.grid.splitlines() if line.strip()]
+        if not lines:
+            raise UserError("the sweep has no settings: give one KEY=V1,V2 a line, e.g. lr=1e-4,3e-4")
+        runs = 1
+        for line in lines:
+            key, _, values = line.partition("=")
+            key = key.removeprefix("--").replace("-", "_")
+            listed = [v for v in values.split(",") if v]
+            if key not in TrainConfig.model_fields or len(set(listed)) < 2 or len(set(listed)) < len(listed):
+                raise UserError(f"sweep {line!r}: write a training option and 2 or more different values, "
+                                "e.g. lr=1e-4,3e-4 (`tunelab train --help` lists the options)")
+            if key in TRAIN_FIELDS and getattr(form, key).strip():
+                raise UserError(f"sweep {line!r}: {key} is also set in the form; clear it there or leave it "
+                                "out of the grid")
+            runs *= len(listed)
+        if runs > MAX_SWEEP:
+            raise UserError(f"the sweep makes {runs} runs; a sweep from this page makes at most {MAX_SWEEP} "
+                            "(run bigger ones with `tunelab sweep`)")
+        self.check_not_queued("sweep", name)
+        grid = [word for line in lines for word in ("--grid", line)]
+        argv = ["sweep", self.data_arg(data), *grid, "--out", str(self.options.runs / name)]
+        return argv + self.training_flags(form), name
+
+    def check_not_queued(self, kind: str, name: str) -> None:
+        if any(job.kind == kind and out_folder(job) == name and not job.finished for job in self.store.all()):
+            raise UserError(f"the {kind} {name} is queued or running already; see the Jobs page")
 
     def checked_name(self, name: str) -> str:
         if not NAME.fullmatch(name):
@@ -517,6 +558,14 @@ class UI:
 
         argv, name = self.curve_argv(await self.train_form(request))
         job = self.store.create("curve", argv, self.options.cwd)  # not a run: the Runs page lists runs
+        return JSONResponse({"job": job.id, "url": f"/jobs/{job.id}", "command": job.command})
+
+    async def start_grid_sweep(self, request):
+        """The Train page's Sweep button: one heavy `tunelab sweep` job, its page links the comparison."""
+        from starlette.responses import JSONResponse
+
+        argv, name = self.grid_sweep_argv(await self.train_form(request))
+        job = self.store.create("sweep", argv, self.options.cwd)
         return JSONResponse({"job": job.id, "url": f"/jobs/{job.id}", "command": job.command})
 
     # ------------------------------------------------------------------ runs
@@ -686,9 +735,9 @@ class UI:
     async def job_page(self, request):
         job = self.store.get(request.path_params["job_id"])
         queue = [j.id for j in self.store.queue()]
-        curve = curve_folder(job) if job.kind == "curve" and job.state == "done" else None
+        folder = out_folder(job) if job.kind in ("curve", "sweep") and job.state == "done" else None
         return self.page("job.html", f"Job {job.id}", job=job, log=self.store.log(job.id),
-                         place=queue.index(job.id) + 1 if job.id in queue else None, curve=curve)
+                         place=queue.index(job.id) + 1 if job.id in queue else None, folder=folder)
 
     async def job_events(self, request):
         """The job's state when it changes and its log as it grows; ends with the job."""
@@ -794,8 +843,8 @@ async def read_json(request) -> dict[str, Any]:
     return value
 
 
-def curve_folder(job) -> str:
-    """The folder name under RUNS that a curve job writes (its --out)."""
+def out_folder(job) -> str:
+    """The folder name under RUNS that a curve or sweep job writes (its --out)."""
     return Path(job.argv[job.argv.index("--out") + 1]).name
 
 

@@ -75,6 +75,7 @@ const trainForm = document.getElementById("train-form");
 if (trainForm) {
   const command = document.getElementById("train-command");
   const curveCommand = document.getElementById("curve-command");
+  const sweepCommand = document.getElementById("sweep-command");
   // The training flags, as the server's training_flags builds them (lr replaced in a sweep).
   const flags = (lr) => {
     const words = [];
@@ -102,6 +103,11 @@ if (trainForm) {
     curveCommand.textContent = ["tunelab", "curve", data, "--sizes", sizes,
                                 "--out", `${trainForm.dataset.runs}/${form.get("name")}-curve`, ...flags(null)]
       .map(shellQuote).join(" ");
+    const grid = form.get("grid").split("\n").map((line) => line.replace(/\s+/g, "")).filter((line) => line)
+      .flatMap((line) => ["--grid", line]);
+    sweepCommand.textContent = ["tunelab", "sweep", data, ...grid,
+                                "--out", `${trainForm.dataset.runs}/${form.get("name")}-sweep`, ...flags(null)]
+      .map(shellQuote).join(" ");
   };
   trainForm.addEventListener("input", update);
   update();
@@ -112,9 +118,10 @@ if (trainForm) {
   };
   trainForm.addEventListener("submit", (e) => {
     e.preventDefault();
-    start("/api/train");  // the sizes go along and are the curve's only; training ignores them
+    start("/api/train");  // the sizes and grid go along; they are the curve's and sweep's, training ignores them
   });
   document.getElementById("start-curve").addEventListener("click", () => start("/api/curve"));
+  document.getElementById("start-sweep").addEventListener("click", () => start("/api/sweep"));
 }
 
 // Runs page: compare the ticked runs.
