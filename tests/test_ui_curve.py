@@ -87,6 +87,9 @@ def test_the_sweep_button_queues_tunelab_sweep_with_one_grid_flag_a_line(ui, fol
     assert job.kind == "sweep" and job.heavy
     assert "queued or running already" in client.post("/api/sweep", json=form).json()["error"]
     state.store.cancel(job.id)
+    method = client.post("/api/sweep", json={**form, "name": "m", "method": "lora", "grid": "method=lora,full"})
+    assert method.json()["command"].startswith(f"tunelab sweep {data}/pairs.jsonl --grid method=lora,full --out")
+    state.store.cancel(method.json()["job"])  # the form's select at its default is no flag, so no clash
 
 
 @pytest.mark.parametrize("grid, why", [("", "no settings"), ("lr=1e-4", "2 or more different values"),

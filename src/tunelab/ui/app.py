@@ -476,7 +476,7 @@ class UI:
         lines = [re.sub(r"\s+", "", line) for line in form.grid.splitlines() if line.strip()]
         if not lines:
             raise UserError("the sweep has no settings: give one KEY=V1,V2 a line, e.g. lr=1e-4,3e-4")
-        runs = 1
+        flags, runs = self.training_flags(form), 1
         for line in lines:
             key, _, values = line.partition("=")
             key = key.removeprefix("--").replace("-", "_")
@@ -484,7 +484,7 @@ class UI:
             if key not in TrainConfig.model_fields or len(set(listed)) < 2 or len(set(listed)) < len(listed):
                 raise UserError(f"sweep {line!r}: write a training option and 2 or more different values, "
                                 "e.g. lr=1e-4,3e-4 (`tunelab train --help` lists the options)")
-            if key in TRAIN_FIELDS and getattr(form, key).strip():
+            if "--" + key.replace("_", "-") in flags:  # a select at its default is no flag: no clash
                 raise UserError(f"sweep {line!r}: {key} is also set in the form; clear it there or leave it "
                                 "out of the grid")
             runs *= len(listed)
@@ -494,7 +494,7 @@ class UI:
         self.check_not_queued("sweep", name)
         grid = [word for line in lines for word in ("--grid", line)]
         argv = ["sweep", self.data_arg(data), *grid, "--out", str(self.options.runs / name)]
-        return argv + self.training_flags(form), name
+        return argv + flags, name
 
     def check_not_queued(self, kind: str, name: str) -> None:
         if any(job.kind == kind and out_folder(job) == name and not job.finished for job in self.store.all()):
@@ -506,8 +506,8 @@ class UI:
         return name
 
     def training_flags(self, form: TrainRequest) -> list[str]:
-        """The form's training options as flags, shared by `tunelab train` and `tunelab curve`
-        (both read them into TrainConfig, checked here first so a bad value is a message now)."""
+        """The form's training options as flags, shared by `tunelab train`, `curve` and `sweep`
+        (all read them into TrainConfig, checked here first so a bad value is a message now)."""
         given = {name: value.strip() for name in TRAIN_FIELDS if (value := getattr(form, name)).strip()}
         config = TrainConfig.build(flags=given, **given)
         argv = []
