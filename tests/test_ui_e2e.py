@@ -290,6 +290,24 @@ def test_the_pages_in_a_browser(tmp_path, browser, tiny_run, tiny_model_dir, pai
             f"tunelab train data/pairs.jsonl --out runs/from-the-form-lr-{lr} --base {tiny_model_dir} --lr {lr} "
             "--max-steps 3 --save-every 10" for lr in ("1e-4", "1e-3")]
         page.fill("#sweep", "")
+        page.fill("#sizes", "8, 16")  # the learning curve's command, with the same training flags
+        assert page.locator("#curve-command").inner_text() == (
+            f"tunelab curve data/pairs.jsonl --sizes 8,16 --out runs/from-the-form-curve --base {tiny_model_dir} "
+            "--max-steps 3 --save-every 10")
+        page.fill("#grid", "lr=1e-4, 1e-3\nepochs=1,2")  # a sweep: one --grid a line
+        assert page.locator("#sweep-command").inner_text() == (
+            f"tunelab sweep data/pairs.jsonl --grid lr=1e-4,1e-3 --grid epochs=1,2 --out runs/from-the-form-sweep "
+            f"--base {tiny_model_dir} --max-steps 3 --save-every 10")
+        page.fill("#grid", "")
+        page.fill("#sizes", "4, 16")
+        page.click("#start-curve")  # too small a size: a message, nothing queued
+        page.wait_for_selector("#message:not([hidden])")
+        assert "at least 2 different sizes" in page.locator("#message").inner_text()
+        jobs = (tmp_path / "runs" / ".jobs").glob("*/job.json")
+        assert all(json.loads(job.read_text())["kind"] != "curve" for job in jobs)
+        refused = [e for e in errors if "status of 400" in e]  # the browser logs the refused request
+        assert len(refused) == 1, errors
+        errors.remove(refused[0])
         page.click("#train-form button[type=submit]")
         page.wait_for_url("**/runs/from-the-form")
         page.wait_for_selector("#status:text-is('trained')", timeout=300_000)

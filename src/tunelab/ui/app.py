@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import shlex
 import sys
@@ -62,6 +63,12 @@ are what Stop and Resume rely on."""
 TICK_S = 0.5
 MAX_SWEEP = 4
 """Most runs one sweep queues: on a CPU each takes as long as a run of its own."""
+MIN_CURVE_SIZE = 8
+"""The smallest size `tunelab curve` trains (iterate/curve.py MIN_SIZE; ui sits below iterate in
+the layers, so the number is repeated here and a test keeps the two equal)."""
+CURVE_SUFFIX, SWEEP_SUFFIX = "-curve", "-sweep"
+"""A curve or sweep from the Train page goes to RUNS/NAME-curve or RUNS/NAME-sweep: its own folder
+of runs (one per size or combination), beside the runs."""
 COMPARISON = "comparison.html"
 """The comparison report, in the runs folder (its links to each run's report are relative)."""
 EXPORTS = {"merged": ("merged", None), "merged-f16": ("merged", "f16"), "gguf": ("gguf", None),
@@ -85,6 +92,10 @@ class TrainRequest(BaseModel):
     split_by: str = ""
     sweep_lr: str = ""
     """Comma-separated learning rates: one run each (a small sweep), instead of `lr`."""
+    sizes: str = ""
+    """Comma-separated training-set sizes of a learning curve (`tunelab curve --sizes`)."""
+    grid: str = ""
+    """A sweep's settings, one `KEY=V1,V2` a line (`tunelab sweep --grid`, once per line)."""
     data_extra: str = ""
     """A run whose corrections.jsonl is added to the data (`--data-extra RUN/corrections.jsonl`)."""
 
@@ -178,6 +189,8 @@ class UI:
             Route("/api/data", self.upload, methods=["POST"]),
             Route("/api/check", self.start_check, methods=["POST"]),
             Route("/api/train", self.start_train, methods=["POST"]),
+            Route("/api/curve", self.start_curve, methods=["POST"]),
+            Route("/api/sweep", self.start_grid_sweep, methods=["POST"]),
             Route("/api/runs/{name}/eval", self.start_eval, methods=["POST"]),
             Route("/api/runs/{name}/resume", self.start_resume, methods=["POST"]),
             Route("/api/runs/{name}/export", self.start_export, methods=["POST"]),
@@ -421,15 +434,83 @@ class UI:
         """The `tunelab train` arguments of the form, values checked by TrainConfig as the CLI
         checks them; a flag only where the value differs from the default."""
         data = self.data_path(form.data)
-        if not NAME.fullmatch(form.name):
-            raise UserError(f"run name {form.name!r}: use letters, digits, '.', '-' and '_'")
-        folder = inside(self.options.runs, form.name, "run")
+        folder = inside(self.options.runs, self.checked_name(form.name), "run")
         taken = [job for job in self.store.all() if job.run == form.name and not job.finished]
         if folder.exists() or taken:
             raise UserError(f"run {form.name!r} exists already in {self.options.runs}; choose another name")
+        argv = ["train", self.data_arg(data), "--out", str(self.options.runs / form.name)]
+        return argv + self.training_flags(form), form.name
+
+    def curve_argv(self, form: TrainRequest) -> tuple[list[str], str]:
+        """`tunelab curve DATA --sizes N,N --out RUNS/NAME-curve` and the form's training flags.
+        An existing curve folder is not refused: the command continues it (the sizes it has
+        not finished), so queuing the same name again resumes a stopped curve."""
+        data = self.data_path(form.data)
+        name = self.checked_name(form.name) + CURVE_SUFFIX
+        inside(self.options.runs, name, "curve")
+        if form.sweep_lr.strip():
+            raise UserError("a learning curve trains one learning rate at every size; clear the learning rates "
+                            "to sweep, or start them as runs")
+        try:
+            sizes = [int(part) for part in form.sizes.split(",") if part.strip()]
+        except ValueError:
+            raise UserError(f"sizes {form.sizes!r}: give whole numbers separated by commas, e.g. 100,200,400") from None
+        if len(set(sizes)) < 2 or min(sizes) < MIN_CURVE_SIZE:
+            raise UserError(f"sizes {form.sizes!r}: give at least 2 different sizes of {MIN_CURVE_SIZE} examples "
+                            "or more, separated by commas, e.g. 100,200,400")
+        self.check_not_queued("curve", name)
+        argv = ["curve", self.data_arg(data), "--sizes", ",".join(str(n) for n in sizes),
+                "--out", str(self.options.runs / name)]
+        return argv + self.training_flags(form), name
+
+    def grid_sweep_argv(self, form: TrainRequest) -> tuple[list[str], str]:
+        """`tunelab sweep DATA --grid KEY=V1,V2 ... --out RUNS/NAME-sweep` and the form's training
+        flags. The keys are checked here (a training option, not also set in the form); the
+        command checks the values and the rest, its one-line error on the job page. Like a curve,
+        the same name again continues a stopped sweep."""
+        data = self.data_path(form.data)
+        name = self.checked_name(form.name) + SWEEP_SUFFIX
+        inside(self.options.runs, name, "sweep")
+        if form.sweep_lr.strip():
+            raise UserError("give the learning rates to sweep in the grid (lr=1e-4,3e-4), not in both")
+        lines = [re.sub(r"\s+", "", line) for line in form.grid.splitlines() if line.strip()]
+        if not lines:
+            raise UserError("the sweep has no settings: give one KEY=V1,V2 a line, e.g. lr=1e-4,3e-4")
+        flags, runs = self.training_flags(form), 1
+        for line in lines:
+            key, _, values = line.partition("=")
+            key = key.removeprefix("--").replace("-", "_")
+            listed = [v for v in values.split(",") if v]
+            if key not in TrainConfig.model_fields or len(set(listed)) < 2 or len(set(listed)) < len(listed):
+                raise UserError(f"sweep {line!r}: write a training option and 2 or more different values, "
+                                "e.g. lr=1e-4,3e-4 (`tunelab train --help` lists the options)")
+            if "--" + key.replace("_", "-") in flags:  # a select at its default is no flag: no clash
+                raise UserError(f"sweep {line!r}: {key} is also set in the form; clear it there or leave it "
+                                "out of the grid")
+            runs *= len(listed)
+        if runs > MAX_SWEEP:
+            raise UserError(f"the sweep makes {runs} runs; a sweep from this page makes at most {MAX_SWEEP} "
+                            "(run bigger ones with `tunelab sweep`)")
+        self.check_not_queued("sweep", name)
+        grid = [word for line in lines for word in ("--grid", line)]
+        argv = ["sweep", self.data_arg(data), *grid, "--out", str(self.options.runs / name)]
+        return argv + flags, name
+
+    def check_not_queued(self, kind: str, name: str) -> None:
+        if any(job.kind == kind and out_folder(job) == name and not job.finished for job in self.store.all()):
+            raise UserError(f"the {kind} {name} is queued or running already; see the Jobs page")
+
+    def checked_name(self, name: str) -> str:
+        if not NAME.fullmatch(name):
+            raise UserError(f"run name {name!r}: use letters, digits, '.', '-' and '_'")
+        return name
+
+    def training_flags(self, form: TrainRequest) -> list[str]:
+        """The form's training options as flags, shared by `tunelab train`, `curve` and `sweep`
+        (all read them into TrainConfig, checked here first so a bad value is a message now)."""
         given = {name: value.strip() for name in TRAIN_FIELDS if (value := getattr(form, name)).strip()}
         config = TrainConfig.build(flags=given, **given)
-        argv = ["train", self.data_arg(data), "--out", str(self.options.runs / form.name)]
+        argv = []
         for name in TRAIN_FIELDS:
             value = getattr(config, name)
             if name in given and value != TrainConfig.model_fields[name].default:
@@ -439,7 +520,7 @@ class UI:
             if not extra.is_file():
                 raise UserError(f"run {form.data_extra} has no corrections yet; repair answers on its Answers page")
             argv += ["--data-extra", str(self.options.runs / form.data_extra / repair.CORRECTIONS)]
-        return argv, form.name
+        return argv
 
     def sweep(self, form: TrainRequest) -> list[TrainRequest]:
         """The form's runs: itself, or with `sweep_lr` one run per learning rate, each named
@@ -455,18 +536,37 @@ class UI:
         return [form.model_copy(update={"name": f"{form.name}-lr-{value}", "lr": value, "sweep_lr": ""})
                 for value in values]
 
+    async def train_form(self, request) -> TrainRequest:
+        try:
+            return TrainRequest.model_validate(await read_json(request))
+        except ValidationError as e:
+            raise UserError(f"the training form is incomplete: {e.errors()[0]['loc'][0]} is missing") from None
+
     async def start_train(self, request):
         from starlette.responses import JSONResponse
 
-        try:
-            form = TrainRequest.model_validate(await read_json(request))
-        except ValidationError as e:
-            raise UserError(f"the training form is incomplete: {e.errors()[0]['loc'][0]} is missing") from None
+        form = await self.train_form(request)
         planned = [self.train_argv(run) for run in self.sweep(form)]
         jobs = [self.store.create("train", argv, self.options.cwd, run=name) for argv, name in planned]
         url = f"/runs/{planned[0][1]}" if len(jobs) == 1 else "/jobs"
         return JSONResponse({"job": jobs[0].id, "url": url, "command": jobs[0].command,
                              "commands": [job.command for job in jobs]})
+
+    async def start_curve(self, request):
+        """The Train page's Learning curve button: one heavy job, its job page links the curve."""
+        from starlette.responses import JSONResponse
+
+        argv, name = self.curve_argv(await self.train_form(request))
+        job = self.store.create("curve", argv, self.options.cwd)  # not a run: the Runs page lists runs
+        return JSONResponse({"job": job.id, "url": f"/jobs/{job.id}", "command": job.command})
+
+    async def start_grid_sweep(self, request):
+        """The Train page's Sweep button: one heavy `tunelab sweep` job, its page links the comparison."""
+        from starlette.responses import JSONResponse
+
+        argv, name = self.grid_sweep_argv(await self.train_form(request))
+        job = self.store.create("sweep", argv, self.options.cwd)
+        return JSONResponse({"job": job.id, "url": f"/jobs/{job.id}", "command": job.command})
 
     # ------------------------------------------------------------------ runs
 
@@ -635,8 +735,9 @@ class UI:
     async def job_page(self, request):
         job = self.store.get(request.path_params["job_id"])
         queue = [j.id for j in self.store.queue()]
+        folder = out_folder(job) if job.kind in ("curve", "sweep") and job.state == "done" else None
         return self.page("job.html", f"Job {job.id}", job=job, log=self.store.log(job.id),
-                         place=queue.index(job.id) + 1 if job.id in queue else None)
+                         place=queue.index(job.id) + 1 if job.id in queue else None, folder=folder)
 
     async def job_events(self, request):
         """The job's state when it changes and its log as it grows; ends with the job."""
@@ -740,6 +841,11 @@ async def read_json(request) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise UserError("the request is not a JSON object")
     return value
+
+
+def out_folder(job) -> str:
+    """The folder name under RUNS that a curve or sweep job writes (its --out)."""
+    return Path(job.argv[job.argv.index("--out") + 1]).name
 
 
 def choices_of(annotation) -> list[str]:

@@ -9,10 +9,10 @@ command. State lives in these files, not in the server's memory: two tabs read t
 and a restarted server finds every job again. A job marked running whose process is gone (the
 server was killed) becomes `interrupted`; one whose process still runs is followed until it ends.
 
-Heavy jobs (training, evaluation, export) wait in one queue, in the order they were asked for, and at
-most `slots` of them run at once: on a CPU two trainings side by side each take twice as long
-and together need twice the memory. Light jobs (the data check, a comparison of runs, asking a
-teacher, writing a review) start at once.
+Heavy jobs (training, a learning curve or sweep, evaluation, export) wait in one queue, in the
+order they were asked for, and at most `slots` of them run at once: on a CPU two trainings side
+by side each take twice as long and together need twice the memory. Light jobs (the data check,
+a comparison of runs, asking a teacher, writing a review) start at once.
 
 Cancelling sends SIGTERM to the job's process group, then SIGKILL after `GRACE_S`. Training
 writes each checkpoint beside its folder and renames it into place, so a stopped run keeps its
@@ -37,8 +37,8 @@ from pydantic import BaseModel
 from tunelab.errors import UserError
 
 JobState = Literal["queued", "running", "done", "failed", "cancelled", "interrupted"]
-JobKind = Literal["train", "eval", "export", "check", "report", "teacher", "review"]
-HEAVY: frozenset[str] = frozenset({"train", "eval", "export"})
+JobKind = Literal["train", "curve", "sweep", "eval", "export", "check", "report", "teacher", "review"]
+HEAVY: frozenset[str] = frozenset({"train", "curve", "sweep", "eval", "export"})
 """Kinds that wait for a slot; the others start at once."""
 FINISHED: frozenset[str] = frozenset({"done", "failed", "cancelled", "interrupted"})
 GRACE_S = 10.0
@@ -53,7 +53,7 @@ class Job(BaseModel):
     id: str
     """Creation time and a random suffix: the name of the job's folder."""
     kind: JobKind
-    """What the command does; train, eval and export are heavy (they wait for a slot)."""
+    """What the command does; train, curve, sweep, eval and export are heavy (they wait for a slot)."""
     argv: list[str]
     """The arguments after `tunelab`: the job runs `python -m tunelab.cli ARGV...`."""
     cwd: str

@@ -74,33 +74,54 @@ function shellQuote(text) {
 const trainForm = document.getElementById("train-form");
 if (trainForm) {
   const command = document.getElementById("train-command");
+  const curveCommand = document.getElementById("curve-command");
+  const sweepCommand = document.getElementById("sweep-command");
+  // The training flags, as the server's training_flags builds them (lr replaced in a sweep).
+  const flags = (lr) => {
+    const words = [];
+    for (const input of trainForm.querySelectorAll("[data-flag]")) {
+      const value = input.name === "lr" && lr !== null ? lr : input.value.trim();
+      if (value !== "" && value !== input.dataset.default && Number(value) !== Number(input.dataset.default || NaN)) {
+        words.push(input.dataset.flag, value);
+      }
+    }
+    const extra = document.getElementById("data-extra");
+    if (extra && extra.value) words.push("--data-extra", extra.selectedOptions[0].dataset.file);
+    return words;
+  };
   const update = () => {
     const form = new FormData(trainForm);
+    const data = trainForm.dataset.data + "/" + form.get("data");
     const sweep = form.get("sweep_lr").split(",").map((v) => v.trim()).filter((v) => v);
     const lines = (sweep.length ? sweep : [null]).map((lr) => {
       const name = lr === null ? form.get("name") : `${form.get("name")}-lr-${lr}`;
-      const words = ["tunelab", "train", trainForm.dataset.data + "/" + form.get("data"),
-                     "--out", trainForm.dataset.runs + "/" + name];
-      for (const input of trainForm.querySelectorAll("[data-flag]")) {
-        const value = input.name === "lr" && lr !== null ? lr : input.value.trim();
-        if (value !== "" && value !== input.dataset.default && Number(value) !== Number(input.dataset.default || NaN)) {
-          words.push(input.dataset.flag, value);
-        }
-      }
-      const extra = document.getElementById("data-extra");
-      if (extra && extra.value) words.push("--data-extra", extra.selectedOptions[0].dataset.file);
+      const words = ["tunelab", "train", data, "--out", trainForm.dataset.runs + "/" + name, ...flags(lr)];
       return words.map(shellQuote).join(" ");
     });
     command.textContent = lines.join("\n");
+    const sizes = form.get("sizes").split(",").map((v) => v.trim()).filter((v) => v).join(",");
+    curveCommand.textContent = ["tunelab", "curve", data, "--sizes", sizes,
+                                "--out", `${trainForm.dataset.runs}/${form.get("name")}-curve`, ...flags(null)]
+      .map(shellQuote).join(" ");
+    const grid = form.get("grid").split("\n").map((line) => line.replace(/\s+/g, "")).filter((line) => line)
+      .flatMap((line) => ["--grid", line]);
+    sweepCommand.textContent = ["tunelab", "sweep", data, ...grid,
+                                "--out", `${trainForm.dataset.runs}/${form.get("name")}-sweep`, ...flags(null)]
+      .map(shellQuote).join(" ");
   };
   trainForm.addEventListener("input", update);
   update();
-  trainForm.addEventListener("submit", async (e) => {
-    e.preventDefault();
+  const start = async (url) => {
     const body = Object.fromEntries(new FormData(trainForm).entries());
-    const answer = await post("/api/train", body).catch(() => null);
+    const answer = await post(url, body).catch(() => null);
     if (answer) location.href = answer.url;
+  };
+  trainForm.addEventListener("submit", (e) => {
+    e.preventDefault();
+    start("/api/train");  // the sizes and grid go along; they are the curve's and sweep's, training ignores them
   });
+  document.getElementById("start-curve").addEventListener("click", () => start("/api/curve"));
+  document.getElementById("start-sweep").addEventListener("click", () => start("/api/sweep"));
 }
 
 // Runs page: compare the ticked runs.
