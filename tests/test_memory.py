@@ -116,8 +116,8 @@ def test_the_heap_cap_trims_only_past_the_settled_need_plus_slack(monkeypatch):
         cap.after_step()
     assert cap.level == 1000 and trims == [0]  # after the step at 1101, not at 1100
     cap.after_step()  # 1150: past 1000 + 100
-    cap.after_step()  # from a trimmed heap, a bigger batch: the need is now 1300
-    assert cap.level == 1300 and len(trims) == 2
-    cap.after_step()  # 1400: not past 1300 + 100
+    cap.after_step()  # 1300, a bigger batch: trimmed, and the need stays that of the first steps
+    assert cap.level == 1000 and len(trims) == 3
+    cap.after_step()  # 1400
     cap.after_step()  # 1401
-    assert len(trims) == 3 and cap.trims == 3
+    assert len(trims) == 5 and cap.trims == 5

@@ -153,14 +153,14 @@ class FreedMemoryCap:
     ~0.1 GiB a step (docs/BENCHMARKS.md, "Where the demo's memory goes"). The resident memory
     after the first `settle` steps is what a step needs; `after_step` hands the free memory back
     (as `release_freed_memory` does) once the resident memory is `slack` bytes above that, which
-    costs the next step its page faults again, now and then instead of at every step. A step
-    that starts from a trimmed heap measures the need again (a batch of longer examples needs
-    more: the demo's reach 3.97 GiB where its first two needed 3.48), so such batches are not
-    trimmed after at every step."""
+    costs the next step its page faults again, now and then instead of at every step. The need
+    is not measured again later: a version that re-measured it after each trim let it ratchet up
+    with the heap (the demo's peak 4.77 GiB at step 86, against 4.23 by step 46 with the need
+    fixed; docs/BENCHMARKS.md), so a batch of longer examples is trimmed after at every step."""
 
     def __init__(self, settle: int = 2, slack: int = 256 << 20):
         self.settle, self.slack = settle, slack
-        self.steps, self.level, self.trims, self.trimmed = 0, 0, 0, False
+        self.steps, self.level, self.trims = 0, 0, 0
         self.libc = _glibc()
 
     def after_step(self) -> None:
@@ -168,11 +168,11 @@ class FreedMemoryCap:
             return
         self.steps += 1
         now = resident_bytes()
-        if self.steps <= self.settle or self.trimmed:
-            self.level, self.trimmed = max(self.level, now), False
+        if self.steps <= self.settle:
+            self.level = max(self.level, now)
         elif now > self.level + self.slack:
             self.libc.malloc_trim(0)
-            self.trims, self.trimmed = self.trims + 1, True
+            self.trims += 1
 
 
 def resident_bytes() -> int:
