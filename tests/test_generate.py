@@ -4,6 +4,7 @@ Ctrl-C says how far it got, and stops a chat reply at once."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -255,7 +256,8 @@ def test_interrupted_generate_keeps_every_answer_written_and_says_how_far(tiny_r
     process, output, reader = _start(["generate", tiny_run, "--input", inputs, "--max-new-tokens", "300"])
     _read_until(process, output, lambda text: text.count("\n") >= 1)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=240)
+    stderr = process.stderr.read()  # not communicate(): it would take standard output from the reader
+    process.wait(timeout=240)
     reader.join(timeout=30)  # the last answers may still be in the pipe when the process has ended
     lines = "".join(output).splitlines()
     assert process.returncode == 130
@@ -405,3 +407,15 @@ def test_streamed_text_never_splits_a_character(tiny):
     assert answer.text == "\U0001F600 done"
     assert "".join(sent) == answer.text
     assert all("\ufffd" not in piece for piece in sent)
+
+
+def test_a_ctrl_c_while_an_answer_is_written_comes_after_its_count():
+    from tunelab.cli import ctrl_c_held
+
+    handler, done = signal.getsignal(signal.SIGINT), []
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("written and counted")
+    assert done == ["written and counted"]
+    assert signal.getsignal(signal.SIGINT) is handler

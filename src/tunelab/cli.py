@@ -10,12 +10,15 @@ instant. A UserError (bad data, path or flag) prints one line per problem and ex
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import types
 import typing
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -312,6 +315,23 @@ def cmd_generate(o: GenerateOptions) -> None:
     write_answers([line for line, _ in inputs], answers, Path(o.output) if o.output else None)
 
 
+@contextlib.contextmanager
+def ctrl_c_held() -> Iterator[None]:
+    """Hold Ctrl-C until the block ends, so that a line and its count are never split: a Ctrl-C
+    inside the block is raised as KeyboardInterrupt right after it."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets Ctrl-C
+        yield
+        return
+    pressed: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: pressed.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
+
+
 def write_answers(lines: list[int], answers, output: Path | None) -> None:
     """Write each answer as one JSON line as soon as it comes, with a progress bar on standard
     error; on Ctrl-C, say how far it got."""
@@ -324,12 +344,13 @@ def write_answers(lines: list[int], answers, output: Path | None) -> None:
     try:
         for line, answer in zip(lines, answers):
             record = json.dumps({"line": line, "answer": answer}, ensure_ascii=False)
-            if out is sys.stdout:
-                bar.write(record, file=sys.stdout)  # clears the progress bar first when both go to a terminal
-            else:
-                out.write(record + "\n")
-            out.flush()
-            written += 1
+            with ctrl_c_held():  # an answer counts as written exactly when its line is out
+                if out is sys.stdout:
+                    bar.write(record, file=sys.stdout)  # clears the progress bar first when both go to a terminal
+                else:
+                    out.write(record + "\n")
+                out.flush()
+                written += 1
             bar.update()
     except KeyboardInterrupt:
         bar.close()
