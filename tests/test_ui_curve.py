@@ -12,7 +12,7 @@ pytest.importorskip("starlette")
 
 from tunelab.iterate.curve import MIN_SIZE  # noqa: E402
 from tunelab.ui.app import MIN_CURVE_SIZE  # noqa: E402
-from uiclient import wait_for  # noqa: E402
+from uiclient import refused_across_sites, wait_for  # noqa: E402
 
 
 def test_the_curve_button_queues_the_command_a_user_would_type(ui, folders):
@@ -21,6 +21,7 @@ def test_the_curve_button_queues_the_command_a_user_would_type(ui, folders):
     page = client.get("/train").text
     assert 'id="sizes" value="100,200,400"' in page and 'id="curve-command"' in page
     form = {"data": "pairs.jsonl", "name": "c", "method": "full", "max_steps": "3", "sizes": "100, 200,400"}
+    assert refused_across_sites(client, "/api/curve", form) and state.store.all() == []
     answer = client.post("/api/curve", json=form)
     assert answer.status_code == 200, answer.text
     runs, data = folders / "runs", folders / "data"
@@ -78,6 +79,7 @@ def test_the_sweep_button_queues_tunelab_sweep_with_one_grid_flag_a_line(ui, fol
     assert 'id="grid"' in client.get("/train").text and 'id="sweep-command"' in client.get("/train").text
     form = {"data": "pairs.jsonl", "name": "s", "method": "lora", "max_steps": "3",
             "grid": "lr = 1e-4, 3e-4\nlora-rank=8,16\n"}
+    assert refused_across_sites(client, "/api/sweep", form) and state.store.all() == []
     answer = client.post("/api/sweep", json=form)
     assert answer.status_code == 200, answer.text
     runs, data = folders / "runs", folders / "data"

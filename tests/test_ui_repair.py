@@ -15,17 +15,7 @@ pytest.importorskip("starlette")
 
 from starlette.testclient import TestClient  # noqa: E402
 
-from uiclient import ESCAPED, SCRIPT, wait_for  # noqa: E402
-
-
-def refused_across_sites(client: TestClient, url: str, body: dict) -> bool:
-    """Whether `url` refuses `body` without the token, with a wrong one, and from another site."""
-    answers = [client.post(url, json=body, headers={"X-Tunelab-Token": ""}),
-               client.post(url, json=body, headers={"X-Tunelab-Token": "guess"}),
-               client.post(url, json=body, headers={"Origin": "http://evil.example"}),
-               client.post(url, json=body, headers={"Sec-Fetch-Site": "cross-site"})]
-    return all(answer.status_code == 403 for answer in answers)
-
+from uiclient import ESCAPED, SCRIPT, refused_across_sites, wait_for  # noqa: E402
 
 
 @pytest.fixture

@@ -18,3 +18,13 @@ def wait_for(client, url: str, text: str, timeout: float = 120) -> str:
         if text in page or time.monotonic() > deadline:
             return page
         time.sleep(0.3)
+
+
+def refused_across_sites(client, url: str, body: dict) -> bool:
+    """Whether `url` refuses `body` without the token, with a wrong one, and from another site."""
+    answers = [client.post(url, json=body, headers={"X-Tunelab-Token": ""}),
+               client.post(url, json=body, headers={"X-Tunelab-Token": "guess"}),
+               client.post(url, json=body, headers={"Origin": "http://evil.example"}),
+               client.post(url, json=body, headers={"Sec-Fetch-Site": "cross-site"}),
+               client.post(url, json=body, headers={"Host": "evil.example"})]
+    return all(answer.status_code == 403 for answer in answers)
