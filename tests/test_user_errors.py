@@ -171,6 +171,11 @@ CASES = {
     "command-typo": (lambda s: ["trian", s.good_data()], ["error: argument COMMAND: invalid choice: 'trian'"]),
     "yaml-epochs-two": (lambda s: ["train", s.good_data(), "--base", s.model, "--out", s.tmp / "out", "--config",
                                    s.write("c.yaml", "epochs: two\n")], ["c.yaml", "epochs", "'two'"]),
+    **{f"{command}-config-latin1": (
+        lambda s, command=command, extra=extra: [command, s.good_data(), *extra, "--out", s.tmp / "out", "--config",
+                                                 s.write("c.yaml", b"lr: 1e-4\n# caf\xe9\n")],
+        ["c.yaml: not UTF-8 text", "save it as UTF-8"])
+       for command, extra in [("train", []), ("curve", ["--sizes", "8,16"]), ("sweep", ["--grid", "lr=1e-4,2e-4"])]},
     # the run folder
     "eval-not-a-run": (lambda s: ["eval", s.folder("some-folder")], ["some-folder: not a tunelab run folder"]),
     "eval-no-such-run": (lambda s: ["eval", s.tmp / "no-run"], ["no-run: no such run folder"]),
