@@ -391,7 +391,7 @@ def test_the_pages_in_a_browser(tmp_path, browser, tiny_run, tiny_model_dir, pai
         for width_name, (width, height) in SIZES.items():
             page.set_viewport_size({"width": width, "height": height})
             for name, url in [("data", "/data"), ("check", check_url), ("train", "/train"), ("runs", "/runs"),
-                              ("run", "/runs/cities"), ("compare", compare_url), ("jobs", "/jobs"),
+                              ("curve", "/train"), ("run", "/runs/cities"), ("compare", compare_url), ("jobs", "/jobs"),
                               ("job", "/jobs/" + check_url.rsplit("/", 1)[1]),
                               ("chat", "/chat?run=cities"), ("fixed", fixed_url),
                               ("answers", "/runs/cities/answers"), ("arena", "/arena?run=cities"),
@@ -400,6 +400,9 @@ def test_the_pages_in_a_browser(tmp_path, browser, tiny_run, tiny_model_dir, pai
                 page.wait_for_load_state("networkidle")
                 if name == "run":
                     page.wait_for_selector("#curve polyline")
+                if name == "curve":  # the learning curve and the sweep under the training form, filled in
+                    page.fill("#grid", "lr=1e-4, 1e-3\nepochs=1,2")
+                    page.locator("h2:text-is('Learning curve')").evaluate("h => h.scrollIntoView({block: 'start'})")
                 if name == "arena":
                     page.fill("#arena-prompt", "Country of Rome? (1)")
                     page.click("#arena-form button[type=submit]")
