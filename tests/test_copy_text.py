@@ -344,3 +344,19 @@ def test_eval_counts_invented_names_and_changed_answers(recase_run, cli):
     assert "invented names" in free.stdout and "#0 Olenara" in free.stdout
     report = (recase_run / "report.html").read_text()
     assert "Invented names" in report and "line 1: Olenara" in report
+
+
+def test_the_token_texts_do_not_keep_a_tokenizer_alive(tokenizer_dir):
+    import gc
+    import weakref
+
+    from tunelab.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    rule = CopyRule(tokenizer, frozenset({TEXT_ANSWER}), frozenset({tokenizer.eos_token_id}), ())
+    token = tokenizer.encode(" Kwame")[0]
+    assert rule.texts[token] == tokenizer.decode([token])  # the tokenizer's texts are cached
+    gone = weakref.ref(tokenizer)
+    del tokenizer, rule
+    gc.collect()
+    assert gone() is None

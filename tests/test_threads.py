@@ -78,12 +78,37 @@ def test_free_cores_are_measured_on_this_process_s_cores(monkeypatch):
     ],
 )
 def test_a_container_s_cpu_quota_is_read_from_cgroup_v2_or_v1(tmp_path, v2, v1, period, quota):
-    v2_file, v1_file = tmp_path / "cpu.max", tmp_path / "cpu" / "cpu.cfs_quota_us"
-    v1_file.parent.mkdir()
+    root = tmp_path / "cgroup"
+    v2_file, v1_file = root / "cpu.max", root / "cpu" / "cpu.cfs_quota_us"
+    v1_file.parent.mkdir(parents=True)
     for file, text in ((v2_file, v2), (v1_file, v1), (v1_file.parent / "cpu.cfs_period_us", period)):
         if text is not None:
             file.write_text(text)
-    assert cores.cpu_quota((v2_file, v1_file)) == quota
+    membership = tmp_path / "self-cgroup"
+    membership.write_text("0::/\n" if v1 is None else "4:memory:/\n2:cpu,cpuacct:/\n")  # a cgroup namespace
+    assert cores.cpu_quota(root, membership) == quota
+    assert cores.cpu_quota(root, tmp_path / "not-linux") == quota
+
+
+def test_the_quota_of_the_process_s_own_cgroup_or_one_above_it_counts(tmp_path):
+    """No cgroup namespace (`systemd-run -p CPUQuota=150%`, a pod that shares the host's view):
+    /proc/self/cgroup names the process's cgroup, whose quota is not in the root folder."""
+    root, membership = tmp_path / "cgroup", tmp_path / "self-cgroup"
+    own = root / "system.slice" / "job.service"
+    own.mkdir(parents=True)
+    (own / "cpu.max").write_text("max 100000\n")
+    membership.write_text("0::/system.slice/job.service\n")
+    assert cores.cpu_quota(root, membership) is None
+    (own.parent / "cpu.max").write_text("150000 100000\n")  # the slice above it caps it
+    assert cores.cpu_quota(root, membership) == 1.5
+    (own / "cpu.max").write_text("50000 100000\n")  # and its own smaller one wins
+    assert cores.cpu_quota(root, membership) == 0.5
+    v1 = root / "cpu" / "kubepods" / "pod1"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("300000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    membership.write_text("5:memory:/kubepods/pod1\n3:cpu,cpuacct:/kubepods/pod1\n")
+    assert cores.cpu_quota(root, membership) == 3.0
 
 
 def test_the_quota_caps_the_usable_cores_below_the_affinity(monkeypatch):

@@ -96,7 +96,10 @@ def test_the_sweep_button_queues_tunelab_sweep_with_one_grid_flag_a_line(ui, fol
 
 @pytest.mark.parametrize("grid, why", [("", "no settings"), ("lr=1e-4", "2 or more different values"),
                                        ("speed=1,2", "training option"), ("max-steps=2,4", "also set in the form"),
-                                       ("lr=1,2,3\nepochs=1,2", "at most 4")])
+                                       ("lr=1,2,3\nepochs=1,2", "at most 4"),
+                                       ("--lr=1e-4,3e-4", "without dashes"),
+                                       ("data_extra=/etc/passwd,/etc/hosts", "extra data is not swept"),
+                                       ("data-extra=a.jsonl,b.jsonl", "extra data is not swept")])
 def test_a_bad_grid_is_a_message_and_queues_nothing(ui, folders, grid, why):
     client, state = ui
     (folders / "data" / "pairs.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
@@ -119,3 +122,25 @@ def test_a_sweep_job_finishes_and_its_page_links_the_comparison(ui, folders, tin
     assert 'href="/files/runs/tiny-sweep/comparison.html"' in page and "curve.html" not in page
     comparison = client.get("/files/runs/tiny-sweep/comparison.html")
     assert comparison.status_code == 200 and "lr=1e-3" in comparison.text and "lr=1e-2" in comparison.text
+
+
+def test_a_curve_or_sweep_and_a_run_never_share_a_folder(ui, folders):
+    client, state = ui
+    (folders / "data" / "pairs.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    form = {"data": "pairs.jsonl", "name": "c", "max_steps": "3", "sizes": "8,16", "grid": "lr=1e-4,3e-4"}
+    assert client.post("/api/curve", json=form).status_code == 200  # its folder c-curve is not made yet
+    assert client.post("/api/sweep", json=form).status_code == 200
+    for name in ("c-curve", "c-sweep"):
+        refused = client.post("/api/train", json={**form, "name": name})
+        assert refused.status_code == 400 and "exists already" in refused.json()["error"]
+    run = folders / "runs" / "r-curve"
+    run.mkdir()
+    (run / "config.yaml").write_text("base: smollm2-135m\n")  # a run folder
+    (folders / "runs" / "r-sweep").mkdir()
+    (folders / "runs" / "r-sweep" / "config.yaml").write_text("base: smollm2-135m\n")
+    for url in ("/api/curve", "/api/sweep"):
+        refused = client.post(url, json={**form, "name": "r"})
+        assert refused.status_code == 400 and "is a run in" in refused.json()["error"]
+    assert [job.kind for job in state.store.all()] == ["curve", "sweep"]
+    for job in state.store.all():
+        state.store.cancel(job.id)

@@ -20,21 +20,47 @@ def usable_cores() -> int:
     return max(1, min(cores, math.ceil(quota))) if quota is not None else cores
 
 
-CGROUP_FILES = (Path("/sys/fs/cgroup/cpu.max"), Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"))
-"""Where Linux says a container's CPU quota: cgroup v2, then v1 (whose period is in the next file)."""
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+MEMBERSHIP = Path("/proc/self/cgroup")
 
 
-def cpu_quota(files: tuple[Path, Path] = CGROUP_FILES) -> float | None:
+def cpu_quota(root: Path = CGROUP_ROOT, membership: Path = MEMBERSHIP) -> float | None:
     """The cores' worth of CPU time this process's cgroup may use, or None when there is no
-    quota (or no cgroup files: not Linux, or not readable)."""
-    v2, v1 = files
+    quota (or no cgroup files: not Linux, or not readable). The quota is the smallest set on
+    the process's own cgroup (`/proc/self/cgroup`; "/" inside a container's cgroup namespace)
+    or any cgroup above it (`systemd-run -p CPUQuota=`, a pod without a cgroup namespace):
+    cgroup v2's `cpu.max`, else v1's `cpu.cfs_quota_us` over `cpu.cfs_period_us`."""
     try:
-        if v2.exists():
-            quota, _, period = v2.read_text().strip().partition(" ")
-            return None if quota == "max" else int(quota) / int(period or 100000)
-        if v1.exists():
-            quota_us = int(v1.read_text())
-            return None if quota_us <= 0 else quota_us / int((v1.parent / "cpu.cfs_period_us").read_text())
+        lines = membership.read_text().splitlines()
+    except OSError:
+        lines = []
+    v2 = [path for line in lines if (path := line.partition("::")[2]) and line.startswith("0::")]
+    v1 = [line.split(":", 2)[2] for line in lines
+          if line.count(":") >= 2 and "cpu" in line.split(":", 2)[1].split(",")]
+    quotas = [q for folder in _and_above(root, v2[0] if v2 else "/") if (q := _v2_quota(folder)) is not None]
+    if not quotas:
+        quotas = [q for folder in _and_above(root / "cpu", v1[0] if v1 else "/")
+                  if (q := _v1_quota(folder)) is not None]
+    return min(quotas, default=None)
+
+
+def _and_above(root: Path, path: str) -> list[Path]:
+    """The cgroup folder of `path` under `root`, and each folder above it up to `root`."""
+    parts = [part for part in path.strip().split("/") if part and part not in (".", "..")]
+    return [root.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
+
+
+def _v2_quota(folder: Path) -> float | None:
+    try:
+        quota, _, period = (folder / "cpu.max").read_text().strip().partition(" ")
+        return None if quota == "max" else int(quota) / int(period or 100000)
     except (OSError, ValueError, ZeroDivisionError):
         return None
-    return None
+
+
+def _v1_quota(folder: Path) -> float | None:
+    try:
+        quota_us = int((folder / "cpu.cfs_quota_us").read_text())
+        return None if quota_us <= 0 else quota_us / int((folder / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError, ZeroDivisionError):
+        return None

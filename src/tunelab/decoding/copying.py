@@ -212,12 +212,18 @@ class TokenTexts:
     text grows by each token's text instead of being decoded whole at every step."""
 
     def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
+        self._tokenizer = weakref.ref(tokenizer)  # not the tokenizer itself: `_TEXTS` would keep it alive
         self.size = len(tokenizer)
         self._texts: dict[int, str] = {}
         self._all: list[str] | None = None
         sample = tokenizer.encode(_SAMPLE, add_special_tokens=False)
         self.joins = tokenizer.decode(sample, skip_special_tokens=True) == "".join(self[t] for t in sample)
+
+    @property
+    def tokenizer(self):
+        tokenizer = self._tokenizer()
+        assert tokenizer is not None, "a tokenizer's TokenTexts outlived it"
+        return tokenizer
 
     def __getitem__(self, token: int) -> str:
         text = self._texts.get(token)

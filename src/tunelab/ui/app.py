@@ -435,7 +435,8 @@ class UI:
         checks them; a flag only where the value differs from the default."""
         data = self.data_path(form.data)
         folder = inside(self.options.runs, self.checked_name(form.name), "run")
-        taken = [job for job in self.store.all() if job.run == form.name and not job.finished]
+        taken = [job for job in self.store.all() if not job.finished
+                 and (job.run == form.name or job.kind in ("curve", "sweep") and out_folder(job) == form.name)]
         if folder.exists() or taken:
             raise UserError(f"run {form.name!r} exists already in {self.options.runs}; choose another name")
         argv = ["train", self.data_arg(data), "--out", str(self.options.runs / form.name)]
@@ -479,7 +480,12 @@ class UI:
         flags, runs = self.training_flags(form), 1
         for line in lines:
             key, _, values = line.partition("=")
-            key = key.removeprefix("--").replace("-", "_")
+            if key.startswith("-"):  # the line goes to --grid as written, where a flag's dashes are refused
+                raise UserError(f"sweep {line!r}: write the option without dashes, e.g. lr=1e-4,3e-4")
+            key = key.replace("-", "_")
+            if key == "data_extra":
+                raise UserError(f"sweep {line!r}: extra data is not swept; add a run's repaired answers in the "
+                                "form above")
             listed = [v for v in values.split(",") if v]
             if key not in TrainConfig.model_fields or len(set(listed)) < 2 or len(set(listed)) < len(listed):
                 raise UserError(f"sweep {line!r}: write a training option and 2 or more different values, "
@@ -497,8 +503,11 @@ class UI:
         return argv + flags, name
 
     def check_not_queued(self, kind: str, name: str) -> None:
+        """A curve's or sweep's folder is neither one it is writing already nor a run's."""
         if any(job.kind == kind and out_folder(job) == name and not job.finished for job in self.store.all()):
             raise UserError(f"the {kind} {name} is queued or running already; see the Jobs page")
+        if name in self.runs.names():
+            raise UserError(f"{name} is a run in {self.options.runs}, not a {kind}; choose another name")
 
     def checked_name(self, name: str) -> str:
         if not NAME.fullmatch(name):

@@ -121,6 +121,11 @@ if (trainForm) {
     start("/api/train");  // the sizes and grid go along; they are the curve's and sweep's, training ignores them
   });
   document.getElementById("start-curve").addEventListener("click", () => start("/api/curve"));
+  document.getElementById("sizes").addEventListener("keydown", (e) => {
+    if (e.key !== "Enter") return;
+    e.preventDefault();  // Enter in the sizes starts the learning curve, not a training run
+    start("/api/curve");
+  });
   document.getElementById("start-sweep").addEventListener("click", () => start("/api/sweep"));
 }
 
