@@ -246,6 +246,9 @@ def test_invented_names_count_what_neither_input_nor_reference_holds():
     # A number the input lacks is invented; a sentence's first common word is not.
     assert invented_words("Kwame called at 5 pm.", prompt, reference, house) == ["5"]
     assert invented_words("Called about billing. The customer Kwame is upset.", prompt, reference, house) == []
+    # A copy's case forms are the decoding rule's: as written, lower case, capitalised, capitals.
+    assert invented_words("KWAME Oyelaran called.", prompt, reference, house) == []
+    assert invented_words("KwAME OyeLARAN called.", prompt, reference, house) == ["KwAME", "OyeLARAN"]
     # Without the house words, "The" would count: the rule above is what keeps it out.
     assert invented_words("The customer Kwame", prompt, "Kwame", frozenset()) == ["The"]
 
