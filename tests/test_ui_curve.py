@@ -5,6 +5,7 @@ curve's pages, which the UI serves."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -106,6 +107,37 @@ def test_a_bad_grid_is_a_message_and_queues_nothing(ui, folders, grid, why):
     refused = client.post("/api/sweep", json={"data": "pairs.jsonl", "name": "s", "max_steps": "3", "grid": grid})
     assert refused.status_code == 400 and why in refused.json()["error"], refused.text
     assert state.store.all() == []
+
+
+@pytest.mark.slow
+def test_a_stopped_curve_job_started_again_keeps_the_sizes_it_finished(ui, folders, tiny_model_dir):
+    """Stop, as the job page's button does (SIGTERM to the command), once the first size is
+    evaluated; the same name again trains only the size left and reuses the first."""
+    client, state = ui
+    rows = [{"prompt": f"Country of {city}? ({i})", "completion": country}
+            for i in range(10) for city, country in [("Paris", "France"), ("Rome", "Italy")]]
+    (folders / "data" / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    form = {"data": "pairs.jsonl", "name": "stop", "base": str(tiny_model_dir), "method": "full",
+            "max_steps": "40", "sizes": "8,16"}
+    first = client.post("/api/curve", json=form).json()
+    evaluated = folders / "runs" / "stop-curve" / "n8" / "eval.json"
+    deadline = time.monotonic() + 600
+    while not evaluated.exists():
+        assert time.monotonic() < deadline and not state.store.get(first["job"]).finished, \
+            state.store.log(first["job"])[-3000:]
+        time.sleep(0.2)
+    made = evaluated.stat().st_mtime_ns
+    assert client.post(f"/api/jobs/{first['job']}/cancel").status_code == 200
+    wait_for(client, first["url"], "state-cancelled", timeout=120)
+    assert state.store.get(first["job"]).state == "cancelled"
+    assert not (folders / "runs" / "stop-curve" / "curve.json").exists()
+    again = client.post("/api/curve", json=form).json()
+    wait_for(client, again["url"], "state-done", timeout=600)
+    job = state.store.get(again["job"])
+    assert job.state == "done", state.store.log(job.id)[-3000:]
+    assert evaluated.stat().st_mtime_ns == made  # size 8 was reused, not trained again
+    curve = json.loads((folders / "runs" / "stop-curve" / "curve.json").read_text())
+    assert [point["examples"] for point in curve["points"]] == [8, 16]
 
 
 @pytest.mark.slow
