@@ -93,6 +93,23 @@ ROWS = [
         2,
         E + "{tmp}/loop.jsonl: a link to nothing (its target is missing, or links loop)",
     ),
+    *[
+        (
+            f"{command}-run-link-to-nothing",
+            [command, "{tmp}/gone", *extra],
+            {"gone@{tmp}/deleted-run": ""},
+            2,
+            E + "{tmp}/gone: a link to nothing (its target is missing, or links loop)",
+        )
+        for command, extra in [("eval", []), ("report", []), ("generate", ["--prompt", "hi"])]
+    ],
+    (
+        "train-config-link-to-nothing",
+        ["train", "{good}", "--out", "{tmp}/out", "--config", "{tmp}/c.yaml"],
+        {"c.yaml@{tmp}/deleted.yaml": ""},
+        2,
+        E + "{tmp}/c.yaml: a link to nothing (its target is missing, or links loop)",
+    ),
     (
         "check-csv-no-header",
         ["data", "check", "{tmp}/d.csv"],

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, 
 from pydantic_core import ErrorDetails
 
 from tunelab.data.load import METADATA_KEYS, SHAPE_KEYS, SHAPES
-from tunelab.errors import UserError
+from tunelab.errors import UserError, check_not_broken_link
 from tunelab.files import write_text_atomic
 from tunelab.template import NAMED
 
@@ -313,6 +313,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
+        check_not_broken_link(path)
         raise UserError(f"{path}: config file not found") from None
     except IsADirectoryError:
         raise UserError(f"{path}: is a folder; pass a YAML config file") from None

@@ -51,6 +51,13 @@ class UserError(Exception):
         return [str(self), *self.details]
 
 
+def check_not_broken_link(path: Path | str) -> None:
+    """A path that does not exist because it is a link to nothing is said so, not "not found":
+    the user sees a name that is there (`ls` lists it)."""
+    if Path(path).is_symlink() and not Path(path).exists():
+        raise UserError(f"{path}: a link to nothing (its target is missing, or links loop)")
+
+
 def check_output_folder(folder: Path | str, flag: str) -> None:
     """Refuse a folder that cannot be created or written to: a file in its place, a file above
     it, or a folder the user may not write in."""

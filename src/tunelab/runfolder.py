@@ -36,7 +36,7 @@ from typing import TextIO
 from tunelab.config import TrainConfig
 from tunelab.data import load as data_mod
 from tunelab.data.load import Example
-from tunelab.errors import UserError
+from tunelab.errors import UserError, check_not_broken_link
 from tunelab.runlock import check_not_training
 from tunelab.template import Template
 
@@ -176,6 +176,7 @@ class RunFiles:
         if self.root.is_file():
             raise UserError(f"{self.root}: is a file, not a run folder; pass the folder given to `tunelab train --out`")
         if not self.root.is_dir():
+            check_not_broken_link(self.root)
             raise UserError(f"{self.root}: no such run folder; train one with `tunelab train DATA --out {self.root}`")
         if not self.config.exists() or not self.template.exists():
             raise UserError(f"{self.root}: not a tunelab run folder (no config.yaml); train one with `tunelab train`")

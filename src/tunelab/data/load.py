@@ -30,7 +30,7 @@ from json.encoder import encode_basestring as _json_string  # what json.dumps(en
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tunelab.errors import UserError
+from tunelab.errors import UserError, check_not_broken_link
 
 SHAPES = ("messages", "prompt_completion", "alpaca", "text", "preference")
 ROLES = ("system", "user", "assistant")
@@ -146,8 +146,7 @@ def check_data_file(path: Path) -> None:
     """The checks of `read_rows` that need no reading: run before a model loads."""
     path = Path(path)
     if not path.exists():
-        if path.is_symlink():
-            raise UserError(f"{path}: a link to nothing (its target is missing, or links loop)")
+        check_not_broken_link(path)
         raise UserError(f"{path}: file not found")
     if path.is_dir():
         raise UserError(f"{path}: is a folder; pass a .jsonl, .csv or .parquet file")

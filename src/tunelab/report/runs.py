@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from tunelab.errors import UserError
+from tunelab.errors import UserError, check_not_broken_link
 from tunelab.evaluate.results import EvalResults
 from tunelab.runlock import check_not_training
 
@@ -77,6 +77,7 @@ def read_run(folder: Path) -> RunData:
     folder = Path(folder)
     config_file = folder / "config.yaml"
     if not folder.is_dir() or not config_file.exists():
+        check_not_broken_link(folder)
         raise UserError(f"{folder}: not a tunelab run folder (no config.yaml); train one with `tunelab train`")
     check_not_training(folder)
     try:
