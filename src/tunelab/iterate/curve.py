@@ -14,7 +14,8 @@ of steps; --max-steps trains every size for the same steps).
 The forecast (iterate/forecast.py) fits a saturating curve, score = ceiling - b * n^-c, to
 four sizes or more (score = a + b * ln n to two or three) and says what doubling the largest size
 is likely to add, with a 95% interval from resampling the held-out rows, or that the curve has
-flattened and the data, not its amount, is the problem.
+flattened and the data, not its amount, is the problem, or that the score is at 99% or more and
+the task is solved.
 """
 
 from __future__ import annotations
