@@ -274,6 +274,7 @@ def test_trim_metrics_drops_rows_past_the_checkpoint_and_a_cut_line(tmp_path):
     assert path.read_text() == '{"step": 0, "eval_loss": 2}\n{"step": 1, "loss": 1}\n'
 
 
+@pytest.mark.slow
 def test_weights_saved_without_the_end_of_training_are_trained_again(tmp_path, tiny_run, tiny_model_dir, cli,
                                                                     assert_trained):
     """Killed while save_final wrote the weights, with no checkpoint: run.json has its fingerprint
