@@ -272,3 +272,25 @@ def test_trim_metrics_drops_rows_past_the_checkpoint_and_a_cut_line(tmp_path):
     path.write_text('{"step": 0, "eval_loss": 2}\n{"step": 1, "loss": 1}\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo')
     trim_metrics(path, 1)
     assert path.read_text() == '{"step": 0, "eval_loss": 2}\n{"step": 1, "loss": 1}\n'
+
+
+@pytest.mark.slow
+def test_weights_saved_without_the_end_of_training_are_trained_again(tmp_path, tiny_run, tiny_model_dir, cli,
+                                                                    assert_trained):
+    """Killed while save_final wrote the weights, with no checkpoint: run.json has its fingerprint
+    but not "training" (recorded after the weights), and the weights may be cut short. --resume
+    trains the run again instead of calling it finished."""
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    data = tiny_run.parent / "pairs.jsonl"
+    info = json.loads((run / "run.json").read_text())
+    assert "fingerprint" in info and not (run / "checkpoints").exists()
+    del info["training"]
+    (run / "run.json").write_text(json.dumps(info))
+    weights = run / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = cli("train", data, "--out", run, "--resume", "--base", tiny_model_dir, "--method", "lora",
+                 "--max-steps", "2", "--batch-size", "4", "--test-size", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the run is finished" not in result.stdout and "training from the start" in result.stderr
+    assert json.loads((run / "run.json").read_text())["training"]["steps"] == 2
+    assert_trained(run)

@@ -225,3 +225,55 @@ def test_a_finished_size_trained_with_other_options_is_refused(curve, cli, tiny_
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"{out / 'n8'}: trained on other data or options than these" in result.stderr
     assert "--lr: " in result.stderr and " 0.5 now" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_missing_data_file_is_one_line_when_a_size_has_finished(cli, tiny_model_dir, pairs_file, tmp_path,
+                                                                  write_jsonl):
+    """As for a sweep: a typo'd or moved data file, a folder, or a deleted --data-extra file is the
+    line `tunelab train` gives for it, whatever the curve folder holds."""
+    import shutil
+
+    data = Path(shutil.copy(pairs_file, tmp_path / "pairs.jsonl"))
+    extra = write_jsonl(tmp_path / "extra.jsonl", [{"prompt": "Country of Bern?", "completion": "Switzerland"}])
+    out = tmp_path / "curve"
+    flags = ["--sizes", "8", "--out", out, "--base", tiny_model_dir, *TRAIN, "--max-steps", "2"]
+    assert cli("curve", data, *flags, "--data-extra", extra).returncode == 0
+    finished = (out / "n8" / "eval.json").stat().st_mtime_ns
+    for given, extra_flags, wrong in ((tmp_path / "dta.jsonl", ["--data-extra", extra], tmp_path / "dta.jsonl"),
+                                      (tmp_path, ["--data-extra", extra], tmp_path),
+                                      (data, ["--data-extra", tmp_path / "gone.jsonl"], tmp_path / "gone.jsonl")):
+        result = cli("curve", given, *flags, *extra_flags)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-3000:]
+        assert result.stderr.startswith(f"tunelab: error: {wrong}: ") and "other data" not in result.stderr
+        trained = cli("train", given, *flags[4:], *extra_flags, "--out", tmp_path / "run")
+        assert trained.returncode == 2 and trained.stderr == result.stderr
+    assert (out / "n8" / "eval.json").stat().st_mtime_ns == finished
+
+
+@pytest.mark.slow
+def test_a_size_stopped_while_its_weights_were_saved_is_trained_again(cli, tiny_model_dir, pairs_file, tmp_path,
+                                                                      monkeypatch):
+    """Killed in save_final (the CLI saves no checkpoints by default): the weights are there, cut
+    short, and run.json has no "training". The same command trains the size again instead of
+    evaluating what was cut."""
+    from tunelab.train import loop
+
+    out = tmp_path / "curve"
+    flags = ["--sizes", "8", "--out", out, "--base", tiny_model_dir, *TRAIN, "--max-steps", "2"]
+    save_final = loop.save_final
+
+    def killed_while_saving(training, files, *args):
+        save_final(training, files, *args)
+        weights = files.model / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(loop, "save_final", killed_while_saving)
+        assert cli("curve", pairs_file, *flags).returncode == 130
+    assert (out / "n8" / "model").exists() and "training" not in json.loads((out / "n8" / "run.json").read_text())
+    again = cli("curve", pairs_file, *flags)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"Training {out / 'n8'}" in again.stderr
+    assert json.loads((out / "n8" / "run.json").read_text())["training"]["steps"] == 2

@@ -104,3 +104,19 @@ def test_a_prediction_of_the_last_size_is_checked_against_it():
     assert four.error_low < 0 < four.error_high and four.predicted_low < four.measured < four.predicted_high
     three = check_prediction(SIZES, scores, 3)  # a log curve through a saturating one overshoots
     assert three.model == "log" and three.error < -0.05 and three.error_high < 0
+
+
+def test_a_curve_at_the_ceiling_says_the_task_is_solved_not_that_the_data_is_wrong():
+    """Every answer right (or 99% of them) leaves no wrong answers to look at and nothing for more
+    data to show: the words name the smallest size from which every size reaches it."""
+    for sizes in (SIZES[:4], SIZES[:2]):
+        solved = forecast(sizes, rows([1.0] * len(sizes)), "exact_match", "runs/curve/n400")
+        assert solved.words.startswith(f"exact match is at least 99% from {sizes[0]} examples on (100% at "
+                                       f"{sizes[-1]}): the task is solved at this size")
+        assert solved.solved_at == sizes[0]
+        assert "wrong answers" not in solved.words and "data review" not in solved.words
+    near = forecast(SIZES, rows([0.9, 0.992, 0.985, 0.99, 0.995], 1000), "token_f1", "runs/curve/n800")
+    assert near.words.startswith("token F1 is at least 99% from 400 examples on (99.5% at 800): the task is "
+                                 "solved at this size") and near.words.endswith("400 examples are enough for token F1")
+    flat = forecast(SIZES, rows([0.97, 0.98, 0.98, 0.98, 0.98]), "exact_match", "runs/curve/n800")
+    assert flat.words.startswith("exact match has flattened at 98%") and "data review" in flat.words

@@ -4,6 +4,7 @@ winner whose lead is real."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -148,3 +149,48 @@ def test_a_tie_on_the_metric_says_that_held_out_loss_chose_the_winner(winner_row
                          verdict="")
     line = verdict(sweep, scores, 4)
     assert line.startswith("winner: a, exact match 50%") and says in line and "not distinguishable" in line
+
+
+@pytest.mark.slow
+def test_a_missing_data_file_is_one_line_when_a_combination_has_finished(cli, tiny_model_dir, pairs_file, tmp_path,
+                                                                         write_jsonl):
+    """A finished combination's fingerprint reads the data: a typo'd or moved data file, a folder,
+    or a deleted --data-extra file is the line `tunelab train` gives for it, not a traceback, and
+    not 'trained on other data or options'."""
+    import shutil
+
+    data = Path(shutil.copy(pairs_file, tmp_path / "pairs.jsonl"))
+    extra = write_jsonl(tmp_path / "extra.jsonl", [{"prompt": "Country of Bern?", "completion": "Switzerland"}])
+    out = tmp_path / "sweep"
+    flags = ["--grid", "lr=1e-3", "--out", out, "--base", tiny_model_dir, "--method", "full", "--batch-size", "4",
+             "--max-steps", "2", "--test-size", "8", "--template", "alpaca"]
+    assert cli("sweep", data, *flags, "--data-extra", extra).returncode == 0
+    finished = (out / "lr=1e-3" / "eval.json").stat().st_mtime_ns
+    for given, extra_flags, wrong in ((tmp_path / "dta.jsonl", ["--data-extra", extra], tmp_path / "dta.jsonl"),
+                                      (tmp_path, ["--data-extra", extra], tmp_path),
+                                      (data, ["--data-extra", tmp_path / "gone.jsonl"], tmp_path / "gone.jsonl")):
+        result = cli("sweep", given, *flags, *extra_flags)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-3000:]
+        assert result.stderr.startswith(f"tunelab: error: {wrong}: ") and "other data" not in result.stderr
+        trained = cli("train", given, *flags[4:], *extra_flags, "--out", tmp_path / "run")
+        assert trained.returncode == 2 and trained.stderr == result.stderr
+    assert (out / "lr=1e-3" / "eval.json").stat().st_mtime_ns == finished
+
+
+def test_a_tie_on_the_metric_within_rounding_is_broken_by_held_out_loss():
+    """Token F1 means that differ only in the last bits of a float (the same scores summed in
+    another order) are a tie: the lower held-out loss wins, as the verdict says."""
+    from tunelab.evaluate.results import Interval
+    from tunelab.iterate.sweep import SweepResults, rank, verdict
+
+    noisy, exact = [0.1, 0.2, 0.3], [0.3, 0.2, 0.1]
+    assert sum(noisy) / 3 > sum(exact) / 3  # by rounding alone
+    scores = {"a": (noisy, {"heldout_loss": Interval(value=0.2)}),
+              "b": (exact, {"heldout_loss": Interval(value=0.1)})}
+    winner, runner_up, lead = rank(scores)
+    assert (winner, runner_up) == ("b", "a")
+    sweep = SweepResults(data="d.jsonl", grid={"lr": ["1", "2"]}, metric="token_f1", runs=[], winner=winner,
+                         runner_up=runner_up, lead=lead, verdict="")
+    assert "ahead on held-out loss only (0.100 vs 0.200)" in verdict(sweep, scores, 3)
+    scores["c"] = ([0.3, 0.3, 0.3], {"heldout_loss": Interval(value=0.9)})  # a real lead beats any loss
+    assert rank(scores)[:2] == ("c", "b")

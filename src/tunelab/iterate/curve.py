@@ -14,7 +14,8 @@ of steps; --max-steps trains every size for the same steps).
 The forecast (iterate/forecast.py) fits a saturating curve, score = ceiling - b * n^-c, to
 four sizes or more (score = a + b * ln n to two or three) and says what doubling the largest size
 is likely to add, with a 95% interval from resampling the held-out rows, or that the curve has
-flattened and the data, not its amount, is the problem.
+flattened and the data, not its amount, is the problem, or that the score is at 99% or more and
+the task is solved.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from tunelab.errors import UserError, check_output_folder
 from tunelab.evaluate.results import EvalResults, Interval
 from tunelab.files import write_text_atomic
 from tunelab.iterate.forecast import Forecast, forecast
-from tunelab.iterate.runs import heldout_lines, train_and_evaluate, tuned_scores
+from tunelab.iterate.runs import check_data, heldout_lines, train_and_evaluate, tuned_scores
 
 MIN_SIZE = 8
 """Fewer training examples than this are refused: one micro-batch at the default --batch-size,
@@ -87,6 +88,7 @@ def run_curve(data: Path, sizes: list[int], out: Path, config: TrainConfig,
     small = [n for n in sizes if n < MIN_SIZE]
     if small:
         raise UserError(f"--sizes: {small[0]} is too few examples to train on; the smallest size is {MIN_SIZE}")
+    check_data(data, [config])
     # The split, as training makes it, before any training: a size it cannot hold fails now.
     available = len(prepare(config, data, show=False).train)
     large = [n for n in sizes if n > available]

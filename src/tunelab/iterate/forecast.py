@@ -24,7 +24,9 @@ of the held-out rows is fitted the same way at once.
 The intervals resample the held-out rows (paired: the same rows for every size, so a row that is
 hard at every size does not widen the interval) and fit each resample again; the 2.5th and
 97.5th percentiles are the 95% interval. A doubling whose whole interval of gain is under FLAT
-means the curve has flattened, and the data itself, not its amount, is what to work on.
+means the curve has flattened, and the data itself, not its amount, is what to work on; unless
+the score is already at SOLVED or above, where no doubling has room to gain and there are next to
+no wrong answers to work on: the task is solved from the smallest size that reaches it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ allowing more lets one noisy last step (the bookings curve's 62% then 48%) fit a
 saturated at once, and call it flat."""
 FLAT = 0.01
 """A doubling whose whole 95% interval of gain is under this (1 point) means the curve has flattened."""
+SOLVED = 0.99
+"""A score at least this high at the largest size (and every size from some size on) is the task
+solved: the flattened curve's advice, to look at the wrong answers, would find next to none."""
 RESAMPLES = 2000
 METRIC_NAMES = {"exact_match": "exact match", "token_f1": "token F1", "rouge_l": "ROUGE-L"}
 
@@ -123,6 +128,8 @@ class Forecast(BaseModel):
     """The saturating fit's ceiling (the score it levels off at); None for the log model."""
     exponent: float | None = None
     """The saturating fit's c."""
+    solved_at: int | None = None
+    """The smallest size from which every size scores at least SOLVED; None when the largest does not."""
     words: str
 
 
@@ -142,8 +149,18 @@ def forecast(sizes: list[int], scores: np.ndarray, metric: str, largest_run: str
         gain=float(point.at(2 * largest)[0] - point.at(largest)[0]), low=float(low), high=float(high),
         last_step_gain=float(means[-1] - means[-2]) / np.log2(sizes[-1] / sizes[-2]),
         ceiling=float(point.level[0]) if point.exponent is not None else None,
-        exponent=float(point.exponent[0]) if point.exponent is not None else None, words="")
+        exponent=float(point.exponent[0]) if point.exponent is not None else None,
+        solved_at=solved_at(sizes, means), words="")
     found.words = describe(found, float(means[-1]), scores.shape[1], bool(scores.any()), largest_run)
+    return found
+
+
+def solved_at(sizes: list[int], means: np.ndarray) -> int | None:
+    """The smallest size from which every size's mean is at least SOLVED (a dip below it after a
+    size moves it on); None when the largest size's is under it."""
+    found = None
+    for n, score in zip(sizes, means):
+        found = (found or n) if score >= SOLVED else None
     return found
 
 
@@ -158,6 +175,11 @@ def describe(f: Forecast, now: float, rows: int, any_right: bool, largest_run: s
         return f"{value * 100:+.0f}"
 
     doubling = f"doubling to {f.to_examples} examples: {points(f.low)} to {points(f.high)} points {name}"
+    if f.solved_at is not None:
+        share = "100%" if now == 1 else f"{now:.1%}"
+        return (f"{name} is at least {SOLVED:.0%} from {f.solved_at} examples on ({share} at {f.to_examples // 2}): "
+                f"the task is solved at this size, and more data has no room to show on these {rows} held-out "
+                f"rows; {f.solved_at} examples are enough for {name}")
     if f.high < FLAT:
         return (f"{name} has flattened at {now:.0%}: {doubling}; more of the same data is unlikely to help, so the "
                 f"data (its labels, its coverage, its format), not the amount, is the problem: see the wrong "

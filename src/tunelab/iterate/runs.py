@@ -32,12 +32,8 @@ def train_and_evaluate(config: TrainConfig, data: Path, folder: Path, assertions
     from tunelab.train.loop import finished, train
 
     files = RunFiles(folder)
-    try:
-        done = files.config.exists() and (ran_to_its_end(config, data, files)
-                                          or finished(config, data, folder) is not None)
-    except UserError as e:  # its advice (--overwrite) is train's; here the folder is the command's
-        raise UserError(f"{folder}: trained on other data or options than these; run the command again with "
-                        "the same data and flags, or choose another --out", e.details) from None
+    done = files.config.exists() and (ran_to_its_end(config, data, files)
+                                      or finished(config, data, folder) is not None)
     try:
         if not done:
             print(f"Training {folder}", file=sys.stderr)
@@ -54,9 +50,23 @@ def train_and_evaluate(config: TrainConfig, data: Path, folder: Path, assertions
     return "evaluated" if done else "trained"
 
 
+def check_data(data: Path, configs: list[TrainConfig]) -> None:
+    """The data file and every --data-extra file exist and are files, checked before the first
+    run: a finished run's fingerprint reads them, and a missing one would be a traceback there
+    (or, caught, a run "trained on other data"). One line, as `tunelab train` says it."""
+    from tunelab.data.load import check_data_file
+
+    check_data_file(data)
+    for extra in dict.fromkeys(config.data_extra for config in configs if config.data_extra):
+        check_data_file(Path(extra))
+
+
 def ran_to_its_end(config: TrainConfig, data: Path, files: RunFiles) -> bool:
     """Whether the run's weights are saved and its run.json records the end of its training (written
-    after the weights), trained on `data` with `config`; other data or options are refused."""
+    after the weights), trained on `data` with `config`; other data or options are refused, with
+    the command's advice (not train's --overwrite: here the folder is the curve's or the sweep's).
+    A run without that record was stopped, in training or while its weights were being saved; it
+    is trained again, or resumed from its checkpoints (train --resume, checkpoint.finished_run)."""
     from tunelab.train.checkpoint import Checkpoints
 
     if not (files.adapter.exists() or files.model.exists()):
@@ -69,7 +79,8 @@ def ran_to_its_end(config: TrainConfig, data: Path, files: RunFiles) -> bool:
         return False
     changes = Checkpoints(files.root, config, data).changes(info)
     if changes:
-        raise UserError(f"{files.root}: trained on other data or options", changes)
+        raise UserError(f"{files.root}: trained on other data or options than these; run the command again with "
+                        "the same data and flags, or choose another --out", changes)
     return True
 
 

@@ -30,12 +30,15 @@ from tunelab.errors import UserError, check_output_folder
 from tunelab.evaluate import metrics
 from tunelab.evaluate.results import EvalResults, Interval
 from tunelab.files import write_text_atomic
-from tunelab.iterate.runs import heldout_lines, train_and_evaluate, tuned_scores
+from tunelab.iterate.runs import check_data, heldout_lines, train_and_evaluate, tuned_scores
 
 SPLIT_KEYS = ("seed", "test_size", "split_by")
 """Options that decide the held-out split: a sweep over them would compare runs on different rows."""
 METRICS = ("exact_match", "token_f1", "rouge_l")
 """What a sweep can rank by: the metrics scored per held-out row."""
+TIE = 1e-9
+"""Mean scores closer than this are a tie (the ranking and the verdict alike): far below what one
+held-out row changes, far above a float's rounding in a sum of scores."""
 
 
 class Combination(BaseModel):
@@ -136,6 +139,7 @@ def run_sweep(data: Path, grid: dict[str, list[str]], given: dict, out: Path, me
 
     check_output_folder(out, "--out")
     combinations = plan(grid, given, config_file)
+    check_data(data, [config for _, config in combinations])
     started = time.monotonic()
     runs, scores, lines = [], {}, None
     for settings, config in combinations:
@@ -154,13 +158,7 @@ def run_sweep(data: Path, grid: dict[str, list[str]], given: dict, out: Path, me
         scores[name] = (tuned_scores(results, metric), results.tuned_metrics())
         runs.append(Combination(name=name, settings=settings, run=str(folder), status=status,
                                 metrics=results.tuned_metrics()))
-    ranked = sorted(scores, key=lambda n: (-mean(scores[n][0]), loss(scores[n][1])))
-    winner, runner_up = (ranked + [None, None])[:2]
-    lead = None
-    if winner and runner_up:
-        diffs = [w - r for w, r in zip(scores[winner][0], scores[runner_up][0])]
-        low, high = metrics.bootstrap_interval(diffs)
-        lead = Lead(difference=mean(diffs), low=low, high=high, distinguishable=low > 0 or high < 0)
+    winner, runner_up, lead = rank(scores)
     sweep = SweepResults(data=str(data), grid=grid, metric=metric, runs=runs, winner=winner, runner_up=runner_up,
                          lead=lead, verdict="")
     sweep.verdict = verdict(sweep, scores, len(lines or []))
@@ -169,6 +167,27 @@ def run_sweep(data: Path, grid: dict[str, list[str]], given: dict, out: Path, me
     if evaluated:
         write_comparison(evaluated, out / COMPARISON_FILE)
     return sweep
+
+
+def rank(scores: dict) -> tuple[str | None, str | None, Lead | None]:
+    """The winner, the runner-up and the winner's lead, from each run's (per-row scores, metrics).
+    Means within TIE of the best of their group are a tie, ordered by held-out loss: an exact sort
+    would let the last bits of a float (the same scores summed in another order) choose."""
+    ranked: list[str] = []
+    group: list[str] = []
+    for name in sorted(scores, key=lambda n: -mean(scores[n][0])):
+        if group and mean(scores[group[0]][0]) - mean(scores[name][0]) >= TIE:
+            ranked += sorted(group, key=lambda n: loss(scores[n][1]))
+            group = []
+        group.append(name)
+    ranked += sorted(group, key=lambda n: loss(scores[n][1]))
+    winner, runner_up = (ranked + [None, None])[:2]
+    lead = None
+    if winner and runner_up:
+        diffs = [w - r for w, r in zip(scores[winner][0], scores[runner_up][0])]
+        low, high = metrics.bootstrap_interval(diffs)
+        lead = Lead(difference=mean(diffs), low=low, high=high, distinguishable=low > 0 or high < 0)
+    return winner, runner_up, lead
 
 
 def mean(values: list[float]) -> float:
@@ -191,7 +210,7 @@ def verdict(sweep: SweepResults, scores: dict, rows: int) -> str:
     lead = sweep.lead
     interval = (f"{lead.difference * 100:+.0f} points (95% paired bootstrap interval {lead.low * 100:+.0f} to "
                 f"{lead.high * 100:+.0f} over {rows} held-out rows)")
-    if abs(lead.difference) < 1e-12:
+    if abs(lead.difference) < TIE:
         first, other = loss(scores[sweep.winner][1]), loss(scores[sweep.runner_up][1])
         tie = f"ahead on held-out loss only ({first:.3f} vs {other:.3f}), which has no per-row interval"
         if lead.low == lead.high == 0:  # the same answer right and wrong on every row

@@ -103,9 +103,12 @@ def _file_sha256(path: Path) -> str:
 def finished_run(files: RunFiles, config, data_path: Path) -> str | None:
     """For --resume on a run that finished and has no checkpoint to continue from: the line saying
     so when the data and options are those it was trained with (run.json keeps their fingerprint),
-    so nothing is trained again and its eval.json and report stay true. Other data or options are
-    refused as a checkpoint refuses them, --force included: with no checkpoint, continuing would be
-    training from the start, which is --overwrite. None when --resume has something to continue.
+    so nothing is trained again and its eval.json and report stay true. Finished means run.json
+    records the end of training ("training", written after the weights): weights without it were
+    being saved when the process died, may be cut short, and are trained again. Other data or
+    options are refused as a checkpoint refuses them, --force included: with no checkpoint,
+    continuing would be training from the start, which is --overwrite. None when --resume has
+    something to continue.
     Asked with the run folder's lock held (runlock.py), so no training changes the run meanwhile."""
     from tunelab.data.load import check_data_file
 
@@ -124,6 +127,8 @@ def finished_run(files: RunFiles, config, data_path: Path) -> str | None:
     if not isinstance(info, dict) or "fingerprint" not in info:
         return (f"{files.root}: the run is finished; nothing to resume (an older tunelab trained it and kept no "
                 "record of its data: pass --overwrite instead of --resume to train it again)")
+    if "training" not in info:
+        return None  # stopped while its weights were being saved (they may be cut short): trained again
     changes = checkpoints.changes(info)
     if changes:
         raise UserError(f"{files.root}: the run finished with other data or options and has no checkpoint to "
