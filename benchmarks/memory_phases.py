@@ -86,7 +86,7 @@ def wrap(sampler: Sampler, owner, attribute: str, name, show=None) -> None:
     setattr(owner, attribute, wrapped)
 
 
-def instrument(sampler: Sampler, trimmed: list[int]) -> None:
+def instrument(sampler: Sampler, trimmed: list[int], keep_grads: bool = False) -> None:
     """Wrap the demo's phases; the steps after which training trimmed the heap go to `trimmed`."""
     from tunelab import device
     from tunelab.evaluate import core, forgetting
@@ -116,6 +116,8 @@ def instrument(sampler: Sampler, trimmed: list[int]) -> None:
             training = original_set_up(*args, **kwargs)
         inner = training.optimizer.optimizer  # accelerate's wrapper calls this one's step
         wrap(sampler, inner, "step", lambda *a, **k: f"step {steps['n']}: optimizer step", show=step_shown)
+        if keep_grads:
+            training.optimizer.zero_grad = functools.partial(training.optimizer.zero_grad, set_to_none=False)
         return training
 
     loop.set_up = set_up
@@ -145,22 +147,49 @@ def main() -> None:
     parser.add_argument("--method", default="full", choices=("full", "lora"))
     parser.add_argument("--out", default="runs/memory-phases/demo", help="run folder (overwritten)")
     parser.add_argument("--train-only", action="store_true", help="the demo's training alone, no evaluation")
+    parser.add_argument("--batch-size", type=int, default=None, help="examples per micro-batch (default: the demo's)")
+    parser.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default: the demo's)")
+    parser.add_argument("--keep-grads", action="store_true",
+                        help="zero the gradients between steps instead of freeing them (an experiment)")
+    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                        help="recompute the activations of every N-th decoder layer in backward (an experiment)")
     args = parser.parse_args()
 
     sampler = Sampler()
     sampler.start()
     print(f"{'phase':<52} {'before':>6} {'peak':>6} {'after':>6}   (RSS, GiB)", flush=True)
-    from tunelab.demo import demo_config, run_demo, write_dataset
+    import tunelab.demo
+    from tunelab.demo import run_demo, write_dataset
     from tunelab.train.loop import train
 
+    demo_config = tunelab.demo.demo_config
+    changed = {k: v for k, v in (("batch_size", args.batch_size), ("grad_accum", args.grad_accum)) if v}
+    if args.checkpoint_every:
+        from tunelab import device
+
+        changed["gradient_checkpointing"] = True
+        prepare_model = device.prepare_model
+
+        def every_nth(model, gradient_checkpointing=False, *rest, **kwargs):
+            model = prepare_model(model, False, *rest, **kwargs)
+            model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=args.checkpoint_every)
+            return model
+
+        device.prepare_model = every_nth
+    if changed:  # run_demo reads demo_config from its module
+        tunelab.demo.demo_config = lambda *a, **k: demo_config(*a, **k).model_copy(update=changed)
+    config = tunelab.demo.demo_config(args.method, args.max_steps)
+    print(f"micro-batches of {config.batch_size} examples, {config.grad_accum} per step, "
+          f"activations recomputed: {'every %d. layer' % args.checkpoint_every if args.checkpoint_every else config.gradient_checkpointing}, "
+          f"gradients kept between steps: {args.keep_grads}", flush=True)
     trimmed = []
-    instrument(sampler, trimmed)
+    instrument(sampler, trimmed, args.keep_grads)
     out = Path(args.out)
     name = "the demo's training (train)" if args.train_only else "the whole demo (run_demo)"
     with contextlib.redirect_stdout(sys.stderr), sampler.phase(name, lambda p: False) as whole:
         if args.train_only:
             data = write_dataset(out.parent / f"{out.name}-data" / "bookings.jsonl", args.examples)
-            train(demo_config(args.method, args.max_steps), data, out, overwrite=True)
+            train(config, data, out, overwrite=True)
         else:
             run_demo(out, examples=args.examples, method=args.method, max_steps=args.max_steps,
                      eval_limit=args.eval_limit)
