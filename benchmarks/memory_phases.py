@@ -11,6 +11,11 @@ check. A phase nested in another is indented. Steps past the first four print on
 after them is the highest yet. The process's peak from getrusage (ru_maxrss, what the demo
 prints) closes the table. Memory does not depend on the machine's load; time does, so none is
 printed.
+
+`--batch-size`, `--grad-accum` and `--checkpoint-every` change the demo's training to measure a
+lever against it, e.g. the same 8 examples a step as two micro-batches of 4:
+
+    PYTHONPATH=src python benchmarks/memory_phases.py --train-only --max-steps 20 --batch-size 4 --grad-accum 2
 """
 
 from __future__ import annotations
@@ -86,7 +91,7 @@ def wrap(sampler: Sampler, owner, attribute: str, name, show=None) -> None:
     setattr(owner, attribute, wrapped)
 
 
-def instrument(sampler: Sampler, trimmed: list[int], keep_grads: bool = False) -> None:
+def instrument(sampler: Sampler, trimmed: list[int]) -> None:
     """Wrap the demo's phases; the steps after which training trimmed the heap go to `trimmed`."""
     from tunelab import device
     from tunelab.evaluate import core, forgetting
@@ -116,8 +121,6 @@ def instrument(sampler: Sampler, trimmed: list[int], keep_grads: bool = False) -
             training = original_set_up(*args, **kwargs)
         inner = training.optimizer.optimizer  # accelerate's wrapper calls this one's step
         wrap(sampler, inner, "step", lambda *a, **k: f"step {steps['n']}: optimizer step", show=step_shown)
-        if keep_grads:
-            training.optimizer.zero_grad = functools.partial(training.optimizer.zero_grad, set_to_none=False)
         return training
 
     loop.set_up = set_up
@@ -149,10 +152,9 @@ def main() -> None:
     parser.add_argument("--train-only", action="store_true", help="the demo's training alone, no evaluation")
     parser.add_argument("--batch-size", type=int, default=None, help="examples per micro-batch (default: the demo's)")
     parser.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default: the demo's)")
-    parser.add_argument("--keep-grads", action="store_true",
-                        help="zero the gradients between steps instead of freeing them (an experiment)")
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                        help="recompute the activations of every N-th decoder layer in backward (an experiment)")
+                        help="recompute the activations of every N-th decoder layer only (a measurement, "
+                        "not a tunelab option)")
     args = parser.parse_args()
 
     sampler = Sampler()
@@ -179,11 +181,11 @@ def main() -> None:
     if changed:  # run_demo reads demo_config from its module
         tunelab.demo.demo_config = lambda *a, **k: demo_config(*a, **k).model_copy(update=changed)
     config = tunelab.demo.demo_config(args.method, args.max_steps)
+    recomputed = f"every {args.checkpoint_every}. layer" if args.checkpoint_every else config.gradient_checkpointing
     print(f"micro-batches of {config.batch_size} examples, {config.grad_accum} per step, "
-          f"activations recomputed: {'every %d. layer' % args.checkpoint_every if args.checkpoint_every else config.gradient_checkpointing}, "
-          f"gradients kept between steps: {args.keep_grads}", flush=True)
+          f"activations recomputed: {recomputed}", flush=True)
     trimmed = []
-    instrument(sampler, trimmed, args.keep_grads)
+    instrument(sampler, trimmed)
     out = Path(args.out)
     name = "the demo's training (train)" if args.train_only else "the whole demo (run_demo)"
     with contextlib.redirect_stdout(sys.stderr), sampler.phase(name, lambda p: False) as whole:

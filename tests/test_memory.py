@@ -137,7 +137,8 @@ def test_the_demo_recomputes_activations_in_full_fine_tuning(tmp_path, tiny_mode
 
     def recorded(*args, **kwargs):
         model = prepare_model(*args, **kwargs)
-        recomputed.extend(m.gradient_checkpointing for m in model.modules() if isinstance(m, GradientCheckpointingLayer))
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        recomputed.extend(layer.gradient_checkpointing for layer in layers)
         return model
 
     monkeypatch.setattr(device, "prepare_model", recorded)
