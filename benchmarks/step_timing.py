@@ -18,10 +18,12 @@ malloc keeps freed memory for reuse instead of returning large blocks to the sys
 with tunelab's own settings (packed attention, its threads, bf16 autocast where native, fused
 AdamW, freed memory reused): `MxA` is A micro-batches of M examples per step of 8 (`4x2`: the
 same 8 examples in two micro-batches), `-gcN` recomputes the activations of every N-th decoder
-layer in backward. Each round runs one step of every setting, in an order rotated from round to
-round, on that round's 8 examples; the first round is left out. The ratio is each round's step
-time over the first setting's in the same round, its median over the rounds: the machine's load
-changes between rounds far more than within one.
+layer in backward, `-trim` first hands the freed memory back to the system (as training's heap
+cap does after a step past its bound), so the step faults it in again. Each round runs one step
+of every setting, in an order rotated from round to round, on that round's 8 examples; the first
+round is left out. The ratio is each round's step time over the first setting's in the same
+round, its median over the rounds: the machine's load changes between rounds far more than
+within one.
 """
 
 from __future__ import annotations
@@ -129,6 +131,7 @@ def alternate(settings: list[str], rounds: int) -> None:
     cast = device.autocast("auto", torch.device("cpu"))
 
     def step(setting: str, examples: list) -> float:
+        setting, trim = setting.removesuffix("-trim"), setting.endswith("-trim")
         shape, _, every = setting.partition("-gc")
         size, accum = map(int, shape.split("x"))
         if every:
@@ -136,6 +139,8 @@ def alternate(settings: list[str], rounds: int) -> None:
         else:
             model.activation_checkpointing_disable()
         started = time.perf_counter()
+        if trim:  # what training's heap cap (device.FreedMemoryCap) does after a step past its bound
+            device.release_freed_memory()
         batches = [pack(examples[i * size:(i + 1) * size]) for i in range(accum)]
         trained = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
         for batch in batches:
