@@ -11,6 +11,11 @@ check. A phase nested in another is indented. Steps past the first four print on
 after them is the highest yet. The process's peak from getrusage (ru_maxrss, what the demo
 prints) closes the table. Memory does not depend on the machine's load; time does, so none is
 printed.
+
+`--batch-size`, `--grad-accum` and `--checkpoint-every` change the demo's training to measure a
+lever against it, e.g. the same 8 examples a step as two micro-batches of 4:
+
+    PYTHONPATH=src python benchmarks/memory_phases.py --train-only --max-steps 20 --batch-size 4 --grad-accum 2
 """
 
 from __future__ import annotations
@@ -145,14 +150,40 @@ def main() -> None:
     parser.add_argument("--method", default="full", choices=("full", "lora"))
     parser.add_argument("--out", default="runs/memory-phases/demo", help="run folder (overwritten)")
     parser.add_argument("--train-only", action="store_true", help="the demo's training alone, no evaluation")
+    parser.add_argument("--batch-size", type=int, default=None, help="examples per micro-batch (default: the demo's)")
+    parser.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default: the demo's)")
+    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                        help="recompute the activations of every N-th decoder layer only (a measurement, "
+                        "not a tunelab option)")
     args = parser.parse_args()
 
     sampler = Sampler()
     sampler.start()
     print(f"{'phase':<52} {'before':>6} {'peak':>6} {'after':>6}   (RSS, GiB)", flush=True)
-    from tunelab.demo import demo_config, run_demo, write_dataset
+    import tunelab.demo
+    from tunelab.demo import run_demo, write_dataset
     from tunelab.train.loop import train
 
+    demo_config = tunelab.demo.demo_config
+    changed = {k: v for k, v in (("batch_size", args.batch_size), ("grad_accum", args.grad_accum)) if v}
+    if args.checkpoint_every:
+        from tunelab import device
+
+        changed["gradient_checkpointing"] = True
+        prepare_model = device.prepare_model
+
+        def every_nth(model, gradient_checkpointing=False, *rest, **kwargs):
+            model = prepare_model(model, False, *rest, **kwargs)
+            model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=args.checkpoint_every)
+            return model
+
+        device.prepare_model = every_nth
+    if changed:  # run_demo reads demo_config from its module
+        tunelab.demo.demo_config = lambda *a, **k: demo_config(*a, **k).model_copy(update=changed)
+    config = tunelab.demo.demo_config(args.method, args.max_steps)
+    recomputed = f"every {args.checkpoint_every}. layer" if args.checkpoint_every else config.gradient_checkpointing
+    print(f"micro-batches of {config.batch_size} examples, {config.grad_accum} per step, "
+          f"activations recomputed: {recomputed}", flush=True)
     trimmed = []
     instrument(sampler, trimmed)
     out = Path(args.out)
@@ -160,7 +191,7 @@ def main() -> None:
     with contextlib.redirect_stdout(sys.stderr), sampler.phase(name, lambda p: False) as whole:
         if args.train_only:
             data = write_dataset(out.parent / f"{out.name}-data" / "bookings.jsonl", args.examples)
-            train(demo_config(args.method, args.max_steps), data, out, overwrite=True)
+            train(config, data, out, overwrite=True)
         else:
             run_demo(out, examples=args.examples, method=args.method, max_steps=args.max_steps,
                      eval_limit=args.eval_limit)

@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/step_timing.py            # every variant, each in a fresh process
     PYTHONPATH=src python benchmarks/step_timing.py --variant packed,bf16 --steps 8
+    PYTHONPATH=src python benchmarks/step_timing.py --alternate 8x1,4x2,8x1-gc2 --steps 13
 
 A step is tunelab's: 8 booking examples packed into one row (~880 tokens), loss on the
 completions, backward, clipping, AdamW. The first step (allocation, compilation) is left out of
@@ -12,6 +13,17 @@ Variant words (joined with commas): `packed` (per-example attention instead of t
 dense block-diagonal mask), `threads` (tunelab's thread settings), `bf16` (autocast), `fused`
 (fused AdamW), `compile` (torch.compile), `gc` (gradient checkpointing), `lora`, `alloc` (glibc
 malloc keeps freed memory for reuse instead of returning large blocks to the system).
+
+`--alternate` times ways of cutting a step's memory against each other in one process, one model,
+with tunelab's own settings (packed attention, its threads, bf16 autocast where native, fused
+AdamW, freed memory reused): `MxA` is A micro-batches of M examples per step of 8 (`4x2`: the
+same 8 examples in two micro-batches), `-gcN` recomputes the activations of every N-th decoder
+layer in backward, `-trim` first hands the freed memory back to the system (as training's heap
+cap does after a step past its bound), so the step faults it in again. Each round runs one step
+of every setting, in an order rotated from round to round, on that round's 8 examples; the first
+round is left out. The ratio is each round's step time over the first setting's in the same
+round, its median over the rounds: the machine's load changes between rounds far more than
+within one.
 """
 
 from __future__ import annotations
@@ -87,13 +99,87 @@ def run(variant: str, steps: int) -> dict:
             "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
 
 
+def alternate(settings: list[str], rounds: int) -> None:
+    import os
+    import statistics
+
+    import torch
+
+    from tunelab import device
+    from tunelab.config import TrainConfig
+    from tunelab.data.load import Example
+    from tunelab.demo import bookings
+    from tunelab.encoding import encode_examples
+    from tunelab.models import load_tokenizer, resolve_base
+    from tunelab.template import IGNORE, Template
+    from tunelab.train.batching import pack
+    from tunelab.train.loop import build_model
+    from tunelab.train.loss import token_loss
+
+    device.configure_threads()
+    base = resolve_base("smollm2-135m")
+    template = Template.for_model(load_tokenizer(base))
+    rows = bookings.make_examples(8 * rounds)
+    examples = [Example([{"role": "user", "content": r["prompt"]},
+                         {"role": "assistant", "content": r["completion"]}], i) for i, r in enumerate(rows)]
+    encoded = encode_examples(examples, template, 1024)[0]
+    torch.manual_seed(0)
+    model = device.prepare_model(build_model(TrainConfig(method="full"), base))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = device.make_optimizer(params, 1e-4, 0.0, torch.device("cpu"))
+    cast = device.autocast("auto", torch.device("cpu"))
+
+    def step(setting: str, examples: list) -> float:
+        setting, trim = setting.removesuffix("-trim"), setting.endswith("-trim")
+        shape, _, every = setting.partition("-gc")
+        size, accum = map(int, shape.split("x"))
+        if every:
+            model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=int(every))
+        else:
+            model.activation_checkpointing_disable()
+        started = time.perf_counter()
+        if trim:  # what training's heap cap (device.FreedMemoryCap) does after a step past its bound
+            device.release_freed_memory()
+        batches = [pack(examples[i * size:(i + 1) * size]) for i in range(accum)]
+        trained = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
+        for batch in batches:
+            with cast:
+                loss = token_loss(model, batch, reduction="sum")
+            (loss / trained).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        return time.perf_counter() - started
+
+    times: dict[str, list[float]] = {s: [] for s in settings}
+    load = os.getloadavg()[0]
+    with device.reuse_freed_memory():
+        for r in range(rounds):
+            order = settings[r % len(settings):] + settings[:r % len(settings)]
+            for setting in order:
+                times[setting].append(step(setting, encoded[r * 8:(r + 1) * 8]))
+    print(f"load average {load:.1f} before, {os.getloadavg()[0]:.1f} after; {rounds - 1} rounds after the first")
+    print("| setting | median step s | min step s | ratio to " + settings[0] + " (median of rounds) |")
+    print("|---|---|---|---|")
+    first = times[settings[0]][1:]
+    for setting in settings:
+        mine = times[setting][1:]
+        ratio = statistics.median(m / f for m, f in zip(mine, first))
+        print(f"| {setting} | {statistics.median(mine):.2f} | {min(mine):.2f} | {ratio:.3f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default=None, help="one variant, e.g. packed,bf16 (default: all, in turn)")
     parser.add_argument("--variants", default=None, help="comma-separated list of variants joined by '+' "
                         "(e.g. packed,threads,bf16+packed,threads,bf16,alloc); default: the standard list")
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--alternate", default=None, help="settings timed in turn in one process, e.g. 8x1,4x2,8x1-gc2")
+    parser.add_argument("--steps", type=int, default=6, help="steps per variant (with --alternate: rounds)")
     args = parser.parse_args()
+    if args.alternate:
+        alternate(args.alternate.split(","), args.steps)
+        return
     if args.variant:
         import json
 

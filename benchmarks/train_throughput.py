@@ -51,6 +51,8 @@ TUNELAB_VARIANTS = {
     "tunelab": {},
     # Activations recomputed in backward, as TRL's default does: the like-for-like memory comparison.
     "tunelab-gc": {"gradient_checkpointing": True},
+    # The same examples per step as micro-batches of half as many (activations kept for one at a time).
+    "tunelab-accum": {"grad_accum": 2},
 }
 DEFAULT_SETTINGS = [f"{tool}-{method}" for method in METHODS for tool in ("tunelab", "trl", "trl-packing", "trl-tuned")]
 BATCH, MAX_LENGTH, TEST_SIZE, SEED, WARMUP = 8, 1024, 0.1, 0, 0.05
@@ -97,8 +99,9 @@ def run_tunelab(variant: str, method: str, seed: int, work: Path, out: Path) -> 
 
     # The training split only (test_size 0): the held-out examples were set apart by prepare_data.
     # No held-out loss during training (TRL does none either); it is measured afterwards for all.
-    config = TrainConfig(base=BASE, method=method, batch_size=BATCH, epochs=1, max_length=MAX_LENGTH, test_size=0,
-                         seed=seed, warmup_ratio=WARMUP, **TUNELAB_VARIANTS[variant])
+    options = TUNELAB_VARIANTS[variant]
+    config = TrainConfig(base=BASE, method=method, batch_size=BATCH // options.get("grad_accum", 1), epochs=1,
+                         max_length=MAX_LENGTH, test_size=0, seed=seed, warmup_ratio=WARMUP, **options)
     train(config, work / "train.jsonl", out, overwrite=True, quiet=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if "loss" in r][-1]

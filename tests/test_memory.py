@@ -121,3 +121,29 @@ def test_the_heap_cap_trims_only_past_the_settled_need_plus_slack(monkeypatch):
     cap.after_step()  # 1400
     cap.after_step()  # 1401
     assert len(trims) == 5 and cap.trims == 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_the_demo_recomputes_activations_in_full_fine_tuning(tmp_path, tiny_model_dir, monkeypatch, method):
+    """The demo's full fine-tuning peaks under 4 GiB only with every decoder layer's activations
+    recomputed in backward (docs/BENCHMARKS.md); LoRA's needs no recomputation and is not slowed."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from tunelab.demo import demo_config, write_dataset
+
+    recomputed = []
+    prepare_model = device.prepare_model
+
+    def recorded(*args, **kwargs):
+        model = prepare_model(*args, **kwargs)
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        recomputed.extend(layer.gradient_checkpointing for layer in layers)
+        return model
+
+    monkeypatch.setattr(device, "prepare_model", recorded)
+    data = write_dataset(tmp_path / "bookings.jsonl", 40)
+    config = demo_config(method, max_steps=1).model_copy(update={"base": str(tiny_model_dir)})
+    train(config, data, tmp_path / "run", quiet=True)
+    assert recomputed, "no decoder layer found"
+    assert all(recomputed) if method == "full" else not any(recomputed)

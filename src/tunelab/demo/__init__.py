@@ -35,8 +35,11 @@ def peak_memory_gib() -> float:
 def demo_config(method: str = "full", max_steps: int | None = 100) -> TrainConfig:
     # Held out: names whose first names and surnames training never saw (bookings.NAME_POOLS); a
     # random split would hold out names that training shows, and flatter the tuned model.
+    # Full fine-tuning recomputes the activations in backward, so that the demo peaks under 4 GiB
+    # of memory, for ~1.3x the step time (docs/BENCHMARKS.md, "Where the demo's memory goes");
+    # LoRA's optimizer states are small and it stays far under that without.
     return TrainConfig(method=method, max_steps=max_steps, batch_size=8, test_size=0.1, max_length=256,
-                       split_by="metadata.name_pool")
+                       split_by="metadata.name_pool", gradient_checkpointing=method == "full")
 
 
 def run_demo(out: Path, examples: int = 1200, method: str = "full", max_steps: int | None = 100,
