@@ -40,19 +40,24 @@ def compared_values(answer: str) -> list[str]:
     """The values of one answer as novelty compares them (see the module's docstring): normalised,
     none empty, in order. Unlike `text.answer_values`, a JSON answer's numbers count too: a
     held-out price or room number that training already showed is as familiar as a name."""
-    values = [normalise_answer(v) for v in _raw_values(answer)]
+    values = [normalise_answer(v) for v in _raw_values(answer, parse_json_answer(answer))]
     return [v for v in values if v]
 
 
 def value_hashes(answer: str) -> list[int]:
     """64-bit hashes of `compared_values`, distinct, for sets that stay small in memory."""
-    hashes = dict.fromkeys(map(_value_hash, _raw_values(answer)))
+    return parsed_value_hashes(answer, parse_json_answer(answer))
+
+
+def parsed_value_hashes(answer: str, parsed) -> list[int]:
+    """`value_hashes` of an answer whose `text.parse_json_answer` the caller has already made (the
+    data check, which parses each answer once for this and for its copied fields)."""
+    hashes = dict.fromkeys(map(_value_hash, _raw_values(answer, parsed)))
     hashes.pop(None, None)
     return list(hashes)
 
 
-def _raw_values(answer: str) -> list[str]:
-    parsed = parse_json_answer(answer)
+def _raw_values(answer: str, parsed) -> list[str]:
     if parsed is None:
         return quoted_spans(answer)
     return _leaf_values(parsed, [])

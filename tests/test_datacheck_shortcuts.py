@@ -1,0 +1,114 @@
+"""The data check's shortcuts count what the straightforward way counts: each answer parsed once
+for the copied fields and the novelty's values, the copied fields counted in numpy over a mask
+of the training rows, the near-duplicate bands searched by several threads."""
+
+import json
+import random
+from collections import Counter
+
+import numpy as np
+
+from tunelab.data import dedup, novelty
+from tunelab.data.copied import CopiedField, CopyCounter, whole_copy
+from tunelab.text import field_path, input_text, json_leaves, parse_json_answer
+
+NAMES = ["Zoë Åberg", "José Núñez", "李小龙", "Anna O'Neil", "Cy", "Cyrus", ""]
+
+
+def answers(n: int) -> list[list[dict[str, str]]]:
+    """Rows whose answers take every form the counters read: nested objects, lists at the top and
+    inside, keys that look like paths ("", "*", "a.b"), fenced JSON, plain text with and without
+    quotes and names, numbers, booleans and nulls."""
+    rng = random.Random(0)
+    rows = []
+    for i in range(n):
+        name, other = rng.choice(NAMES), rng.choice(NAMES)
+        user = f"Book {name} for {i % 7}, with {other.lower()} on day {i % 5}"
+        kind = i % 7
+        if kind == 0:
+            answer = json.dumps({"name": name, "guests": i % 7, "ok": True, "note": None,
+                                 "people": [{"n": name}, {"n": other}, [other, i]]}, ensure_ascii=i % 2 == 0)
+        elif kind == 1:
+            answer = json.dumps([{"name": name}, name, {"": other, "*": name, "a.b": "day", "a": {"b": other}}])
+        elif kind == 2:
+            answer = "```json\n" + json.dumps({"name": name, "day": f"day {i % 5}"}) + "\n```"
+        elif kind == 3:  # now and then a name the input lacks
+            invented = "".join(rng.choice("bcdfgklm") for _ in range(6)).title() if i % 3 == 0 else ""
+            answer = f"Booked {name} and {other.upper()} for day {i % 5} {invented}"
+        elif kind == 4:
+            answer = f"The name is '{name}' and \"{other}\""
+        elif kind == 5:
+            answer = json.dumps({"a": {"b": name}, "a.b": other, "list": [], "obj": {}})
+        else:
+            answer = "{not json: " + name
+        rows.append([{"role": "system", "content": f"Known: {other}"}, {"role": "user", "content": user},
+                     {"role": "assistant", "content": answer}])
+    return rows
+
+
+def straightforward_fields(rows, training: set[int]) -> list[CopiedField]:
+    """The JSON fields' counts as the check made them before: every leaf by its path, each answer
+    parsed for the purpose, a Python loop over the training rows."""
+    seen, copied = Counter(), Counter()
+    for row, messages in enumerate(rows):
+        parsed = parse_json_answer(messages[-1]["content"])
+        if parsed is None or row not in training:
+            continue
+        fields: dict[str, bool] = {}
+        for path, value in json_leaves(parsed).items():
+            if isinstance(value, str):
+                name = field_path(path)
+                fields[name] = fields.get(name, True) and bool(value.strip()) and whole_copy(value, input_text(messages))
+        for name, is_copied in fields.items():
+            seen[name] += 1
+            copied[name] += is_copied
+    return [CopiedField(name, seen[name], copied[name]) for name in seen]
+
+
+def test_one_parse_per_answer_counts_as_parsing_it_for_each_count():
+    rows = answers(700)
+    once, twice = CopyCounter(), CopyCounter()
+    for row, messages in enumerate(rows):
+        answer = messages[-1]["content"]
+        parsed = parse_json_answer(answer)
+        once.add_answer(row, answer, parsed, input_text(messages))
+        twice.add(row, messages)
+        assert novelty.parsed_value_hashes(answer, parsed) == novelty.value_hashes(answer)
+    assert once.fields() == twice.fields() and once.paths == twice.paths and once.words == twice.words
+    assert {"*.", "*.*", "*.a.b", "people.*.*", "a.b"} <= set(once.paths)  # the odd keys were met
+    training = {row for row in range(len(rows)) if row % 10}
+    expected = straightforward_fields(rows, training)
+    counted = [f for f in once.fields(training) if f.path != "(text)"]
+    assert sorted(counted, key=lambda f: f.path) == sorted(expected, key=lambda f: f.path)
+    assert any(0 < f.copied < f.rows for f in counted)
+
+
+def test_fields_over_a_mask_of_rows_are_the_fields_over_the_set_of_them():
+    rows = answers(700)
+    counter = CopyCounter()
+    for row, messages in enumerate(rows):
+        counter.add(row, messages)
+    mask = np.random.default_rng(0).random(len(rows)) < 0.8
+    by_mask, by_set = counter.fields(mask), counter.fields(set(np.flatnonzero(mask).tolist()))
+    assert by_mask == by_set and by_mask != counter.fields()
+    text = {f.path: f for f in by_mask}["(text)"]
+    assert 0 < text.copied < text.rows  # plain-text answers counted, some inventing a name
+    assert counter.fields(np.zeros(len(rows), bool)) == [] == counter.fields(set())
+
+
+def test_near_pairs_are_the_same_on_any_number_of_threads():
+    rng = random.Random(3)
+    words = [f"w{i}" for i in range(400)]
+    texts = [" ".join(rng.choice(words) for _ in range(30)) for _ in range(300)]
+    texts += [" ".join(t.split()[:-1] + ["changed"]) for t in texts[:120]]  # near copies
+    texts += ["shared templated prefix of every row " + t for t in texts[:200]]  # buckets of look-alike rows
+    finder = dedup.NearDuplicates()
+    for text in texts:
+        finder.add(text)
+    skip = np.zeros(len(texts), bool)
+    skip[::17] = True
+    for kept in (None, skip):
+        alone = finder.pairs(kept)
+        assert len(alone[0]) > 100
+        for threads in (2, 5):
+            assert all(np.array_equal(a, b) for a, b in zip(alone, finder.pairs(kept, threads=threads)))
