@@ -112,3 +112,48 @@ def test_near_pairs_are_the_same_on_any_number_of_threads():
         assert len(alone[0]) > 100
         for threads in (2, 5):
             assert all(np.array_equal(a, b) for a, b in zip(alone, finder.pairs(kept, threads=threads)))
+
+
+def pairs_by_sorting(signatures: np.ndarray, index: np.ndarray) -> set[tuple[int, int]]:
+    """The near-duplicate search as it was written first: each band's keys sorted (stably, so a
+    bucket's first row comes first), each row compared with its bucket's first row."""
+    bands, found = signatures.view(np.uint64), set()
+    for band in range(dedup.PERMUTATIONS // dedup.BAND_ROWS):
+        keys = bands[index, band]
+        order = np.argsort(keys, kind="stable")
+        starts = np.ones(len(order), bool)
+        starts[1:] = keys[order][1:] != keys[order][:-1]
+        head = np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))
+        for a, b in zip(index[order[head[~starts]]].tolist(), index[order[~starts]].tolist()):
+            if (signatures[a] == signatures[b]).mean() >= dedup.THRESHOLD:
+                found.add((a, b))
+    return found
+
+
+def test_hashed_buckets_find_the_pairs_and_copies_that_sorted_ones_do():
+    rng = random.Random(4)
+    words = [f"word{i}" for i in range(500)]
+    bases = [[rng.choice(words) for _ in range(30)] for _ in range(100)]
+    texts = []
+    for _ in range(2000):  # variants of a few texts, a word or two changed: buckets of look-alike rows
+        text = list(rng.choice(bases))
+        for _ in range(rng.randrange(3)):
+            text[rng.randrange(30)] = rng.choice(words)
+        texts.append(" ".join(text))
+    finder = dedup.NearDuplicates()
+    for text in texts:
+        finder.add(text)
+    skip = np.random.default_rng(1).random(len(texts)) < 0.1
+    first, later, _ = finder.pairs(skip)
+    expected = pairs_by_sorting(finder.signatures(), np.flatnonzero(~skip))
+    assert set(zip(first.tolist(), later.tolist())) == expected and len(expected) > 500
+
+    keys = np.random.default_rng(2).integers(0, 300, 5000).astype(np.uint64) * np.uint64(2**40 + 7)
+    firsts, copies = dedup.exact_duplicates(keys)
+    first_at: dict[int, int] = {}
+    expected = []
+    for i, key in enumerate(keys.tolist()):
+        if key in first_at:
+            expected.append((first_at[key], i))
+        first_at.setdefault(key, i)
+    assert list(zip(firsts.tolist(), copies.tolist())) == expected

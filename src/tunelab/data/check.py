@@ -302,17 +302,18 @@ def check(path: Path, options: DataOptions, template=None, keep_examples: bool =
                          for a, b, s in zip(near_first[:MAX_SAVED], near_later[:MAX_SAVED], similarity[:MAX_SAVED])]
     _warn_pairs(report, "W_NEAR_DUPLICATE", report.near_count,
                 [(b, f"near duplicate of line {a} (similarity {sim:.2f})") for a, b, sim in report.near_pairs])
+    training = np.zeros(len(line_of), bool)  # the rows of report.train_lines (none when the split is refused)
     if not (groups and groups.missing):
         group_ranks = np.frombuffer(groups.ranks, np.uint64) if groups else None
         in_test = _split(report, line_of, np.frombuffer(ranks, np.uint64), is_copy, near_first, near_later, group_ranks)
         if in_test is not None:
-            untrained = is_copy
+            training, untrained = ~is_copy & ~in_test, is_copy
             if report.extra is not None:
                 moved = _replace_held_out(report, line_of, in_test, np.frombuffer(prompts, np.uint64))
                 in_test, untrained = in_test & ~moved, is_copy | moved
             _novelty(report, in_test, untrained, np.frombuffer(values, np.uint64),
                      np.frombuffer(value_ends, np.int64))
-    report.answer_fields = report.copies.fields(np.isin(line_of, report.train_lines))
+    report.answer_fields = report.copies.fields(training)
     report.copied = constrained(report.answer_fields)
     _length_stats(report, np.frombuffer(lengths, np.int64)[~is_copy],
                   np.frombuffer(trainable, np.int64)[~is_copy] if template else None)

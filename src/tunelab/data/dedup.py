@@ -137,19 +137,12 @@ class NearDuplicates:
 def _band_pairs(signatures: np.ndarray, index: np.ndarray, band: int) -> np.ndarray:
     """The near-duplicate pairs among the rows of `index` that share `band`, as ids (first row
     times the rows, plus the later row)."""
-    import pyarrow as pa
-
     bands = signatures.view(np.uint64)  # BAND_ROWS values of 16 bits are one 64-bit key: equal keys, equal band
-    # Rows with equal keys share a bucket, numbered in the order of their first rows: pyarrow's
-    # dictionary encoding, a hash table, several times faster than sorting the keys.
-    bucket = pa.array(bands[index, band]).dictionary_encode().indices.to_numpy()
-    highest = np.maximum.accumulate(bucket)
-    opens = np.ones(len(bucket), bool)  # a bucket's first row: the bucket numbers reach a new high
-    opens[1:] = highest[1:] > highest[:-1]
-    # Each row is compared with the first row of its bucket, not with every other row:
-    # linear in the rows however large a bucket of look-alike rows grows.
-    later = np.flatnonzero(~opens)
-    first, later = index[np.flatnonzero(opens)[bucket[later]]], index[later]
+    # Each row is compared with the first row of its bucket (of equal keys), not with every
+    # other row: linear in the rows however large a bucket of look-alike rows grows.
+    firsts = first_equal(bands[index, band])
+    later = np.flatnonzero(firsts != np.arange(len(firsts)))
+    first, later = index[firsts[later]], index[later]
     found = []
     for lo in range(0, len(first), _VERIFY_CHUNK):
         a, b = first[lo : lo + _VERIFY_CHUNK], later[lo : lo + _VERIFY_CHUNK]
@@ -183,15 +176,24 @@ def _rows(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 def exact_duplicates(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(index of the first occurrence, index of a later copy) for every repeated key."""
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    starts = np.ones(len(order), bool)
-    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
-    head = np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))
-    first, copy = order[head[~starts]], order[~starts]
-    by_copy = np.argsort(copy)
-    return first[by_copy], copy[by_copy]
+    """(index of the first occurrence, index of a later copy) for every repeated key, in the
+    order of the copies."""
+    firsts = first_equal(keys)
+    copy = np.flatnonzero(firsts != np.arange(len(keys)))
+    return firsts[copy], copy
+
+
+def first_equal(keys: np.ndarray) -> np.ndarray:
+    """For each of the 64-bit `keys`, the index of the first key equal to it (its own index when
+    it comes first). pyarrow's dictionary encoding numbers the distinct keys in the order they
+    first occur, with a hash table: several times faster than sorting a million keys."""
+    import pyarrow as pa
+
+    number = pa.array(keys).dictionary_encode().indices.to_numpy()
+    highest = np.maximum.accumulate(number)
+    opens = np.ones(len(number), bool)  # where a key first occurs: the numbers reach a new high
+    opens[1:] = highest[1:] > highest[:-1]
+    return np.flatnonzero(opens)[number]
 
 
 def components(n: int, first: np.ndarray, later: np.ndarray) -> np.ndarray:

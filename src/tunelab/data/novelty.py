@@ -153,9 +153,15 @@ def measure_packed(values, ends, training, held_out) -> Novelty:
     rows: the data check's million rows in numpy, not a Python loop per row (~1 s less)."""
     import numpy as np
 
+    from tunelab.data.dedup import first_equal
+
     counts = np.diff(ends, prepend=0)  # values per row
-    known = np.unique(values[np.repeat(training, counts)])
-    novel_value = ~np.isin(values[np.repeat(held_out, counts)], known)
+    trained = values[np.repeat(training, counts)]
+    # A held-out value is novel when its first occurrence among the training values, then the
+    # held-out ones, is a held-out one: one hash table, no sort.
+    firsts = first_equal(np.concatenate([trained, values[np.repeat(held_out, counts)]]))
+    novel_value = firsts[len(trained):] >= len(trained)
+    known = np.count_nonzero(firsts[: len(trained)] == np.arange(len(trained)))
     counts = counts[held_out]
     ends = np.cumsum(counts)  # of the held-out rows' values, back to back
     novel_up_to = np.concatenate([[0], np.cumsum(novel_value)])
@@ -163,4 +169,4 @@ def measure_packed(values, ends, training, held_out) -> Novelty:
     kinds = np.where(counts == 0, "none", np.where(novel > 0, "novel", "seen"))
     return Novelty(values=int(counts.sum()), novel_values=int(novel.sum()), novel_rows=int((kinds == "novel").sum()),
                    seen_rows=int((kinds == "seen").sum()), without_values=int((kinds == "none").sum()),
-                   training_values=len(known), kinds=kinds.tolist())
+                   training_values=int(known), kinds=kinds.tolist())
