@@ -8,7 +8,7 @@ from collections import Counter
 
 import numpy as np
 
-from tunelab.data import dedup, novelty
+from tunelab.data import dedup, load, novelty
 from tunelab.data.copied import CopiedField, CopyCounter, whole_copy
 from tunelab.text import field_path, input_text, json_leaves, parse_json_answer
 
@@ -55,10 +55,11 @@ def straightforward_fields(rows, training: set[int]) -> list[CopiedField]:
         if parsed is None or row not in training:
             continue
         fields: dict[str, bool] = {}
+        source = input_text(messages)
         for path, value in json_leaves(parsed).items():
             if isinstance(value, str):
                 name = field_path(path)
-                fields[name] = fields.get(name, True) and bool(value.strip()) and whole_copy(value, input_text(messages))
+                fields[name] = fields.get(name, True) and bool(value.strip()) and whole_copy(value, source)
         for name, is_copied in fields.items():
             seen[name] += 1
             copied[name] += is_copied
@@ -157,3 +158,21 @@ def test_hashed_buckets_find_the_pairs_and_copies_that_sorted_ones_do():
             expected.append((first_at[key], i))
         first_at.setdefault(key, i)
     assert list(zip(firsts.tolist(), copies.tolist())) == expected
+
+
+def outcome(parse, line: str):
+    try:
+        return "row", parse(line)
+    except json.JSONDecodeError as e:
+        return "JSONDecodeError", e.msg, e.colno
+    except (ValueError, RecursionError) as e:
+        return type(e).__name__, str(e)
+
+
+def test_a_line_is_read_as_json_loads_reads_it():
+    lines = ['{"a": 1}\n', '{"a": 1}', '  {"a": 1}\n', '{"a": 1}  \r\n', '{"a": 1}\t\n', '{"a": 1} x\n',
+             '{"a": 1}\x0b\n', '{"a": 1}\u00a0\n', '{"a": 1}{"b": 2}\n', "\ufeff{}\n", "", "\n", "[1, 2]\n", '"s"\n',
+             "NaN\n", '{"a": Infinity}\n', "{bad\n", '{"a": "\\ud800"}\n', '{"n": ' + "9" * 5000 + "}\n",
+             "[" * 100_000 + "]" * 100_000 + "\n", '{"a": 1, "a": 2}\n', '{"x": 1e999}\n']
+    for line in lines:
+        assert outcome(load._json_line, line) == outcome(json.loads, line), repr(line[:40])

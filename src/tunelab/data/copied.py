@@ -135,7 +135,7 @@ def _string_leaves(value: dict | list, path: str | None, found: list[tuple[str, 
         name = key if path is None else f"{path}.{key}"
         if isinstance(item, str):
             found.append((name, item))
-        elif isinstance(item, dict | list):
+        elif isinstance(item, (dict, list)):
             _string_leaves(item, name, found)
     return found
 

@@ -69,9 +69,9 @@ def _leaf_values(container: dict | list, found: list[str]) -> list[str]:
     for item in container.values() if isinstance(container, dict) else container:
         if isinstance(item, str):
             found.append(item)
-        elif isinstance(item, dict | list):
+        elif isinstance(item, (dict, list)):
             _leaf_values(item, found)
-        elif isinstance(item, int | float) and not isinstance(item, bool):
+        elif isinstance(item, (int, float)) and not isinstance(item, bool):
             found.append(str(item))
     return found
 
