@@ -7,6 +7,7 @@ import random
 from collections import Counter
 
 import numpy as np
+import pytest
 
 from tunelab.data import dedup, load, novelty
 from tunelab.data.copied import CopiedField, CopyCounter, whole_copy
@@ -131,7 +132,9 @@ def pairs_by_sorting(signatures: np.ndarray, index: np.ndarray) -> set[tuple[int
     return found
 
 
-def test_hashed_buckets_find_the_pairs_and_copies_that_sorted_ones_do():
+@pytest.mark.parametrize("hashed_from", [0, 1 << 30])  # pyarrow's hash tables, or sorts
+def test_buckets_find_the_pairs_and_copies_that_sorted_ones_did(monkeypatch, hashed_from):
+    monkeypatch.setattr(dedup, "HASHED_FROM", hashed_from)
     rng = random.Random(4)
     words = [f"word{i}" for i in range(500)]
     bases = [[rng.choice(words) for _ in range(30)] for _ in range(100)]
@@ -158,6 +161,21 @@ def test_hashed_buckets_find_the_pairs_and_copies_that_sorted_ones_do():
             expected.append((first_at[key], i))
         first_at.setdefault(key, i)
     assert list(zip(firsts.tolist(), copies.tolist())) == expected
+    assert [first for first, _ in expected] == dedup.first_equal(keys)[copies].tolist()
+
+
+@pytest.mark.parametrize("hashed_from", [0, 1 << 30])
+def test_packed_novelty_is_the_novelty_of_lists_of_rows_either_way(monkeypatch, hashed_from):
+    monkeypatch.setattr(dedup, "HASHED_FROM", hashed_from)
+    rng = np.random.default_rng(5)
+    rows = [list(dict.fromkeys(rng.integers(0, 3000, rng.integers(0, 6)).tolist())) for _ in range(4000)]
+    values = np.array([h for row in rows for h in row], np.uint64)
+    ends = np.cumsum([len(row) for row in rows])
+    held_out = rng.random(len(rows)) < 0.2
+    training = ~held_out & (rng.random(len(rows)) < 0.9)
+    packed = novelty.measure_packed(values, ends, training, held_out)
+    listed = novelty.measure([r for r, t in zip(rows, training) if t], [r for r, h in zip(rows, held_out) if h])
+    assert packed == listed and packed.novel_rows and packed.seen_rows and packed.without_values
 
 
 def outcome(parse, line: str):

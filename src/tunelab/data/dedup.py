@@ -179,23 +179,25 @@ def _rows(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 def exact_duplicates(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(index of the first occurrence, index of a later copy) for every repeated key. Sorted, not
-    hashed as `first_equal` does: nearly every key is distinct, and a hash table of a million of
-    them would cost ~70 MiB to save a tenth of a second."""
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    starts = np.ones(len(order), bool)
-    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
-    head = np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))
-    first, copy = order[head[~starts]], order[~starts]
-    by_copy = np.argsort(copy)
-    return first[by_copy], copy[by_copy]
+    """(index of the first occurrence, index of a later copy) for every repeated key, in the
+    order of the copies. Sorted, not hashed: nearly every key is distinct, and a hash table of a
+    million of them would cost ~70 MiB to save a tenth of a second."""
+    firsts = _first_equal_sorted(keys)
+    copy = np.flatnonzero(firsts != np.arange(len(keys)))
+    return firsts[copy], copy
+
+
+HASHED_FROM = 1 << 16
+"""Keys from which `first_equal` hashes them (and novelty.py looks values up) with pyarrow:
+below, a sort takes no longer than pyarrow's import (~0.15 s, ~45 MiB), which is not paid."""
 
 
 def first_equal(keys: np.ndarray) -> np.ndarray:
     """For each of the 64-bit `keys`, the index of the first key equal to it (its own index when
-    it comes first). pyarrow's dictionary encoding numbers the distinct keys in the order they
-    first occur, with a hash table: several times faster than sorting a million keys."""
+    it comes first). Many keys are hashed: pyarrow's dictionary encoding numbers the distinct keys
+    in the order they first occur, with a hash table, several times faster than a sort."""
+    if len(keys) < HASHED_FROM:
+        return _first_equal_sorted(keys)
     import pyarrow as pa
 
     number = pa.array(keys).dictionary_encode().indices.to_numpy()
@@ -203,6 +205,17 @@ def first_equal(keys: np.ndarray) -> np.ndarray:
     opens = np.ones(len(number), bool)  # where a key first occurs: the numbers reach a new high
     opens[1:] = highest[1:] > highest[:-1]
     return np.flatnonzero(opens)[number]
+
+
+def _first_equal_sorted(keys: np.ndarray) -> np.ndarray:
+    """`first_equal` by a stable sort: equal keys side by side, the first of them first."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    starts = np.ones(len(order), bool)
+    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    firsts = np.empty(len(order), np.int64)
+    firsts[order] = order[np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))]
+    return firsts
 
 
 def components(n: int, first: np.ndarray, later: np.ndarray) -> np.ndarray:

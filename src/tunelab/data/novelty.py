@@ -152,15 +152,20 @@ def measure_packed(values, ends, training, held_out) -> Novelty:
     hashes are `values[ends[i - 1]:ends[i]]`), `training` and `held_out` boolean arrays of the
     rows: the data check's million rows in numpy, not a Python loop per row (~1 s less)."""
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
+
+    from tunelab.data.dedup import HASHED_FROM
 
     counts = np.diff(ends, prepend=0)  # values per row
-    # Hash tables (pyarrow), not sorts: the distinct training values, and whether each held-out
-    # value is one of them.
-    known = pc.unique(pa.array(values[np.repeat(training, counts)]))
-    seen = pc.is_in(pa.array(values[np.repeat(held_out, counts)]), value_set=known)
-    novel_value = ~seen.to_numpy(zero_copy_only=False)
+    trained, held = values[np.repeat(training, counts)], values[np.repeat(held_out, counts)]
+    if len(values) < HASHED_FROM:
+        known = np.unique(trained)
+        novel_value = ~np.isin(held, known)
+    else:  # hash tables (pyarrow), ~10x faster than sorts: the distinct training values, each held-out value among them
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        known = pc.unique(pa.array(trained))
+        novel_value = ~pc.is_in(pa.array(held), value_set=known).to_numpy(zero_copy_only=False)
     counts = counts[held_out]
     ends = np.cumsum(counts)  # of the held-out rows' values, back to back
     novel_up_to = np.concatenate([[0], np.cumsum(novel_value)])
