@@ -13,7 +13,10 @@ seconds (user + system) and `worker` its worker processes' together, `peak MiB` 
 process's resident peak and `worker` the largest worker's (a file of over 64 MiB is checked in
 parts, one process per usable core; 0: the check ran in one process). On a machine shared with
 other work the wall time depends on the load; the CPU time less (it grows too where cores and
-caches are shared): on an idle machine a single process takes about its CPU time. Format and duplicate checks run on
+caches are shared): on an idle machine a single process takes about its CPU time, and a check in
+parts about the workers' CPU time (with the checking process's until the last part is joined)
+shared by the cores, plus the checking process's CPU time after it: the line under each such
+check prints that estimate. Format and duplicate checks run on
 every size; the token-level checks (tokenizer + template per example, with --base) are measured
 on the first --token-lines lines, since they cost about a millisecond per example. With
 --compare-src, each check runs again right after with tunelab from another source tree (an
@@ -61,9 +64,23 @@ def child(argv: list[str]) -> None:
     import io
 
     from tunelab.cli import main
+    from tunelab.data import check
 
-    before = resource.getrusage(resource.RUSAGE_SELF)
-    cpu_before = before.ru_utime + before.ru_stime  # the imports are not the check's
+    def cpu() -> float:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return own.ru_utime + own.ru_stime
+
+    # When the workers' last part is joined: what the checking process does before overlaps them,
+    # what it does after does not.
+    joined = {}
+    in_parts = check._scan_in_parallel
+
+    def marked(*args, **kwargs):
+        yield from in_parts(*args, **kwargs)
+        joined.update(seconds=time.perf_counter() - started, cpu=cpu() - cpu_before)
+
+    check._scan_in_parallel = marked
+    cpu_before = cpu()  # the imports are not the check's
     started = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         code = main(["data", "check", *argv])
@@ -72,7 +89,9 @@ def child(argv: list[str]) -> None:
     print(json.dumps({"exit_code": code, "seconds": round(seconds, 2), "peak_mib": round(own.ru_maxrss / 1024),
                       "worker_mib": round(workers.ru_maxrss / 1024),  # Linux reports KiB; the largest worker's
                       "cpu": round(own.ru_utime + own.ru_stime - cpu_before, 2),
-                      "worker_cpu": round(workers.ru_utime + workers.ru_stime, 2)}))
+                      "worker_cpu": round(workers.ru_utime + workers.ru_stime, 2),
+                      "joined_seconds": round(joined.get("seconds", 0), 2),
+                      "joined_cpu": round(joined.get("cpu", 0), 2)}))
 
 
 def measure(data: Path, out: Path, extra: list[str], src: str | None = None) -> dict:
@@ -86,6 +105,18 @@ def measure(data: Path, out: Path, extra: list[str], src: str | None = None) -> 
             "near_duplicate_pairs": report["duplicates"]["near"]["count"],
             "train": report["split"]["train"], "test": report["split"]["test"],
             "mib_file": round(data.stat().st_size / 2**20)}
+
+
+def idle_estimate(row: dict, lines: int) -> str:
+    """The parts' phase and what follows it, and the time on idle cores they add up to: the
+    workers' CPU seconds and the checking process's until the last part is joined shared by the
+    usable cores, then the checking process's own (an estimate, for a machine shared with other
+    work, where the wall time says little)."""
+    cores = len(os.sched_getaffinity(0))
+    after = row["cpu"] - row["joined_cpu"]
+    estimate = (row["worker_cpu"] + row["joined_cpu"]) / cores + after
+    return (f"parts joined at {row['joined_seconds']} s ({row['joined_cpu']} CPU s here), then {after:.2f} CPU s; "
+            f"on {cores} idle cores ~{estimate:.1f} s, ~{round(lines / estimate, -3):,.0f} lines/s (estimated)")
 
 
 def main() -> None:
@@ -123,6 +154,8 @@ def main() -> None:
                       f"{round(n / row['seconds']):>8} {row['cpu']:>6} {row['worker_cpu']:>6} "
                       f"{row['peak_mib']:>8} {row['worker_mib']:>6} {row['errors']:>6} {row['exact_duplicates']:>9} "
                       f"{row['near_duplicate_pairs']:>10} {row['train']:>7}/{row['test']:<7}", flush=True)
+                if row.get("joined_seconds"):  # checked in parts
+                    print(f"{'':>9} {'':<24} {idle_estimate(row, n)}", flush=True)
             if len(seconds) == 2:
                 print(f"{'':>9} {'compared / this':<24} {seconds[1] / seconds[0]:.2f}x the time, "
                       f"{cpu[1] / cpu[0]:.2f}x the CPU time", flush=True)

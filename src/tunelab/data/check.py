@@ -36,12 +36,13 @@ from tunelab.config import DataOptions
 from tunelab.cores import usable_cores
 from tunelab.data import load as data_mod
 from tunelab.data import novelty
-from tunelab.data.copied import MIN_ROWS, MIN_SHARE, CopiedField, CopyCounter, describe
+from tunelab.data.copied import MIN_ROWS, MIN_SHARE, CopiedField, CopyCounter, constrained, describe
 from tunelab.data.extra import prompt_hash, read_extra, replaced_held_out
 from tunelab.data.load import Example, Problem
 from tunelab.encoding import EncodedExample, encode_one
 from tunelab.errors import UserError
 from tunelab.template import IGNORE
+from tunelab.text import input_text, parse_json_answer
 
 REPORT_FILE = "data_check.json"
 HISTOGRAM_FILE = "length_histogram.txt"
@@ -295,25 +296,25 @@ def check(path: Path, options: DataOptions, template=None, keep_examples: bool =
                 [(b, f"same example as line {a}; dropped") for a, b in report.exact_pairs])
     is_copy = np.zeros(len(line_of), bool)
     is_copy[copy] = True
-    near_first, near_later, similarity = near.pairs(skip=is_copy)
+    near_first, near_later, similarity = near.pairs(skip=is_copy, threads=usable_cores())
     report.near_count = len(near_first)
     report.near_pairs = [(int(line_of[a]), int(line_of[b]), round(float(s), 3))
                          for a, b, s in zip(near_first[:MAX_SAVED], near_later[:MAX_SAVED], similarity[:MAX_SAVED])]
     _warn_pairs(report, "W_NEAR_DUPLICATE", report.near_count,
                 [(b, f"near duplicate of line {a} (similarity {sim:.2f})") for a, b, sim in report.near_pairs])
+    training = np.zeros(len(line_of), bool)  # the rows of report.train_lines (none when the split is refused)
     if not (groups and groups.missing):
         group_ranks = np.frombuffer(groups.ranks, np.uint64) if groups else None
         in_test = _split(report, line_of, np.frombuffer(ranks, np.uint64), is_copy, near_first, near_later, group_ranks)
         if in_test is not None:
-            untrained = is_copy
+            training, untrained = ~is_copy & ~in_test, is_copy
             if report.extra is not None:
                 moved = _replace_held_out(report, line_of, in_test, np.frombuffer(prompts, np.uint64))
                 in_test, untrained = in_test & ~moved, is_copy | moved
             _novelty(report, in_test, untrained, np.frombuffer(values, np.uint64),
                      np.frombuffer(value_ends, np.int64))
-    training_rows = set(np.flatnonzero(np.isin(line_of, report.train_lines)).tolist())
-    report.answer_fields = report.copies.fields(training_rows)
-    report.copied = report.copies.copied_fields(training_rows)
+    report.answer_fields = report.copies.fields(training)
+    report.copied = constrained(report.answer_fields)
     _length_stats(report, np.frombuffer(lengths, np.int64)[~is_copy],
                   np.frombuffer(trainable, np.int64)[~is_copy] if template else None)
     return report
@@ -347,16 +348,17 @@ class _Scan:
 
     def add(self, item: Example) -> None:
         self.shapes["text" if item.is_raw else "pair" if item.rejected is not None else "chat"] += 1
-        if not item.is_raw:
-            self.copies.add(len(self.lines), item.messages)
+        if not item.is_raw:  # the answer parsed once, for the copied fields and the novelty's values
+            answer = item.reference
+            parsed = parse_json_answer(answer)
+            self.copies.add_answer(len(self.lines), answer, parsed, input_text(item.messages))
+            self.values.extend(novelty.parsed_value_hashes(answer, parsed))
         key = item.key
         self.lines.append(item.line)
         self.keys.append(int(key[:16], 16))
         self.ranks.append(data_mod.split_rank(key, self.seed))
         if self.groups:
             self.groups.add(item, self.seed)
-        if not item.is_raw:
-            self.values.extend(novelty.value_hashes(item.reference))
         self.value_ends.append(len(self.values))
         if self.with_prompts:
             self.prompts.append(prompt_hash(item))

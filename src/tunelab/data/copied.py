@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from tunelab.text import field_path, input_text, json_leaves, parse_json_answer
+from tunelab.text import input_text, parse_json_answer
 
 MIN_SHARE = 0.95
 """A field is copied when its value occurs verbatim in the input in at least this share of the
@@ -126,6 +126,20 @@ def _text_answer(messages: list[dict[str, str]]) -> str | None:
     return answers[-1] if answers and parse_json_answer(answers[-1]) is None else None
 
 
+def _string_leaves(value: dict | list, path: str | None, found: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(field path, value) of each string leaf of a JSON object or list, in document order: the
+    string leaves of `text.json_leaves` named by `text.field_path`, without the tuple paths those
+    build for every row of the data check (`path`: the field path so far, None at the top)."""
+    items = value.items() if isinstance(value, dict) else (("*", item) for item in value)
+    for key, item in items:
+        name = key if path is None else f"{path}.{key}"
+        if isinstance(item, str):
+            found.append((name, item))
+        elif isinstance(item, (dict, list)):
+            _string_leaves(item, name, found)
+    return found
+
+
 @dataclass
 class CopiedField:
     """One answer field and how often training rows copy it from their input."""
@@ -166,18 +180,18 @@ class CopyCounter:
     def add(self, row: int, messages: list[dict[str, str]]) -> None:
         """Count the fields of one row (its position in the file's valid rows, and its messages)."""
         answers = [m["content"] for m in messages if m["role"] == "assistant"]
-        if not answers:
-            return
-        parsed = parse_json_answer(answers[-1])
-        source = input_text(messages)
+        if answers:
+            self.add_answer(row, answers[-1], parse_json_answer(answers[-1]), input_text(messages))
+
+    def add_answer(self, row: int, answer: str, parsed, source: str) -> None:
+        """`add` of a row given its last answer, that answer's `parse_json_answer` and its
+        `input_text`: the data check parses each answer once, for this and for novelty.py."""
         if parsed is None:
-            self._add_text(row, answers[-1], folded_words(source))
+            self._add_text(row, answer, folded_words(source))
             return
         copied: dict[str, bool] = {}
-        for path, value in json_leaves(parsed).items():
-            if isinstance(value, str):
-                name = field_path(path)
-                copied[name] = copied.get(name, True) and bool(value.strip()) and whole_copy(value, source)
+        for name, value in _string_leaves(parsed, None, []):
+            copied[name] = copied.get(name, True) and bool(value.strip()) and whole_copy(value, source)
         for name, is_copied in copied.items():
             self.rows.append(row)
             self.numbers.append(self.paths.setdefault(name, len(self.paths)))
@@ -206,39 +220,61 @@ class CopyCounter:
             self.name_numbers.append(self.words.setdefault(word, len(self.words)))
             self.name_copied.append(word in source)
 
-    def fields(self, rows: set[int] | None = None) -> list[CopiedField]:
-        """Every field seen in `rows` (all rows when None), most often copied first; TEXT_ANSWER
-        among them when plain-text answers there write name words that are not house words."""
-        seen: Counter = Counter()
-        copied: Counter = Counter()
-        for row, number, is_copied in zip(self.rows, self.numbers, self.copied):
-            if rows is None or row in rows:
-                seen[number] += 1
-                copied[number] += is_copied
-        names = {number: path for path, number in self.paths.items()}
-        counted = [CopiedField(names[n], seen[n], copied[n]) for n in seen]
+    def fields(self, rows=None) -> list[CopiedField]:
+        """Every field seen in `rows` (all rows when None; else a set of row numbers, or a boolean
+        numpy array over them), most often copied first; TEXT_ANSWER among them when plain-text
+        answers there write name words that are not house words. Counted in numpy: a million rows'
+        fields in a Python loop took a second."""
+        import numpy as np
+
+        numbers, copied = np.frombuffer(self.numbers, np.int64), np.frombuffer(self.copied, np.int8).astype(bool)
+        chosen = _chosen(rows, self.rows)
+        if chosen is not None:
+            numbers, copied = numbers[chosen], copied[chosen]
+        seen = np.bincount(numbers, minlength=len(self.paths))
+        copies = np.bincount(numbers[copied], minlength=len(self.paths))
+        counted = [CopiedField(path, int(seen[n]), int(copies[n])) for path, n in self.paths.items() if seen[n]]
         text = self._text_field(rows)
         return sorted(counted + ([text] if text else []), key=lambda f: (-f.share, -f.rows, f.path))
 
-    def _text_field(self, rows: set[int] | None) -> CopiedField | None:
+    def _text_field(self, rows) -> CopiedField | None:
         """The plain-text answers as one field: the rows whose answer writes a name word that is no
         house word, and of them those whose input holds every such word. House words are counted
         over all rows (the streaming pass does not know the split yet)."""
-        house = self.house.words()
-        names = {number: word for word, number in self.words.items()}
-        named: set[int] = set()
-        invented: set[int] = set()
-        for row, number, is_copied in zip(self.name_rows, self.name_numbers, self.name_copied):
-            if (rows is None or row in rows) and names[number] not in house:
-                named.add(row)
-                if not is_copied:
-                    invented.add(row)
-        return CopiedField(TEXT_ANSWER, len(named), len(named) - len(invented)) if named else None
+        import numpy as np
 
-    def copied_fields(self, rows: set[int] | None = None) -> list[CopiedField]:
-        """The fields the constraint applies to: copied in at least MIN_SHARE of at least
-        MIN_ROWS rows."""
-        return [f for f in self.fields(rows) if f.rows >= MIN_ROWS and f.share >= MIN_SHARE]
+        house = self.house.words()
+        named_word = np.array([word not in house for word in self.words], bool)  # by number: the dict's order
+        row_of, numbers = np.frombuffer(self.name_rows, np.int64), np.frombuffer(self.name_numbers, np.int64)
+        counted = named_word[numbers]
+        chosen = _chosen(rows, self.name_rows)
+        if chosen is not None:
+            counted &= chosen
+        named = np.unique(row_of[counted])
+        invented = np.unique(row_of[counted & ~np.frombuffer(self.name_copied, np.int8).astype(bool)])
+        return CopiedField(TEXT_ANSWER, len(named), len(named) - len(invented)) if len(named) else None
+
+    def copied_fields(self, rows=None) -> list[CopiedField]:
+        """The fields the constraint applies to (`constrained`) among `fields(rows)`."""
+        return constrained(self.fields(rows))
+
+
+def constrained(fields: list[CopiedField]) -> list[CopiedField]:
+    """Of `fields`, those the copy constraint applies to: copied in at least MIN_SHARE of at least
+    MIN_ROWS rows."""
+    return [f for f in fields if f.rows >= MIN_ROWS and f.share >= MIN_SHARE]
+
+
+def _chosen(rows, row_of: array):
+    """Which entries of a row column (`row_of`) belong to `rows` (see `CopyCounter.fields`); None: all."""
+    import numpy as np
+
+    if rows is None:
+        return None
+    row_of = np.frombuffer(row_of, np.int64)
+    if isinstance(rows, np.ndarray):
+        return rows[row_of]
+    return np.isin(row_of, np.fromiter(rows, np.int64, len(rows)))
 
 
 def describe(fields: list[CopiedField]) -> str:

@@ -8,7 +8,7 @@ punctuation and spacing removed) have a Jaccard similarity of at least THRESHOLD
 same pattern does not. The similarity is estimated with MinHash (PERMUTATIONS hash functions,
 16 bits kept of each, 128 bytes per row) and candidate pairs come from LSH banding (bands of
 BAND_ROWS values): pairs at 0.8 share a band with probability above 0.9999, so the search is
-about one sort per band instead of comparing every pair. Candidates are then confirmed on
+one hash table per band instead of comparing every pair. Candidates are then confirmed on
 their whole signatures. Both steps are estimates: a pair near the threshold can fall on either
 side of it (the estimate's standard error is about 0.05).
 
@@ -38,7 +38,10 @@ _BATCH_BYTES = 1 << 18
 through the 64 passes, ~20% less time than batches of 1 MiB."""
 _ASCII_WORDS = bytes(c if chr(c).isalnum() or c == ord("_") else ord(" ") for c in range(128)).lower() + b" " * 128
 """A byte translation table: each ASCII byte that is part of a word (`\\w`) lower-cased, a space for any other."""
-_VERIFY_CHUNK = 1 << 17
+_VERIFY_CHUNK = 1 << 14
+"""Candidate pairs confirmed at a time: their signatures (2 MiB a side) stay in a core's cache,
+and each thread's temporary arrays stay small (chunks of 128 Ki pairs took a third more time and
+~90 MiB more memory with two threads, on a million rows)."""
 
 
 class NearDuplicates:
@@ -83,37 +86,22 @@ class NearDuplicates:
             self._signatures = [joined]
         return self._signatures[0]
 
-    def pairs(self, skip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def pairs(self, skip: np.ndarray | None = None, threads: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Near-duplicate pairs (first index, later index, estimated similarity), sorted;
-        rows where `skip` is true (e.g. exact copies) take no part."""
+        rows where `skip` is true (e.g. exact copies) take no part. The bands are searched by
+        `threads` threads: pyarrow's hashing and numpy's copies and comparisons let go of the GIL,
+        and the pairs found are the same whatever the threads (each band's on its own, sorted
+        together at the end)."""
         signatures = self.signatures()
-        bands = signatures.view(np.uint64)  # BAND_ROWS values of 16 bits are one 64-bit key: equal keys, equal band
         index = np.arange(len(signatures)) if skip is None else np.flatnonzero(~skip)
-        found_first, found_later = [], []
-        for band in range(_BANDS):
-            keys = bands[index, band]
-            order = np.argsort(keys, kind="stable")  # stable: within a bucket, rows stay in file order
-            sorted_keys = keys[order]
-            starts = np.ones(len(order), bool)
-            starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
-            # Each row is compared with the first row of its bucket, not with every other row:
-            # linear in the rows however large a bucket of look-alike rows grows.
-            head = np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))
-            first, later = index[order[head[~starts]]], index[order[~starts]]
-            for lo in range(0, len(first), _VERIFY_CHUNK):
-                a, b = first[lo : lo + _VERIFY_CHUNK], later[lo : lo + _VERIFY_CHUNK]
-                # Templated rows fill buckets with pairs that share a band and little more (24 of
-                # 25 candidates on the benchmark's bookings): whole bands compared first, 16
-                # numbers instead of 64, rule them out (~30% less time for this step).
-                close = np.count_nonzero(bands[a] == bands[b], axis=1) >= _LEAST_EQUAL_BANDS
-                a, b = a[close], b[close]
-                similar = _similarity(signatures, a, b) >= THRESHOLD
-                found_first.append(a[similar])
-                found_later.append(b[similar])
-        if not found_first:
-            empty = np.zeros(0, np.int64)
-            return empty, empty, np.zeros(0)
-        pair_ids = np.unique(np.concatenate(found_first) * len(signatures) + np.concatenate(found_later))
+        if threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(threads) as pool:
+                found = list(pool.map(lambda band: _band_pairs(signatures, index, band), range(_BANDS)))
+        else:
+            found = [_band_pairs(signatures, index, band) for band in range(_BANDS)]
+        pair_ids = np.unique(np.concatenate(found))
         first, later = pair_ids // len(signatures), pair_ids % len(signatures)
         return first, later, _similarity(signatures, first, later)
 
@@ -149,6 +137,28 @@ class NearDuplicates:
         return signature
 
 
+def _band_pairs(signatures: np.ndarray, index: np.ndarray, band: int) -> np.ndarray:
+    """The near-duplicate pairs among the rows of `index` that share `band`, as ids (first row
+    times the rows, plus the later row)."""
+    bands = signatures.view(np.uint64)  # BAND_ROWS values of 16 bits are one 64-bit key: equal keys, equal band
+    # Each row is compared with the first row of its bucket (of equal keys), not with every
+    # other row: linear in the rows however large a bucket of look-alike rows grows.
+    firsts = first_equal(bands[index, band])
+    later = np.flatnonzero(firsts != np.arange(len(firsts)))
+    first, later = index[firsts[later]], index[later]
+    found = []
+    for lo in range(0, len(first), _VERIFY_CHUNK):
+        a, b = first[lo : lo + _VERIFY_CHUNK], later[lo : lo + _VERIFY_CHUNK]
+        # Templated rows fill buckets with pairs that share a band and little more (24 of
+        # 25 candidates on the benchmark's bookings): whole bands compared first, 16
+        # numbers instead of 64, rule them out (~30% less time for this step).
+        close = np.count_nonzero(_rows(bands, a) == _rows(bands, b), axis=1) >= _LEAST_EQUAL_BANDS
+        a, b = a[close], b[close]
+        similar = _similarity(signatures, a, b) >= THRESHOLD
+        found.append(a[similar] * len(signatures) + b[similar])
+    return np.concatenate(found) if found else np.zeros(0, np.int64)
+
+
 def normalised_bytes(text: str) -> bytes:
     """`normalise_for_dedup(text)` as UTF-8, byte for byte. An ASCII text (most rows) takes a
     shortcut through byte translation and split, ~2.5x faster than the regular expression and
@@ -159,19 +169,53 @@ def normalised_bytes(text: str) -> bytes:
 
 
 def _similarity(signatures: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (signatures[a] == signatures[b]).mean(axis=1)
+    return (_rows(signatures, a) == _rows(signatures, b)).mean(axis=1)
+
+
+def _rows(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """`matrix[rows]`, ~10x faster: numpy's `take` copies each row whole, where indexing goes
+    element by element (a million rows' candidates: ~1.5 s of the near-duplicate search)."""
+    return np.take(matrix, rows, axis=0)
 
 
 def exact_duplicates(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(index of the first occurrence, index of a later copy) for every repeated key."""
+    """(index of the first occurrence, index of a later copy) for every repeated key, in the
+    order of the copies. Sorted, not hashed: nearly every key is distinct, and a hash table of a
+    million of them would cost ~70 MiB to save a tenth of a second."""
+    firsts = _first_equal_sorted(keys)
+    copy = np.flatnonzero(firsts != np.arange(len(keys)))
+    return firsts[copy], copy
+
+
+HASHED_FROM = 1 << 16
+"""Keys from which `first_equal` hashes them (and novelty.py looks values up) with pyarrow:
+below, a sort takes no longer than pyarrow's import (~0.15 s, ~45 MiB), which is not paid."""
+
+
+def first_equal(keys: np.ndarray) -> np.ndarray:
+    """For each of the 64-bit `keys`, the index of the first key equal to it (its own index when
+    it comes first). Many keys are hashed: pyarrow's dictionary encoding numbers the distinct keys
+    in the order they first occur, with a hash table, several times faster than a sort."""
+    if len(keys) < HASHED_FROM:
+        return _first_equal_sorted(keys)
+    import pyarrow as pa
+
+    number = pa.array(keys).dictionary_encode().indices.to_numpy()
+    highest = np.maximum.accumulate(number)
+    opens = np.ones(len(number), bool)  # where a key first occurs: the numbers reach a new high
+    opens[1:] = highest[1:] > highest[:-1]
+    return np.flatnonzero(opens)[number]
+
+
+def _first_equal_sorted(keys: np.ndarray) -> np.ndarray:
+    """`first_equal` by a stable sort: equal keys side by side, the first of them first."""
     order = np.argsort(keys, kind="stable")
     sorted_keys = keys[order]
     starts = np.ones(len(order), bool)
     starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
-    head = np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))
-    first, copy = order[head[~starts]], order[~starts]
-    by_copy = np.argsort(copy)
-    return first[by_copy], copy[by_copy]
+    firsts = np.empty(len(order), np.int64)
+    firsts[order] = order[np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))]
+    return firsts
 
 
 def components(n: int, first: np.ndarray, later: np.ndarray) -> np.ndarray:

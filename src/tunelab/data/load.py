@@ -217,7 +217,7 @@ def _read_jsonl_rows(path: Path, span: Span | None = None) -> Iterator[tuple[int
                             f"one object per line (convert it with: jq -c '.[]' {path} > {path.stem}-lines.jsonl)")
         first = False
         try:
-            row = json.loads(line)
+            row = _json_line(line)
         except json.JSONDecodeError as e:
             yield number, _Invalid(f"not valid JSON ({e.msg} at column {e.colno})")
         except ValueError:  # Python reads no integer of more than 4,300 digits (a guard against slow parsing)
@@ -230,6 +230,22 @@ def _read_jsonl_rows(path: Path, span: Span | None = None) -> Iterator[tuple[int
                                        "fix or remove that escape")
             else:
                 yield number, row
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _json_line(line: str) -> Any:
+    """`json.loads(line)`, ~1 µs less on the usual line (a million in the data check): the
+    decoder's `raw_decode` and a look at what follows it, without `loads`' two whitespace
+    matches. A line it does not take as it is goes through `json.loads`, which raises its error."""
+    try:
+        row, end = _DECODER.raw_decode(line)
+    except ValueError:
+        return json.loads(line)
+    if end < len(line) and line[end:].strip(" \t\n\r"):  # JSON's whitespace only, as `loads` allows
+        return json.loads(line)
+    return row
 
 
 def _is_json(line: str) -> bool:

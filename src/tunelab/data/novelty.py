@@ -40,19 +40,24 @@ def compared_values(answer: str) -> list[str]:
     """The values of one answer as novelty compares them (see the module's docstring): normalised,
     none empty, in order. Unlike `text.answer_values`, a JSON answer's numbers count too: a
     held-out price or room number that training already showed is as familiar as a name."""
-    values = [normalise_answer(v) for v in _raw_values(answer)]
+    values = [normalise_answer(v) for v in _raw_values(answer, parse_json_answer(answer))]
     return [v for v in values if v]
 
 
 def value_hashes(answer: str) -> list[int]:
     """64-bit hashes of `compared_values`, distinct, for sets that stay small in memory."""
-    hashes = dict.fromkeys(map(_value_hash, _raw_values(answer)))
+    return parsed_value_hashes(answer, parse_json_answer(answer))
+
+
+def parsed_value_hashes(answer: str, parsed) -> list[int]:
+    """`value_hashes` of an answer whose `text.parse_json_answer` the caller has already made (the
+    data check, which parses each answer once for this and for its copied fields)."""
+    hashes = dict.fromkeys(map(_value_hash, _raw_values(answer, parsed)))
     hashes.pop(None, None)
     return list(hashes)
 
 
-def _raw_values(answer: str) -> list[str]:
-    parsed = parse_json_answer(answer)
+def _raw_values(answer: str, parsed) -> list[str]:
     if parsed is None:
         return quoted_spans(answer)
     return _leaf_values(parsed, [])
@@ -64,9 +69,9 @@ def _leaf_values(container: dict | list, found: list[str]) -> list[str]:
     for item in container.values() if isinstance(container, dict) else container:
         if isinstance(item, str):
             found.append(item)
-        elif isinstance(item, dict | list):
+        elif isinstance(item, (dict, list)):
             _leaf_values(item, found)
-        elif isinstance(item, int | float) and not isinstance(item, bool):
+        elif isinstance(item, (int, float)) and not isinstance(item, bool):
             found.append(str(item))
     return found
 
@@ -148,9 +153,19 @@ def measure_packed(values, ends, training, held_out) -> Novelty:
     rows: the data check's million rows in numpy, not a Python loop per row (~1 s less)."""
     import numpy as np
 
+    from tunelab.data.dedup import HASHED_FROM
+
     counts = np.diff(ends, prepend=0)  # values per row
-    known = np.unique(values[np.repeat(training, counts)])
-    novel_value = ~np.isin(values[np.repeat(held_out, counts)], known)
+    trained, held = values[np.repeat(training, counts)], values[np.repeat(held_out, counts)]
+    if len(values) < HASHED_FROM:
+        known = np.unique(trained)
+        novel_value = ~np.isin(held, known)
+    else:  # hash tables (pyarrow), ~10x faster than sorts: the distinct training values, each held-out value among them
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        known = pc.unique(pa.array(trained))
+        novel_value = ~pc.is_in(pa.array(held), value_set=known).to_numpy(zero_copy_only=False)
     counts = counts[held_out]
     ends = np.cumsum(counts)  # of the held-out rows' values, back to back
     novel_up_to = np.concatenate([[0], np.cumsum(novel_value)])
