@@ -19,7 +19,7 @@ LAYERS = [
     {"encoding", "teacher.schema"},
     {"config"},
     {"serve.options", "ui.options"},
-    {"device", "runfolder", "teacher.ask"},
+    {"device", "runfolder", "teacher.ask", "fit"},
     {"data.novelty", "data.augment", "data.copied", "data.extra"},
     {"data.check"},
     {"teacher.label"},
