@@ -110,3 +110,9 @@ def test_cgroup_v1_limit_and_no_limit(tmp_path):
     assert fit._cgroup_room(tmp_path / "root", membership) == 2**30
     (tmp_path / "root" / "memory" / "job" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
     assert fit._cgroup_room(tmp_path / "root", membership) is None
+
+
+def test_a_config_transformers_cannot_read_is_left_to_loading_to_report(tmp_path, monkeypatch):
+    write(tmp_path / "model", {"config.json": '{"model_type": "no-such-architecture"}'})
+    monkeypatch.setattr(fit, "available_bytes", lambda: 1)
+    fit.check_fits(TrainConfig(), tmp_path / "model")  # no refusal on a count it could not make

@@ -92,7 +92,10 @@ def check_fits(config: TrainConfig, base_path: Path) -> None:
     available = available_bytes()
     if available is None:
         return
-    needed = needed_bytes(config, base_path)
+    try:
+        needed = needed_bytes(config, base_path)
+    except (OSError, ValueError, KeyError):
+        return  # a config.json transformers cannot read: loading the model says what is wrong with it
     if needed[config.method] <= available:
         return
     name = config.base
