@@ -20,19 +20,37 @@ def data(tmp_path, write_jsonl) -> Path:
 
 
 def test_the_floor_is_counted_from_the_config_as_the_loaded_model_holds_it(tiny_model_dir):
+    import torch
     from peft import LoraConfig, get_peft_model
 
     from tunelab.models import load_model
 
     model = load_model(tiny_model_dir)
     parameters = sum(p.numel() for p in model.parameters())  # the tied output layer once
+    linear = sum(m.weight.numel() for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and name != "lm_head")
     for targets in ("all-linear", "q_proj,v_proj"):
         names = targets if targets == "all-linear" else targets.split(",")
         peft_model = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=8, target_modules=names,
                                                                            task_type="CAUSAL_LM"))
         adapters = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-        needed = fit.needed_bytes(TrainConfig(lora_rank=8, lora_targets=targets), tiny_model_dir)
+        needed = fit.needed_bytes(TrainConfig(lora_rank=8, lora_targets=targets, precision="fp32"), tiny_model_dir)
         assert needed == {"full": 16 * parameters, "lora": 4 * parameters + 16 * adapters}
+        # bf16 autocast saves a bf16 copy of each frozen linear weight for backward, unless the
+        # layers are recomputed (gradient checkpointing).
+        bf16 = fit.needed_bytes(TrainConfig(lora_rank=8, lora_targets=targets, precision="bf16"), tiny_model_dir)
+        assert bf16 == {"full": 16 * parameters, "lora": 4 * parameters + 16 * adapters + 2 * linear}
+        checkpointed = TrainConfig(lora_rank=8, lora_targets=targets, precision="bf16", gradient_checkpointing=True)
+        assert fit.needed_bytes(checkpointed, tiny_model_dir) == needed
+
+
+def test_on_a_gpu_the_machine_holds_the_weights_as_they_load(tiny_model_dir, monkeypatch):
+    import torch
+
+    parameters = sum(p.numel() for p in fit.model_on_meta(tiny_model_dir).parameters())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert fit.needed_bytes(TrainConfig(method="full"), tiny_model_dir) == {"full": 4 * parameters,
+                                                                           "lora": 4 * parameters}
 
 
 def test_full_fine_tuning_too_big_is_refused_before_the_weights_load(tiny_model_dir, data, tmp_path, cli,
@@ -60,7 +78,18 @@ def test_lora_too_big_is_refused_without_suggesting_lora(tiny_model_dir, data, t
     assert result.returncode == 2
     line = result.stderr.strip()
     assert line.startswith(f"tunelab: error: {tiny_model_dir} needs at least ") and "for LoRA" in line
-    assert "--method lora" not in line and "\n" not in line
+    assert "--method lora" not in line and "--gradient-checkpointing (" not in line and "\n" not in line
+
+
+def test_lora_that_fits_with_checkpointing_is_told_so(tiny_model_dir, data, tmp_path, cli, monkeypatch):
+    with_copies = fit.needed_bytes(TrainConfig(precision="bf16"), tiny_model_dir)["lora"]
+    without = fit.needed_bytes(TrainConfig(precision="bf16", gradient_checkpointing=True), tiny_model_dir)["lora"]
+    monkeypatch.setattr(fit, "available_bytes", lambda: (with_copies + without) // 2)
+    result = cli("train", data, "--base", tiny_model_dir, "--precision", "bf16", "--out", tmp_path / "run")
+    assert result.returncode == 2
+    line = result.stderr.strip()
+    assert "autocast's bf16 copies of its weights" in line
+    assert f"use --gradient-checkpointing (~{without / 1024**3:.0f} GiB) or a smaller model" in line
 
 
 def test_a_run_that_fits_trains(tiny_model_dir, data, tmp_path, cli, monkeypatch):

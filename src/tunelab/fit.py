@@ -7,10 +7,16 @@ The check refuses only on a floor the run cannot go under, never on a guess:
 - full fine-tuning holds every weight in fp32 with its gradient and AdamW's two states, 16 bytes
   a parameter;
 - LoRA holds the frozen weights in fp32 (4 bytes a parameter) and, for each adapter parameter,
-  the same 16 bytes.
+  the same 16 bytes; under bf16 autocast without gradient checkpointing, also the bf16 copy of
+  every frozen linear layer's weight (2 bytes a parameter), which each matmul saves for the
+  backward pass (measured: the saved bf16 tensors of weight shape add up to 2 bytes for each
+  parameter of the linear layers), so the copies of all layers are held at the end of the forward.
+  With checkpointing a layer's copy lives only while that layer is recomputed.
 
-Activations, the bf16 copies autocast makes, the tokenizer and Python itself all come on top, so
-a run that passes may still not fit; one refused could not have fitted.
+Activations, the tokenizer and Python itself come on top, so a run that passes may still not
+fit; one refused could not have fitted. Training on a CUDA GPU keeps gradients, optimizer states
+and activations in the GPU's memory: what the machine's memory must hold there is the fp32
+weights as they load (4 bytes a parameter), whichever the method.
 
 The parameter count comes from the model built on torch's meta device from config.json: exact
 for any architecture transformers knows (tied weights counted once), with no memory allocated.
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tunelab import device
 from tunelab.config import TrainConfig
 from tunelab.cores import CGROUP_ROOT, MEMBERSHIP, _and_above
 from tunelab.errors import UserError
@@ -31,6 +38,8 @@ FULL_BYTES = 16
 """A trained parameter: its fp32 weight, its gradient and AdamW's two moment estimates."""
 FROZEN_BYTES = 4
 """A frozen parameter under LoRA: its fp32 weight."""
+BF16_COPY_BYTES = 2
+"""The bf16 copy of a frozen linear weight that autocast makes and the matmul saves for backward."""
 
 
 def model_on_meta(base_path: Path):
@@ -45,6 +54,15 @@ def model_on_meta(base_path: Path):
 
 def parameter_count(model) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+
+
+def linear_count(model) -> int:
+    """Parameters of the linear layers other than the output layer."""
+    import torch
+
+    output = model.get_output_embeddings()
+    return sum(module.weight.numel() for module in model.modules()
+               if isinstance(module, torch.nn.Linear) and module is not output)
 
 
 def adapter_count(model, rank: int, targets: str) -> int:
@@ -68,11 +86,19 @@ def adapter_count(model, rank: int, targets: str) -> int:
 
 
 def needed_bytes(config: TrainConfig, base_path: Path) -> dict[str, int]:
-    """The floor each method must hold for the base in `base_path`: {'full': ..., 'lora': ...}."""
+    """The floor each method must hold in this machine's memory for the base in `base_path`:
+    {'full': ..., 'lora': ...}, with `config`'s precision and gradient checkpointing."""
+    import torch
+
     model = model_on_meta(base_path)
     parameters = parameter_count(model)
+    if torch.cuda.is_available():
+        return {"full": FROZEN_BYTES * parameters, "lora": FROZEN_BYTES * parameters}
     adapters = adapter_count(model, config.lora_rank, config.lora_targets)
-    return {"full": FULL_BYTES * parameters, "lora": FROZEN_BYTES * parameters + FULL_BYTES * adapters}
+    lora = FROZEN_BYTES * parameters + FULL_BYTES * adapters
+    if device.accelerator_options(config.precision)["mixed_precision"] == "bf16" and not config.gradient_checkpointing:
+        lora += BF16_COPY_BYTES * linear_count(model)
+    return {"full": FULL_BYTES * parameters, "lora": lora}
 
 
 def available_bytes() -> int | None:
@@ -104,9 +130,13 @@ def check_fits(config: TrainConfig, base_path: Path) -> None:
         lora = f"--method lora (~{needed['lora'] / GIB:.0f} GiB) or " if needed["lora"] <= available else ""
         raise UserError(f"{name} needs at least {needed['full'] / GIB:.1f} GiB for full fine-tuning (weights, "
                         f"gradients and AdamW's states) and {have}; use {lora}a smaller model")
+    checkpointed = needed_bytes(config.model_copy(update={"gradient_checkpointing": True}), base_path)["lora"]
+    copies = " and autocast's bf16 copies of its weights" if checkpointed < needed["lora"] else ""
+    fits_checkpointed = copies and checkpointed <= available
+    checkpointing = f"--gradient-checkpointing (~{checkpointed / GIB:.0f} GiB) or " if fits_checkpointed else ""
     raise UserError(f"{name} needs at least {needed['lora'] / GIB:.1f} GiB for LoRA (its weights in fp32 and the "
-                    f"adapters' training state) and {have}; use a smaller model, or stop other programs that "
-                    "hold memory")
+                    f"adapters' training state{copies}) and {have}; use {checkpointing}a smaller model, or stop "
+                    "other programs that hold memory")
 
 
 def _meminfo_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
