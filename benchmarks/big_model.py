@@ -3,6 +3,7 @@
     python benchmarks/random_base.py config /work/bench/bigmodel/base-1.7b --shape smollm2-1.7b
     python benchmarks/random_base.py weights /work/bench/bigmodel/base-1.7b
     PYTHONPATH=src python benchmarks/big_model.py --base /work/bench/bigmodel/base-1.7b --steps 4
+    PYTHONPATH=src python benchmarks/big_model.py --base smollm2-135m --copies
 
 The base is SmolLM2-1.7B's shape with random weights (benchmarks/random_base.py: random weights
 change no timing or memory, the same shapes run the same kernels). Each setting trains LoRA
@@ -16,6 +17,11 @@ and the load average before and after. Settings, run one at a time:
   --gradient-checkpointing (precision auto: bf16 autocast on a CPU with native bf16);
 - `trl` / `trl-nogc`: SFTTrainer with a LoRA peft_config on the same rows and the same fp32 base
   model, its defaults (gradient checkpointing on, bf16 autocast) and gradient checkpointing off.
+
+`--copies` measures instead what a LoRA forward under bf16 autocast saves for the backward pass
+(torch's saved-tensor hooks, each storage counted once): the bf16 tensors of a frozen linear
+weight's shape (or its transpose) against 2 bytes a linear parameter, the share tunelab/fit.py
+adds to LoRA's floor without gradient checkpointing.
 
 Both sides run on the same torch thread count (--threads, default torch's own), since tunelab's
 default of the cores other programs leave free would change with the machine's load mid-benchmark.
@@ -101,6 +107,33 @@ def run_trl(setting: str, base: str, data: Path, out: Path, steps: int, batch: i
     return [b - a for a, b in zip(ends, ends[1:])]
 
 
+def saved_copies(base: str, tokens: int = 256) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.models import load_model, resolve_base
+
+    model = get_peft_model(load_model(resolve_base(base)), LoraConfig(task_type="CAUSAL_LM", **LORA))
+    output = model.get_output_embeddings()
+    linear = [m.base_layer.weight for m in model.modules() if hasattr(m, "base_layer")
+              and isinstance(m.base_layer, torch.nn.Linear) and m.base_layer is not output]
+    shapes = {tuple(w.shape) for w in linear} | {tuple(w.shape)[::-1] for w in linear}
+    copies, other = {}, {}
+
+    def pack(saved: torch.Tensor) -> torch.Tensor:
+        is_copy = saved.dtype == torch.bfloat16 and tuple(saved.shape) in shapes
+        (copies if is_copy else other)[saved.untyped_storage().data_ptr()] = saved.untyped_storage().nbytes()
+        return saved
+
+    ids = torch.randint(0, 1000, (1, tokens))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    expected = 2 * sum(w.numel() for w in linear)
+    print(f"{base}, {tokens} tokens: bf16 weight-shaped tensors saved for backward {sum(copies.values()) / 2**20:.1f} "
+          f"MiB in {len(copies)} storages; 2 bytes x {len(linear)} frozen linear weights = {expected / 2**20:.1f} MiB; "
+          f"everything else saved {sum(other.values()) / 2**20:.1f} MiB")
+
+
 def child(setting: str, base: str, work: Path, steps: int, batch: int, threads: int) -> None:
     import torch
 
@@ -123,8 +156,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="examples a step (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--out", default="runs/bench-big-model", help="work folder")
+    parser.add_argument("--copies", action="store_true", help="measure the bf16 weight copies saved for backward")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.copies:
+        saved_copies(args.base)
+        return
     work = Path(args.out).resolve()
     if args.child:
         child(args.child, args.base, work, args.steps, args.batch, args.threads)
