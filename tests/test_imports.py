@@ -20,7 +20,7 @@ LAYERS = [
     {"config"},
     {"serve.options", "ui.options"},
     {"device", "runfolder", "teacher.ask"},
-    {"data.novelty", "data.augment", "data.copied", "data.extra"},
+    {"data.novelty", "data.augment", "data.copied", "data.extra", "fit"},
     {"data.check"},
     {"teacher.label"},
     {"teacher.synth"},

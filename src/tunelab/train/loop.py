@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tunelab import device
+from tunelab import device, fit
 from tunelab.config import TrainConfig
 from tunelab.data import load as data_mod
 from tunelab.data.augment import copy_variants
@@ -104,6 +104,7 @@ def prepare(config: TrainConfig, data_path: Path, out: Path | None = None, show:
     if config.objective != "sft":
         preference.check_options(config)
     base_path = resolve_base(config.base)
+    fit.check_fits(config, base_path)  # before the data check's work and long before the weights load
     template = Template.for_model(load_tokenizer(base_path), config.template)
     data_path = Path(data_path)
     in_memory = data_path.is_file() and data_path.stat().st_size <= IN_MEMORY_BYTES
