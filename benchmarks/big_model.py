@@ -101,8 +101,8 @@ def run_trl(setting: str, base: str, data: Path, out: Path, steps: int, batch: i
             ends.append(time.perf_counter())
 
     trainer = SFTTrainer(model=load_model(Path(base)), args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=load_tokenizer(Path(base)), peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA),
-                         callbacks=[StepTimes()])
+                         processing_class=load_tokenizer(Path(base)),
+                         peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA), callbacks=[StepTimes()])
     trainer.train()
     return [b - a for a, b in zip(ends, ends[1:])]
 
@@ -193,7 +193,8 @@ def main() -> None:
         print(f"  steps {', '.join(f'{s:.1f}' for s in r['step_s'])} s; peak RSS {r['peak_rss_gib']:.2f} GiB",
               flush=True)
 
-    print("\n| setting | s/step (median after the first) | first step s | peak RSS GiB | threads | load before, after |")
+    print("\n| setting | s/step (median after the first) | first step s | peak RSS GiB | threads "
+          "| load before, after |")
     print("|---|---|---|---|---|---|")
     for r in results:
         later = r["step_s"][1:] or r["step_s"]
