@@ -30,18 +30,26 @@ def cpu_quota(root: Path = CGROUP_ROOT, membership: Path = MEMBERSHIP) -> float 
     the process's own cgroup (`/proc/self/cgroup`; "/" inside a container's cgroup namespace)
     or any cgroup above it (`systemd-run -p CPUQuota=`, a pod without a cgroup namespace):
     cgroup v2's `cpu.max`, else v1's `cpu.cfs_quota_us` over `cpu.cfs_period_us`."""
+    v2, v1 = cgroup_folders("cpu", root, membership)
+    quotas = [q for folder in v2 if (q := _v2_quota(folder)) is not None]
+    if not quotas:
+        quotas = [q for folder in v1 if (q := _v1_quota(folder)) is not None]
+    return min(quotas, default=None)
+
+
+def cgroup_folders(controller: str, root: Path = CGROUP_ROOT,
+                   membership: Path = MEMBERSHIP) -> tuple[list[Path], list[Path]]:
+    """The folders of this process's cgroup and of each cgroup above it, where a limit set on
+    any of them applies: cgroup v2's (under `root`), and v1's for `controller` (under
+    `root/controller`). Either list holds at least `root`'s own folder."""
     try:
         lines = membership.read_text().splitlines()
     except OSError:
         lines = []
     v2 = [path for line in lines if (path := line.partition("::")[2]) and line.startswith("0::")]
     v1 = [line.split(":", 2)[2] for line in lines
-          if line.count(":") >= 2 and "cpu" in line.split(":", 2)[1].split(",")]
-    quotas = [q for folder in _and_above(root, v2[0] if v2 else "/") if (q := _v2_quota(folder)) is not None]
-    if not quotas:
-        quotas = [q for folder in _and_above(root / "cpu", v1[0] if v1 else "/")
-                  if (q := _v1_quota(folder)) is not None]
-    return min(quotas, default=None)
+          if line.count(":") >= 2 and controller in line.split(":", 2)[1].split(",")]
+    return _and_above(root, v2[0] if v2 else "/"), _and_above(root / controller, v1[0] if v1 else "/")
 
 
 def _and_above(root: Path, path: str) -> list[Path]:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tunelab import device
 from tunelab.config import TrainConfig
-from tunelab.cores import CGROUP_ROOT, MEMBERSHIP, _and_above
+from tunelab.cores import CGROUP_ROOT, MEMBERSHIP, cgroup_folders
 from tunelab.errors import UserError
 
 GIB = 1024**3
@@ -154,17 +154,11 @@ def _cgroup_room(root: Path = CGROUP_ROOT, membership: Path = MEMBERSHIP) -> int
     limit less the usage, the usage without the inactive page cache (as `docker stats` counts
     it), which the kernel reclaims before it kills. cgroup v2's memory.max and memory.current,
     else v1's memory.limit_in_bytes and memory.usage_in_bytes; None without a limit."""
-    try:
-        lines = membership.read_text().splitlines()
-    except OSError:
-        return None
-    v2 = [path for line in lines if (path := line.partition("::")[2]) and line.startswith("0::")]
-    v1 = [line.split(":", 2)[2] for line in lines
-          if line.count(":") >= 2 and "memory" in line.split(":", 2)[1].split(",")]
-    rooms = [room for folder in _and_above(root, v2[0] if v2 else "/")
+    v2, v1 = cgroup_folders("memory", root, membership)
+    rooms = [room for folder in v2
              if (room := _room(folder, "memory.max", "memory.current", "inactive_file")) is not None]
     if not rooms:
-        rooms = [room for folder in _and_above(root / "memory", v1[0] if v1 else "/")
+        rooms = [room for folder in v1
                  if (room := _room(folder, "memory.limit_in_bytes", "memory.usage_in_bytes",
                                    "total_inactive_file")) is not None]
     return min(rooms, default=None)
