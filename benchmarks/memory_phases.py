@@ -16,6 +16,12 @@ printed.
 lever against it, e.g. the same 8 examples a step as two micro-batches of 4:
 
     PYTHONPATH=src python benchmarks/memory_phases.py --train-only --max-steps 20 --batch-size 4 --grad-accum 2
+
+`--no-recompute` trains as `tunelab train` does by default (no activations recomputed), and
+`--cap SETTLE SLACK_MIB SHARE` measures a candidate rule for training's heap cap; the steps after
+which it trimmed print at the end:
+
+    PYTHONPATH=src python benchmarks/memory_phases.py --train-only --max-steps 40 --no-recompute --cap 8 256 0.15
 """
 
 from __future__ import annotations
@@ -142,6 +148,25 @@ def instrument(sampler: Sampler, trimmed: list[int]) -> None:
     wrap(sampler, forgetting, "accuracy", "eval: forgetting check")
 
 
+def measure_cap_rule(device, settle: int, slack: int, share: float) -> None:
+    """Replace the heap cap's rule (device.FreedMemoryCap.after_step) by a candidate's: the level is
+    the highest RSS over the first `settle` steps, the heap trimmed once the RSS after a step is
+    more than max(`slack`, `share` of the level) above it."""
+
+    def after_step(cap) -> None:
+        if cap.libc is None:
+            return
+        cap.steps += 1
+        now = device.resident_bytes()
+        if cap.steps <= settle:
+            cap.level = max(cap.level, now)
+        elif now > cap.level + max(slack, int(share * cap.level)):
+            cap.libc.malloc_trim(0)
+            cap.trims += 1
+
+    device.FreedMemoryCap.after_step = after_step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=1200, help="generated examples (the demo's: %(default)s)")
@@ -155,7 +180,16 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                         help="recompute the activations of every N-th decoder layer only (a measurement, "
                         "not a tunelab option)")
+    parser.add_argument("--no-recompute", action="store_true",
+                        help="no activations recomputed: tunelab train's default (the demo recomputes them)")
+    parser.add_argument("--cap", type=float, nargs=3, metavar=("SETTLE", "SLACK_MIB", "SHARE"),
+                        help="a heap cap rule to measure instead of device.FreedMemoryCap's: the level is the "
+                        "highest RSS over the first SETTLE steps, trimmed past it + max(SLACK_MIB, SHARE of it)")
     args = parser.parse_args()
+    from tunelab import device
+
+    if args.cap:
+        measure_cap_rule(device, int(args.cap[0]), int(args.cap[1]) << 20, args.cap[2])
 
     sampler = Sampler()
     sampler.start()
@@ -167,8 +201,6 @@ def main() -> None:
     demo_config = tunelab.demo.demo_config
     changed = {k: v for k, v in (("batch_size", args.batch_size), ("grad_accum", args.grad_accum)) if v}
     if args.checkpoint_every:
-        from tunelab import device
-
         changed["gradient_checkpointing"] = True
         prepare_model = device.prepare_model
 
@@ -178,12 +210,18 @@ def main() -> None:
             return model
 
         device.prepare_model = every_nth
+    if args.no_recompute:
+        changed["gradient_checkpointing"] = False
     if changed:  # run_demo reads demo_config from its module
         tunelab.demo.demo_config = lambda *a, **k: demo_config(*a, **k).model_copy(update=changed)
     config = tunelab.demo.demo_config(args.method, args.max_steps)
     recomputed = f"every {args.checkpoint_every}. layer" if args.checkpoint_every else config.gradient_checkpointing
     print(f"micro-batches of {config.batch_size} examples, {config.grad_accum} per step, "
           f"activations recomputed: {recomputed}", flush=True)
+    settle, slack = device.FreedMemoryCap.__init__.__defaults__
+    settle, slack, share = args.cap or (settle, slack >> 20, 0)
+    print(f"heap cap: level over the first {settle:.0f} steps, trimmed past it + max({slack:.0f} MiB, "
+          f"{share:.0%} of it)", flush=True)
     trimmed = []
     instrument(sampler, trimmed)
     out = Path(args.out)
