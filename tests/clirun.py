@@ -90,3 +90,17 @@ def _stream_handlers() -> list[logging.StreamHandler]:
     loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
     return [handler for logger in loggers for handler in getattr(logger, "handlers", ())
             if type(handler) is logging.StreamHandler]
+
+
+def refuses_bad_data_as_train(cli, command: str, data, extra, flags: list, tmp_path) -> None:
+    """A missing data file, a folder as the data and a missing --data-extra file: `command` says
+    each in one line, exit 2, exactly as `tunelab train` does (flags[4:] are the training flags),
+    never as "trained on other data"."""
+    for given, extra_flags, wrong in ((tmp_path / "dta.jsonl", ["--data-extra", extra], tmp_path / "dta.jsonl"),
+                                      (tmp_path, ["--data-extra", extra], tmp_path),
+                                      (data, ["--data-extra", tmp_path / "gone.jsonl"], tmp_path / "gone.jsonl")):
+        result = cli(command, given, *flags, *extra_flags)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-3000:]
+        assert result.stderr.startswith(f"tunelab: error: {wrong}: ") and "other data" not in result.stderr
+        trained = cli("train", given, *flags[4:], *extra_flags, "--out", tmp_path / "run")
+        assert trained.returncode == 2 and trained.stderr == result.stderr

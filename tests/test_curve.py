@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from clirun import refuses_bad_data_as_train
+
 TRAIN = ["--test-size", "8", "--batch-size", "4", "--method", "full", "--template", "alpaca"]
 
 
@@ -240,14 +242,7 @@ def test_a_missing_data_file_is_one_line_when_a_size_has_finished(cli, tiny_mode
     flags = ["--sizes", "8", "--out", out, "--base", tiny_model_dir, *TRAIN, "--max-steps", "2"]
     assert cli("curve", data, *flags, "--data-extra", extra).returncode == 0
     finished = (out / "n8" / "eval.json").stat().st_mtime_ns
-    for given, extra_flags, wrong in ((tmp_path / "dta.jsonl", ["--data-extra", extra], tmp_path / "dta.jsonl"),
-                                      (tmp_path, ["--data-extra", extra], tmp_path),
-                                      (data, ["--data-extra", tmp_path / "gone.jsonl"], tmp_path / "gone.jsonl")):
-        result = cli("curve", given, *flags, *extra_flags)
-        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-3000:]
-        assert result.stderr.startswith(f"tunelab: error: {wrong}: ") and "other data" not in result.stderr
-        trained = cli("train", given, *flags[4:], *extra_flags, "--out", tmp_path / "run")
-        assert trained.returncode == 2 and trained.stderr == result.stderr
+    refuses_bad_data_as_train(cli, "curve", data, extra, flags, tmp_path)
     assert (out / "n8" / "eval.json").stat().st_mtime_ns == finished
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from clirun import refuses_bad_data_as_train
 from tunelab.iterate.sweep import folder_name
 
 
@@ -166,14 +167,7 @@ def test_a_missing_data_file_is_one_line_when_a_combination_has_finished(cli, ti
              "--max-steps", "2", "--test-size", "8", "--template", "alpaca"]
     assert cli("sweep", data, *flags, "--data-extra", extra).returncode == 0
     finished = (out / "lr=1e-3" / "eval.json").stat().st_mtime_ns
-    for given, extra_flags, wrong in ((tmp_path / "dta.jsonl", ["--data-extra", extra], tmp_path / "dta.jsonl"),
-                                      (tmp_path, ["--data-extra", extra], tmp_path),
-                                      (data, ["--data-extra", tmp_path / "gone.jsonl"], tmp_path / "gone.jsonl")):
-        result = cli("sweep", given, *flags, *extra_flags)
-        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-3000:]
-        assert result.stderr.startswith(f"tunelab: error: {wrong}: ") and "other data" not in result.stderr
-        trained = cli("train", given, *flags[4:], *extra_flags, "--out", tmp_path / "run")
-        assert trained.returncode == 2 and trained.stderr == result.stderr
+    refuses_bad_data_as_train(cli, "sweep", data, extra, flags, tmp_path)
     assert (out / "lr=1e-3" / "eval.json").stat().st_mtime_ns == finished
 
 
