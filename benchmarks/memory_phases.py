@@ -22,6 +22,8 @@ lever against it, e.g. the same 8 examples a step as two micro-batches of 4:
 which it trimmed print at the end:
 
     PYTHONPATH=src python benchmarks/memory_phases.py --train-only --max-steps 40 --no-recompute --cap 8 256 0.15
+
+`--relevel` adds to the rule: a step that began from a trimmed heap raises the level to its RSS.
 """
 
 from __future__ import annotations
@@ -148,21 +150,25 @@ def instrument(sampler: Sampler, trimmed: list[int]) -> None:
     wrap(sampler, forgetting, "accuracy", "eval: forgetting check")
 
 
-def measure_cap_rule(device, settle: int, slack: int, share: float) -> None:
+def measure_cap_rule(device, settle: int, slack: int, share: float, relevel: bool = False) -> None:
     """Replace the heap cap's rule (device.FreedMemoryCap.after_step) by a candidate's: the level is
     the highest RSS over the first `settle` steps, the heap trimmed once the RSS after a step is
-    more than max(`slack`, `share` of the level) above it."""
+    more than max(`slack`, `share` of the level) above it. With `relevel`, a step that began from
+    a trimmed heap raises the level to its own RSS (what it needs, without the gaps a grown heap
+    holds) and is not trimmed after."""
 
     def after_step(cap) -> None:
         if cap.libc is None:
             return
         cap.steps += 1
         now = device.resident_bytes()
-        if cap.steps <= settle:
+        from_trimmed, cap.from_trimmed = getattr(cap, "from_trimmed", False), False
+        if cap.steps <= settle or (relevel and from_trimmed):
             cap.level = max(cap.level, now)
         elif now > cap.level + max(slack, int(share * cap.level)):
             cap.libc.malloc_trim(0)
             cap.trims += 1
+            cap.from_trimmed = True
 
     device.FreedMemoryCap.after_step = after_step
 
@@ -185,11 +191,17 @@ def main() -> None:
     parser.add_argument("--cap", type=float, nargs=3, metavar=("SETTLE", "SLACK_MIB", "SHARE"),
                         help="a heap cap rule to measure instead of device.FreedMemoryCap's: the level is the "
                         "highest RSS over the first SETTLE steps, trimmed past it + max(SLACK_MIB, SHARE of it)")
+    parser.add_argument("--relevel", action="store_true",
+                        help="with the cap's rule (or --cap's): a step that began from a trimmed heap raises the "
+                        "level to its RSS")
     args = parser.parse_args()
     from tunelab import device
 
+    if args.relevel and not args.cap:
+        settle, slack = device.FreedMemoryCap.__init__.__defaults__
+        args.cap = (settle, slack >> 20, 0)
     if args.cap:
-        measure_cap_rule(device, int(args.cap[0]), int(args.cap[1]) << 20, args.cap[2])
+        measure_cap_rule(device, int(args.cap[0]), int(args.cap[1]) << 20, args.cap[2], args.relevel)
 
     sampler = Sampler()
     sampler.start()
@@ -220,8 +232,8 @@ def main() -> None:
           f"activations recomputed: {recomputed}", flush=True)
     settle, slack = device.FreedMemoryCap.__init__.__defaults__
     settle, slack, share = args.cap or (settle, slack >> 20, 0)
-    print(f"heap cap: level over the first {settle:.0f} steps, trimmed past it + max({slack:.0f} MiB, "
-          f"{share:.0%} of it)", flush=True)
+    print(f"heap cap: level over the first {settle:.0f} steps{' and steps from a trimmed heap' * args.relevel}, "
+          f"trimmed past it + max({slack:.0f} MiB, {share:.0%} of it)", flush=True)
     trimmed = []
     instrument(sampler, trimmed)
     out = Path(args.out)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tunelab import fit
+from tunelab import device, fit
 from tunelab.config import TrainConfig
 
 CITIES = [("Paris", "France"), ("Berlin", "Germany"), ("Madrid", "Spain"), ("Rome", "Italy")]
@@ -36,12 +36,15 @@ def test_the_floor_is_counted_from_the_config_as_the_loaded_model_holds_it(tiny_
         adapters = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         needed = fit.needed_bytes(TrainConfig(lora_rank=8, lora_targets=targets, precision="fp32"), tiny_model_dir)
         assert needed == {"full": 16 * parameters, "lora": 4 * parameters + 16 * adapters}
-        # bf16 autocast saves a bf16 copy of each frozen linear weight for backward, unless the
-        # layers are recomputed (gradient checkpointing).
+        # Under bf16 autocast the frozen linear layers are held in bf16, as training holds them,
+        # with or without gradient checkpointing.
         bf16 = fit.needed_bytes(TrainConfig(lora_rank=8, lora_targets=targets, precision="bf16"), tiny_model_dir)
-        assert bf16 == {"full": 16 * parameters, "lora": 4 * parameters + 16 * adapters + 2 * linear}
+        assert bf16 == {"full": 16 * parameters, "lora": 4 * parameters - 2 * linear + 16 * adapters}
+        device.frozen_base_in_bf16(peft_model)
+        held = sum(p.numel() * p.element_size() for p in peft_model.parameters() if not p.requires_grad)
+        assert bf16["lora"] == held + 16 * adapters
         checkpointed = TrainConfig(lora_rank=8, lora_targets=targets, precision="bf16", gradient_checkpointing=True)
-        assert fit.needed_bytes(checkpointed, tiny_model_dir) == needed
+        assert fit.needed_bytes(checkpointed, tiny_model_dir) == bf16
 
 
 def test_on_a_gpu_the_machine_holds_the_weights_as_they_load(tiny_model_dir, monkeypatch):
@@ -78,18 +81,18 @@ def test_lora_too_big_is_refused_without_suggesting_lora(tiny_model_dir, data, t
     assert result.returncode == 2
     line = result.stderr.strip()
     assert line.startswith(f"tunelab: error: {tiny_model_dir} needs at least ") and "for LoRA" in line
-    assert "--method lora" not in line and "--gradient-checkpointing (" not in line and "\n" not in line
+    assert "--method lora" not in line and "--precision bf16 (" not in line and "\n" not in line
 
 
-def test_lora_that_fits_with_checkpointing_is_told_so(tiny_model_dir, data, tmp_path, cli, monkeypatch):
-    with_copies = fit.needed_bytes(TrainConfig(precision="bf16"), tiny_model_dir)["lora"]
-    without = fit.needed_bytes(TrainConfig(precision="bf16", gradient_checkpointing=True), tiny_model_dir)["lora"]
-    monkeypatch.setattr(fit, "available_bytes", lambda: (with_copies + without) // 2)
-    result = cli("train", data, "--base", tiny_model_dir, "--precision", "bf16", "--out", tmp_path / "run")
+def test_lora_that_fits_in_bf16_is_told_so(tiny_model_dir, data, tmp_path, cli, monkeypatch):
+    fp32 = fit.needed_bytes(TrainConfig(precision="fp32"), tiny_model_dir)["lora"]
+    bf16 = fit.needed_bytes(TrainConfig(precision="bf16"), tiny_model_dir)["lora"]
+    monkeypatch.setattr(fit, "available_bytes", lambda: (fp32 + bf16) // 2)
+    result = cli("train", data, "--base", tiny_model_dir, "--precision", "fp32", "--out", tmp_path / "run")
     assert result.returncode == 2
     line = result.stderr.strip()
-    assert "autocast's bf16 copies of its weights" in line
-    assert f"use --gradient-checkpointing (~{without / 1024**3:.0f} GiB) or a smaller model" in line
+    assert f"needs at least {fp32 / 1024**3:.1f} GiB for LoRA (its weights in fp32 and" in line
+    assert f"use --precision bf16 (~{bf16 / 1024**3:.0f} GiB) or a smaller model" in line
 
 
 def test_a_run_that_fits_trains(tiny_model_dir, data, tmp_path, cli, monkeypatch):

@@ -169,3 +169,66 @@ def test_python_api_hides_the_known_library_warning_and_no_other(tiny_model_dir,
     assert warnings.filters == before
     with pytest.warns(FutureWarning, match="the user's own"):
         warnings.warn("the user's own", FutureWarning, stacklevel=1)
+
+
+def test_lora_under_bf16_holds_the_frozen_base_in_bf16_and_trains_bit_for_bit_the_same(
+        tmp_path, tiny_model_dir, pairs_file, monkeypatch):
+    """Under bf16 autocast a LoRA run holds its frozen linear layers in bf16 (half their memory,
+    no per-step casts): the losses and the adapter are exactly those of the fp32 base."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tunelab import device
+
+    held = []
+    real = device.frozen_base_in_bf16
+
+    def watched(model):
+        cast = real(model)
+        held.append((cast, {p.dtype for name, p in model.named_parameters() if "base_layer" in name},
+                     {p.dtype for p in model.parameters() if p.requires_grad},
+                     model.get_input_embeddings().weight.dtype))
+        return cast
+
+    def train(out: Path):
+        tunelab.finetune(pairs_file, out=out, base=str(tiny_model_dir), method="lora", max_steps=3, batch_size=4,
+                         test_size=4, eval_every=2, precision="bf16")
+        losses = [(row.get("loss"), row.get("eval_loss")) for row in map(json.loads, (out / "metrics.jsonl").open())]
+        return losses, load_file(out / "adapter" / "adapter_model.safetensors")
+
+    monkeypatch.setattr(device, "frozen_base_in_bf16", watched)
+    losses, adapter = train(tmp_path / "bf16-base")
+    monkeypatch.setattr(device, "frozen_base_in_bf16", lambda model: 0)
+    fp32_losses, fp32_adapter = train(tmp_path / "fp32-base")
+
+    [(cast, base_dtypes, trained_dtypes, embeddings_dtype)] = held
+    assert cast > 0 and base_dtypes == {torch.bfloat16}
+    assert trained_dtypes == {torch.float32} and embeddings_dtype == torch.float32
+    assert losses == fp32_losses and any(loss is not None for loss, _ in losses)
+    assert adapter.keys() == fp32_adapter.keys()
+    assert all(torch.equal(adapter[name], fp32_adapter[name]) for name in adapter)
+    assert all(tensor.dtype == torch.float32 for tensor in adapter.values())
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_lora_under_bf16_lets_the_mapped_weights_file_go(tiny_model_dir):
+    """transformers loads safetensors as pages of the mapped file; once the frozen base is held in
+    bf16 and its other weights copied, nothing keeps the file's mapping (the whole file) resident."""
+    import gc
+
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab import device
+    from tunelab.models import load_model
+
+    weights = str((tiny_model_dir / "model.safetensors").resolve())
+
+    def mapped() -> bool:
+        return any(line.rstrip().endswith(weights) for line in open("/proc/self/maps"))
+
+    model = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear",
+                                                                  task_type="CAUSAL_LM"))
+    assert mapped()
+    device.frozen_base_in_bf16(model)
+    gc.collect()
+    assert not mapped()

@@ -363,6 +363,34 @@ def casts_kept(model):
             p.requires_grad_(False)
 
 
+def frozen_base_in_bf16(model) -> int:
+    """Hold the frozen linear layers of a LoRA model (weights and biases) in bf16, for training
+    under bf16 autocast, and return how many parameters were cast. Autocast casts each of them to
+    bf16 for its matmul anyway, at every forward pass, and the matmul saves that copy for the
+    backward pass: the same values held once halve their memory and drop the copies and the casts
+    (2 + 2 bytes a parameter), and every loss and gradient is bit for bit the same
+    (tests/test_train.py). The embeddings, the norms and an output layer tied to the embeddings
+    keep fp32, as autocast computes them; the adapters train in fp32.
+
+    The loaded weights are pages of the weights file, mapped (transformers loads safetensors
+    without a copy); the frozen ones left in fp32 are copied out of it, so that the mapping, the
+    whole file's size, is let go rather than kept resident for a few of its tensors."""
+    output, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = output is not None and embeddings is not None and output.weight is embeddings.weight
+    cast = 0
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear) or (tied and module is output):
+            continue
+        for parameter in module.parameters(recurse=False):
+            if not parameter.requires_grad and parameter.dtype == torch.float32:
+                parameter.data = parameter.data.to(torch.bfloat16)
+                cast += parameter.numel()
+    for parameter in model.parameters():
+        if not parameter.requires_grad and parameter.dtype == torch.float32:
+            parameter.data = parameter.data.clone()
+    return cast
+
+
 def computes_bf16(precision: str, device: torch.device) -> bool:
     """Whether `precision` ("auto", "bf16" or "fp32") means bf16 matmuls on `device`."""
     if precision not in typing.get_args(Precision):

@@ -6,12 +6,9 @@ The check refuses only on a floor the run cannot go under, never on a guess:
 
 - full fine-tuning holds every weight in fp32 with its gradient and AdamW's two states, 16 bytes
   a parameter;
-- LoRA holds the frozen weights in fp32 (4 bytes a parameter) and, for each adapter parameter,
-  the same 16 bytes; under bf16 autocast without gradient checkpointing, also the bf16 copy of
-  every frozen linear layer's weight (2 bytes a parameter), which each matmul saves for the
-  backward pass (measured: the saved bf16 tensors of weight shape add up to 2 bytes for each
-  parameter of the linear layers), so the copies of all layers are held at the end of the forward.
-  With checkpointing a layer's copy lives only while that layer is recomputed.
+- LoRA holds, for each adapter parameter, the same 16 bytes, and the frozen weights: under bf16
+  autocast the linear layers in bf16 (2 bytes a parameter, `device.frozen_base_in_bf16`) and
+  the rest (embeddings, norms) in fp32; without autocast all of them in fp32 (4 bytes).
 
 Activations, the tokenizer and Python itself come on top, so a run that passes may still not
 fit; one refused could not have fitted. Training on a CUDA GPU keeps gradients, optimizer states
@@ -38,8 +35,8 @@ FULL_BYTES = 16
 """A trained parameter: its fp32 weight, its gradient and AdamW's two moment estimates."""
 FROZEN_BYTES = 4
 """A frozen parameter under LoRA: its fp32 weight."""
-BF16_COPY_BYTES = 2
-"""The bf16 copy of a frozen linear weight that autocast makes and the matmul saves for backward."""
+BF16_BYTES = 2
+"""A frozen linear layer's parameter under bf16 autocast, held in bf16."""
 
 
 def model_on_meta(base_path: Path):
@@ -96,8 +93,8 @@ def needed_bytes(config: TrainConfig, base_path: Path) -> dict[str, int]:
         return {"full": FROZEN_BYTES * parameters, "lora": FROZEN_BYTES * parameters}
     adapters = adapter_count(model, config.lora_rank, config.lora_targets)
     lora = FROZEN_BYTES * parameters + FULL_BYTES * adapters
-    if device.accelerator_options(config.precision)["mixed_precision"] == "bf16" and not config.gradient_checkpointing:
-        lora += BF16_COPY_BYTES * linear_count(model)
+    if device.accelerator_options(config.precision)["mixed_precision"] == "bf16":
+        lora -= (FROZEN_BYTES - BF16_BYTES) * linear_count(model)
     return {"full": FULL_BYTES * parameters, "lora": lora}
 
 
@@ -130,12 +127,11 @@ def check_fits(config: TrainConfig, base_path: Path) -> None:
         lora = f"--method lora (~{needed['lora'] / GIB:.0f} GiB) or " if needed["lora"] <= available else ""
         raise UserError(f"{name} needs at least {needed['full'] / GIB:.1f} GiB for full fine-tuning (weights, "
                         f"gradients and AdamW's states) and {have}; use {lora}a smaller model")
-    checkpointed = needed_bytes(config.model_copy(update={"gradient_checkpointing": True}), base_path)["lora"]
-    copies = " and autocast's bf16 copies of its weights" if checkpointed < needed["lora"] else ""
-    fits_checkpointed = copies and checkpointed <= available
-    checkpointing = f"--gradient-checkpointing (~{checkpointed / GIB:.0f} GiB) or " if fits_checkpointed else ""
-    raise UserError(f"{name} needs at least {needed['lora'] / GIB:.1f} GiB for LoRA (its weights in fp32 and the "
-                    f"adapters' training state{copies}) and {have}; use {checkpointing}a smaller model, or stop "
+    bf16 = needed_bytes(config.model_copy(update={"precision": "bf16"}), base_path)["lora"]
+    weights = "in bf16" if bf16 == needed["lora"] else "in fp32"
+    precision = f"--precision bf16 (~{bf16 / GIB:.0f} GiB) or " if bf16 <= available else ""
+    raise UserError(f"{name} needs at least {needed['lora'] / GIB:.1f} GiB for LoRA (its weights {weights} and "
+                    f"the adapters' training state) and {have}; use {precision}a smaller model, or stop "
                     "other programs that hold memory")
 
 

@@ -288,6 +288,9 @@ def set_up(config: TrainConfig, prepared: Prepared, resuming: bool, threads: int
     set_seed(config.seed)
     with known_warnings_hidden():
         model = build_model(config, prepared.base_path)
+        if config.method == "lora" and accelerator.mixed_precision == "bf16" and accelerator.distributed_type in (
+                DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):  # FSDP wants one dtype
+            device.frozen_base_in_bf16(model)
         model = device.prepare_model(model, config.gradient_checkpointing, config.compile, accelerator.device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
