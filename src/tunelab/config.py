@@ -280,7 +280,8 @@ class TrainConfig(DataOptions):
     gradient_checkpointing: StrictBool = False
     """Recompute activations in the backward pass: less memory for long examples, about 1/3 more compute."""
     precision: Precision = "auto"
-    """Matmul precision: bf16 autocast (weights and optimizer stay fp32) or fp32; 'auto' picks bf16
+    """Matmul precision: bf16 autocast (trained weights and optimizer stay fp32, LoRA holds the frozen
+    linear layers in bf16) or fp32; 'auto' picks bf16
     where the hardware computes it natively (recent NVIDIA GPUs, CPUs with AVX512-BF16 or AMX), else fp32."""
     compile: StrictBool = False
     """torch.compile the model: slow first steps, then faster on GPUs (not on CPU)."""
