@@ -102,3 +102,34 @@ def test_peft_still_merges_an_adapter_on_tied_layers_twice(tiny_model_dir):
         adapted = logits_of(model)
         merged = logits_of(model.merge_and_unload())
     assert (merged - adapted).abs().max() > 0.1
+
+
+def test_lora_of_an_untied_model_in_bf16_trains_through_the_chunked_output_projection(
+        data, untied_model_dir, tmp_path, monkeypatch):
+    """Under bf16 autocast LoRA holds the frozen linear layers in bf16, but not the output layer:
+    the chunked output projection (train/loss.py, past LOSS_CHUNK trained tokens) runs outside
+    autocast, where a bf16 weight would meet fp32 hidden states."""
+    from tunelab import device
+    from tunelab.train import loss
+
+    monkeypatch.setattr(loss, "LOSS_CHUNK", 4)  # every batch of this data goes through the chunks
+    chunked, held = [], []
+    real_chunked, real_hold = loss.chunked_token_loss, device.frozen_base_in_bf16
+
+    def counting(*args, **kwargs):
+        total = real_chunked(*args, **kwargs)
+        chunked.append(total is not None)
+        return total
+
+    def holding(model):
+        cast = real_hold(model)
+        held.append((cast, model.get_output_embeddings().weight.dtype))
+        return cast
+
+    monkeypatch.setattr(loss, "chunked_token_loss", counting)
+    monkeypatch.setattr(device, "frozen_base_in_bf16", holding)
+    assert main(["train", str(data), "--base", str(untied_model_dir), "--out", str(tmp_path / "run"),
+                 "--max-steps", "2", "--batch-size", "3", "--test-size", "0", "--precision", "bf16"]) == 0
+    [(cast, head_dtype)] = held
+    assert cast > 0 and head_dtype == torch.float32
+    assert chunked and all(chunked)

@@ -369,17 +369,16 @@ def frozen_base_in_bf16(model) -> int:
     bf16 for its matmul anyway, at every forward pass, and the matmul saves that copy for the
     backward pass: the same values held once halve their memory and drop the copies and the casts
     (2 + 2 bytes a parameter), and every loss and gradient is bit for bit the same
-    (tests/test_train.py). The embeddings, the norms and an output layer tied to the embeddings
-    keep fp32, as autocast computes them; the adapters train in fp32.
+    (tests/test_train.py). The embeddings, the norms and the output layer keep fp32 (the output
+    projection may run outside autocast, in chunks: train/loss.py); the adapters train in fp32.
 
     The loaded weights are pages of the weights file, mapped (transformers loads safetensors
     without a copy); the frozen ones left in fp32 are copied out of it, so that the mapping, the
     whole file's size, is let go rather than kept resident for a few of its tensors."""
-    output, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
-    tied = output is not None and embeddings is not None and output.weight is embeddings.weight
+    output = model.get_output_embeddings()
     cast = 0
     for module in model.modules():
-        if not isinstance(module, torch.nn.Linear) or (tied and module is output):
+        if not isinstance(module, torch.nn.Linear) or module is output:
             continue
         for parameter in module.parameters(recurse=False):
             if not parameter.requires_grad and parameter.dtype == torch.float32:

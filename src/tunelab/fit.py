@@ -7,8 +7,9 @@ The check refuses only on a floor the run cannot go under, never on a guess:
 - full fine-tuning holds every weight in fp32 with its gradient and AdamW's two states, 16 bytes
   a parameter;
 - LoRA holds, for each adapter parameter, the same 16 bytes, and the frozen weights: under bf16
-  autocast the linear layers in bf16 (2 bytes a parameter, `device.frozen_base_in_bf16`) and
-  the rest (embeddings, norms) in fp32; without autocast all of them in fp32 (4 bytes).
+  autocast the linear layers but the output layer in bf16 (2 bytes a parameter,
+  `device.frozen_base_in_bf16`) and the rest (embeddings, norms, output layer) in fp32; without
+  autocast all of them in fp32 (4 bytes).
 
 Activations, the tokenizer and Python itself come on top, so a run that passes may still not
 fit; one refused could not have fitted. Training on a CUDA GPU keeps gradients, optimizer states
