@@ -454,6 +454,25 @@ def test_a_failure_inside_generation_fails_only_its_own_row(runs):
     assert ends[0][1].generated_tokens >= 1 and stats["failed"] == 1 and stats["answered"] == 2
 
 
+def test_health_counts_an_answer_before_its_client_has_it(monkeypatch):
+    """A client that reads /health right after its answer sees it counted (the counts were once
+    updated after the answers were sent, and a quick client read the count before)."""
+    from types import SimpleNamespace
+
+    from tunelab.serve.scheduler import Job, Scheduler
+
+    scheduler = Scheduler(max_queue=8, batch_size=8)
+    sent = []
+    monkeypatch.setattr(Job, "send", lambda job, kind, value: sent.append((kind, value, scheduler.stats()["answered"])))
+    monkeypatch.setattr(Scheduler, "generate", staticmethod(lambda jobs: [f"answer {i}" for i in range(len(jobs))]))
+    jobs = [Job(SimpleNamespace(name="alpha"), [], [1], 4, 1.0, 1.0, None, (), None) for _ in range(3)]
+    for job in jobs:
+        assert scheduler.admit(job)
+    scheduler.thread.start()
+    scheduler.close()  # answers what waits, then ends
+    assert sent == [("done", f"answer {i}", 3) for i in range(3)]
+
+
 def test_a_long_conversation_is_answered_or_refused_at_once_while_health_answers(server):
     """A prompt is rendered once, off the event loop, and a request may hold so many messages:
     1,600 short messages (58 KB) once stalled every request for 18 s."""

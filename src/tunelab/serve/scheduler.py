@@ -122,43 +122,43 @@ class Scheduler:
                 for job in batch:
                     self.waiting.remove(job)
                 self.running = len(batch)
-            failed = self.answer(batch)
+            outcomes = self.answer(batch)
+            failed = sum(kind == "error" for _, kind, _ in outcomes)
             with self.lock:
                 self.running = 0
                 self.answered += len(batch) - failed
                 self.failed += failed
                 self.batches += 1
+            for job, kind, value in outcomes:  # once counted: /health never lags an answer its client has
+                job.send(kind, value)
 
-    def answer(self, batch: list[Job]) -> int:
-        """Answer the batch; a job that fails gets an error (a 500) and the others their answers.
-        Returns how many failed."""
+    def answer(self, batch: list[Job]) -> list[tuple[Job, str, Any]]:
+        """Answer the batch: for each job ("done", its answer), or ("error", FAILED) for a job that
+        fails (a 500), the others still answered."""
         try:
-            self.generate(batch)
-            return 0
+            return [(job, "done", answer) for job, answer in zip(batch, self.generate(batch))]
         except Exception:  # a bug: the server goes on
             traceback.print_exc()
         if len(batch) == 1:
-            batch[0].send("error", FAILED)
-            return 1
-        failed = 0
+            return [(batch[0], "error", FAILED)]
+        outcomes: list[tuple[Job, str, Any]] = []
         for job in batch:
-            try:
-                if not job.streamed:  # text already sent cannot be taken back and sent again
-                    self.generate([job])
+            if not job.streamed:  # text already sent cannot be taken back and sent again
+                try:
+                    [answer] = self.generate([job])
+                    outcomes.append((job, "done", answer))
                     continue
-            except Exception:
-                traceback.print_exc()
-            job.send("error", FAILED)
-            failed += 1
-        return failed
+                except Exception:
+                    traceback.print_exc()
+            outcomes.append((job, "error", FAILED))
+        return outcomes
 
     @staticmethod
-    def generate(jobs: list[Job]) -> None:
+    def generate(jobs: list[Job]) -> list:
+        """The jobs' answers, in order, from one batched generation (their text streamed as it comes)."""
         from tunelab.decoding.generate import generate_rows
 
         served = jobs[0].served
         if served.adapter is not None:
             served.model.set_adapter(served.adapter)
-        answers = generate_rows(served.model, served.template, [job.request() for job in jobs], served.precision)
-        for job, answer in zip(jobs, answers):
-            job.send("done", answer)
+        return generate_rows(served.model, served.template, [job.request() for job in jobs], served.precision)
