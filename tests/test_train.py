@@ -232,3 +232,23 @@ def test_lora_under_bf16_lets_the_mapped_weights_file_go(tiny_model_dir):
     device.frozen_base_in_bf16(model)
     gc.collect()
     assert not mapped()
+
+
+def test_metrics_log_the_learning_rate_each_step_trained_with(tmp_path, tiny_model_dir, pairs_file):
+    """The first step of a warmup trains at a rate of 0 and the last at a small positive one; each
+    row of metrics.jsonl says the rate of its own step, not of the next."""
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    tunelab.finetune(pairs_file, out=tmp_path / "run", base=str(tiny_model_dir), method="lora", max_steps=4,
+                     batch_size=2, test_size=4, eval_every=100, lr=1e-2, warmup_ratio=0.25, precision="fp32")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    logged = [row["lr"] for row in rows if "loss" in row]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+    schedule = get_cosine_schedule_with_warmup(optimizer, 1, 4)
+    used = []
+    for _ in range(4):
+        used.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert logged == pytest.approx(used) and used[0] == 0 and used[-1] > 0

@@ -402,6 +402,7 @@ def run_loop(training: Training, config: TrainConfig, checkpoints: Checkpoints, 
                 if config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(t.trainable, config.max_grad_norm)
                 t.optimizer.step()
+                lr = t.scheduler.get_last_lr()[0]  # the rate this step used, before the schedule moves on
                 t.scheduler.step()
                 t.optimizer.zero_grad()
                 if heap:
@@ -413,7 +414,7 @@ def run_loop(training: Training, config: TrainConfig, checkpoints: Checkpoints, 
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens / elapsed:.0f}")
                 bar.update()
                 if metrics:
-                    metrics.write({"step": step, "loss": round(loss_value, 5), "lr": t.scheduler.get_last_lr()[0],
+                    metrics.write({"step": step, "loss": round(loss_value, 5), "lr": lr,
                                    "tokens": tokens, "tokens_per_s": round(tokens / elapsed, 1),
                                    "elapsed_s": round(elapsed, 2), **preferences})
                 saving = checkpoints.due(step)
