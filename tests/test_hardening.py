@@ -159,6 +159,37 @@ def test_resume_of_a_finished_run_says_so_and_changes_nothing(runs, tmp_path, da
     assert snapshot(run) == before
 
 
+def test_resume_of_a_run_that_ended_on_a_checkpoint_says_so_and_changes_nothing(tmp_path, data, tiny_model_dir,
+                                                                                 capsys):
+    run = tmp_path / "run"
+    options = [*flags(tiny_model_dir, "lora"), "--save-every", "2"]
+    assert main(["train", str(data), "--out", str(run), *options]) == 0
+    assert (run / "checkpoints" / "step-000002").is_dir()  # its last step
+    (run / "eval.json").write_text("{}")
+    (run / "report.html").write_text("<p>the run's report</p>")
+    capsys.readouterr()
+    before = snapshot(run)
+    assert main(["train", str(data), "--out", str(run), *options, "--resume"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"{run}: the run is finished, trained on the same data and options; nothing to resume. Next: tunelab eval {run}"]
+    assert snapshot(run) == before
+
+
+def test_a_resume_that_trains_removes_the_eval_of_the_weights_it_replaces(tmp_path, data, tiny_model_dir, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(run), *flags(tiny_model_dir, "lora"), "--save-every", "1"]) == 0
+    assert main(["eval", str(run), "--limit", "2", "--max-new-tokens", "2", "--no-base"]) == 0
+    assert (run / "eval.json").exists() and (run / "report.html").exists()
+    capsys.readouterr()
+    longer = [arg if arg != "2" else "3" for arg in flags(tiny_model_dir, "lora")]  # --max-steps 3
+    assert main(["train", str(data), "--out", str(run), *longer, "--save-every", "1", "--resume", "--force"]) == 0
+    err = capsys.readouterr().err
+    assert (f"tunelab: note: eval.json and report.html removed from {run}: they were of the weights before this "
+            f"resume; run `tunelab eval {run}` once it ends") in err
+    assert not (run / "eval.json").exists() and not (run / "report.html").exists()
+    assert json.loads((run / "run.json").read_text())["training"]["steps"] == 3
+
+
 def test_resume_of_a_finished_run_through_the_python_api(runs, tmp_path, data, tiny_model_dir, capsys):
     import tunelab
 

@@ -40,6 +40,9 @@ from tunelab.errors import UserError, check_not_broken_link
 from tunelab.runlock import check_not_training
 from tunelab.template import Template
 
+REPORT_FILE = "report.html"
+"""The report `tunelab eval` and `tunelab report` write of a run (report/html.py)."""
+
 
 @dataclass
 class RunFiles:
@@ -118,6 +121,10 @@ class RunFiles:
     @property
     def eval(self) -> Path:
         return self.root / "eval.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / REPORT_FILE
 
     def create(self, config: TrainConfig, template: Template, base_path: Path, train: list[Example],
                test: list[Example], dropped: list[int], trained_pieces: int, augmented: Sequence[Example] = (),

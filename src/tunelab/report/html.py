@@ -29,8 +29,8 @@ from tunelab.errors import check_not_kernel_folder, check_output_file
 from tunelab.files import write_text_atomic
 from tunelab.report import plots, sections
 from tunelab.report.runs import RunData, read_run
+from tunelab.runfolder import REPORT_FILE
 
-REPORT_FILE = "report.html"
 COMPARISON_FILE = "comparison.html"
 SERIES_COLOURS = ["#1f6fb4", "#d9730d", "#2e8b57", "#b03a8c", "#7a5c2e", "#5b5ea6", "#c0392b", "#17817a"]
 

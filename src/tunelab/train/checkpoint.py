@@ -101,7 +101,8 @@ def _file_sha256(path: Path) -> str:
 
 
 def finished_run(files: RunFiles, config, data_path: Path) -> str | None:
-    """For --resume on a run that finished and has no checkpoint to continue from: the line saying
+    """For --resume on a run that finished and has no checkpoint to continue from (none, or only
+    the one of the step where its training ended): the line saying
     so when the data and options are those it was trained with (run.json keeps their fingerprint),
     so nothing is trained again and its eval.json and report stay true. Finished means run.json
     records the end of training ("training", written after the weights): weights without it were
@@ -118,12 +119,17 @@ def finished_run(files: RunFiles, config, data_path: Path) -> str | None:
     if config.data_extra:
         check_data_file(Path(config.data_extra))
     checkpoints = Checkpoints(files.root, config, data_path)
-    if checkpoints.complete():
-        return None
     try:
         info = json.loads(files.info.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         info = {}
+    complete = checkpoints.complete()
+    if complete:
+        # Its newest checkpoint is where training ended: nothing is left to train either.
+        training = info.get("training") if isinstance(info, dict) else None
+        ended = isinstance(training, dict) and complete[-1].step == training.get("steps")
+        if not (ended and "fingerprint" in info and not checkpoints.changes(info)):
+            return None
     if not isinstance(info, dict) or "fingerprint" not in info:
         return (f"{files.root}: the run is finished; nothing to resume (an older tunelab trained it and kept no "
                 "record of its data: pass --overwrite instead of --resume to train it again)")

@@ -341,6 +341,12 @@ def open_run_folder(files: RunFiles, config: TrainConfig, prepared: Prepared, ov
     prepared.report.save(files.root)
     if resume:
         trim_metrics(files.metrics, start.step if start else -1)
+        stale = [path for path in (files.eval, files.report) if path.exists()]
+        for path in stale:  # they describe the weights this training replaces
+            path.unlink()
+        if stale:
+            print(f"tunelab: note: {' and '.join(path.name for path in stale)} removed from {files.root}: they were "
+                  f"of the weights before this resume; run `tunelab eval {files.root}` once it ends", file=sys.stderr)
     return files.metrics_writer()
 
 
