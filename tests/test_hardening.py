@@ -170,8 +170,8 @@ def test_resume_of_a_run_that_ended_on_a_checkpoint_says_so_and_changes_nothing(
     capsys.readouterr()
     before = snapshot(run)
     assert main(["train", str(data), "--out", str(run), *options, "--resume"]) == 0
-    assert capsys.readouterr().out.splitlines() == [
-        f"{run}: the run is finished, trained on the same data and options; nothing to resume. Next: tunelab eval {run}"]
+    assert capsys.readouterr().out.splitlines() == [f"{run}: the run is finished, trained on the same data and "
+                                                    f"options; nothing to resume. Next: tunelab eval {run}"]
     assert snapshot(run) == before
 
 
