@@ -124,18 +124,19 @@ def finished_run(files: RunFiles, config, data_path: Path) -> str | None:
     except (OSError, ValueError):
         info = {}
     complete = checkpoints.complete()
-    if complete:
-        # Its newest checkpoint is where training ended: nothing is left to train either.
-        training = info.get("training") if isinstance(info, dict) else None
-        ended = isinstance(training, dict) and complete[-1].step == training.get("steps")
-        if not (ended and "fingerprint" in info and not checkpoints.changes(info)):
-            return None
     if not isinstance(info, dict) or "fingerprint" not in info:
+        if complete:
+            return None
         return (f"{files.root}: the run is finished; nothing to resume (an older tunelab trained it and kept no "
                 "record of its data: pass --overwrite instead of --resume to train it again)")
     if "training" not in info:
         return None  # stopped while its weights were being saved (they may be cut short): trained again
+    training = info["training"]
+    if complete and not (isinstance(training, dict) and complete[-1].step == training.get("steps")):
+        return None  # a checkpoint before the step where training ended, to continue from
     changes = checkpoints.changes(info)
+    if changes and complete:
+        return None  # the checkpoint's resume refuses them, or continues from it with --force
     if changes:
         raise UserError(f"{files.root}: the run finished with other data or options and has no checkpoint to "
                         "continue from; pass --overwrite instead of --resume to train it again", changes)
